@@ -1,0 +1,30 @@
+"""rewrite: a compiler-style graph rewriter for parameter-efficient fine-tuning.
+
+capture -> passes (LoRA, ...) -> train -> fold -> ONNX, on `torch.fx` graphs captured by `torch.export`.
+"""
+from rewrite.errors import RewriteError
+from rewrite.capture import capture, load_pretrained
+from rewrite.archive import load, save
+from rewrite.pipeline import Pass, Pipeline, apply, register
+from rewrite.params import print_trainable_parameters
+from rewrite.ir import RewriteGraph
+from rewrite import passes  # noqa: F401  (registers the built-in passes)
+from rewrite.adapter import load_adapter, save_adapter
+from rewrite.export import export_onnx
+
+__all__ = [
+    "RewriteError",
+    "RewriteGraph",
+    "Pass",
+    "Pipeline",
+    "apply",
+    "capture",
+    "export_onnx",
+    "load",
+    "load_adapter",
+    "load_pretrained",
+    "print_trainable_parameters",
+    "register",
+    "save",
+    "save_adapter",
+]

@@ -1,0 +1,172 @@
+"""Capture: any `nn.Module` or a local Hugging Face directory -> RewriteGraph, through `torch.export`."""
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from rewrite.errors import RewriteError
+from rewrite.inputs import DEFAULT_INPUT_NAMES, example_inputs
+from rewrite.ir import RewriteGraph, wrap
+
+log = logging.getLogger(__name__)
+
+TASKS = ("auto", "causal-lm", "masked-lm", "seq-cls", "feature-extraction")
+_ARCH_SUFFIX_TO_TASK = {
+    "ForCausalLM": "causal-lm",
+    "LMHeadModel": "causal-lm",
+    "ForMaskedLM": "masked-lm",
+    "ForSequenceClassification": "seq-cls",
+}
+
+
+def _dynamic_shapes(inputs: dict[str, Any]) -> dict[str, Any]:
+    """Batch and sequence dims of every tensor input are dynamic; export infers their ranges."""
+    auto = torch.export.Dim.AUTO
+    shapes: dict[str, Any] = {}
+    for name, value in inputs.items():
+        if isinstance(value, torch.Tensor) and value.dim() >= 1:
+            small = [d for d in range(min(value.dim(), 2)) if value.shape[d] < 2]
+            if small:
+                raise RewriteError(
+                    f"example input {name!r} has shape {tuple(value.shape)}: batch and sequence sizes "
+                    "must be at least 2 for them to stay dynamic in the captured graph"
+                )
+            shapes[name] = {d: auto for d in range(min(value.dim(), 2))}
+        else:
+            shapes[name] = None
+    return shapes
+
+
+def _drop_guards(gm: fx.GraphModule) -> None:
+    """The unlifted module's `_guards_fn` call only re-checks input shapes; it cannot be serialized."""
+    for node in gm.graph.find_nodes(op="call_module", target="_guards_fn"):
+        gm.graph.erase_node(node)
+    if hasattr(gm, "_guards_fn"):
+        delattr(gm, "_guards_fn")
+
+
+@contextlib.contextmanager
+def _train_mode(model: nn.Module):
+    """Trace in train mode so dropout probabilities are recorded in the graph (see rewrite.modes)."""
+    was_training = model.training
+    model.train()
+    try:
+        yield was_training
+    finally:
+        model.train(was_training)
+
+
+def capture(
+    model: nn.Module,
+    example_inputs: dict[str, Any],
+    *,
+    dynamic: bool = True,
+    info: dict[str, Any] | None = None,
+) -> RewriteGraph:
+    """Captures `model(**example_inputs)` as an unlifted GraphModule (non-strict `torch.export`).
+
+    The result keeps the model's mode (`eval()` unless the model was training) and switches with
+    `gm.train()` / `gm.eval()` like the module did.
+    """
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "use_cache"):
+        config.use_cache = False
+    dynamic_shapes = _dynamic_shapes(example_inputs) if dynamic else None
+    with _train_mode(model) as was_training:
+        exported = torch.export.export(model, (), dict(example_inputs), dynamic_shapes=dynamic_shapes, strict=False)
+    unlifted = exported.module()
+    _drop_guards(unlifted)
+    base_info = {"history": [], "input_names": list(example_inputs)}
+    base_info.update(info or {})
+    gm = wrap(unlifted, unlifted.graph, base_info, was_training)
+    return gm
+
+
+def _task_for(config, task: str) -> str:
+    if task not in TASKS:
+        raise RewriteError(f"task {task!r} is not known; use one of {', '.join(TASKS)}")
+    if task != "auto":
+        return task
+    for arch in getattr(config, "architectures", None) or []:
+        for suffix, name in _ARCH_SUFFIX_TO_TASK.items():
+            if arch.endswith(suffix):
+                return name
+    return "feature-extraction"
+
+
+def _auto_class(task: str):
+    import transformers
+
+    return {
+        "causal-lm": transformers.AutoModelForCausalLM,
+        "masked-lm": transformers.AutoModelForMaskedLM,
+        "seq-cls": transformers.AutoModelForSequenceClassification,
+        "feature-extraction": transformers.AutoModel,
+    }[task]
+
+
+def _load_config(path: Path, num_labels: int | None):
+    from transformers import AutoConfig
+
+    if not path.is_dir():
+        raise RewriteError(f"model directory {str(path)!r} does not exist; pass a local Hugging Face model directory")
+    if not (path / "config.json").is_file():
+        raise RewriteError(
+            f"model directory {str(path)!r} has no config.json; a Hugging Face model directory needs "
+            "config.json, weights (*.safetensors) and tokenizer files"
+        )
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise RewriteError(f"config.json in {str(path)!r} could not be read: {error}") from error
+    if num_labels is not None:
+        config.num_labels = num_labels
+    return config
+
+
+def _load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, TypeError) as error:
+        log.warning("no tokenizer in %s (%s); text commands will not work with this graph", path, error)
+        return None
+
+
+def load_pretrained(
+    path: str | Path,
+    task: str = "auto",
+    *,
+    meta: bool = False,
+    num_labels: int | None = None,
+) -> RewriteGraph:
+    """Captures a local Hugging Face directory, fully offline.
+
+    `gm.meta["rewrite"]` holds `config`, `tokenizer`, `task` and `source`. With `meta=True` the model
+    is built from its config on the meta device (no weights read), for planning rewrites of big models.
+    """
+    path = Path(path)
+    config = _load_config(path, num_labels)
+    task = _task_for(config, task)
+    tokenizer = _load_tokenizer(path)
+    auto_class = _auto_class(task)
+    config.use_cache = False
+    if meta:
+        with torch.device("meta"):
+            model = auto_class.from_config(config)
+    else:
+        try:
+            model = auto_class.from_pretrained(path, config=config, local_files_only=True)
+        except OSError as error:
+            raise RewriteError(f"weights in {str(path)!r} could not be loaded: {error}") from error
+    model.eval()
+    input_names = list(tokenizer.model_input_names) if tokenizer is not None else list(DEFAULT_INPUT_NAMES)
+    inputs = example_inputs(input_names, config.vocab_size, device="meta" if meta else "cpu")
+    info = {"source": str(path), "task": task, "config": config, "tokenizer": tokenizer, "meta_device": meta}
+    return capture(model, inputs, info=info)

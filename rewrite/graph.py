@@ -1,0 +1,199 @@
+"""Graph queries: which module made a node, where the projections are, and what role each plays.
+
+Roles are read off the graph, not a name table: the projection whose output reaches the query, key
+or value operand of attention (`scaled_dot_product_attention`, or an eager matmul-softmax-matmul)
+is q, k or v; the one that consumes attention's output is o. Fused projections (GPT-2's `c_attn`,
+BLOOM's `query_key_value`) carry several roles.
+"""
+from __future__ import annotations
+
+import re
+from collections import deque
+from dataclasses import dataclass
+from functools import cached_property
+
+import networkx as nx
+import torch
+from torch import fx
+
+from rewrite.ir import tag, tensor_at
+
+aten = torch.ops.aten
+
+ATTENTION_ROLES = ("q", "k", "v", "o")
+ROLES = (*ATTENTION_ROLES, "mlp")
+_SDPA = aten.scaled_dot_product_attention.default
+_SOFTMAX = {aten._softmax.default, aten.softmax.int, aten._safe_softmax.default}
+_MATMUL = {aten.matmul.default, aten.bmm.default}
+_TRANSPOSE = {aten.t.default, aten.numpy_T.default, aten.transpose.int, aten.permute.default}
+_SEARCH_DEPTH = 48
+_LAYER_INDEX = re.compile(r".*?\.[^.]*\.(\d+)\.")  # PEFT's layers_to_transform rule
+
+
+@dataclass(frozen=True)
+class Projection:
+    """A matrix multiply by a 2-D parameter: `y = x @ W.T (+ b)`, or `x @ W` when `transposed`."""
+
+    node: fx.Node
+    input: fx.Node
+    weight: str
+    path: str
+    transposed: bool
+    in_features: int
+    out_features: int
+
+    @property
+    def layer(self) -> int | None:
+        return layer_index(self.path)
+
+
+def layer_index(path: str) -> int | None:
+    """The layer number in a module path (`model.layers.3.self_attn.q_proj` -> 3), read as PEFT reads it."""
+    match = _LAYER_INDEX.match(path)
+    return int(match.group(1)) if match else None
+
+
+def module_path(node: fx.Node) -> str | None:
+    """The module that produced `node`: the innermost entry of `nn_module_stack`."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    path, _ = list(stack.values())[-1]
+    return path
+
+
+def _param_target(node) -> tuple[str, bool] | None:
+    """(get_attr target, transposed-once) when `node` is a 2-D parameter, possibly behind one transpose."""
+    if not isinstance(node, fx.Node):
+        return None
+    if node.op == "get_attr":
+        return node.target, False
+    if node.op == "call_function" and node.target in (aten.t.default, aten.numpy_T.default):
+        inner = node.args[0]
+        if isinstance(inner, fx.Node) and inner.op == "get_attr":
+            return inner.target, True
+    return None
+
+
+def _as_projection(gm: fx.GraphModule, node: fx.Node) -> Projection | None:
+    if node.op != "call_function" or tag(node):
+        return None
+    if node.target is aten.linear.default:
+        x, weight_node, stored_in_out = node.args[0], node.args[1], False
+    elif node.target is aten.addmm.default:
+        x, weight_node, stored_in_out = node.args[1], node.args[2], True
+    elif node.target in (aten.mm.default, aten.matmul.default):
+        x, weight_node, stored_in_out = node.args[0], node.args[1], True
+    else:
+        return None
+    found = _param_target(weight_node)
+    if found is None:
+        return None
+    target, flipped = found
+    weight = tensor_at(gm, target)
+    if not isinstance(weight, torch.nn.Parameter) or weight.dim() != 2:
+        return None
+    transposed = stored_in_out != flipped
+    in_features, out_features = (weight.shape[0], weight.shape[1]) if transposed else (weight.shape[1], weight.shape[0])
+    path = module_path(node) or target.rpartition(".")[0]
+    return Projection(node, x, target, path, transposed, int(in_features), int(out_features))
+
+
+class GraphQuery:
+    """Read-only questions about one graph, answered once (the graph must not change while it is used)."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+
+    @cached_property
+    def digraph(self) -> nx.DiGraph:
+        graph = nx.DiGraph()
+        for node in self.gm.graph.nodes:
+            graph.add_node(node)
+            for user in node.users:
+                graph.add_edge(node, user)
+        return graph
+
+    @cached_property
+    def projections(self) -> list[Projection]:
+        found = (_as_projection(self.gm, node) for node in self.gm.graph.nodes)
+        return [p for p in found if p is not None]
+
+    @cached_property
+    def _by_node(self) -> dict[fx.Node, Projection]:
+        return {p.node: p for p in self.projections}
+
+    def _nearest(self, start: fx.Node, forward: bool) -> set[fx.Node]:
+        """Projection nodes first reached from `start` (upstream, or downstream when `forward`)."""
+        found: set[fx.Node] = set()
+        seen = {start}
+        queue = deque([(start, 0)])
+        step = self.digraph.successors if forward else self.digraph.predecessors
+        while queue:
+            node, depth = queue.popleft()
+            for nxt in step(node):
+                if nxt in seen:
+                    continue
+                seen.add(nxt)
+                if nxt in self._by_node:
+                    found.add(nxt)
+                elif depth < _SEARCH_DEPTH and nxt.op == "call_function" and nxt.target is not _SDPA:
+                    queue.append((nxt, depth + 1))
+        return found
+
+    def _attention_operands(self) -> list[tuple[fx.Node, fx.Node, fx.Node, fx.Node]]:
+        """(q, k, v, output) operand nodes of every attention in the graph."""
+        found = []
+        for node in self.gm.graph.nodes:
+            if node.op != "call_function":
+                continue
+            if node.target is _SDPA:
+                found.append((node.args[0], node.args[1], node.args[2], node))
+            elif node.target in _SOFTMAX:
+                eager = self._eager_attention(node)
+                if eager:
+                    found.append(eager)
+        return found
+
+    def _eager_attention(self, softmax: fx.Node):
+        """matmul(q, k^T) -> ... -> softmax -> ... -> matmul(probs, v), found by walking from the softmax."""
+        scores = self._nearest_op(softmax, _MATMUL, forward=False)
+        mixed = self._nearest_op(softmax, _MATMUL, forward=True)
+        if scores is None or mixed is None:
+            return None
+        probs_first = nx.has_path(self.digraph, softmax, mixed.args[0])
+        value = mixed.args[1] if probs_first else mixed.args[0]
+        return scores.args[0], scores.args[1], value, mixed
+
+    def _nearest_op(self, start: fx.Node, ops: set, forward: bool, limit: int = 6) -> fx.Node | None:
+        """The closest node running one of `ops`, within `limit` steps (breadth first)."""
+        step = self.digraph.successors if forward else self.digraph.predecessors
+        frontier = [start]
+        for _ in range(limit):
+            frontier = [n for node in frontier for n in step(node) if n.op == "call_function"]
+            for node in frontier:
+                if node.target in ops:
+                    return node
+        return None
+
+    @cached_property
+    def roles(self) -> dict[str, set[str]]:
+        """Module path -> roles (q, k, v, o, mlp) found structurally."""
+        roles: dict[str, set[str]] = {}
+        for q, k, v, out in self._attention_operands():
+            for role, operand in (("q", q), ("k", k), ("v", v)):
+                for node in self._nearest(operand, forward=False):
+                    roles.setdefault(self._by_node[node].path, set()).add(role)
+            for node in self._nearest(out, forward=True):
+                roles.setdefault(self._by_node[node].path, set()).add("o")
+        heads = {p.path for p in self.output_heads}
+        for p in self.projections:
+            if p.path not in roles and p.path not in heads and p.layer is not None:
+                roles[p.path] = {"mlp"}
+        return roles
+
+    @cached_property
+    def output_heads(self) -> list[Projection]:
+        """Projections with no projection downstream: the output layer `"all-linear"` leaves alone."""
+        nodes = set(self._by_node)
+        return [p for p in self.projections if not (nx.descendants(self.digraph, p.node) & nodes)]
