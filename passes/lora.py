@@ -189,6 +189,7 @@ class LoraPass(Pass):
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         gm = graph_module
         chosen = self.select(GraphQuery(gm))
+        saved = self._modules_to_save(gm)
         paths = list(dict.fromkeys(p.path for p in chosen))
         first = {p.path: p for p in reversed(chosen)}
         plan = {path: self._rank_alpha(path) for path in paths}
@@ -198,7 +199,6 @@ class LoraPass(Pass):
         for proj in chosen:
             self._insert_branch(gm, proj, self._scale(*plan[proj.path]))
         names = [f"{path}.{ab}.weight" for path in paths for ab in ("lora_A", "lora_B")]
-        saved = self._modules_to_save(gm)
         names += [n for n, _ in gm.named_parameters() if any(n.startswith(m + ".") for m in saved)]
         mark_trainable(gm, names)
         self.report = {

@@ -81,10 +81,18 @@ def capture(
         exported = torch.export.export(model, (), dict(example_inputs), dynamic_shapes=dynamic_shapes, strict=False)
     unlifted = exported.module()
     _drop_guards(unlifted)
-    base_info = {"history": [], "input_names": list(example_inputs)}
+    base_info = {"history": [], "input_names": list(example_inputs), "task": _task_of_class(type(model).__name__)}
     base_info.update(info or {})
     gm = wrap(unlifted, unlifted.graph, base_info, was_training)
     return gm
+
+
+def _task_of_class(class_name: str) -> str:
+    """`BertForSequenceClassification` -> seq-cls; models without a known head are feature extractors."""
+    for suffix, name in _ARCH_SUFFIX_TO_TASK.items():
+        if class_name.endswith(suffix):
+            return name
+    return "feature-extraction"
 
 
 def _task_for(config, task: str) -> str:
@@ -92,11 +100,8 @@ def _task_for(config, task: str) -> str:
         raise RewriteError(f"task {task!r} is not known; use one of {', '.join(TASKS)}")
     if task != "auto":
         return task
-    for arch in getattr(config, "architectures", None) or []:
-        for suffix, name in _ARCH_SUFFIX_TO_TASK.items():
-            if arch.endswith(suffix):
-                return name
-    return "feature-extraction"
+    architectures = getattr(config, "architectures", None) or [""]
+    return _task_of_class(architectures[0])
 
 
 def _auto_class(task: str):

@@ -24,7 +24,7 @@ ATTENTION_ROLES = ("q", "k", "v", "o")
 ROLES = (*ATTENTION_ROLES, "mlp")
 _SDPA = aten.scaled_dot_product_attention.default
 _SOFTMAX = {aten._softmax.default, aten.softmax.int, aten._safe_softmax.default}
-_MATMUL = {aten.matmul.default, aten.bmm.default}
+_MATMUL = {aten.matmul.default, aten.bmm.default, aten.baddbmm.default}
 _TRANSPOSE = {aten.t.default, aten.numpy_T.default, aten.transpose.int, aten.permute.default}
 _SEARCH_DEPTH = 48
 _LAYER_INDEX = re.compile(r".*?\.[^.]*\.(\d+)\.")  # PEFT's layers_to_transform rule
@@ -99,6 +99,11 @@ def _as_projection(gm: fx.GraphModule, node: fx.Node) -> Projection | None:
     return Projection(node, x, target, path, transposed, int(in_features), int(out_features))
 
 
+def _matmul_operands(node: fx.Node) -> tuple[fx.Node, fx.Node]:
+    """The two multiplied operands (`baddbmm(bias, a, b)` multiplies its 2nd and 3rd)."""
+    return (node.args[1], node.args[2]) if node.target is aten.baddbmm.default else (node.args[0], node.args[1])
+
+
 class GraphQuery:
     """Read-only questions about one graph, answered once (the graph must not change while it is used)."""
 
@@ -161,9 +166,10 @@ class GraphQuery:
         mixed = self._nearest_op(softmax, _MATMUL, forward=True)
         if scores is None or mixed is None:
             return None
-        probs_first = nx.has_path(self.digraph, softmax, mixed.args[0])
-        value = mixed.args[1] if probs_first else mixed.args[0]
-        return scores.args[0], scores.args[1], value, mixed
+        q, k = _matmul_operands(scores)
+        left, right = _matmul_operands(mixed)
+        value = right if nx.has_path(self.digraph, softmax, left) else left
+        return q, k, value, mixed
 
     def _nearest_op(self, start: fx.Node, ops: set, forward: bool, limit: int = 6) -> fx.Node | None:
         """The closest node running one of `ops`, within `limit` steps (breadth first)."""
