@@ -1,6 +1,7 @@
 """ONNX export with named inputs/outputs, dynamic batch and sequence axes, and ONNX Runtime verification."""
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,11 +78,22 @@ def _verify(gm: fx.GraphModule, model_path: Path, input_names: list[str], output
     return worst, tolerance, sess.get_providers()[0]
 
 
+def _add_metadata(gm: fx.GraphModule, path: Path) -> None:
+    """Task and label names travel inside the model, so `rewrite run` can print predictions."""
+    model = onnx.load(str(path), load_external_data=False)
+    config = info(gm).get("config")
+    labels = getattr(config, "id2label", None) or {}
+    props = {"rewrite.task": info(gm).get("task") or "", "rewrite.id2label": json.dumps({int(k): v for k, v in labels.items()})}
+    onnx.helper.set_model_props(model, props)
+    onnx.save(model, str(path))
+
+
 def export_onnx(gm: fx.GraphModule, path: str | Path, *, verify: bool = True, opset: int | None = None) -> ExportReport:
     """Exports `gm` (in eval mode) to ONNX, checks it, and verifies it against torch in ONNX Runtime.
 
     Inputs keep the graph's names (`input_ids`, `attention_mask`, ...), outputs are named from the
     model output (`logits`); batch and sequence axes are dynamic. Models over 2 GB use external data.
+    The tokenizer is written beside the model (as Optimum does), the task and labels into its metadata.
     """
     path = Path(path)
     if any(p.device.type == "meta" for p in gm.parameters()):
@@ -102,7 +114,11 @@ def export_onnx(gm: fx.GraphModule, path: str | Path, *, verify: bool = True, op
         with atomic_dir_files(path.parent) as tmp:
             staged = tmp / path.name
             program.save(staged, external_data=large)
+            _add_metadata(gm, staged)
             onnx.checker.check_model(str(staged))
+            tokenizer = info(gm).get("tokenizer")
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
             diff = tolerance = provider = None
             if verify:
                 diff, tolerance, provider = _verify(gm, staged, input_names, output_names)

@@ -1,0 +1,1 @@
+"""The `rewrite` command: a thin layer that parses, calls the library and prints."""

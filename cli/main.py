@@ -1,0 +1,146 @@
+"""`rewrite`: capture, apply passes, fold, export, inspect and run, from the command line."""
+from __future__ import annotations
+
+import sys
+
+import click
+
+import rewrite
+from rewrite.errors import RewriteError
+from rewrite.params import trainable_parameters_line
+from rewrite.pipeline import Pipeline, available, create, pass_class
+
+from rewrite.cli.common import configure_logging, console, out, output_option, read_graph, task_option, write_graph
+from rewrite.cli.pass_options import add_pass_options, options_for, unused_options
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+def cli(verbose: int) -> None:
+    """Compiler-style graph rewriting for parameter-efficient fine-tuning.
+
+    capture -> apply (lora, ...) -> train -> fold -> export -> run
+    """
+    configure_logging(verbose)
+
+
+@cli.command()
+@click.argument("model_dir", type=click.Path())
+@output_option
+@task_option
+@click.option("--meta", is_flag=True, help="Capture from the config alone on the meta device (no weights read).")
+@click.option("--num-labels", type=int, default=None, help="Classes for --task seq-cls.")
+def capture(model_dir: str, output: str, task: str, meta: bool, num_labels: int | None) -> None:
+    """Capture a local Hugging Face model directory as a graph archive (.pt2)."""
+    gm = rewrite.load_pretrained(model_dir, task=task, meta=meta, num_labels=num_labels)
+    console.print(f"captured {len(gm.graph.nodes)} nodes ({gm.info['task']})")
+    write_graph(gm, output)
+
+
+@cli.command()
+@click.argument("source", type=click.Path())
+@output_option
+@task_option
+@click.option("--pass", "pass_names", multiple=True, metavar="NAME", help=f"Pass to run, repeatable: {', '.join(available())}.")
+@click.option("--pipeline", "pipeline_file", type=click.Path(dir_okay=False), help="YAML or JSON pipeline file.")
+@add_pass_options
+def apply(source: str, output: str, task: str, pass_names: tuple[str, ...], pipeline_file: str | None, **given) -> None:
+    """Run passes on a graph archive or a model directory.
+
+    Pass options are flags (`--rank 8 --alpha 16 --roles q,v`); each goes to every selected pass
+    that has it. Lists are comma-separated, dicts JSON; `--targets re:PATTERN` gives a regex.
+    """
+    if bool(pass_names) == bool(pipeline_file):
+        raise RewriteError("give either --pass NAME (repeatable) or --pipeline FILE, not both and not neither")
+    if pipeline_file:
+        extra = unused_options([], given)
+        if extra:
+            raise RewriteError(f"options {', '.join(extra)} cannot be combined with --pipeline; put them in the file")
+        pipeline = Pipeline.from_file(pipeline_file)
+    else:
+        for name in pass_names:
+            pass_class(name)
+        extra = unused_options(list(pass_names), given)
+        if extra:
+            raise RewriteError(
+                f"option {', '.join('--' + e.replace('_', '-') for e in extra)} is not accepted by pass "
+                f"{', '.join(pass_names)}"
+            )
+        pipeline = Pipeline([create(name, **options_for(name, given)) for name in pass_names])
+    gm = read_graph(source, task)
+    pipeline.run(gm)
+    for entry in gm.info["history"][-len(pipeline.passes):]:
+        console.print(f"{entry['pass']}: {entry['report'].get('summary', 'done')}")
+    console.print(trainable_parameters_line(gm))
+    write_graph(gm, output)
+
+
+@cli.command()
+@click.argument("source", type=click.Path())
+@output_option
+def fold(source: str, output: str) -> None:
+    """Merge every LoRA branch into its base weight (the deployed graph is the base graph)."""
+    gm = read_graph(source)
+    rewrite.apply(gm, "fold")
+    console.print(gm.info["history"][-1]["report"]["summary"])
+    write_graph(gm, output)
+
+
+@cli.command()
+@click.argument("source", type=click.Path())
+@click.option("--onnx", "onnx_path", required=True, type=click.Path(dir_okay=False), help="Output .onnx file.")
+@click.option("--verify/--no-verify", default=True, show_default=True, help="Check ONNX Runtime against torch.")
+@click.option("--opset", type=int, default=None, help="ONNX opset (default: the exporter's).")
+def export(source: str, onnx_path: str, verify: bool, opset: int | None) -> None:
+    """Export a graph archive (fold it first for zero-overhead deployment) to ONNX."""
+    gm = read_graph(source)
+    report = rewrite.export_onnx(gm, onnx_path, verify=verify, opset=opset)
+    console.print(f"wrote {report.path}: inputs {', '.join(report.input_names)} -> {', '.join(report.output_names)}")
+    if report.max_abs_diff is not None:
+        console.print(f"ONNX Runtime ({report.provider}) vs torch: max abs diff {report.max_abs_diff:.3g}")
+
+
+@cli.command()
+@click.argument("source", type=click.Path())
+def inspect(source: str) -> None:
+    """Show how a graph archive was made: passes, matched targets, trainable parameters."""
+    gm = read_graph(source)
+    meta = gm.info
+    out.print(f"source: {meta.get('source', '-')}  task: {meta.get('task', '-')}  nodes: {len(gm.graph.nodes)}")
+    if not meta["history"]:
+        out.print("passes: none (base capture)")
+    for index, entry in enumerate(meta["history"], 1):
+        options = ", ".join(f"{k}={v}" for k, v in entry["options"].items() if v not in (None, {}, []))
+        out.print(f"{index}. {entry['pass']}({options}): {entry['report'].get('summary', '')}")
+        for target in entry["report"].get("targets", []):
+            out.print(f"     {target}")
+    out.print(trainable_parameters_line(gm))
+
+
+@cli.command()
+@click.argument("model", type=click.Path(exists=True, dir_okay=False))
+@click.option("--text", "texts", multiple=True, required=True, help="Input text, repeatable.")
+@click.option("--tokenizer", "tokenizer_dir", type=click.Path(file_okay=False), help="Tokenizer directory (default: the model's).")
+@click.option("--top-k", default=5, show_default=True, help="Predictions to print.")
+def run(model: str, texts: tuple[str, ...], tokenizer_dir: str | None, top_k: int) -> None:
+    """Tokenize text, run an exported model in ONNX Runtime and print the top predictions."""
+    from rewrite.predict import predict
+
+    for text, predictions in zip(texts, predict(model, list(texts), tokenizer_dir=tokenizer_dir, top_k=top_k)):
+        out.print(f"[bold]{text}[/bold]")
+        for label, score in predictions:
+            out.print(f"  {score:9.4f}  {label}")
+
+
+def main() -> None:
+    """Entry point: bad input is one sentence on stderr and exit status 2, never a traceback."""
+    try:
+        cli.main(standalone_mode=False)
+    except RewriteError as error:
+        console.print(f"[red]error:[/red] {error}", highlight=False)
+        sys.exit(2)
+    except click.ClickException as error:
+        error.show()
+        sys.exit(2)
+    except click.exceptions.Abort:
+        sys.exit(1)

@@ -1,0 +1,68 @@
+"""Text in, predictions out, from an exported ONNX model in ONNX Runtime."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from rewrite import runtime
+from rewrite.errors import RewriteError
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _model_props(path: Path) -> dict[str, str]:
+    model = onnx.load(str(path), load_external_data=False)
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def _tokenizer(path: Path, tokenizer_dir: str | None):
+    from transformers import AutoTokenizer
+
+    directory = Path(tokenizer_dir) if tokenizer_dir else path.parent
+    try:
+        return AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise RewriteError(
+            f"no tokenizer in {str(directory)!r} ({error}); pass --tokenizer with the model's directory"
+        ) from error
+
+
+def _top(scores: np.ndarray, names, k: int) -> list[tuple[str, float]]:
+    order = np.argsort(-scores)[:k]
+    return [(names(int(i)), float(scores[i])) for i in order]
+
+
+def predict(model_path: str | Path, texts: list[str], *, tokenizer_dir: str | None = None, top_k: int = 5):
+    """Per text, the top predictions as (label, probability): classes, masked tokens or next tokens."""
+    path = Path(model_path)
+    props = _model_props(path)
+    task = props.get("rewrite.task", "")
+    tokenizer = _tokenizer(path, tokenizer_dir)
+    sess = runtime.session(path)
+    encoded = tokenizer(texts, padding=True, return_tensors="np")
+    outputs = runtime.run(sess, {k: v.astype(np.int64) for k, v in encoded.items()})
+    first = next(iter(outputs.values()))
+    token = lambda i: tokenizer.convert_ids_to_tokens(i)  # noqa: E731
+    results = []
+    for row in range(len(texts)):
+        if task == "seq-cls":
+            labels = {int(k): v for k, v in json.loads(props.get("rewrite.id2label", "{}")).items()}
+            results.append(_top(_softmax(first[row]), lambda i: labels.get(i, str(i)), top_k))
+        elif task == "masked-lm":
+            masks = np.flatnonzero(encoded["input_ids"][row] == tokenizer.mask_token_id)
+            if not len(masks):
+                raise RewriteError(f"text {texts[row]!r} has no {tokenizer.mask_token} token to predict")
+            results.append(_top(_softmax(first[row, masks[0]]), token, top_k))
+        elif task == "causal-lm":
+            last = int(encoded["attention_mask"][row].nonzero()[0][-1])
+            results.append(_top(_softmax(first[row, last]), token, top_k))
+        else:
+            pooled = first[row][encoded["attention_mask"][row].astype(bool)].mean(axis=0)
+            results.append([("embedding norm", float(np.linalg.norm(pooled)))])
+    return results
