@@ -42,24 +42,28 @@ def _convert(name: str, annotation, raw: str):
     raise RewriteError(f"--{name.replace('_', '-')} has a type the command line cannot express; use --pipeline")
 
 
-def option_types() -> dict[str, object]:
-    """Option name -> annotation, over every registered pass (the first annotation wins)."""
-    found: dict[str, object] = {}
+def _option_specs() -> dict[str, tuple[object, str]]:
+    """Option name -> (annotation, help naming the passes that take it), over every registered pass."""
+    found: dict[str, tuple[object, str]] = {}
     for name in available():
         hints = typing.get_type_hints(pass_class(name))
         for field in dataclasses.fields(pass_class(name)):
-            found.setdefault(field.name, hints[field.name])
+            if field.name in found:
+                annotation, help_text = found[field.name]
+                found[field.name] = (annotation, help_text.replace("]", f", {name}]", 1))
+            else:
+                found[field.name] = (hints[field.name], f"[{name}] {field.metadata.get('help', '')}")
     return found
 
 
 def add_pass_options(command):
     """Decorates a click command with one flag per pass option (all default to "not given")."""
-    for name, annotation in sorted(option_types().items(), reverse=True):
+    for name, (annotation, help_text) in sorted(_option_specs().items(), reverse=True):
         flag = "--" + name.replace("_", "-")
         if _kinds(annotation) == {bool}:
-            option = click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help="Pass option (bool).")
+            option = click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=help_text)
         else:
-            option = click.option(flag, name, default=None, metavar="VALUE", help="Pass option.")
+            option = click.option(flag, name, default=None, metavar="VALUE", help=help_text)
         command = option(command)
     return command
 

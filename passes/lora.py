@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
@@ -19,7 +19,7 @@ from rewrite.errors import RewriteError
 from rewrite.graph import ROLES, GraphQuery, Projection
 from rewrite.ir import add_submodule, copy_meta, info, tensor_at
 from rewrite.params import mark_trainable
-from rewrite.pipeline import Pass, register
+from rewrite.pipeline import Pass, option, register
 
 aten = torch.ops.aten
 INITS = ("kaiming", "gaussian")
@@ -51,18 +51,20 @@ def _names(projections: list[Projection]) -> str:
 class LoraPass(Pass):
     name = "lora"
 
-    targets: str | list[str] | None = None
-    roles: list[str] | None = None
-    exclude: str | list[str] | None = None
-    layers: list[int] | None = None
-    rank: int = 8
-    alpha: float = 8.0
-    dropout: float = 0.0
-    rslora: bool = False
-    init: str = "kaiming"
-    rank_pattern: dict[str, int] = field(default_factory=dict)
-    alpha_pattern: dict[str, float] = field(default_factory=dict)
-    modules_to_save: list[str] | None = None
+    targets: str | list[str] | None = option(
+        None, "module names (exact or .suffix), a regex (re:...), or all-linear; like PEFT's target_modules")
+    roles: list[str] | None = option(None, "structural roles to adapt: q, k, v, o, mlp (default q,v)")
+    exclude: str | list[str] | None = option(None, "module names or regex to leave alone")
+    layers: list[int] | None = option(None, "only these layer indices (PEFT's layers_to_transform)")
+    rank: int = option(8, "LoRA rank r")
+    alpha: float = option(8.0, "LoRA alpha; scale = alpha / r (alpha / sqrt(r) with rslora)")
+    dropout: float = option(0.0, "dropout on the branch input, active in train mode only")
+    rslora: bool = option(False, "rank-stabilized scaling alpha / sqrt(r)")
+    init: str = option("kaiming", "A's init: kaiming (PEFT default, B = 0) or gaussian")
+    rank_pattern: dict[str, int] = option({}, "per-target rank overrides, JSON {name or regex: rank}")
+    alpha_pattern: dict[str, float] = option({}, "per-target alpha overrides, JSON {name or regex: alpha}")
+    modules_to_save: list[str] | None = option(
+        None, "modules trained and saved in full (default: the head of a seq-cls graph, like PEFT)")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -10,6 +10,7 @@ import io
 import json
 import pickle
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -59,7 +60,9 @@ def _graph_records(graph: fx.Graph) -> bytes:
 
 
 def _rebuild_graph(data: bytes) -> fx.Graph:
-    payload = pickle.loads(data)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)  # pytree's LeafSpec deprecation on unpickle
+        payload = pickle.loads(data)
     graph = fx.Graph()
     graph._codegen = payload["codegen"]
     by_name: dict[str, fx.Node] = {}

@@ -8,7 +8,6 @@ and recompiles after each pass and records the pass, its options and its report 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from pathlib import Path
 from typing import Any, ClassVar, Iterable
@@ -25,8 +24,16 @@ log = logging.getLogger(__name__)
 _REGISTRY: dict[str, type["Pass"]] = {}
 
 
+def option(default: Any = None, help: str = "", **kwargs: Any) -> Any:
+    """A pass option: a dataclass field whose help text the CLI shows."""
+    if isinstance(default, (list, dict)):
+        factory = type(default)
+        return dataclasses.field(default_factory=lambda: factory(default), metadata={"help": help}, **kwargs)
+    return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
+
+
 class Pass(PassBase):
-    """Base of every rewrite. Subclasses are dataclasses; their fields are the pass's options."""
+    """Base of every rewrite. Subclasses are dataclasses; their fields (see `option`) are the pass's options."""
 
     name: ClassVar[str]
 
@@ -118,9 +125,6 @@ class Pipeline:
             raise RewriteError(f"pipeline file {str(path)!r} must hold a non-empty list of passes (or `passes: [...]`)")
         return cls(data)
 
-    def to_list(self) -> list[dict[str, Any]]:
-        return [{p.name: _jsonable(p.options())} for p in self.passes]
-
     def run(self, gm: fx.GraphModule) -> fx.GraphModule:
         for pass_ in self.passes:
             result = pass_(gm)
@@ -138,6 +142,3 @@ def apply(gm: fx.GraphModule, name: str, **options: Any) -> fx.GraphModule:
     """Runs one registered pass by name (the same names and options as the CLI and pipeline files)."""
     return Pipeline([create(name, **options)]).run(gm)
 
-
-def dumps_pipeline(pipeline: Pipeline) -> str:
-    return json.dumps({"passes": pipeline.to_list()}, indent=2)
