@@ -28,6 +28,7 @@ _MATMUL = {aten.matmul.default, aten.bmm.default, aten.baddbmm.default}
 _TRANSPOSE = {aten.t.default, aten.numpy_T.default, aten.transpose.int, aten.permute.default}
 _SEARCH_DEPTH = 48
 _LAYER_INDEX = re.compile(r".*?\.[^.]*\.(\d+)\.")  # PEFT's layers_to_transform rule
+_IN_BLOCK = re.compile(r"(^|\.)\d+(\.|$)")
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,8 @@ class GraphQuery:
 
     def _nearest(self, start: fx.Node, forward: bool) -> set[fx.Node]:
         """Projection nodes first reached from `start` (upstream, or downstream when `forward`)."""
+        if not forward and start in self._by_node:
+            return {start}
         found: set[fx.Node] = set()
         seen = {start}
         queue = deque([(start, 0)])
@@ -184,7 +187,11 @@ class GraphQuery:
 
     @cached_property
     def roles(self) -> dict[str, set[str]]:
-        """Module path -> roles (q, k, v, o, mlp) found structurally."""
+        """Module path -> roles (q, k, v, o, mlp) found structurally.
+
+        mlp is every other projection inside a repeated block (a numbered module path) that is not
+        an output head.
+        """
         roles: dict[str, set[str]] = {}
         for q, k, v, out in self._attention_operands():
             for role, operand in (("q", q), ("k", k), ("v", v)):
@@ -194,7 +201,7 @@ class GraphQuery:
                 roles.setdefault(self._by_node[node].path, set()).add("o")
         heads = {p.path for p in self.output_heads}
         for p in self.projections:
-            if p.path not in roles and p.path not in heads and p.layer is not None:
+            if p.path not in roles and p.path not in heads and _IN_BLOCK.search(p.path):
                 roles[p.path] = {"mlp"}
         return roles
 

@@ -1,0 +1,47 @@
+"""Test helpers shared by several test files: capture a model, build the PEFT twin, copy LoRA weights."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from peft import LoraConfig, get_peft_model
+
+import rewrite
+from rewrite.inputs import example_inputs
+
+INPUTS = ["input_ids", "attention_mask"]
+TASK_TYPES = {"causal-lm": "CAUSAL_LM", "seq-cls": "SEQ_CLS"}
+
+
+def capture_tiny(model, vocab: int = 128):
+    return rewrite.capture(copy.deepcopy(model), example_inputs(INPUTS, vocab, batch=2, seq=8))
+
+
+def fresh_inputs(vocab: int = 128, batch: int = 3, seq: int = 11, seed: int = 5):
+    """Another shape than the capture's, with a padded row."""
+    return example_inputs(INPUTS, vocab, batch=batch, seq=seq, seed=seed, pad=True)
+
+
+def randomize_lora(gm, seed: int = 1) -> None:
+    """B is zero after init; give A and B random values so the branch changes the output."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in gm.named_parameters():
+            if ".lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+
+
+def peft_twin(model, gm, task: str, **config):
+    """A PEFT model over a copy of `model` carrying `gm`'s LoRA (and trainable head) weights."""
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(task_type=TASK_TYPES.get(task), **config))
+    params = dict(peft_model.named_parameters())
+    with torch.no_grad():
+        for name, param in gm.named_parameters():
+            if ".lora_" in name:
+                params["base_model.model." + name.replace(".weight", ".default.weight")].copy_(param)
+    return peft_model.eval()
+
+
+def logits(module, inputs):
+    with torch.no_grad():
+        return module(**inputs).logits
