@@ -193,5 +193,8 @@ def load(path: str | Path) -> RewriteGraph:
     root = _build_root(tensors, header.pop("tensors"))
     training = header.pop("training")
     header.pop("format")
-    header.update({k: v for k, v in objects.items()})
+    for obj in objects.values():
+        if obj is not None and header.get("source"):
+            obj.name_or_path = header["source"]  # not the temporary directory it was read from
+    header.update(objects)
     return wrap(root, graph, header, training)

@@ -1,0 +1,84 @@
+"""Capture and train/eval switching."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import rewrite
+from rewrite.inputs import example_inputs
+
+from helpers import capture_tiny, fresh_inputs, logits
+
+
+@pytest.mark.parametrize("arch,task", [("llama", "causal-lm"), ("bert", "seq-cls"), ("gpt2", "causal-lm")])
+def test_capture_equals_eager_with_dynamic_batch_and_sequence(make_tiny, arch, task):
+    model = make_tiny(arch, task)
+    gm = capture_tiny(model)
+    for batch, seq in [(1, 5), (4, 17)]:
+        inputs = fresh_inputs(batch=batch, seq=seq)
+        torch.testing.assert_close(logits(gm, inputs), logits(model, inputs), atol=1e-6, rtol=0)
+    assert gm.info["task"] == task
+
+
+def test_train_and_eval_rewrite_dropout_like_pytorch(make_tiny):
+    model = make_tiny("bert", "seq-cls")
+    gm = capture_tiny(model)
+    dropouts = [n for n in gm.graph.nodes if n.target is torch.ops.aten.dropout.default]
+    sdpa = [n for n in gm.graph.nodes if n.target is torch.ops.aten.scaled_dot_product_attention.default]
+    assert dropouts and all(n.args[2] is False for n in dropouts) and all(n.args[4] == 0.0 for n in sdpa)
+    inputs = fresh_inputs()
+
+    gm.train()
+    assert gm.training and all(n.args[2] is True for n in dropouts)
+    assert all(n.args[4] == model.config.attention_probs_dropout_prob for n in sdpa)
+    model.train()
+    torch.manual_seed(3)
+    ours = logits(gm, inputs)
+    torch.manual_seed(3)
+    torch.testing.assert_close(ours, logits(model, inputs), atol=1e-6, rtol=0)
+
+    gm.eval()
+    model.eval()
+    torch.testing.assert_close(logits(gm, inputs), logits(model, inputs), atol=1e-6, rtol=0)
+
+
+def test_capture_keeps_the_model_mode(make_tiny):
+    model = make_tiny("llama").train()
+    assert capture_tiny(model).training
+    assert model.training
+
+
+def test_tiny_batch_examples_are_refused(make_tiny):
+    with pytest.raises(rewrite.RewriteError, match="must be at least 2"):
+        rewrite.capture(make_tiny("llama"), example_inputs(["input_ids"], 128, batch=1, seq=8))
+
+
+def test_load_pretrained_keeps_config_tokenizer_and_task(tiny_bert_dir):
+    gm = rewrite.load_pretrained(tiny_bert_dir)
+    assert gm.info["task"] == "seq-cls"
+    assert gm.info["config"].hidden_size == 32
+    assert gm.info["tokenizer"]("hello")["input_ids"][0] == gm.info["tokenizer"].cls_token_id
+    assert gm.info["input_names"] == ["input_ids", "token_type_ids", "attention_mask"]
+    encoded = gm.info["tokenizer"](["a fine day", "rain"], padding=True, return_tensors="pt")
+    assert gm(**encoded).logits.shape == (2, 2)
+
+
+def test_load_pretrained_on_meta_reads_no_weights(tiny_bert_dir):
+    gm = rewrite.load_pretrained(tiny_bert_dir, task="masked-lm", meta=True)
+    assert all(p.device.type == "meta" for p in gm.parameters())
+    rewrite.apply(gm, "lora", rank=4)
+    assert gm.get_parameter("bert.encoder.layer.0.attention.self.query.lora_A.weight").device.type == "meta"
+    with pytest.raises(rewrite.RewriteError, match="meta device"):
+        rewrite.export_onnx(gm, "never.onnx")
+
+
+def test_directory_without_config_is_a_clear_error(tmp_path):
+    with pytest.raises(rewrite.RewriteError, match="has no config.json"):
+        rewrite.load_pretrained(tmp_path)
+    with pytest.raises(rewrite.RewriteError, match="does not exist"):
+        rewrite.load_pretrained(tmp_path / "missing")
+
+
+def test_unknown_task_lists_tasks(tiny_bert_dir):
+    with pytest.raises(rewrite.RewriteError, match="task 'qa' is not known; use one of auto, causal-lm"):
+        rewrite.load_pretrained(tiny_bert_dir, task="qa")
