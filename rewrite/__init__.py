@@ -11,14 +11,18 @@ from rewrite.ir import RewriteGraph
 from rewrite import passes  # noqa: F401  (registers the built-in passes)
 from rewrite.adapter import load_adapter, save_adapter
 from rewrite.export import export_onnx
+from rewrite.train import TrainConfig, TrainResult, evaluate, train
 
 __all__ = [
     "RewriteError",
     "RewriteGraph",
+    "TrainConfig",
+    "TrainResult",
     "Pass",
     "Pipeline",
     "apply",
     "capture",
+    "evaluate",
     "export_onnx",
     "load",
     "load_adapter",
@@ -27,4 +31,5 @@ __all__ = [
     "register",
     "save",
     "save_adapter",
+    "train",
 ]

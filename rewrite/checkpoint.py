@@ -1,0 +1,117 @@
+"""Training checkpoints and the metrics log, both safe against a kill at any moment.
+
+A checkpoint is a directory `checkpoints/step-00000120/` holding the trainable weights under PEFT's
+key names (`adapter_model.safetensors`), the optimizer, scheduler and RNG states
+(`trainer_state.pt`) and `checkpoint.json`. It is written under a temporary name and renamed when
+complete, so every `step-*` directory is whole; leftovers of a killed write start with a dot and are
+swept on resume. The metrics log is cut back to the resumed step, so it reads like one unbroken run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+
+from rewrite.adapter import WEIGHTS_NAME
+from rewrite.errors import RewriteError
+from rewrite.files import atomic_path
+
+STATE_NAME = "trainer_state.pt"
+INFO_NAME = "checkpoint.json"
+_STEP_DIR = re.compile(r"step-(\d+)")
+
+
+def _discard(path: Path) -> None:
+    """Renames first, so a kill during deletion never leaves a half-deleted `step-*` directory."""
+    trash = path.with_name(f".trash-{path.name}-{os.getpid()}")
+    os.replace(path, trash)
+    shutil.rmtree(trash)
+
+
+def completed(root: Path) -> list[tuple[int, Path]]:
+    """(step, directory) of every complete checkpoint under `root`, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.fullmatch(p.name)) and p.is_dir()]
+    return sorted(found)
+
+
+def sweep(root: Path) -> None:
+    """Removes the dot-named leftovers of writes or deletions that a kill interrupted."""
+    if root.is_dir():
+        for path in root.iterdir():
+            if path.name.startswith((".step-", ".trash-")):
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def write(root: Path, step: int, weights: dict[str, torch.Tensor], state: dict[str, Any], keep: int) -> Path:
+    """Writes checkpoint `step` atomically and keeps only the newest `keep` checkpoints."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:08d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+    try:
+        safetensors.torch.save_file(weights, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+        torch.save(state, tmp / STATE_NAME)
+        (tmp / INFO_NAME).write_text(json.dumps({"step": step, "world_size": state["world_size"]}))
+        if final.exists():
+            _discard(final)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for _, old in completed(root)[:-keep]:
+        _discard(old)
+    return final
+
+
+def read(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The weights and trainer state of one checkpoint directory."""
+    try:
+        weights = safetensors.torch.load_file(directory / WEIGHTS_NAME)
+        state = torch.load(directory / STATE_NAME, weights_only=True)
+    except (OSError, RuntimeError, safetensors.SafetensorError) as error:
+        raise RewriteError(f"checkpoint {str(directory)!r} could not be read ({error}); delete it to resume "
+                           "from the one before") from error
+    return weights, state
+
+
+class MetricsLog:
+    """Appends one JSON object per line (flushed at once); only the writing rank opens the file."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self._handle = None
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._handle = path.open("a", encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self._handle is not None:
+            self._handle.write(json.dumps(record) + "\n")
+            self._handle.flush()
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+
+
+def cut_log(path: Path, step: int) -> None:
+    """Keeps the records up to `step` (dropping a torn last line): what a resumed run will not redo."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("step", 0) <= step:
+            kept.append(line)
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")

@@ -1,0 +1,287 @@
+"""Training data: JSONL, CSV and TSV files (or in-memory rows) -> tokenized examples -> padded batches.
+
+Classification rows have a text field (optionally a second text for pairs) and a label field; a label
+is a class id, a label name, or a probability vector over the classes (soft targets, for
+distillation). Language-modeling rows have a text field only. Every bad row is reported with its file
+and line, and the whole file is rejected: training on silently skipped rows hides data bugs.
+
+Sequences are tokenized once, truncated to `max_length` (how many were cut is logged), and padded
+per batch, not to a global maximum. Batches come from a per-epoch permutation seeded by
+`(seed, epoch)`, so a resumed run sees exactly the batches an uninterrupted one would; under
+`torchrun` each rank takes an interleaved share, so one global batch of `world * b` examples is the
+same set of examples as a single-process batch of that size.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import torch
+
+from rewrite.errors import RewriteError
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+CLASSIFICATION = "seq-cls"
+LM_TASKS = ("causal-lm", "masked-lm")
+MLM_PROBABILITY = 0.15
+_DELIMITERS = {".csv": ",", ".tsv": "\t"}
+_SHOWN_ERRORS = 5
+
+
+@dataclass(frozen=True)
+class Fields:
+    """Which row fields hold the text, the optional second text of a pair, and the label."""
+
+    text: str = "text"
+    pair: str | None = None
+    label: str = "label"
+
+
+@dataclass(frozen=True)
+class Example:
+    """One validated row; `where` is `file:line` (or `row N` for in-memory rows), for messages."""
+
+    text: str
+    pair: str | None
+    label: int | tuple[float, ...] | None
+    where: str
+
+
+@dataclass
+class Encoded:
+    """Tokenized examples: token ids per example (unpadded) and the labels, ready to batch."""
+
+    features: list[dict[str, list[int]]]
+    labels: list[int | tuple[float, ...]] | None
+    truncated: int
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+
+def _rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
+    """(line number, row) pairs; a row that cannot be parsed comes back as the reason, a string."""
+    suffix = path.suffix.lower()
+    with path.open(encoding="utf-8", newline="") as handle:
+        if suffix == ".jsonl":
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as error:
+                    yield number, f"not valid JSON ({error.msg})"
+                    continue
+                yield number, row if isinstance(row, dict) else "not a JSON object"
+            return
+        quoting = csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL
+        reader = csv.reader(handle, delimiter=_DELIMITERS[suffix], quoting=quoting)
+        header = next(reader, None)
+        if header is None:
+            return
+        for row in reader:
+            if not row:
+                continue
+            if len(row) != len(header):
+                yield reader.line_num, f"{len(row)} columns where the header has {len(header)}"
+                continue
+            yield reader.line_num, dict(zip(header, row))
+
+
+def _label_id(value: Any, names: Sequence[str]) -> int | tuple[float, ...] | str:
+    """A class id, a probability vector, or the reason the value is no label (a string)."""
+    count = len(names)
+    if isinstance(value, bool):
+        return f"label {value!r} is not a class"
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, str):
+        value = value.strip()
+        if value in names:
+            return names.index(value)
+        if value.lstrip("-").isdigit():
+            value = int(value)
+    if isinstance(value, int):
+        return value if 0 <= value < count else f"label {value} is outside 0..{count - 1}"
+    if isinstance(value, (list, tuple)):
+        if len(value) != count or not all(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0 for v in value):
+            return f"soft label {value!r} is not {count} non-negative probabilities"
+        return tuple(float(v) for v in value)
+    return f"label {value!r} is not known"
+
+
+def _text(row: dict[str, Any], field: str) -> str:
+    value = row.get(field)
+    if value is None:
+        raise ValueError(f"field {field!r} is missing")
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"field {field!r} is empty" if isinstance(value, str) else f"field {field!r} is not text")
+    return value
+
+
+def _example(row: dict[str, Any], where: str, task: str, fields: Fields, names: Sequence[str]) -> Example:
+    """Validates one row; raises ValueError with the reason."""
+    text = _text(row, fields.text)
+    pair = _text(row, fields.pair) if fields.pair else None
+    if task != CLASSIFICATION:
+        return Example(text, pair, None, where)
+    if fields.label not in row or row[fields.label] in (None, ""):
+        raise ValueError(f"field {fields.label!r} is missing")
+    label = _label_id(row[fields.label], names)
+    if isinstance(label, str):
+        raise ValueError(label)
+    return Example(text, pair, label, where)
+
+
+def _expected(task: str, fields: Fields, names: Sequence[str]) -> str:
+    texts = f"a non-empty {fields.text!r}" + (f" and {fields.pair!r}" if fields.pair else "")
+    if task != CLASSIFICATION:
+        return f"every row needs {texts}"
+    return f"every row needs {texts} and a {fields.label!r} among {', '.join(names)} (or 0..{len(names) - 1})"
+
+
+def read_examples(
+    source: str | Path | Iterable[dict[str, Any]],
+    *,
+    task: str,
+    fields: Fields = Fields(),
+    label_names: Sequence[str] = (),
+) -> list[Example]:
+    """Reads and validates a `.jsonl`/`.csv`/`.tsv` file or an iterable of row dicts.
+
+    TSV is read with quoting disabled (SST-2's sentences hold bare quote characters); CSV with
+    standard quoting; both need a header row. Any bad row is an error naming file and line.
+    """
+    if task == CLASSIFICATION and len(label_names) < 2:
+        raise RewriteError(f"classification needs at least 2 label names, got {list(label_names)!r}")
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if path.suffix.lower() not in (".jsonl", *_DELIMITERS):
+            raise RewriteError(f"data file {str(path)!r} has an unknown format; use .jsonl, .csv or .tsv")
+        if not path.is_file():
+            raise RewriteError(f"data file {str(path)!r} does not exist")
+        rows = ((f"{path}:{number}", row) for number, row in _rows(path))
+        name = str(path)
+    else:
+        rows = ((f"row {number}", row) for number, row in enumerate(source, 1))
+        name = "the training rows"
+    examples, errors = [], []
+    for where, row in rows:
+        try:
+            if isinstance(row, str):
+                raise ValueError(row)
+            examples.append(_example(row, where, task, fields, names=label_names))
+        except ValueError as error:
+            errors.append(f"{where}: {error}")
+    if errors:
+        shown = "; ".join(errors[:_SHOWN_ERRORS]) + ("; ..." if len(errors) > _SHOWN_ERRORS else "")
+        raise RewriteError(f"{len(errors)} bad row(s) in {name} ({shown}); {_expected(task, fields, label_names)}")
+    if not examples:
+        raise RewriteError(f"{name} holds no rows; {_expected(task, fields, label_names)}")
+    return examples
+
+
+def encode(examples: Sequence[Example], tokenizer, max_length: int) -> Encoded:
+    """Tokenizes once, truncating to `max_length`; counts and logs how many examples were cut."""
+    texts = [e.text for e in examples]
+    pairs = [e.pair for e in examples] if examples[0].pair is not None else None
+    full = tokenizer(texts, pairs)
+    long = [i for i, ids in enumerate(full["input_ids"]) if len(ids) > max_length]
+    features = [{key: full[key][i] for key in full.keys()} for i in range(len(examples))]
+    if long:
+        cut = tokenizer([texts[i] for i in long], [pairs[i] for i in long] if pairs else None,
+                        truncation=True, max_length=max_length)
+        for j, i in enumerate(long):
+            features[i] = {key: cut[key][j] for key in cut.keys()}
+        log.warning("%d of %d examples were longer than %d tokens and were truncated (first: %s)",
+                    len(long), len(examples), max_length, examples[long[0]].where)
+    labels = [e.label for e in examples] if examples[0].label is not None else None
+    return Encoded(features, labels, len(long))
+
+
+def _pad_id(tokenizer) -> int:
+    """The pad token, else EOS (LLaMA and GPT-2 tokenizers have no pad token); the mask hides it anyway."""
+    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return token_id
+    return 0
+
+
+def _pad(rows: list[list[int]], value: int, left: bool) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    padded = [([value] * (width - len(r)) + r) if left else (r + [value] * (width - len(r))) for r in rows]
+    return torch.tensor(padded, dtype=torch.long)
+
+
+def _label_tensor(labels: list[int | tuple[float, ...]]) -> torch.Tensor:
+    """Class ids as a long tensor; if any label is soft, every label as a probability row."""
+    soft = [label for label in labels if isinstance(label, tuple)]
+    if not soft:
+        return torch.tensor(labels, dtype=torch.long)
+    count = len(soft[0])
+    rows = [label if isinstance(label, tuple) else [float(i == label) for i in range(count)] for label in labels]
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def mask_tokens(input_ids: torch.Tensor, special: torch.Tensor, tokenizer, generator: torch.Generator):
+    """BERT's masking: 15% of real tokens are targets; of those 80% [MASK], 10% random, 10% unchanged."""
+    labels = input_ids.clone()
+    chosen = (torch.rand(input_ids.shape, generator=generator) < MLM_PROBABILITY) & ~special
+    labels[~chosen] = IGNORE_INDEX
+    roll = torch.rand(input_ids.shape, generator=generator)
+    masked = input_ids.clone()
+    masked[chosen & (roll < 0.8)] = tokenizer.mask_token_id
+    randomized = chosen & (roll >= 0.8) & (roll < 0.9)
+    masked[randomized] = torch.randint(len(tokenizer), input_ids.shape, generator=generator)[randomized]
+    return masked, labels
+
+
+def collate(encoded: Encoded, indices: Sequence[int], tokenizer, task: str, input_names: Sequence[str],
+            generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """One padded batch: the graph's inputs plus `labels` (class ids, soft rows, or token targets).
+
+    Causal-LM labels are the input ids with padding set to -100 (the loss shifts them); masked-LM
+    labels are the masked positions' ids (needs `generator`, so masking is reproducible).
+    """
+    left = getattr(tokenizer, "padding_side", "right") == "left"
+    features = [encoded.features[i] for i in indices]
+    batch = {"input_ids": _pad([f["input_ids"] for f in features], _pad_id(tokenizer), left)}
+    batch["attention_mask"] = _pad([[1] * len(f["input_ids"]) for f in features], 0, left)
+    for name in input_names:
+        if name not in batch:
+            batch[name] = _pad([f.get(name, [0] * len(f["input_ids"])) for f in features], 0, left)
+    if task == CLASSIFICATION:
+        batch["labels"] = _label_tensor([encoded.labels[i] for i in indices])
+    elif task == "causal-lm":
+        batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
+    else:
+        special = _pad([tokenizer.get_special_tokens_mask(f["input_ids"], already_has_special_tokens=True)
+                        for f in features], 1, left).bool() | (batch["attention_mask"] == 0)
+        batch["input_ids"], batch["labels"] = mask_tokens(batch["input_ids"], special, tokenizer, generator)
+    return batch
+
+
+def shard(size: int, rank: int, world: int, *, seed: int, epoch: int, shuffle: bool) -> list[int]:
+    """This rank's example indices for an epoch: the permutation padded (by repeating its start) to a
+    multiple of `world`, then every `world`-th entry from `rank` (torch's DistributedSampler rule)."""
+    if shuffle:
+        order = torch.randperm(size, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+    else:
+        order = list(range(size))
+    padded = order + order[: (-size) % world]
+    return padded[rank::world]
+
+
+def batches(indices: Sequence[int], batch_size: int) -> list[list[int]]:
+    return [list(indices[i:i + batch_size]) for i in range(0, len(indices), batch_size)]
+
+
+def micro_batches_per_epoch(size: int, world: int, batch_size: int) -> int:
+    return math.ceil(math.ceil(size / world) / batch_size)

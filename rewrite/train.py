@@ -1,0 +1,564 @@
+"""Training a rewritten graph: `rewrite.train(gm, train_data, eval_data=..., config=TrainConfig(...))`.
+
+    import rewrite
+    from rewrite.train import TrainConfig
+
+    gm = rewrite.load_pretrained(model_dir, task="seq-cls", num_labels=2)
+    rewrite.apply(gm, "lora", rank=8, alpha=16, roles=["q", "v"])
+    result = rewrite.train(gm, "train.jsonl", eval_data="dev.jsonl",
+                           config=TrainConfig(output_dir="out", epochs=2, lr=2e-3, batch_size=32))
+    result.eval["accuracy"]
+
+`train(gm, train_data, *, eval_data=None, config, loss_fn=None) -> TrainResult`
+
+- `gm`: a RewriteGraph; only the parameters the passes made trainable (`gm.info["trainable"]`) are
+  optimized (AdamW; weight decay on matrices only, as Hugging Face's Trainer does). It is trained in
+  place and left in eval mode on the training device.
+- `train_data` / `eval_data`: a `.jsonl`, `.csv` or `.tsv` file, an iterable of row dicts, or
+  already validated `rewrite.data.Example`s. Classification rows hold `config.fields.text` (and
+  `.pair`) and `.label`: a class id, a label name (`config.label_names`, default the model's
+  `id2label`) or a probability vector (soft targets). LM rows hold the text only.
+- `loss_fn(outputs, batch) -> scalar tensor` replaces the task loss (the mean over the batch);
+  `batch` holds the graph's inputs and `labels`. `task_loss` is the built-in one, to mix with.
+- Tasks (`config.task`, default the graph's): `seq-cls` (cross-entropy, soft targets allowed),
+  `causal-lm` (next-token, padding ignored), `masked-lm` (BERT's 15% masking).
+- Every micro-batch's loss is a sum divided by the item count (examples, or target tokens) of the
+  whole accumulation window over all ranks, so gradient accumulation and DDP give the same update as
+  one big batch.
+- Graph mode follows the phase: `gm.train()` while training, `gm.eval()` while evaluating.
+- CUDA when available, else CPU; bf16 autocast on CUDA (trainable weights stay fp32);
+  `compile=True` runs the graph through `torch.compile`.
+- With `output_dir`: `metrics.jsonl` (a record per step and per evaluation), atomic checkpoints every
+  `save_every` steps and at the end (see `rewrite.checkpoint`), then the trained graph (`model.pt2`)
+  and the PEFT adapter (`adapter/`). `resume=True` continues from the newest complete checkpoint and
+  ends with the same weights an uninterrupted run would have.
+- Under `torchrun`, each rank trains on its share of every global batch (DistributedDataParallel,
+  gloo on CPU, NCCL on GPU); rank 0 writes files.
+- `train` seeds torch's global RNG with `seed + rank` (dropout draws from it); the data order and
+  masked-LM masks come from generators seeded by `(seed, epoch)` and `(seed, step)`.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import fx, nn
+
+from rewrite import checkpoint, data, distributed
+from rewrite.adapter import PREFIX, adapter_state, save_adapter
+from rewrite.archive import save
+from rewrite.data import CLASSIFICATION, IGNORE_INDEX, LM_TASKS, Encoded, Example, Fields
+from rewrite.errors import RewriteError
+from rewrite.inputs import DEFAULT_INPUT_NAMES
+from rewrite.ir import info, tensor_at
+
+log = logging.getLogger(__name__)
+
+TASKS = (CLASSIFICATION, *LM_TASKS)
+SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
+LossFn = Callable[[Any, dict[str, torch.Tensor]], torch.Tensor]
+DataSource = str | Path | Iterable[dict[str, Any]] | Sequence[Example]
+
+
+@dataclass
+class TrainConfig:
+    """Everything `train` needs besides the graph and the data (the CLI's flags map onto these)."""
+
+    output_dir: str | Path | None = None
+    task: str | None = None
+    epochs: int = 1
+    max_steps: int | None = None
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    schedule: str = "linear"
+    max_grad_norm: float | None = 1.0
+    max_length: int = 128
+    seed: int = 0
+    bf16: bool | None = None
+    compile: bool = False
+    device: str | None = None
+    fields: Fields = field(default_factory=Fields)
+    label_names: list[str] | None = None
+    eval_every: int | None = None
+    save_every: int | None = 100
+    keep_checkpoints: int = 2
+    resume: bool = False
+    progress: bool = True
+
+
+@dataclass
+class TrainResult:
+    """What a run did: optimizer steps, the last step's loss, the last evaluation, all metric records."""
+
+    steps: int
+    train_loss: float | None
+    eval: dict[str, float] | None
+    history: list[dict[str, Any]]
+    output_dir: Path | None
+    resumed_from: int | None
+    tokens_per_s: float | None
+
+
+def _check(config: TrainConfig, task: str) -> None:
+    if task not in TASKS:
+        raise RewriteError(f"training task {task!r} is not supported; use --task with one of {', '.join(TASKS)}")
+    positive = {"batch_size": config.batch_size, "grad_accum": config.grad_accum, "max_length": config.max_length,
+                "keep_checkpoints": config.keep_checkpoints}
+    positive.update({k: v for k, v in (("epochs", config.epochs), ("max_steps", config.max_steps),
+                                        ("eval_every", config.eval_every), ("save_every", config.save_every))
+                     if v is not None})
+    for name, value in positive.items():
+        if not isinstance(value, int) or value < 1:
+            raise RewriteError(f"{name} {value!r} is not allowed; use a whole number of at least 1")
+    if not config.lr > 0:
+        raise RewriteError(f"learning rate {config.lr!r} is not allowed; use a number greater than 0")
+    if config.schedule not in SCHEDULES:
+        raise RewriteError(f"schedule {config.schedule!r} is not known; use one of {', '.join(SCHEDULES)}")
+    if config.resume and config.output_dir is None:
+        raise RewriteError("resume needs the output directory of the run to continue; set output_dir")
+
+
+# ---------------------------------------------------------------- losses
+
+
+def _logits(outputs) -> torch.Tensor:
+    return outputs.logits if hasattr(outputs, "logits") else outputs[0]
+
+
+def _upcast(logits: torch.Tensor) -> torch.Tensor:
+    """Half-precision logits are upcast for the softmax; fp32 logits are used as they are (no copy)."""
+    return logits if logits.dtype == torch.float32 else logits.float()
+
+
+def _loss_sum(outputs, labels: torch.Tensor, task: str) -> torch.Tensor:
+    """The summed task loss; `_items` is what it is a sum over."""
+    logits = _logits(outputs)
+    if task == CLASSIFICATION:
+        logits = _upcast(logits)
+        if labels.is_floating_point():
+            return -(labels * F.log_softmax(logits, dim=-1)).sum()
+        return F.cross_entropy(logits, labels, reduction="sum")
+    if task == "causal-lm":
+        # Shift the labels, not the logits: the [batch, seq, vocab] tensor is never copied.
+        shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+        return F.cross_entropy(_upcast(logits).flatten(0, 1), shifted.flatten(), ignore_index=IGNORE_INDEX,
+                               reduction="sum")
+    targets = labels != IGNORE_INDEX  # masked-lm: only the masked positions' rows are read
+    return F.cross_entropy(_upcast(logits[targets]), labels[targets], reduction="sum")
+
+
+def _items(labels: torch.Tensor, task: str) -> int:
+    """Examples (classification) or target tokens (language modeling) in a batch."""
+    if task == CLASSIFICATION:
+        return labels.shape[0]
+    if task == "causal-lm":
+        return int((labels[:, 1:] != IGNORE_INDEX).sum())
+    return int((labels != IGNORE_INDEX).sum())
+
+
+def task_loss(outputs, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
+    """The mean task loss of one batch, as Hugging Face computes it from `labels`."""
+    return _loss_sum(outputs, batch["labels"], task) / max(_items(batch["labels"], task), 1)
+
+
+def _accuracy_counts(outputs, labels: torch.Tensor) -> tuple[int, int]:
+    predicted = _logits(outputs).argmax(-1)
+    target = labels.argmax(-1) if labels.is_floating_point() else labels
+    return int((predicted == target).sum()), labels.shape[0]
+
+
+# ---------------------------------------------------------------- data
+
+
+@dataclass
+class _Data:
+    encoded: Encoded
+    tokenizer: Any
+    task: str
+    input_names: list[str]
+
+    def batch(self, indices: Sequence[int], mask_seed: int) -> dict[str, torch.Tensor]:
+        """A padded batch; `mask_seed` fixes the masked-LM masks, so a resumed run draws the same ones."""
+        generator = torch.Generator().manual_seed(mask_seed) if self.task == "masked-lm" else None
+        return data.collate(self.encoded, indices, self.tokenizer, self.task, self.input_names, generator)
+
+
+def _label_names(gm: fx.GraphModule, config: TrainConfig, task: str) -> list[str]:
+    if task != CLASSIFICATION:
+        return []
+    if config.label_names:
+        return list(config.label_names)
+    id2label = getattr(info(gm).get("config"), "id2label", None) or {}
+    return [id2label[i] for i in sorted(id2label)]
+
+
+def _load_data(gm: fx.GraphModule, source, config: TrainConfig, task: str) -> _Data:
+    tokenizer = info(gm).get("tokenizer")
+    if tokenizer is None:
+        raise RewriteError("the graph has no tokenizer, so text data cannot be encoded; capture it from a "
+                           "Hugging Face directory that has tokenizer files")
+    if isinstance(source, Sequence) and source and isinstance(source[0], Example):
+        examples = list(source)
+    else:
+        examples = data.read_examples(source, task=task, fields=config.fields,
+                                      label_names=_label_names(gm, config, task))
+    input_names = list(info(gm).get("input_names") or DEFAULT_INPUT_NAMES)
+    return _Data(data.encode(examples, tokenizer, config.max_length), tokenizer, task, input_names)
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+# ---------------------------------------------------------------- optimization
+
+
+def _trainable(gm: fx.GraphModule) -> list[tuple[str, nn.Parameter]]:
+    named = [(n, p) for n, p in gm.named_parameters() if p.requires_grad]
+    if not named:
+        raise RewriteError("the graph has no trainable parameters; run a pass such as lora first")
+    return named
+
+
+def _optimizer(named: list[tuple[str, nn.Parameter]], config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; biases and norm weights (1-D) get no weight decay, as in Hugging Face's Trainer."""
+    decay = [p for _, p in named if p.dim() >= 2]
+    rest = [p for _, p in named if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr)
+
+
+def _scheduler(optimizer, config: TrainConfig, total: int):
+    from transformers import get_scheduler
+
+    warmup = config.warmup_steps or math.ceil(config.warmup_ratio * total)
+    return get_scheduler(SCHEDULES[config.schedule], optimizer, num_warmup_steps=warmup,
+                                      num_training_steps=total)
+
+
+def _master_weights(named: list[tuple[str, nn.Parameter]]) -> None:
+    """Under bf16 autocast the trainable weights are kept (and updated) in fp32."""
+    for _, param in named:
+        if param.dtype in (torch.float16, torch.bfloat16):
+            param.data = param.data.float()
+
+
+def _autocast(device: torch.device, enabled: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------- one batch
+
+
+def _seed(*parts: int) -> int:
+    """A generator seed from integers (tuple hashes of ints are the same in every process)."""
+    return hash(parts) & 0x7FFF_FFFF_FFFF_FFFF
+
+
+@dataclass
+class _Objective:
+    """How a batch goes through the graph and what it is scored by."""
+
+    task: str
+    loss_fn: LossFn | None
+    input_names: list[str]
+    device: torch.device
+    bf16: bool
+
+    def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]):
+        with _autocast(self.device, self.bf16):
+            return model(**{name: batch[name] for name in self.input_names})
+
+    def items(self, batch: dict[str, torch.Tensor]) -> int:
+        return batch["input_ids"].shape[0] if self.loss_fn is not None else _items(batch["labels"], self.task)
+
+    def loss(self, outputs, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The summed loss over `items(batch)`: the task loss, or the caller's mean `loss_fn` times the batch size."""
+        if self.loss_fn is None:
+            return _loss_sum(outputs, batch["labels"], self.task)
+        return self.loss_fn(outputs, batch) * batch["input_ids"].shape[0]
+
+    def eval_sums(self, model: nn.Module, dataset: _Data, indices: Sequence[int], batch_size: int,
+                  seed: int) -> torch.Tensor:
+        """[loss sum, loss items, correct, examples] over `indices` of `dataset`, without gradients."""
+        sums = torch.zeros(4, dtype=torch.float64, device=self.device)
+        with torch.no_grad():
+            for number, chunk in enumerate(data.batches(indices, batch_size)):
+                batch = _to(dataset.batch(chunk, mask_seed=_seed(seed, -1, number)), self.device)
+                outputs = self.forward(model, batch)
+                correct, examples = (_accuracy_counts(outputs, batch["labels"]) if self.task == CLASSIFICATION
+                                     else (0, 0))
+                values = [float(self.loss(outputs, batch)), self.items(batch), correct, examples]
+                sums += torch.tensor(values, dtype=torch.float64, device=self.device)
+        return sums
+
+    def metrics(self, sums: torch.Tensor) -> dict[str, float]:
+        loss_sum, items, correct, examples = sums.tolist()
+        metrics = {"loss": loss_sum / max(items, 1.0)}
+        if self.task == CLASSIFICATION:
+            metrics["accuracy"] = correct / max(examples, 1.0)
+        return metrics
+
+
+# ---------------------------------------------------------------- the run
+
+
+@dataclass
+class _Run:
+    """The state of one training run: graph, wrapped model, optimizer, schedule, step, records."""
+
+    gm: fx.GraphModule
+    config: TrainConfig
+    ctx: distributed.Context
+    objective: _Objective
+    train: _Data
+    eval: _Data | None
+    step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        config, ctx = self.config, self.ctx
+        self.gm.to(ctx.device)
+        self.named = _trainable(self.gm)
+        if self.objective.bf16:
+            _master_weights(self.named)
+        wrapped = distributed.wrap(self.gm, ctx)
+        self.model = torch.compile(wrapped) if config.compile else wrapped
+        micro = data.micro_batches_per_epoch(len(self.train.encoded), ctx.world, config.batch_size)
+        self.steps_per_epoch = math.ceil(micro / config.grad_accum)
+        self.total = config.max_steps or config.epochs * self.steps_per_epoch
+        self.optimizer = _optimizer(self.named, config)
+        self.scheduler = _scheduler(self.optimizer, config, self.total)
+        self.out = Path(config.output_dir) if config.output_dir is not None else None
+        self.log = checkpoint.MetricsLog(self.out / "metrics.jsonl" if self.out and ctx.main else None)
+        self.last_eval: dict[str, float] | None = None
+        self.last_loss: float | None = None
+        self.tokens = 0.0
+        self.seconds = 0.0
+
+    def window(self) -> list[dict[str, torch.Tensor]]:
+        """This rank's micro-batches for the next optimizer step (a pure function of seed and step)."""
+        config, ctx = self.config, self.ctx
+        epoch, index = divmod(self.step, self.steps_per_epoch)
+        indices = data.shard(len(self.train.encoded), ctx.rank, ctx.world, seed=config.seed, epoch=epoch,
+                             shuffle=True)
+        micro = data.batches(indices, config.batch_size)[index * config.grad_accum:(index + 1) * config.grad_accum]
+        return [_to(self.train.batch(m, _seed(config.seed, self.step, i, ctx.rank)), ctx.device)
+                for i, m in enumerate(micro)]
+
+    def optimizer_step(self, window: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+        """Accumulates the window's gradients, each micro-batch's loss sum divided by the item count
+        of the whole window on all ranks (times the world size, which DDP's averaging divides out)."""
+        ctx, objective = self.ctx, self.objective
+        items = float(ctx.sum(torch.tensor(float(sum(objective.items(b) for b in window)), device=ctx.device)))
+        scale = ctx.world / max(items, 1.0)
+        loss_sum = torch.zeros((), device=ctx.device)
+        for index, batch in enumerate(window):
+            with distributed.no_sync(self.model, skip=index < len(window) - 1):
+                total = objective.loss(objective.forward(self.model, batch), batch)
+                (total * scale).backward()
+            loss_sum += total.detach().float()
+        max_norm = self.config.max_grad_norm if self.config.max_grad_norm is not None else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in self.named], max_norm)
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        tokens = sum(b["attention_mask"].sum() for b in window).to(loss_sum)
+        loss_sum, tokens = ctx.sum(torch.stack([loss_sum, tokens])).tolist()
+        return {"loss": loss_sum / max(items, 1.0), "lr": lr, "grad_norm": float(grad_norm), "tokens": tokens}
+
+    def evaluate(self) -> dict[str, float]:
+        """Eval-mode metrics over the eval set, each rank on every `world`-th example."""
+        indices = range(self.ctx.rank, len(self.eval.encoded), self.ctx.world)
+        self.gm.eval()
+        try:
+            sums = self.objective.eval_sums(self.gm, self.eval, indices, self.config.batch_size, self.config.seed)
+        finally:
+            self.gm.train()
+        return self.objective.metrics(self.ctx.sum(sums))
+
+    def record(self, split: str, values: dict[str, float]) -> None:
+        entry = {"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4), "split": split, **values}
+        self.history.append(entry)
+        self.log.write(entry)
+
+    def save_checkpoint(self) -> None:
+        states = self.ctx.gather(_rng_state())
+        if not self.ctx.main:
+            return
+        state = {"step": self.step, "world_size": self.ctx.world, "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "rng": states}
+        checkpoint.write(self.out / "checkpoints", self.step, adapter_state(self.gm), state,
+                         self.config.keep_checkpoints)
+
+    def restore(self) -> int | None:
+        """Loads the newest complete checkpoint, if any, and returns its step."""
+        root = self.out / "checkpoints"
+        if self.ctx.main:
+            checkpoint.sweep(root)
+        self.ctx.barrier()
+        found = checkpoint.completed(root)
+        if not found:
+            log.warning("no checkpoint in %s; starting from step 0", root)
+            return None
+        step, directory = found[-1]
+        weights, state = checkpoint.read(directory)
+        _load_weights(self.gm, weights, directory)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state["world_size"] == self.ctx.world:
+            _set_rng_state(state["rng"][self.ctx.rank])
+        else:
+            log.warning("checkpoint %s was written by %d ranks, resuming on %d: data order and dropout differ "
+                        "from an uninterrupted run", directory, state["world_size"], self.ctx.world)
+        self.step = step
+        if self.ctx.main:
+            checkpoint.cut_log(self.out / "metrics.jsonl", step)
+        return step
+
+    def write_outputs(self) -> None:
+        """The trained graph and its PEFT adapter beside the checkpoints (rank 0)."""
+        if not (self.out and self.ctx.main):
+            return
+        save(self.gm, self.out / "model.pt2")
+        try:
+            save_adapter(self.gm, self.out / "adapter")
+        except RewriteError as error:
+            log.warning("no PEFT adapter written (%s); the trained graph is in %s", error, self.out / "model.pt2")
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _load_weights(gm: fx.GraphModule, weights: dict[str, torch.Tensor], source: Path) -> None:
+    for name in info(gm)["trainable"]:
+        key = PREFIX + name
+        if key not in weights:
+            raise RewriteError(f"checkpoint {str(source)!r} has no weight {key}; it was written for another graph")
+        with torch.no_grad():
+            tensor_at(gm, name).copy_(weights[key])
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def _progress(run: _Run) -> Progress:
+    columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[tps]:,.0f} tok/s"),
+               TimeRemainingColumn()]
+    return Progress(*columns, console=Console(stderr=True), disable=not (run.config.progress and run.ctx.main))
+
+
+def _due(every: int | None, step: int) -> bool:
+    return bool(every) and step % every == 0
+
+
+def _fit(run: _Run) -> None:
+    """Steps until the total; evaluates every `eval_every` steps, per epoch and at the end; checkpoints
+    every `save_every` steps and at the end."""
+    config = run.config
+    with _progress(run) as progress:
+        bar = progress.add_task("train", total=run.total, completed=run.step, loss=math.nan, lr=config.lr, tps=0.0)
+        while run.step < run.total:
+            started = time.perf_counter()
+            stats = run.optimizer_step(run.window())
+            elapsed = time.perf_counter() - started
+            run.step += 1
+            run.tokens += stats["tokens"]
+            run.seconds += elapsed
+            run.last_loss = stats["loss"]
+            run.record("train", {"loss": stats["loss"], "lr": stats["lr"], "grad_norm": stats["grad_norm"],
+                                 "tokens_per_s": stats["tokens"] / elapsed})
+            progress.update(bar, completed=run.step, loss=stats["loss"], lr=stats["lr"], tps=run.tokens / run.seconds)
+            final = run.step == run.total
+            if run.eval is not None and (_due(config.eval_every, run.step) or _due(run.steps_per_epoch, run.step)
+                                         or final):
+                run.last_eval = run.evaluate()
+                run.record("eval", run.last_eval)
+            if run.out and (_due(config.save_every, run.step) or final):
+                run.save_checkpoint()
+
+
+def _objective(gm: fx.GraphModule, config: TrainConfig, task: str, loss_fn: LossFn | None,
+               device: torch.device) -> _Objective:
+    input_names = list(info(gm).get("input_names") or DEFAULT_INPUT_NAMES)
+    bf16 = config.bf16 if config.bf16 is not None else device.type == "cuda"
+    return _Objective(task, loss_fn, input_names, device, bf16)
+
+
+def _task(gm: fx.GraphModule, config: TrainConfig) -> str:
+    task = config.task or info(gm).get("task")
+    _check(config, task)
+    return task
+
+
+def train(
+    gm: fx.GraphModule,
+    train_data: DataSource,
+    *,
+    eval_data: DataSource | None = None,
+    config: TrainConfig,
+    loss_fn: LossFn | None = None,
+) -> TrainResult:
+    """Trains `gm`'s trainable parameters in place (the module docstring gives the whole contract)."""
+    task = _task(gm, config)
+    ctx = distributed.setup(config.device)
+    try:
+        torch.manual_seed(config.seed + ctx.rank)
+        objective = _objective(gm, config, task, loss_fn, ctx.device)
+        train_set = _load_data(gm, train_data, config, task)
+        eval_set = _load_data(gm, eval_data, config, task) if eval_data is not None else None
+        run = _Run(gm, config, ctx, objective, train_set, eval_set)
+        resumed = run.restore() if config.resume else None
+        gm.train()
+        try:
+            _fit(run)
+        finally:
+            gm.eval()
+            run.log.close()
+        run.write_outputs()
+        ctx.barrier()
+        tokens_per_s = run.tokens / run.seconds if run.seconds else None
+        return TrainResult(run.step, run.last_loss, run.last_eval, run.history, run.out, resumed, tokens_per_s)
+    finally:
+        ctx.close()
+
+
+def evaluate(gm: fx.GraphModule, eval_data: DataSource, *, config: TrainConfig,
+             loss_fn: LossFn | None = None) -> dict[str, float]:
+    """Eval-mode loss (and accuracy for classification) of `gm` on a data set, in this process,
+    on the device its parameters are on."""
+    task = _task(gm, config)
+    dataset = _load_data(gm, eval_data, config, task)
+    objective = _objective(gm, config, task, loss_fn, next(gm.parameters()).device)
+    was_training = gm.training
+    gm.eval()
+    try:
+        sums = objective.eval_sums(gm, dataset, range(len(dataset.encoded)), config.batch_size, config.seed)
+    finally:
+        gm.train(was_training)
+    return objective.metrics(sums)
