@@ -1,7 +1,10 @@
-"""Fold: merge every LoRA branch into its base weight, `W0 += scale * B @ A`, and erase the branch.
+"""Fold: merge every LoRA branch into its base weight, `W0 += scale * B @ A`, and erase the branch;
+evaluate every trained prompt encoder once and replace it by its constant table.
 
 The sum is taken in fp32 and cast back to W0's dtype (transposed for `[in, out]` weights such as
-GPT-2's Conv1D). A folded graph is node for node the base capture: deployment pays nothing.
+GPT-2's Conv1D). A folded graph is node for node the base capture: deployment pays nothing. A
+P-tuning encoder (LSTM/MLP over its input embeddings) takes no data, so its output is a constant:
+the folded graph keeps only that table and one gather, and its ONNX model has no LSTM.
 """
 from __future__ import annotations
 
@@ -9,11 +12,11 @@ import logging
 from dataclasses import dataclass
 
 import torch
-from torch import fx
+from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassResult
 
 from rewrite.errors import RewriteError
-from rewrite.ir import remove_submodule, tag, tensor_at
+from rewrite.ir import add_submodule, copy_meta, remove_submodule, tag, tensor_at
 from rewrite.params import forget_trainable
 from rewrite.pipeline import Pass, register
 
@@ -59,6 +62,53 @@ def fold_lora(gm: fx.GraphModule) -> list[str]:
     return list(sites)
 
 
+def _ancestors(node: fx.Node) -> set[fx.Node]:
+    """`node` and every node it depends on."""
+    found, stack = set(), [node]
+    while stack:
+        current = stack.pop()
+        if current not in found:
+            found.add(current)
+            stack.extend(current.all_input_nodes)
+    return found
+
+
+def _evaluate(gm: fx.GraphModule, output: fx.Node, nodes: set[fx.Node]) -> torch.Tensor:
+    """Runs the data-free subgraph `nodes` (which computes `output`) once, over `gm`'s parameters."""
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for node in gm.graph.nodes:
+        if node in nodes:
+            env[node] = graph.node_copy(node, env.__getitem__)
+    graph.output(env[output])
+    with torch.no_grad():
+        return fx.GraphModule(gm, graph)().detach()
+
+
+def fold_prompt_encoders(gm: fx.GraphModule) -> list[str]:
+    """Replaces each prompt encoder by its output table at `<encoder>.embedding.weight`; returns the encoders folded."""
+    folded = []
+    for table in [n for n in gm.graph.nodes if tag(n).get("prompt_table")]:
+        path, made_by = tag(table)["prompt_table"], tag(table)["pass"]
+        encoder_nodes = {n for n in _ancestors(table) if tag(n).get("pass") == made_by}
+        value = _evaluate(gm, table, encoder_nodes)
+        if value.device.type != "meta" and not torch.isfinite(value).all():
+            raise RewriteError(f"folding the prompt encoder {path} gives non-finite values; the encoder is corrupt")
+        names = [f"{path}.{name}" for name, _ in gm.get_submodule(path).named_parameters()]
+        remove_submodule(gm, path)
+        add_submodule(gm, f"{path}.embedding", nn.Embedding.from_pretrained(value, freeze=True))
+        with gm.graph.inserting_before(table):
+            constant = gm.graph.get_attr(f"{path}.embedding.weight")
+        copy_meta(table, constant, **{"pass": made_by})
+        table.replace_all_uses_with(constant)
+        for node in reversed(list(gm.graph.nodes)):
+            if node in encoder_nodes:
+                gm.graph.erase_node(node)
+        forget_trainable(gm, names)
+        folded.append(path)
+    return folded
+
+
 @register
 @dataclass
 class FoldPass(Pass):
@@ -66,10 +116,18 @@ class FoldPass(Pass):
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         folded = fold_lora(graph_module)
-        if not folded:
-            log.warning("fold: nothing to fold (the graph has no LoRA branches); the graph is unchanged")
+        encoders = fold_prompt_encoders(graph_module)
+        if not folded and not encoders:
+            log.warning("fold: nothing to fold (the graph has no LoRA branches or prompt encoders); "
+                        "the graph is unchanged")
+        parts = []
+        if folded:
+            parts.append(f"{len(folded)} LoRA branches")
+        if encoders:
+            parts.append(f"{len(encoders)} prompt encoder into a constant table")
         self.report = {
             "folded": folded,
-            "summary": f"folded {len(folded)} LoRA branches" if folded else "nothing to fold",
+            "prompt_encoders": encoders,
+            "summary": f"folded {' and '.join(parts)}" if parts else "nothing to fold",
         }
-        return PassResult(graph_module, bool(folded))
+        return PassResult(graph_module, bool(folded or encoders))

@@ -3,6 +3,12 @@
 Keys are PEFT's (`base_model.model.<module path>.lora_A.weight`), so `peft.PeftModel.from_pretrained`
 loads what we save, and `load_adapter` applies what PEFT saved by running the LoRA pass from the
 adapter's config and copying the weights in.
+
+Prompt-learning adapters hold a `prompt_embeddings` tensor `[n, hidden]` (and a seq-cls head under
+`base_model.<module path>`). A PROMPT_TUNING graph saves as one; PEFT's PROMPT_TUNING and P_TUNING
+adapters load as prepended prompts through the prompt pass: PEFT saves a P_TUNING adapter's encoder
+output, which it then prepends exactly as prompt tuning does. Our P-tuning puts prompts at template
+positions, which PEFT cannot express, so such graphs are saved with `rewrite.save` instead.
 """
 from __future__ import annotations
 
@@ -18,21 +24,27 @@ from torch import fx
 from rewrite.errors import RewriteError
 from rewrite.files import atomic_dir_files
 from rewrite.ir import info, tensor_at
+from rewrite.passes.prompt import TABLE
 from rewrite.pipeline import apply
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+PROMPT_PREFIX = "base_model."
+PROMPT_KEY = "prompt_embeddings"
+PROMPT_TYPES = ("PROMPT_TUNING", "P_TUNING")
+SUPPORTED = ("LORA", *PROMPT_TYPES)
+_PROMPT_INIT = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "TEXT"}
 _PEFT_TASK = {"seq-cls": "SEQ_CLS", "causal-lm": "CAUSAL_LM", "feature-extraction": "FEATURE_EXTRACTION"}
 
 
-def _lora_runs(gm: fx.GraphModule) -> list[dict[str, Any]]:
-    return [h for h in info(gm)["history"] if h["pass"] == "lora"]
+def _runs(gm: fx.GraphModule, name: str) -> list[dict[str, Any]]:
+    return [h for h in info(gm)["history"] if h["pass"] == name]
 
 
 def _lora_config(gm: fx.GraphModule) -> dict[str, Any]:
     """One PEFT LoraConfig that reproduces every LoRA pass in the history, exactly per target."""
-    runs = _lora_runs(gm)
+    runs = _runs(gm, "lora")
     if not runs:
         raise RewriteError("the graph has no LoRA adapter to save; run the lora pass first (it may have been folded)")
     if len({r["options"]["rslora"] for r in runs}) > 1 or len({r["options"]["dropout"] for r in runs}) > 1:
@@ -68,13 +80,57 @@ def adapter_state(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
     }
 
 
+def _prompt_config(gm: fx.GraphModule) -> dict[str, Any]:
+    """PEFT's PromptTuningConfig for the graph's prompt pass."""
+    run = _runs(gm, "prompt")[-1]
+    options, report = run["options"], run["report"]
+    config = info(gm).get("config")
+    return {
+        "peft_type": "PROMPT_TUNING",
+        "task_type": _PEFT_TASK.get(info(gm).get("task")),
+        "base_model_name_or_path": info(gm).get("source"),
+        "num_virtual_tokens": report["num_virtual_tokens"],
+        "token_dim": int(tensor_at(gm, TABLE).shape[1]),
+        "num_transformer_submodules": 1,
+        "num_attention_heads": getattr(config, "num_attention_heads", None),
+        "num_layers": getattr(config, "num_hidden_layers", None),
+        "prompt_tuning_init": _PROMPT_INIT[report["init"]],
+        "prompt_tuning_init_text": options["init_text"],
+        "tokenizer_name_or_path": info(gm).get("source") if options["init_text"] else None,
+        "modules_to_save": info(gm).get("modules_to_save"),
+        "inference_mode": True,
+    }
+
+
+def _prompt_state(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
+    """`prompt_embeddings` and the trained head under PEFT's prompt-learning keys."""
+    state = {PROMPT_KEY: tensor_at(gm, TABLE).detach().contiguous().cpu()}
+    for name in info(gm).get("trainable", []):
+        if name != TABLE:
+            state[PROMPT_PREFIX + name] = tensor_at(gm, name).detach().contiguous().cpu()
+    return state
+
+
+def _adapter(gm: fx.GraphModule) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The config and tensors of the one PEFT adapter the graph's passes amount to."""
+    if _runs(gm, "ptuning"):
+        raise RewriteError("P-tuning puts prompts at template positions, which PEFT's P_TUNING (prepended prompts) "
+                           "cannot express; save the graph with rewrite.save instead")
+    if _runs(gm, "prompt"):
+        if _runs(gm, "lora"):
+            raise RewriteError("a PEFT adapter file holds either LoRA or prompt tuning, and this graph has both; "
+                               "save the graph with rewrite.save instead")
+        return _prompt_config(gm), _prompt_state(gm)
+    return _lora_config(gm), adapter_state(gm)
+
+
 def save_adapter(gm: fx.GraphModule, directory: str | Path) -> Path:
     """Writes `adapter_config.json` and `adapter_model.safetensors` that `PeftModel.from_pretrained` loads."""
     directory = Path(directory)
-    config = _lora_config(gm)
+    config, state = _adapter(gm)
     with atomic_dir_files(directory) as tmp:
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2))
-        safetensors.torch.save_file(adapter_state(gm), tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+        safetensors.torch.save_file(state, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
     return directory
 
 
@@ -92,8 +148,9 @@ def _read_adapter(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tens
         weights = safetensors.torch.load_file(weights_file)
     except (safetensors.SafetensorError, OSError) as error:
         raise RewriteError(f"{str(weights_file)!r} is not a readable safetensors file ({error}); it may be truncated") from error
-    if config.get("peft_type") != "LORA":
-        raise RewriteError(f"adapter type {config.get('peft_type')!r} in {str(config_file)!r} is not supported; supported: LORA")
+    if config.get("peft_type") not in SUPPORTED:
+        raise RewriteError(f"adapter type {config.get('peft_type')!r} in {str(config_file)!r} is not supported; "
+                           f"supported: {', '.join(SUPPORTED)}")
     return config, weights
 
 
@@ -113,12 +170,8 @@ def _lora_options(config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def load_adapter(gm: fx.GraphModule, directory: str | Path) -> fx.GraphModule:
-    """Applies a PEFT-saved LoRA adapter: runs the LoRA pass from its config, then copies its weights in."""
-    directory = Path(directory)
-    config, weights = _read_adapter(directory)
-    names = {key.removeprefix(PREFIX).replace(".default.", "."): key for key in weights}
-    apply(gm, "lora", **_lora_options(config))
+def _copy_weights(gm: fx.GraphModule, directory: Path, names: dict[str, str], weights: dict[str, torch.Tensor]) -> None:
+    """Copies adapter tensor `names[name]` into the graph's `name`, after checking each one fits."""
     for name in info(gm)["trainable"]:
         if name not in names:
             raise RewriteError(f"adapter {str(directory)!r} has no weight for {name}; it does not fit this graph")
@@ -134,4 +187,28 @@ def load_adapter(gm: fx.GraphModule, directory: str | Path) -> fx.GraphModule:
             )
         with torch.no_grad():
             target.copy_(weights[key])
+
+
+def _load_prompt(gm: fx.GraphModule, directory: Path, config: dict[str, Any], weights: dict[str, torch.Tensor]) -> None:
+    """Runs the prompt pass for the adapter's virtual tokens and head, then copies `prompt_embeddings` in."""
+    if config.get("num_transformer_submodules", 1) != 1:
+        raise RewriteError(f"adapter {str(directory)!r} prompts an encoder-decoder model, which this project does not capture")
+    if PROMPT_KEY not in weights:
+        raise RewriteError(f"adapter {str(directory)!r} has no {PROMPT_KEY} tensor; it is not a prompt-learning adapter")
+    heads = {key.removeprefix(PROMPT_PREFIX): key for key in weights if key != PROMPT_KEY}
+    modules = sorted({name.rpartition(".")[0] for name in heads})
+    apply(gm, "prompt", num_virtual_tokens=config["num_virtual_tokens"], modules_to_save=modules)
+    _copy_weights(gm, directory, {TABLE: PROMPT_KEY, **heads}, weights)
+
+
+def load_adapter(gm: fx.GraphModule, directory: str | Path) -> fx.GraphModule:
+    """Applies a PEFT-saved adapter: runs the LoRA or prompt pass from its config, then copies its weights in."""
+    directory = Path(directory)
+    config, weights = _read_adapter(directory)
+    if config["peft_type"] in PROMPT_TYPES:
+        _load_prompt(gm, directory, config, weights)
+        return gm
+    names = {key.removeprefix(PREFIX).replace(".default.", "."): key for key in weights}
+    apply(gm, "lora", **_lora_options(config))
+    _copy_weights(gm, directory, names, weights)
     return gm

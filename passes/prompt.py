@@ -1,0 +1,299 @@
+"""Prompt tuning: `n` trainable virtual-token embeddings prepended to the input, as PEFT's PROMPT_TUNING.
+
+The graph keeps its user-facing signature. At entry, `n` reserved virtual ids (`>=` the vocabulary
+size) are concatenated in front of `input_ids`, ones in front of `attention_mask`, zeros in front of
+`token_type_ids` and -100 in front of token-level `labels`, and every use of those placeholders
+(including the `sym_size` nodes that carry the dynamic sequence length) reads the extended tensors:
+positions, masks and the loss follow from the extended sequence exactly as in PEFT. The word-embedding
+lookup still reads the user's ids and the prompt table is concatenated in front of its result, which
+is PEFT's `cat(prompts, embed(ids))` (DESIGN.md: prepending this way matched with max diff 0.0).
+
+The machinery P-tuning shares (finding the inputs and the word-embedding lookup, emitting tagged
+nodes, marking what trains) lives here too.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import operator
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+from torch.fx.passes.infra.pass_base import PassResult
+from torch.utils import _pytree as pytree
+
+from rewrite.errors import RewriteError
+from rewrite.graph import GraphQuery
+from rewrite.ir import add_submodule, copy_meta, info, tensor_at
+from rewrite.params import mark_trainable
+from rewrite.pipeline import Pass, option, register
+
+aten = torch.ops.aten
+log = logging.getLogger(__name__)
+
+ENCODER = "prompt_encoder"
+TABLE = f"{ENCODER}.embedding.weight"
+TOKENS = "prompt_tokens"
+IGNORE_INDEX = -100
+INITS = ("random", "vocab", "text")
+TOKEN_LEVEL_TASKS = ("causal-lm", "masked-lm", "feature-extraction")
+_PREFIX_FILL = {"attention_mask": 1, "token_type_ids": 0}
+
+
+class Emitter:
+    """Creates nodes at the graph's insertion point that carry `anchor`'s module stack and the pass's tag.
+
+    New nodes have no metadata of their own; the tag is what fold and the adapter writer look for.
+    """
+
+    def __init__(self, graph: fx.Graph, anchor: fx.Node, **tag):
+        self.graph, self.anchor, self.tag = graph, anchor, tag
+        self.created: set[fx.Node] = set()
+
+    def __call__(self, target, *args, **kwargs) -> fx.Node:
+        return self.keep(self.graph.call_function(target, args, kwargs))
+
+    def attr(self, target: str) -> fx.Node:
+        return self.keep(self.graph.get_attr(target))
+
+    def keep(self, node: fx.Node, **extra) -> fx.Node:
+        copy_meta(self.anchor, node, **self.tag, **extra)
+        self.created.add(node)
+        return node
+
+    def redirect(self, old: fx.Node, new: fx.Node, keep: tuple[fx.Node, ...] = ()) -> None:
+        """Every use of `old`, except by the nodes made here and by `keep`, now reads `new`."""
+        spared = self.created | set(keep)
+        old.replace_all_uses_with(new, delete_user_cb=lambda user: user not in spared)
+
+
+def placeholders(gm: fx.GraphModule) -> dict[str, fx.Node]:
+    return {node.target: node for node in gm.graph.find_nodes(op="placeholder")}
+
+
+def word_embedding(gm: fx.GraphModule) -> fx.Node:
+    """The `aten.embedding` that looks up `input_ids`: where prompt vectors enter the model."""
+    ids = placeholders(gm).get("input_ids")
+    if ids is None:
+        raise RewriteError("prompt passes need a graph with an `input_ids` input; capture the model with input_ids")
+    for node in ids.users:
+        if node.target is aten.embedding.default and node.args[1] is ids:
+            return node
+    raise RewriteError("the graph has no word-embedding lookup of `input_ids` to put prompt vectors into")
+
+
+def check_no_prompt(gm: fx.GraphModule) -> None:
+    """One prompt method per graph: both own the word-embedding lookup and the reserved ids."""
+    if hasattr(gm, TOKENS):
+        made_by = [h["pass"] for h in info(gm)["history"] if h["pass"] in ("prompt", "ptuning")]
+        raise RewriteError(
+            f"the graph already has prompt embeddings (from pass {', '.join(made_by) or 'unknown'}); "
+            "start from the base graph to use another prompt method"
+        )
+
+
+def register_tokens(gm: fx.GraphModule, token_ids: list[int], device: torch.device) -> None:
+    """The ids the prompt occupies (virtual ids, or P-tuning's placeholders), as a buffer that moves with the graph."""
+    gm.register_buffer(TOKENS, torch.tensor(token_ids, dtype=torch.long, device=device))
+
+
+def trainable_heads(gm: fx.GraphModule, requested: list[str] | None) -> list[str]:
+    """Parameter names of the modules that train beside the prompt: PEFT's SEQ_CLS also trains its fresh head."""
+    if requested is not None:
+        modules = list(requested)
+    elif info(gm).get("task") == "seq-cls":
+        modules = [p.path for p in GraphQuery(gm).output_heads]
+    else:
+        modules = []
+    known = {name.rpartition(".")[0] for name, _ in gm.named_parameters()}
+    missing = [m for m in modules if m not in known]
+    if missing:
+        raise RewriteError(f"modules_to_save {', '.join(missing)} name no module with parameters in this graph")
+    info(gm)["modules_to_save"] = sorted(set(info(gm).get("modules_to_save") or []) | set(modules)) or None
+    return [n for n, _ in gm.named_parameters() if any(n.startswith(m + ".") for m in modules)]
+
+
+def cast(emit: Emitter, node: fx.Node, source: torch.dtype, target: torch.dtype) -> fx.Node:
+    """Prompt tables of half-precision models are kept in fp32 (as PEFT does) and cast where they meet the model."""
+    return node if source == target else emit(aten._to_copy.default, node, dtype=target)
+
+
+def position_limit(gm: fx.GraphModule) -> int | None:
+    """The model's position limit from its config (`max_position_embeddings`, GPT-2's `n_positions`)."""
+    config = info(gm).get("config")
+    for key in ("max_position_embeddings", "n_positions"):
+        if getattr(config, key, None):
+            return int(getattr(config, key))
+    return None
+
+
+def _prompt_init(option: str | None, init_text: str | None) -> str:
+    """`text` when an init text is given, else `random`; a contradicting explicit choice is an error."""
+    init = option or ("text" if init_text else "random")
+    if init not in INITS:
+        raise RewriteError(f"prompt_init {init!r} is not known; use one of {', '.join(INITS)}")
+    if (init == "text") != bool(init_text):
+        raise RewriteError(
+            "prompt_init 'text' needs init_text, and init_text needs prompt_init 'text' (or no prompt_init)"
+        )
+    return init
+
+
+def _text_ids(gm: fx.GraphModule, text: str, count: int) -> list[int]:
+    """PEFT's TEXT init: the text's token ids (special tokens included), cut to `count` or repeated to fill it."""
+    tokenizer = info(gm).get("tokenizer")
+    if tokenizer is None:
+        raise RewriteError("init_text needs the model's tokenizer, but this graph has none; capture it from a model directory")
+    ids = tokenizer(text)["input_ids"]
+    if len(ids) > count:
+        log.warning("init text %r has %d tokens, more than the %d virtual tokens: its first %d initialize "
+                    "the prompt (as PEFT does)", text, len(ids), count, count)
+    return (ids * math.ceil(count / len(ids)))[:count]
+
+
+def initial_table(gm: fx.GraphModule, weight: torch.Tensor, count: int, init: str, text: str | None) -> torch.Tensor:
+    """`random`: N(0, 1) as nn.Embedding (PEFT's RANDOM); `vocab`: rows of sampled tokens; `text`: the text's rows."""
+    dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+    if init == "random":
+        return nn.Embedding(count, weight.shape[1], device=weight.device, dtype=dtype).weight.detach()
+    rows = torch.randint(0, weight.shape[0], (count,)) if init == "vocab" else torch.tensor(_text_ids(gm, text, count))
+    return weight.detach()[rows.to(weight.device)].to(dtype)
+
+
+def _extension(emit: Emitter, name: str, user_input: fx.Node, count: int, task: str) -> fx.Node | None:
+    """`cat(fill, x)` along the sequence, or None for inputs without a sequence axis (seq-cls labels)."""
+    if name == "labels" and task not in TOKEN_LEVEL_TASKS:
+        return None
+    batch = emit(aten.sym_size.int, user_input, 0)
+    if name == "input_ids":
+        virtual = emit(aten.unsqueeze.default, emit.attr(TOKENS), 0)
+        prefix = emit(aten.expand.default, virtual, [batch, count])
+    else:
+        fill = IGNORE_INDEX if name == "labels" else _PREFIX_FILL[name]
+        prefix = emit(aten.new_full.default, user_input, [batch, count], fill)
+    return emit(aten.cat.default, [prefix, user_input], 1)
+
+
+def _sequence_outputs(gm: fx.GraphModule) -> list[int]:
+    """Indices of the flat outputs with a sequence axis: token-level logits and hidden states."""
+    spec = gm.graph._codegen.pytree_info.out_spec
+    leaves = pytree.tree_unflatten(list(range(spec.num_leaves)), spec)
+    found = []
+    for path, index in pytree.tree_flatten_with_path(leaves)[0]:
+        key = str(getattr(path[0], "key", getattr(path[0], "name", ""))) if path else ""
+        if key in ("last_hidden_state", "hidden_states") or (key == "logits" and info(gm).get("task") in TOKEN_LEVEL_TASKS):
+            found.append(index)
+    return found
+
+
+@register
+@dataclass
+class PromptPass(Pass):
+    """PEFT's PROMPT_TUNING as a rewrite: works for causal LMs, masked LMs and sequence classifiers."""
+
+    name = "prompt"
+
+    num_virtual_tokens: int = option(20, "virtual tokens prepended to the input (PEFT's num_virtual_tokens)")
+    prompt_init: str | None = option(None, "prompt init: random, vocab (sampled token rows) or text (default: "
+                                           "text with --init-text, else random)")
+    init_text: str | None = option(None, "text whose token embeddings initialize the prompt (cut or repeated to fit)")
+    strip_virtual: bool = option(False, "drop the virtual positions from sequence outputs (logits, hidden states)")
+    modules_to_save: list[str] | None = option(
+        None, "modules trained and saved in full (default: the head of a seq-cls graph, like PEFT)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        count = self.num_virtual_tokens
+        if not isinstance(count, int) or isinstance(count, bool) or count <= 0:
+            raise RewriteError(f"num_virtual_tokens {count!r} is not allowed; use a whole number of at least 1")
+        self.prompt_init = _prompt_init(self.prompt_init, self.init_text)
+
+    def _check_inputs(self, gm: fx.GraphModule) -> dict[str, fx.Node]:
+        inputs = placeholders(gm)
+        unknown = sorted(set(inputs) - {"input_ids", "labels", *_PREFIX_FILL})
+        if unknown:
+            raise RewriteError(
+                f"prompt tuning cannot extend the graph input {', '.join(map(repr, unknown))}; it extends input_ids, "
+                "attention_mask, token_type_ids and labels (capture without the others, as PEFT ignores position_ids)"
+            )
+        limit = position_limit(gm)
+        if limit is not None and self.num_virtual_tokens >= limit:
+            raise RewriteError(
+                f"{self.num_virtual_tokens} virtual tokens leave no room for input in the model's {limit} positions; "
+                f"use at most {limit - 1}"
+            )
+        return inputs
+
+    def _extend_inputs(self, gm: fx.GraphModule, inputs: dict[str, fx.Node], embed: fx.Node) -> None:
+        """Every reader of an input, except the word-embedding lookup, sees the prompt-extended tensor."""
+        graph = gm.graph
+        emit = Emitter(graph, embed, **{"pass": self.name})
+        with graph.inserting_before(list(inputs.values())[-1].next):
+            for name, node in inputs.items():
+                extended = _extension(emit, name, node, self.num_virtual_tokens, info(gm).get("task"))
+                if extended is not None:
+                    emit.redirect(node, extended, keep=(embed,))
+            self._assert_fits(emit, inputs["input_ids"])
+
+    def _assert_fits(self, emit: Emitter, ids: fx.Node) -> None:
+        """Past the position limit the model fails with a shape error deep inside; say why instead."""
+        limit = position_limit(emit.graph.owning_module)
+        if limit is None:
+            return
+        total = emit(operator.add, emit(aten.sym_size.int, ids, 1), self.num_virtual_tokens)
+        room = limit - self.num_virtual_tokens
+        message = (f"input longer than {room} tokens: with {self.num_virtual_tokens} virtual tokens the model's "
+                   f"{limit} positions allow at most {room}; truncate the input")
+        emit(aten._assert_scalar.default, emit(operator.le, total, limit), message)
+
+    def _prepend(self, gm: fx.GraphModule, embed: fx.Node) -> None:
+        """`embed(ids)` becomes `cat(prompt table, embed(ids))`, PEFT's computation."""
+        graph = gm.graph
+        table = tensor_at(gm, TABLE)
+        emit = Emitter(graph, embed, **{"pass": self.name})
+        with graph.inserting_before(embed.next):
+            batch = emit(aten.sym_size.int, embed.args[1], 0)
+            prompts = emit(aten.unsqueeze.default, emit.attr(TABLE), 0)
+            prompts = emit(aten.expand.default, prompts, [batch, self.num_virtual_tokens, table.shape[1]])
+            prompts = cast(emit, prompts, table.dtype, tensor_at(gm, embed.args[0].target).dtype)
+            joined = emit(aten.cat.default, [prompts, embed], 1)
+        emit.redirect(embed, joined)
+
+    def _strip(self, gm: fx.GraphModule) -> list[int]:
+        """Outputs with a sequence axis drop the virtual positions, so callers see their own length."""
+        output = next(iter(gm.graph.find_nodes(op="output")))
+        leaves = list(output.args[0])
+        stripped = _sequence_outputs(gm)
+        emit = Emitter(gm.graph, output, **{"pass": self.name})
+        with gm.graph.inserting_before(output):
+            for index in stripped:
+                leaves[index] = emit(aten.slice.Tensor, leaves[index], 1, self.num_virtual_tokens)
+        output.args = (type(output.args[0])(leaves),)
+        return stripped
+
+    def call(self, graph_module: fx.GraphModule) -> PassResult:
+        gm = graph_module
+        check_no_prompt(gm)
+        embed = word_embedding(gm)
+        inputs = self._check_inputs(gm)
+        weight = tensor_at(gm, embed.args[0].target)
+        vocab, count = weight.shape[0], self.num_virtual_tokens
+        table = initial_table(gm, weight, count, self.prompt_init, self.init_text)
+        heads = trainable_heads(gm, self.modules_to_save)
+        add_submodule(gm, f"{ENCODER}.embedding", nn.Embedding.from_pretrained(table, freeze=False))
+        register_tokens(gm, list(range(vocab, vocab + count)), weight.device)
+        self._extend_inputs(gm, inputs, embed)
+        self._prepend(gm, embed)
+        stripped = self._strip(gm) if self.strip_virtual else []
+        mark_trainable(gm, [TABLE, *heads])
+        self.report = {
+            "num_virtual_tokens": count,
+            "virtual_ids": [vocab, vocab + count - 1],
+            "init": self.prompt_init,
+            "modules_to_save": [n.rpartition(".")[0] for n in heads],
+            "stripped_outputs": len(stripped),
+            "summary": f"{count} virtual tokens prepended ({self.prompt_init} init"
+                       + (", virtual positions stripped from outputs)" if self.strip_virtual else ")"),
+        }
+        return PassResult(gm, True)

@@ -1,0 +1,190 @@
+"""P-tuning: continuous prompt vectors at a template's placeholder positions; the sequence length stays.
+
+Placeholders are token ids in the input: tokens the user names (BERT's `[unused1]`..., the seed's
+variant) or reserved ids the pass adds after the vocabulary. `rewrite.templates` turns
+`"[P] [P] [P] {text} [P] [MASK] ."` into such ids. The word-embedding lookup is routed: at a
+placeholder the model reads row `slot` of the prompt table, elsewhere its own embedding.
+
+The table is the output of a prompt encoder (P-tuning paper, Liu et al. 2021): `lstm` is the paper's
+bi-LSTM (2 layers, hidden H/2 per direction) followed by its MLP (H -> H -> H); `mlp` is that MLP
+alone; `none` trains the table directly (the seed's variant, which trains only the placeholder rows).
+The encoder is captured once and inlined as graph nodes over its parameters, so the rewritten graph
+saves, loads and trains like any other; the fold pass later replaces it by its constant output.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+from torch.fx.passes.infra.pass_base import PassResult
+
+from rewrite.capture import capture
+from rewrite.errors import RewriteError
+from rewrite.ir import add_submodule, info, tensor_at
+from rewrite.params import mark_trainable
+from rewrite.passes.prompt import (
+    ENCODER, TABLE, TOKENS, Emitter, cast, check_no_prompt, register_tokens, trainable_heads, word_embedding,
+)
+from rewrite.pipeline import Pass, option, register
+from rewrite.templates import Template
+
+aten = torch.ops.aten
+
+ENCODERS = ("lstm", "mlp", "none")
+
+
+class PromptEncoder(nn.Module):
+    """Maps `count` trainable input embeddings to the prompt table (PEFT's attribute names).
+
+    `lstm`: `mlp_head(lstm_head(embedding))`, the paper's bi-LSTM + MLP; `mlp`: `mlp_head(embedding)`;
+    `none`: the embedding itself. The input takes no data, so the output is a constant after training.
+    """
+
+    def __init__(self, kind: str, initial: torch.Tensor):
+        super().__init__()
+        self.kind = kind
+        count, hidden = initial.shape
+        self.embedding = nn.Embedding.from_pretrained(initial, freeze=False)
+        if kind == "lstm":
+            self.lstm_head = nn.LSTM(hidden, hidden // 2, num_layers=2, bidirectional=True, batch_first=True)
+        if kind in ("lstm", "mlp"):
+            self.mlp_head = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, hidden))
+        self.to(initial.device)
+
+    def forward(self) -> torch.Tensor:
+        table = self.embedding.weight
+        if self.kind == "lstm":
+            layers, hidden = self.lstm_head.num_layers * 2, self.lstm_head.hidden_size
+            state = table.new_zeros(layers, 1, hidden)
+            table = self.lstm_head(table.unsqueeze(0), (state, state))[0].squeeze(0)
+        if self.kind in ("lstm", "mlp"):
+            table = self.mlp_head(table)
+        return table
+
+
+def _inline(gm: fx.GraphModule, emit: Emitter, encoder: PromptEncoder) -> fx.Node:
+    """Captures `encoder()` and copies its nodes into `gm` over the parameters registered at `prompt_encoder`."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*were assigned during export.*")  # nn.LSTM's _flat_weights
+        captured = capture(encoder, {}, dynamic=False)
+    captured.graph.eliminate_dead_code()  # the LSTM's unused final states: fold erases exactly the table's ancestors
+    env: dict[fx.Node, fx.Node] = {}
+    for node in captured.graph.nodes:
+        if node.op == "get_attr":
+            env[node] = emit.attr(f"{ENCODER}.{node.target}")
+        elif node.op == "call_function":
+            copied = gm.graph.create_node("call_function", node.target, fx.map_arg(node.args, env.get),
+                                          fx.map_arg(node.kwargs, env.get))
+            env[node] = emit.keep(copied, encoder=True)
+        elif node.op == "output":
+            (table,) = node.args[0]
+            env[table].meta["rewrite"]["prompt_table"] = ENCODER  # what fold replaces by a constant
+            return env[table]
+    raise RewriteError("the prompt encoder's capture has no output")  # pragma: no cover - export always has one
+
+
+@register
+@dataclass
+class PtuningPass(Pass):
+    """P-tuning with a template; only the prompt encoder (and a seq-cls head, as PEFT) trains."""
+
+    name = "ptuning"
+
+    template: str | None = option(None, "template with [P] prompt slots and a {text} field, "
+                                        "e.g. '[P] [P] [P] {text} [P] [MASK] .'")
+    placeholders: list[str] | None = option(
+        None, "tokens that stand for the [P] slots, e.g. [unused1],[unused2] (default: reserved ids after the vocabulary)")
+    encoder: str = option("lstm", "prompt encoder: lstm (the paper's bi-LSTM + MLP), mlp, or none (direct embeddings)")
+    modules_to_save: list[str] | None = option(
+        None, "modules trained and saved in full (default: the head of a seq-cls graph, like PEFT)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.template:
+            raise RewriteError("P-tuning needs a template, e.g. '[P] [P] [P] {text} [P] [MASK] .'")
+        if self.encoder not in ENCODERS:
+            raise RewriteError(f"prompt encoder {self.encoder!r} is not known; use one of {', '.join(ENCODERS)}")
+        self.parsed = Template.parse(self.template)
+
+    def _placeholder_ids(self, gm: fx.GraphModule, vocab: int) -> list[int]:
+        """The named tokens' ids, or reserved ids after the vocabulary; one per `[P]` in the template."""
+        count = self.parsed.prompt_count
+        if self.placeholders is None:
+            return list(range(vocab, vocab + count))
+        if len(self.placeholders) != count or len(set(self.placeholders)) != count:
+            raise RewriteError(f"the template has {count} [P] placeholders but {len(self.placeholders)} "
+                               f"placeholder tokens were named ({len(set(self.placeholders))} distinct); name {count}")
+        tokenizer = _tokenizer(gm)
+        ids = tokenizer.convert_tokens_to_ids(self.placeholders)
+        unknown = [t for t, i in zip(self.placeholders, ids) if i is None or i == tokenizer.unk_token_id]
+        if unknown:
+            raise RewriteError(f"placeholder token {', '.join(unknown)} is not in the tokenizer's vocabulary; "
+                               "name single tokens it knows, such as [unused1]")
+        return ids
+
+    def _initial(self, weight: torch.Tensor, ids: list[int]) -> torch.Tensor:
+        """The paper's N(0, 1) input embeddings for an encoder; for `none`, the placeholders' own rows
+        (sampled vocabulary rows for reserved ids), so the untrained table speaks the model's scale."""
+        count, hidden = len(ids), weight.shape[1]
+        dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        if self.encoder != "none":
+            return nn.Embedding(count, hidden, device=weight.device, dtype=dtype).weight.detach()
+        vocab = weight.shape[0]
+        rows = torch.tensor(ids) if ids[0] < vocab else torch.randint(0, vocab, (count,))
+        return weight.detach()[rows.to(weight.device)].to(dtype)
+
+    def _route(self, gm: fx.GraphModule, embed: fx.Node, encoder: PromptEncoder, reserved: bool) -> None:
+        """`embed(ids)` becomes `where(ids is a placeholder, table[slot], embed(ids))`."""
+        graph, ids = gm.graph, embed.args[1]
+        weight = tensor_at(gm, embed.args[0].target)
+        emit = Emitter(graph, embed, **{"pass": self.name})
+        if reserved:
+            with graph.inserting_before(embed):
+                embed.update_arg(1, emit(aten.clamp.default, ids, None, weight.shape[0] - 1))
+        with graph.inserting_before(embed.next):
+            table = emit.attr(TABLE) if self.encoder == "none" else _inline(gm, emit, encoder)
+            match = emit(aten.eq.Tensor, emit(aten.unsqueeze.default, ids, -1), emit.attr(TOKENS))
+            chosen = emit(aten.any.dim, match, -1, True)
+            slot = emit(aten.argmax.default, emit(aten._to_copy.default, match, dtype=torch.int32), -1)
+            prompts = cast(emit, emit(aten.embedding.default, table, slot), encoder.embedding.weight.dtype, weight.dtype)
+            routed = emit(aten.where.self, chosen, prompts, embed)
+        emit.redirect(embed, routed)
+
+    def call(self, graph_module: fx.GraphModule) -> PassResult:
+        gm = graph_module
+        check_no_prompt(gm)
+        embed = word_embedding(gm)
+        tokenizer = info(gm).get("tokenizer")
+        if tokenizer is not None:
+            self.parsed.check(tokenizer)
+        weight = tensor_at(gm, embed.args[0].target)
+        vocab, hidden = weight.shape
+        if self.encoder == "lstm" and hidden % 2:
+            raise RewriteError(f"the LSTM encoder needs an even hidden size (H/2 per direction); this model's is {hidden}")
+        ids = self._placeholder_ids(gm, vocab)
+        reserved = ids[0] >= vocab
+        encoder = PromptEncoder(self.encoder, self._initial(weight, ids))
+        heads = trainable_heads(gm, self.modules_to_save)
+        add_submodule(gm, ENCODER, encoder)
+        register_tokens(gm, ids, weight.device)
+        self._route(gm, embed, encoder, reserved)
+        mark_trainable(gm, [f"{ENCODER}.{n}" for n, _ in encoder.named_parameters()] + heads)
+        self.report = {
+            "placeholder_ids": ids,
+            "reserved_ids": reserved,
+            "encoder": self.encoder,
+            "modules_to_save": [n.rpartition(".")[0] for n in heads],
+            "summary": f"{len(ids)} prompt vectors at template placeholders ({self.encoder} encoder, "
+                       + ("reserved ids" if reserved else ", ".join(self.placeholders)) + ")",
+        }
+        return PassResult(gm, True)
+
+
+def _tokenizer(gm: fx.GraphModule):
+    tokenizer = info(gm).get("tokenizer")
+    if tokenizer is None:
+        raise RewriteError("named placeholder tokens need the model's tokenizer, but this graph has none; "
+                           "capture it from a model directory or leave placeholders unset for reserved ids")
+    return tokenizer

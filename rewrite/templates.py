@@ -1,0 +1,164 @@
+"""P-tuning templates: `"[P] [P] [P] {text} [P] [MASK] ."` -> token ids with prompt placeholders in place.
+
+`[P]` marks a continuous prompt vector (the i-th `[P]` is prompt slot i), `{name}` a field filled from
+the example, and everything else is literal text. Pieces are tokenized one by one (as PET and
+OpenPrompt do), so a placeholder never merges with its neighbours, and the tokenizer's own special
+tokens (`[CLS] ... [SEP]`, `<s>`) frame the result. Bracketed tokens in the literal text (`[MASK]`,
+`<mask>`) must be single tokens of this tokenizer: a template written for another tokenizer is an
+error, not a silently different prompt.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+from torch import fx
+
+from rewrite.errors import RewriteError
+from rewrite.ir import info
+
+log = logging.getLogger(__name__)
+
+PLACEHOLDER = "[P]"
+_PIECE = re.compile(r"(\[P\]|\{\w+\})")
+_BRACKETED = re.compile(r"\[[^\[\]\s]+\]|<[^<>\s]+>")
+_PROBE = "a"
+
+
+@dataclass(frozen=True)
+class Template:
+    """A parsed template: literal text, prompt slots and fields, in order."""
+
+    source: str
+    parts: tuple[tuple[str, str | int], ...]
+
+    @classmethod
+    def parse(cls, source: str) -> "Template":
+        """Splits `source` into ("text", str), ("prompt", slot) and ("field", name) parts."""
+        parts: list[tuple[str, str | int]] = []
+        slots = 0
+        for piece in _PIECE.split(source):
+            if piece == PLACEHOLDER:
+                parts.append(("prompt", slots))
+                slots += 1
+            elif _PIECE.fullmatch(piece):
+                parts.append(("field", piece[1:-1]))
+            elif piece.strip():
+                parts.append(("text", piece.strip()))
+        template = cls(source, tuple(parts))
+        if not template.prompt_count:
+            raise RewriteError(f"template {source!r} has no {PLACEHOLDER} placeholder; write e.g. "
+                               f"'[P] [P] [P] {{text}} [P] [MASK] .'")
+        if not template.fields:
+            raise RewriteError(f"template {source!r} has no field for the input; put {{text}} where the text goes")
+        return template
+
+    @property
+    def prompt_count(self) -> int:
+        return sum(kind == "prompt" for kind, _ in self.parts)
+
+    @property
+    def fields(self) -> list[str]:
+        return [value for kind, value in self.parts if kind == "field"]
+
+    def check(self, tokenizer) -> None:
+        """Every bracketed token in the literal text must be one token of `tokenizer` (`[MASK]`, not `<mask>`)."""
+        for kind, value in self.parts:
+            if kind != "text":
+                continue
+            for token in _BRACKETED.findall(value):
+                pieces = tokenizer.tokenize(token)
+                if len(pieces) != 1:
+                    raise RewriteError(
+                        f"template token {token!r} is split by the tokenizer into {len(pieces)} tokens "
+                        f"({' '.join(pieces)}); use this tokenizer's own tokens, e.g. {tokenizer.mask_token!r}"
+                    )
+
+    def encode(self, tokenizer, prompt_ids: Sequence[int], values: Mapping[str, str] | str,
+               max_length: int | None = None) -> tuple[list[int], int]:
+        """Token ids of one example and how many prompt ids its fields contained (they become prompt vectors).
+
+        With `max_length` the longest field is cut from its end until the whole fits; the template
+        itself is never cut, so its `[MASK]` and prompts survive truncation.
+        """
+        values = {self.fields[0]: values} if isinstance(values, str) else values
+        missing = [name for name in self.fields if name not in values]
+        if missing:
+            raise RewriteError(f"template {self.source!r} needs field {', '.join(missing)}, which the example lacks")
+        fields = {name: _ids(tokenizer, values[name]) for name in self.fields}
+        prefix, suffix = special_frame(tokenizer)
+        if max_length is not None:
+            _fit(fields, max_length - len(prefix) - len(suffix) - self._fixed_length(tokenizer), self.source)
+        ids = list(prefix)
+        for kind, value in self.parts:
+            if kind == "prompt":
+                ids.append(prompt_ids[value])
+            elif kind == "field":
+                ids.extend(fields[value])
+            else:
+                ids.extend(_ids(tokenizer, value))
+        reserved = set(prompt_ids)
+        clashes = sum(token in reserved for tokens in fields.values() for token in tokens)
+        return ids + list(suffix), clashes
+
+    def _fixed_length(self, tokenizer) -> int:
+        return sum(1 if kind == "prompt" else len(_ids(tokenizer, value)) for kind, value in self.parts if kind != "field")
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _fit(fields: dict[str, list[int]], room: int, source: str) -> None:
+    """Cuts the longest field from its end until the fields hold at most `room` tokens."""
+    if room < len(fields):
+        raise RewriteError(f"template {source!r} alone fills the maximum length; shorten it or allow longer inputs")
+    while sum(map(len, fields.values())) > room:
+        longest = max(fields, key=lambda name: len(fields[name]))
+        fields[longest] = fields[longest][:-1]
+
+
+def special_frame(tokenizer) -> tuple[list[int], list[int]]:
+    """The special tokens the tokenizer puts before and after one sequence (`[CLS]`/`[SEP]`, `<s>`, none)."""
+    framed = tokenizer(_PROBE)["input_ids"]
+    bare = _ids(tokenizer, _PROBE)
+    for start in range(len(framed) - len(bare) + 1):
+        if framed[start:start + len(bare)] == bare:
+            return framed[:start], framed[start + len(bare):]
+    raise RewriteError("the tokenizer's special tokens could not be located around a plain word; "
+                       "this tokenizer cannot be used with templates")
+
+
+def for_graph(gm: fx.GraphModule) -> tuple[Template, list[int]]:
+    """The template and placeholder ids of the graph's P-tuning pass."""
+    runs = [h for h in info(gm)["history"] if h["pass"] == "ptuning"]
+    if not runs:
+        raise RewriteError("the graph has no P-tuning template; run the ptuning pass first")
+    return Template.parse(runs[-1]["options"]["template"]), list(runs[-1]["report"]["placeholder_ids"])
+
+
+def encode_batch(gm: fx.GraphModule, texts: Sequence[Mapping[str, str] | str], *,
+                 max_length: int | None = None) -> dict[str, torch.Tensor]:
+    """`input_ids`, `attention_mask` (and `token_type_ids` if the graph takes them) for `texts` put
+    through the graph's P-tuning template, padded to the longest.
+
+    Texts whose own tokens include a placeholder id (a user writing `[unused1]`) are counted and
+    logged: the model sees a prompt vector there, not the token.
+    """
+    template, prompt_ids = for_graph(gm)
+    tokenizer = info(gm).get("tokenizer")
+    if tokenizer is None:
+        raise RewriteError("the graph has no tokenizer to encode text with; capture it from a model directory")
+    encoded = [template.encode(tokenizer, prompt_ids, text, max_length) for text in texts]
+    clashing = sum(clashes > 0 for _, clashes in encoded)
+    if clashing:
+        log.warning("%d of %d texts contain the template's placeholder tokens; those positions get prompt vectors, "
+                    "not the tokens' embeddings", clashing, len(texts))
+    batch = tokenizer.pad({"input_ids": [ids for ids, _ in encoded]}, return_tensors="pt")
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+              "token_type_ids": torch.zeros_like(batch["input_ids"])}
+    names = info(gm).get("input_names") or ["input_ids", "attention_mask"]
+    return {name: inputs[name] for name in names if name in inputs}
