@@ -1,0 +1,215 @@
+"""Verbalizer pass: label scores equal the full MLM logits at the mask (PET and OpenPrompt), the head is
+pruned to the mask position and the label rows, ONNX matches torch, bad input fails clearly."""
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+
+import rewrite
+from rewrite import runtime
+from rewrite.errors import RewriteError
+from rewrite.ir import tensor_at
+
+SINGLE = {"negative": ["bad"], "positive": ["good"]}
+MULTI = {"negative": ["bad", "terrible", "awful"], "positive": ["good", "great"]}
+TEXTS = ["a fine film . it was [MASK] .", "[MASK] ! the plot is thin and the acting is flat , sadly", "it is [MASK]"]
+
+
+def _tiny_bert_config(architecture: str) -> transformers.BertConfig:
+    return transformers.BertConfig(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, max_position_embeddings=128, architectures=[architecture])
+
+
+@pytest.fixture(scope="session")
+def tiny_mlm_dir(tmp_path_factory, minilm_dir):
+    """A tiny random BertForMaskedLM (with a non-trivial MLM head) and MiniLM's tokenizer, saved to disk."""
+    directory = tmp_path_factory.mktemp("tiny-mlm")
+    torch.manual_seed(0)
+    model = transformers.BertForMaskedLM(_tiny_bert_config("BertForMaskedLM"))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.startswith("cls."):
+                param.normal_(0.0, 0.5)
+    model.save_pretrained(directory)
+    transformers.AutoTokenizer.from_pretrained(minilm_dir).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def headless_dir(tmp_path_factory, minilm_dir):
+    """Like MiniLM: a bare BertModel checkpoint, no MLM-head weights."""
+    directory = tmp_path_factory.mktemp("headless")
+    torch.manual_seed(0)
+    transformers.BertModel(_tiny_bert_config("BertModel"), add_pooling_layer=False).save_pretrained(directory)
+    transformers.AutoTokenizer.from_pretrained(minilm_dir).save_pretrained(directory)
+    return directory
+
+
+def _inputs(directory, texts=TEXTS):
+    tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+    return tokenizer(texts, padding=True, return_tensors="pt"), tokenizer
+
+
+def _at_mask(full_logits: torch.Tensor, input_ids: torch.Tensor, mask_id: int) -> torch.Tensor:
+    rows = torch.arange(input_ids.shape[0])
+    return full_logits[rows, (input_ids == mask_id).int().argmax(1)]
+
+
+def _reference_scores(at_mask: torch.Tensor, tokenizer, labels: dict, aggregation: str) -> torch.Tensor:
+    """PET: mean of each label's word logits; OpenPrompt: softmax over all label words, log(p + 1e-15), mean."""
+    ids = [tokenizer.convert_tokens_to_ids(words) for words in labels.values()]
+    if aggregation == "mean":
+        return torch.stack([at_mask[:, i].mean(-1) for i in ids], dim=1)
+    flat = [i for label_ids in ids for i in label_ids]
+    log_probs = torch.log(torch.softmax(at_mask[:, flat], dim=-1) + 1e-15)
+    bounds = torch.tensor([0, *map(len, ids)]).cumsum(0).tolist()
+    return torch.stack([log_probs[:, a:b].mean(-1) for a, b in zip(bounds, bounds[1:])], dim=1)
+
+
+@pytest.mark.parametrize("aggregation", ["mean", "log-softmax"])
+@pytest.mark.parametrize("labels", [SINGLE, MULTI], ids=["one-word", "several-words"])
+def test_scores_equal_full_mlm_logits_at_the_mask(tiny_mlm_dir, labels, aggregation):
+    reference = transformers.BertForMaskedLM.from_pretrained(tiny_mlm_dir).eval()
+    gm = rewrite.load_pretrained(tiny_mlm_dir, task="masked-lm")
+    rewrite.apply(gm, "verbalizer", labels=labels, aggregation=aggregation)
+    for texts in (TEXTS, TEXTS[:2] + ["short [MASK]", "[MASK] " + "long " * 40]):
+        inputs, tokenizer = _inputs(tiny_mlm_dir, texts)
+        with torch.no_grad():
+            got = gm(**inputs).logits
+            at_mask = _at_mask(reference(**inputs).logits, inputs["input_ids"], tokenizer.mask_token_id)
+        assert got.shape == (len(texts), len(labels))
+        torch.testing.assert_close(got, _reference_scores(at_mask, tokenizer, labels, aggregation), atol=1e-5, rtol=0)
+
+
+def test_head_is_pruned_to_mask_position_and_label_rows(tiny_mlm_dir):
+    gm = rewrite.load_pretrained(tiny_mlm_dir, task="masked-lm")
+    rewrite.apply(gm, "verbalizer", labels=MULTI)
+    aten = torch.ops.aten
+    linear_weights = [n.args[1] for n in gm.graph.find_nodes(op="call_function", target=aten.linear.default)]
+    vocab_rows = [w for w in linear_weights if w.op == "get_attr" and tensor_at(gm, w.target).shape[0] == 30522]
+    assert vocab_rows == []
+    selects = gm.graph.find_nodes(op="call_function", target=aten.index_select.default)
+    assert {n.args[0].target for n in selects} == {"cls.predictions.decoder.weight", "cls.predictions.decoder.bias"}
+    assert len(gm.graph.find_nodes(op="call_function", target=aten.gather.default)) == 1
+    assert gm.info["task"] == "seq-cls"
+    assert gm.info["config"].id2label == {0: "negative", 1: "positive"}
+    assert gm.info["history"][-1]["report"]["mlm_head"] == "pretrained"
+
+
+def test_mlm_logits_output_keeps_the_full_head(tiny_mlm_dir):
+    reference = transformers.BertForMaskedLM.from_pretrained(tiny_mlm_dir).eval()
+    gm = rewrite.load_pretrained(tiny_mlm_dir, task="masked-lm")
+    rewrite.apply(gm, "verbalizer", labels=SINGLE, mlm_logits=True)
+    inputs, _ = _inputs(tiny_mlm_dir)
+    with torch.no_grad():
+        outputs = gm(**inputs)
+        torch.testing.assert_close(outputs.mlm_logits, reference(**inputs).logits, atol=1e-5, rtol=0)
+    assert outputs.logits.shape == (3, 2)
+
+
+def test_head_without_checkpoint_weights_is_built_from_tied_embeddings(headless_dir, caplog):
+    base = transformers.BertModel.from_pretrained(headless_dir, add_pooling_layer=False).eval()
+    gm = rewrite.load_pretrained(headless_dir, task="masked-lm")
+    with caplog.at_level(logging.WARNING, logger="rewrite"):
+        rewrite.apply(gm, "verbalizer", labels=MULTI)
+    assert "built the head from the tied input embeddings" in caplog.text
+    head = ["cls.predictions.transform.dense.weight", "cls.predictions.transform.dense.bias",
+            "cls.predictions.transform.LayerNorm.weight", "cls.predictions.transform.LayerNorm.bias",
+            "cls.predictions.bias"]  # the decoder's bias, under the name named_parameters() lists
+    assert sorted(gm.info["trainable"]) == sorted(head)
+    assert sorted(n for n, p in gm.named_parameters() if p.requires_grad) == sorted(head)
+
+    inputs, tokenizer = _inputs(headless_dir)
+    with torch.no_grad():
+        hidden = _at_mask(base(**inputs).last_hidden_state, inputs["input_ids"], tokenizer.mask_token_id)
+        # identity transform: LayerNorm(GELU(h + 10)) = LayerNorm(h) to within GELU's tail at >= 6
+        normed = torch.nn.functional.layer_norm(hidden, hidden.shape[-1:], eps=base.config.layer_norm_eps)
+        full = normed @ base.embeddings.word_embeddings.weight.T
+        got = gm(**inputs).logits
+    torch.testing.assert_close(got, _reference_scores(full, tokenizer, MULTI, "mean"), atol=1e-5, rtol=0)
+
+
+def test_exported_onnx_matches_torch(tiny_mlm_dir, tmp_path):
+    gm = rewrite.load_pretrained(tiny_mlm_dir, task="masked-lm")
+    rewrite.apply(gm, "verbalizer", labels=MULTI, aggregation="log-softmax")
+    report = rewrite.export_onnx(gm, tmp_path / "model.onnx")
+    assert report.output_names == ["logits"]
+    sess = runtime.session(tmp_path / "model.onnx")
+    for texts in (TEXTS, ["one more [MASK] example"]):
+        inputs, _ = _inputs(tiny_mlm_dir, texts)
+        with torch.no_grad():
+            expected = gm(**inputs).logits
+        got = torch.from_numpy(runtime.run(sess, inputs)["logits"])
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+def test_archive_round_trip_keeps_the_verbalizer(tiny_mlm_dir, tmp_path):
+    gm = rewrite.load_pretrained(tiny_mlm_dir, task="masked-lm")
+    rewrite.apply(gm, "verbalizer", labels=MULTI)
+    rewrite.save(gm, tmp_path / "v.pt2")
+    loaded = rewrite.load(tmp_path / "v.pt2")
+    inputs, _ = _inputs(tiny_mlm_dir)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, gm(**inputs).logits, atol=0, rtol=0)
+
+
+def test_label_word_the_tokenizer_splits_is_an_error(tiny_mlm_dir):
+    gm = rewrite.load_pretrained(tiny_mlm_dir, task="masked-lm")
+    with pytest.raises(RewriteError, match=r"label word 'wonderfulness' \(label 'positive'\) is not a single token: "
+                                           r"the tokenizer splits it into 'wonderful' \+ '##ness'"):
+        rewrite.apply(gm, "verbalizer", labels={"negative": ["bad"], "positive": ["wonderfulness"]})
+
+
+def test_labels_file_errors_name_file_and_line(tiny_mlm_dir, tmp_path):
+    gm = rewrite.load_pretrained(tiny_mlm_dir, task="masked-lm")
+    bad = tmp_path / "labels.yaml"
+    bad.write_text("negative: [bad]\npositive: []\n")
+    with pytest.raises(RewriteError, match=rf"{bad} line 2: label 'positive' needs a word or a non-empty list"):
+        rewrite.apply(gm, "verbalizer", labels=str(bad))
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"negative": ["bad"], "positive": ["good", "meh"]}, indent=1))
+    with pytest.raises(RewriteError, match=rf"{split}: label word 'meh' .* splits it into 'me' \+ '##h'"):
+        rewrite.apply(gm, "verbalizer", labels=str(split))
+
+
+@pytest.mark.parametrize("options,message", [
+    ({}, "the verbalizer needs labels"),
+    ({"labels": SINGLE, "aggregation": "sum"}, "aggregation 'sum' is not known; use one of mean, log-softmax"),
+    ({"labels": SINGLE, "mlm_head": "random"}, "mlm_head 'random' is not known"),
+    ({"labels": {"only": ["good"]}}, "a verbalizer needs at least two labels"),
+    ({"labels": SINGLE, "mask_token": "[NOPE]"}, "mask token '\\[NOPE\\]' is not in the tokenizer's vocabulary"),
+])
+def test_bad_options_are_clear_errors(tiny_mlm_dir, options, message):
+    gm = rewrite.load_pretrained(tiny_mlm_dir, task="masked-lm")
+    with pytest.raises(RewriteError, match=message):
+        rewrite.apply(gm, "verbalizer", **options)
+
+
+def test_graph_without_mlm_head_is_an_error(tiny_bert_dir):
+    gm = rewrite.load_pretrained(tiny_bert_dir)
+    with pytest.raises(RewriteError, match="needs a masked-LM graph, but this graph's task is 'seq-cls'"):
+        rewrite.apply(gm, "verbalizer", labels=SINGLE)
+
+
+def test_cli_apply_with_labels_file(tiny_mlm_dir, tmp_path):
+    (tmp_path / "labels.yaml").write_text("negative: [bad, terrible]\npositive: [good]\n")
+    rewrite_cli = [sys.executable, "-c", "from rewrite.cli.main import main; main()"]
+    subprocess.run([*rewrite_cli, "capture", str(tiny_mlm_dir), "--task", "masked-lm", "-o", str(tmp_path / "m.pt2")],
+                   check=True, capture_output=True)
+    done = subprocess.run([*rewrite_cli, "apply", str(tmp_path / "m.pt2"), "--pass", "verbalizer", "--labels",
+                           str(tmp_path / "labels.yaml"), "-o", str(tmp_path / "v.pt2")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "verbalizer over 2 labels, 3 label words (mean)" in " ".join(done.stderr.split())
+    gm = rewrite.load(tmp_path / "v.pt2")
+    inputs, _ = _inputs(tiny_mlm_dir)
+    assert gm(**inputs).logits.shape == (3, 2)
+    failed = subprocess.run([*rewrite_cli, "apply", str(tmp_path / "m.pt2"), "--pass", "verbalizer", "--labels",
+                             str(tmp_path / "missing.yaml"), "-o", str(tmp_path / "x.pt2")], capture_output=True, text=True)
+    message = " ".join(failed.stderr.split())  # the console wraps long lines
+    assert failed.returncode == 2 and f"labels file '{tmp_path / 'missing.yaml'}' does not exist" in message
