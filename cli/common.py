@@ -21,6 +21,8 @@ def configure_logging(verbose: int) -> None:
     handler = RichHandler(console=console, show_time=False, show_path=False)
     logging.basicConfig(level=logging.WARNING, handlers=[handler], format="%(message)s", force=True)
     logging.getLogger("rewrite").setLevel(min(level, logging.INFO))
+    for noisy in ("torch.onnx", "onnxscript", "onnx_ir"):  # exporter chatter; our own log says what matters
+        logging.getLogger(noisy).setLevel(max(level, logging.ERROR))
 
 
 def read_graph(source: str, task: str = "auto") -> rewrite.RewriteGraph:

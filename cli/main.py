@@ -137,10 +137,11 @@ def main() -> None:
     try:
         cli.main(standalone_mode=False)
     except RewriteError as error:
-        console.print(f"[red]error:[/red] {error}", highlight=False)
+        console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except click.ClickException as error:
         error.show()
         sys.exit(2)
     except click.exceptions.Abort:
         sys.exit(1)
+from rewrite.cli import train as _train  # noqa: E402,F401  (registers `rewrite train` and `rewrite demo`)

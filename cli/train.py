@@ -1,0 +1,63 @@
+"""`rewrite train` and `rewrite demo`: thin wrappers over `rewrite.train` and `rewrite.demo`."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+
+import rewrite
+from rewrite.cli.common import console, out, read_graph
+from rewrite.cli.main import cli
+from rewrite.data import Fields
+from rewrite.train import SCHEDULES, TASKS, TrainConfig
+
+
+@cli.command()
+@click.argument("source", type=click.Path())
+@click.option("--data", "train_file", required=True, type=click.Path(dir_okay=False), help="Training rows: .jsonl, .csv or .tsv.")
+@click.option("--eval", "eval_file", type=click.Path(dir_okay=False), help="Evaluation rows, same format.")
+@click.option("--output-dir", required=True, type=click.Path(file_okay=False), help="Checkpoints, metrics.jsonl, model.pt2, adapter/.")
+@click.option("--task", type=click.Choice(TASKS), default=None, help="Training task (default: the graph's).")
+@click.option("--epochs", type=int, default=1, show_default=True)
+@click.option("--max-steps", type=int, default=None, help="Optimizer steps; overrides --epochs.")
+@click.option("--lr", type=float, default=2e-4, show_default=True, help="Peak learning rate.")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Examples per micro-batch per process.")
+@click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per optimizer step.")
+@click.option("--max-length", type=int, default=128, show_default=True, help="Tokens per example; longer ones are cut.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--weight-decay", type=float, default=0.0, show_default=True)
+@click.option("--warmup-steps", type=int, default=0, show_default=True)
+@click.option("--schedule", type=click.Choice(list(SCHEDULES)), default="linear", show_default=True)
+@click.option("--max-grad-norm", type=float, default=1.0, show_default=True, help="Gradient clipping (0: off).")
+@click.option("--bf16/--no-bf16", default=None, help="bf16 autocast (default: on CUDA only).")
+@click.option("--compile", "compile_", is_flag=True, help="Run the graph through torch.compile.")
+@click.option("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when available).")
+@click.option("--save-every", type=int, default=100, show_default=True, help="Checkpoint every N steps (and at the end).")
+@click.option("--eval-every", type=int, default=None, help="Evaluate every N steps (and per epoch and at the end).")
+@click.option("--text-field", default="text", show_default=True)
+@click.option("--pair-field", default=None, help="Second text of a pair (classification).")
+@click.option("--label-field", default="label", show_default=True)
+@click.option("--labels", "label_names", default=None, help="Comma-separated label names in class order (default: the model's).")
+@click.option("--resume", is_flag=True, help="Continue from the newest complete checkpoint in --output-dir.")
+def train(source: str, train_file: str, eval_file: str | None, output_dir: str, task: str | None,
+          text_field: str, pair_field: str | None, label_field: str, label_names: str | None,
+          compile_: bool, max_grad_norm: float, **options) -> None:
+    """Train a graph's adapter (.pt2 or model directory) on a data file.
+
+    Under `torchrun --nproc_per_node N --no-python rewrite train ...` each process trains on its share.
+    """
+    gm = read_graph(source, task or "auto")
+    config = TrainConfig(
+        output_dir=output_dir, task=task, compile=compile_, max_grad_norm=max_grad_norm or None,
+        fields=Fields(text=text_field, pair=pair_field, label=label_field),
+        label_names=[n.strip() for n in label_names.split(",")] if label_names else None,
+        **options,
+    )
+    result = rewrite.train(gm, train_file, eval_data=eval_file, config=config)
+    summary = f"trained {result.steps} steps: loss {result.train_loss:.4f}"
+    if result.eval:
+        summary += "; eval " + ", ".join(f"{k} {v:.4f}" for k, v in result.eval.items())
+    if int(os.environ.get("RANK", "0")) == 0:
+        out.print(summary)
+        console.print(f"wrote {Path(output_dir) / 'model.pt2'}, {Path(output_dir) / 'adapter'}, checkpoints and metrics.jsonl")
