@@ -234,13 +234,12 @@ class PromptPass(Pass):
                 extended = _extension(emit, name, node, self.num_virtual_tokens, info(gm).get("task"))
                 if extended is not None:
                     emit.redirect(node, extended, keep=(embed,))
-            self._assert_fits(emit, inputs["input_ids"])
+            limit = position_limit(gm)
+            if limit is not None:
+                self._assert_fits(emit, inputs["input_ids"], limit)
 
-    def _assert_fits(self, emit: Emitter, ids: fx.Node) -> None:
+    def _assert_fits(self, emit: Emitter, ids: fx.Node, limit: int) -> None:
         """Past the position limit the model fails with a shape error deep inside; say why instead."""
-        limit = position_limit(emit.graph.owning_module)
-        if limit is None:
-            return
         total = emit(operator.add, emit(aten.sym_size.int, ids, 1), self.num_virtual_tokens)
         room = limit - self.num_virtual_tokens
         message = (f"input longer than {room} tokens: with {self.num_virtual_tokens} virtual tokens the model's "
