@@ -60,6 +60,7 @@ from rewrite.data import CLASSIFICATION, IGNORE_INDEX, LM_TASKS, Encoded, Exampl
 from rewrite.errors import RewriteError
 from rewrite.inputs import DEFAULT_INPUT_NAMES
 from rewrite.ir import info, tensor_at
+from rewrite.params import apply_trainable
 
 log = logging.getLogger(__name__)
 
@@ -227,10 +228,12 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
 
 
 def _trainable(gm: fx.GraphModule) -> list[tuple[str, nn.Parameter]]:
-    named = [(n, p) for n, p in gm.named_parameters() if p.requires_grad]
-    if not named:
+    """The parameters the passes listed as trainable; every other one is frozen (as PEFT freezes the base)."""
+    names = info(gm).get("trainable") or []
+    if not names:
         raise RewriteError("the graph has no trainable parameters; run a pass such as lora first")
-    return named
+    apply_trainable(gm)
+    return [(name, gm.get_parameter(name)) for name in names]
 
 
 def _optimizer(named: list[tuple[str, nn.Parameter]], config: TrainConfig) -> torch.optim.AdamW:

@@ -1,0 +1,232 @@
+"""Training: PEFT-equal gradients, learning on a small task, accumulation/soft-label/loss_fn equivalences,
+checkpoint and output files, the CLI, and errors."""
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import safetensors.torch
+import torch
+import transformers
+from click.testing import CliRunner
+
+import rewrite
+from rewrite.adapter import PREFIX
+from rewrite.cli.main import cli
+from rewrite.errors import RewriteError
+from rewrite.train import TrainConfig, evaluate, task_loss, train
+
+from helpers import capture_tiny, fresh_inputs, peft_twin, randomize_lora
+
+GOOD = ["good", "great", "fine", "nice", "happy"]
+BAD = ["bad", "awful", "sad", "poor", "ugly"]
+FILLER = ["the", "movie", "was", "a", "day", "really", "very", "it"]
+
+
+def sentiment_rows(count: int, seed: int) -> list[dict]:
+    """A learnable task: the label is whether the one sentiment word is positive."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        label = rng.randrange(2)
+        words = [rng.choice(FILLER) for _ in range(rng.randint(0, 3))] + [rng.choice(GOOD if label else BAD)]
+        rng.shuffle(words)
+        rows.append({"text": " ".join(words), "label": label})
+    return rows
+
+
+def peft_name(name: str, saved: list[str]) -> str:
+    """Our parameter name -> the PEFT model's (adapter name inserted, heads under modules_to_save)."""
+    module, _, leaf = name.rpartition(".")
+    if module in saved:
+        return f"base_model.model.{module}.modules_to_save.default.{leaf}"
+    return f"base_model.model.{module}.default.{leaf}"
+
+
+@pytest.fixture
+def no_dropout_dir(tmp_path, tiny_bert_dir):
+    """The tiny BERT classifier without dropout, so train-mode steps are deterministic functions of the batch."""
+    model = transformers.BertForSequenceClassification.from_pretrained(
+        tiny_bert_dir, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model.save_pretrained(tmp_path / "model")
+    transformers.AutoTokenizer.from_pretrained(tiny_bert_dir).save_pretrained(tmp_path / "model")
+    return tmp_path / "model"
+
+
+def lora_graph(model_dir, roles=("q", "v")):
+    gm = rewrite.load_pretrained(model_dir, task="seq-cls", num_labels=2)
+    torch.manual_seed(0)
+    rewrite.apply(gm, "lora", rank=4, alpha=8, roles=list(roles))
+    return gm
+
+
+def trainable(gm) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in gm.named_parameters() if p.requires_grad}
+
+
+def first_moments(output_dir, step: int) -> list[torch.Tensor]:
+    """AdamW's first moment after step 1 is 0.1 x the gradient: the step's gradient, read from its checkpoint."""
+    state = torch.load(output_dir / "checkpoints" / f"step-{step:08d}" / "trainer_state.pt", weights_only=True)
+    return [s["exp_avg"] for _, s in sorted(state["optimizer"]["state"].items())]
+
+
+@pytest.mark.parametrize("arch,task", [("bert", "seq-cls"), ("llama", "causal-lm"), ("bert", "masked-lm")])
+def test_training_loss_gradients_match_peft(make_tiny, arch, task):
+    model = make_tiny(arch, task)
+    gm = capture_tiny(model)
+    rewrite.apply(gm, "lora", rank=8, alpha=16)
+    randomize_lora(gm)
+    reference = peft_twin(model, gm, task, r=8, lora_alpha=16,
+                          target_modules=gm.info["history"][-1]["report"]["targets"])
+    inputs = fresh_inputs()
+    if task == "seq-cls":
+        labels = torch.tensor([1, 0, 1])
+    else:
+        labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+        if task == "masked-lm":
+            labels[:, ::2] = -100
+
+    task_loss(gm.eval()(**inputs), {"labels": labels}, task).backward()
+    reference(**inputs, labels=labels).loss.backward()
+
+    saved = gm.info.get("modules_to_save") or []
+    theirs = dict(reference.named_parameters())
+    for name, param in gm.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(param.grad, theirs[peft_name(name, saved)].grad, atol=1e-5, rtol=0)
+
+
+def test_loss_falls_and_accuracy_rises_on_a_learnable_task(tiny_bert_dir):
+    gm = lora_graph(tiny_bert_dir, roles=("q", "k", "v", "o", "mlp"))
+    dev = sentiment_rows(64, seed=1)
+    config = TrainConfig(epochs=4, lr=1e-2, batch_size=8, progress=False)
+    before = evaluate(gm, dev, config=config)
+
+    result = train(gm, sentiment_rows(128, seed=0), eval_data=dev, config=config)
+
+    losses = [h["loss"] for h in result.history if h["split"] == "train"]
+    assert sum(losses[-8:]) / 8 < sum(losses[:8]) / 8 - 0.2
+    assert result.eval["loss"] < before["loss"] - 0.2
+    assert result.eval["accuracy"] >= before["accuracy"] + 0.3
+    assert not gm.training
+
+
+def test_gradient_accumulation_equals_one_big_batch(no_dropout_dir, tmp_path):
+    rows = sentiment_rows(8, seed=0)
+    runs = {}
+    for name, batch, accum in [("big", 8, 1), ("accumulated", 4, 2)]:
+        gm = lora_graph(no_dropout_dir)
+        config = TrainConfig(output_dir=tmp_path / name, max_steps=1, batch_size=batch, grad_accum=accum,
+                             lr=1e-2, save_every=1, progress=False)
+        train(gm, rows, config=config)
+        runs[name] = (trainable(gm), first_moments(tmp_path / name, 1))
+
+    (weights, moments), (weights2, moments2) = runs["big"], runs["accumulated"]
+    for a, b in zip(moments, moments2):
+        torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-5)
+    for name in weights:
+        torch.testing.assert_close(weights[name], weights2[name], atol=1e-6, rtol=0)
+
+
+def test_soft_one_hot_labels_and_a_custom_loss_train_exactly_like_class_ids(no_dropout_dir):
+    rows = sentiment_rows(32, seed=0)
+    one_hot = [{"text": r["text"], "label": [float(r["label"] == 0), float(r["label"] == 1)]} for r in rows]
+    config = TrainConfig(max_steps=3, batch_size=8, lr=1e-2, progress=False)
+    results = []
+    for data, loss_fn in [(rows, None), (one_hot, None), (rows, lambda out, batch: task_loss(out, batch, "seq-cls"))]:
+        gm = lora_graph(no_dropout_dir)
+        train(gm, data, config=config, loss_fn=loss_fn)
+        results.append(trainable(gm))
+    for other in results[1:]:
+        for name, value in results[0].items():
+            torch.testing.assert_close(other[name], value, atol=1e-7, rtol=0)
+
+
+def test_outputs_checkpoints_and_metrics_log(tiny_bert_dir, tmp_path):
+    gm = lora_graph(tiny_bert_dir)
+    config = TrainConfig(output_dir=tmp_path, max_steps=5, batch_size=8, save_every=2, keep_checkpoints=2,
+                         eval_every=2, progress=False)
+    result = train(gm, sentiment_rows(64, seed=0), eval_data=sentiment_rows(16, seed=1), config=config)
+
+    steps = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert steps == ["step-00000004", "step-00000005"]
+    weights = safetensors.torch.load_file(tmp_path / "checkpoints" / steps[-1] / "adapter_model.safetensors")
+    assert set(weights) == {PREFIX + name for name in gm.info["trainable"]}
+    for name in gm.info["trainable"]:
+        torch.testing.assert_close(weights[PREFIX + name], gm.get_parameter(name).detach(), atol=0, rtol=0)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["split"]) for r in records] == [
+        (1, "train"), (2, "train"), (2, "eval"), (3, "train"), (4, "train"), (4, "eval"), (5, "train"), (5, "eval")]
+    assert records == result.history
+    assert all(0 <= r["accuracy"] <= 1 for r in records if r["split"] == "eval")
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    reloaded = rewrite.load(tmp_path / "model.pt2")
+    inputs = fresh_inputs(vocab=30522) | {"token_type_ids": torch.zeros(3, 11, dtype=torch.long)}
+    torch.testing.assert_close(reloaded.eval()(**inputs).logits, gm(**inputs).logits, atol=0, rtol=0)
+
+
+def test_the_saved_adapter_reproduces_the_trained_graph_in_peft(tiny_bert_dir, tmp_path):
+    from peft import PeftModel
+
+    gm = lora_graph(tiny_bert_dir)
+    train(gm, sentiment_rows(32, seed=0), config=TrainConfig(output_dir=tmp_path, max_steps=3, batch_size=8,
+                                                            lr=1e-2, progress=False))
+    base = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir)
+    peft_model = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    tokenizer = gm.info["tokenizer"]
+    inputs = dict(tokenizer(["a good day", "the movie was very sad indeed"], padding=True, return_tensors="pt"))
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(**inputs).logits, gm(**inputs).logits, atol=1e-5, rtol=0)
+
+
+@pytest.fixture
+def lm_dir(tmp_path, minilm_dir):
+    """A tiny LLaMA with MiniLM's tokenizer: a causal LM that reads ordinary text. Its weights are drawn
+    wide (std 0.5): with the default 0.02 its frozen head cannot produce logits far enough apart to learn."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, initializer_range=0.5)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_dir, model_input_names=["input_ids", "attention_mask"])
+    tokenizer.save_pretrained(tmp_path / "llama")
+    return tmp_path / "llama"
+
+
+def test_causal_lm_loss_falls_on_repeated_text(lm_dir):
+    gm = rewrite.load_pretrained(lm_dir, task="causal-lm")
+    rewrite.apply(gm, "lora", rank=4, alpha=8, targets="all-linear")
+    rows = [{"text": "the cat sat on the mat"}, {"text": "the dog sat on the log and slept"}] * 8
+    result = train(gm, rows, eval_data=rows, config=TrainConfig(epochs=6, lr=3e-2, batch_size=4, progress=False))
+    losses = [h["loss"] for h in result.history if h["split"] == "train"]
+    assert result.eval["loss"] < losses[0] / 2
+    assert "accuracy" not in result.eval
+
+
+def test_cli_train_writes_graph_adapter_checkpoints_and_log(tiny_bert_dir, tmp_path):
+    gm = lora_graph(tiny_bert_dir)
+    rewrite.save(gm, tmp_path / "in.pt2")
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in sentiment_rows(24, seed=0)))
+    out = tmp_path / "out"
+
+    result = CliRunner().invoke(cli, ["train", str(tmp_path / "in.pt2"), "--data", str(data), "--eval", str(data),
+                                      "--max-steps", "3", "--batch-size", "8", "--output-dir", str(out)])
+
+    assert result.exit_code == 0, result.output
+    assert {p.name for p in out.iterdir()} >= {"model.pt2", "adapter", "checkpoints", "metrics.jsonl"}
+    assert "accuracy" in result.output
+
+
+def test_errors_are_one_sentence(tiny_bert_dir, tmp_path):
+    rows = sentiment_rows(8, seed=0)
+    base = rewrite.load_pretrained(tiny_bert_dir, task="seq-cls", num_labels=2)
+    with pytest.raises(RewriteError, match="no trainable parameters"):
+        train(base, rows, config=TrainConfig(progress=False))
+    gm = lora_graph(tiny_bert_dir)
+    with pytest.raises(RewriteError, match="resume needs the output directory"):
+        train(gm, rows, config=TrainConfig(resume=True))
+    with pytest.raises(RewriteError, match="batch_size 0 is not allowed"):
+        train(gm, rows, config=TrainConfig(batch_size=0))
+    with pytest.raises(RewriteError, match="task 'feature-extraction' is not supported"):
+        train(gm, rows, config=TrainConfig(task="feature-extraction"))
