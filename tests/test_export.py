@@ -60,3 +60,12 @@ def test_verification_failure_is_loud_and_leaves_no_file(make_tiny, tmp_path, mo
     with pytest.raises(rewrite.RewriteError, match="ONNX verification failed for output 'logits'"):
         rewrite.export_onnx(gm, tmp_path / "model.onnx")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_large_models_use_external_data(make_tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr("rewrite.export.PROTOBUF_LIMIT", 0)
+    gm = capture_tiny(make_tiny("llama"))
+    report = rewrite.export_onnx(gm, tmp_path / "model.onnx")
+    assert report.max_abs_diff <= report.tolerance
+    assert (tmp_path / "model.onnx.data").is_file()
+    assert (tmp_path / "model.onnx").stat().st_size < (tmp_path / "model.onnx.data").stat().st_size

@@ -237,3 +237,13 @@ def test_adapting_twice_is_refused(make_tiny):
 def test_unknown_pass_lists_the_available_ones(make_tiny):
     with pytest.raises(rewrite.RewriteError, match="unknown pass 'lorra'; available passes: .*lora"):
         rewrite.apply(capture_tiny(make_tiny("llama")), "lorra")
+
+
+def test_fold_refuses_non_finite_weights(make_tiny):
+    gm = capture_tiny(make_tiny("llama"))
+    rewrite.apply(gm, "lora", rank=2)
+    with torch.no_grad():
+        gm.get_parameter("model.layers.0.self_attn.q_proj.lora_B.weight").fill_(float("inf"))
+    with pytest.raises(rewrite.RewriteError, match="non-finite weights"):
+        rewrite.apply(gm, "fold")
+    assert torch.isfinite(gm.get_parameter("model.layers.0.self_attn.q_proj.weight")).all()
