@@ -82,19 +82,23 @@ def read(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
 
 class MetricsLog:
-    """Appends one JSON object per line (flushed at once); only the writing rank opens the file."""
+    """Appends one JSON object per line, flushed at once; `path=None` (ranks other than 0) writes nothing.
+
+    The file is opened at the first record, after a resume has cut it back (`cut_log` replaces it).
+    """
 
     def __init__(self, path: Path | None):
         self.path = path
         self._handle = None
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._handle = path.open("a", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
-        if self._handle is not None:
-            self._handle.write(json.dumps(record) + "\n")
-            self._handle.flush()
+        if self.path is None:
+            return
+        if self._handle is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._handle = self.path.open("a", encoding="utf-8")
+        self._handle.write(json.dumps(record) + "\n")
+        self._handle.flush()
 
     def close(self) -> None:
         if self._handle is not None:
