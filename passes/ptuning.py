@@ -177,7 +177,7 @@ class PtuningPass(Pass):
             "encoder": self.encoder,
             "modules_to_save": [n.rpartition(".")[0] for n in heads],
             "summary": f"{len(ids)} prompt vectors at template placeholders ({self.encoder} encoder, "
-                       + ("reserved ids" if reserved else ", ".join(self.placeholders)) + ")",
+                       f"{'reserved' if reserved else 'token'} ids {', '.join(map(str, ids))})",
         }
         return PassResult(gm, True)
 

@@ -208,7 +208,7 @@ def test_cli_apply_prompt_with_init_text(tiny_bert_dir, tmp_path):
                "--init-text", "classify the sentiment", "-o", str(tmp_path / "prompt.pt2")]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert "prompt: 4 virtual tokens prepended (text init)" in done.stderr
+    assert "prompt: 4 virtual tokens prepended (text init)" in " ".join(done.stderr.split())  # rich wraps lines
     gm = rewrite.load(tmp_path / "prompt.pt2")
     assert gm.get_parameter(TABLE).shape == (4, 32)
 
