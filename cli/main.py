@@ -145,3 +145,4 @@ def main() -> None:
     except click.exceptions.Abort:
         sys.exit(1)
 from rewrite.cli import train as _train  # noqa: E402,F401  (registers `rewrite train` and `rewrite demo`)
+from rewrite.cli import pet as _pet  # noqa: E402,F401  (registers `rewrite pet`)

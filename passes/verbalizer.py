@@ -425,6 +425,18 @@ def _erase_full_head(gm: fx.GraphModule, head: MlmHead) -> None:
         gm.graph.erase_node(node)
 
 
+def drop_mlm_logits(gm: fx.GraphModule) -> None:
+    """After PET's auxiliary-MLM training, the deployed graph outputs class scores only: the full head is
+    dropped (dead-code elimination), so inference pays for the label rows alone."""
+    output = next(iter(gm.graph.find_nodes(op="output")))
+    leaves = output.args[0]
+    if len(leaves) == 1:
+        return
+    _set_output(gm, leaves[0], None)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+
+
 def _hidden_size(gm: fx.GraphModule, head: MlmHead) -> int:
     """Width of the hidden states: the input width of the head's first linear (per-position ops keep it)."""
     first = next(n for n in [*head.transform, head.decoder.node] if n.target is aten.linear.default)

@@ -1,0 +1,523 @@
+"""PET: pattern-verbalizer pairs, zero-shot evaluation, and PET / iPET training on a captured masked LM.
+
+Pattern-Exploiting Training (Schick & Schuetze, EACL 2021) writes each input as a cloze text with one
+`[MASK]` and reads the label from the MLM logits of label words at the mask (the `verbalizer` pass
+does that as a graph rewrite). A pattern-verbalizer pair (PVP) is data: a pattern with `{text_a}`,
+`{text_b}` and `[MASK]`, and label words per label, read from YAML/JSON:
+
+    labels: {"0": [terrible], "1": [great]}      # shared by every pattern (or per pattern)
+    pvps:
+      - name: it-was
+        pattern: "{text_a} It was [MASK] ."
+      - pattern: "Just [MASK] ! {text_a}"
+        labels: {"0": [bad], "1": [good]}
+
+The recipe (`run_pet`), as in PET's reference implementation:
+
+1. One model per PVP (LoRA + verbalizer head on a copy of the captured graph) is trained on the few
+   labeled examples with cross-entropy over the label scores, optionally mixed with an auxiliary
+   MLM loss on patterned unlabeled text (`alpha * CE + (1 - alpha) * MLM`).
+2. The models label the unlabeled set: their logits are averaged, weighted by each model's accuracy
+   on the training set *before* training (PET's `wmean`; `mean` weighs them equally).
+3. A plain sequence classifier (LoRA + classification head, no pattern) is distilled on those soft
+   labels with PET's loss, `KL(softmax(t / T) || softmax(s / T)) * T^2` per example, T = 2.
+
+iPET (Schick & Schuetze, 2021) repeats step 1 for several generations; each model of the next
+generation also trains on unlabeled examples labeled by a random subset of the other models, the
+set growing by `scale_factor` per generation, balanced like the labeled set and drawn with
+probability proportional to the labeling confidence.
+
+Inputs are rendered as text ("the movie ... It was [MASK] ."), so training goes through
+`rewrite.train` and serving through the exported model unchanged. Truncation shortens only the
+text slots (PET's rule: one token at a time from the longer slot), never the pattern or the mask.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import random
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from rewrite import data
+from rewrite.capture import load_pretrained
+from rewrite.data import CLASSIFICATION, IGNORE_INDEX, Example, Fields
+from rewrite.errors import RewriteError
+from rewrite.inputs import DEFAULT_INPUT_NAMES
+from rewrite.ir import RewriteGraph, info
+from rewrite.passes.verbalizer import (
+    AGGREGATIONS, Located, drop_mlm_logits, label_word_ids, parse_label_words, read_located, where,
+)
+from rewrite.pipeline import apply
+from rewrite.train import TrainConfig, train
+
+log = logging.getLogger(__name__)
+
+MASK = "[MASK]"
+SLOTS = ("text_a", "text_b")
+_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+REDUCTIONS = ("wmean", "mean")
+
+
+# ---------------------------------------------------------------- patterns
+
+
+@dataclass(frozen=True)
+class PVP:
+    """A pattern with `{text_a}` (and optionally `{text_b}`) and one `[MASK]`, and label words per label."""
+
+    name: str
+    pattern: str
+    labels: dict[str, list[str]]
+    origin: str = ""  # "file line N: " for messages
+
+    @property
+    def label_names(self) -> list[str]:
+        return list(self.labels)
+
+    def fill(self, text_a: str, text_b: str = "") -> str:
+        return self.pattern.replace("{text_a}", text_a).replace("{text_b}", text_b)
+
+    def render(self, example: Example, tokenizer, max_length: int) -> str:
+        """The cloze text for `example`, its text slots cut (never the pattern) to fit `max_length` tokens."""
+        slots = {"text_a": example.text, "text_b": example.pair or ""}
+        if "{text_b}" in self.pattern and example.pair is None:
+            raise RewriteError(f"{self.origin}pattern {self.name!r} uses {{text_b}}, but {example.where} has no "
+                               "second text; name its field (--pair-field)")
+        while True:
+            text = self.fill(slots["text_a"], slots["text_b"])
+            ids = tokenizer(text)["input_ids"]
+            excess = len(ids) - max_length
+            if excess <= 0:
+                break
+            lengths = {slot: _token_count(tokenizer, value) for slot, value in slots.items() if slot in self.used}
+            if not any(lengths.values()):
+                raise RewriteError(
+                    f"{self.origin}pattern {self.name!r} alone needs {len(ids)} tokens for {example.where}, more than "
+                    f"max_length {max_length}; truncation would cut the pattern or its [MASK]: raise max_length"
+                )
+            for _ in range(excess):  # PET: one token at a time from the longer slot
+                longest = max(lengths, key=lambda s: (lengths[s], s))
+                lengths[longest] = max(lengths[longest] - 1, 0)
+            slots = {slot: _cut(tokenizer, value, lengths[slot]) if slot in lengths else value
+                     for slot, value in slots.items()}
+        masks = ids.count(tokenizer.mask_token_id)
+        if masks != 1:
+            raise RewriteError(f"{example.where}: the text contains the mask token {tokenizer.mask_token!r} itself "
+                               f"({masks} masks in the patterned input); remove it from the data")
+        return text
+
+    @property
+    def used(self) -> set[str]:
+        return {slot for slot in SLOTS if "{" + slot + "}" in self.pattern}
+
+
+def _token_count(tokenizer, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _cut(tokenizer, text: str, keep: int) -> str:
+    """`text` up to the end of its `keep`-th token (character offsets of the fast tokenizer)."""
+    if keep <= 0:
+        return ""
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    return text[:offsets[keep - 1][1]] if keep < len(offsets) else text
+
+
+def _check_pattern(pattern: Any, origin: str) -> str:
+    if not isinstance(pattern, str) or not pattern.strip():
+        raise RewriteError(f"{origin}a PVP needs a pattern: text with {{text_a}} and one {MASK}")
+    masks = pattern.count(MASK)
+    if masks != 1:
+        found = "no" if masks == 0 else str(masks)
+        raise RewriteError(f"{origin}pattern {pattern!r} has {found} {MASK}; a pattern needs exactly one")
+    unknown = sorted(set(_PLACEHOLDER.findall(pattern)) - set(SLOTS))
+    if unknown:
+        raise RewriteError(f"{origin}pattern {pattern!r} has unknown slot {{{unknown[0]}}}; slots are {{text_a}} "
+                           "and {text_b}")
+    if "{text_a}" not in pattern:
+        raise RewriteError(f"{origin}pattern {pattern!r} has no {{text_a}} slot for the input text")
+    return pattern
+
+
+def _pvp_entries(document: Any, path: Path) -> tuple[list[Any], Any]:
+    """(entries, shared labels) of a PVP file: `{labels, pvps: [...]}`, or a bare list of PVPs."""
+    if isinstance(document, list):
+        return document, None
+    if isinstance(document, dict) and isinstance(document.get("pvps"), list) and document["pvps"]:
+        return document["pvps"], document.get("labels")
+    raise RewriteError(f"{where(path, document)}a PVP file holds `pvps: [{{pattern: ..., labels: ...}}, ...]` "
+                       "(with optional shared `labels`) or a list of PVPs")
+
+
+def load_pvps(path: str | Path) -> list[PVP]:
+    """Reads PVPs from YAML or JSON; every error names the file and line. All PVPs share one label set."""
+    path = Path(path)
+    if not path.is_file():
+        raise RewriteError(f"PVP file {str(path)!r} does not exist")
+    document = read_located(path)
+    entries, shared = _pvp_entries(document, path)
+    pvps = []
+    for index, entry in enumerate(entries, 1):
+        if not isinstance(entry, Located):
+            raise RewriteError(f"{where(path, document, 'pvps')}PVP {index} must be a mapping with a pattern")
+        origin = where(path, entry, "pattern")
+        pattern = _check_pattern(entry.get("pattern"), origin)
+        words = entry.get("labels", shared)
+        if words is None:
+            raise RewriteError(f"{origin}PVP {index} has no labels and the file has no shared `labels`")
+        labels = parse_label_words(words, path)
+        pvps.append(PVP(str(entry.get("name") or f"p{index}"), pattern, labels, origin))
+    _check_same_labels(pvps)
+    return pvps
+
+
+def _check_same_labels(pvps: list[PVP]) -> None:
+    names = pvps[0].label_names
+    for pvp in pvps[1:]:
+        if pvp.label_names != names:
+            raise RewriteError(f"{pvp.origin}PVP {pvp.name!r} has labels {', '.join(pvp.label_names)} but "
+                               f"{pvps[0].name!r} has {', '.join(names)}; every PVP needs the same labels in the same order")
+    if len({p.name for p in pvps}) != len(pvps):
+        raise RewriteError(f"{pvps[0].origin}PVP names must be unique")
+
+
+def check_label_words(pvps: Sequence[PVP], tokenizer) -> None:
+    """Every label word must be one token; the error says how the tokenizer splits it."""
+    for pvp in pvps:
+        label_word_ids(tokenizer, pvp.labels, pvp.origin)
+
+
+def patterned(pvp: PVP, examples: Sequence[Example], tokenizer, max_length: int) -> list[Example]:
+    """`examples` rendered through the pattern (text only; the label and `where` are kept)."""
+    return [Example(pvp.render(e, tokenizer, max_length), None, e.label, e.where) for e in examples]
+
+
+# ---------------------------------------------------------------- configuration and results
+
+
+def _default_pattern_training() -> TrainConfig:
+    return TrainConfig(task=CLASSIFICATION, epochs=20, lr=1e-3, batch_size=8, progress=False)
+
+
+def _default_final_training() -> TrainConfig:
+    return TrainConfig(task=CLASSIFICATION, epochs=3, lr=1e-3, batch_size=32, progress=False)
+
+
+@dataclass
+class PetConfig:
+    """PET's knobs. `pattern_training` trains each PVP model, `final_training` the distilled classifier
+    (their `max_length` also bounds the patterned inputs); `lora` are the LoRA pass's options."""
+
+    pattern_training: TrainConfig = field(default_factory=_default_pattern_training)
+    final_training: TrainConfig = field(default_factory=_default_final_training)
+    lora: dict[str, Any] = field(default_factory=lambda: {"rank": 8, "alpha": 16.0, "roles": ["q", "v"]})
+    aggregation: str = "mean"
+    mlm_alpha: float | None = None
+    temperature: float = 2.0
+    reduction: str = "wmean"
+    generations: int = 1
+    scale_factor: float = 5.0
+    models_fraction: float = 0.25
+    eval_batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.aggregation not in AGGREGATIONS:
+            raise RewriteError(f"aggregation {self.aggregation!r} is not known; use one of {', '.join(AGGREGATIONS)}")
+        if self.reduction not in REDUCTIONS:
+            raise RewriteError(f"reduction {self.reduction!r} is not known; use one of {', '.join(REDUCTIONS)}")
+        if self.mlm_alpha is not None and not 0.0 < self.mlm_alpha <= 1.0:
+            raise RewriteError(f"mlm_alpha {self.mlm_alpha!r} is not allowed; use a number in (0, 1]")
+        if not self.temperature > 0:
+            raise RewriteError(f"temperature {self.temperature!r} is not allowed; use a number greater than 0")
+        if not isinstance(self.generations, int) or self.generations < 1:
+            raise RewriteError(f"generations {self.generations!r} is not allowed; use a whole number of at least 1")
+        if not self.scale_factor > 1 or not 0 < self.models_fraction <= 1:
+            raise RewriteError("iPET needs scale_factor > 1 and models_fraction in (0, 1]")
+
+
+@dataclass
+class PatternModel:
+    """One trained PVP model: its graph, its weight in the ensemble (training-set accuracy before
+    training) and its evaluation accuracy."""
+
+    pvp: PVP
+    graph: RewriteGraph
+    weight: float
+    eval_accuracy: float | None = None
+
+
+@dataclass
+class PetResult:
+    """Per generation, the PVP models; the ensemble's and the distilled classifier's evaluation accuracy."""
+
+    generations: list[list[PatternModel]]
+    ensemble_accuracy: float | None
+    final: RewriteGraph | None
+    final_accuracy: float | None
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "generations": [[{"pvp": m.pvp.name, "train_accuracy_before_training": m.weight,
+                              "eval_accuracy": m.eval_accuracy} for m in models] for models in self.generations],
+            "ensemble_accuracy": self.ensemble_accuracy,
+            "final_accuracy": self.final_accuracy,
+        }
+
+
+# ---------------------------------------------------------------- graphs, predictions, ensembles
+
+
+def capture_masked_lm(model_dir: str | Path) -> RewriteGraph:
+    """The base every PVP model copies: the checkpoint captured once as a masked LM."""
+    return load_pretrained(model_dir, task="masked-lm")
+
+
+def pattern_graph(base: RewriteGraph, pvp: PVP, config: PetConfig, *, lora: bool, mlm_logits: bool = False) -> RewriteGraph:
+    """A copy of `base` with LoRA (when training) and the PVP's verbalizer head."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)  # pytree's LeafSpec deprecation on copy
+        gm = copy.deepcopy(base)
+    if lora:
+        apply(gm, "lora", **config.lora)
+    apply(gm, "verbalizer", labels=pvp.labels, aggregation=config.aggregation, mlm_logits=mlm_logits)
+    return gm
+
+
+def predict_logits(gm: RewriteGraph, examples: Sequence[Example], batch_size: int) -> torch.Tensor:
+    """Eval-mode class logits `[examples, labels]` (text, or text pairs), batch by batch."""
+    tokenizer = info(gm)["tokenizer"]
+    names = list(info(gm).get("input_names") or DEFAULT_INPUT_NAMES)
+    device = next(gm.parameters()).device
+    was_training = gm.training
+    gm.eval()
+    chunks = []
+    try:
+        with torch.no_grad():
+            for start in range(0, len(examples), batch_size):
+                chunk = examples[start:start + batch_size]
+                pairs = [e.pair for e in chunk] if chunk[0].pair is not None else None
+                encoded = tokenizer([e.text for e in chunk], pairs, padding=True, return_tensors="pt")
+                inputs = {name: encoded[name].to(device) for name in names if name in encoded}
+                chunks.append(gm(**inputs).logits.float().cpu())
+    finally:
+        gm.train(was_training)
+    return torch.cat(chunks)
+
+
+def accuracy(logits: torch.Tensor, examples: Sequence[Example]) -> float:
+    labels = torch.tensor([e.label for e in examples])
+    return float((logits.argmax(-1) == labels).float().mean())
+
+
+def merge_logits(logits: Sequence[torch.Tensor], weights: Sequence[float], reduction: str = "wmean") -> torch.Tensor:
+    """PET's ensemble: the models' logits averaged, weighted by `weights` (`wmean`) or equally (`mean`)."""
+    stacked = torch.stack(list(logits))
+    w = torch.tensor(list(weights), dtype=stacked.dtype) if reduction == "wmean" else torch.ones(len(logits))
+    if not w.sum() > 0:
+        log.warning("every model scored 0 on the training set before training; weighting them equally")
+        w = torch.ones(len(logits))
+    return torch.einsum("m,m...->...", w / w.sum(), stacked)
+
+
+def distillation_loss(outputs, batch: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
+    """PET's: `KL(q || softmax(s / T)) * T^2` summed over classes, averaged over examples, where the
+    batch's soft labels are `q = softmax(teacher logits / T)`."""
+    log_p = F.log_softmax(outputs.logits.float() / temperature, dim=-1)
+    q = batch["labels"]
+    return F.kl_div(log_p, q, reduction="sum") * temperature**2 / q.shape[0]
+
+
+class AuxiliaryMlmLoss:
+    """PET's `alpha * CE(label scores) + (1 - alpha) * MLM`: every labeled batch is paired with the next
+    batch of patterned unlabeled text, 15% of whose tokens (never the pattern's mask) are MLM targets."""
+
+    def __init__(self, gm: RewriteGraph, texts: Sequence[str], alpha: float, batch_size: int, seed: int):
+        self.gm, self.texts, self.alpha, self.batch_size = gm, list(texts), alpha, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.order: list[int] = []
+
+    def _next_batch(self) -> dict[str, torch.Tensor]:
+        if len(self.order) < self.batch_size:
+            self.order += torch.randperm(len(self.texts), generator=self.generator).tolist()
+        chosen, self.order = self.order[:self.batch_size], self.order[self.batch_size:]
+        tokenizer = info(self.gm)["tokenizer"]
+        encoded = tokenizer([self.texts[i] for i in chosen], padding=True, return_tensors="pt",
+                            return_special_tokens_mask=True)
+        ids = encoded["input_ids"]
+        keep = encoded["special_tokens_mask"].bool() | (encoded["attention_mask"] == 0) | (ids == tokenizer.mask_token_id)
+        encoded["input_ids"], labels = data.mask_tokens(ids, keep, tokenizer, self.generator)
+        names = info(self.gm)["input_names"]
+        device = next(self.gm.parameters()).device
+        return {**{n: encoded[n].to(device) for n in names if n in encoded}, "labels": labels.to(device)}
+
+    def __call__(self, outputs, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        ce = F.cross_entropy(outputs.logits.float(), batch["labels"])
+        unlabeled = self._next_batch()
+        targets = unlabeled.pop("labels")
+        mlm_logits = self.gm(**unlabeled).mlm_logits
+        chosen = targets != IGNORE_INDEX
+        mlm = F.cross_entropy(mlm_logits[chosen].float(), targets[chosen]) if chosen.any() else ce * 0
+        return self.alpha * ce + (1 - self.alpha) * mlm
+
+
+# ---------------------------------------------------------------- the recipe
+
+
+def zero_shot(base: RewriteGraph, pvps: Sequence[PVP], eval_set: Sequence[Example], config: PetConfig) -> dict[str, Any]:
+    """Each PVP's accuracy with no training, and the equal-weight ensemble's."""
+    tokenizer = info(base)["tokenizer"]
+    max_length = config.pattern_training.max_length
+    per_pattern, all_logits = {}, []
+    for pvp in pvps:
+        gm = pattern_graph(base, pvp, config, lora=False)
+        logits = predict_logits(gm, patterned(pvp, eval_set, tokenizer, max_length), config.eval_batch_size)
+        per_pattern[pvp.name] = accuracy(logits, eval_set)
+        all_logits.append(logits)
+        log.info("zero-shot %s: accuracy %.4f", pvp.name, per_pattern[pvp.name])
+    ensemble = accuracy(merge_logits(all_logits, [1.0] * len(pvps), "mean"), eval_set)
+    log.info("zero-shot ensemble of %d PVPs: accuracy %.4f", len(pvps), ensemble)
+    return {"patterns": per_pattern, "ensemble": ensemble}
+
+
+def train_pattern_model(base: RewriteGraph, pvp: PVP, labeled: Sequence[Example], config: PetConfig, *,
+                        extra: Sequence[Example] = (), unlabeled: Sequence[Example] = (), seed: int = 0) -> PatternModel:
+    """A PVP model trained on `labeled` (+ iPET's `extra`); its ensemble weight is its accuracy on
+    `labeled` before training. With `mlm_alpha`, PET's auxiliary MLM loss runs on `unlabeled`."""
+    tokenizer = info(base)["tokenizer"]
+    training = dataclasses.replace(config.pattern_training, seed=seed, label_names=pvp.label_names)
+    auxiliary = config.mlm_alpha is not None and config.mlm_alpha < 1 and len(unlabeled) > 0
+    torch.manual_seed(seed)
+    gm = pattern_graph(base, pvp, config, lora=True, mlm_logits=auxiliary)
+    train_set = patterned(pvp, labeled, tokenizer, training.max_length)
+    weight = accuracy(predict_logits(gm, train_set, config.eval_batch_size), labeled)
+    loss_fn = None
+    if auxiliary:
+        texts = [e.text for e in patterned(pvp, unlabeled, tokenizer, training.max_length)]
+        loss_fn = AuxiliaryMlmLoss(gm, texts, config.mlm_alpha, training.batch_size, seed)
+    train(gm, [*train_set, *patterned(pvp, extra, tokenizer, training.max_length)], config=training, loss_fn=loss_fn)
+    if auxiliary:
+        drop_mlm_logits(gm)
+    return PatternModel(pvp, gm, weight)
+
+
+def _ipet_sets(models: list[PatternModel], unlabeled_logits: list[torch.Tensor], labeled: Sequence[Example],
+               unlabeled: Sequence[Example], generation: int, config: PetConfig, rng: random.Random,
+               rng_np: np.random.RandomState) -> list[list[Example]]:
+    """For each model, unlabeled examples labeled by a random subset of the *other* models (PET's
+    `generate_ipet_train_sets`): `len(labeled) * (scale^(g+1) - 1)` of them, split by label like the
+    labeled set, drawn without replacement with probability proportional to the merged confidence."""
+    count = int(len(labeled) * config.scale_factor ** (generation + 1) - len(labeled))
+    per_label = np.bincount([e.label for e in labeled], minlength=unlabeled_logits[0].shape[1])
+    wanted = [int(n * count / len(labeled)) for n in per_label]
+    sets = []
+    for index in range(len(models)):
+        others = [i for i in range(len(models)) if i != index]
+        chosen = rng.sample(others, k=max(1, round(len(others) * config.models_fraction)))
+        merged = merge_logits([unlabeled_logits[i] for i in chosen], [models[i].weight for i in chosen], config.reduction)
+        probs = torch.softmax(merged, dim=-1).numpy()
+        predicted = probs.argmax(-1)
+        new = []
+        for label, number in enumerate(wanted):
+            candidates = [i for i in range(len(unlabeled)) if predicted[i] == label]
+            if not candidates or number == 0:
+                continue
+            while len(candidates) < number:  # upsample, as PET does
+                candidates += candidates[:number - len(candidates)]
+            p = probs[candidates].max(-1)
+            picked = rng_np.choice(len(candidates), size=number, replace=False, p=p / p.sum())
+            new += [dataclasses.replace(unlabeled[candidates[i]], label=label) for i in picked]
+        sets.append(new)
+    return sets
+
+
+def train_ensemble(base: RewriteGraph, pvps: Sequence[PVP], labeled: Sequence[Example], unlabeled: Sequence[Example],
+                   config: PetConfig, eval_set: Sequence[Example] | None = None) -> tuple[list[list[PatternModel]], torch.Tensor]:
+    """PET (one generation) or iPET: returns every generation's models and the last generation's
+    merged logits over `unlabeled`."""
+    tokenizer = info(base)["tokenizer"]
+    max_length = config.pattern_training.max_length
+    seed = config.pattern_training.seed
+    rng, rng_np = random.Random(seed), np.random.RandomState(seed)
+    extras: list[list[Example]] = [[] for _ in pvps]
+    generations = []
+    for generation in range(config.generations):
+        models, unlabeled_logits = [], []
+        for index, pvp in enumerate(pvps):
+            model = train_pattern_model(base, pvp, labeled, config, extra=extras[index], unlabeled=unlabeled,
+                                        seed=seed + 1000 * generation + index)
+            if eval_set is not None:
+                model.eval_accuracy = accuracy(
+                    predict_logits(model.graph, patterned(pvp, eval_set, tokenizer, max_length), config.eval_batch_size),
+                    eval_set)
+            log.info("generation %d, PVP %s: accuracy on the training set before training %.4f, eval accuracy %s",
+                     generation, pvp.name, model.weight,
+                     "-" if model.eval_accuracy is None else f"{model.eval_accuracy:.4f}")
+            models.append(model)
+            unlabeled_logits.append(predict_logits(model.graph, patterned(pvp, unlabeled, tokenizer, max_length),
+                                                   config.eval_batch_size))
+        generations.append(models)
+        if generation + 1 < config.generations:
+            extras = _ipet_sets(models, unlabeled_logits, labeled, unlabeled, generation, config, rng, rng_np)
+    merged = merge_logits(unlabeled_logits, [m.weight for m in generations[-1]], config.reduction)
+    return generations, merged
+
+
+def ensemble_accuracy(models: Sequence[PatternModel], eval_set: Sequence[Example], config: PetConfig) -> float:
+    tokenizer = info(models[0].graph)["tokenizer"]
+    max_length = config.pattern_training.max_length
+    logits = [predict_logits(m.graph, patterned(m.pvp, eval_set, tokenizer, max_length), config.eval_batch_size)
+              for m in models]
+    return accuracy(merge_logits(logits, [m.weight for m in models], config.reduction), eval_set)
+
+
+def distill(model_dir: str | Path, unlabeled: Sequence[Example], teacher_logits: torch.Tensor,
+            label_names: list[str], config: PetConfig) -> RewriteGraph:
+    """PET's final model: a plain sequence classifier (LoRA + head, no pattern) trained on the unlabeled
+    texts with the ensemble's soft labels `softmax(logits / T)` and PET's distillation loss."""
+    gm = load_pretrained(model_dir, task="seq-cls", num_labels=len(label_names))
+    gm.info["config"].id2label = dict(enumerate(label_names))
+    gm.info["config"].label2id = {name: i for i, name in enumerate(label_names)}
+    torch.manual_seed(config.final_training.seed)
+    apply(gm, "lora", **config.lora)
+    targets = torch.softmax(teacher_logits / config.temperature, dim=-1).tolist()
+    soft = [dataclasses.replace(e, label=tuple(t)) for e, t in zip(unlabeled, targets)]
+    training = dataclasses.replace(config.final_training, label_names=label_names)
+    loss_fn: Callable = lambda outputs, batch: distillation_loss(outputs, batch, config.temperature)  # noqa: E731
+    train(gm, soft, config=training, loss_fn=loss_fn)
+    return gm
+
+
+def run_pet(model_dir: str | Path, pvps: Sequence[PVP], labeled: Sequence[Example], unlabeled: Sequence[Example],
+            config: PetConfig, eval_set: Sequence[Example] | None = None) -> PetResult:
+    """The whole recipe: PVP models (iPET when `config.generations > 1`), soft labels, distillation."""
+    if not unlabeled:
+        raise RewriteError("PET needs unlabeled examples to distill the final classifier from")
+    base = capture_masked_lm(model_dir)
+    check_label_words(pvps, info(base)["tokenizer"])
+    generations, merged = train_ensemble(base, pvps, labeled, unlabeled, config, eval_set)
+    ensemble = ensemble_accuracy(generations[-1], eval_set, config) if eval_set is not None else None
+    if ensemble is not None:
+        log.info("ensemble of %d PVP models: eval accuracy %.4f", len(pvps), ensemble)
+    final = distill(model_dir, unlabeled, merged, pvps[0].label_names, config)
+    final_accuracy = accuracy(predict_logits(final, eval_set, config.eval_batch_size), eval_set) if eval_set else None
+    if final_accuracy is not None:
+        log.info("distilled classifier: eval accuracy %.4f", final_accuracy)
+    return PetResult(generations, ensemble, final, final_accuracy)
+
+
+def read_data(path: str | Path, pvps: Sequence[PVP], fields: Fields, *, labeled: bool, limit: int | None = None) -> list[Example]:
+    """Rows of a `.tsv`/`.csv`/`.jsonl` file; labels must be the PVPs' labels (names, or ids 0..n-1)."""
+    if labeled:
+        examples = data.read_examples(path, task=CLASSIFICATION, fields=fields, label_names=pvps[0].label_names)
+    else:
+        examples = data.read_examples(path, task="masked-lm", fields=fields)  # text only
+    return examples[:limit] if limit else examples
