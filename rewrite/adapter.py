@@ -24,7 +24,7 @@ from torch import fx
 from rewrite.errors import RewriteError
 from rewrite.files import atomic_dir_files
 from rewrite.ir import info, tensor_at
-from rewrite.passes.prompt import TABLE
+from rewrite.passes.prompt import TABLE, word_embedding
 from rewrite.pipeline import apply
 
 CONFIG_NAME = "adapter_config.json"
@@ -195,6 +195,10 @@ def _load_prompt(gm: fx.GraphModule, directory: Path, config: dict[str, Any], we
         raise RewriteError(f"adapter {str(directory)!r} prompts an encoder-decoder model, which this project does not capture")
     if PROMPT_KEY not in weights:
         raise RewriteError(f"adapter {str(directory)!r} has no {PROMPT_KEY} tensor; it is not a prompt-learning adapter")
+    hidden = tensor_at(gm, word_embedding(gm).args[0].target).shape[1]
+    if weights[PROMPT_KEY].dim() != 2 or weights[PROMPT_KEY].shape[1] != hidden:
+        raise RewriteError(f"adapter {str(directory)!r} holds prompts of shape {tuple(weights[PROMPT_KEY].shape)} but "
+                           f"this model's embeddings are {hidden} wide; the adapter was made for another model")
     heads = {key.removeprefix(PROMPT_PREFIX): key for key in weights if key != PROMPT_KEY}
     modules = sorted({name.rpartition(".")[0] for name in heads})
     apply(gm, "prompt", num_virtual_tokens=config["num_virtual_tokens"], modules_to_save=modules)
