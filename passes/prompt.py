@@ -128,9 +128,9 @@ def position_limit(gm: fx.GraphModule) -> int | None:
     return None
 
 
-def _prompt_init(option: str | None, init_text: str | None) -> str:
+def _prompt_init(choice: str | None, init_text: str | None) -> str:
     """`text` when an init text is given, else `random`; a contradicting explicit choice is an error."""
-    init = option or ("text" if init_text else "random")
+    init = choice or ("text" if init_text else "random")
     if init not in INITS:
         raise RewriteError(f"prompt_init {init!r} is not known; use one of {', '.join(INITS)}")
     if (init == "text") != bool(init_text):
@@ -152,13 +152,18 @@ def _text_ids(gm: fx.GraphModule, text: str, count: int) -> list[int]:
     return (ids * math.ceil(count / len(ids)))[:count]
 
 
-def initial_table(gm: fx.GraphModule, weight: torch.Tensor, count: int, init: str, text: str | None) -> torch.Tensor:
-    """`random`: N(0, 1) as nn.Embedding (PEFT's RANDOM); `vocab`: rows of sampled tokens; `text`: the text's rows."""
+def sampled_rows(weight: torch.Tensor, count: int) -> torch.Tensor:
+    """Random vocabulary rows (PEFT's SAMPLE_VOCAB): starting values on the scale of real token embeddings."""
+    return torch.randint(0, weight.shape[0], (count,))
+
+
+def initial_table(weight: torch.Tensor, count: int, rows: torch.Tensor | list[int] | None) -> torch.Tensor:
+    """Copies of the word-embedding `rows`, or with none N(0, 1) as nn.Embedding draws them (PEFT's RANDOM);
+    fp32 for half-precision models, as PEFT keeps its prompts."""
     dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
-    if init == "random":
+    if rows is None:
         return nn.Embedding(count, weight.shape[1], device=weight.device, dtype=dtype).weight.detach()
-    rows = torch.randint(0, weight.shape[0], (count,)) if init == "vocab" else torch.tensor(_text_ids(gm, text, count))
-    return weight.detach()[rows.to(weight.device)].to(dtype)
+    return weight.detach()[torch.as_tensor(rows, device=weight.device)].to(dtype)
 
 
 def _extension(emit: Emitter, name: str, user_input: fx.Node, count: int, task: str) -> fx.Node | None:
@@ -208,6 +213,11 @@ class PromptPass(Pass):
         if not isinstance(count, int) or isinstance(count, bool) or count <= 0:
             raise RewriteError(f"num_virtual_tokens {count!r} is not allowed; use a whole number of at least 1")
         self.prompt_init = _prompt_init(self.prompt_init, self.init_text)
+
+    def _initial_rows(self, gm: fx.GraphModule, weight: torch.Tensor) -> torch.Tensor | list[int] | None:
+        if self.prompt_init == "text":
+            return _text_ids(gm, self.init_text, self.num_virtual_tokens)
+        return sampled_rows(weight, self.num_virtual_tokens) if self.prompt_init == "vocab" else None
 
     def _check_inputs(self, gm: fx.GraphModule) -> dict[str, fx.Node]:
         inputs = placeholders(gm)
@@ -278,7 +288,7 @@ class PromptPass(Pass):
         inputs = self._check_inputs(gm)
         weight = tensor_at(gm, embed.args[0].target)
         vocab, count = weight.shape[0], self.num_virtual_tokens
-        table = initial_table(gm, weight, count, self.prompt_init, self.init_text)
+        table = initial_table(weight, count, self._initial_rows(gm, weight))
         heads = trainable_heads(gm, self.modules_to_save)
         add_submodule(gm, f"{ENCODER}.embedding", nn.Embedding.from_pretrained(table, freeze=False))
         register_tokens(gm, list(range(vocab, vocab + count)), weight.device)
@@ -290,7 +300,7 @@ class PromptPass(Pass):
             "num_virtual_tokens": count,
             "virtual_ids": [vocab, vocab + count - 1],
             "init": self.prompt_init,
-            "modules_to_save": [n.rpartition(".")[0] for n in heads],
+            "modules_to_save": sorted({n.rpartition(".")[0] for n in heads}),
             "stripped_outputs": len(stripped),
             "summary": f"{count} virtual tokens prepended ({self.prompt_init} init"
                        + (", virtual positions stripped from outputs)" if self.strip_virtual else ")"),

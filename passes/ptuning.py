@@ -25,7 +25,8 @@ from rewrite.errors import RewriteError
 from rewrite.ir import add_submodule, info, tensor_at
 from rewrite.params import mark_trainable
 from rewrite.passes.prompt import (
-    ENCODER, TABLE, TOKENS, Emitter, cast, check_no_prompt, register_tokens, trainable_heads, word_embedding,
+    ENCODER, TABLE, TOKENS, Emitter, cast, check_no_prompt, initial_table, register_tokens, sampled_rows,
+    trainable_heads, word_embedding,
 )
 from rewrite.pipeline import Pass, option, register
 from rewrite.templates import Template
@@ -78,11 +79,9 @@ def _inline(gm: fx.GraphModule, emit: Emitter, encoder: PromptEncoder) -> fx.Nod
             copied = gm.graph.create_node("call_function", node.target, fx.map_arg(node.args, env.get),
                                           fx.map_arg(node.kwargs, env.get))
             env[node] = emit.keep(copied, encoder=True)
-        elif node.op == "output":
-            (table,) = node.args[0]
-            env[table].meta["rewrite"]["prompt_table"] = ENCODER  # what fold replaces by a constant
-            return env[table]
-    raise RewriteError("the prompt encoder's capture has no output")  # pragma: no cover - export always has one
+    table = env[captured.graph.output_node().args[0][0]]
+    table.meta["rewrite"]["prompt_table"] = ENCODER  # what fold replaces by a constant
+    return table
 
 
 @register
@@ -122,18 +121,18 @@ class PtuningPass(Pass):
         if unknown:
             raise RewriteError(f"placeholder token {', '.join(unknown)} is not in the tokenizer's vocabulary; "
                                "name single tokens it knows, such as [unused1]")
+        special = [t for t, i in zip(self.placeholders, ids) if i in tokenizer.all_special_ids]
+        if special:
+            raise RewriteError(f"placeholder token {', '.join(special)} is a special token the model and templates use "
+                               "themselves; name unused tokens, such as [unused1]")
         return ids
 
-    def _initial(self, weight: torch.Tensor, ids: list[int]) -> torch.Tensor:
+    def _initial_rows(self, weight: torch.Tensor, ids: list[int]) -> torch.Tensor | list[int] | None:
         """The paper's N(0, 1) input embeddings for an encoder; for `none`, the placeholders' own rows
         (sampled vocabulary rows for reserved ids), so the untrained table speaks the model's scale."""
-        count, hidden = len(ids), weight.shape[1]
-        dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
         if self.encoder != "none":
-            return nn.Embedding(count, hidden, device=weight.device, dtype=dtype).weight.detach()
-        vocab = weight.shape[0]
-        rows = torch.tensor(ids) if ids[0] < vocab else torch.randint(0, vocab, (count,))
-        return weight.detach()[rows.to(weight.device)].to(dtype)
+            return None
+        return ids if ids[0] < weight.shape[0] else sampled_rows(weight, len(ids))
 
     def _route(self, gm: fx.GraphModule, embed: fx.Node, encoder: PromptEncoder, reserved: bool) -> None:
         """`embed(ids)` becomes `where(ids is a placeholder, table[slot], embed(ids))`."""
@@ -165,7 +164,7 @@ class PtuningPass(Pass):
             raise RewriteError(f"the LSTM encoder needs an even hidden size (H/2 per direction); this model's is {hidden}")
         ids = self._placeholder_ids(gm, vocab)
         reserved = ids[0] >= vocab
-        encoder = PromptEncoder(self.encoder, self._initial(weight, ids))
+        encoder = PromptEncoder(self.encoder, initial_table(weight, len(ids), self._initial_rows(weight, ids)))
         heads = trainable_heads(gm, self.modules_to_save)
         add_submodule(gm, ENCODER, encoder)
         register_tokens(gm, ids, weight.device)
@@ -175,7 +174,7 @@ class PtuningPass(Pass):
             "placeholder_ids": ids,
             "reserved_ids": reserved,
             "encoder": self.encoder,
-            "modules_to_save": [n.rpartition(".")[0] for n in heads],
+            "modules_to_save": sorted({n.rpartition(".")[0] for n in heads}),
             "summary": f"{len(ids)} prompt vectors at template placeholders ({self.encoder} encoder, "
                        f"{'reserved' if reserved else 'token'} ids {', '.join(map(str, ids))})",
         }

@@ -239,6 +239,8 @@ def test_bad_input_is_one_clear_sentence(make_tiny, tiny_bert_dir):
         rewrite.apply(gm, "ptuning", template=TEMPLATE, placeholders=UNUSED[:2])
     with pytest.raises(RewriteError, match="placeholder token \\[nonsense\\] is not in the tokenizer's vocabulary"):
         rewrite.apply(gm, "ptuning", template=TEMPLATE, placeholders=[*UNUSED[:2], "[nonsense]"])
+    with pytest.raises(RewriteError, match="placeholder token \\[MASK\\] is a special token"):
+        rewrite.apply(gm, "ptuning", template=TEMPLATE, placeholders=[*UNUSED[:2], "[MASK]"])
     with pytest.raises(RewriteError, match="named placeholder tokens need the model's tokenizer"):
         rewrite.apply(rewrite.capture(make_tiny("bert", "masked-lm"), example_inputs(NAMES, VOCAB)), "ptuning",
                       template=TEMPLATE, placeholders=UNUSED)
