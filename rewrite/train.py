@@ -416,7 +416,9 @@ class _Run:
         self.ctx.barrier()
         found = checkpoint.completed(root)
         if not found:
-            log.warning("no checkpoint in %s; starting from step 0", root)
+            log.warning("no complete checkpoint in %s; starting from step 0", root)
+            if self.ctx.main:
+                checkpoint.cut_log(self.out / "metrics.jsonl", 0)
             return None
         step, directory = found[-1]
         weights, state = checkpoint.read(directory)
