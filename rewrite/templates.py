@@ -17,6 +17,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import fx
 
+from rewrite.data import _pad, _pad_id  # training's padding rule (pad token, else EOS), so batches agree
 from rewrite.errors import RewriteError
 from rewrite.ir import info
 
@@ -143,7 +144,7 @@ def for_graph(gm: fx.GraphModule) -> tuple[Template, list[int]]:
 def encode_batch(gm: fx.GraphModule, texts: Sequence[Mapping[str, str] | str], *,
                  max_length: int | None = None) -> dict[str, torch.Tensor]:
     """`input_ids`, `attention_mask` (and `token_type_ids` if the graph takes them) for `texts` put
-    through the graph's P-tuning template, padded to the longest.
+    through the graph's P-tuning template, padded to the longest as training pads.
 
     Texts whose own tokens include a placeholder id (a user writing `[unused1]`) are counted and
     logged: the model sees a prompt vector there, not the token.
@@ -157,8 +158,10 @@ def encode_batch(gm: fx.GraphModule, texts: Sequence[Mapping[str, str] | str], *
     if clashing:
         log.warning("%d of %d texts contain the template's placeholder tokens; those positions get prompt vectors, "
                     "not the tokens' embeddings", clashing, len(texts))
-    batch = tokenizer.pad({"input_ids": [ids for ids, _ in encoded]}, return_tensors="pt")
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-              "token_type_ids": torch.zeros_like(batch["input_ids"])}
+    rows = [ids for ids, _ in encoded]
+    left = getattr(tokenizer, "padding_side", "right") == "left"
+    input_ids = _pad(rows, _pad_id(tokenizer), left)
+    inputs = {"input_ids": input_ids, "attention_mask": _pad([[1] * len(r) for r in rows], 0, left),
+              "token_type_ids": torch.zeros_like(input_ids)}
     names = info(gm).get("input_names") or ["input_ids", "attention_mask"]
     return {name: inputs[name] for name in names if name in inputs}
