@@ -12,8 +12,11 @@ from rewrite import passes  # noqa: F401  (registers the built-in passes)
 from rewrite.adapter import load_adapter, save_adapter
 from rewrite.export import export_onnx
 from rewrite.train import TrainConfig, TrainResult, evaluate, train
+from rewrite.pet import PVP, PetConfig, load_pvps, run_pet, zero_shot
 
 __all__ = [
+    "PVP",
+    "PetConfig",
     "RewriteError",
     "RewriteGraph",
     "TrainConfig",
@@ -27,9 +30,12 @@ __all__ = [
     "load",
     "load_adapter",
     "load_pretrained",
+    "load_pvps",
     "print_trainable_parameters",
     "register",
+    "run_pet",
     "save",
     "save_adapter",
     "train",
+    "zero_shot",
 ]
