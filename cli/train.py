@@ -34,6 +34,7 @@ from rewrite.train import SCHEDULES, TASKS, TrainConfig
 @click.option("--compile", "compile_", is_flag=True, help="Run the graph through torch.compile.")
 @click.option("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when available).")
 @click.option("--save-every", type=int, default=100, show_default=True, help="Checkpoint every N steps (and at the end).")
+@click.option("--keep-checkpoints", type=int, default=2, show_default=True, help="Newest checkpoints kept.")
 @click.option("--eval-every", type=int, default=None, help="Evaluate every N steps (and per epoch and at the end).")
 @click.option("--text-field", default="text", show_default=True)
 @click.option("--pair-field", default=None, help="Second text of a pair (classification).")

@@ -1,0 +1,47 @@
+"""DDP: `torchrun --nproc_per_node 2` (gloo, CPU) with batch b per rank updates like one process with batch 2b."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import safetensors.torch
+import torch
+
+import rewrite
+
+from test_train import first_moments, lora_graph, no_dropout_dir, sentiment_rows  # noqa: F401  (fixture)
+
+CLI = [sys.executable, "-c", "from rewrite.cli.main import main; main()"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--no-python"]
+
+
+def train_args(graph, data, output_dir, batch_size: int) -> list[str]:
+    return ["train", str(graph), "--data", str(data), "--output-dir", str(output_dir), "--max-steps", "2",
+            "--batch-size", str(batch_size), "--lr", "1e-2", "--save-every", "1", "--keep-checkpoints", "2"]
+
+
+def run(command: list[str]) -> None:
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.slow
+def test_two_ranks_of_batch_b_equal_one_rank_of_batch_2b(no_dropout_dir, tmp_path):  # noqa: F811
+    rewrite.save(lora_graph(no_dropout_dir), tmp_path / "in.pt2")
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in sentiment_rows(16, seed=0)))
+
+    run([*CLI, *train_args(tmp_path / "in.pt2", data, tmp_path / "one", batch_size=8)])
+    run([*TORCHRUN, *CLI, *train_args(tmp_path / "in.pt2", data, tmp_path / "two", batch_size=4)])
+
+    for single, ranks in zip(first_moments(tmp_path / "one", 1), first_moments(tmp_path / "two", 1)):
+        torch.testing.assert_close(ranks, single, atol=1e-8, rtol=1e-5)
+    weights = [safetensors.torch.load_file(tmp_path / run_dir / "adapter" / "adapter_model.safetensors")
+               for run_dir in ("one", "two")]
+    assert weights[0].keys() == weights[1].keys()
+    for key in weights[0]:
+        torch.testing.assert_close(weights[1][key], weights[0][key], atol=1e-6, rtol=0)
+    state = json.loads((tmp_path / "two" / "checkpoints" / "step-00000002" / "checkpoint.json").read_text())
+    assert state["world_size"] == 2
