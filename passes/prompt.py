@@ -25,7 +25,7 @@ from torch.utils import _pytree as pytree
 
 from rewrite.errors import RewriteError
 from rewrite.graph import GraphQuery
-from rewrite.ir import add_submodule, copy_meta, info, tensor_at
+from rewrite.ir import add_submodule, copy_meta, info, tag, tensor_at
 from rewrite.params import mark_trainable
 from rewrite.pipeline import Pass, option, register
 
@@ -70,6 +70,19 @@ class Emitter:
 
 def placeholders(gm: fx.GraphModule) -> dict[str, fx.Node]:
     return {node.target: node for node in gm.graph.find_nodes(op="placeholder")}
+
+
+def model_input(gm: fx.GraphModule, name: str) -> fx.Node | None:
+    """Input `name` as the model sees it: the prompt-extended tensor after prompt tuning, else the placeholder.
+
+    The prompt pass redirects the uses that exist when it runs; a pass that runs later and reads
+    `input_ids` or `attention_mask` (e.g. to find the `[MASK]` position) must read this node, or its
+    positions are off by the number of virtual tokens.
+    """
+    for node in gm.graph.nodes:
+        if tag(node).get("extends") == name:
+            return node
+    return placeholders(gm).get(name)
 
 
 def word_embedding(gm: fx.GraphModule) -> fx.Node:
@@ -177,7 +190,9 @@ def _extension(emit: Emitter, name: str, user_input: fx.Node, count: int, task: 
     else:
         fill = IGNORE_INDEX if name == "labels" else _PREFIX_FILL[name]
         prefix = emit(aten.new_full.default, user_input, [batch, count], fill)
-    return emit(aten.cat.default, [prefix, user_input], 1)
+    extended = emit(aten.cat.default, [prefix, user_input], 1)
+    extended.meta["rewrite"]["extends"] = name  # found by `model_input`
+    return extended
 
 
 def _sequence_outputs(gm: fx.GraphModule) -> list[int]:

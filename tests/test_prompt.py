@@ -11,12 +11,13 @@ import subprocess
 import pytest
 import torch
 import transformers
+from torch import fx
 from peft import PromptTuningConfig, get_peft_model
 
 import rewrite
 from rewrite.errors import RewriteError
 from rewrite.inputs import example_inputs
-from rewrite.passes.prompt import TABLE
+from rewrite.passes.prompt import TABLE, model_input
 from rewrite.train import TrainConfig, evaluate, train
 
 BERT_INPUTS = ["input_ids", "attention_mask", "token_type_ids"]
@@ -174,6 +175,22 @@ def test_position_limit_is_checked_when_applied_and_when_run(tiny_bert_dir):
     gm(**example_inputs(BERT_INPUTS, 128, batch=2, seq=118))
     with pytest.raises(RuntimeError, match="allow at most 118; truncate the input"):
         gm(**example_inputs(BERT_INPUTS, 128, batch=2, seq=119))
+
+
+def test_later_passes_find_the_extended_inputs(make_tiny):
+    gm = capture(make_tiny("bert", "masked-lm"), BERT_INPUTS)
+    assert model_input(gm, "input_ids").op == "placeholder"
+    rewrite.apply(gm, "prompt", num_virtual_tokens=COUNT)
+    inputs = fresh(BERT_INPUTS)
+    interpreter = fx.Interpreter(gm, garbage_collect_values=False)
+    interpreter.run(*(inputs[name] for name in BERT_INPUTS))
+    virtual = torch.arange(128, 128 + COUNT).expand(3, COUNT)
+    ones = torch.ones(3, COUNT, dtype=torch.long)
+    expected = {"input_ids": torch.cat([virtual, inputs["input_ids"]], 1),
+                "attention_mask": torch.cat([ones, inputs["attention_mask"]], 1),
+                "token_type_ids": torch.cat([ones * 0, inputs["token_type_ids"]], 1)}
+    for name in BERT_INPUTS:
+        torch.testing.assert_close(interpreter.env[model_input(gm, name)], expected[name], rtol=0, atol=0)
 
 
 @pytest.fixture(scope="module")
