@@ -247,11 +247,12 @@ class PetConfig:
 @dataclass
 class PatternModel:
     """One trained PVP model: its graph, its weight in the ensemble (training-set accuracy before
-    training) and its evaluation accuracy."""
+    training) and, when an evaluation set was given, its logits and accuracy there."""
 
     pvp: PVP
     graph: RewriteGraph
     weight: float
+    eval_logits: torch.Tensor | None = None
     eval_accuracy: float | None = None
 
 
@@ -455,9 +456,9 @@ def train_ensemble(base: RewriteGraph, pvps: Sequence[PVP], labeled: Sequence[Ex
             model = train_pattern_model(base, pvp, labeled, config, extra=extras[index], unlabeled=unlabeled,
                                         seed=seed + 1000 * generation + index)
             if eval_set is not None:
-                model.eval_accuracy = accuracy(
-                    predict_logits(model.graph, patterned(pvp, eval_set, tokenizer, max_length), config.eval_batch_size),
-                    eval_set)
+                model.eval_logits = predict_logits(model.graph, patterned(pvp, eval_set, tokenizer, max_length),
+                                                   config.eval_batch_size)
+                model.eval_accuracy = accuracy(model.eval_logits, eval_set)
             log.info("generation %d, PVP %s: accuracy on the training set before training %.4f, eval accuracy %s",
                      generation, pvp.name, model.weight,
                      "-" if model.eval_accuracy is None else f"{model.eval_accuracy:.4f}")
@@ -472,11 +473,9 @@ def train_ensemble(base: RewriteGraph, pvps: Sequence[PVP], labeled: Sequence[Ex
 
 
 def ensemble_accuracy(models: Sequence[PatternModel], eval_set: Sequence[Example], config: PetConfig) -> float:
-    tokenizer = info(models[0].graph)["tokenizer"]
-    max_length = config.pattern_training.max_length
-    logits = [predict_logits(m.graph, patterned(m.pvp, eval_set, tokenizer, max_length), config.eval_batch_size)
-              for m in models]
-    return accuracy(merge_logits(logits, [m.weight for m in models], config.reduction), eval_set)
+    """Accuracy of the models' merged evaluation logits (the same weights as for the soft labels)."""
+    merged = merge_logits([m.eval_logits for m in models], [m.weight for m in models], config.reduction)
+    return accuracy(merged, eval_set)
 
 
 def distill(model_dir: str | Path, unlabeled: Sequence[Example], teacher_logits: torch.Tensor,
