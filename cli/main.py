@@ -70,7 +70,7 @@ def apply(source: str, output: str, task: str, pass_names: tuple[str, ...], pipe
     gm = read_graph(source, task)
     pipeline.run(gm)
     for entry in gm.info["history"][-len(pipeline.passes):]:
-        console.print(f"{entry['pass']}: {entry['report'].get('summary', 'done')}")
+        console.print(f"{entry['pass']}: {entry['report'].get('summary', 'done')}", markup=False)
     console.print(trainable_parameters_line(gm))
     write_graph(gm, output)
 
@@ -79,10 +79,10 @@ def apply(source: str, output: str, task: str, pass_names: tuple[str, ...], pipe
 @click.argument("source", type=click.Path())
 @output_option
 def fold(source: str, output: str) -> None:
-    """Merge every LoRA branch into its base weight (the deployed graph is the base graph)."""
+    """Merge LoRA branches into their base weights and prompt encoders into constant tables."""
     gm = read_graph(source)
     rewrite.apply(gm, "fold")
-    console.print(gm.info["history"][-1]["report"]["summary"])
+    console.print(gm.info["history"][-1]["report"]["summary"], markup=False)
     write_graph(gm, output)
 
 
@@ -111,9 +111,9 @@ def inspect(source: str) -> None:
         out.print("passes: none (base capture)")
     for index, entry in enumerate(meta["history"], 1):
         options = ", ".join(f"{k}={v}" for k, v in entry["options"].items() if v not in (None, {}, []))
-        out.print(f"{index}. {entry['pass']}({options}): {entry['report'].get('summary', '')}")
+        out.print(f"{index}. {entry['pass']}({options}): {entry['report'].get('summary', '')}", markup=False)
         for target in entry["report"].get("targets", []):
-            out.print(f"     {target}")
+            out.print(f"     {target}", markup=False)
     out.print(trainable_parameters_line(gm))
 
 

@@ -18,7 +18,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from rewrite.errors import RewriteError
 from rewrite.graph import ROLES, GraphQuery, Projection
 from rewrite.ir import add_submodule, copy_meta, info, tensor_at
-from rewrite.params import mark_trainable
+from rewrite.params import mark_trainable, trainable_heads
 from rewrite.pipeline import Pass, option, register
 
 aten = torch.ops.aten
@@ -119,21 +119,6 @@ class LoraPass(Pass):
             raise RewriteError("LoRA's exclude/layers filters leave no module to adapt; loosen them")
         return chosen
 
-    def _modules_to_save(self, gm: fx.GraphModule) -> list[str]:
-        """Like PEFT's SEQ_CLS task, a classification graph also trains (and saves) its fresh head."""
-        if self.modules_to_save is not None:
-            saved = list(self.modules_to_save)
-        elif info(gm).get("task") == "seq-cls":
-            saved = [p.path for p in GraphQuery(gm).output_heads]
-        else:
-            saved = []
-        known = {name.rpartition(".")[0] for name, _ in gm.named_parameters()}
-        missing = [m for m in saved if m not in known]
-        if missing:
-            raise RewriteError(f"modules_to_save {', '.join(missing)} name no module with parameters in this graph")
-        info(gm)["modules_to_save"] = sorted(set(info(gm).get("modules_to_save") or []) | set(saved)) or None
-        return saved
-
     def _rank_alpha(self, path: str) -> tuple[int, float]:
         return _pattern_value(path, self.rank_pattern, self.rank), _pattern_value(path, self.alpha_pattern, self.alpha)
 
@@ -191,7 +176,7 @@ class LoraPass(Pass):
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         gm = graph_module
         chosen = self.select(GraphQuery(gm))
-        saved = self._modules_to_save(gm)
+        heads = trainable_heads(gm, self.modules_to_save)
         paths = list(dict.fromkeys(p.path for p in chosen))
         first = {p.path: p for p in reversed(chosen)}
         plan = {path: self._rank_alpha(path) for path in paths}
@@ -201,14 +186,13 @@ class LoraPass(Pass):
         for proj in chosen:
             self._insert_branch(gm, proj, self._scale(*plan[proj.path]))
         names = [f"{path}.{ab}.weight" for path in paths for ab in ("lora_A", "lora_B")]
-        names += [n for n, _ in gm.named_parameters() if any(n.startswith(m + ".") for m in saved)]
-        mark_trainable(gm, names)
+        mark_trainable(gm, names + heads)
         self.report = {
             "targets": paths,
             "ranks": {path: plan[path][0] for path in paths},
             "alphas": {path: plan[path][1] for path in paths},
             "fan_in_fan_out": sorted({first[p].transposed for p in paths}) == [True],
-            "modules_to_save": saved,
+            "modules_to_save": info(gm).get("modules_to_save"),
             "summary": f"LoRA on {len(paths)} modules ({_names(chosen)})",
         }
         return PassResult(gm, True)

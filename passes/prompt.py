@@ -24,9 +24,8 @@ from torch.fx.passes.infra.pass_base import PassResult
 from torch.utils import _pytree as pytree
 
 from rewrite.errors import RewriteError
-from rewrite.graph import GraphQuery
 from rewrite.ir import add_submodule, copy_meta, info, tag, tensor_at
-from rewrite.params import mark_trainable
+from rewrite.params import mark_trainable, trainable_heads
 from rewrite.pipeline import Pass, option, register
 
 aten = torch.ops.aten
@@ -109,22 +108,6 @@ def check_no_prompt(gm: fx.GraphModule) -> None:
 def register_tokens(gm: fx.GraphModule, token_ids: list[int], device: torch.device) -> None:
     """The ids the prompt occupies (virtual ids, or P-tuning's placeholders), as a buffer that moves with the graph."""
     gm.register_buffer(TOKENS, torch.tensor(token_ids, dtype=torch.long, device=device))
-
-
-def trainable_heads(gm: fx.GraphModule, requested: list[str] | None) -> list[str]:
-    """Parameter names of the modules that train beside the prompt: PEFT's SEQ_CLS also trains its fresh head."""
-    if requested is not None:
-        modules = list(requested)
-    elif info(gm).get("task") == "seq-cls":
-        modules = [p.path for p in GraphQuery(gm).output_heads]
-    else:
-        modules = []
-    known = {name.rpartition(".")[0] for name, _ in gm.named_parameters()}
-    missing = [m for m in modules if m not in known]
-    if missing:
-        raise RewriteError(f"modules_to_save {', '.join(missing)} name no module with parameters in this graph")
-    info(gm)["modules_to_save"] = sorted(set(info(gm).get("modules_to_save") or []) | set(modules)) or None
-    return [n for n, _ in gm.named_parameters() if any(n.startswith(m + ".") for m in modules)]
 
 
 def cast(emit: Emitter, node: fx.Node, source: torch.dtype, target: torch.dtype) -> fx.Node:

@@ -81,7 +81,8 @@ def capture(
         exported = torch.export.export(model, (), dict(example_inputs), dynamic_shapes=dynamic_shapes, strict=False)
     unlifted = exported.module()
     _drop_guards(unlifted)
-    base_info = {"history": [], "input_names": list(example_inputs), "task": _task_of_class(type(model).__name__)}
+    base_info = {"history": [], "input_names": list(example_inputs), "task": _task_of_class(type(model).__name__),
+                 "config": config}
     base_info.update(info or {})
     gm = wrap(unlifted, unlifted.graph, base_info, was_training)
     return gm

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from torch import fx
 
+from rewrite.errors import RewriteError
+from rewrite.graph import GraphQuery
 from rewrite.ir import info
 
 
@@ -43,3 +45,19 @@ def trainable_parameters_line(gm: fx.GraphModule) -> str:
 def print_trainable_parameters(gm: fx.GraphModule) -> None:
     """Prints PEFT's exact line: `trainable params: 73,728 || all params: ... || trainable%: 0.3231`."""
     print(trainable_parameters_line(gm))
+
+
+def trainable_heads(gm: fx.GraphModule, requested: list[str] | None) -> list[str]:
+    """Parameter names of the modules that train beside the prompt: PEFT's SEQ_CLS also trains its fresh head."""
+    if requested is not None:
+        modules = list(requested)
+    elif info(gm).get("task") == "seq-cls":
+        modules = [p.path for p in GraphQuery(gm).output_heads]
+    else:
+        modules = []
+    known = {name.rpartition(".")[0] for name, _ in gm.named_parameters()}
+    missing = [m for m in modules if m not in known]
+    if missing:
+        raise RewriteError(f"modules_to_save {', '.join(missing)} name no module with parameters in this graph")
+    info(gm)["modules_to_save"] = sorted(set(info(gm).get("modules_to_save") or []) | set(modules)) or None
+    return [n for n, _ in gm.named_parameters() if any(n.startswith(m + ".") for m in modules)]
