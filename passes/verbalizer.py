@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import glob
 import logging
+import operator
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -380,10 +381,15 @@ class _Builder:
 
 
 def _gather_mask(build: _Builder, head: MlmHead, mask_id: int, hidden_size: int) -> fx.Node:
-    """`hidden[b, first position where ids[b] == mask_id]`: [batch, hidden], shapes stay dynamic."""
+    """`hidden[b, first position where ids[b] == mask_id]`: [batch, hidden], shapes stay dynamic.
+
+    Prompt tuning prepends virtual tokens to the hidden states but the word lookup reads the user's
+    ids, so positions are shifted by the length difference (zero when both are the extended ids).
+    """
     is_mask = build(aten.eq.Scalar, head.ids, mask_id)
     as_int = build(aten._to_copy.default, is_mask, dtype=torch.int32)
-    position = build(aten.argmax.default, as_int, 1)
+    prepended = build(operator.sub, build(aten.sym_size.int, head.entry, 1), build(aten.sym_size.int, head.ids, 1))
+    position = build(aten.add.Tensor, build(aten.argmax.default, as_int, 1), prepended)
     index = build(aten.view.default, position, [-1, 1, 1])
     index = build(aten.expand.default, index, [-1, 1, hidden_size])
     picked = build(aten.gather.default, head.entry, 1, index)

@@ -135,6 +135,24 @@ def test_head_without_checkpoint_weights_is_built_from_tied_embeddings(headless_
     torch.testing.assert_close(got, _reference_scores(full, tokenizer, MULTI, "mean"), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("order", [("prompt", "verbalizer"), ("verbalizer", "prompt")])
+def test_composes_with_prompt_tuning_in_either_order(tiny_mlm_dir, order):
+    """Prepended virtual tokens shift the mask position; the scores still read the mask's hidden state."""
+    reference = rewrite.load_pretrained(tiny_mlm_dir, task="masked-lm")
+    torch.manual_seed(0)
+    rewrite.apply(reference, "prompt", num_virtual_tokens=3)
+    gm = rewrite.load_pretrained(tiny_mlm_dir, task="masked-lm")
+    for name in order:
+        torch.manual_seed(0)
+        rewrite.apply(gm, name, **({"num_virtual_tokens": 3} if name == "prompt" else {"labels": MULTI}))
+    inputs, tokenizer = _inputs(tiny_mlm_dir)
+    with torch.no_grad():
+        full = reference(**inputs).logits[:, 3:]  # the user's positions, after the 3 virtual tokens
+        expected = _reference_scores(_at_mask(full, inputs["input_ids"], tokenizer.mask_token_id), tokenizer, MULTI,
+                                     "mean")
+        torch.testing.assert_close(gm(**inputs).logits, expected, atol=1e-5, rtol=0)
+
+
 def test_exported_onnx_matches_torch(tiny_mlm_dir, tmp_path):
     gm = rewrite.load_pretrained(tiny_mlm_dir, task="masked-lm")
     rewrite.apply(gm, "verbalizer", labels=MULTI, aggregation="log-softmax")
