@@ -200,7 +200,7 @@ class MlmHead:
 
     @property
     def ids(self) -> fx.Node:
-        """The token ids the word embedding reads (aligned with the hidden states, even after prompts)."""
+        """The token ids the word embedding reads: the user's ids (prompt tuning prepends to the hidden states only)."""
         return self.embedding.args[1]
 
     @property
@@ -374,10 +374,11 @@ class _Builder:
         return node
 
     def copy(self, node: fx.Node, remap: dict[fx.Node, fx.Node]) -> fx.Node:
+        """A head node on the gathered rows. It stays untagged: it is the model's own head, so graph
+        queries still find it as the output head (LoRA on a seq-cls graph trains it, as PEFT's SEQ_CLS
+        trains the classifier)."""
         with self.graph.inserting_before(self.anchor):
-            new = self.graph.node_copy(node, lambda n: remap.get(n, n))
-        new.meta.setdefault("rewrite", {})["pass"] = "verbalizer"
-        return new
+            return self.graph.node_copy(node, lambda n: remap.get(n, n))
 
 
 def _gather_mask(build: _Builder, head: MlmHead, mask_id: int, hidden_size: int) -> fx.Node:

@@ -153,6 +153,13 @@ def test_composes_with_prompt_tuning_in_either_order(tiny_mlm_dir, order):
         torch.testing.assert_close(gm(**inputs).logits, expected, atol=1e-5, rtol=0)
 
 
+def test_lora_after_the_verbalizer_trains_the_head_not_an_encoder_layer(tiny_mlm_dir):
+    gm = rewrite.load_pretrained(tiny_mlm_dir, task="masked-lm")
+    rewrite.apply(gm, "verbalizer", labels=SINGLE)
+    rewrite.apply(gm, "lora", rank=4)
+    assert gm.info["history"][-1]["report"]["modules_to_save"] == ["cls.predictions.transform.dense"]
+
+
 def test_exported_onnx_matches_torch(tiny_mlm_dir, tmp_path):
     gm = rewrite.load_pretrained(tiny_mlm_dir, task="masked-lm")
     rewrite.apply(gm, "verbalizer", labels=MULTI, aggregation="log-softmax")
