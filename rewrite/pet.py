@@ -83,45 +83,48 @@ class PVP:
     def label_names(self) -> list[str]:
         return list(self.labels)
 
-    def fill(self, text_a: str, text_b: str = "") -> str:
-        return self.pattern.replace("{text_a}", text_a).replace("{text_b}", text_b)
+    def fill(self, slots: dict[str, str]) -> str:
+        """The pattern with its slots replaced (in one pass, so slot text is never read as a slot)."""
+        return _PLACEHOLDER.sub(lambda match: slots[match.group(1)], self.pattern)
+
+    @property
+    def used(self) -> set[str]:
+        return set(_PLACEHOLDER.findall(self.pattern))
 
     def render(self, example: Example, tokenizer, max_length: int) -> str:
         """The cloze text for `example`, its text slots cut (never the pattern) to fit `max_length` tokens."""
-        slots = {"text_a": example.text, "text_b": example.pair or ""}
-        if "{text_b}" in self.pattern and example.pair is None:
+        if "text_b" in self.used and example.pair is None:
             raise RewriteError(f"{self.origin}pattern {self.name!r} uses {{text_b}}, but {example.where} has no "
                                "second text; name its field (--pair-field)")
+        slots = {"text_a": example.text, "text_b": example.pair or ""}
         while True:
-            text = self.fill(slots["text_a"], slots["text_b"])
+            text = self.fill(slots)
             ids = tokenizer(text)["input_ids"]
-            excess = len(ids) - max_length
-            if excess <= 0:
+            if len(ids) <= max_length:
                 break
-            lengths = {slot: _token_count(tokenizer, value) for slot, value in slots.items() if slot in self.used}
-            if not any(lengths.values()):
+            slots = _shorten(tokenizer, slots, self.used, len(ids) - max_length)
+            if slots is None:
                 raise RewriteError(
                     f"{self.origin}pattern {self.name!r} alone needs {len(ids)} tokens for {example.where}, more than "
                     f"max_length {max_length}; truncation would cut the pattern or its [MASK]: raise max_length"
                 )
-            for _ in range(excess):  # PET: one token at a time from the longer slot
-                longest = max(lengths, key=lambda s: (lengths[s], s))
-                lengths[longest] = max(lengths[longest] - 1, 0)
-            slots = {slot: _cut(tokenizer, value, lengths[slot]) if slot in lengths else value
-                     for slot, value in slots.items()}
-        masks = ids.count(tokenizer.mask_token_id)
-        if masks != 1:
+        if ids.count(tokenizer.mask_token_id) != 1:
             raise RewriteError(f"{example.where}: the text contains the mask token {tokenizer.mask_token!r} itself "
-                               f"({masks} masks in the patterned input); remove it from the data")
+                               f"({ids.count(tokenizer.mask_token_id)} masks in the patterned input); remove it from "
+                               "the data")
         return text
 
-    @property
-    def used(self) -> set[str]:
-        return {slot for slot in SLOTS if "{" + slot + "}" in self.pattern}
 
-
-def _token_count(tokenizer, text: str) -> int:
-    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+def _shorten(tokenizer, slots: dict[str, str], used: set[str], excess: int) -> dict[str, str] | None:
+    """`excess` tokens fewer, taken one at a time from the longer used slot (PET's rule; ties cut
+    text_b); None when the used slots are already empty."""
+    lengths = {slot: len(tokenizer(slots[slot], add_special_tokens=False)["input_ids"]) for slot in sorted(used)}
+    if not any(lengths.values()):
+        return None
+    for _ in range(excess):
+        longest = max(lengths, key=lambda slot: (lengths[slot], slot))
+        lengths[longest] = max(lengths[longest] - 1, 0)
+    return {slot: _cut(tokenizer, text, lengths[slot]) if slot in lengths else text for slot, text in slots.items()}
 
 
 def _cut(tokenizer, text: str, keep: int) -> str:
