@@ -182,7 +182,8 @@ def main() -> None:
     with torch.no_grad():
         for gm in graphs.values():
             gm.eval()
-        diff = (label_scores("pruned", graphs["pruned"], batch) - label_scores("full", graphs["full"], batch)).abs().max()
+        pruned, full = (label_scores(name, graphs[name], batch) for name in ("pruned", "full"))
+        diff = (pruned - full).abs().max()
     assert diff < 1e-4, f"the two graphs disagree by {diff}"
     times = compare_times(graphs, batch, args.repeats)
     memory = {name: measure_in_subprocess(name, args) for name in ("full", "pruned")}

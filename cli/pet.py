@@ -40,8 +40,10 @@ def _config(options: dict) -> pet.PetConfig:
 
 
 @cli.command(name="pet")
-@click.option("--model", "model_dir", required=True, type=click.Path(file_okay=False), help="Hugging Face masked-LM directory.")
-@click.option("--pvp", "pvp_file", required=True, type=click.Path(dir_okay=False), help="Pattern-verbalizer pairs, YAML or JSON.")
+@click.option("--model", "model_dir", required=True, type=click.Path(file_okay=False),
+              help="Hugging Face masked-LM directory.")
+@click.option("--pvp", "pvp_file", required=True, type=click.Path(dir_okay=False),
+              help="Pattern-verbalizer pairs, YAML or JSON.")
 @click.option("--train", "train_file", type=click.Path(dir_okay=False), help="Labeled rows (.tsv, .csv, .jsonl).")
 @click.option("--unlabeled", "unlabeled_file", type=click.Path(dir_okay=False), help="Unlabeled rows (labels ignored).")
 @click.option("--eval", "eval_file", type=click.Path(dir_okay=False), help="Labeled evaluation rows.")
@@ -59,7 +61,8 @@ def _config(options: dict) -> pet.PetConfig:
 @click.option("--final-epochs", type=int, default=3, show_default=True, help="Epochs of the distilled classifier.")
 @click.option("--final-lr", type=float, default=1e-3, show_default=True)
 @click.option("--final-batch-size", type=int, default=32, show_default=True)
-@click.option("--max-length", type=int, default=128, show_default=True, help="Tokens per patterned input (text slots are cut).")
+@click.option("--max-length", type=int, default=128, show_default=True,
+              help="Tokens per patterned input (text slots are cut).")
 @click.option("--rank", type=int, default=8, show_default=True, help="LoRA rank (on q and v).")
 @click.option("--lora-alpha", type=float, default=16.0, show_default=True)
 @click.option("--aggregation", type=click.Choice(AGGREGATIONS), default="mean", show_default=True)

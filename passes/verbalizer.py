@@ -67,7 +67,8 @@ _TOKENWISE = {
 
 @dataclass
 class VerbalizerOutput(ModelOutput):
-    """Class scores `[batch, num_labels]`; `mlm_logits` `[batch, seq, vocab]` only when kept for PET's auxiliary loss."""
+    """Class scores `[batch, num_labels]`; `mlm_logits` `[batch, seq, vocab]` only when kept for PET's
+    auxiliary loss."""
 
     logits: torch.FloatTensor | None = None
     mlm_logits: torch.FloatTensor | None = None
@@ -214,7 +215,8 @@ def _word_embedding(gm: fx.GraphModule) -> fx.Node:
         ids = node.args[1]
         if ids.op == "placeholder" and ids.target == "input_ids":
             return node
-    raise RewriteError("the graph has no word-embedding lookup of input_ids; the verbalizer needs a token-input masked LM")
+    raise RewriteError(
+        "the graph has no word-embedding lookup of input_ids; the verbalizer needs a token-input masked LM")
 
 
 def _activation_input(node: fx.Node) -> fx.Node:
@@ -327,7 +329,8 @@ def _init_tied_head(gm: fx.GraphModule, head: MlmHead) -> list[str]:
         for index, node in enumerate(head.transform):
             if node.target is aten.linear.default:
                 weight, *bias = _attr_args(node)
-                shift = TIED_SHIFT if any(n.target is aten.layer_norm.default for n in head.transform[index + 1:]) else 0.0
+                norm_follows = any(n.target is aten.layer_norm.default for n in head.transform[index + 1:])
+                shift = TIED_SHIFT if norm_follows else 0.0
                 tensor_at(gm, weight.target).copy_(torch.eye(*tensor_at(gm, weight.target).shape))
                 if bias and bias[0] is not None:
                     tensor_at(gm, bias[0].target).fill_(shift)

@@ -188,7 +188,8 @@ def _check_same_labels(pvps: list[PVP]) -> None:
     for pvp in pvps[1:]:
         if pvp.label_names != names:
             raise RewriteError(f"{pvp.origin}PVP {pvp.name!r} has labels {', '.join(pvp.label_names)} but "
-                               f"{pvps[0].name!r} has {', '.join(names)}; every PVP needs the same labels in the same order")
+                               f"{pvps[0].name!r} has {', '.join(names)}; every PVP needs the same labels in the "
+                               "same order")
     if len({p.name for p in pvps}) != len(pvps):
         raise RewriteError(f"{pvps[0].origin}PVP names must be unique")
 
@@ -285,7 +286,8 @@ def capture_masked_lm(model_dir: str | Path) -> RewriteGraph:
     return load_pretrained(model_dir, task="masked-lm")
 
 
-def pattern_graph(base: RewriteGraph, pvp: PVP, config: PetConfig, *, lora: bool, mlm_logits: bool = False) -> RewriteGraph:
+def pattern_graph(base: RewriteGraph, pvp: PVP, config: PetConfig, *, lora: bool,
+                  mlm_logits: bool = False) -> RewriteGraph:
     """A copy of `base` with LoRA (when training) and the PVP's verbalizer head."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning)  # pytree's LeafSpec deprecation on copy
@@ -357,7 +359,8 @@ class AuxiliaryMlmLoss:
         encoded = tokenizer([self.texts[i] for i in chosen], padding=True, return_tensors="pt",
                             return_special_tokens_mask=True)
         ids = encoded["input_ids"]
-        keep = encoded["special_tokens_mask"].bool() | (encoded["attention_mask"] == 0) | (ids == tokenizer.mask_token_id)
+        keep = (encoded["special_tokens_mask"].bool() | (encoded["attention_mask"] == 0)
+                | (ids == tokenizer.mask_token_id))
         encoded["input_ids"], labels = data.mask_tokens(ids, keep, tokenizer, self.generator)
         names = info(self.gm)["input_names"]
         device = next(self.gm.parameters()).device
@@ -376,7 +379,8 @@ class AuxiliaryMlmLoss:
 # ---------------------------------------------------------------- the recipe
 
 
-def zero_shot(base: RewriteGraph, pvps: Sequence[PVP], eval_set: Sequence[Example], config: PetConfig) -> dict[str, Any]:
+def zero_shot(base: RewriteGraph, pvps: Sequence[PVP], eval_set: Sequence[Example],
+              config: PetConfig) -> dict[str, Any]:
     """Each PVP's accuracy with no training, and the equal-weight ensemble's."""
     tokenizer = info(base)["tokenizer"]
     max_length = config.pattern_training.max_length
@@ -393,7 +397,8 @@ def zero_shot(base: RewriteGraph, pvps: Sequence[PVP], eval_set: Sequence[Exampl
 
 
 def train_pattern_model(base: RewriteGraph, pvp: PVP, labeled: Sequence[Example], config: PetConfig, *,
-                        extra: Sequence[Example] = (), unlabeled: Sequence[Example] = (), seed: int = 0) -> PatternModel:
+                        extra: Sequence[Example] = (), unlabeled: Sequence[Example] = (),
+                        seed: int = 0) -> PatternModel:
     """A PVP model trained on `labeled` (+ iPET's `extra`); its ensemble weight is its accuracy on
     `labeled` before training. With `mlm_alpha`, PET's auxiliary MLM loss runs on `unlabeled`."""
     tokenizer = info(base)["tokenizer"]
@@ -426,7 +431,8 @@ def _ipet_sets(models: list[PatternModel], unlabeled_logits: list[torch.Tensor],
     for index in range(len(models)):
         others = [i for i in range(len(models)) if i != index]
         chosen = rng.sample(others, k=max(1, round(len(others) * config.models_fraction)))
-        merged = merge_logits([unlabeled_logits[i] for i in chosen], [models[i].weight for i in chosen], config.reduction)
+        merged = merge_logits([unlabeled_logits[i] for i in chosen], [models[i].weight for i in chosen],
+                              config.reduction)
         probs = torch.softmax(merged, dim=-1).numpy()
         predicted = probs.argmax(-1)
         new = []
@@ -444,7 +450,8 @@ def _ipet_sets(models: list[PatternModel], unlabeled_logits: list[torch.Tensor],
 
 
 def train_ensemble(base: RewriteGraph, pvps: Sequence[PVP], labeled: Sequence[Example], unlabeled: Sequence[Example],
-                   config: PetConfig, eval_set: Sequence[Example] | None = None) -> tuple[list[list[PatternModel]], torch.Tensor]:
+                   config: PetConfig,
+                   eval_set: Sequence[Example] | None = None) -> tuple[list[list[PatternModel]], torch.Tensor]:
     """PET (one generation) or iPET: returns every generation's models and the last generation's
     merged logits over `unlabeled`."""
     tokenizer = info(base)["tokenizer"]
@@ -516,7 +523,8 @@ def run_pet(model_dir: str | Path, pvps: Sequence[PVP], labeled: Sequence[Exampl
     return PetResult(generations, ensemble, final, final_accuracy)
 
 
-def read_data(path: str | Path, pvps: Sequence[PVP], fields: Fields, *, labeled: bool, limit: int | None = None) -> list[Example]:
+def read_data(path: str | Path, pvps: Sequence[PVP], fields: Fields, *, labeled: bool,
+              limit: int | None = None) -> list[Example]:
     """Rows of a `.tsv`/`.csv`/`.jsonl` file; labels must be the PVPs' labels (names, or ids 0..n-1)."""
     if labeled:
         examples = data.read_examples(path, task=CLASSIFICATION, fields=fields, label_names=pvps[0].label_names)

@@ -70,8 +70,10 @@ def test_bad_pvp_files_name_file_and_line(tmp_path, entry, message):
 
 def test_label_word_the_tokenizer_splits_names_the_pvp_line(tmp_path, tokenizer):
     path = tmp_path / "pvps.json"
-    path.write_text('{"pvps": [\n {"pattern": "{text_a} It was [MASK] .",\n  "labels": {"0": ["mediocre"], "1": ["great"]}}]}\n')
-    with pytest.raises(RewriteError, match=rf"{path} line 2: label word 'mediocre' \(label '0'\) is not a single token: "
+    path.write_text('{"pvps": [\n {"pattern": "{text_a} It was [MASK] .",\n'
+                    '  "labels": {"0": ["mediocre"], "1": ["great"]}}]}\n')
+    with pytest.raises(RewriteError, match=rf"{path} line 2: label word 'mediocre' \(label '0'\) is not a single "
+                                           r"token: "
                                            r"the tokenizer splits it into 'med' \+ '##io' \+ '##cre'"):
         pet.check_label_words(pet.load_pvps(path), tokenizer)
 
@@ -100,8 +102,9 @@ def test_truncation_shortens_only_the_text_and_keeps_the_mask(tokenizer):
 def test_truncation_that_would_cut_the_mask_is_an_error(tokenizer):
     pvp = pet.PVP("wordy", "{text_a} " + "the pattern is long " * 5 + "[MASK] .", {"0": ["no"], "1": ["yes"]},
                   "pvps.yaml line 7: ")
-    with pytest.raises(RewriteError, match=r"pvps.yaml line 7: pattern 'wordy' alone needs 24 tokens for train.tsv:3, "
-                                           r"more than max_length 16; truncation would cut the pattern or its \[MASK\]"):
+    with pytest.raises(RewriteError, match=r"pvps.yaml line 7: pattern 'wordy' alone needs 24 tokens for "
+                                           r"train.tsv:3, more than max_length 16; truncation would cut the pattern "
+                                           r"or its \[MASK\]"):
         pvp.render(Example("some text", None, 0, "train.tsv:3"), tokenizer, max_length=16)
 
 
@@ -116,7 +119,8 @@ def test_merge_logits_is_pets_weighted_average():
     weights = [0.5, 0.75, 0.25]
     expected = np.average(np.stack([l.numpy() for l in logits]), axis=0, weights=weights)
     torch.testing.assert_close(pet.merge_logits(logits, weights), torch.from_numpy(expected).float(), atol=1e-6, rtol=0)
-    torch.testing.assert_close(pet.merge_logits(logits, weights, "mean"), torch.stack(logits).mean(0), atol=1e-6, rtol=0)
+    torch.testing.assert_close(pet.merge_logits(logits, weights, "mean"), torch.stack(logits).mean(0),
+                               atol=1e-6, rtol=0)
 
 
 def test_distillation_loss_is_pets_formula():
@@ -210,7 +214,8 @@ def _rewrite(*args: str) -> subprocess.CompletedProcess:
 
 def test_cli_pet_trains_distills_and_exports(headless_dir, tmp_path):
     done = _rewrite("pet", "--model", str(headless_dir), "--pvp", str(DATA / "pvps.yaml"), "--train",
-                    str(DATA / "train.tsv"), "--unlabeled", str(DATA / "unlabeled.tsv"), "--eval", str(DATA / "eval.tsv"),
+                    str(DATA / "train.tsv"), "--unlabeled", str(DATA / "unlabeled.tsv"),
+                    "--eval", str(DATA / "eval.tsv"),
                     "--text-field", "sentence", "--output-dir", str(tmp_path), "--epochs", "2", "--final-epochs", "1")
     assert done.returncode == 0, done.stderr
     assert "generation 0 it-was: train accuracy before training" in done.stdout
@@ -225,7 +230,8 @@ def test_cli_pet_trains_distills_and_exports(headless_dir, tmp_path):
 
 def test_cli_pet_zero_shot_and_ipet(tiny_mlm_dir, tmp_path):
     common = ["--model", str(tiny_mlm_dir), "--pvp", str(DATA / "pvps.yaml"), "--text-field", "sentence"]
-    done = _rewrite("pet", *common, "--eval", str(DATA / "eval.tsv"), "--output-dir", str(tmp_path / "zs"), "--zero-shot")
+    done = _rewrite("pet", *common, "--eval", str(DATA / "eval.tsv"), "--output-dir", str(tmp_path / "zs"),
+                    "--zero-shot")
     assert done.returncode == 0, done.stderr
     results = json.loads((tmp_path / "zs" / "results.json").read_text())
     assert set(results["zero_shot"]["patterns"]) == {"it-was", "just"}

@@ -228,13 +228,15 @@ def test_cli_apply_with_labels_file(tiny_mlm_dir, tmp_path):
     subprocess.run([*rewrite_cli, "capture", str(tiny_mlm_dir), "--task", "masked-lm", "-o", str(tmp_path / "m.pt2")],
                    check=True, capture_output=True)
     done = subprocess.run([*rewrite_cli, "apply", str(tmp_path / "m.pt2"), "--pass", "verbalizer", "--labels",
-                           str(tmp_path / "labels.yaml"), "-o", str(tmp_path / "v.pt2")], capture_output=True, text=True)
+                           str(tmp_path / "labels.yaml"), "-o", str(tmp_path / "v.pt2")],
+                          capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "verbalizer over 2 labels, 3 label words (mean)" in " ".join(done.stderr.split())
     gm = rewrite.load(tmp_path / "v.pt2")
     inputs, _ = _inputs(tiny_mlm_dir)
     assert gm(**inputs).logits.shape == (3, 2)
     failed = subprocess.run([*rewrite_cli, "apply", str(tmp_path / "m.pt2"), "--pass", "verbalizer", "--labels",
-                             str(tmp_path / "missing.yaml"), "-o", str(tmp_path / "x.pt2")], capture_output=True, text=True)
+                             str(tmp_path / "missing.yaml"), "-o", str(tmp_path / "x.pt2")],
+                            capture_output=True, text=True)
     message = " ".join(failed.stderr.split())  # the console wraps long lines
     assert failed.returncode == 2 and f"labels file '{tmp_path / 'missing.yaml'}' does not exist" in message
