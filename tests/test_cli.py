@@ -88,6 +88,10 @@ def test_truncated_archive_is_exit_2(base_archive, tmp_path):
 
 
 def test_help_everywhere():
-    for command in ["", "capture", "apply", "fold", "export", "inspect", "run"]:
-        result = ok(*([command] if command else []), "--help")
-        assert "Usage:" in result.stdout
+    from click.testing import CliRunner
+
+    from rewrite.cli.main import cli
+
+    for command in [None, *cli.commands]:
+        result = CliRunner().invoke(cli, [command, "--help"] if command else ["--help"])
+        assert result.exit_code == 0 and "Usage:" in result.output
