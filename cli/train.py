@@ -25,6 +25,7 @@ from rewrite.train import SCHEDULES, TASKS, TrainConfig
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Examples per micro-batch per process.")
 @click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per optimizer step.")
 @click.option("--max-length", type=int, default=128, show_default=True, help="Tokens per example; longer ones are cut.")
+@click.option("--group-by-length", is_flag=True, help="Batch examples of similar length (less padding, faster).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--weight-decay", type=float, default=0.0, show_default=True)
 @click.option("--warmup-steps", type=int, default=0, show_default=True)
@@ -62,3 +63,13 @@ def train(source: str, train_file: str, eval_file: str | None, output_dir: str, 
     if int(os.environ.get("RANK", "0")) == 0:
         out.print(summary)
         console.print(f"wrote {Path(output_dir) / 'model.pt2'}, {Path(output_dir) / 'adapter'}, checkpoints and metrics.jsonl")
+
+
+@cli.command()
+@click.option("--output-dir", default="rewrite-demo", show_default=True, type=click.Path(file_okay=False),
+              help="Where the checkpoints, trained graph, adapter and model.onnx go.")
+def demo(output_dir: str) -> None:
+    """MiniLM + LoRA on shipped SST-2 data: train, fold, export to ONNX, check ONNX Runtime's accuracy."""
+    from rewrite.demo import run_demo
+
+    run_demo(output_dir, console=console)

@@ -65,6 +65,10 @@ class Encoded:
     def __len__(self) -> int:
         return len(self.features)
 
+    @property
+    def lengths(self) -> list[int]:
+        return [len(f["input_ids"]) for f in self.features]
+
 
 def _rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
     """(line number, row) pairs; a row that cannot be parsed comes back as the reason, a string."""
@@ -268,15 +272,40 @@ def collate(encoded: Encoded, indices: Sequence[int], tokenizer, task: str, inpu
     return batch
 
 
-def shard(size: int, rank: int, world: int, *, seed: int, epoch: int, shuffle: bool) -> list[int]:
-    """This rank's example indices for an epoch: the permutation padded (by repeating its start) to a
-    multiple of `world`, then every `world`-th entry from `rank` (torch's DistributedSampler rule)."""
-    if shuffle:
-        order = torch.randperm(size, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
-    else:
-        order = list(range(size))
-    padded = order + order[: (-size) % world]
+def epoch_order(lengths: Sequence[int], world: int, batch_size: int, *, seed: int, epoch: int,
+                group_by_length: bool = False) -> list[int]:
+    """The epoch's global example order: a permutation seeded by `(seed, epoch)`.
+
+    With `group_by_length`, each run of 50 global batches (`world * batch_size` examples each) is
+    sorted by length and the batches are then shuffled, so a batch holds examples of similar length
+    and little padding (Hugging Face's `group_by_length`). SST-2's phrases pad to 3x their tokens
+    in random batches, 1.07x grouped.
+    """
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    if not group_by_length:
+        return order
+    step = world * batch_size
+    chunk = 50 * step
+    grouped = [i for start in range(0, len(order), chunk)
+               for i in sorted(order[start:start + chunk], key=lambda i: -lengths[i])]
+    full = [grouped[i:i + step] for i in range(0, len(grouped) - len(grouped) % step, step)]
+    shuffled = [full[k] for k in torch.randperm(len(full), generator=generator).tolist()]
+    return [i for batch in shuffled for i in batch] + grouped[len(full) * step:]
+
+
+def shard(order: Sequence[int], rank: int, world: int) -> list[int]:
+    """This rank's share of an epoch order: the order padded (by repeating its start) to a multiple of
+    `world`, then every `world`-th entry from `rank` (torch's DistributedSampler rule). Batch k of every
+    rank together is batch k of a single process with `world` times the batch size."""
+    order = list(order)
+    padded = order + order[: (-len(order)) % world]
     return padded[rank::world]
+
+
+def by_length(lengths: Sequence[int]) -> list[int]:
+    """Indices longest first: evaluation batches with the least padding (the metrics do not depend on order)."""
+    return sorted(range(len(lengths)), key=lambda i: -lengths[i])
 
 
 def batches(indices: Sequence[int], batch_size: int) -> list[list[int]]:

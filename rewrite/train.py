@@ -25,7 +25,8 @@
 - Every micro-batch's loss is a sum divided by the item count (examples, or target tokens) of the
   whole accumulation window over all ranks, so gradient accumulation and DDP give the same update as
   one big batch.
-- Graph mode follows the phase: `gm.train()` while training, `gm.eval()` while evaluating.
+- Graph mode follows the phase: `gm.train()` while training; evaluations run an eval-mode twin of
+  the graph that shares its parameters (so a compiled training graph is never recompiled).
 - CUDA when available, else CPU; bf16 autocast on CUDA (trainable weights stay fp32);
   `compile=True` runs the graph through `torch.compile`.
 - With `output_dir`: `metrics.jsonl` (a record per step and per evaluation), atomic checkpoints every
@@ -40,9 +41,11 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -59,7 +62,7 @@ from rewrite.archive import save
 from rewrite.data import CLASSIFICATION, IGNORE_INDEX, LM_TASKS, Encoded, Example, Fields
 from rewrite.errors import RewriteError
 from rewrite.inputs import DEFAULT_INPUT_NAMES
-from rewrite.ir import info, tensor_at
+from rewrite.ir import info, tensor_at, wrap
 from rewrite.params import apply_trainable
 
 log = logging.getLogger(__name__)
@@ -87,6 +90,7 @@ class TrainConfig:
     schedule: str = "linear"
     max_grad_norm: float | None = 1.0
     max_length: int = 128
+    group_by_length: bool = False
     seed: int = 0
     bf16: bool | None = None
     compile: bool = False
@@ -342,12 +346,14 @@ class _Run:
         self.model = torch.compile(wrapped) if config.compile else wrapped
         micro = data.micro_batches_per_epoch(len(self.train.encoded), ctx.world, config.batch_size)
         self.steps_per_epoch = math.ceil(micro / config.grad_accum)
+        self.lengths = self.train.encoded.lengths
         self.total = config.max_steps or config.epochs * self.steps_per_epoch
         self.optimizer = _optimizer(self.named, config)
         self.scheduler = _scheduler(self.optimizer, config, self.total)
         self.out = Path(config.output_dir) if config.output_dir is not None else None
         self.log = checkpoint.MetricsLog(self.out / "metrics.jsonl" if self.out and ctx.main else None)
         self.last_eval: dict[str, float] | None = None
+        self.eval_graph: fx.GraphModule | None = None
         self.last_loss: float | None = None
         self.tokens = 0.0
         self.seconds = 0.0
@@ -356,8 +362,9 @@ class _Run:
         """This rank's micro-batches for the next optimizer step (a pure function of seed and step)."""
         config, ctx = self.config, self.ctx
         epoch, index = divmod(self.step, self.steps_per_epoch)
-        indices = data.shard(len(self.train.encoded), ctx.rank, ctx.world, seed=config.seed, epoch=epoch,
-                             shuffle=True)
+        order = data.epoch_order(self.lengths, ctx.world, config.batch_size, seed=config.seed, epoch=epoch,
+                                 group_by_length=config.group_by_length)
+        indices = data.shard(order, ctx.rank, ctx.world)
         micro = data.batches(indices, config.batch_size)[index * config.grad_accum:(index + 1) * config.grad_accum]
         return [_to(self.train.batch(m, _seed(config.seed, self.step, i, ctx.rank)), ctx.device)
                 for i, m in enumerate(micro)]
@@ -386,12 +393,10 @@ class _Run:
 
     def evaluate(self) -> dict[str, float]:
         """Eval-mode metrics over the eval set, each rank on every `world`-th example."""
-        indices = range(self.ctx.rank, len(self.eval.encoded), self.ctx.world)
-        self.gm.eval()
-        try:
-            sums = self.objective.eval_sums(self.gm, self.eval, indices, self.config.batch_size, self.config.seed)
-        finally:
-            self.gm.train()
+        if self.eval_graph is None:
+            self.eval_graph = _eval_twin(self.gm)
+        indices = data.by_length(self.eval.encoded.lengths)[self.ctx.rank::self.ctx.world]
+        sums = self.objective.eval_sums(self.eval_graph, self.eval, indices, self.config.batch_size, self.config.seed)
         return self.objective.metrics(self.ctx.sum(sums))
 
     def record(self, split: str, values: dict[str, float]) -> None:
@@ -444,6 +449,15 @@ class _Run:
             save_adapter(self.gm, self.out / "adapter")
         except RewriteError as error:
             log.warning("no PEFT adapter written (%s); the trained graph is in %s", error, self.out / "model.pt2")
+
+
+def _eval_twin(gm: fx.GraphModule) -> fx.GraphModule:
+    """An eval-mode copy of the graph sharing `gm`'s parameters. Evaluating through it leaves the
+    training graph's code untouched, so a `torch.compile`d training graph is never recompiled."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)  # pytree's LeafSpec deprecation on copy
+        graph = copy.deepcopy(gm.graph)
+    return wrap(gm, graph, info(gm), training=False)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -563,7 +577,8 @@ def evaluate(gm: fx.GraphModule, eval_data: DataSource, *, config: TrainConfig,
     was_training = gm.training
     gm.eval()
     try:
-        sums = objective.eval_sums(gm, dataset, range(len(dataset.encoded)), config.batch_size, config.seed)
+        sums = objective.eval_sums(gm, dataset, data.by_length(dataset.encoded.lengths), config.batch_size,
+                                   config.seed)
     finally:
         gm.train(was_training)
     return objective.metrics(sums)

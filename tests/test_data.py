@@ -10,7 +10,7 @@ import torch
 import transformers
 
 from rewrite import data
-from rewrite.data import Fields, collate, encode, read_examples, shard
+from rewrite.data import Fields, collate, encode, epoch_order, read_examples, shard
 from rewrite.errors import RewriteError
 
 NAMES = ["negative", "positive"]
@@ -141,12 +141,23 @@ def test_causal_lm_labels_ignore_padding_and_masked_lm_masks_reproducibly(tokeni
 
 
 def test_shards_split_each_global_batch_like_one_big_batch():
-    size, world, batch = 10, 2, 3
-    shards = [shard(size, rank, world, seed=1, epoch=0, shuffle=True) for rank in range(world)]
-    whole = shard(size, 0, 1, seed=1, epoch=0, shuffle=True)
-    assert sorted(whole) == list(range(size))
-    for k in range(data.micro_batches_per_epoch(size, world, batch)):
-        together = data.batches(whole, batch * world)[k]
+    lengths, world, batch = [5] * 10, 2, 3
+    order = epoch_order(lengths, world, batch, seed=1, epoch=0)
+    shards = [shard(order, rank, world) for rank in range(world)]
+    assert sorted(order) == list(range(10))
+    for k in range(data.micro_batches_per_epoch(len(lengths), world, batch)):
+        together = data.batches(order, batch * world)[k]
         assert sorted(i for s in shards for i in data.batches(s, batch)[k]) == sorted(together)
-    assert shard(size, 0, 1, seed=1, epoch=1, shuffle=True) != whole
-    assert shard(size, 0, 1, seed=1, epoch=0, shuffle=True) == whole
+    assert epoch_order(lengths, world, batch, seed=1, epoch=1) != order
+    assert epoch_order(lengths, world, batch, seed=1, epoch=0) == order
+
+
+def test_grouping_by_length_cuts_padding_and_keeps_every_example_once():
+    lengths = [int(x) for x in torch.randint(1, 60, (500,), generator=torch.Generator().manual_seed(0))]
+    padded = lambda order: sum(max(lengths[i] for i in b) * len(b) for b in data.batches(order, 16))  # noqa: E731
+    random_order = epoch_order(lengths, 2, 8, seed=0, epoch=0)
+    grouped = epoch_order(lengths, 2, 8, seed=0, epoch=0, group_by_length=True)
+    assert sorted(grouped) == list(range(500))
+    assert padded(grouped) < 0.6 * padded(random_order)
+    assert grouped == epoch_order(lengths, 2, 8, seed=0, epoch=0, group_by_length=True)
+    assert grouped != epoch_order(lengths, 2, 8, seed=0, epoch=1, group_by_length=True)

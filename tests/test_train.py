@@ -230,3 +230,18 @@ def test_errors_are_one_sentence(tiny_bert_dir, tmp_path):
         train(gm, rows, config=TrainConfig(batch_size=0))
     with pytest.raises(RewriteError, match="task 'feature-extraction' is not supported"):
         train(gm, rows, config=TrainConfig(task="feature-extraction"))
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(no_dropout_dir):
+    rows = sentiment_rows(32, seed=0)
+    weights = []
+    for compile_ in (False, True):
+        gm = lora_graph(no_dropout_dir)
+        config = TrainConfig(epochs=2, batch_size=8, lr=1e-2, compile=compile_, eval_every=2, progress=False)
+        result = train(gm, rows, eval_data=rows[:8], config=config)
+        weights.append((trainable(gm), result.eval))
+    (eager, eager_eval), (compiled, compiled_eval) = weights
+    for name in eager:
+        torch.testing.assert_close(compiled[name], eager[name], atol=1e-6, rtol=0)
+    assert compiled_eval["accuracy"] == eager_eval["accuracy"]
