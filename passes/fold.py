@@ -11,11 +11,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import networkx as nx
 import torch
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassResult
 
 from rewrite.errors import RewriteError
+from rewrite.graph import GraphQuery
 from rewrite.ir import add_submodule, copy_meta, remove_submodule, tag, tensor_at
 from rewrite.params import forget_trainable
 from rewrite.pipeline import Pass, register
@@ -62,17 +64,6 @@ def fold_lora(gm: fx.GraphModule) -> list[str]:
     return list(sites)
 
 
-def _ancestors(node: fx.Node) -> set[fx.Node]:
-    """`node` and every node it depends on."""
-    found, stack = set(), [node]
-    while stack:
-        current = stack.pop()
-        if current not in found:
-            found.add(current)
-            stack.extend(current.all_input_nodes)
-    return found
-
-
 def _evaluate(gm: fx.GraphModule, output: fx.Node, nodes: set[fx.Node]) -> torch.Tensor:
     """Runs the data-free subgraph `nodes` (which computes `output`) once, over `gm`'s parameters."""
     graph = fx.Graph()
@@ -90,7 +81,8 @@ def fold_prompt_encoders(gm: fx.GraphModule) -> list[str]:
     folded = []
     for table in [n for n in gm.graph.nodes if tag(n).get("prompt_table")]:
         path, made_by = tag(table)["prompt_table"], tag(table)["pass"]
-        encoder_nodes = {n for n in _ancestors(table) if tag(n).get("pass") == made_by}
+        upstream = nx.ancestors(GraphQuery(gm).digraph, table) | {table}
+        encoder_nodes = {n for n in upstream if tag(n).get("pass") == made_by}
         value = _evaluate(gm, table, encoder_nodes)
         if value.device.type != "meta" and not torch.isfinite(value).all():
             raise RewriteError(f"folding the prompt encoder {path} gives non-finite values; the encoder is corrupt")
