@@ -171,7 +171,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--memory-of", choices=("pruned", "full"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    args.model = args.model or _minilm()
+    args.model = str(args.model or _minilm())
     torch.set_num_threads(args.threads)
     if args.memory_of:
         print(peak_step_memory(args.memory_of, args.model, args.batch, args.seq))
