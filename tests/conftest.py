@@ -76,3 +76,17 @@ def tiny_bert_dir(tmp_path_factory, minilm_dir) -> Path:
     transformers.BertForSequenceClassification(config).save_pretrained(directory)
     transformers.AutoTokenizer.from_pretrained(minilm_dir).save_pretrained(directory)
     return directory
+
+
+@pytest.fixture(scope="session")
+def prompt_lm_dir(tmp_path_factory, minilm_dir):
+    """A tiny LLaMA that reads MiniLM's tokens, its weights drawn wide enough (std 0.2) that attention
+    reads the context: a 0.02-init random model ignores its context, so no prompt could steer it."""
+    directory = tmp_path_factory.mktemp("prompt-llama")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2)
+    transformers.LlamaForCausalLM(config).save_pretrained(directory)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_dir, model_input_names=["input_ids", "attention_mask"])
+    tokenizer.save_pretrained(directory)
+    return directory

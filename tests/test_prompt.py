@@ -10,7 +10,6 @@ import subprocess
 
 import pytest
 import torch
-import transformers
 from torch import fx
 from peft import PromptTuningConfig, get_peft_model
 
@@ -191,20 +190,6 @@ def test_later_passes_find_the_extended_inputs(make_tiny):
                 "token_type_ids": torch.cat([ones * 0, inputs["token_type_ids"]], 1)}
     for name in BERT_INPUTS:
         torch.testing.assert_close(interpreter.env[model_input(gm, name)], expected[name], rtol=0, atol=0)
-
-
-@pytest.fixture(scope="module")
-def prompt_lm_dir(tmp_path_factory, minilm_dir):
-    """A tiny LLaMA that reads MiniLM's tokens, its weights drawn wide enough (std 0.2) that attention
-    reads the context: a 0.02-init random model ignores its context, so no prompt could steer it."""
-    directory = tmp_path_factory.mktemp("prompt-llama")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2)
-    transformers.LlamaForCausalLM(config).save_pretrained(directory)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_dir, model_input_names=LLAMA_INPUTS)
-    tokenizer.save_pretrained(directory)
-    return directory
 
 
 def test_training_only_the_prompt_lowers_the_loss(prompt_lm_dir):

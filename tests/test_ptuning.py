@@ -20,7 +20,6 @@ from rewrite.inputs import example_inputs
 from rewrite.passes.prompt import TABLE
 
 from helpers import randomize_lora
-from test_prompt import prompt_lm_dir  # noqa: F401  (fixture)
 
 NAMES = ["input_ids", "attention_mask", "token_type_ids"]
 TEMPLATE = "[P] [P] {text} [P] [MASK] ."
@@ -183,7 +182,7 @@ def test_lora_composes_with_ptuning_and_both_fold(make_tiny):
         torch.testing.assert_close(gm(**inputs).logits, before, rtol=0, atol=1e-5)
 
 
-def test_training_the_prompt_encoder_lowers_the_loss(prompt_lm_dir):  # noqa: F811
+def test_training_the_prompt_encoder_lowers_the_loss(prompt_lm_dir):
     gm = rewrite.load_pretrained(prompt_lm_dir, task="causal-lm")
     torch.manual_seed(0)
     rewrite.apply(gm, "ptuning", template="[P] [P] [P] [P] {text}", encoder="lstm")
