@@ -77,31 +77,31 @@ DataSource = str | Path | Iterable[dict[str, Any]] | Sequence[Example]
 class TrainConfig:
     """Everything `train` needs besides the graph and the data (the CLI's flags map onto these)."""
 
-    output_dir: str | Path | None = None
-    task: str | None = None
+    output_dir: str | Path | None = None  # None: train in memory, write nothing
+    task: str | None = None  # default: the graph's task
     epochs: int = 1
-    max_steps: int | None = None
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
+    max_steps: int | None = None  # optimizer steps; overrides epochs
+    batch_size: int = 8  # examples per micro-batch on each rank
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 2e-4  # peak learning rate
+    weight_decay: float = 0.0  # matrices only
+    warmup_steps: int = 0  # linear warmup; else warmup_ratio of the total steps
     warmup_ratio: float = 0.0
-    schedule: str = "linear"
-    max_grad_norm: float | None = 1.0
-    max_length: int = 128
-    group_by_length: bool = False
+    schedule: str = "linear"  # after warmup: linear or cosine decay to 0, or constant
+    max_grad_norm: float | None = 1.0  # gradient clipping; None: off
+    max_length: int = 128  # tokens per example; longer ones are cut (and counted)
+    group_by_length: bool = False  # batch examples of similar length (less padding)
     seed: int = 0
-    bf16: bool | None = None
-    compile: bool = False
-    device: str | None = None
-    fields: Fields = field(default_factory=Fields)
-    label_names: list[str] | None = None
-    eval_every: int | None = None
-    save_every: int | None = 100
-    keep_checkpoints: int = 2
-    resume: bool = False
-    progress: bool = True
+    bf16: bool | None = None  # autocast; None: on CUDA only
+    compile: bool = False  # torch.compile the training graph
+    device: str | None = None  # default: CUDA (this rank's GPU) when available, else CPU
+    fields: Fields = field(default_factory=Fields)  # which row fields hold text, pair and label
+    label_names: list[str] | None = None  # class order; default: the model config's id2label
+    eval_every: int | None = None  # steps; evaluation also runs after each epoch and at the end
+    save_every: int | None = 100  # steps; a checkpoint is also written at the end
+    keep_checkpoints: int = 2  # newest checkpoints kept
+    resume: bool = False  # continue from the newest complete checkpoint in output_dir
+    progress: bool = True  # progress bar on rank 0
 
 
 @dataclass
