@@ -64,8 +64,8 @@ def _config(args) -> pet.PetConfig:
 
 def few_shot_head(model_dir: str, labeled, eval_set, config: pet.PetConfig, seed: int) -> float:
     """The baseline: a sequence classifier with LoRA, trained like each PVP model, on the raw text."""
+    torch.manual_seed(seed)  # the new classification head is initialized while loading
     gm = rewrite.load_pretrained(model_dir, task="seq-cls", num_labels=2)
-    torch.manual_seed(seed)
     rewrite.apply(gm, "lora", **config.lora)
     training = dataclasses.replace(config.pattern_training, seed=seed, label_names=["0", "1"])
     rewrite.train(gm, labeled, config=training)

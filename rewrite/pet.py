@@ -492,10 +492,10 @@ def distill(model_dir: str | Path, unlabeled: Sequence[Example], teacher_logits:
             label_names: list[str], config: PetConfig) -> RewriteGraph:
     """PET's final model: a plain sequence classifier (LoRA + head, no pattern) trained on the unlabeled
     texts with the ensemble's soft labels `softmax(logits / T)` and PET's distillation loss."""
+    torch.manual_seed(config.final_training.seed)  # the new classification head is initialized while loading
     gm = load_pretrained(model_dir, task="seq-cls", num_labels=len(label_names))
     gm.info["config"].id2label = dict(enumerate(label_names))
     gm.info["config"].label2id = {name: i for i, name in enumerate(label_names)}
-    torch.manual_seed(config.final_training.seed)
     apply(gm, "lora", **config.lora)
     targets = torch.softmax(teacher_logits / config.temperature, dim=-1).tolist()
     soft = [dataclasses.replace(e, label=tuple(t)) for e, t in zip(unlabeled, targets)]
