@@ -33,6 +33,7 @@ from rewrite.train import SCHEDULES, TASKS, TrainConfig
 @click.option("--max-grad-norm", type=float, default=1.0, show_default=True, help="Gradient clipping (0: off).")
 @click.option("--bf16/--no-bf16", default=None, help="bf16 autocast (default: on CUDA only).")
 @click.option("--compile", "compile_", is_flag=True, help="Run the graph through torch.compile.")
+@click.option("--fsdp", is_flag=True, help="Under torchrun: shard the graph with FSDP2 instead of DDP.")
 @click.option("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when available).")
 @click.option("--save-every", type=int, default=100, show_default=True, help="Checkpoint every N steps (and at the end).")
 @click.option("--keep-checkpoints", type=int, default=2, show_default=True, help="Newest checkpoints kept.")

@@ -1,8 +1,13 @@
-"""One process or many: the rank, the device, collectives that are no-ops alone, and the model wrapper.
+"""One process or many: the rank, the device, collectives that are no-ops alone, the model wrapper,
+and full (unsharded) state dicts for checkpoints.
 
 Under `torchrun` (WORLD_SIZE > 1 in the environment) `setup` joins the process group (NCCL on
 CUDA, gloo on CPU) unless the caller already did; each rank trains on its own GPU (LOCAL_RANK) or
-on the CPU. Gradients are averaged by DistributedDataParallel.
+on the CPU. Gradients are averaged by DistributedDataParallel, or, with `fsdp`, the graph is sharded
+in place with FSDP2's `fully_shard` (one unit: a captured graph is a single flat forward, so every
+parameter is gathered for it; what is saved is the memory of parameters, gradients and optimizer
+state at rest). State dicts go through `torch.distributed.checkpoint.state_dict`, which gathers
+shards for FSDP and is a plain state dict otherwise.
 """
 from __future__ import annotations
 
@@ -13,6 +18,15 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from rewrite.errors import RewriteError
@@ -80,16 +94,61 @@ def setup(requested_device: str | None = None) -> Context:
     return Context(0, 1, device, owns)
 
 
-def wrap(module: nn.Module, ctx: Context) -> nn.Module:
-    """DistributedDataParallel over the trainable parameters when there are several ranks."""
+def wrap(module: nn.Module, ctx: Context, fsdp: bool = False) -> nn.Module:
+    """The model to train: `module` itself alone, else DDP around it, or `module` sharded in place (FSDP)."""
     if ctx.world == 1:
+        return module
+    if fsdp:
+        fully_shard(module)
         return module
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     return DistributedDataParallel(module, device_ids=device_ids)
 
 
+def sharded(module: nn.Module) -> bool:
+    return isinstance(module, FSDPModule)
+
+
+@contextlib.contextmanager
 def no_sync(model: nn.Module, skip: bool):
-    """Skips the gradient all-reduce for all but the last micro-batch of an accumulation window."""
+    """Skips the gradient reduction for all but the last micro-batch of an accumulation window."""
     if skip and isinstance(model, DistributedDataParallel):
-        return model.no_sync()
-    return contextlib.nullcontext()
+        with model.no_sync():
+            yield
+    elif skip and isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+def scalar(value: torch.Tensor) -> float:
+    """A (possibly sharded) scalar as a float, e.g. the gradient norm FSDP returns as a DTensor."""
+    return float(value.full_tensor() if isinstance(value, DTensor) else value)
+
+
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+_TRAINABLE = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+
+
+def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Full CPU tensors of the parameters that require grad (and the buffers), by name; a collective
+    under FSDP: every rank calls it, rank 0 gets the tensors."""
+    return get_model_state_dict(module, options=_TRAINABLE)
+
+
+def optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer's full state keyed by parameter name (a collective under FSDP)."""
+    return get_optimizer_state_dict(module, optimizer, options=_FULL)
+
+
+def load_trainable(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copies full tensors into the (possibly sharded) parameters they name; every rank passes them all."""
+    set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True, strict=False))
+
+
+def load_optimizer(module: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    set_optimizer_state_dict(module, optimizer, state, options=StateDictOptions(full_state_dict=True))

@@ -34,7 +34,9 @@
   and the PEFT adapter (`adapter/`). `resume=True` continues from the newest complete checkpoint and
   ends with the same weights an uninterrupted run would have.
 - Under `torchrun`, each rank trains on its share of every global batch (DistributedDataParallel,
-  gloo on CPU, NCCL on GPU); rank 0 writes files.
+  gloo on CPU, NCCL on GPU); rank 0 writes files. With `fsdp=True` the graph is sharded in place
+  with FSDP2 instead; it is gathered whole again at the end but stays an FSDP module in train mode
+  (use it inside the process group, or load `model.pt2`).
 - `train` seeds torch's global RNG with `seed + rank` (dropout draws from it); the data order and
   masked-LM masks come from generators seeded by `(seed, epoch)` and `(seed, step)`.
 """
@@ -57,12 +59,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import fx, nn
 
 from rewrite import checkpoint, data, distributed
-from rewrite.adapter import PREFIX, adapter_state, save_adapter
+from rewrite.adapter import PREFIX, save_adapter
 from rewrite.archive import save
 from rewrite.data import CLASSIFICATION, IGNORE_INDEX, LM_TASKS, Encoded, Example, Fields
 from rewrite.errors import RewriteError
 from rewrite.inputs import DEFAULT_INPUT_NAMES
-from rewrite.ir import info, tensor_at, wrap
+from rewrite.ir import info, wrap
 from rewrite.params import apply_trainable
 
 log = logging.getLogger(__name__)
@@ -94,6 +96,7 @@ class TrainConfig:
     seed: int = 0
     bf16: bool | None = None  # autocast; None: on CUDA only
     compile: bool = False  # torch.compile the training graph
+    fsdp: bool = False  # under torchrun: shard the graph with FSDP2 instead of replicating it (DDP)
     device: str | None = None  # default: CUDA (this rank's GPU) when available, else CPU
     fields: Fields = field(default_factory=Fields)  # which row fields hold text, pair and label
     label_names: list[str] | None = None  # class order; default: the model config's id2label
@@ -231,13 +234,17 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
 # ---------------------------------------------------------------- optimization
 
 
-def _trainable(gm: fx.GraphModule) -> list[tuple[str, nn.Parameter]]:
-    """The parameters the passes listed as trainable; every other one is frozen (as PEFT freezes the base)."""
+def _freeze_base(gm: fx.GraphModule, master_fp32: bool) -> None:
+    """Only the parameters the passes listed as trainable require grad (PEFT freezes the base); under
+    bf16 autocast those are kept, and updated, in fp32."""
     names = info(gm).get("trainable") or []
     if not names:
         raise RewriteError("the graph has no trainable parameters; run a pass such as lora first")
     apply_trainable(gm)
-    return [(name, gm.get_parameter(name)) for name in names]
+    for name in names if master_fp32 else []:
+        param = gm.get_parameter(name)
+        if param.dtype in (torch.float16, torch.bfloat16):
+            param.data = param.data.float()
 
 
 def _optimizer(named: list[tuple[str, nn.Parameter]], config: TrainConfig) -> torch.optim.AdamW:
@@ -254,13 +261,6 @@ def _scheduler(optimizer, config: TrainConfig, total: int):
     warmup = config.warmup_steps or math.ceil(config.warmup_ratio * total)
     return get_scheduler(SCHEDULES[config.schedule], optimizer, num_warmup_steps=warmup,
                                       num_training_steps=total)
-
-
-def _master_weights(named: list[tuple[str, nn.Parameter]]) -> None:
-    """Under bf16 autocast the trainable weights are kept (and updated) in fp32."""
-    for _, param in named:
-        if param.dtype in (torch.float16, torch.bfloat16):
-            param.data = param.data.float()
 
 
 def _autocast(device: torch.device, enabled: bool):
@@ -339,10 +339,10 @@ class _Run:
     def __post_init__(self) -> None:
         config, ctx = self.config, self.ctx
         self.gm.to(ctx.device)
-        self.named = _trainable(self.gm)
-        if self.objective.bf16:
-            _master_weights(self.named)
-        wrapped = distributed.wrap(self.gm, ctx)
+        _freeze_base(self.gm, master_fp32=self.objective.bf16)
+        wrapped = distributed.wrap(self.gm, ctx, fsdp=config.fsdp)
+        self.sharded = distributed.sharded(self.gm)
+        self.named = [(name, self.gm.get_parameter(name)) for name in info(self.gm)["trainable"]]
         self.model = torch.compile(wrapped) if config.compile else wrapped
         micro = data.micro_batches_per_epoch(len(self.train.encoded), ctx.world, config.batch_size)
         self.steps_per_epoch = math.ceil(micro / config.grad_accum)
@@ -389,15 +389,25 @@ class _Run:
         self.optimizer.zero_grad(set_to_none=True)
         tokens = sum(b["attention_mask"].sum() for b in window).to(loss_sum)
         loss_sum, tokens = ctx.sum(torch.stack([loss_sum, tokens])).tolist()
-        return {"loss": loss_sum / max(items, 1.0), "lr": lr, "grad_norm": float(grad_norm), "tokens": tokens}
+        return {"loss": loss_sum / max(items, 1.0), "lr": lr, "grad_norm": distributed.scalar(grad_norm),
+                "tokens": tokens}
 
     def evaluate(self) -> dict[str, float]:
-        """Eval-mode metrics over the eval set, each rank on every `world`-th example."""
-        if self.eval_graph is None:
+        """Eval-mode metrics over the eval set, each rank on every `world`-th example.
+
+        It runs an eval-mode twin of the graph that shares its parameters. A sharded graph is gathered
+        whole for it (FSDP's `unshard`, as its own forward does) and the twin is built over the
+        gathered parameters; an FSDP module's code cannot be regenerated by a mode switch."""
+        config, ctx = self.config, self.ctx
+        indices = data.by_length(self.eval.encoded.lengths)[ctx.rank::ctx.world]
+        if self.sharded:
+            self.gm.unshard()
             self.eval_graph = _eval_twin(self.gm)
-        indices = data.by_length(self.eval.encoded.lengths)[self.ctx.rank::self.ctx.world]
-        sums = self.objective.eval_sums(self.eval_graph, self.eval, indices, self.config.batch_size, self.config.seed)
-        return self.objective.metrics(self.ctx.sum(sums))
+        self.eval_graph = self.eval_graph or _eval_twin(self.gm)
+        sums = self.objective.eval_sums(self.eval_graph, self.eval, indices, config.batch_size, config.seed)
+        if self.sharded:
+            self.gm.reshard()
+        return self.objective.metrics(ctx.sum(sums))
 
     def record(self, split: str, values: dict[str, float]) -> None:
         entry = {"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4), "split": split, **values}
@@ -405,13 +415,16 @@ class _Run:
         self.log.write(entry)
 
     def save_checkpoint(self) -> None:
+        """Every rank takes part (gathering shards and RNG states); rank 0 writes."""
+        weights = distributed.trainable_state(self.gm)
+        optimizer = distributed.optimizer_state(self.gm, self.optimizer)
         states = self.ctx.gather(_rng_state())
         if not self.ctx.main:
             return
-        state = {"step": self.step, "world_size": self.ctx.world, "optimizer": self.optimizer.state_dict(),
+        state = {"step": self.step, "world_size": self.ctx.world, "optimizer": optimizer,
                  "scheduler": self.scheduler.state_dict(), "rng": states}
-        checkpoint.write(self.out / "checkpoints", self.step, adapter_state(self.gm), state,
-                         self.config.keep_checkpoints)
+        weights = {PREFIX + name: weights[name].contiguous() for name in info(self.gm)["trainable"]}
+        checkpoint.write(self.out / "checkpoints", self.step, weights, state, self.config.keep_checkpoints)
 
     def restore(self) -> int | None:
         """Loads the newest complete checkpoint, if any, and returns its step."""
@@ -427,8 +440,8 @@ class _Run:
             return None
         step, directory = found[-1]
         weights, state = checkpoint.read(directory)
-        _load_weights(self.gm, weights, directory)
-        self.optimizer.load_state_dict(state["optimizer"])
+        distributed.load_trainable(self.gm, _trainable_weights(self.gm, weights, directory))
+        distributed.load_optimizer(self.gm, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if state["world_size"] == self.ctx.world:
             _set_rng_state(state["rng"][self.ctx.rank])
@@ -441,7 +454,10 @@ class _Run:
         return step
 
     def write_outputs(self) -> None:
-        """The trained graph and its PEFT adapter beside the checkpoints (rank 0)."""
+        """The trained graph and its PEFT adapter beside the checkpoints, written by rank 0. A sharded
+        graph is first gathered whole on every rank (FSDP's `unshard`), and stays so."""
+        if self.sharded:
+            self.gm.unshard()
         if not (self.out and self.ctx.main):
             return
         save(self.gm, self.out / "model.pt2")
@@ -473,13 +489,12 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _load_weights(gm: fx.GraphModule, weights: dict[str, torch.Tensor], source: Path) -> None:
-    for name in info(gm)["trainable"]:
-        key = PREFIX + name
-        if key not in weights:
-            raise RewriteError(f"checkpoint {str(source)!r} has no weight {key}; it was written for another graph")
-        with torch.no_grad():
-            tensor_at(gm, name).copy_(weights[key])
+def _trainable_weights(gm: fx.GraphModule, weights: dict[str, torch.Tensor], source: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's weights by parameter name; every trainable parameter must be there."""
+    missing = [PREFIX + name for name in info(gm)["trainable"] if PREFIX + name not in weights]
+    if missing:
+        raise RewriteError(f"checkpoint {str(source)!r} has no weight {missing[0]}; it was written for another graph")
+    return {name: weights[PREFIX + name] for name in info(gm)["trainable"]}
 
 
 # ---------------------------------------------------------------- the loop
@@ -551,13 +566,14 @@ def train(
         objective = _objective(gm, config, task, loss_fn, ctx.device)
         train_set = _load_data(gm, train_data, config, task)
         eval_set = _load_data(gm, eval_data, config, task) if eval_data is not None else None
+        gm.train()
         run = _Run(gm, config, ctx, objective, train_set, eval_set)
         resumed = run.restore() if config.resume else None
-        gm.train()
         try:
             _fit(run)
         finally:
-            gm.eval()
+            if not run.sharded:
+                gm.eval()
             run.log.close()
         run.write_outputs()
         ctx.barrier()

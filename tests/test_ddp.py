@@ -1,4 +1,4 @@
-"""DDP: `torchrun --nproc_per_node 2` (gloo, CPU) with batch b per rank updates like one process with batch 2b."""
+"""DDP and FSDP: `torchrun --nproc_per_node 2` (gloo, CPU) with batch b per rank updates like one process with batch 2b."""
 from __future__ import annotations
 
 import json
@@ -28,13 +28,16 @@ def run(command: list[str]) -> None:
 
 
 @pytest.mark.slow
-def test_two_ranks_of_batch_b_equal_one_rank_of_batch_2b(no_dropout_dir, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp"])
+def test_two_ranks_of_batch_b_equal_one_rank_of_batch_2b(no_dropout_dir, tmp_path, wrapper):  # noqa: F811
     rewrite.save(lora_graph(no_dropout_dir), tmp_path / "in.pt2")
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in sentiment_rows(16, seed=0)))
+    sharding = ["--fsdp"] if wrapper == "fsdp" else []
 
     run([*CLI, *train_args(tmp_path / "in.pt2", data, tmp_path / "one", batch_size=8)])
-    run([*TORCHRUN, *CLI, *train_args(tmp_path / "in.pt2", data, tmp_path / "two", batch_size=4)])
+    run([*TORCHRUN, *CLI, *train_args(tmp_path / "in.pt2", data, tmp_path / "two", batch_size=4), *sharding,
+         "--eval", str(data)])
 
     for single, ranks in zip(first_moments(tmp_path / "one", 1), first_moments(tmp_path / "two", 1)):
         torch.testing.assert_close(ranks, single, atol=1e-8, rtol=1e-5)
