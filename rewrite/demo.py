@@ -8,6 +8,7 @@ saw, so its accuracy can be checked against torch's.
 """
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +78,7 @@ def run_demo(output_dir: str | Path = "rewrite-demo", console: Console | None = 
 
     console = console or Console(stderr=True)
     output_dir = Path(output_dir)
+    shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)  # a previous demo's: every demo starts afresh
     started = time.perf_counter()
     config = demo_config(output_dir)
 

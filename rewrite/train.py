@@ -426,6 +426,16 @@ class _Run:
         weights = {PREFIX + name: weights[name].contiguous() for name in info(self.gm)["trainable"]}
         checkpoint.write(self.out / "checkpoints", self.step, weights, state, self.config.keep_checkpoints)
 
+    def start_fresh(self) -> None:
+        """A new run must not mix with an old one's checkpoints (a later resume would pick them up)."""
+        if self.out is None:
+            return
+        if checkpoint.completed(self.out / "checkpoints"):
+            raise RewriteError(f"output directory {str(self.out)!r} already holds a run's checkpoints; continue it "
+                               "with resume (--resume), or train into an empty directory")
+        if self.ctx.main:
+            checkpoint.cut_log(self.out / "metrics.jsonl", 0)
+
     def restore(self) -> int | None:
         """Loads the newest complete checkpoint, if any, and returns its step."""
         root = self.out / "checkpoints"
@@ -568,7 +578,11 @@ def train(
         eval_set = _load_data(gm, eval_data, config, task) if eval_data is not None else None
         gm.train()
         run = _Run(gm, config, ctx, objective, train_set, eval_set)
-        resumed = run.restore() if config.resume else None
+        resumed = None
+        if config.resume:
+            resumed = run.restore()
+        else:
+            run.start_fresh()
         try:
             _fit(run)
         finally:

@@ -230,6 +230,9 @@ def test_errors_are_one_sentence(tiny_bert_dir, tmp_path):
         train(gm, rows, config=TrainConfig(batch_size=0))
     with pytest.raises(RewriteError, match="task 'feature-extraction' is not supported"):
         train(gm, rows, config=TrainConfig(task="feature-extraction"))
+    train(gm, rows, config=TrainConfig(output_dir=tmp_path, max_steps=1, progress=False))
+    with pytest.raises(RewriteError, match="already holds a run's checkpoints; continue it with resume"):
+        train(gm, rows, config=TrainConfig(output_dir=tmp_path, max_steps=1, progress=False))
 
 
 @pytest.mark.slow
