@@ -218,7 +218,7 @@ def _load_data(gm: fx.GraphModule, source, config: TrainConfig, task: str) -> _D
     if tokenizer is None:
         raise RewriteError("the graph has no tokenizer, so text data cannot be encoded; capture it from a "
                            "Hugging Face directory that has tokenizer files")
-    if isinstance(source, Sequence) and source and isinstance(source[0], Example):
+    if isinstance(source, (list, tuple)) and source and isinstance(source[0], Example):
         examples = list(source)
     else:
         examples = data.read_examples(source, task=task, fields=config.fields,
@@ -259,8 +259,7 @@ def _scheduler(optimizer, config: TrainConfig, total: int):
     from transformers import get_scheduler
 
     warmup = config.warmup_steps or math.ceil(config.warmup_ratio * total)
-    return get_scheduler(SCHEDULES[config.schedule], optimizer, num_warmup_steps=warmup,
-                                      num_training_steps=total)
+    return get_scheduler(SCHEDULES[config.schedule], optimizer, num_warmup_steps=warmup, num_training_steps=total)
 
 
 def _autocast(device: torch.device, enabled: bool):
@@ -346,7 +345,7 @@ class _Run:
         self.model = torch.compile(wrapped) if config.compile else wrapped
         micro = data.micro_batches_per_epoch(len(self.train.encoded), ctx.world, config.batch_size)
         self.steps_per_epoch = math.ceil(micro / config.grad_accum)
-        self.lengths = self.train.encoded.lengths
+        self.epoch_cache: tuple[int, list[list[int]]] = (-1, [])
         self.total = config.max_steps or config.epochs * self.steps_per_epoch
         self.optimizer = _optimizer(self.named, config)
         self.scheduler = _scheduler(self.optimizer, config, self.total)
@@ -358,14 +357,20 @@ class _Run:
         self.tokens = 0.0
         self.seconds = 0.0
 
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """This rank's micro-batches (example indices) of `epoch`, computed once per epoch."""
+        if self.epoch_cache[0] != epoch:
+            config, ctx = self.config, self.ctx
+            order = data.epoch_order(self.train.encoded.lengths, ctx.world, config.batch_size, seed=config.seed,
+                                     epoch=epoch, group_by_length=config.group_by_length)
+            self.epoch_cache = (epoch, data.batches(data.shard(order, ctx.rank, ctx.world), config.batch_size))
+        return self.epoch_cache[1]
+
     def window(self) -> list[dict[str, torch.Tensor]]:
         """This rank's micro-batches for the next optimizer step (a pure function of seed and step)."""
         config, ctx = self.config, self.ctx
         epoch, index = divmod(self.step, self.steps_per_epoch)
-        order = data.epoch_order(self.lengths, ctx.world, config.batch_size, seed=config.seed, epoch=epoch,
-                                 group_by_length=config.group_by_length)
-        indices = data.shard(order, ctx.rank, ctx.world)
-        micro = data.batches(indices, config.batch_size)[index * config.grad_accum:(index + 1) * config.grad_accum]
+        micro = self.epoch_batches(epoch)[index * config.grad_accum:(index + 1) * config.grad_accum]
         return [_to(self.train.batch(m, _seed(config.seed, self.step, i, ctx.rank)), ctx.device)
                 for i, m in enumerate(micro)]
 
@@ -402,8 +407,9 @@ class _Run:
         indices = data.by_length(self.eval.encoded.lengths)[ctx.rank::ctx.world]
         if self.sharded:
             self.gm.unshard()
+            self.eval_graph = _eval_twin(self.gm)  # over the gathered parameters, so rebuilt each time
+        elif self.eval_graph is None:
             self.eval_graph = _eval_twin(self.gm)
-        self.eval_graph = self.eval_graph or _eval_twin(self.gm)
         sums = self.objective.eval_sums(self.eval_graph, self.eval, indices, config.batch_size, config.seed)
         if self.sharded:
             self.gm.reshard()
