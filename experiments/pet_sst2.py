@@ -26,6 +26,7 @@ import json
 import logging
 import random
 import statistics
+import textwrap
 import time
 from pathlib import Path
 
@@ -140,7 +141,7 @@ def write_plot(results: dict, path: Path) -> None:
                  color="#9ecae1", edgecolor="#3182bd", capsize=4)
         axes.scatter([index] * len(values), values, color="#08519c", s=12, zorder=3)
     axes.axhline(444 / 872, color="grey", linestyle="--", linewidth=1, label="majority class")
-    axes.set_xticks(range(len(METHODS)), [n.replace(": ", ":\n") for n in METHODS.values()], fontsize=7)
+    axes.set_xticks(range(len(METHODS)), [textwrap.fill(n, 24) for n in METHODS.values()], fontsize=7)
     axes.set_ylabel("SST-2 dev accuracy")
     axes.set_ylim(0.4, 1.0)
     axes.set_title(f"MiniLM, 32 labeled examples, {len(splits)} splits (bars: mean ± std, dots: splits)", fontsize=9)
