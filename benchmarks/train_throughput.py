@@ -4,7 +4,8 @@
     python benchmarks/train_throughput.py --models minilm --modes eager --steps 10
 
 Each (model, implementation, mode) runs in its own process, so compilation caches and memory peaks
-do not leak between them. A step is forward, loss, backward, gradient clipping, AdamW and the LR
+do not leak between them; with `--repeats N` the two implementations alternate N times and the
+medians are reported, so a machine shared with other work slows both alike. A step is forward, loss, backward, gradient clipping, AdamW and the LR
 schedule; ours is `rewrite.train` itself (data collation included), PEFT's is the equivalent loop
 over pre-tokenized tensors. Throughput is the median of the steps after the warm-up ones; peak memory
 is the process's peak RSS during those steps above its RSS before training (CPU; on CUDA, the peak of
@@ -187,6 +188,7 @@ def main() -> None:
     parser.add_argument("--modes", default="eager,compile")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=1, help="Alternating runs per implementation.")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -196,7 +198,8 @@ def main() -> None:
 
     device = f"CUDA ({torch.cuda.get_device_name()}, bf16 autocast)" if torch.cuda.is_available() else \
         f"CPU ({torch.get_num_threads()} threads, fp32)"
-    print(f"training throughput on {device}; LoRA r=8 on q,v; median of {args.steps} steps after {args.warmup}")
+    print(f"training throughput on {device}; LoRA r=8 on q,v; median of {args.steps} steps after {args.warmup}, "
+          f"{args.repeats} run(s) each")
     header = f"{'model':<11} {'mode':<8} {'ours tok/s':>11} {'PEFT tok/s':>11} {'speed ratio':>12} " \
              f"{'ours MiB':>9} {'PEFT MiB':>9} {'memory ratio':>13}"
     print(header)
@@ -205,7 +208,10 @@ def main() -> None:
             spec = MODELS[model]
             tokens = spec["batch"] * spec["seq"]
             for mode in args.modes.split(","):
-                ours, theirs = (measure(model, impl, mode, args, Path(workdir)) for impl in IMPLEMENTATIONS)
+                runs = [[measure(model, impl, mode, args, Path(workdir)) for impl in IMPLEMENTATIONS]
+                        for _ in range(args.repeats)]
+                ours, theirs = ({key: statistics.median(run[i][key] for run in runs) for key in runs[0][i]}
+                                for i in range(len(IMPLEMENTATIONS)))
                 print(f"{model:<11} {mode:<8} {tokens / ours['step_s']:>11,.0f} {tokens / theirs['step_s']:>11,.0f} "
                       f"{theirs['step_s'] / ours['step_s']:>11.2f}x {ours['peak_bytes'] / 2**20:>9.0f} "
                       f"{theirs['peak_bytes'] / 2**20:>9.0f} {ours['peak_bytes'] / theirs['peak_bytes']:>12.2f}x",

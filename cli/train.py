@@ -29,6 +29,7 @@ from rewrite.train import SCHEDULES, TASKS, TrainConfig
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--weight-decay", type=float, default=0.0, show_default=True)
 @click.option("--warmup-steps", type=int, default=0, show_default=True)
+@click.option("--warmup-ratio", type=float, default=0.0, show_default=True, help="Warmup as a share of the steps.")
 @click.option("--schedule", type=click.Choice(list(SCHEDULES)), default="linear", show_default=True)
 @click.option("--max-grad-norm", type=float, default=1.0, show_default=True, help="Gradient clipping (0: off).")
 @click.option("--bf16/--no-bf16", default=None, help="bf16 autocast (default: on CUDA only).")
@@ -58,11 +59,13 @@ def train(source: str, train_file: str, eval_file: str | None, output_dir: str, 
         **options,
     )
     result = rewrite.train(gm, train_file, eval_data=eval_file, config=config)
-    summary = f"trained {result.steps} steps: loss {result.train_loss:.4f}"
+    summary = [f"trained {result.steps} steps"]
+    if result.train_loss is not None:
+        summary.append(f"last loss {result.train_loss:.4f}")
     if result.eval:
-        summary += "; eval " + ", ".join(f"{k} {v:.4f}" for k, v in result.eval.items())
+        summary.append("eval " + ", ".join(f"{k} {v:.4f}" for k, v in result.eval.items()))
     if int(os.environ.get("RANK", "0")) == 0:
-        out.print(summary)
+        out.print("; ".join(summary))
         console.print(f"wrote {Path(output_dir) / 'model.pt2'}, {Path(output_dir) / 'adapter'}, checkpoints and metrics.jsonl")
 
 

@@ -216,6 +216,10 @@ def test_cli_train_writes_graph_adapter_checkpoints_and_log(tiny_bert_dir, tmp_p
     assert result.exit_code == 0, result.output
     assert {p.name for p in out.iterdir()} >= {"model.pt2", "adapter", "checkpoints", "metrics.jsonl"}
     assert "accuracy" in result.output
+    again = CliRunner().invoke(cli, ["train", str(tmp_path / "in.pt2"), "--data", str(data), "--max-steps", "3",
+                                     "--output-dir", str(out), "--resume"])
+    assert again.exit_code == 0, again.output
+    assert "trained 3 steps" in again.output
 
 
 def test_errors_are_one_sentence(tiny_bert_dir, tmp_path):
