@@ -210,7 +210,7 @@ def encode(examples: Sequence[Example], tokenizer, max_length: int) -> Encoded:
     return Encoded(features, labels, len(long))
 
 
-def _pad_id(tokenizer) -> int:
+def pad_token_id(tokenizer) -> int:
     """The pad token, else EOS (LLaMA and GPT-2 tokenizers have no pad token); the mask hides it anyway."""
     for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
         if token_id is not None:
@@ -218,7 +218,7 @@ def _pad_id(tokenizer) -> int:
     return 0
 
 
-def _pad(rows: list[list[int]], value: int, left: bool) -> torch.Tensor:
+def pad_rows(rows: list[list[int]], value: int, left: bool) -> torch.Tensor:
     width = max(len(r) for r in rows)
     padded = [([value] * (width - len(r)) + r) if left else (r + [value] * (width - len(r))) for r in rows]
     return torch.tensor(padded, dtype=torch.long)
@@ -256,17 +256,17 @@ def collate(encoded: Encoded, indices: Sequence[int], tokenizer, task: str, inpu
     """
     left = getattr(tokenizer, "padding_side", "right") == "left"
     features = [encoded.features[i] for i in indices]
-    batch = {"input_ids": _pad([f["input_ids"] for f in features], _pad_id(tokenizer), left)}
-    batch["attention_mask"] = _pad([[1] * len(f["input_ids"]) for f in features], 0, left)
+    batch = {"input_ids": pad_rows([f["input_ids"] for f in features], pad_token_id(tokenizer), left)}
+    batch["attention_mask"] = pad_rows([[1] * len(f["input_ids"]) for f in features], 0, left)
     for name in input_names:
         if name not in batch:
-            batch[name] = _pad([f.get(name, [0] * len(f["input_ids"])) for f in features], 0, left)
+            batch[name] = pad_rows([f.get(name, [0] * len(f["input_ids"])) for f in features], 0, left)
     if task == CLASSIFICATION:
         batch["labels"] = _label_tensor([encoded.labels[i] for i in indices])
     elif task == "causal-lm":
         batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
     else:
-        special = _pad([tokenizer.get_special_tokens_mask(f["input_ids"], already_has_special_tokens=True)
+        special = pad_rows([tokenizer.get_special_tokens_mask(f["input_ids"], already_has_special_tokens=True)
                         for f in features], 1, left).bool() | (batch["attention_mask"] == 0)
         batch["input_ids"], batch["labels"] = mask_tokens(batch["input_ids"], special, tokenizer, generator)
     return batch

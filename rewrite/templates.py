@@ -17,7 +17,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import fx
 
-from rewrite.data import _pad, _pad_id  # training's padding rule (pad token, else EOS), so batches agree
+from rewrite.data import pad_rows, pad_token_id  # training's padding rule (pad token, else EOS), so batches agree
 from rewrite.errors import RewriteError
 from rewrite.ir import info
 
@@ -160,8 +160,8 @@ def encode_batch(gm: fx.GraphModule, texts: Sequence[Mapping[str, str] | str], *
                     "not the tokens' embeddings", clashing, len(texts))
     rows = [ids for ids, _ in encoded]
     left = getattr(tokenizer, "padding_side", "right") == "left"
-    input_ids = _pad(rows, _pad_id(tokenizer), left)
-    inputs = {"input_ids": input_ids, "attention_mask": _pad([[1] * len(r) for r in rows], 0, left),
+    input_ids = pad_rows(rows, pad_token_id(tokenizer), left)
+    inputs = {"input_ids": input_ids, "attention_mask": pad_rows([[1] * len(r) for r in rows], 0, left),
               "token_type_ids": torch.zeros_like(input_ids)}
     names = info(gm).get("input_names") or ["input_ids", "attention_mask"]
     return {name: inputs[name] for name in names if name in inputs}
