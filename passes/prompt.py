@@ -293,6 +293,7 @@ class PromptPass(Pass):
         self._extend_inputs(gm, inputs, embed)
         self._prepend(gm, embed)
         stripped = self._strip(gm) if self.strip_virtual else []
+        info(gm)["prepended_positions"] = 0 if self.strip_virtual else count  # training pads LM labels by this
         mark_trainable(gm, [TABLE, *heads])
         self.report = {
             "num_virtual_tokens": count,

@@ -56,11 +56,16 @@ class Example:
 
 @dataclass
 class Encoded:
-    """Tokenized examples: token ids per example (unpadded) and the labels, ready to batch."""
+    """Tokenized examples: token ids per example (unpadded) and the labels, ready to batch.
+
+    `reserved` are ids that stand for something other than a token (P-tuning's placeholders): they
+    are never language-modeling targets and never masked.
+    """
 
     features: list[dict[str, list[int]]]
     labels: list[int | tuple[float, ...]] | None
     truncated: int
+    reserved: tuple[int, ...] = ()
 
     def __len__(self) -> int:
         return len(self.features)
@@ -251,8 +256,9 @@ def collate(encoded: Encoded, indices: Sequence[int], tokenizer, task: str, inpu
             generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """One padded batch: the graph's inputs plus `labels` (class ids, soft rows, or token targets).
 
-    Causal-LM labels are the input ids with padding set to -100 (the loss shifts them); masked-LM
-    labels are the masked positions' ids (needs `generator`, so masking is reproducible).
+    Causal-LM labels are the input ids with padding (and `encoded.reserved` ids) set to -100 (the
+    loss shifts them); masked-LM labels are the masked positions' ids (needs `generator`, so masking
+    is reproducible), chosen among real tokens only: never special, padding or reserved positions.
     """
     left = getattr(tokenizer, "padding_side", "right") == "left"
     features = [encoded.features[i] for i in indices]
@@ -263,11 +269,14 @@ def collate(encoded: Encoded, indices: Sequence[int], tokenizer, task: str, inpu
             batch[name] = pad_rows([f.get(name, [0] * len(f["input_ids"])) for f in features], 0, left)
     if task == CLASSIFICATION:
         batch["labels"] = _label_tensor([encoded.labels[i] for i in indices])
-    elif task == "causal-lm":
-        batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
+        return batch
+    no_target = (batch["attention_mask"] == 0) | torch.isin(batch["input_ids"], torch.tensor(encoded.reserved,
+                                                                                                dtype=torch.long))
+    if task == "causal-lm":
+        batch["labels"] = batch["input_ids"].masked_fill(no_target, IGNORE_INDEX)
     else:
         special = pad_rows([tokenizer.get_special_tokens_mask(f["input_ids"], already_has_special_tokens=True)
-                        for f in features], 1, left).bool() | (batch["attention_mask"] == 0)
+                            for f in features], 1, left).bool() | no_target
         batch["input_ids"], batch["labels"] = mask_tokens(batch["input_ids"], special, tokenizer, generator)
     return batch
 

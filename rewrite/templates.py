@@ -12,21 +12,30 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 import torch
 from torch import fx
 
-from rewrite.data import pad_rows, pad_token_id  # training's padding rule (pad token, else EOS), so batches agree
+from rewrite.data import Encoded, Example, pad_rows, pad_token_id  # training's padding, so batches agree
 from rewrite.errors import RewriteError
 from rewrite.ir import info
 
 log = logging.getLogger(__name__)
 
 PLACEHOLDER = "[P]"
+PAIR_FIELDS = ("text_b", "pair")  # template fields that take the second text of a pair; others take the text
 _PIECE = re.compile(r"(\[P\]|\{\w+\})")
 _BRACKETED = re.compile(r"\[[^\[\]\s]+\]|<[^<>\s]+>")
 _PROBE = "a"
+
+
+class Encoding(NamedTuple):
+    """One example through a template: its ids, how many placeholder ids its own text held, whether it was cut."""
+
+    ids: list[int]
+    clashes: int
+    truncated: bool
 
 
 @dataclass(frozen=True)
@@ -79,7 +88,7 @@ class Template:
                     )
 
     def encode(self, tokenizer, prompt_ids: Sequence[int], values: Mapping[str, str] | str,
-               max_length: int | None = None) -> tuple[list[int], int]:
+               max_length: int | None = None) -> Encoding:
         """Token ids of one example and how many prompt ids its fields contained (they become prompt vectors).
 
         With `max_length` the longest field is cut from its end until the whole fits; the template
@@ -91,8 +100,8 @@ class Template:
             raise RewriteError(f"template {self.source!r} needs field {', '.join(missing)}, which the example lacks")
         fields = {name: _ids(tokenizer, values[name]) for name in self.fields}
         prefix, suffix = special_frame(tokenizer)
-        if max_length is not None:
-            _fit(fields, max_length - len(prefix) - len(suffix) - self._fixed_length(tokenizer), self.source)
+        truncated = max_length is not None and _fit(
+            fields, max_length - len(prefix) - len(suffix) - self._fixed_length(tokenizer), self.source)
         ids = list(prefix)
         for kind, value in self.parts:
             if kind == "prompt":
@@ -103,7 +112,7 @@ class Template:
                 ids.extend(_ids(tokenizer, value))
         reserved = set(prompt_ids)
         clashes = sum(token in reserved for tokens in fields.values() for token in tokens)
-        return ids + list(suffix), clashes
+        return Encoding(ids + list(suffix), clashes, truncated)
 
     def _fixed_length(self, tokenizer) -> int:
         return sum(1 if kind == "prompt" else len(_ids(tokenizer, value)) for kind, value in self.parts if kind != "field")
@@ -113,13 +122,16 @@ def _ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def _fit(fields: dict[str, list[int]], room: int, source: str) -> None:
-    """Cuts the longest field from its end until the fields hold at most `room` tokens."""
+def _fit(fields: dict[str, list[int]], room: int, source: str) -> bool:
+    """Cuts the longest field from its end until the fields hold at most `room` tokens; True if it cut."""
     if room < len(fields):
         raise RewriteError(f"template {source!r} alone fills the maximum length; shorten it or allow longer inputs")
+    cut = False
     while sum(map(len, fields.values())) > room:
         longest = max(fields, key=lambda name: len(fields[name]))
         fields[longest] = fields[longest][:-1]
+        cut = True
+    return cut
 
 
 def special_frame(tokenizer) -> tuple[list[int], list[int]]:
@@ -133,12 +145,32 @@ def special_frame(tokenizer) -> tuple[list[int], list[int]]:
                        "this tokenizer cannot be used with templates")
 
 
+def uses_template(gm: fx.GraphModule) -> bool:
+    """Whether the graph reads its input through a P-tuning template (so text must be encoded by it)."""
+    return any(h["pass"] == "ptuning" for h in info(gm)["history"])
+
+
 def for_graph(gm: fx.GraphModule) -> tuple[Template, list[int]]:
     """The template and placeholder ids of the graph's P-tuning pass."""
     runs = [h for h in info(gm)["history"] if h["pass"] == "ptuning"]
     if not runs:
         raise RewriteError("the graph has no P-tuning template; run the ptuning pass first")
     return Template.parse(runs[-1]["options"]["template"]), list(runs[-1]["report"]["placeholder_ids"])
+
+
+def _encode_all(gm: fx.GraphModule, values: Sequence[Mapping[str, str] | str],
+                max_length: int | None) -> tuple[list[Encoding], list[int], object]:
+    """Every item through the graph's template; texts that hold placeholder ids are counted and logged."""
+    template, prompt_ids = for_graph(gm)
+    tokenizer = info(gm).get("tokenizer")
+    if tokenizer is None:
+        raise RewriteError("the graph has no tokenizer to encode text with; capture it from a model directory")
+    encoded = [template.encode(tokenizer, prompt_ids, item, max_length) for item in values]
+    clashing = sum(e.clashes > 0 for e in encoded)
+    if clashing:
+        log.warning("%d of %d texts contain the template's placeholder tokens; those positions get prompt vectors, "
+                    "not the tokens' embeddings", clashing, len(values))
+    return encoded, prompt_ids, tokenizer
 
 
 def encode_batch(gm: fx.GraphModule, texts: Sequence[Mapping[str, str] | str], *,
@@ -149,19 +181,38 @@ def encode_batch(gm: fx.GraphModule, texts: Sequence[Mapping[str, str] | str], *
     Texts whose own tokens include a placeholder id (a user writing `[unused1]`) are counted and
     logged: the model sees a prompt vector there, not the token.
     """
-    template, prompt_ids = for_graph(gm)
-    tokenizer = info(gm).get("tokenizer")
-    if tokenizer is None:
-        raise RewriteError("the graph has no tokenizer to encode text with; capture it from a model directory")
-    encoded = [template.encode(tokenizer, prompt_ids, text, max_length) for text in texts]
-    clashing = sum(clashes > 0 for _, clashes in encoded)
-    if clashing:
-        log.warning("%d of %d texts contain the template's placeholder tokens; those positions get prompt vectors, "
-                    "not the tokens' embeddings", clashing, len(texts))
-    rows = [ids for ids, _ in encoded]
+    encoded, _, tokenizer = _encode_all(gm, texts, max_length)
+    rows = [e.ids for e in encoded]
     left = getattr(tokenizer, "padding_side", "right") == "left"
     input_ids = pad_rows(rows, pad_token_id(tokenizer), left)
     inputs = {"input_ids": input_ids, "attention_mask": pad_rows([[1] * len(r) for r in rows], 0, left),
               "token_type_ids": torch.zeros_like(input_ids)}
     names = info(gm).get("input_names") or ["input_ids", "attention_mask"]
     return {name: inputs[name] for name in names if name in inputs}
+
+
+def example_values(template: Template, example: Example) -> dict[str, str]:
+    """A training example's texts by template field: `{text_b}` (or `{pair}`) takes the pair's second
+    text, every other field the text."""
+    pair_fields = [name for name in template.fields if name in PAIR_FIELDS]
+    if example.pair is not None and not pair_fields:
+        raise RewriteError(f"{example.where}: the data has text pairs but template {template.source!r} has no "
+                           f"{{text_b}} field for the second text")
+    if example.pair is None and pair_fields:
+        raise RewriteError(f"{example.where}: template {template.source!r} has a {{{pair_fields[0]}}} field but the "
+                           "data has no second text; name its column (--pair-field)")
+    return {name: example.pair if name in PAIR_FIELDS else example.text for name in template.fields}
+
+
+def encode_examples(gm: fx.GraphModule, examples: Sequence[Example], max_length: int) -> Encoded:
+    """Training data for a P-tuned graph: each example through the template (only its texts are cut to
+    fit), with the placeholder ids reserved so they are never language-modeling targets."""
+    template, _ = for_graph(gm)
+    encoded, prompt_ids, _ = _encode_all(gm, [example_values(template, e) for e in examples], max_length)
+    cut = [i for i, e in enumerate(encoded) if e.truncated]
+    if cut:
+        log.warning("%d of %d examples did not fit %d tokens with the template and were truncated (first: %s)",
+                    len(cut), len(examples), max_length, examples[cut[0]].where)
+    labels = [e.label for e in examples] if examples[0].label is not None else None
+    features = [{"input_ids": e.ids} for e in encoded]
+    return Encoded(features, labels, len(cut), tuple(prompt_ids))

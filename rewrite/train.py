@@ -21,7 +21,10 @@
 - `loss_fn(outputs, batch) -> scalar tensor` replaces the task loss (the mean over the batch);
   `batch` holds the graph's inputs and `labels`. `task_loss` is the built-in one, to mix with.
 - Tasks (`config.task`, default the graph's): `seq-cls` (cross-entropy, soft targets allowed),
-  `causal-lm` (next-token, padding ignored), `masked-lm` (BERT's 15% masking).
+  `causal-lm` (next-token, padding ignored), `masked-lm` (BERT's 15% masking). When prompt tuning
+  prepends virtual tokens to the outputs (no `strip_virtual`), the token labels get -100 in front, as
+  PEFT's. A P-tuned graph's text is encoded through its template (`rewrite.templates`); the
+  placeholder positions are never language-modeling targets or masked.
 - Every micro-batch's loss is a sum divided by the item count (examples, or target tokens) of the
   whole accumulation window over all ranks, so gradient accumulation and DDP give the same update as
   one big batch.
@@ -58,7 +61,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import fx, nn
 
-from rewrite import checkpoint, data, distributed
+from rewrite import checkpoint, data, distributed, templates
 from rewrite.adapter import PREFIX, save_adapter
 from rewrite.archive import save
 from rewrite.data import CLASSIFICATION, IGNORE_INDEX, LM_TASKS, Encoded, Example, Fields
@@ -151,9 +154,24 @@ def _upcast(logits: torch.Tensor) -> torch.Tensor:
     return logits if logits.dtype == torch.float32 else logits.float()
 
 
-def _loss_sum(outputs, labels: torch.Tensor, task: str) -> torch.Tensor:
+def _prepend_ignored(labels: torch.Tensor, prepended: int) -> torch.Tensor:
+    """Token labels for a graph whose sequence outputs start with `prepended` positions the input does not
+    have (prompt tuning's virtual tokens): those positions get -100, as PEFT prepends."""
+    return F.pad(labels, (prepended, 0), value=IGNORE_INDEX) if prepended else labels
+
+
+def _aligned(labels: torch.Tensor, logits: torch.Tensor, prepended: int) -> torch.Tensor:
+    if labels.shape[1] + prepended != logits.shape[1]:
+        raise RewriteError(f"the graph's logits have {logits.shape[1]} positions for {labels.shape[1]} input tokens "
+                           f"({prepended} prepended by its passes); the language-modeling loss cannot align them")
+    return _prepend_ignored(labels, prepended)
+
+
+def _loss_sum(outputs, labels: torch.Tensor, task: str, prepended: int = 0) -> torch.Tensor:
     """The summed task loss; `_items` is what it is a sum over."""
     logits = _logits(outputs)
+    if task != CLASSIFICATION:
+        labels = _aligned(labels, logits, prepended)
     if task == CLASSIFICATION:
         logits = _upcast(logits)
         if labels.is_floating_point():
@@ -168,18 +186,25 @@ def _loss_sum(outputs, labels: torch.Tensor, task: str) -> torch.Tensor:
     return F.cross_entropy(_upcast(logits[targets]), labels[targets], reduction="sum")
 
 
-def _items(labels: torch.Tensor, task: str) -> int:
+def _items(labels: torch.Tensor, task: str, prepended: int = 0) -> int:
     """Examples (classification) or target tokens (language modeling) in a batch."""
     if task == CLASSIFICATION:
         return labels.shape[0]
-    if task == "causal-lm":
-        return int((labels[:, 1:] != IGNORE_INDEX).sum())
+    if task == "causal-lm":  # a prepended position predicts the first token, which is then a target too
+        return int((_prepend_ignored(labels, prepended)[:, 1:] != IGNORE_INDEX).sum())
     return int((labels != IGNORE_INDEX).sum())
 
 
-def task_loss(outputs, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
-    """The mean task loss of one batch, as Hugging Face computes it from `labels`."""
-    return _loss_sum(outputs, batch["labels"], task) / max(_items(batch["labels"], task), 1)
+def task_loss(outputs, batch: dict[str, torch.Tensor], task: str, prepended: int = 0) -> torch.Tensor:
+    """The mean task loss of one batch, as Hugging Face computes it from `labels`; `prepended`: see
+    `prepended_positions`."""
+    return _loss_sum(outputs, batch["labels"], task, prepended) / max(_items(batch["labels"], task, prepended), 1)
+
+
+def prepended_positions(gm: fx.GraphModule) -> int:
+    """Positions the graph's sequence outputs hold before the input's own (prompt tuning without
+    strip_virtual); language-modeling labels are padded by this many -100s."""
+    return int(info(gm).get("prepended_positions", 0))
 
 
 def _accuracy_counts(outputs, labels: torch.Tensor) -> tuple[int, int]:
@@ -224,7 +249,9 @@ def _load_data(gm: fx.GraphModule, source, config: TrainConfig, task: str) -> _D
         examples = data.read_examples(source, task=task, fields=config.fields,
                                       label_names=_label_names(gm, config, task))
     input_names = list(info(gm).get("input_names") or DEFAULT_INPUT_NAMES)
-    return _Data(data.encode(examples, tokenizer, config.max_length), tokenizer, task, input_names)
+    encoded = (templates.encode_examples(gm, examples, config.max_length) if templates.uses_template(gm)
+               else data.encode(examples, tokenizer, config.max_length))
+    return _Data(encoded, tokenizer, task, input_names)
 
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -283,18 +310,21 @@ class _Objective:
     input_names: list[str]
     device: torch.device
     bf16: bool
+    prepended: int
 
     def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]):
         with _autocast(self.device, self.bf16):
             return model(**{name: batch[name] for name in self.input_names})
 
     def items(self, batch: dict[str, torch.Tensor]) -> int:
-        return batch["input_ids"].shape[0] if self.loss_fn is not None else _items(batch["labels"], self.task)
+        if self.loss_fn is not None:
+            return batch["input_ids"].shape[0]
+        return _items(batch["labels"], self.task, self.prepended)
 
     def loss(self, outputs, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The summed loss over `items(batch)`: the task loss, or the caller's mean `loss_fn` times the batch size."""
         if self.loss_fn is None:
-            return _loss_sum(outputs, batch["labels"], self.task)
+            return _loss_sum(outputs, batch["labels"], self.task, self.prepended)
         return self.loss_fn(outputs, batch) * batch["input_ids"].shape[0]
 
     def eval_sums(self, model: nn.Module, dataset: _Data, indices: Sequence[int], batch_size: int,
@@ -557,7 +587,7 @@ def _objective(gm: fx.GraphModule, config: TrainConfig, task: str, loss_fn: Loss
                device: torch.device) -> _Objective:
     input_names = list(info(gm).get("input_names") or DEFAULT_INPUT_NAMES)
     bf16 = config.bf16 if config.bf16 is not None else device.type == "cuda"
-    return _Objective(task, loss_fn, input_names, device, bf16)
+    return _Objective(task, loss_fn, input_names, device, bf16, prepended_positions(gm))
 
 
 def _task(gm: fx.GraphModule, config: TrainConfig) -> str:

@@ -17,7 +17,7 @@ import rewrite
 from rewrite.errors import RewriteError
 from rewrite.inputs import example_inputs
 from rewrite.passes.prompt import TABLE, model_input
-from rewrite.train import TrainConfig, evaluate, train
+from rewrite.train import TrainConfig, evaluate, prepended_positions, task_loss, train
 
 BERT_INPUTS = ["input_ids", "attention_mask", "token_type_ids"]
 LLAMA_INPUTS = ["input_ids", "attention_mask"]
@@ -192,11 +192,45 @@ def test_later_passes_find_the_extended_inputs(make_tiny):
         torch.testing.assert_close(interpreter.env[model_input(gm, name)], expected[name], rtol=0, atol=0)
 
 
-def test_training_only_the_prompt_lowers_the_loss(prompt_lm_dir):
+def test_training_loss_of_unstripped_outputs_matches_peft_causal_lm(make_tiny):
+    """PEFT prepends -100 labels for the virtual tokens; the last virtual position predicts the first token."""
+    model = make_tiny("llama", "causal-lm")
+    gm = capture(model, LLAMA_INPUTS)
+    rewrite.apply(gm, "prompt", num_virtual_tokens=COUNT)
+    randomize_table(gm)
+    assert prepended_positions(gm) == COUNT
+    reference = peft_twin(model, gm, "CAUSAL_LM")
+    inputs = fresh(LLAMA_INPUTS, labels=True)
+    labels = inputs.pop("labels")
+    with torch.no_grad():
+        ours = task_loss(gm(**inputs), {"labels": labels}, "causal-lm", prepended_positions(gm))
+        theirs = reference(**inputs, labels=labels).loss
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+
+
+def test_masked_lm_loss_of_unstripped_outputs_reads_the_input_positions(make_tiny):
+    model = make_tiny("bert", "masked-lm")
+    gm = capture(model, BERT_INPUTS)
+    rewrite.apply(gm, "prompt", num_virtual_tokens=COUNT)
+    inputs = fresh(BERT_INPUTS)
+    labels = torch.full_like(inputs["input_ids"], -100)
+    labels[:, [2, 7]] = inputs["input_ids"][:, [2, 7]]
+    with torch.no_grad():
+        outputs = gm(**inputs)
+        ours = task_loss(outputs, {"labels": labels}, "masked-lm", prepended_positions(gm))
+    by_hand = torch.nn.functional.cross_entropy(outputs.logits[:, COUNT:][:, [2, 7]].flatten(0, 1),
+                                                labels[:, [2, 7]].flatten())
+    torch.testing.assert_close(ours, by_hand, rtol=0, atol=1e-6)
+    with pytest.raises(RewriteError, match="logits have 16 positions for 11 input tokens \\(0 prepended"):
+        task_loss(outputs, {"labels": labels}, "masked-lm")
+
+
+@pytest.mark.parametrize("strip_virtual", [True, False])
+def test_training_only_the_prompt_lowers_the_loss(prompt_lm_dir, strip_virtual):
     gm = rewrite.load_pretrained(prompt_lm_dir, task="causal-lm")
     base = {n: p.detach().clone() for n, p in gm.named_parameters()}
     torch.manual_seed(0)
-    rewrite.apply(gm, "prompt", num_virtual_tokens=8, prompt_init="vocab", strip_virtual=True)
+    rewrite.apply(gm, "prompt", num_virtual_tokens=8, prompt_init="vocab", strip_virtual=strip_virtual)
     assert [n for n, p in gm.named_parameters() if p.requires_grad] == [TABLE]
     rows = [{"text": "the cat sat on the mat"}, {"text": "the dog sat on the log and slept"}] * 8
     before = evaluate(gm, rows, config=TrainConfig(progress=False))["loss"]

@@ -3,6 +3,7 @@ constant table and ONNX without LSTM, templates, LoRA composition, training, the
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import shutil
 import subprocess
@@ -11,13 +12,16 @@ import onnx
 import pytest
 import torch
 import torch.nn.functional as F
+from click.testing import CliRunner
 from torch import nn
 
 import rewrite
-from rewrite import runtime, templates
+from rewrite import data, runtime, templates
+from rewrite.cli.main import cli
 from rewrite.errors import RewriteError
 from rewrite.inputs import example_inputs
 from rewrite.passes.prompt import TABLE
+from rewrite.train import TrainConfig, evaluate, train
 
 from helpers import randomize_lora
 
@@ -182,30 +186,55 @@ def test_lora_composes_with_ptuning_and_both_fold(make_tiny):
         torch.testing.assert_close(gm(**inputs).logits, before, rtol=0, atol=1e-5)
 
 
-def test_training_the_prompt_encoder_lowers_the_loss(prompt_lm_dir):
+def test_rewrite_train_encodes_text_through_the_template_and_lowers_the_loss(prompt_lm_dir):
     gm = rewrite.load_pretrained(prompt_lm_dir, task="causal-lm")
     torch.manual_seed(0)
     rewrite.apply(gm, "ptuning", template="[P] [P] [P] [P] {text}", encoder="lstm")
     assert all(n.startswith("prompt_encoder.") for n, p in gm.named_parameters() if p.requires_grad)
-    batch = templates.encode_batch(gm, ["the cat sat on the mat", "the dog sat on the log and slept"])
+    texts = ["the cat sat on the mat", "the dog sat on the log and slept"]
+    rows = [{"text": t} for t in texts] * 8
+    batch = templates.encode_batch(gm, texts)
     prompt_ids = torch.tensor(gm.info["history"][-1]["report"]["placeholder_ids"])
     ignored = torch.isin(batch["input_ids"], prompt_ids) | (batch["attention_mask"] == 0)
     labels = batch["input_ids"].masked_fill(ignored, -100)
 
-    def loss() -> torch.Tensor:
-        logits = gm(**batch).logits
-        return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+    def by_hand() -> float:
+        with torch.no_grad():
+            logits = gm(**batch).logits
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100).item()
 
-    optimizer = torch.optim.Adam([p for p in gm.parameters() if p.requires_grad], lr=1e-2)
-    gm.train()
-    first = loss().item()
-    for _ in range(30):
-        optimizer.zero_grad()
-        loss().backward()
-        optimizer.step()
-    gm.eval()
-    with torch.no_grad():
-        assert loss().item() < first - 1.0
+    config = TrainConfig(progress=False)
+    before = evaluate(gm, rows, config=config)["loss"]
+    assert before == pytest.approx(by_hand(), abs=1e-5)  # the template's text, placeholders not predicted
+    result = train(gm, rows, eval_data=rows, config=TrainConfig(epochs=8, lr=1e-2, batch_size=4, progress=False))
+    assert result.eval["loss"] == pytest.approx(by_hand(), abs=1e-5)
+    assert result.eval["loss"] < before - 1.0
+
+
+def test_training_data_keeps_placeholders_out_of_lm_targets_and_fills_pairs(tiny_bert_dir):
+    gm = rewrite.load_pretrained(tiny_bert_dir, task="masked-lm")
+    rewrite.apply(gm, "ptuning", template="[P] {text} [P] {text_b} [P] [MASK] .", placeholders=UNUSED, encoder="none")
+    tokenizer = gm.info["tokenizer"]
+    placeholder_ids = tokenizer.convert_tokens_to_ids(UNUSED)
+    rows = [{"text": "a quiet day at the sea", "pair": "calm"}, {"text": "tiger", "pair": "a loud night"}] * 4
+    examples = data.read_examples(rows, task="masked-lm", fields=data.Fields(pair="pair"))
+    encoded = templates.encode_examples(gm, examples, max_length=64)
+    assert tokenizer.decode(encoded.features[1]["input_ids"]) == (
+        "[CLS] [unused1] tiger [unused2] a loud night [unused3] [MASK]. [SEP]")
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    masked = 0
+    for seed in range(20):
+        batch = data.collate(encoded, range(len(rows)), tokenizer, "masked-lm", names, torch.Generator().manual_seed(seed))
+        originally = data.pad_rows([f["input_ids"] for f in encoded.features], 0, left=False)
+        at_placeholders = torch.isin(originally, torch.tensor(placeholder_ids))
+        assert (batch["labels"][at_placeholders] == -100).all()
+        assert torch.equal(batch["input_ids"][at_placeholders], originally[at_placeholders])
+        masked += int((batch["labels"] != -100).sum())
+    assert masked > 0
+    causal = data.collate(encoded, range(len(rows)), tokenizer, "causal-lm", names)
+    assert (causal["labels"][torch.isin(causal["input_ids"], torch.tensor(placeholder_ids))] == -100).all()
+    with pytest.raises(RewriteError, match="row 1: template .* has a \\{text_b\\} field but the data has no second text"):
+        templates.encode_examples(gm, data.read_examples(rows, task="masked-lm"), max_length=64)
 
 
 def test_cli_ptuning_with_lora_then_fold(tiny_bert_dir, tmp_path):
@@ -214,7 +243,13 @@ def test_cli_ptuning_with_lora_then_fold(tiny_bert_dir, tmp_path):
     done = subprocess.run(apply, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "ptuning: 3 prompt vectors at template placeholders (mlp encoder, token ids 2, 3, 4)" in " ".join(done.stderr.split())  # rich wraps lines
-    fold = [shutil.which("rewrite"), "fold", str(tmp_path / "a.pt2"), "-o", str(tmp_path / "f.pt2")]
+    rows = tmp_path / "train.jsonl"
+    rows.write_text("".join(json.dumps({"text": t, "label": i % 2}) + "\n" for i, t in enumerate(["good", "bad"] * 4)))
+    trained = CliRunner().invoke(cli, ["train", str(tmp_path / "a.pt2"), "--data", str(rows), "--max-steps", "2",
+                                       "--batch-size", "4", "--output-dir", str(tmp_path / "run")])
+    assert trained.exit_code == 0, trained.output
+    assert "trained 2 steps" in trained.output
+    fold = [shutil.which("rewrite"), "fold", str(tmp_path / "run" / "model.pt2"), "-o", str(tmp_path / "f.pt2")]
     done = subprocess.run(fold, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     gm = rewrite.load(tmp_path / "f.pt2")
