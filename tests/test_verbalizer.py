@@ -16,6 +16,8 @@ from rewrite import runtime
 from rewrite.errors import RewriteError
 from rewrite.ir import tensor_at
 
+from helpers import randomize_lora
+
 SINGLE = {"negative": ["bad"], "positive": ["good"]}
 MULTI = {"negative": ["bad", "terrible", "awful"], "positive": ["good", "great"]}
 TEXTS = ["a fine film . it was [MASK] .", "[MASK] ! the plot is thin and the acting is flat , sadly", "it is [MASK]"]
@@ -96,10 +98,54 @@ def test_head_is_pruned_to_mask_position_and_label_rows(tiny_mlm_dir):
     assert vocab_rows == []
     selects = gm.graph.find_nodes(op="call_function", target=aten.index_select.default)
     assert {n.args[0].target for n in selects} == {"cls.predictions.decoder.weight", "cls.predictions.decoder.bias"}
-    assert len(gm.graph.find_nodes(op="call_function", target=aten.gather.default)) == 1
     assert gm.info["task"] == "seq-cls"
     assert gm.info["config"].id2label == {0: "negative", 1: "positive"}
     assert gm.info["history"][-1]["report"]["mlm_head"] == "pretrained"
+
+
+def test_the_last_block_after_attention_runs_on_the_mask_rows_only(tiny_mlm_dir):
+    """The gather moves up through the last block's output projection, residuals, norms and feed-forward,
+    so the whole verbalizer graph costs fewer FLOPs than the bare encoder without any head."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    encoder = transformers.BertModel.from_pretrained(tiny_mlm_dir, add_pooling_layer=False).eval()
+    gm = rewrite.load_pretrained(tiny_mlm_dir, task="masked-lm")
+    rewrite.apply(gm, "verbalizer", labels=MULTI)
+    inputs, _ = _inputs(tiny_mlm_dir, TEXTS[:2] + ["[MASK] " + "long " * 40])
+    with torch.no_grad(), FlopCounterMode(display=False) as pruned:
+        gm(**inputs)
+    with torch.no_grad(), FlopCounterMode(display=False) as bare:
+        encoder(**inputs)
+    assert pruned.get_total_flops() < bare.get_total_flops()
+    feed_forward = [n for n in gm.graph.find_nodes(op="call_function", target=torch.ops.aten.linear.default)
+                    if "layer.1.intermediate" in str(n.meta.get("nn_module_stack", {}))]
+    assert len(feed_forward) == 1 and "val" not in feed_forward[0].meta  # the copy on the gathered rows
+
+
+def test_lora_on_every_projection_keeps_scores_and_gradients_of_the_full_computation(tiny_mlm_dir):
+    """LoRA branches in the moved part of the last block (output projection, feed-forward) are moved too."""
+    graphs = []
+    for verbalize in (True, False):
+        gm = rewrite.load_pretrained(tiny_mlm_dir, task="masked-lm")
+        rewrite.apply(gm, "lora", rank=4, roles=["q", "k", "v", "o", "mlp"])
+        if verbalize:
+            rewrite.apply(gm, "verbalizer", labels=MULTI)
+            randomize_lora(gm)
+        graphs.append(gm)
+    pruned, full = graphs
+    full.load_state_dict({k: v for k, v in pruned.state_dict().items() if k in full.state_dict()}, strict=False)
+    inputs, tokenizer = _inputs(tiny_mlm_dir)
+    ours = pruned(**inputs).logits
+    reference = _reference_scores(_at_mask(full(**inputs).logits, inputs["input_ids"], tokenizer.mask_token_id),
+                                  tokenizer, MULTI, "mean")
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=0)
+    ours.sum().backward()
+    reference.sum().backward()
+    grads = {n: p.grad for n, p in full.named_parameters() if p.grad is not None}
+    assert len(grads) == 2 * 6 * 2  # A and B of q, k, v, o and the two feed-forward projections, 2 layers
+    for name, param in pruned.named_parameters():
+        if name in grads:
+            torch.testing.assert_close(param.grad, grads[name], atol=1e-5, rtol=0)
 
 
 def test_mlm_logits_output_keeps_the_full_head(tiny_mlm_dir):
