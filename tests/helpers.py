@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import random
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -45,3 +46,33 @@ def peft_twin(model, gm, task: str, **config):
 def logits(module, inputs):
     with torch.no_grad():
         return module(**inputs).logits
+
+
+GOOD = ["good", "great", "fine", "nice", "happy"]
+BAD = ["bad", "awful", "sad", "poor", "ugly"]
+FILLER = ["the", "movie", "was", "a", "day", "really", "very", "it"]
+
+
+def sentiment_rows(count: int, seed: int) -> list[dict]:
+    """A learnable task: the label is whether the one sentiment word is positive."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        label = rng.randrange(2)
+        words = [rng.choice(FILLER) for _ in range(rng.randint(0, 3))] + [rng.choice(GOOD if label else BAD)]
+        rng.shuffle(words)
+        rows.append({"text": " ".join(words), "label": label})
+    return rows
+
+
+def lora_graph(model_dir, roles=("q", "v")):
+    gm = rewrite.load_pretrained(model_dir, task="seq-cls", num_labels=2)
+    torch.manual_seed(0)
+    rewrite.apply(gm, "lora", rank=4, alpha=8, roles=list(roles))
+    return gm
+
+
+def first_moments(output_dir, step: int) -> list[torch.Tensor]:
+    """AdamW's first moment after step 1 is 0.1 x the gradient: the step's gradient, read from its checkpoint."""
+    state = torch.load(output_dir / "checkpoints" / f"step-{step:08d}" / "trainer_state.pt", weights_only=True)
+    return [s["exp_avg"] for _, s in sorted(state["optimizer"]["state"].items())]

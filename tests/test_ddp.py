@@ -11,7 +11,7 @@ import torch
 
 import rewrite
 
-from test_train import first_moments, lora_graph, no_dropout_dir, sentiment_rows  # noqa: F401  (fixture)
+from helpers import first_moments, lora_graph, sentiment_rows
 
 CLI = [sys.executable, "-c", "from rewrite.cli.main import main; main()"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--no-python"]

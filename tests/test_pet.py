@@ -21,8 +21,6 @@ from rewrite.data import Example, Fields
 from rewrite.errors import RewriteError
 from rewrite.ir import info
 
-from test_verbalizer import headless_dir, tiny_mlm_dir  # noqa: F401  (shared fixtures)
-
 DATA = Path(__file__).parent / "data" / "pet"
 FIELDS = Fields(text="sentence")
 

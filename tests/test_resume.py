@@ -15,7 +15,7 @@ import torch
 import rewrite
 from rewrite.checkpoint import completed
 
-from test_train import sentiment_rows
+from helpers import sentiment_rows
 
 CLI = [sys.executable, "-c", "from rewrite.cli.main import main; main()"]
 TIMEOUT = 300

@@ -3,7 +3,6 @@ checkpoint and output files, the CLI, and errors."""
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import safetensors.torch
@@ -17,24 +16,7 @@ from rewrite.cli.main import cli
 from rewrite.errors import RewriteError
 from rewrite.train import TrainConfig, evaluate, task_loss, train
 
-from helpers import capture_tiny, fresh_inputs, peft_twin, randomize_lora
-
-GOOD = ["good", "great", "fine", "nice", "happy"]
-BAD = ["bad", "awful", "sad", "poor", "ugly"]
-FILLER = ["the", "movie", "was", "a", "day", "really", "very", "it"]
-
-
-def sentiment_rows(count: int, seed: int) -> list[dict]:
-    """A learnable task: the label is whether the one sentiment word is positive."""
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(count):
-        label = rng.randrange(2)
-        words = [rng.choice(FILLER) for _ in range(rng.randint(0, 3))] + [rng.choice(GOOD if label else BAD)]
-        rng.shuffle(words)
-        rows.append({"text": " ".join(words), "label": label})
-    return rows
-
+from helpers import capture_tiny, first_moments, fresh_inputs, lora_graph, peft_twin, randomize_lora, sentiment_rows
 
 def peft_name(name: str, saved: list[str]) -> str:
     """Our parameter name -> the PEFT model's (adapter name inserted, heads under modules_to_save)."""
@@ -44,31 +26,8 @@ def peft_name(name: str, saved: list[str]) -> str:
     return f"base_model.model.{module}.default.{leaf}"
 
 
-@pytest.fixture
-def no_dropout_dir(tmp_path, tiny_bert_dir):
-    """The tiny BERT classifier without dropout, so train-mode steps are deterministic functions of the batch."""
-    model = transformers.BertForSequenceClassification.from_pretrained(
-        tiny_bert_dir, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    model.save_pretrained(tmp_path / "model")
-    transformers.AutoTokenizer.from_pretrained(tiny_bert_dir).save_pretrained(tmp_path / "model")
-    return tmp_path / "model"
-
-
-def lora_graph(model_dir, roles=("q", "v")):
-    gm = rewrite.load_pretrained(model_dir, task="seq-cls", num_labels=2)
-    torch.manual_seed(0)
-    rewrite.apply(gm, "lora", rank=4, alpha=8, roles=list(roles))
-    return gm
-
-
 def trainable(gm) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in gm.named_parameters() if p.requires_grad}
-
-
-def first_moments(output_dir, step: int) -> list[torch.Tensor]:
-    """AdamW's first moment after step 1 is 0.1 x the gradient: the step's gradient, read from its checkpoint."""
-    state = torch.load(output_dir / "checkpoints" / f"step-{step:08d}" / "trainer_state.pt", weights_only=True)
-    return [s["exp_avg"] for _, s in sorted(state["optimizer"]["state"].items())]
 
 
 @pytest.mark.parametrize("arch,task", [("bert", "seq-cls"), ("llama", "causal-lm"), ("bert", "masked-lm")])

@@ -23,36 +23,6 @@ MULTI = {"negative": ["bad", "terrible", "awful"], "positive": ["good", "great"]
 TEXTS = ["a fine film . it was [MASK] .", "[MASK] ! the plot is thin and the acting is flat , sadly", "it is [MASK]"]
 
 
-def _tiny_bert_config(architecture: str) -> transformers.BertConfig:
-    return transformers.BertConfig(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, max_position_embeddings=128, architectures=[architecture])
-
-
-@pytest.fixture(scope="session")
-def tiny_mlm_dir(tmp_path_factory, minilm_dir):
-    """A tiny random BertForMaskedLM (with a non-trivial MLM head) and MiniLM's tokenizer, saved to disk."""
-    directory = tmp_path_factory.mktemp("tiny-mlm")
-    torch.manual_seed(0)
-    model = transformers.BertForMaskedLM(_tiny_bert_config("BertForMaskedLM"))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.startswith("cls."):
-                param.normal_(0.0, 0.5)
-    model.save_pretrained(directory)
-    transformers.AutoTokenizer.from_pretrained(minilm_dir).save_pretrained(directory)
-    return directory
-
-
-@pytest.fixture(scope="session")
-def headless_dir(tmp_path_factory, minilm_dir):
-    """Like MiniLM: a bare BertModel checkpoint, no MLM-head weights."""
-    directory = tmp_path_factory.mktemp("headless")
-    torch.manual_seed(0)
-    transformers.BertModel(_tiny_bert_config("BertModel"), add_pooling_layer=False).save_pretrained(directory)
-    transformers.AutoTokenizer.from_pretrained(minilm_dir).save_pretrained(directory)
-    return directory
-
-
 def _inputs(directory, texts=TEXTS):
     tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
     return tokenizer(texts, padding=True, return_tensors="pt"), tokenizer
