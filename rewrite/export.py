@@ -11,7 +11,7 @@ import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
-from rewrite import runtime
+from rewrite import runtime, templates
 from rewrite.errors import RewriteError
 from rewrite.files import atomic_dir_files
 from rewrite.inputs import DEFAULT_INPUT_NAMES, example_inputs
@@ -88,11 +88,17 @@ def _verify(gm: fx.GraphModule, model_path: Path, input_names: list[str], output
 
 
 def _add_metadata(gm: fx.GraphModule, path: Path) -> None:
-    """Task and label names travel inside the model, so `rewrite run` can print predictions."""
+    """What a caller needs to feed the model and read its outputs travels inside it (`rewrite run` uses
+    it): task, label names, the P-tuning template and its placeholder ids, and how many positions the
+    outputs hold before the input's own (prompt tuning)."""
     model = onnx.load(str(path), load_external_data=False)
     config = info(gm).get("config")
     labels = getattr(config, "id2label", None) or {}
-    props = {"rewrite.task": info(gm).get("task") or "", "rewrite.id2label": json.dumps({int(k): v for k, v in labels.items()})}
+    props = {"rewrite.task": info(gm).get("task") or "", "rewrite.id2label": json.dumps({int(k): v for k, v in labels.items()}),
+             "rewrite.prepended_positions": str(info(gm).get("prepended_positions", 0))}
+    if templates.uses_template(gm):
+        template, placeholder_ids = templates.for_graph(gm)
+        props.update({"rewrite.template": template.source, "rewrite.placeholder_ids": json.dumps(placeholder_ids)})
     onnx.helper.set_model_props(model, props)
     onnx.save(model, str(path))
 

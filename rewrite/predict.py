@@ -9,6 +9,7 @@ import onnx
 
 from rewrite import runtime
 from rewrite.errors import RewriteError
+from rewrite.templates import Template, pad_batch
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -38,6 +39,15 @@ def _top(scores: np.ndarray, names, k: int) -> list[tuple[str, float]]:
     return [(names(int(i)), float(scores[i])) for i in order]
 
 
+def _encode(texts: list[str], tokenizer, props: dict[str, str]) -> dict[str, np.ndarray]:
+    """The model's inputs for `texts`: through its P-tuning template when it has one, else tokenized as they are."""
+    if "rewrite.template" not in props:
+        return {k: v.astype(np.int64) for k, v in tokenizer(texts, padding=True, return_tensors="np").items()}
+    template, placeholder_ids = Template.parse(props["rewrite.template"]), json.loads(props["rewrite.placeholder_ids"])
+    rows = [template.encode(tokenizer, placeholder_ids, text).ids for text in texts]
+    return {k: v.numpy() for k, v in pad_batch(rows, tokenizer).items()}
+
+
 def predict(model_path: str | Path, texts: list[str], *, tokenizer_dir: str | None = None, top_k: int = 5):
     """Per text, the top predictions as (label, probability): classes, masked tokens or next tokens."""
     path = Path(model_path)
@@ -45,9 +55,11 @@ def predict(model_path: str | Path, texts: list[str], *, tokenizer_dir: str | No
     task = props.get("rewrite.task", "")
     tokenizer = _tokenizer(path, tokenizer_dir)
     sess = runtime.session(path)
-    encoded = tokenizer(texts, padding=True, return_tensors="np")
-    outputs = runtime.run(sess, {k: v.astype(np.int64) for k, v in encoded.items()})
+    encoded = _encode(texts, tokenizer, props)
+    outputs = runtime.run(sess, encoded)
     first = next(iter(outputs.values()))
+    if task != "seq-cls":  # per-position outputs: drop the positions prompt tuning put before the input's
+        first = first[:, int(props.get("rewrite.prepended_positions", 0)):]
     token = lambda i: tokenizer.convert_ids_to_tokens(i)  # noqa: E731
     results = []
     for row in range(len(texts)):

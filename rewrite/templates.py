@@ -173,6 +173,14 @@ def _encode_all(gm: fx.GraphModule, values: Sequence[Mapping[str, str] | str],
     return encoded, prompt_ids, tokenizer
 
 
+def pad_batch(rows: Sequence[Sequence[int]], tokenizer) -> dict[str, torch.Tensor]:
+    """`input_ids`, `attention_mask` and `token_type_ids` (zeros) for encoded rows, padded as training pads."""
+    left = getattr(tokenizer, "padding_side", "right") == "left"
+    input_ids = pad_rows([list(r) for r in rows], pad_token_id(tokenizer), left)
+    return {"input_ids": input_ids, "attention_mask": pad_rows([[1] * len(r) for r in rows], 0, left),
+            "token_type_ids": torch.zeros_like(input_ids)}
+
+
 def encode_batch(gm: fx.GraphModule, texts: Sequence[Mapping[str, str] | str], *,
                  max_length: int | None = None) -> dict[str, torch.Tensor]:
     """`input_ids`, `attention_mask` (and `token_type_ids` if the graph takes them) for `texts` put
@@ -182,11 +190,7 @@ def encode_batch(gm: fx.GraphModule, texts: Sequence[Mapping[str, str] | str], *
     logged: the model sees a prompt vector there, not the token.
     """
     encoded, _, tokenizer = _encode_all(gm, texts, max_length)
-    rows = [e.ids for e in encoded]
-    left = getattr(tokenizer, "padding_side", "right") == "left"
-    input_ids = pad_rows(rows, pad_token_id(tokenizer), left)
-    inputs = {"input_ids": input_ids, "attention_mask": pad_rows([[1] * len(r) for r in rows], 0, left),
-              "token_type_ids": torch.zeros_like(input_ids)}
+    inputs = pad_batch([e.ids for e in encoded], tokenizer)
     names = info(gm).get("input_names") or ["input_ids", "attention_mask"]
     return {name: inputs[name] for name in names if name in inputs}
 

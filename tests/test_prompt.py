@@ -166,6 +166,25 @@ def test_onnx_keeps_the_base_inputs_and_matches_torch(make_tiny, tmp_path):
             torch.testing.assert_close(torch.from_numpy(got), gm(**inputs).logits, rtol=0, atol=1e-4)
 
 
+def test_rewrite_run_reads_a_prompt_tuned_masked_lm_at_the_users_mask(tiny_mlm_dir, tmp_path):
+    from rewrite.predict import predict
+
+    gm = rewrite.load_pretrained(tiny_mlm_dir, task="masked-lm")
+    rewrite.apply(gm, "prompt", num_virtual_tokens=3)
+    randomize_table(gm)
+    rewrite.export_onnx(gm, tmp_path / "mlm.onnx")
+    texts = ["the movie was [MASK] .", "[MASK] is what it was , and long"]
+    tokenizer = gm.info["tokenizer"]
+    inputs = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = gm(**inputs).logits[:, 3:]  # the user's positions follow the 3 virtual ones
+    at_mask = logits[inputs["input_ids"] == tokenizer.mask_token_id].softmax(-1)
+    for row, predictions in enumerate(predict(tmp_path / "mlm.onnx", texts, top_k=3)):
+        expected = at_mask[row].topk(3)
+        assert [token for token, _ in predictions] == tokenizer.convert_ids_to_tokens(expected.indices.tolist())
+        torch.testing.assert_close(torch.tensor([p for _, p in predictions]), expected.values, rtol=0, atol=1e-5)
+
+
 def test_position_limit_is_checked_when_applied_and_when_run(tiny_bert_dir):
     gm = rewrite.load_pretrained(tiny_bert_dir, task="seq-cls")  # 128 positions
     with pytest.raises(RewriteError, match="128 virtual tokens leave no room for input in the model's 128 positions"):

@@ -127,6 +127,24 @@ def test_fold_leaves_the_encoders_output_as_a_table_and_onnx_has_no_lstm(make_ti
             torch.testing.assert_close(got, gm(**inputs).logits, rtol=0, atol=1e-4)
 
 
+def test_exported_model_carries_its_template_and_rewrite_run_applies_it(tiny_bert_dir, tmp_path):
+    from rewrite.predict import predict
+
+    gm = rewrite.load_pretrained(tiny_bert_dir, task="seq-cls")
+    torch.manual_seed(0)
+    rewrite.apply(gm, "ptuning", template=TEMPLATE, placeholders=UNUSED, encoder="mlp")
+    rewrite.apply(gm, "fold")
+    rewrite.export_onnx(gm, tmp_path / "ptuned.onnx")
+    props = {p.key: p.value for p in onnx.load(str(tmp_path / "ptuned.onnx")).metadata_props}
+    assert props["rewrite.template"] == TEMPLATE and json.loads(props["rewrite.placeholder_ids"]) == [2, 3, 4]
+    texts = ["a good movie", "bad, and far too long for what it has to say"]
+    with torch.no_grad():
+        expected = gm(**templates.encode_batch(gm, texts)).logits.softmax(-1)
+    for row, predictions in enumerate(predict(tmp_path / "ptuned.onnx", texts)):
+        got = dict(predictions)
+        torch.testing.assert_close(torch.tensor([got["LABEL_0"], got["LABEL_1"]]), expected[row], rtol=0, atol=1e-5)
+
+
 def test_named_placeholders_without_encoder_start_as_the_base_model(tiny_bert_dir):
     base = rewrite.load_pretrained(tiny_bert_dir, task="seq-cls")
     gm = rewrite.load_pretrained(tiny_bert_dir, task="seq-cls")
