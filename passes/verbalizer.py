@@ -52,7 +52,7 @@ from transformers.utils import ModelOutput
 from rewrite.errors import RewriteError
 from rewrite.graph import GraphQuery, Projection, module_path
 from rewrite.ir import add_submodule, copy_meta, info, tensor_at
-from rewrite.params import mark_trainable
+from rewrite.params import canonical_names, mark_trainable
 from rewrite.pipeline import Pass, option, register
 
 log = logging.getLogger(__name__)
@@ -352,16 +352,7 @@ def _init_tied_head(gm: fx.GraphModule, head: MlmHead) -> list[str]:
         if decoder_bias and decoder_bias[0] is not None:
             tensor_at(gm, decoder_bias[0].target).zero_()
     head.decoder.node.update_arg(1, head.embedding_weight)
-    return _canonical_names(gm, _head_parameters(head))
-
-
-def _canonical_names(gm: fx.GraphModule, targets: list[str]) -> list[str]:
-    """The name `named_parameters()` lists for each target: a tied tensor (BERT's decoder bias is also
-    `cls.predictions.bias`) is trainable only under that first name."""
-    first: dict[int, str] = {}
-    for name, param in gm.named_parameters():
-        first.setdefault(id(param), name)
-    return [first[id(tensor_at(gm, target))] for target in targets]
+    return canonical_names(gm, _head_parameters(head))
 
 
 # --- the rewrite ----------------------------------------------------------------------------------

@@ -8,22 +8,32 @@ from rewrite.graph import GraphQuery
 from rewrite.ir import info
 
 
+def canonical_names(gm: fx.GraphModule, names: list[str]) -> list[str]:
+    """Each parameter under the name `named_parameters()` lists it by: a tied tensor (BERT's MLM decoder
+    is the word embedding) has several names, and must be listed, and trained, once."""
+    first: dict[int, str] = {}
+    for name, param in gm.named_parameters():
+        first.setdefault(id(param), name)
+    return list(dict.fromkeys(first.get(id(gm.get_parameter(n)), n) for n in names))
+
+
 def mark_trainable(gm: fx.GraphModule, names: list[str]) -> None:
     """Adds `names` to the graph's trainable set and freezes every other parameter (PEFT freezes the base)."""
     trainable = info(gm).setdefault("trainable", [])
-    trainable.extend(n for n in names if n not in trainable)
+    trainable.extend(n for n in canonical_names(gm, names) if n not in trainable)
     apply_trainable(gm)
 
 
 def forget_trainable(gm: fx.GraphModule, names: list[str]) -> None:
-    gone = set(names)
+    gone = set(canonical_names(gm, names))
     info(gm)["trainable"] = [n for n in info(gm).get("trainable", []) if n not in gone]
 
 
 def apply_trainable(gm: fx.GraphModule) -> None:
-    trainable = set(info(gm).get("trainable", []))
-    for name, param in gm.named_parameters():
-        param.requires_grad_(name in trainable)
+    """`requires_grad` follows the trainable set, matched by tensor, so every name of a tied tensor agrees."""
+    trainable = {id(gm.get_parameter(n)) for n in info(gm).get("trainable", [])}
+    for param in gm.parameters():
+        param.requires_grad_(id(param) in trainable)
 
 
 def count_parameters(gm: fx.GraphModule) -> tuple[int, int]:
@@ -49,13 +59,14 @@ def print_trainable_parameters(gm: fx.GraphModule) -> None:
 
 def trainable_heads(gm: fx.GraphModule, requested: list[str] | None) -> list[str]:
     """Parameter names of the modules that train beside the prompt: PEFT's SEQ_CLS also trains its fresh head."""
+    known = {name.rpartition(".")[0] for name, _ in gm.named_parameters()}
     if requested is not None:
         modules = list(requested)
     elif info(gm).get("task") == "seq-cls":
-        modules = [p.path for p in GraphQuery(gm).output_heads]
+        # a head whose weights are all another module's (an MLM decoder tied to the word embeddings) is skipped
+        modules = [p.path for p in GraphQuery(gm).output_heads if p.path in known]
     else:
         modules = []
-    known = {name.rpartition(".")[0] for name, _ in gm.named_parameters()}
     missing = [m for m in modules if m not in known]
     if missing:
         raise RewriteError(f"modules_to_save {', '.join(missing)} name no module with parameters in this graph")

@@ -169,9 +169,21 @@ def test_composes_with_prompt_tuning_in_either_order(tiny_mlm_dir, order):
         torch.testing.assert_close(gm(**inputs).logits, expected, atol=1e-5, rtol=0)
 
 
-def test_lora_after_the_verbalizer_trains_the_head_not_an_encoder_layer(tiny_mlm_dir):
+def test_a_tied_tensor_marked_under_any_of_its_names_trains_once(tiny_mlm_dir):
+    from rewrite.params import mark_trainable
+
     gm = rewrite.load_pretrained(tiny_mlm_dir, task="masked-lm")
-    rewrite.apply(gm, "verbalizer", labels=SINGLE)
+    assert gm.get_parameter("cls.predictions.decoder.weight") is gm.get_parameter("bert.embeddings.word_embeddings.weight")
+    mark_trainable(gm, ["cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight"])
+    assert gm.info["trainable"] == ["bert.embeddings.word_embeddings.weight"]
+    assert gm.get_parameter("cls.predictions.decoder.weight").requires_grad
+
+
+@pytest.mark.parametrize("mlm_logits", [False, True])
+def test_lora_after_the_verbalizer_trains_the_head_not_an_encoder_layer(tiny_mlm_dir, mlm_logits):
+    """Not the tied decoder either: that is the whole word-embedding table."""
+    gm = rewrite.load_pretrained(tiny_mlm_dir, task="masked-lm")
+    rewrite.apply(gm, "verbalizer", labels=SINGLE, mlm_logits=mlm_logits)
     rewrite.apply(gm, "lora", rank=4)
     assert gm.info["history"][-1]["report"]["modules_to_save"] == ["cls.predictions.transform.dense"]
 
