@@ -13,13 +13,13 @@ at the mask and averaging each label's words:
   labels (a word listed under two labels counts twice, as there), `log(p + 1e-15)`, then the mean
   over each label's words.
 
-The gather then moves up as far as the arithmetic allows: every per-position node before the head
-whose only consumers are the mask rows (in a transformer, the last block after its attention: output
-projection, residual adds, norms, feed-forward, and their LoRA branches) is recomputed on the
-gathered rows and its full-length version is dropped. Only the last block's attention still reads
-every position. This is exact (the same arithmetic on fewer rows) and makes the rewritten graph
-cheaper than the bare encoder. With `mlm_logits=True` the full head needs every position, so the
-gather stays at the head.
+The gather then moves up as far as the arithmetic allows (`rewrite.rows`): every node before the
+head that only the mask row needs (in a transformer, the last block's query projection, attention for
+the one query row, output projection, residuals, norms, feed-forward, and their LoRA branches) is
+recomputed on the gathered rows and its full-length version is dropped; the last block's keys and
+values still read every position. This is exact (the same arithmetic on fewer rows) and makes the
+rewritten graph cheaper than the bare encoder. With `mlm_logits=True` the full head needs every
+position, so the gather stays at the head.
 
 The mask position is found inside the graph from `input_ids == mask_token_id` (the first mask of
 each row: the input encoder, `rewrite.pet`, guarantees exactly one), so dynamic batch and sequence
@@ -54,6 +54,7 @@ from rewrite.graph import GraphQuery, Projection, module_path
 from rewrite.ir import add_submodule, copy_meta, info, tensor_at
 from rewrite.params import canonical_names, mark_trainable
 from rewrite.pipeline import Pass, option, register
+from rewrite.rows import activation_input, is_tokenwise, rows_at
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -65,14 +66,6 @@ OPENPROMPT_EPSILON = 1e-15
 # the identity to within 3e-7 relative, and the LayerNorm after it removes the shift exactly.
 TIED_SHIFT = 10.0
 BUFFERS = "verbalizer"
-
-_ELEMENTWISE = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor}
-_TOKENWISE = {
-    aten.linear.default, aten.gelu.default, aten.relu.default, aten.tanh.default, aten.silu.default,
-    aten.sigmoid.default, aten.layer_norm.default, aten.dropout.default, aten._to_copy.default,
-    aten.clone.default, aten.contiguous.default,
-}
-
 
 @dataclass
 class VerbalizerOutput(ModelOutput):
@@ -228,19 +221,6 @@ def _word_embedding(gm: fx.GraphModule) -> fx.Node:
         "the graph has no word-embedding lookup of input_ids; the verbalizer needs a token-input masked LM")
 
 
-def _activation_input(node: fx.Node) -> fx.Node:
-    """The one non-parameter tensor a token-wise head node reads (its first argument)."""
-    return node.args[0]
-
-
-def _is_tokenwise(node: fx.Node) -> bool:
-    """Acts on each position alone: a known op whose only activation input is its first argument."""
-    if node.target not in _TOKENWISE:
-        return False
-    others = [a for a in node.args[1:] if isinstance(a, fx.Node)]
-    return all(a.op == "get_attr" for a in others)
-
-
 def find_mlm_head(gm: fx.GraphModule) -> MlmHead:
     """Reads the head off the graph: the projection onto the vocabulary that feeds the output, and the
     token-wise nodes before it that lie outside the base model (the module owning the word embedding)."""
@@ -257,13 +237,13 @@ def find_mlm_head(gm: fx.GraphModule) -> MlmHead:
     transform: list[fx.Node] = []
     node = decoder.input
     while node.op == "call_function" and not _in_module(node, base):
-        if not _is_tokenwise(node):
+        if not is_tokenwise(node):
             raise RewriteError(
                 f"the MLM head's node {node.name} ({node.target}) is not a per-position operation; the verbalizer "
                 "can only gather the mask position before a head made of linear, activation and norm layers"
             )
         transform.append(node)
-        node = _activation_input(node)
+        node = activation_input(node)
     transform.reverse()
     for current, following in zip(transform, [*transform[1:], decoder.node]):
         if list(current.users) != [following]:
@@ -384,101 +364,24 @@ class _Builder:
             return self.graph.node_copy(node, lambda n: remap.get(n, n))
 
 
-def _mask_index(build: _Builder, head: MlmHead, mask_id: int, hidden: fx.Node) -> fx.Node:
-    """[batch, 1, 1]: the first position where `ids[b] == mask_id`, in the positions of `hidden` (a
-    [batch, seq, width] tensor as long as the hidden states).
+def _mask_index(build: _Builder, head: MlmHead, mask_id: int, length: fx.Node) -> fx.Node:
+    """[batch]: the first position where `ids[b] == mask_id`, in hidden states of sequence length `length`.
 
     Prompt tuning prepends virtual tokens to the hidden states but the word lookup reads the user's
     ids, so positions are shifted by the length difference (zero when both are the extended ids).
     """
     is_mask = build(aten.eq.Scalar, head.ids, mask_id)
     as_int = build(aten._to_copy.default, is_mask, dtype=torch.int32)
-    prepended = build(operator.sub, build(aten.sym_size.int, hidden, 1), build(aten.sym_size.int, head.ids, 1))
-    position = build(aten.add.Tensor, build(aten.argmax.default, as_int, 1), prepended)
-    return build(aten.view.default, position, [-1, 1, 1])
-
-
-def _gather_rows(build: _Builder, node: fx.Node, index: fx.Node) -> fx.Node:
-    """`node[b, index[b]]` of a [batch, seq, width] tensor, kept as [batch, 1, width]; shapes stay dynamic."""
-    width = build(aten.sym_size.int, node, 2)
-    return build(aten.gather.default, node, 1, build(aten.expand.default, index, [-1, 1, width]))
-
-
-def _prefix(node: fx.Node) -> list[str] | None:
-    """The [batch, seq] sizes of a rank-3 traced value, as strings (symbols compare by name), else None."""
-    value = node.meta.get("val")
-    if not isinstance(value, torch.Tensor) or value.dim() != 3:
-        return None
-    return [str(size) for size in value.shape[:2]]
-
-
-class _Positions:
-    """Which nodes hold one row per position of the hidden states ([batch, seq, width], the same batch
-    and sequence sizes as the MLM head's input). Nodes a pass added carry no traced value: theirs
-    follows from their inputs (a per-position op keeps its input's leading sizes)."""
-
-    def __init__(self, entry: fx.Node):
-        self.prefix = _prefix(entry)
-        self.known: dict[fx.Node, bool] = {entry: True}
-
-    def __call__(self, node: fx.Node) -> bool:
-        if node not in self.known:
-            if "val" in node.meta:
-                self.known[node] = self.prefix is not None and _prefix(node) == self.prefix
-            elif _is_tokenwise(node):
-                self.known[node] = self(_activation_input(node))
-            elif node.target in _ELEMENTWISE:
-                inputs = [a for a in node.args if isinstance(a, fx.Node)]
-                self.known[node] = bool(inputs) and all(self(a) for a in inputs)
-            else:
-                self.known[node] = False
-        return self.known[node]
-
-
-def _per_position(node: fx.Node, positional: _Positions) -> bool:
-    """An op that computes each position from that position alone: token-wise (over the last axis), or
-    element-wise over inputs that all hold every position (no broadcasting across positions)."""
-    if node.op != "call_function" or not positional(node):
-        return False
-    if node.target is aten.layer_norm.default and len(node.args[1]) != 1:
-        return False
-    if _is_tokenwise(node):
-        return True
-    return node.target in _ELEMENTWISE and all(positional(a) for a in node.args if isinstance(a, fx.Node))
-
-
-def _sinkable(gm: fx.GraphModule, head: MlmHead) -> list[fx.Node]:
-    """The nodes (in graph order, the head's input last) that only feed the mask rows once the head reads
-    the mask position alone: per-position nodes all of whose users are among them. In a transformer
-    these are the last block after its attention (output projection, residuals, norms, feed-forward):
-    computing them at the mask rows is the same arithmetic on one row per example."""
-    positional = _Positions(head.entry)
-    if not _per_position(head.entry, positional):
-        return []
-    chosen = {head.entry}
-    for node in reversed(gm.graph.nodes):
-        if node not in chosen and node.users and all(u in chosen for u in node.users) \
-                and _per_position(node, positional):
-            chosen.add(node)
-    return [node for node in gm.graph.nodes if node in chosen]
+    prepended = build(operator.sub, length, build(aten.sym_size.int, head.ids, 1))
+    return build(aten.add.Tensor, build(aten.argmax.default, as_int, 1), prepended)
 
 
 def _rows_at_mask(build: _Builder, gm: fx.GraphModule, head: MlmHead, mask_id: int,
-                  sink: bool) -> tuple[fx.Node, list[fx.Node]]:
-    """The hidden state at each row's mask, [batch, hidden], and the full-length nodes it replaces.
-
-    With `sink`, the gather moves up through the per-position nodes before the head (`_sinkable`): they
-    are recomputed on the gathered rows and their full-length versions become dead.
-    """
-    replaced = _sinkable(gm, head) if sink else []
-    sources = [a for n in replaced for a in n.all_input_nodes if a not in replaced and a.op != "get_attr"]
-    sources = list(dict.fromkeys(sources)) if replaced else [head.entry]
-    index = _mask_index(build, head, mask_id, sources[0])
-    rows = {source: _gather_rows(build, source, index) for source in sources}
-    for node in replaced:
-        rows[node] = build.copy(node, rows)
-        rows[node].meta.pop("val", None)  # it holds one position now
-    return build(aten.squeeze.dims, rows[head.entry], [1]), replaced
+                  move: bool) -> tuple[fx.Node, list[fx.Node]]:
+    """The hidden state at each row's mask, [batch, hidden], and the full-length nodes it replaces
+    (`rewrite.rows`: with `move`, the nodes before the head that only the mask row needs run on it alone)."""
+    rows, moved = rows_at(build, gm, head.entry, lambda length: _mask_index(build, head, mask_id, length), move=move)
+    return build(aten.squeeze.dims, rows, [1]), moved
 
 
 def _label_scores(build: _Builder, word_logits: fx.Node, aggregation: str) -> fx.Node:
@@ -607,7 +510,7 @@ class VerbalizerPass(Pass):
 
         first = head.transform[0] if head.transform else head.decoder.node
         build = _Builder(gm, first)
-        gathered, replaced = _rows_at_mask(build, gm, head, mask_id, sink=not self.mlm_logits)
+        gathered, replaced = _rows_at_mask(build, gm, head, mask_id, move=not self.mlm_logits)
         build.anchor = head.decoder.node
         word_logits = _pruned_head(build, head, gathered)
         scores = _label_scores(build, word_logits, self.aggregation)

@@ -1,11 +1,19 @@
 """Which parameters train, and PEFT's trainable-parameter line."""
 from __future__ import annotations
 
-from torch import fx
+from torch import fx, nn
 
 from rewrite.errors import RewriteError
 from rewrite.graph import GraphQuery
 from rewrite.ir import info
+
+
+def _parameter(gm: fx.GraphModule, name: str) -> nn.Parameter | None:
+    """The parameter called `name`, or None once a pass has removed it (fold drops LoRA's)."""
+    try:
+        return gm.get_parameter(name)
+    except AttributeError:
+        return None
 
 
 def canonical_names(gm: fx.GraphModule, names: list[str]) -> list[str]:
@@ -14,7 +22,7 @@ def canonical_names(gm: fx.GraphModule, names: list[str]) -> list[str]:
     first: dict[int, str] = {}
     for name, param in gm.named_parameters():
         first.setdefault(id(param), name)
-    return list(dict.fromkeys(first.get(id(gm.get_parameter(n)), n) for n in names))
+    return list(dict.fromkeys(first.get(id(_parameter(gm, n)), n) for n in names))
 
 
 def mark_trainable(gm: fx.GraphModule, names: list[str]) -> None:
@@ -31,7 +39,7 @@ def forget_trainable(gm: fx.GraphModule, names: list[str]) -> None:
 
 def apply_trainable(gm: fx.GraphModule) -> None:
     """`requires_grad` follows the trainable set, matched by tensor, so every name of a tied tensor agrees."""
-    trainable = {id(gm.get_parameter(n)) for n in info(gm).get("trainable", [])}
+    trainable = {id(p) for p in (_parameter(gm, n) for n in info(gm).get("trainable", [])) if p is not None}
     for param in gm.parameters():
         param.requires_grad_(id(param) in trainable)
 
