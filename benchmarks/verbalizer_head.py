@@ -5,8 +5,9 @@
 Both graphs come from the same checkpoint with the same weights (LoRA r=8 on q, v plus the MLM head
 trainable) and give the same label scores (checked). "full" runs the captured masked-LM graph and
 takes the label words' logits at the mask from the `[batch, seq, vocab]` output (PET's reference
-computation); "pruned" runs the verbalizer graph, which gathers the mask position before the head
-and decodes only the label rows. Inference is one forward pass; the training step is forward,
+computation); "pruned" runs the verbalizer graph, which gathers the mask position (moved up through
+the last transformer block, whose keys and values alone still read every position) and decodes only
+the label rows. Inference is one forward pass; the training step is forward,
 cross-entropy over the label scores, backward and an AdamW step. Times are medians of `--repeats`
 runs after a warm-up, alternating the two graphs. Peak memory of a training step is measured in a
 fresh process per graph: the resident set is sampled every 0.2 ms during a step (after a warm-up
