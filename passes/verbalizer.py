@@ -126,7 +126,10 @@ def where(path: str | Path | None, mapping: Any = None, key: Any = None) -> str:
 
 
 def parse_label_words(data: Any, origin: str | Path | None = None) -> dict[str, list[str]]:
-    """`{label: word or [words]}` -> `{label: [words]}` in the given order; labels become strings."""
+    """`{label: word or [words]}` -> `{label: [words]}` in the given order; labels become strings. A
+    document whose `labels` key holds that mapping (a PVP file, `rewrite pet`'s) is read for it."""
+    if isinstance(data, Mapping) and isinstance(data.get("labels"), Mapping):
+        data = data["labels"]
     if not isinstance(data, Mapping) or not data:
         raise RewriteError(
             f"{where(origin, data)}label words must be a non-empty mapping label -> word or list of words, "

@@ -236,6 +236,14 @@ def test_labels_file_errors_name_file_and_line(tiny_mlm_dir, tmp_path):
         rewrite.apply(gm, "verbalizer", labels=str(split))
 
 
+def test_a_pvp_files_labels_section_is_a_labels_file(tiny_mlm_dir, tmp_path):
+    pvps = tmp_path / "pvps.yaml"
+    pvps.write_text('labels:\n  "0": [bad]\n  "1": [good, great]\npvps:\n  - pattern: "{text_a} It was [MASK] ."\n')
+    gm = rewrite.load_pretrained(tiny_mlm_dir, task="masked-lm")
+    rewrite.apply(gm, "verbalizer", labels=str(pvps))
+    assert gm.info["verbalizer"]["words"] == {"0": ["bad"], "1": ["good", "great"]}
+
+
 @pytest.mark.parametrize("options,message", [
     ({}, "the verbalizer needs labels"),
     ({"labels": SINGLE, "aggregation": "sum"}, "aggregation 'sum' is not known; use one of mean, log-softmax"),
