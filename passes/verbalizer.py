@@ -51,10 +51,10 @@ from transformers.utils import ModelOutput
 
 from rewrite.errors import RewriteError
 from rewrite.graph import GraphQuery, Projection, module_path
-from rewrite.ir import add_submodule, copy_meta, info, tensor_at
+from rewrite.ir import add_submodule, info, tensor_at
 from rewrite.params import canonical_names, mark_trainable
 from rewrite.pipeline import Pass, option, register
-from rewrite.rows import activation_input, is_tokenwise, rows_at
+from rewrite.rows import Builder, activation_input, is_tokenwise, rows_at
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -341,33 +341,7 @@ def _init_tied_head(gm: fx.GraphModule, head: MlmHead) -> list[str]:
 # --- the rewrite ----------------------------------------------------------------------------------
 
 
-class _Builder:
-    """Creates tagged call_function nodes before `anchor` with the anchor's module metadata."""
-
-    def __init__(self, gm: fx.GraphModule, anchor: fx.Node):
-        self.graph, self.anchor = gm.graph, anchor
-
-    def __call__(self, target, *args, **kwargs) -> fx.Node:
-        with self.graph.inserting_before(self.anchor):
-            node = self.graph.call_function(target, args, kwargs)
-        copy_meta(self.anchor, node, **{"pass": "verbalizer"})
-        return node
-
-    def attr(self, target: str) -> fx.Node:
-        with self.graph.inserting_before(self.anchor):
-            node = self.graph.get_attr(target)
-        copy_meta(self.anchor, node, **{"pass": "verbalizer"})
-        return node
-
-    def copy(self, node: fx.Node, remap: dict[fx.Node, fx.Node]) -> fx.Node:
-        """A head node on the gathered rows. It stays untagged: it is the model's own head, so graph
-        queries still find it as the output head (LoRA on a seq-cls graph trains it, as PEFT's SEQ_CLS
-        trains the classifier)."""
-        with self.graph.inserting_before(self.anchor):
-            return self.graph.node_copy(node, lambda n: remap.get(n, n))
-
-
-def _mask_index(build: _Builder, head: MlmHead, mask_id: int, length: fx.Node) -> fx.Node:
+def _mask_index(build: Builder, head: MlmHead, mask_id: int, length: fx.Node) -> fx.Node:
     """[batch]: the first position where `ids[b] == mask_id`, in hidden states of sequence length `length`.
 
     Prompt tuning prepends virtual tokens to the hidden states but the word lookup reads the user's
@@ -379,7 +353,7 @@ def _mask_index(build: _Builder, head: MlmHead, mask_id: int, length: fx.Node) -
     return build(aten.add.Tensor, build(aten.argmax.default, as_int, 1), prepended)
 
 
-def _rows_at_mask(build: _Builder, gm: fx.GraphModule, head: MlmHead, mask_id: int,
+def _rows_at_mask(build: Builder, gm: fx.GraphModule, head: MlmHead, mask_id: int,
                   move: bool) -> tuple[fx.Node, list[fx.Node]]:
     """The hidden state at each row's mask, [batch, hidden], and the full-length nodes it replaces
     (`rewrite.rows`: with `move`, the nodes before the head that only the mask row needs run on it alone)."""
@@ -387,7 +361,7 @@ def _rows_at_mask(build: _Builder, gm: fx.GraphModule, head: MlmHead, mask_id: i
     return build(aten.squeeze.dims, rows, [1]), moved
 
 
-def _label_scores(build: _Builder, word_logits: fx.Node, aggregation: str) -> fx.Node:
+def _label_scores(build: Builder, word_logits: fx.Node, aggregation: str) -> fx.Node:
     """[batch, words] -> [batch, labels] by the `averaging_matrix` buffer (PET or OpenPrompt semantics)."""
     if aggregation == "log-softmax":
         probs = build(aten._softmax.default, word_logits, -1, False)
@@ -395,7 +369,7 @@ def _label_scores(build: _Builder, word_logits: fx.Node, aggregation: str) -> fx
     return build(aten.linear.default, word_logits, build.attr(f"{BUFFERS}.average"))
 
 
-def _pruned_head(build: _Builder, head: MlmHead, gathered: fx.Node) -> fx.Node:
+def _pruned_head(build: Builder, head: MlmHead, gathered: fx.Node) -> fx.Node:
     """A copy of the transform on the gathered [batch, hidden] rows, and the decoder on the label rows only."""
     remap = {head.entry: gathered}
     for node in head.transform:
@@ -512,7 +486,7 @@ class VerbalizerPass(Pass):
         add_submodule(gm, BUFFERS, buffers)
 
         first = head.transform[0] if head.transform else head.decoder.node
-        build = _Builder(gm, first)
+        build = Builder(gm, first, **{"pass": "verbalizer"})
         gathered, replaced = _rows_at_mask(build, gm, head, mask_id, move=not self.mlm_logits)
         build.anchor = head.decoder.node
         word_logits = _pruned_head(build, head, gathered)

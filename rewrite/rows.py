@@ -18,10 +18,12 @@ traced shape and inherit their input's layout.
 """
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from typing import Callable
 
 import torch
 from torch import fx
+
+from rewrite.ir import copy_meta
 
 aten = torch.ops.aten
 
@@ -37,12 +39,29 @@ _SDPA = aten.scaled_dot_product_attention.default
 _SDPA_MASK, _SDPA_CAUSAL = 3, 5
 
 
-class Builder(Protocol):
-    """Creates nodes at the right place with the right metadata (the pass's own builder)."""
+class Builder:
+    """Creates nodes before `anchor`, with the anchor's module metadata and the given rewrite tag."""
 
-    def __call__(self, target, *args, **kwargs) -> fx.Node: ...
+    def __init__(self, gm: fx.GraphModule, anchor: fx.Node, **tag):
+        self.graph, self.anchor, self.tag = gm.graph, anchor, tag
 
-    def copy(self, node: fx.Node, remap: dict[fx.Node, fx.Node]) -> fx.Node: ...
+    def __call__(self, target, *args, **kwargs) -> fx.Node:
+        with self.graph.inserting_before(self.anchor):
+            node = self.graph.call_function(target, args, kwargs)
+        copy_meta(self.anchor, node, **self.tag)
+        return node
+
+    def attr(self, target: str) -> fx.Node:
+        with self.graph.inserting_before(self.anchor):
+            node = self.graph.get_attr(target)
+        copy_meta(self.anchor, node, **self.tag)
+        return node
+
+    def copy(self, node: fx.Node, remap: dict[fx.Node, fx.Node]) -> fx.Node:
+        """The model's own node on other inputs. It stays untagged and keeps its module, so graph queries
+        still find it for what it is (a projection, the output head)."""
+        with self.graph.inserting_before(self.anchor):
+            return self.graph.node_copy(node, lambda n: remap.get(n, n))
 
 
 def activation_input(node: fx.Node) -> fx.Node:
@@ -201,3 +220,29 @@ def rows_at(build: Builder, gm: fx.GraphModule, entry: fx.Node, index_for: Calla
     for node in moved:
         rows[node] = _copy(build, node, rows, layout, index)
     return rows[entry], moved
+
+
+def select_rows(gm: fx.GraphModule) -> int:
+    """Every `hidden[:, i]` (constant i) of [batch, seq, width] hidden states nothing else reads gets the
+    rows treatment: BERT's pooler reads `[CLS]`, so the last block computes that row alone. Returns
+    how many nodes now run on one row."""
+    total = 0
+    for select in list(gm.graph.find_nodes(op="call_function", target=aten.select.int)):
+        source, dim, position = select.args
+        if dim != 1 or not isinstance(position, int) or position < 0 or list(source.users) != [select] \
+                or not movable(gm, source):
+            continue
+        build = Builder(gm, select)
+
+        def index_for(length: fx.Node, source=source, position=position, build=build) -> fx.Node:
+            return build(aten.new_full.default, source, [build(aten.sym_size.int, source, 0)], position,
+                         dtype=torch.long)
+
+        rows, moved = rows_at(build, gm, source, index_for)
+        select.replace_all_uses_with(build(aten.squeeze.dims, rows, [1]))
+        for node in [select, *reversed(moved)]:
+            gm.graph.erase_node(node)
+        total += len(moved)
+    if total:
+        gm.recompile()
+    return total
