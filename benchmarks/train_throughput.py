@@ -2,6 +2,7 @@
 
     python benchmarks/train_throughput.py                       # MiniLM seq-cls and a tiny LLaMA, eager and compiled
     python benchmarks/train_throughput.py --models minilm --modes eager --steps 10
+    python benchmarks/train_throughput.py --models minilm --modes eager --rows   # ours with the rows pass
 
 Each (model, implementation, mode) runs in its own process, so compilation caches and memory peaks
 do not leak between them; with `--repeats N` the two implementations alternate N times and the
@@ -26,7 +27,7 @@ MODELS = {
     "minilm": {"task": "seq-cls", "batch": 32, "seq": 128},
     "tiny-llama": {"task": "causal-lm", "batch": 8, "seq": 128},
 }
-IMPLEMENTATIONS = ("rewrite", "peft")
+IMPLEMENTATIONS = ("rewrite", "peft")  # ours (or "rewrite-rows": after the rows pass) and the reference
 LORA = {"rank": 8, "alpha": 16}
 
 
@@ -97,13 +98,15 @@ def rows(count: int, seq: int) -> list[dict]:
 # ---------------------------------------------------------------- the two implementations
 
 
-def run_rewrite(directory: Path, spec: dict, mode: str, steps: int, warmup: int) -> dict:
+def run_rewrite(directory: Path, spec: dict, mode: str, steps: int, warmup: int, rows_pass: bool = False) -> dict:
     import torch
 
     import rewrite
     from rewrite.train import TrainConfig
 
     gm = rewrite.load_pretrained(directory, task=spec["task"], num_labels=2 if spec["task"] == "seq-cls" else None)
+    if rows_pass:
+        rewrite.apply(gm, "rows")
     rewrite.apply(gm, "lora", roles=["q", "v"], **LORA)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     config = TrainConfig(max_steps=warmup + steps, batch_size=spec["batch"], max_length=spec["seq"], lr=1e-4,
@@ -169,8 +172,11 @@ def run_peft(directory: Path, spec: dict, mode: str, steps: int, warmup: int) ->
 def child(args) -> None:
     model, implementation, mode = args.child.split(":")
     directory = model_dir(model, Path(args.workdir))
-    run = run_rewrite if implementation == "rewrite" else run_peft
-    print(json.dumps(run(directory, MODELS[model], mode, args.steps, args.warmup)))
+    if implementation == "peft":
+        result = run_peft(directory, MODELS[model], mode, args.steps, args.warmup)
+    else:
+        result = run_rewrite(directory, MODELS[model], mode, args.steps, args.warmup, implementation == "rewrite-rows")
+    print(json.dumps(result))
 
 
 def measure(model: str, implementation: str, mode: str, args, workdir: Path) -> dict:
@@ -189,6 +195,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=1, help="Alternating runs per implementation.")
+    parser.add_argument("--rows", action="store_true", help="Apply the rows pass to ours (seq-cls: [CLS] row only).")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -198,8 +205,9 @@ def main() -> None:
 
     device = f"CUDA ({torch.cuda.get_device_name()}, bf16 autocast)" if torch.cuda.is_available() else \
         f"CPU ({torch.get_num_threads()} threads, fp32)"
-    print(f"training throughput on {device}; LoRA r=8 on q,v; median of {args.steps} steps after {args.warmup}, "
-          f"{args.repeats} run(s) each")
+    ours_name = "rewrite-rows" if args.rows else "rewrite"
+    print(f"training throughput on {device}; LoRA r=8 on q,v{' after the rows pass' if args.rows else ''}; median of "
+          f"{args.steps} steps after {args.warmup}, {args.repeats} run(s) each")
     header = f"{'model':<11} {'mode':<8} {'ours tok/s':>11} {'PEFT tok/s':>11} {'speed ratio':>12} " \
              f"{'ours MiB':>9} {'PEFT MiB':>9} {'memory ratio':>13}"
     print(header)
@@ -208,7 +216,7 @@ def main() -> None:
             spec = MODELS[model]
             tokens = spec["batch"] * spec["seq"]
             for mode in args.modes.split(","):
-                runs = [[measure(model, impl, mode, args, Path(workdir)) for impl in IMPLEMENTATIONS]
+                runs = [[measure(model, impl, mode, args, Path(workdir)) for impl in (ours_name, "peft")]
                         for _ in range(args.repeats)]
                 ours, theirs = ({key: statistics.median(run[i][key] for run in runs) for key in runs[0][i]}
                                 for i in range(len(IMPLEMENTATIONS)))

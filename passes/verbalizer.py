@@ -357,7 +357,10 @@ def _rows_at_mask(build: Builder, gm: fx.GraphModule, head: MlmHead, mask_id: in
                   move: bool) -> tuple[fx.Node, list[fx.Node]]:
     """The hidden state at each row's mask, [batch, hidden], and the full-length nodes it replaces
     (`rewrite.rows`: with `move`, the nodes before the head that only the mask row needs run on it alone)."""
-    rows, moved = rows_at(build, gm, head.entry, lambda length: _mask_index(build, head, mask_id, length), move=move)
+    def index_for(hidden: fx.Node, axis: int) -> fx.Node:
+        return _mask_index(build, head, mask_id, build(aten.sym_size.int, hidden, axis))
+
+    rows, moved = rows_at(build, gm, head.entry, index_for, move=move)
     return build(aten.squeeze.dims, rows, [1]), moved
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -84,8 +85,18 @@ def capture(
     base_info = {"history": [], "input_names": list(example_inputs), "task": _task_of_class(type(model).__name__),
                  "config": config}
     base_info.update(info or {})
-    gm = wrap(unlifted, unlifted.graph, base_info, was_training)
-    return gm
+    _drop_full_slices(unlifted.graph)
+    return wrap(unlifted, unlifted.graph, base_info, was_training)
+
+
+def _drop_full_slices(graph: fx.Graph) -> None:
+    """`x[:, ...]`-style slices that keep a whole axis (start 0, end past it, step 1) are `x` itself: HF's
+    pooler and mask code leave a few per graph, and they hide the reads behind them."""
+    for node in list(graph.find_nodes(op="call_function", target=torch.ops.aten.slice.Tensor)):
+        source, _, start, end, step = [*node.args, *(None, 0, None, None, 1)[len(node.args):]]
+        if start in (0, None) and step == 1 and (end is None or (isinstance(end, int) and end >= sys.maxsize)):
+            node.replace_all_uses_with(source)
+            graph.erase_node(node)
 
 
 def _task_of_class(class_name: str) -> str:

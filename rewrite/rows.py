@@ -203,17 +203,17 @@ def _copy(build: Builder, node: fx.Node, rows: dict[fx.Node, fx.Node], layout: L
     return copied
 
 
-def rows_at(build: Builder, gm: fx.GraphModule, entry: fx.Node, index_for: Callable[[fx.Node], fx.Node],
+def rows_at(build: Builder, gm: fx.GraphModule, entry: fx.Node, index_for: Callable[[fx.Node, int], fx.Node],
             *, move: bool = True) -> tuple[fx.Node, list[fx.Node]]:
     """`entry` ([batch, seq, width]) at one position per example, as [batch, 1, width], and the
     full-length nodes the caller erases once nothing else reads them (after dropping its own
-    full-length users of `entry`). `index_for(length)` gives the [batch] positions, for a sequence of
-    `length` (a size node: the hidden states' sequence length, which may exceed the input ids')."""
+    full-length users of `entry`). `index_for(hidden, axis)` gives the [batch] positions, given a node
+    that stays, laid out like the hidden states along `axis` (their sequence may exceed the input ids')."""
     layout = Layout(entry)
     moved = movable(gm, entry) if move else []
     sources = list(dict.fromkeys(a for n in moved for a in row_inputs(n) if a not in moved)) or [entry]
     placed = {source: layout(source) or (3, 1) for source in sources}
-    index = index_for(build(aten.sym_size.int, sources[0], placed[sources[0]][1]))
+    index = index_for(sources[0], placed[sources[0]][1])
     rows: dict[fx.Node, fx.Node] = {}
     for source, (rank, axis) in placed.items():
         rows[source] = _gather(build, source, axis, rank, index)
@@ -234,8 +234,8 @@ def select_rows(gm: fx.GraphModule) -> int:
             continue
         build = Builder(gm, select)
 
-        def index_for(length: fx.Node, source=source, position=position, build=build) -> fx.Node:
-            return build(aten.new_full.default, source, [build(aten.sym_size.int, source, 0)], position,
+        def index_for(hidden: fx.Node, axis: int, position=position, build=build) -> fx.Node:
+            return build(aten.new_full.default, hidden, [build(aten.sym_size.int, hidden, 0)], position,
                          dtype=torch.long)
 
         rows, moved = rows_at(build, gm, source, index_for)
