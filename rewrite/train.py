@@ -170,13 +170,12 @@ def _aligned(labels: torch.Tensor, logits: torch.Tensor, prepended: int) -> torc
 def _loss_sum(outputs, labels: torch.Tensor, task: str, prepended: int = 0) -> torch.Tensor:
     """The summed task loss; `_items` is what it is a sum over."""
     logits = _logits(outputs)
-    if task != CLASSIFICATION:
-        labels = _aligned(labels, logits, prepended)
     if task == CLASSIFICATION:
         logits = _upcast(logits)
         if labels.is_floating_point():
             return -(labels * F.log_softmax(logits, dim=-1)).sum()
         return F.cross_entropy(logits, labels, reduction="sum")
+    labels = _aligned(labels, logits, prepended)
     if task == "causal-lm":
         # Shift the labels, not the logits: the [batch, seq, vocab] tensor is never copied.
         shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
