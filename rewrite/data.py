@@ -229,6 +229,13 @@ def pad_rows(rows: list[list[int]], value: int, left: bool) -> torch.Tensor:
     return torch.tensor(padded, dtype=torch.long)
 
 
+def pad_ids(rows: Sequence[Sequence[int]], tokenizer) -> dict[str, torch.Tensor]:
+    """`input_ids` (pad token, on the tokenizer's padding side) and `attention_mask` for unpadded id rows."""
+    left = getattr(tokenizer, "padding_side", "right") == "left"
+    return {"input_ids": pad_rows([list(r) for r in rows], pad_token_id(tokenizer), left),
+            "attention_mask": pad_rows([[1] * len(r) for r in rows], 0, left)}
+
+
 def _label_tensor(labels: list[int | tuple[float, ...]]) -> torch.Tensor:
     """Class ids as a long tensor; if any label is soft, every label as a probability row."""
     soft = [label for label in labels if isinstance(label, tuple)]
@@ -262,8 +269,7 @@ def collate(encoded: Encoded, indices: Sequence[int], tokenizer, task: str, inpu
     """
     left = getattr(tokenizer, "padding_side", "right") == "left"
     features = [encoded.features[i] for i in indices]
-    batch = {"input_ids": pad_rows([f["input_ids"] for f in features], pad_token_id(tokenizer), left)}
-    batch["attention_mask"] = pad_rows([[1] * len(f["input_ids"]) for f in features], 0, left)
+    batch = pad_ids([f["input_ids"] for f in features], tokenizer)
     for name in input_names:
         if name not in batch:
             batch[name] = pad_rows([f.get(name, [0] * len(f["input_ids"])) for f in features], 0, left)

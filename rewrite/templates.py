@@ -17,7 +17,7 @@ from typing import Mapping, NamedTuple, Sequence
 import torch
 from torch import fx
 
-from rewrite.data import Encoded, Example, pad_rows, pad_token_id  # training's padding, so batches agree
+from rewrite.data import Encoded, Example, pad_ids  # training's padding, so batches agree
 from rewrite.errors import RewriteError
 from rewrite.ir import info
 
@@ -175,10 +175,8 @@ def _encode_all(gm: fx.GraphModule, values: Sequence[Mapping[str, str] | str],
 
 def pad_batch(rows: Sequence[Sequence[int]], tokenizer) -> dict[str, torch.Tensor]:
     """`input_ids`, `attention_mask` and `token_type_ids` (zeros) for encoded rows, padded as training pads."""
-    left = getattr(tokenizer, "padding_side", "right") == "left"
-    input_ids = pad_rows([list(r) for r in rows], pad_token_id(tokenizer), left)
-    return {"input_ids": input_ids, "attention_mask": pad_rows([[1] * len(r) for r in rows], 0, left),
-            "token_type_ids": torch.zeros_like(input_ids)}
+    batch = pad_ids(rows, tokenizer)
+    return {**batch, "token_type_ids": torch.zeros_like(batch["input_ids"])}
 
 
 def encode_batch(gm: fx.GraphModule, texts: Sequence[Mapping[str, str] | str], *,
