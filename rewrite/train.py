@@ -545,11 +545,17 @@ def _trainable_weights(gm: fx.GraphModule, weights: dict[str, torch.Tensor], sou
 # ---------------------------------------------------------------- the loop
 
 
+REFRESH_S = 0.5  # the progress display redraws at most this often, from the loop (no refresh thread)
+
+
 def _progress(run: _Run) -> Progress:
+    """A display the loop redraws itself: rich's auto-refresh thread competes with the compute threads
+    for the cores (on a loaded 2-core machine it made training several times slower)."""
     columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[tps]:,.0f} tok/s"),
                TimeRemainingColumn()]
-    return Progress(*columns, console=Console(stderr=True), disable=not (run.config.progress and run.ctx.main))
+    return Progress(*columns, console=Console(stderr=True), auto_refresh=False,
+                    disable=not (run.config.progress and run.ctx.main))
 
 
 def _due(every: int | None, step: int) -> bool:
@@ -562,6 +568,7 @@ def _fit(run: _Run) -> None:
     config = run.config
     with _progress(run) as progress:
         bar = progress.add_task("train", total=run.total, completed=run.step, loss=math.nan, lr=config.lr, tps=0.0)
+        drawn = time.perf_counter()
         while run.step < run.total:
             started = time.perf_counter()
             stats = run.optimizer_step(run.window())
@@ -574,6 +581,9 @@ def _fit(run: _Run) -> None:
                                  "tokens_per_s": stats["tokens"] / elapsed})
             progress.update(bar, completed=run.step, loss=stats["loss"], lr=stats["lr"], tps=run.tokens / run.seconds)
             final = run.step == run.total
+            if final or time.perf_counter() - drawn >= REFRESH_S:
+                progress.refresh()
+                drawn = time.perf_counter()
             if run.eval is not None and (_due(config.eval_every, run.step) or _due(run.steps_per_epoch, run.step)
                                          or final):
                 run.last_eval = run.evaluate()
