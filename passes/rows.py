@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class RowsPass(Pass):
     name = "rows"
+    changes_dropout = True
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         moved = select_rows(graph_module)

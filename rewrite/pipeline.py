@@ -36,6 +36,12 @@ class Pass(PassBase):
     """Base of every rewrite. Subclasses are dataclasses; their fields (see `option`) are the pass's options."""
 
     name: ClassVar[str]
+    # How a training-speed pass (`rewrite.speed`) may be used: it changes train-mode dropout draws
+    # (not bit-exact with Hugging Face's masks), its graph returns what the loss must finish (not
+    # logits, so a custom loss cannot read it), or it is exact only for batches without padding.
+    changes_dropout: ClassVar[bool] = False
+    replaces_logits: ClassVar[bool] = False
+    unpadded_only: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         self.report: dict[str, Any] = {}
@@ -132,7 +138,8 @@ class Pipeline:
             gm.graph.lint()
             gm.recompile()
             info(gm)["history"].append(
-                {"pass": pass_.name, "options": _jsonable(pass_.options()), "report": _jsonable(pass_.report)}
+                {"pass": pass_.name, "options": _jsonable(pass_.options()), "report": _jsonable(pass_.report),
+                 "modified": result is None or bool(result.modified)}
             )
             log.info("pass %s: %s", pass_.name, pass_.report.get("summary", "done"))
         return gm

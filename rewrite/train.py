@@ -61,13 +61,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import fx, nn
 
-from rewrite import checkpoint, data, distributed, templates
+from rewrite import checkpoint, data, distributed, speed, templates
 from rewrite.adapter import PREFIX, save_adapter
 from rewrite.archive import save
 from rewrite.data import CLASSIFICATION, IGNORE_INDEX, LM_TASKS, Encoded, Example, Fields
 from rewrite.errors import RewriteError
 from rewrite.inputs import DEFAULT_INPUT_NAMES
 from rewrite.ir import info, wrap
+from rewrite.losses import Head, head_of
 from rewrite.params import apply_trainable
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,8 @@ class TrainConfig:
     keep_checkpoints: int = 2  # newest checkpoints kept
     resume: bool = False  # continue from the newest complete checkpoint in output_dir
     progress: bool = True  # progress bar on rank 0
+    speed_passes: list[str] | None = None  # training-graph rewrites (rewrite.speed); None: every exact one
+    dropout_parity: bool = False  # keep Hugging Face's train-mode dropout masks bit for bit (no rows pass)
 
 
 @dataclass
@@ -167,8 +170,9 @@ def _aligned(labels: torch.Tensor, logits: torch.Tensor, prepended: int) -> torc
     return _prepend_ignored(labels, prepended)
 
 
-def _loss_sum(outputs, labels: torch.Tensor, task: str, prepended: int = 0) -> torch.Tensor:
-    """The summed task loss; `_items` is what it is a sum over."""
+def _loss_sum(outputs, labels: torch.Tensor, task: str, prepended: int = 0, head: Head | None = None) -> torch.Tensor:
+    """The summed task loss; `_items` is what it is a sum over. With `head`, the outputs are the hidden
+    states that head reads (the `chunked_loss` pass) and the loss applies it."""
     logits = _logits(outputs)
     if task == CLASSIFICATION:
         logits = _upcast(logits)
@@ -176,6 +180,8 @@ def _loss_sum(outputs, labels: torch.Tensor, task: str, prepended: int = 0) -> t
             return -(labels * F.log_softmax(logits, dim=-1)).sum()
         return F.cross_entropy(logits, labels, reduction="sum")
     labels = _aligned(labels, logits, prepended)
+    if head is not None:
+        return head.loss_sum(logits, labels, task)
     if task == "causal-lm":
         # Shift the labels, not the logits: the [batch, seq, vocab] tensor is never copied.
         shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
@@ -320,10 +326,10 @@ class _Objective:
             return batch["input_ids"].shape[0]
         return _items(batch["labels"], self.task, self.prepended)
 
-    def loss(self, outputs, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def loss(self, outputs, batch: dict[str, torch.Tensor], head: Head | None = None) -> torch.Tensor:
         """The summed loss over `items(batch)`: the task loss, or the caller's mean `loss_fn` times the batch size."""
         if self.loss_fn is None:
-            return _loss_sum(outputs, batch["labels"], self.task, self.prepended)
+            return _loss_sum(outputs, batch["labels"], self.task, self.prepended, head)
         return self.loss_fn(outputs, batch) * batch["input_ids"].shape[0]
 
     def eval_sums(self, model: nn.Module, dataset: _Data, indices: Sequence[int], batch_size: int,
@@ -368,10 +374,14 @@ class _Run:
         config, ctx = self.config, self.ctx
         self.gm.to(ctx.device)
         _freeze_base(self.gm, master_fp32=self.objective.bf16)
-        wrapped = distributed.wrap(self.gm, ctx, fsdp=config.fsdp)
+        graphs = self.gm if config.fsdp else speed.graphs(self.gm, speed.resolve(
+            config.speed_passes, dropout_parity=config.dropout_parity, custom_loss=self.objective.loss_fn is not None),
+            compile=config.compile)  # FSDP shards the graph itself in place: no twin
+        self.head = head_of(graphs.general) if isinstance(graphs, speed.Graphs) else None
+        wrapped = distributed.wrap(graphs, ctx, fsdp=config.fsdp)
         self.sharded = distributed.sharded(self.gm)
         self.named = [(name, self.gm.get_parameter(name)) for name in info(self.gm)["trainable"]]
-        self.model = torch.compile(wrapped) if config.compile else wrapped
+        self.model = torch.compile(wrapped) if config.compile and config.fsdp else wrapped
         micro = data.micro_batches_per_epoch(len(self.train.encoded), ctx.world, config.batch_size)
         self.steps_per_epoch = math.ceil(micro / config.grad_accum)
         self.epoch_cache: tuple[int, list[list[int]]] = (-1, [])
@@ -412,7 +422,7 @@ class _Run:
         loss_sum = torch.zeros((), device=ctx.device)
         for index, batch in enumerate(window):
             with distributed.no_sync(self.model, skip=index < len(window) - 1):
-                total = objective.loss(objective.forward(self.model, batch), batch)
+                total = objective.loss(objective.forward(self.model, batch), batch, self.head)
                 (total * scale).backward()
             loss_sum += total.detach().float()
         max_norm = self.config.max_grad_norm if self.config.max_grad_norm is not None else math.inf
