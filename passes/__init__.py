@@ -2,7 +2,7 @@
 from rewrite.pipeline import available, create, option_names
 
 from rewrite.passes import (  # noqa: F401  (registration)
-    chunked_loss, dense_attention, fold, fused_lora, lora, prompt, ptuning, rows, verbalizer,
+    checkpoint, chunked_loss, dense_attention, fold, fused_lora, lora, prompt, ptuning, rows, verbalizer,
 )
 
 __all__ = ["available", "create", "option_names"]

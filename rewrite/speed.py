@@ -62,7 +62,7 @@ def twin(gm: fx.GraphModule, names: Sequence[str]) -> fx.GraphModule:
     copied = wrap(gm, graph, meta, training=True)
     if names:
         with _quiet():
-            Pipeline(list(names)).run(copied)
+            copied = Pipeline(list(names)).run(copied)
     return copied
 
 

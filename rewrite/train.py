@@ -111,6 +111,7 @@ class TrainConfig:
     progress: bool = True  # progress bar on rank 0
     speed_passes: list[str] | None = None  # training-graph rewrites (rewrite.speed); None: every exact one
     dropout_parity: bool = False  # keep Hugging Face's train-mode dropout masks bit for bit (no rows pass)
+    checkpoint: bool = False  # activation checkpointing per block (the checkpoint speed pass)
 
 
 @dataclass
@@ -375,7 +376,8 @@ class _Run:
         self.gm.to(ctx.device)
         _freeze_base(self.gm, master_fp32=self.objective.bf16)
         graphs = self.gm if config.fsdp else speed.graphs(self.gm, speed.resolve(
-            config.speed_passes, dropout_parity=config.dropout_parity, custom_loss=self.objective.loss_fn is not None),
+            config.speed_passes, dropout_parity=config.dropout_parity, custom_loss=self.objective.loss_fn is not None,
+            checkpoint=config.checkpoint),
             compile=config.compile)  # FSDP shards the graph itself in place: no twin
         self.head = head_of(graphs.general) if isinstance(graphs, speed.Graphs) else None
         wrapped = distributed.wrap(graphs, ctx, fsdp=config.fsdp)

@@ -17,7 +17,7 @@ from conftest import TASK_CLASSES, tiny_config, tiny_model
 from helpers import capture_tiny, fresh_inputs, lora_graph, randomize_lora, sentiment_rows
 
 MODELS = [("llama", "causal-lm"), ("gpt2", "causal-lm"), ("bert", "masked-lm"), ("bert", "seq-cls")]
-PASSES = ["chunked_loss", "fused_lora", "dense_attention", "rows"]
+PASSES = ["chunked_loss", "fused_lora", "dense_attention", "rows", "checkpoint"]
 ROLES = ["q", "k", "v", "o", "mlp"]
 
 
@@ -88,6 +88,7 @@ def test_each_pass_changes_what_it_should():
     assert reports["gpt2", "causal-lm"]["dense_attention"]["kinds"] == ["causal"]
     assert reports["bert", "seq-cls"]["dense_attention"]["kinds"] == ["full"]
     assert reports["bert", "seq-cls"]["rows"]["moved"] > 10
+    assert all(reports[model]["checkpoint"]["blocks"] == [0, 1] for model in MODELS)
 
 
 def test_graphs_send_padded_batches_to_the_general_graph():
@@ -181,3 +182,13 @@ def test_minilm_passes_keep_loss_and_gradients(minilm_dir, training):
     torch.testing.assert_close(fast_loss, loss, atol=1e-5, rtol=1e-6)
     for ours, theirs in zip(fast_grads, grads):
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch,task", [("llama", "causal-lm"), ("bert", "seq-cls")])
+def test_training_graphs_compile_whole(arch, task):
+    """No graph breaks: dynamo captures each training graph, passes and all, as one graph."""
+    names = speed.resolve(None, dropout_parity=False, custom_loss=False, checkpoint=True)
+    fast = speed.twin(_adapted(arch, task), names)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(fast)(**fresh_inputs())
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
