@@ -23,7 +23,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from rewrite.adapter import PREFIX, adapter_base, peft_task_type
 from rewrite.errors import RewriteError
-from rewrite.graph import GraphQuery, Projection
+from rewrite.graph import GraphQuery, Projection, matches_module
 from rewrite.ir import add_submodule, info, remove_submodule, tag, tensor_at
 from rewrite.nodes import NodeBuilder
 from rewrite.params import forget_trainable, mark_trainable, trainable_heads
@@ -32,13 +32,6 @@ from rewrite.pipeline import AdapterFiles, Folded, Pass, Pipeline, option, regis
 aten = torch.ops.aten
 DEFAULT_ROLES = ("q", "v")
 Role = Literal["q", "k", "v", "o", "mlp"]  # rewrite.graph.ROLES
-
-
-def matches(path: str, spec: str | list[str]) -> bool:
-    """PEFT's rule: a string is a regex that must fullmatch; a list entry matches exactly or as a `.suffix`."""
-    if isinstance(spec, str):
-        return re.fullmatch(spec, path) is not None
-    return any(path == name or path.endswith("." + name) for name in spec)
 
 
 def _pattern_value(path: str, pattern: dict, default):
@@ -102,7 +95,7 @@ class LoraPass(Pass):
             heads = {p.path for p in query.output_heads}
             chosen = [p for p in chosen if p.path not in heads]
         elif self.targets is not None:
-            chosen = [p for p in chosen if matches(p.path, self.targets)]
+            chosen = [p for p in chosen if matches_module(p.path, self.targets)]
             if not chosen:
                 raise RewriteError(
                     f"LoRA targets {self.targets!r} match no module; linear modules in this graph: {_names(projections)}"
@@ -118,7 +111,7 @@ class LoraPass(Pass):
                     f"{', '.join(present) or 'none (no attention found)'}"
                 )
         if self.exclude is not None:
-            chosen = [p for p in chosen if not matches(p.path, self.exclude)]
+            chosen = [p for p in chosen if not matches_module(p.path, self.exclude)]
         if self.layers is not None:
             chosen = [p for p in chosen if p.layer in set(self.layers)]
         if not chosen:

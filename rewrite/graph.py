@@ -57,6 +57,13 @@ def layer_index(path: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def matches_module(path: str, spec: str | list[str]) -> bool:
+    """PEFT's rule: a string is a regex that must fullmatch; a list entry matches exactly or as a `.suffix`."""
+    if isinstance(spec, str):
+        return re.fullmatch(spec, path) is not None
+    return any(path == name or path.endswith("." + name) for name in spec)
+
+
 def module_path(node: fx.Node) -> str | None:
     """The module that produced `node`: the innermost entry of `nn_module_stack`."""
     stack = node.meta.get("nn_module_stack")
