@@ -211,11 +211,11 @@ def measure(model: str, implementation: str, mode: str, args, workdir: Path) -> 
 def implementations(args, mode: str) -> list[str]:
     """Ours with the default speed passes and PEFT; with --ablate (eager) ours without any, and with each
     alone; with --progress ours with the progress display on."""
-    from rewrite.speed import SPEED_PASSES
+    from rewrite.speed import speed_passes
 
     names = ["rewrite", "peft"]
     if args.ablate and mode == "eager":
-        names += ["rewrite=none", *(f"rewrite={name}" for name in SPEED_PASSES)]
+        names += ["rewrite=none", *(f"rewrite={name}" for name in speed_passes())]
     if args.progress:
         names += ["rewrite+progress"]
     return names

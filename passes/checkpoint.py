@@ -78,6 +78,8 @@ def _outline(gm: fx.GraphModule, layer: int, nodes: list[fx.Node]) -> None:
 @dataclass
 class CheckpointPass(Pass):
     name = "checkpoint"
+    speed_rank = 50
+    speed_default = False
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         gm = graph_module

@@ -39,6 +39,7 @@ def _logits_node(gm: fx.GraphModule) -> fx.Node | None:
 @dataclass
 class ChunkedLossPass(Pass):
     name = "chunked_loss"
+    speed_rank = 10
     replaces_logits = True
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:

@@ -101,6 +101,7 @@ def _drop_dead(graph: fx.Graph, nodes: list[fx.Node]) -> None:
 @dataclass
 class DenseAttentionPass(Pass):
     name = "dense_attention"
+    speed_rank = 20
     unpadded_only = True
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:

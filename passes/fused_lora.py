@@ -17,7 +17,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from rewrite.ir import tag
 from rewrite.pipeline import Pass, register
-from rewrite.rows import Builder
+from rewrite.nodes import NodeBuilder
 
 aten = torch.ops.aten
 
@@ -33,7 +33,7 @@ def _a_projections(gm: fx.GraphModule) -> dict[fx.Node, list[fx.Node]]:
 
 
 def _fuse(gm: fx.GraphModule, projections: list[fx.Node]) -> None:
-    build = Builder(gm, projections[0], **{"pass": "fused_lora"})
+    build = NodeBuilder(gm.graph, projections[0], before=projections[0], **{"pass": "fused_lora"})
     weights = [p.args[1] for p in projections]
     fused = build(aten.cat.default, [build.attr(w.target) for w in weights], 0)
     h = build(aten.linear.default, projections[0].args[0], fused)
@@ -51,6 +51,7 @@ def _fuse(gm: fx.GraphModule, projections: list[fx.Node]) -> None:
 @dataclass
 class FusedLoraPass(Pass):
     name = "fused_lora"
+    speed_rank = 40
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         groups = [g for g in _a_projections(graph_module).values() if len(g) > 1]

@@ -2,15 +2,16 @@
 
 The speed passes run on a twin of the graph that shares its parameters, so the user's graph (its
 evaluation, saved archive, fold and export) is untouched. `SPEED_PASSES` are the exact ones, applied
-by default: `chunked_loss` (language models: the loss applies the head, no full logits),
-`rows` (`[CLS]`-pooled classifiers compute their last block on that row; not when the run keeps
-Hugging Face's dropout masks bit for bit), `fused_lora` (one A matmul per shared input),
-`checkpoint` (opt-in: per-block activation checkpointing). `dense_attention` makes a second twin
-for batches without padding, so those run without a materialized mask; `Graphs` picks per batch.
+by default; each says so, and how it may be used, on its class (`Pass.speed_rank` and the flags beside
+it): the loss without full logits, LoRA A projections fused, `[CLS]`-row classifiers (not when the
+run keeps Hugging Face's dropout masks bit for bit), per-block activation checkpointing (opt-in).
+A pass that is exact only for batches without padding (attention without a materialized mask)
+makes a second twin for those; `Graphs` picks one per batch.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import warnings
 from typing import Sequence
@@ -19,10 +20,8 @@ import torch
 from torch import fx, nn
 
 from rewrite.ir import info, wrap
-from rewrite.pipeline import Pipeline, pass_class
-
-SPEED_PASSES = ("chunked_loss", "rows", "fused_lora", "dense_attention")
-
+from rewrite.errors import RewriteError
+from rewrite.pipeline import Pipeline, available, pass_class
 
 class Graphs(nn.Module):
     """The training graph, and where exact a variant for batches without padding, sharing parameters."""
@@ -40,17 +39,29 @@ class Graphs(nn.Module):
         return (self._general if padded else self._unpadded)(**inputs)
 
 
+def speed_passes(default: bool = True) -> list[str]:
+    """The registered training-speed passes `rewrite.train` applies by default (or the opt-in ones), in order."""
+    found = [name for name in available() if pass_class(name).speed_rank is not None
+             and pass_class(name).speed_default == default]
+    return sorted(found, key=lambda name: pass_class(name).speed_rank)
+
+
 def resolve(names: Sequence[str] | None, *, dropout_parity: bool, custom_loss: bool,
             checkpoint: bool = False) -> list[str]:
-    """The speed passes a run applies: `names`, or by default every exact one (and `checkpoint` on
-    request), less those that would change Hugging Face's dropout masks when `dropout_parity` is
-    asked for, and those that leave the head to the built-in loss when the caller brings a loss."""
-    chosen = list(SPEED_PASSES if names is None else names)
-    if checkpoint and "checkpoint" not in chosen:
-        chosen.append("checkpoint")
-    return [name for name in chosen
-            if not (dropout_parity and pass_class(name).changes_dropout)
-            and not (custom_loss and pass_class(name).replaces_logits)]
+    """The speed passes a run applies, in order: `names`, or by default every exact one (and the opt-in
+    ones with `checkpoint`), less those that would change Hugging Face's dropout masks when
+    `dropout_parity` is asked for, and those that leave the head to the built-in loss when the caller
+    brings a loss."""
+    chosen = list(speed_passes() if names is None else names)
+    chosen += [name for name in speed_passes(default=False) if checkpoint and name not in chosen]
+    for name in chosen:
+        if pass_class(name).speed_rank is None:
+            raise RewriteError(f"pass {name!r} is not a training-speed pass; use some of "
+                               f"{', '.join(speed_passes() + speed_passes(default=False))}")
+    chosen = [name for name in chosen
+              if not (dropout_parity and pass_class(name).changes_dropout)
+              and not (custom_loss and pass_class(name).replaces_logits)]
+    return sorted(chosen, key=lambda name: pass_class(name).speed_rank)
 
 
 def twin(gm: fx.GraphModule, names: Sequence[str]) -> fx.GraphModule:
@@ -58,7 +69,7 @@ def twin(gm: fx.GraphModule, names: Sequence[str]) -> fx.GraphModule:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning)  # pytree's LeafSpec deprecation on copy
         graph = copy.deepcopy(gm.graph)
-    meta = dict(info(gm), history=list(info(gm)["history"]))
+    meta = dataclasses.replace(info(gm), history=list(info(gm).history), extra=dict(info(gm).extra))
     copied = wrap(gm, graph, meta, training=True)
     if names:
         with _quiet():

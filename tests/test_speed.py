@@ -159,9 +159,11 @@ def _lm_graph(directory):
 
 
 def test_a_custom_loss_gets_logits_and_dropout_parity_drops_rows():
-    assert speed.resolve(None, dropout_parity=False, custom_loss=True) == ["rows", "fused_lora", "dense_attention"]
-    assert speed.resolve(None, dropout_parity=True, custom_loss=False) == ["chunked_loss", "fused_lora",
-                                                                          "dense_attention"]
+    assert speed.resolve(None, dropout_parity=False, custom_loss=True) == ["dense_attention", "rows", "fused_lora"]
+    assert speed.resolve(None, dropout_parity=True, custom_loss=False, checkpoint=True) == [
+        "chunked_loss", "dense_attention", "fused_lora", "checkpoint"]
+    with pytest.raises(rewrite.RewriteError, match="not a training-speed pass"):
+        speed.resolve(["lora"], dropout_parity=False, custom_loss=False)
 
 
 @pytest.mark.slow
