@@ -20,7 +20,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from rewrite.graph import GraphQuery
 from rewrite.ir import info
-from rewrite.losses import HEAD_KEY
+from rewrite.head_loss import HEAD_KEY
 from rewrite.pipeline import Pass, register
 
 log = logging.getLogger(__name__)

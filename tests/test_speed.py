@@ -8,10 +8,11 @@ import torch.nn.functional as F
 
 import rewrite
 from rewrite import speed
-from rewrite.inputs import example_inputs
-from rewrite.losses import head_loss_sum, head_of
+from rewrite.synthetic_inputs import example_inputs
+from rewrite.head_loss import head_loss_sum, head_of
+from rewrite.losses import loss_sum
 from rewrite.pipeline import pass_class
-from rewrite.train import TrainConfig, _loss_sum, train
+from rewrite.train import TrainConfig, train
 
 from conftest import TASK_CLASSES, tiny_config, tiny_model
 from helpers import capture_tiny, fresh_inputs, lora_graph, randomize_lora, sentiment_rows
@@ -49,7 +50,7 @@ def _adapted(arch: str, task: str, dropout: bool = True):
 def _loss_and_grads(graph, lora, inputs, labels, task):
     torch.manual_seed(0)
     outputs = graph(**inputs)
-    loss = _loss_sum(outputs, labels, task, head=head_of(graph))
+    loss = loss_sum(outputs, labels, task, head=head_of(graph))
     return loss.detach(), torch.autograd.grad(loss, lora)
 
 
