@@ -104,7 +104,7 @@ def test_graphs_send_padded_batches_to_the_general_graph():
 
 
 def test_head_loss_equals_the_plain_loss_with_gradients_of_weight_and_bias(monkeypatch):
-    monkeypatch.setattr("rewrite.losses.CHUNK_ELEMENTS", 7 * 50)  # several chunks, the last one short
+    monkeypatch.setattr("rewrite.head_loss.CHUNK_ELEMENTS", 7 * 50)  # several chunks, the last one short
     generator = torch.Generator().manual_seed(0)
     hidden = torch.randn(23, 16, generator=generator, requires_grad=True)
     weight = torch.randn(50, 16, generator=generator, requires_grad=True)
