@@ -178,6 +178,7 @@ def test_minilm_passes_keep_loss_and_gradients(minilm_dir, training):
     gm.train(training)
     fast.train(training)
     inputs = example_inputs(["input_ids", "attention_mask"], 30522, batch=4, seq=32)
+    inputs["token_type_ids"] = torch.zeros_like(inputs["input_ids"])
     labels = _labels(inputs, "seq-cls")
     lora = [p for n, p in gm.named_parameters() if ".lora_" in n]
     loss, grads = _loss_and_grads(gm, lora, inputs, labels, "seq-cls")
