@@ -125,6 +125,10 @@ class LoraPass(Pass):
     def _scale(self, rank: int, alpha: float) -> float:
         return alpha / (math.sqrt(rank) if self.rslora else rank)
 
+    def scale_for(self, path: str) -> float:
+        """The branch multiplier this pass gives the module at `path` (adapter files fold it into B)."""
+        return self._scale(*self._rank_alpha(path))
+
     def _make_weights(self, gm: fx.GraphModule, proj: Projection, rank: int) -> None:
         base = tensor_at(gm, proj.weight)
         dtype = torch.float32 if base.dtype in (torch.float16, torch.bfloat16) else base.dtype
