@@ -107,14 +107,14 @@ def values(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
     return result
 
 
-def defaults(gm: fx.GraphModule, slot_list: list[Slot]) -> dict[str, torch.Tensor]:
-    """No adapter: LoRA slots at rank 0, the others at the graph's current values."""
+def defaults(gm: fx.GraphModule, slot_list: list[Slot], rank: int = 0) -> dict[str, torch.Tensor]:
+    """No adapter: LoRA slots zero at `rank` (0: no branch at all), the others at the graph's current values."""
     result = {}
     for slot in slot_list:
         if slot.kind == "tensor":
             result[slot.name] = tensor_at(gm, slot.name).detach().contiguous().cpu()
         else:
-            shape = [0 if d is None else d for d in slot.shape]
+            shape = [rank if d is None else d for d in slot.shape]
             result[slot.name] = torch.zeros(shape, dtype=getattr(torch, slot.dtype))
     return result
 

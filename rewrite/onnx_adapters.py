@@ -10,7 +10,7 @@ adapter file is checked against them (names, shapes, dtypes, base model) before 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +25,6 @@ from rewrite.errors import RewriteError
 from rewrite.files import atomic_path
 
 METADATA = "rewrite.adapter_slots"
-SUFFIX = ".onnx_adapter"
 EXAMPLE_RANK = 2
 
 
@@ -65,7 +64,8 @@ class SlotExport:
             raise RewriteError(f"max rank {max_rank!r} is not allowed; use a whole number of at least 1")
         self.graph, slots = (adapter_slots.mixed if mixed else adapter_slots.slotted)(gm)
         self.layout = SlotLayout(slots, mixed, max_rank, adapter_slots.fingerprint(gm, slots))
-        self.defaults = adapter_slots.defaults(gm, slots)
+        # ONNX Runtime's batched MatMul leaves rank-0 products unset, so stacked slots default to a zero rank-1 branch
+        self.defaults = adapter_slots.defaults(gm, slots, rank=1 if mixed else 0)
         self.values = adapter_slots.values(gm)
 
     def _stack(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -196,7 +196,7 @@ def read_adapter(path: str | Path, layout: SlotLayout) -> dict[str, np.ndarray]:
     if adapter.get_model_version() != layout.fingerprint:
         raise RewriteError(f"adapter {str(path)!r} was made for another base model (its base fingerprint "
                            f"{adapter.get_model_version()} is not this model's {layout.fingerprint})")
-    values = {name: value.numpy() for name, value in adapter.get_parameters().items()}
+    values = {name: value.numpy().copy() for name, value in adapter.get_parameters().items()}  # outlive `adapter`
     check(values, layout, str(path))
     return values
 
@@ -242,3 +242,42 @@ def active(path: str | Path, model: str | Path) -> tuple[ort.RunOptions, ort.Lor
     options = ort.RunOptions()
     options.add_active_adapter(adapter)
     return options, adapter
+
+
+@dataclass
+class Adapters:
+    """Which adapter files serve a run: one active file, or several stacked with an adapter index per row."""
+
+    active: str | None = None
+    stacked: list[str] = field(default_factory=list)
+    index: list[int] | None = None
+
+    @classmethod
+    def parse(cls, active: str | None, stacked: str | None, index: str | None, rows: int) -> "Adapters":
+        """From the CLI's `--adapter`, `--adapters a,b,...` and `--adapter-index 0,1,...` (default: cycling)."""
+        files = [f for f in (stacked or "").split(",") if f]
+        if active and files:
+            raise RewriteError("give either --adapter FILE or --adapters FILE,FILE,..., not both")
+        if index is not None and not files:
+            raise RewriteError("--adapter-index picks among --adapters; give the adapter files too")
+        if index is None:
+            return cls(active, files, [i % len(files) for i in range(rows)] if files else None)
+        try:
+            picks = [int(i) for i in index.split(",")]
+        except ValueError:
+            raise RewriteError(f"--adapter-index {index!r} is not a comma-separated list of whole numbers") from None
+        if len(picks) != rows:
+            raise RewriteError(f"--adapter-index gives {len(picks)} indices for {rows} texts; give one per text")
+        return cls(active, files, picks)
+
+    def run_inputs(self, model: str | Path, rows: int) -> tuple[dict[str, np.ndarray], ort.RunOptions | None, object]:
+        """Extra feeds, run options and the loaded adapter to keep alive while they are in use."""
+        if self.active:
+            options, adapter = active(self.active, model)
+            return {}, options, adapter
+        if self.stacked:
+            return stacked_feeds(self.stacked, model, self.index), None, None
+        props = {p.key: p.value for p in onnx.load(str(model), load_external_data=False).metadata_props}
+        if METADATA in props and json.loads(props[METADATA])["mixed"]:
+            return {INDEX: np.zeros(rows, dtype=np.int64)}, None, None  # every row on the defaults: the base
+        return {}, None, None
