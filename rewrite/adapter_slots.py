@@ -19,9 +19,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import fx
+from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils import _pytree as pytree
 
 from rewrite.errors import RewriteError
+from rewrite.inputs import example_inputs
 from rewrite.ir import info, tag, tensor_at
 
 aten = torch.ops.aten
@@ -202,11 +204,16 @@ def slotted(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[Slot]]:
     return _finish(gm), slot_list
 
 
+def _record_shapes(gm: fx.GraphModule) -> None:
+    """Runs a two-token example through the graph so every node knows its shape (archives keep none)."""
+    names = [n.target for n in gm.graph.find_nodes(op="placeholder")]
+    device = next(iter(gm.parameters())).device
+    with torch.no_grad():
+        ShapeProp(gm).propagate(*example_inputs(names, vocab_size=2, device=device).values())
+
+
 def _ndim(node: fx.Node) -> int:
-    """Rank of a node's value; nodes a pass created carry no value, so read through to the first that does."""
-    while "val" not in node.meta:
-        node = node.args[0]
-    return node.meta["val"].dim()
+    return len(node.meta["tensor_meta"].shape)
 
 
 def _per_row_linear(gm: fx.GraphModule, linear: fx.Node, rows: dict[str, fx.Node]) -> None:
@@ -233,6 +240,7 @@ def _per_row_linear(gm: fx.GraphModule, linear: fx.Node, rows: dict[str, fx.Node
             if b is not None and ndim == 3:
                 b = graph.call_function(aten.unsqueeze.default, (b, 1))
             y = graph.call_function(aten.add.Tensor, (y, b if b is not None else bias))
+    y.meta["tensor_meta"] = linear.meta["tensor_meta"]  # the replacement computes the same shape
     linear.replace_all_uses_with(y)
     graph.erase_node(linear)
 
@@ -260,6 +268,7 @@ def mixed(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[Slot]]:
     if any(s.name == PROMPT_TABLE for s in slot_list):
         raise RewriteError("per-row adapters cover LoRA branches and linear heads; a prompt table serves one adapter "
                            "at a time (export with --adapter-slots instead)")
+    _record_shapes(gm)
     inputs = _add_inputs(gm, [s.name for s in slot_list] + [INDEX])
     index = inputs.pop(INDEX)
     per_row(gm, inputs, index)

@@ -43,6 +43,8 @@ class SlotLayout:
 
     @classmethod
     def of_model(cls, path: str | Path) -> "SlotLayout":
+        if not Path(path).is_file():
+            raise RewriteError(f"model {str(path)!r} does not exist; pass a model exported with --adapter-slots")
         model = onnx.load(str(path), load_external_data=False)
         props = {p.key: p.value for p in model.metadata_props}
         if METADATA not in props:

@@ -17,6 +17,7 @@ from peft import LoraConfig, get_peft_model
 import rewrite
 from rewrite import adapter_slots, runtime
 from rewrite.export import real_positions
+from rewrite.inputs import example_inputs
 from rewrite.onnx_adapters import Adapters, SlotLayout, export_adapter, stacked_feeds
 
 from helpers import TASK_TYPES, capture_tiny, fresh_inputs, randomize_lora
@@ -59,7 +60,8 @@ class Family:
         return self.directory / name
 
     def inputs(self, batch: int = 3):
-        return fresh_inputs(vocab=self.vocab, batch=batch, seq=11)
+        """Another shape than the capture's, with a padded row; every input the model takes (token types too)."""
+        return example_inputs(self.base.info["input_names"], self.vocab, batch=batch, seq=11, seed=5, pad=True)
 
     def lora(self, rank: int, alpha: float, seed: int):
         gm = copy.deepcopy(self.base)
