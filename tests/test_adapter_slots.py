@@ -253,3 +253,24 @@ def test_index_out_of_range_and_missing_file_are_one_sentence(llama):
         export_adapter(llama.path("adapter0"), llama.path("x.onnx_adapter"), llama.path("base.onnx"))
     with pytest.raises(rewrite.RewriteError, match="serves one adapter at a time"):
         stacked_feeds(llama.files[:1], llama.path("slots.onnx"), [0])
+
+
+def test_ptuning_encoder_output_rides_a_slot(tiny_bert_dir, tmp_path):
+    from rewrite.templates import for_graph
+
+    gm = rewrite.load_pretrained(tiny_bert_dir)
+    rewrite.apply(gm, "ptuning", template="[P] [P] {text}", placeholders=["[unused1]", "[unused2]"], encoder="mlp")
+    rewrite.export_onnx(gm, tmp_path / "slots.onnx", adapter_slots=True)
+    with torch.no_grad():
+        for name, param in gm.named_parameters():
+            if name.startswith("prompt_encoder."):
+                param.add_(torch.randn(param.shape) * 5)
+    rewrite.save(gm, tmp_path / "trained.pt2")
+    file = export_adapter(tmp_path / "trained.pt2", tmp_path / "p.onnx_adapter", tmp_path / "slots.onnx")
+    inputs = example_inputs(gm.info["input_names"], 1000, batch=3, seq=9, seed=5)
+    inputs["input_ids"][:, 1:3] = torch.tensor(for_graph(gm)[1])  # the template's placeholders after [CLS]
+    with torch.no_grad():
+        expected = gm(**inputs).logits
+    got = run_onnx(tmp_path / "slots.onnx", inputs, Adapters(active=str(file)))
+    compare(expected, got, inputs, atol=1e-6)  # this tiny random classifier's logits are about 0.01
+    assert np.abs(got - run_onnx(tmp_path / "slots.onnx", inputs)).max() > 1e-5, "the prompts changed the output"
