@@ -262,6 +262,22 @@ def per_row(gm: fx.GraphModule, stacked: dict[str, fx.Node], index: fx.Node) -> 
             graph.erase_node(read)
 
 
+def stack(slot_list: list[Slot], adapters: list[dict[str, torch.Tensor]], fallback: dict[str, torch.Tensor],
+          ) -> dict[str, torch.Tensor]:
+    """The stacked slot inputs `[N, ...]` for `adapters` (each slot's ranks zero-padded to the largest; a slot
+    an adapter lacks takes `fallback`'s value), keyed by slot name."""
+    stacked = {}
+    for slot in slot_list:
+        rows = [a.get(slot.name, fallback[slot.name]) for a in adapters]
+        if slot.kind != "tensor":
+            axis = slot.shape.index(RANK)
+            rank = max(r.shape[axis] for r in rows)
+            rows = [torch.nn.functional.pad(r, [0, rank - r.shape[axis]] if axis == 1 else [0, 0, 0, rank - r.shape[axis]])
+                    for r in rows]
+        stacked[slot.name] = torch.stack(rows)
+    return stacked
+
+
 def mixed(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[Slot]]:
     """A copy of `gm` whose slots are stacked inputs `[N, ...]` and whose rows pick one by `adapter_index`."""
     gm, slot_list = _prepared(gm)

@@ -203,12 +203,6 @@ def read_adapter(path: str | Path, layout: SlotLayout) -> dict[str, np.ndarray]:
     return values
 
 
-def _pad_rank(value: np.ndarray, slot: Slot, rank: int) -> np.ndarray:
-    axis = slot.shape.index(None)
-    widths = [(0, rank - value.shape[axis]) if i == axis else (0, 0) for i in range(value.ndim)]
-    return np.pad(value, widths)
-
-
 def stacked_feeds(files: list[str | Path], model: str | Path, index: list[int]) -> dict[str, np.ndarray]:
     """The mixed model's inputs for `files` (ranks zero-padded to the largest) and one adapter index per row."""
     layout = SlotLayout.of_model(model)
@@ -218,18 +212,12 @@ def stacked_feeds(files: list[str | Path], model: str | Path, index: list[int]) 
     bad = [i for i in index if not 0 <= i < len(files)]
     if bad:
         raise RewriteError(f"adapter index {bad[0]} is out of range for {len(files)} adapters; use 0 to {len(files) - 1}")
-    adapters = [read_adapter(f, layout) for f in files]
+    adapters = [{k: torch.from_numpy(v) for k, v in read_adapter(f, layout).items()} for f in files]
     graph = onnx.load(str(model), load_external_data=False).graph
-    defaults = {t.name: onnx.numpy_helper.to_array(t)[0] for t in graph.initializer if t.name in layout.by_name()}
-    feeds = {}
-    for slot in layout.slots:
-        rows = [a.get(slot.name, defaults[slot.name]) for a in adapters]
-        if slot.kind != "tensor":
-            rank = max(r.shape[slot.shape.index(None)] for r in rows)
-            rows = [_pad_rank(r, slot, rank) for r in rows]
-        feeds[slot.name] = np.stack(rows)
-    feeds[INDEX] = np.asarray(index, dtype=np.int64)
-    return feeds
+    defaults = {t.name: torch.from_numpy(onnx.numpy_helper.to_array(t)[0])
+                for t in graph.initializer if t.name in layout.by_name()}
+    feeds = {k: v.numpy() for k, v in adapter_slots.stack(layout.slots, adapters, defaults).items()}
+    return feeds | {INDEX: np.asarray(index, dtype=np.int64)}
 
 
 def active(path: str | Path, model: str | Path) -> tuple[ort.RunOptions, ort.LoraAdapter]:

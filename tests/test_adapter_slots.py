@@ -165,10 +165,13 @@ def test_mixed_batch_rows_equal_their_own_folded_models(family):
     assert feeds["model.layers.0.self_attn.q_proj.lora_A.weight" if family.task != "seq-cls"
                  else "bert.encoder.layer.0.attention.self.query.lora_A.weight"].shape[:2] == (4, 8)  # padded to 8
     got = runtime.run(runtime.session(family.path("mixed.onnx")), inputs | feeds)["logits"]
-    torch_graph, _ = adapter_slots.mixed(family.lora(4, 8, seed=0))
-    slot_inputs = {adapter_slots.python_name(k): torch.from_numpy(v) for k, v in feeds.items()}
+    untrained = family.lora(4, 8, seed=0)  # in PyTorch alone: the per-row graph over the graphs' own tensors
+    torch_graph, slots = adapter_slots.mixed(untrained)
+    stacked = adapter_slots.stack(slots, [adapter_slots.values(g) for g in family.adapters],
+                                  adapter_slots.defaults(untrained, slots))
+    slot_inputs = {adapter_slots.python_name(k): v for k, v in stacked.items()}
     with torch.no_grad():
-        got_torch = torch_graph(**inputs, **slot_inputs).logits
+        got_torch = torch_graph(**inputs, **slot_inputs, adapter_index=torch.tensor(MIXED_INDEX)).logits
     for number in range(4):
         with torch.no_grad():
             expected = family.folded[number](**inputs).logits
