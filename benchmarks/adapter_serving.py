@@ -7,7 +7,7 @@ through four folded sessions; then memory (RSS growth, each in a fresh process) 
 adapter files vs N folded models (each folded model has the same size, so N copies of one stand in).
 LoRA r=8 on q, v with random B, so every adapter really changes the output.
 
-    python benchmarks/adapter_serving.py [--rounds 20] [--adapters 10]
+    python benchmarks/adapter_serving.py [--rounds 20] [--adapters 10] [--models minilm,llama]
 """
 from __future__ import annotations
 
@@ -155,10 +155,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--adapters", type=int, default=10, help="N for the memory comparison")
+    parser.add_argument("--models", default="minilm,llama", help="which of minilm, llama to measure")
     args = parser.parse_args()
     print(f"ONNX Runtime {args.threads} threads, {args.rounds} rounds; load average {os.getloadavg()[0]:.1f} "
           f"on {os.cpu_count()} cores (other jobs share this machine: read the ratios, not the milliseconds)")
-    for name, make in [("MiniLM seq-cls", minilm), ("tiny LLaMA causal LM", tiny_llama)]:
+    models = {"minilm": ("MiniLM seq-cls", minilm), "llama": ("tiny LLaMA causal LM", tiny_llama)}
+    for name, make in [models[key] for key in args.models.split(",")]:
         base, vocab = make()
         inputs = example_inputs(base.info["input_names"], vocab, batch=8, seq=128)
         with tempfile.TemporaryDirectory() as tmp:

@@ -145,7 +145,7 @@ def _fold_prompt_encoders(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
-def _unscale(gm: fx.GraphModule, adds: dict[str, fx.Node]) -> None:
+def _unscale(gm: fx.GraphModule) -> None:
     """B's slot carries the scale: every branch's `* scale` node goes."""
     for add in [n for n in gm.graph.nodes if tag(n).get("lora_add")]:
         node = add.args[1]
@@ -178,7 +178,7 @@ def _prepared(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[Slot]]:
     """A copy with prompt encoders folded and LoRA scales dropped (B's slot carries them)."""
     gm = copy.deepcopy(_fold_prompt_encoders(gm))
     slot_list = slots(gm)
-    _unscale(gm, _lora_adds(gm))
+    _unscale(gm)
     return gm, slot_list
 
 
