@@ -214,7 +214,7 @@ def stacked_feeds(files: list[str | Path], model: str | Path, index: list[int]) 
         raise RewriteError(f"adapter index {bad[0]} is out of range for {len(files)} adapters; use 0 to {len(files) - 1}")
     adapters = [{k: torch.from_numpy(v) for k, v in read_adapter(f, layout).items()} for f in files]
     graph = onnx.load(str(model), load_external_data=False).graph
-    defaults = {t.name: torch.from_numpy(onnx.numpy_helper.to_array(t)[0])
+    defaults = {t.name: torch.tensor(onnx.numpy_helper.to_array(t)[0])
                 for t in graph.initializer if t.name in layout.by_name()}
     feeds = {k: v.numpy() for k, v in adapter_slots.stack(layout.slots, adapters, defaults).items()}
     return feeds | {INDEX: np.asarray(index, dtype=np.int64)}
