@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import click
 
-from rewrite.cli.common import console
-from rewrite.cli.main import cli
+from rewrite.cli.common import cli, console
 
 
 @cli.group()

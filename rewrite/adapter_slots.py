@@ -1,15 +1,16 @@
 """Adapter slots: a graph's adapter tensors as named inputs, so one base model serves many adapters.
 
-A slot is a tensor an adapter replaces: each LoRA branch's A `[rank, in]` and B `[out, rank]` (B carries
-the branch's scale, so the graph computes `B(A x)` with no multiplier), a trained head that PEFT saves
-in full (`modules_to_save`), and a prompt table. Slot names are the tensors' names in the graph (PEFT's
-module paths), so an adapter file matches by construction. LoRA slots default to rank 0 (no adapter);
-the others default to the graph's current values.
+A slot is a tensor an adapter replaces. Each pass names its own (`Pass.adapter_slots`: LoRA its A
+`[rank, in]` and B `[out, rank]`, B carrying the branch's scale; prompt tuning and P-tuning the prompt
+table) and makes a copy of the graph read them directly (`Pass.prepare_slots`); every other trained
+tensor (a seq-cls head PEFT saves in full) is a slot too. Slot names are the tensors' names in the graph
+(PEFT's module paths), so an adapter file matches by construction. LoRA slots default to rank 0 (no
+adapter); the others default to the graph's current values.
 
-`slotted` copies a graph with every slot read from a new input; `per_row` makes every slot per-row
-instead: the slot holds N stacked adapters `[N, ...]` (ranks zero-padded to the largest) and an
-`adapter_index` input picks one per row, so one call serves rows of different adapters. Both are plain
-graph rewrites: the results run in PyTorch and export to ONNX.
+`slotted` reads every slot from a new input; `mixed` makes every slot per-row instead: the input holds N
+stacked adapters `[N, ...]` (ranks zero-padded to the largest, see `stack`) and an `adapter_index` input
+picks one per row, so one call serves rows of different adapters. Both are plain graph rewrites: the
+results run in PyTorch and export to ONNX.
 """
 from __future__ import annotations
 
@@ -24,23 +25,25 @@ from torch.utils import _pytree as pytree
 
 from rewrite.errors import RewriteError
 from rewrite.inputs import example_inputs
-from rewrite.ir import info, tag, tensor_at
+from rewrite.ir import info, tensor_at
+from rewrite.pipeline import applied
 
 aten = torch.ops.aten
 INDEX = "adapter_index"
-PROMPT_TABLE = "prompt_encoder.embedding.weight"
 DEFAULT_MAX_RANK = 64
 RANK = None  # a slot shape's dynamic rank axis
 
 
 @dataclass(frozen=True)
 class Slot:
-    """One named adapter tensor: its shape (None marks the rank axis), dtype and kind (lora_A, lora_B, tensor)."""
+    """One named adapter tensor: its shape (None marks the rank axis), dtype, kind (lora_A, lora_B, tensor)
+    and the scale the graph applies to it, which the slot's value carries instead."""
 
     name: str
     shape: tuple[int | None, ...]
     dtype: str
     kind: str
+    scale: float = 1.0
 
     def fits(self, shape: tuple[int, ...], max_rank: int) -> str | None:
         """Why a tensor of `shape` cannot fill this slot, or None when it can."""
@@ -59,58 +62,41 @@ class Slot:
         return asdict(self)
 
 
-def _lora_adds(gm: fx.GraphModule) -> dict[str, fx.Node]:
-    """The first `W0 x + scale * B(A x)` join of each LoRA branch, by module path."""
-    adds: dict[str, fx.Node] = {}
-    for node in gm.graph.nodes:
-        if tag(node).get("lora_add"):
-            adds.setdefault(tag(node)["target"], node)
-    return adds
-
-
-def _dtype_name(tensor: torch.Tensor) -> str:
+def dtype_name(tensor: torch.Tensor) -> str:
     return str(tensor.dtype).removeprefix("torch.")
 
 
-def slots(gm: fx.GraphModule) -> list[Slot]:
-    """The graph's adapter slots: LoRA A/B of every branch, the prompt table, and every other trainable tensor."""
+def tensor_slot(gm: fx.GraphModule, name: str) -> Slot:
+    """A fixed-shape slot for the graph tensor `name` (a head, a prompt table)."""
+    value = tensor_at(gm, name)
+    return Slot(name, tuple(value.shape), dtype_name(value), "tensor")
+
+
+def prepared(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[Slot]]:
+    """A copy in which every pass has made its slots directly replaceable, and the slots: each pass's, then
+    every other trained tensor (a seq-cls head PEFT saves in full)."""
+    gm = copy.deepcopy(gm)
     found: list[Slot] = []
-    for path in _lora_adds(gm):
-        a, b = tensor_at(gm, f"{path}.lora_A.weight"), tensor_at(gm, f"{path}.lora_B.weight")
-        found.append(Slot(f"{path}.lora_A.weight", (RANK, a.shape[1]), _dtype_name(a), "lora_A"))
-        found.append(Slot(f"{path}.lora_B.weight", (b.shape[0], RANK), _dtype_name(b), "lora_B"))
-    names = {s.name for s in found}
-    others = [n for n in info(gm).get("trainable", []) if n not in names and not n.startswith("prompt_encoder.")]
-    if _has_attr(gm, PROMPT_TABLE):
-        others.insert(0, PROMPT_TABLE)
-    for name in others:
-        value = tensor_at(gm, name)
-        found.append(Slot(name, tuple(value.shape), _dtype_name(value), "tensor"))
+    for cls, runs in applied(gm):
+        cls.prepare_slots(gm, runs)
+    for cls, runs in applied(gm):
+        found.extend(cls.adapter_slots(gm, runs))
+    claimed = {s.name for s in found}
+    found.extend(tensor_slot(gm, name) for name in info(gm).trainable if name not in claimed)
     if not found:
         raise RewriteError("the graph has no adapter (no LoRA branch, prompt table or trained head) to make slots for; "
-                           "apply the lora, prompt or ptuning pass first")
-    return found
-
-
-def _has_attr(gm: fx.GraphModule, name: str) -> bool:
-    return any(n.target == name for n in gm.graph.find_nodes(op="get_attr"))
+                           "apply a pass that adds one first")
+    return gm, found
 
 
 def values(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
-    """What fills the slots for this graph's adapter: its tensors, with each branch's scale folded into B."""
-    gm = _fold_prompt_encoders(gm)
-    adds = _lora_adds(gm)
-    result = {}
-    for slot in slots(gm):
-        value = tensor_at(gm, slot.name).detach()
-        if slot.kind == "lora_B":
-            value = value * tag(adds[slot.name.removesuffix(".lora_B.weight")])["scale"]
-        result[slot.name] = value.contiguous().cpu()
-    return result
+    """What fills the slots for this graph's adapter: its tensors, each times the scale its slot carries."""
+    gm, slot_list = prepared(gm)
+    return {s.name: (tensor_at(gm, s.name).detach() * s.scale).contiguous().cpu() for s in slot_list}
 
 
 def defaults(gm: fx.GraphModule, slot_list: list[Slot], rank: int = 0) -> dict[str, torch.Tensor]:
-    """No adapter: LoRA slots zero at `rank` (0: no branch at all), the others at the graph's current values."""
+    """No adapter: LoRA slots zero at `rank` (0: no branch at all), the others at `gm`'s (a prepared copy's) values."""
     result = {}
     for slot in slot_list:
         if slot.kind == "tensor":
@@ -122,37 +108,15 @@ def defaults(gm: fx.GraphModule, slot_list: list[Slot], rank: int = 0) -> dict[s
 
 
 def fingerprint(gm: fx.GraphModule, slot_list: list[Slot]) -> int:
-    """A 31-bit digest of the base weights (every tensor that is not a slot): adapter files carry it as their
-    model version, so an adapter made for another base model is refused."""
-    skip = {s.name for s in slot_list}
+    """A 31-bit digest of the base weights of a prepared copy (every tensor that neither is a slot nor trains):
+    adapter files carry it as their model version, so an adapter made for another base model is refused."""
+    skip = {s.name for s in slot_list} | set(info(gm).trainable)
     digest = hashlib.blake2b(digest_size=4)
     for name, tensor in sorted(gm.state_dict().items()):
-        if name not in skip and ".lora_" not in name and not name.startswith("prompt_encoder."):
+        if name not in skip:
             digest.update(name.encode())
             digest.update(tensor.detach().contiguous().cpu().numpy().tobytes())
     return int.from_bytes(digest.digest(), "little") & 0x7FFFFFFF
-
-
-def _fold_prompt_encoders(gm: fx.GraphModule) -> fx.GraphModule:
-    """A copy whose prompt encoder (if any) is its constant table: the table is what an adapter replaces."""
-    from rewrite.passes.fold import fold_prompt_encoders
-
-    if not any(tag(n).get("prompt_table") for n in gm.graph.nodes):
-        return gm
-    gm = copy.deepcopy(gm)
-    fold_prompt_encoders(gm)
-    gm.recompile()
-    return gm
-
-
-def _unscale(gm: fx.GraphModule) -> None:
-    """B's slot carries the scale: every branch's `* scale` node goes."""
-    for add in [n for n in gm.graph.nodes if tag(n).get("lora_add")]:
-        node = add.args[1]
-        while node.target is not aten.mul.Tensor:
-            node = node.args[0]
-        node.replace_all_uses_with(node.args[0])
-        gm.graph.erase_node(node)
 
 
 def _add_inputs(gm: fx.GraphModule, names: list[str]) -> dict[str, fx.Node]:
@@ -174,14 +138,6 @@ def python_name(name: str) -> str:
     return name if name == INDEX else "slot__" + name.replace(".", "__")
 
 
-def _prepared(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[Slot]]:
-    """A copy with prompt encoders folded and LoRA scales dropped (B's slot carries them)."""
-    gm = copy.deepcopy(_fold_prompt_encoders(gm))
-    slot_list = slots(gm)
-    _unscale(gm)
-    return gm, slot_list
-
-
 def _replace_reads(gm: fx.GraphModule, name: str, new: fx.Node) -> None:
     for node in list(gm.graph.find_nodes(op="get_attr", target=name)):
         node.replace_all_uses_with(new)
@@ -195,13 +151,12 @@ def _finish(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
-def slotted(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[Slot]]:
-    """A copy of `gm` that reads every slot from an input named `python_name(slot)`."""
-    gm, slot_list = _prepared(gm)
+def slotted(gm: fx.GraphModule, slot_list: list[Slot]) -> fx.GraphModule:
+    """`gm` (a prepared copy) reading every slot from an input named `python_name(slot)`."""
     inputs = _add_inputs(gm, [s.name for s in slot_list])
     for slot in slot_list:
         _replace_reads(gm, slot.name, inputs[slot.name])
-    return _finish(gm), slot_list
+    return _finish(gm)
 
 
 def _record_shapes(gm: fx.GraphModule) -> None:
@@ -257,7 +212,8 @@ def per_row(gm: fx.GraphModule, stacked: dict[str, fx.Node], index: fx.Node) -> 
             for user in list(read.users):
                 if user.target is not aten.linear.default:
                     raise RewriteError(f"slot {name} is read by {user.target}, not a linear layer; per-row adapters "
-                                       "cover LoRA branches and linear heads (prompt tables serve one adapter at a time)")
+                                       "cover linear weights such as LoRA branches and heads (export prompt tables "
+                                       "with --adapter-slots, one adapter per run)")
                 _per_row_linear(gm, user, rows)
             graph.erase_node(read)
 
@@ -278,14 +234,10 @@ def stack(slot_list: list[Slot], adapters: list[dict[str, torch.Tensor]], fallba
     return stacked
 
 
-def mixed(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[Slot]]:
-    """A copy of `gm` whose slots are stacked inputs `[N, ...]` and whose rows pick one by `adapter_index`."""
-    gm, slot_list = _prepared(gm)
-    if any(s.name == PROMPT_TABLE for s in slot_list):
-        raise RewriteError("per-row adapters cover LoRA branches and linear heads; a prompt table serves one adapter "
-                           "at a time (export with --adapter-slots instead)")
+def mixed(gm: fx.GraphModule, slot_list: list[Slot]) -> fx.GraphModule:
+    """`gm` (a prepared copy) with its slots as stacked inputs `[N, ...]`, each row picking one by `adapter_index`."""
     _record_shapes(gm)
     inputs = _add_inputs(gm, [s.name for s in slot_list] + [INDEX])
     index = inputs.pop(INDEX)
     per_row(gm, inputs, index)
-    return _finish(gm), slot_list
+    return _finish(gm)

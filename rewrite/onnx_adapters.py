@@ -20,6 +20,7 @@ import torch
 from torch import fx
 
 from rewrite import adapter_slots
+from rewrite.adapter import read_adapter_dir
 from rewrite.adapter_slots import INDEX, Slot, python_name
 from rewrite.errors import RewriteError
 from rewrite.files import atomic_path
@@ -51,7 +52,7 @@ class SlotLayout:
             raise RewriteError(f"model {str(path)!r} has no adapter slots; export it with --adapter-slots "
                                "(rewrite export X.pt2 --onnx base.onnx --adapter-slots)")
         data = json.loads(props[METADATA])
-        slots = [Slot(s["name"], tuple(s["shape"]), s["dtype"], s["kind"]) for s in data["slots"]]
+        slots = [Slot(**{**s, "shape": tuple(s["shape"])}) for s in data["slots"]]
         return cls(slots, data["mixed"], data["max_rank"], data["fingerprint"])
 
     def by_name(self) -> dict[str, Slot]:
@@ -64,11 +65,12 @@ class SlotExport:
     def __init__(self, gm: fx.GraphModule, *, mixed: bool, max_rank: int):
         if not isinstance(max_rank, int) or max_rank < 1:
             raise RewriteError(f"max rank {max_rank!r} is not allowed; use a whole number of at least 1")
-        self.graph, slots = (adapter_slots.mixed if mixed else adapter_slots.slotted)(gm)
-        self.layout = SlotLayout(slots, mixed, max_rank, adapter_slots.fingerprint(gm, slots))
+        prepared, slots = adapter_slots.prepared(gm)
+        self.layout = SlotLayout(slots, mixed, max_rank, adapter_slots.fingerprint(prepared, slots))
         # ONNX Runtime's batched MatMul leaves rank-0 products unset, so stacked slots default to a zero rank-1 branch
-        self.defaults = adapter_slots.defaults(gm, slots, rank=1 if mixed else 0)
+        self.defaults = adapter_slots.defaults(prepared, slots, rank=1 if mixed else 0)
         self.values = adapter_slots.values(gm)
+        self.graph = (adapter_slots.mixed if mixed else adapter_slots.slotted)(prepared, slots)
 
     def _stack(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.unsqueeze(0) if self.layout.mixed else tensor
@@ -117,22 +119,9 @@ class SlotExport:
 
 
 def _peft_values(directory: Path) -> dict[str, torch.Tensor]:
-    """A PEFT adapter directory's tensors under slot names, each LoRA B scaled as its branch is."""
-    from rewrite.adapter import PREFIX, PROMPT_KEY, PROMPT_PREFIX, PROMPT_TYPES, _lora_options, _read_adapter
-    from rewrite.pipeline import create
-
-    config, weights = _read_adapter(directory)
-    if config["peft_type"] in PROMPT_TYPES:
-        return {(adapter_slots.PROMPT_TABLE if key == PROMPT_KEY else key.removeprefix(PROMPT_PREFIX)): value
-                for key, value in weights.items()}
-    lora = create("lora", **_lora_options(config))
-    result = {}
-    for key, value in weights.items():
-        name = key.removeprefix(PREFIX).replace(".default.", ".").replace(".modules_to_save.", ".")
-        if name.endswith(".lora_B.weight"):
-            value = value.float() * lora.scale_for(name.removesuffix(".lora_B.weight"))
-        result[name] = value
-    return result
+    """A PEFT adapter directory's tensors under slot names, as the pass for its type converts them."""
+    loader, config, weights = read_adapter_dir(directory)
+    return loader.slot_values(config, weights)
 
 
 def adapter_values(source: str | Path) -> dict[str, torch.Tensor]:
@@ -141,9 +130,9 @@ def adapter_values(source: str | Path) -> dict[str, torch.Tensor]:
     if source.is_dir():
         return _peft_values(source)
     if source.suffix == ".pt2" and source.is_file():
-        import rewrite
+        from rewrite.archive import load
 
-        return adapter_slots.values(rewrite.load(source))
+        return adapter_slots.values(load(source))
     raise RewriteError(f"adapter {str(source)!r} is neither an adapter directory (adapter_config.json + "
                        "adapter_model.safetensors) nor a .pt2 graph archive")
 

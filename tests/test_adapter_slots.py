@@ -19,6 +19,7 @@ from rewrite import adapter_slots, runtime
 from rewrite.export import real_positions
 from rewrite.inputs import example_inputs
 from rewrite.onnx_adapters import Adapters, SlotLayout, export_adapter, stacked_feeds
+from rewrite.prompt_table import TABLE
 
 from helpers import TASK_TYPES, capture_tiny, fresh_inputs, randomize_lora
 
@@ -165,10 +166,10 @@ def test_mixed_batch_rows_equal_their_own_folded_models(family):
     assert feeds["model.layers.0.self_attn.q_proj.lora_A.weight" if family.task != "seq-cls"
                  else "bert.encoder.layer.0.attention.self.query.lora_A.weight"].shape[:2] == (4, 8)  # padded to 8
     got = runtime.run(runtime.session(family.path("mixed.onnx")), inputs | feeds)["logits"]
-    untrained = family.lora(4, 8, seed=0)  # in PyTorch alone: the per-row graph over the graphs' own tensors
-    torch_graph, slots = adapter_slots.mixed(untrained)
+    prepared, slots = adapter_slots.prepared(family.lora(4, 8, seed=0))  # in PyTorch alone, on the graphs' tensors
     stacked = adapter_slots.stack(slots, [adapter_slots.values(g) for g in family.adapters],
-                                  adapter_slots.defaults(untrained, slots))
+                                  adapter_slots.defaults(prepared, slots))
+    torch_graph = adapter_slots.mixed(prepared, slots)
     slot_inputs = {adapter_slots.python_name(k): v for k, v in stacked.items()}
     with torch.no_grad():
         got_torch = torch_graph(**inputs, **slot_inputs, adapter_index=torch.tensor(MIXED_INDEX)).logits
@@ -204,7 +205,7 @@ def test_prompt_table_rides_a_slot(tmp_path):
     rewrite.apply(gm, "prompt", num_virtual_tokens=4)
     rewrite.export_onnx(gm, tmp_path / "slots.onnx", adapter_slots=True)
     with torch.no_grad():
-        gm.get_parameter(adapter_slots.PROMPT_TABLE).mul_(3.0)
+        gm.get_parameter(TABLE).mul_(3.0)
     rewrite.save(gm, tmp_path / "trained.pt2")
     file = export_adapter(tmp_path / "trained.pt2", tmp_path / "p.onnx_adapter", tmp_path / "slots.onnx")
     inputs = fresh_inputs()
@@ -259,7 +260,7 @@ def test_index_out_of_range_and_missing_file_are_one_sentence(llama):
 
 
 def test_ptuning_encoder_output_rides_a_slot(tiny_bert_dir, tmp_path):
-    from rewrite.templates import for_graph
+    from rewrite.templates import graph_template
 
     gm = rewrite.load_pretrained(tiny_bert_dir)
     rewrite.apply(gm, "ptuning", template="[P] [P] {text}", placeholders=["[unused1]", "[unused2]"], encoder="mlp")
@@ -271,7 +272,7 @@ def test_ptuning_encoder_output_rides_a_slot(tiny_bert_dir, tmp_path):
     rewrite.save(gm, tmp_path / "trained.pt2")
     file = export_adapter(tmp_path / "trained.pt2", tmp_path / "p.onnx_adapter", tmp_path / "slots.onnx")
     inputs = example_inputs(gm.info["input_names"], 1000, batch=3, seq=9, seed=5)
-    inputs["input_ids"][:, 1:3] = torch.tensor(for_graph(gm)[1])  # the template's placeholders after [CLS]
+    inputs["input_ids"][:, 1:3] = torch.tensor(graph_template(gm)[1])  # the template's placeholders after [CLS]
     with torch.no_grad():
         expected = gm(**inputs).logits
     got = run_onnx(tmp_path / "slots.onnx", inputs, Adapters(active=str(file)))
