@@ -27,7 +27,7 @@ import transformers
 
 import rewrite
 from rewrite import runtime
-from rewrite.inputs import example_inputs
+from rewrite.synthetic_inputs import example_inputs
 from rewrite.onnx_adapters import Adapters, export_adapter, stacked_feeds
 
 MIXED = 4

@@ -24,7 +24,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils import _pytree as pytree
 
 from rewrite.errors import RewriteError
-from rewrite.inputs import example_inputs
+from rewrite.synthetic_inputs import example_inputs
 from rewrite.ir import info, tensor_at
 from rewrite.pipeline import applied
 

@@ -23,7 +23,7 @@ from rewrite import adapter_slots
 from rewrite.adapter import read_adapter_dir
 from rewrite.adapter_slots import INDEX, Slot, python_name
 from rewrite.errors import RewriteError
-from rewrite.files import atomic_path
+from rewrite.atomic import atomic_path
 
 METADATA = "rewrite.adapter_slots"
 EXAMPLE_RANK = 2

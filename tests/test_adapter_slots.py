@@ -17,7 +17,7 @@ from peft import LoraConfig, get_peft_model
 import rewrite
 from rewrite import adapter_slots, runtime
 from rewrite.export import real_positions
-from rewrite.inputs import example_inputs
+from rewrite.synthetic_inputs import example_inputs
 from rewrite.onnx_adapters import Adapters, SlotLayout, export_adapter, stacked_feeds
 from rewrite.prompt_table import TABLE
 
