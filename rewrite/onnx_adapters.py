@@ -151,10 +151,13 @@ def check(values: dict[str, np.ndarray], layout: SlotLayout, source: str) -> Non
         if why is not None:
             raise RewriteError(f"adapter {source!r} tensor {name} {why}")
     for name in values:
-        if slots[name].kind == "lora_A" and name.replace(".lora_A.", ".lora_B.") not in values:
-            raise RewriteError(f"adapter {source!r} has {name} without its lora_B; LoRA tensors come in pairs")
-        pair = name.replace(".lora_A.", ".lora_B.")
-        if pair in values and slots[name].rank(values[name].shape) != slots[pair].rank(values[pair].shape):
+        kind = slots[name].kind
+        if kind == "tensor":
+            continue
+        pair = name.replace(".lora_A.", ".lora_B.") if kind == "lora_A" else name.replace(".lora_B.", ".lora_A.")
+        if pair not in values:
+            raise RewriteError(f"adapter {source!r} has {name} without {pair}; LoRA tensors come in pairs")
+        if slots[name].rank(values[name].shape) != slots[pair].rank(values[pair].shape):
             raise RewriteError(f"adapter {source!r} has ranks that differ between {name} and {pair}")
 
 
