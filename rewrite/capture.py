@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import sys
 from pathlib import Path
 from typing import Any
 
+import safetensors
 import torch
 from torch import fx, nn
 
@@ -127,6 +129,20 @@ def _auto_class(task: str):
     }[task]
 
 
+def _refuse_custom_code(path: Path) -> None:
+    """A config with `auto_map` names Python files in the directory: we never import them."""
+    for name in ("config.json", "tokenizer_config.json"):
+        file = path / name
+        try:
+            data = json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise RewriteError(f"{str(file)!r} is not readable JSON ({error})") from error
+        if isinstance(data, dict) and data.get("auto_map"):
+            raise RewriteError(
+                f"model directory {str(path)!r} needs custom code ({name} has auto_map), which rewrite does not run; "
+                "use a model whose architecture transformers ships, or remove auto_map if it is one")
+
+
 def _load_config(path: Path, num_labels: int | None):
     from transformers import AutoConfig
 
@@ -137,9 +153,10 @@ def _load_config(path: Path, num_labels: int | None):
             f"model directory {str(path)!r} has no config.json; a Hugging Face model directory needs "
             "config.json, weights (*.safetensors) and tokenizer files"
         )
+    _refuse_custom_code(path)
     try:
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as error:
+        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as error:
         raise RewriteError(f"config.json in {str(path)!r} could not be read: {error}") from error
     if num_labels is not None:
         config.num_labels = num_labels
@@ -150,7 +167,7 @@ def _load_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+        return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError, TypeError) as error:
         log.warning("no tokenizer in %s (%s); text commands will not work with this graph", path, error)
         return None
@@ -179,8 +196,8 @@ def load_pretrained(
             model = auto_class.from_config(config)
     else:
         try:
-            model = auto_class.from_pretrained(path, config=config, local_files_only=True)
-        except OSError as error:
+            model = auto_class.from_pretrained(path, config=config, local_files_only=True, trust_remote_code=False)
+        except (OSError, ValueError, RuntimeError, safetensors.SafetensorError) as error:
             raise RewriteError(f"weights in {str(path)!r} could not be loaded: {error}") from error
     model.eval()
     input_names = list(tokenizer.model_input_names) if tokenizer is not None else list(DEFAULT_INPUT_NAMES)

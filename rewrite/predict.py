@@ -27,7 +27,7 @@ def _tokenizer(path: Path, tokenizer_dir: str | None):
 
     directory = Path(tokenizer_dir) if tokenizer_dir else path.parent
     try:
-        return AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        return AutoTokenizer.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as error:
         raise RewriteError(
             f"no tokenizer in {str(directory)!r} ({error}); pass --tokenizer with the model's directory"
