@@ -4,17 +4,21 @@ from __future__ import annotations
 import sys
 
 import click
+from rich.markup import escape
 
 import rewrite
 from rewrite.errors import RewriteError
+from rewrite.files import check_output
 from rewrite.params import trainable_parameters_line
 from rewrite.pipeline import Pipeline, available, create, pass_class
 
-from rewrite.cli.common import configure_logging, console, out, output_option, read_graph, task_option, write_graph
+from rewrite.cli.common import (configure_logging, console, out, output_option, overwrite_option, read_graph,
+                                seed_all, seed_option, task_option, write_graph)
 from rewrite.cli.pass_options import add_pass_options, options_for, unused_options
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="rewrite", message="rewrite %(version)s")
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
 def cli(verbose: int) -> None:
     """Compiler-style graph rewriting for parameter-efficient fine-tuning.
@@ -29,9 +33,13 @@ def cli(verbose: int) -> None:
 @output_option
 @task_option
 @click.option("--meta", is_flag=True, help="Capture from the config alone on the meta device (no weights read).")
-@click.option("--num-labels", type=int, default=None, help="Classes for --task seq-cls.")
-def capture(model_dir: str, output: str, task: str, meta: bool, num_labels: int | None) -> None:
+@click.option("--num-labels", type=int, default=None, help="Classes for --task seq-cls (at least 2).")
+@seed_option
+@overwrite_option
+def capture(model_dir: str, output: str, task: str, meta: bool, num_labels: int | None, seed: int | None,
+            overwrite: bool) -> None:
     """Capture a local Hugging Face model directory as a graph archive (.pt2)."""
+    seed_all(seed)
     gm = rewrite.load_pretrained(model_dir, task=task, meta=meta, num_labels=num_labels)
     console.print(f"captured {len(gm.graph.nodes)} nodes ({gm.info['task']})")
     write_graph(gm, output)
@@ -43,8 +51,11 @@ def capture(model_dir: str, output: str, task: str, meta: bool, num_labels: int 
 @task_option
 @click.option("--pass", "pass_names", multiple=True, metavar="NAME", help=f"Pass to run, repeatable: {', '.join(available())}.")
 @click.option("--pipeline", "pipeline_file", type=click.Path(dir_okay=False), help="YAML or JSON pipeline file.")
+@seed_option
+@overwrite_option
 @add_pass_options
-def apply(source: str, output: str, task: str, pass_names: tuple[str, ...], pipeline_file: str | None, **given) -> None:
+def apply(source: str, output: str, task: str, pass_names: tuple[str, ...], pipeline_file: str | None,
+          seed: int | None, overwrite: bool, **given) -> None:
     """Run passes on a graph archive or a model directory.
 
     Pass options are flags (`--rank 8 --alpha 16 --roles q,v`); each goes to every selected pass
@@ -68,9 +79,8 @@ def apply(source: str, output: str, task: str, pass_names: tuple[str, ...], pipe
             )
         pipeline = Pipeline([create(name, **options_for(name, given)) for name in pass_names])
     gm = read_graph(source, task)
+    seed_all(seed)
     pipeline.run(gm)
-    for entry in gm.info["history"][-len(pipeline.passes):]:
-        console.print(f"{entry['pass']}: {entry['report'].get('summary', 'done')}", markup=False)
     console.print(trainable_parameters_line(gm))
     write_graph(gm, output)
 
@@ -78,11 +88,11 @@ def apply(source: str, output: str, task: str, pass_names: tuple[str, ...], pipe
 @cli.command()
 @click.argument("source", type=click.Path())
 @output_option
-def fold(source: str, output: str) -> None:
+@overwrite_option
+def fold(source: str, output: str, overwrite: bool) -> None:
     """Merge LoRA branches into their base weights and prompt encoders into constant tables."""
     gm = read_graph(source)
     rewrite.apply(gm, "fold")
-    console.print(gm.info["history"][-1]["report"]["summary"], markup=False)
     write_graph(gm, output)
 
 
@@ -91,10 +101,15 @@ def fold(source: str, output: str) -> None:
 @click.option("--onnx", "onnx_path", required=True, type=click.Path(dir_okay=False), help="Output .onnx file.")
 @click.option("--verify/--no-verify", default=True, show_default=True, help="Check ONNX Runtime against torch.")
 @click.option("--opset", type=int, default=None, help="ONNX opset (default: the exporter's).")
-def export(source: str, onnx_path: str, verify: bool, opset: int | None) -> None:
-    """Export a graph archive (fold it first for zero-overhead deployment) to ONNX."""
+@overwrite_option
+def export(source: str, onnx_path: str, verify: bool, opset: int | None, overwrite: bool) -> None:
+    """Export a graph archive (fold it first for zero-overhead deployment) to ONNX.
+
+    The tokenizer's files are written beside the model; files already there are not replaced
+    unless --overwrite is given."""
+    check_output(onnx_path, what="ONNX file")
     gm = read_graph(source)
-    report = rewrite.export_onnx(gm, onnx_path, verify=verify, opset=opset)
+    report = rewrite.export_onnx(gm, onnx_path, verify=verify, opset=opset, overwrite=overwrite)
     console.print(f"wrote {report.path}: inputs {', '.join(report.input_names)} -> {', '.join(report.output_names)}")
     if report.max_abs_diff is not None:
         console.print(f"ONNX Runtime ({report.provider}) vs torch: max abs diff {report.max_abs_diff:.3g}")
@@ -121,15 +136,24 @@ def inspect(source: str) -> None:
 @click.argument("model", type=click.Path(exists=True, dir_okay=False))
 @click.option("--text", "texts", multiple=True, required=True, help="Input text, repeatable.")
 @click.option("--tokenizer", "tokenizer_dir", type=click.Path(file_okay=False), help="Tokenizer directory (default: the model's).")
-@click.option("--top-k", default=5, show_default=True, help="Predictions to print.")
-def run(model: str, texts: tuple[str, ...], tokenizer_dir: str | None, top_k: int) -> None:
+@click.option("--top-k", default=5, show_default=True, type=click.IntRange(min=1), help="Predictions to print.")
+@click.option("--truncate/--no-truncate", default=True, show_default=True,
+              help="Cut texts longer than the model's positions (with a warning), or refuse them.")
+def run(model: str, texts: tuple[str, ...], tokenizer_dir: str | None, top_k: int, truncate: bool) -> None:
     """Tokenize text, run an exported model in ONNX Runtime and print the top predictions."""
     from rewrite.predict import predict
 
-    for text, predictions in zip(texts, predict(model, list(texts), tokenizer_dir=tokenizer_dir, top_k=top_k)):
-        out.print(f"[bold]{text}[/bold]")
+    results = predict(model, list(texts), tokenizer_dir=tokenizer_dir, top_k=top_k, truncate=truncate)
+    for text, predictions in zip(texts, results):
+        out.print(f"[bold]{escape(text)}[/bold]")
         for label, score in predictions:
-            out.print(f"  {score:9.4f}  {label}")
+            out.print(f"  {score:9.4f}  {escape(str(label))}")
+
+
+def _fail(message: str) -> None:
+    """One line on stderr, whatever the message holds."""
+    console.print(f"[red]error:[/red] {escape(' '.join(message.split()))}", highlight=False, soft_wrap=True)
+    sys.exit(2)
 
 
 def main() -> None:
@@ -137,11 +161,12 @@ def main() -> None:
     try:
         cli.main(standalone_mode=False)
     except RewriteError as error:
-        console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+        _fail(str(error))
+    except OSError as error:  # the file system refused: a path the user gave cannot be read or written
+        _fail(f"{error.filename or 'a file'!s}: {error.strerror or error}")
     except click.ClickException as error:
-        error.show()
-        sys.exit(2)
+        hint = f" (see {error.ctx.command_path} --help)" if getattr(error, "ctx", None) else ""
+        _fail(error.format_message() + hint)
     except click.exceptions.Abort:
         sys.exit(1)
 from rewrite.cli import train as _train  # noqa: E402,F401  (registers `rewrite train` and `rewrite demo`)

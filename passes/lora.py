@@ -33,6 +33,16 @@ def matches(path: str, spec: str | list[str]) -> bool:
     return any(path == name or path.endswith("." + name) for name in spec)
 
 
+def _check_regex(spec) -> None:
+    """A target given as a string is a regex (PEFT's rule): it must compile."""
+    if isinstance(spec, str) and spec != "all-linear":
+        try:
+            re.compile(spec)
+        except re.error as error:
+            raise RewriteError(f"LoRA target pattern {spec!r} is not a valid regular expression ({error}); "
+                               "write a Python regex, or a comma-separated list of module names") from None
+
+
 def _pattern_value(path: str, pattern: dict, default):
     """PEFT's rank_pattern/alpha_pattern lookup: the first key that matches the end of the path."""
     for key, value in pattern.items():
@@ -72,16 +82,22 @@ class LoraPass(Pass):
             self.targets = "all-linear"
         if isinstance(self.layers, int):
             self.layers = [self.layers]
+        for name in ("rank_pattern", "alpha_pattern"):
+            if not isinstance(getattr(self, name), dict):
+                raise RewriteError(f"LoRA {name} {getattr(self, name)!r} is not a mapping; write JSON like "
+                                   '{"query": 16}')
         for rank in [self.rank, *self.rank_pattern.values()]:
             if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
                 raise RewriteError(f"LoRA rank {rank!r} is not allowed; use a whole number of at least 1")
         for alpha in [self.alpha, *self.alpha_pattern.values()]:
-            if not isinstance(alpha, (int, float)) or alpha <= 0:
-                raise RewriteError(f"LoRA alpha {alpha!r} is not allowed; use a number greater than 0")
-        if not 0.0 <= self.dropout < 1.0:
+            if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+                raise RewriteError(f"LoRA alpha {alpha!r} is not allowed; use a finite number greater than 0")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise RewriteError(f"LoRA dropout {self.dropout!r} is not allowed; use a probability in [0, 1)")
         if self.init not in INITS:
             raise RewriteError(f"LoRA init {self.init!r} is not known; use one of {', '.join(INITS)}")
+        for spec in (self.targets, self.exclude, *self.rank_pattern, *self.alpha_pattern):
+            _check_regex(spec)
         unknown = sorted(set(self.roles or []) - set(ROLES))
         if unknown:
             raise RewriteError(f"role {', '.join(unknown)} is not known; roles are {', '.join(ROLES)}")

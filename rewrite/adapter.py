@@ -26,6 +26,7 @@ from rewrite.files import atomic_dir_files
 from rewrite.ir import info, tensor_at
 from rewrite.passes.prompt import TABLE, word_embedding
 from rewrite.pipeline import apply
+from rewrite.transaction import all_or_nothing
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -49,8 +50,13 @@ def _lora_config(gm: fx.GraphModule) -> dict[str, Any]:
         raise RewriteError("the graph has no LoRA adapter to save; run the lora pass first (it may have been folded)")
     if len({r["options"]["rslora"] for r in runs}) > 1 or len({r["options"]["dropout"] for r in runs}) > 1:
         raise RewriteError("LoRA passes with different rslora or dropout settings cannot share one PEFT adapter file")
-    ranks = {path: rank for r in runs for path, rank in r["report"]["ranks"].items()}
-    alphas = {path: alpha for r in runs for path, alpha in r["report"]["alphas"].items()}
+    present = set(info(gm).get("trainable", []))
+    ranks = {path: rank for r in runs for path, rank in r["report"]["ranks"].items()
+             if f"{path}.lora_A.weight" in present}
+    alphas = {path: alpha for r in runs for path, alpha in r["report"]["alphas"].items() if path in ranks}
+    if not ranks:
+        raise RewriteError("the graph's LoRA branches were folded into its weights, so it has no LoRA adapter to save; "
+                           "save the graph with rewrite.save instead")
     rank, alpha = next(iter(ranks.values())), next(iter(alphas.values()))
     options = runs[0]["options"]
     return {
@@ -141,9 +147,12 @@ def _read_adapter(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tens
             raise RewriteError(f"adapter directory {str(directory)!r} has no {file.name}; a PEFT adapter holds "
                                f"{CONFIG_NAME} and {WEIGHTS_NAME}")
     try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as error:
-        raise RewriteError(f"{str(config_file)!r} is not valid JSON: {error}") from error
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise RewriteError(f"{str(config_file)!r} is not valid UTF-8 JSON: {error}") from error
+    if not isinstance(config, dict):
+        raise RewriteError(f"{str(config_file)!r} holds a JSON {type(config).__name__}, not an object; "
+                           "an adapter config is a JSON object like PEFT's")
     try:
         weights = safetensors.torch.load_file(weights_file)
     except (safetensors.SafetensorError, OSError) as error:
@@ -151,6 +160,15 @@ def _read_adapter(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tens
     if config.get("peft_type") not in SUPPORTED:
         raise RewriteError(f"adapter type {config.get('peft_type')!r} in {str(config_file)!r} is not supported; "
                            f"supported: {', '.join(SUPPORTED)}")
+    required = {"LORA": ("r", "lora_alpha", "target_modules")}.get(config["peft_type"], ("num_virtual_tokens",))
+    missing = [key for key in required if key not in config]
+    if missing:
+        raise RewriteError(f"{str(config_file)!r} lacks {', '.join(missing)}; a {config['peft_type']} adapter config "
+                           f"needs {', '.join(required)}")
+    for key, tensor in weights.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise RewriteError(f"adapter weight {key} in {str(weights_file)!r} holds NaN or infinite values; "
+                               "the adapter is corrupt")
     return config, weights
 
 
@@ -175,17 +193,19 @@ def _copy_weights(gm: fx.GraphModule, directory: Path, names: dict[str, str], we
     for name in info(gm)["trainable"]:
         if name not in names:
             raise RewriteError(f"adapter {str(directory)!r} has no weight for {name}; it does not fit this graph")
+    targets = {}
     for name, key in names.items():
         try:
-            target = tensor_at(gm, name)
+            targets[key] = tensor_at(gm, name)
         except AttributeError:
             raise RewriteError(f"adapter weight {key} names no tensor in this graph; the adapter was made for another model") from None
-        if tuple(target.shape) != tuple(weights[key].shape):
+        if tuple(targets[key].shape) != tuple(weights[key].shape):
             raise RewriteError(
-                f"adapter weight {key} has shape {tuple(weights[key].shape)} but this graph needs {tuple(target.shape)}; "
-                "the adapter was made for another model"
+                f"adapter weight {key} has shape {tuple(weights[key].shape)} but this graph needs "
+                f"{tuple(targets[key].shape)}; the adapter was made for another model"
             )
-        with torch.no_grad():
+    with torch.no_grad():  # only once every weight fits: a refused adapter changes nothing
+        for key, target in targets.items():
             target.copy_(weights[key])
 
 
@@ -209,10 +229,11 @@ def load_adapter(gm: fx.GraphModule, directory: str | Path) -> fx.GraphModule:
     """Applies a PEFT-saved adapter: runs the LoRA or prompt pass from its config, then copies its weights in."""
     directory = Path(directory)
     config, weights = _read_adapter(directory)
-    if config["peft_type"] in PROMPT_TYPES:
-        _load_prompt(gm, directory, config, weights)
-        return gm
-    names = {key.removeprefix(PREFIX).replace(".default.", "."): key for key in weights}
-    apply(gm, "lora", **_lora_options(config))
-    _copy_weights(gm, directory, names, weights)
+    with all_or_nothing(gm):  # a refused adapter leaves no half-made LoRA behind
+        if config["peft_type"] in PROMPT_TYPES:
+            _load_prompt(gm, directory, config, weights)
+            return gm
+        names = {key.removeprefix(PREFIX).replace(".default.", "."): key for key in weights}
+        apply(gm, "lora", **_lora_options(config))
+        _copy_weights(gm, directory, names, weights)
     return gm

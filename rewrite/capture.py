@@ -159,6 +159,8 @@ def _load_config(path: Path, num_labels: int | None):
     except (OSError, ValueError, KeyError) as error:
         raise RewriteError(f"config.json in {str(path)!r} could not be read: {error}") from error
     if num_labels is not None:
+        if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 2:
+            raise RewriteError(f"num_labels {num_labels!r} is not allowed; a classifier needs at least 2 classes")
         config.num_labels = num_labels
     return config
 
@@ -171,6 +173,11 @@ def _load_tokenizer(path: Path):
     except (OSError, ValueError, TypeError) as error:
         log.warning("no tokenizer in %s (%s); text commands will not work with this graph", path, error)
         return None
+
+
+def _fresh_modules(loading: dict[str, Any]) -> list[str]:
+    """Modules whose weights the checkpoint lacked (a new classifier head): random until trained."""
+    return sorted({key.rpartition(".")[0] for key in loading.get("missing_keys", [])})
 
 
 def load_pretrained(
@@ -196,11 +203,13 @@ def load_pretrained(
             model = auto_class.from_config(config)
     else:
         try:
-            model = auto_class.from_pretrained(path, config=config, local_files_only=True, trust_remote_code=False)
+            model, loading = auto_class.from_pretrained(path, config=config, local_files_only=True,
+                                                        trust_remote_code=False, output_loading_info=True)
         except (OSError, ValueError, RuntimeError, safetensors.SafetensorError) as error:
             raise RewriteError(f"weights in {str(path)!r} could not be loaded: {error}") from error
     model.eval()
     input_names = list(tokenizer.model_input_names) if tokenizer is not None else list(DEFAULT_INPUT_NAMES)
     inputs = example_inputs(input_names, config.vocab_size, device="meta" if meta else "cpu")
-    info = {"source": str(path), "task": task, "config": config, "tokenizer": tokenizer, "meta_device": meta}
+    info = {"source": str(path), "task": task, "config": config, "tokenizer": tokenizer, "meta_device": meta,
+            "untrained": [] if meta else _fresh_modules(loading)}
     return capture(model, inputs, info=info)

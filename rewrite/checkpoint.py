@@ -51,15 +51,18 @@ def sweep(root: Path) -> None:
                 shutil.rmtree(path, ignore_errors=True)
 
 
-def write(root: Path, step: int, weights: dict[str, torch.Tensor], state: dict[str, Any], keep: int) -> Path:
-    """Writes checkpoint `step` atomically and keeps only the newest `keep` checkpoints."""
+def write(root: Path, step: int, weights: dict[str, torch.Tensor], state: dict[str, Any], keep: int,
+          settings: dict[str, Any] | None = None) -> Path:
+    """Writes checkpoint `step` atomically and keeps only the newest `keep` checkpoints; `settings` are the
+    hyperparameters a resumed run must share."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
     try:
         safetensors.torch.save_file(weights, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
         torch.save(state, tmp / STATE_NAME)
-        (tmp / INFO_NAME).write_text(json.dumps({"step": step, "world_size": state["world_size"]}))
+        (tmp / INFO_NAME).write_text(json.dumps({"step": step, "world_size": state["world_size"],
+                                                 "settings": settings or {}}))
         if final.exists():
             _discard(final)
         os.replace(tmp, final)
@@ -68,6 +71,15 @@ def write(root: Path, step: int, weights: dict[str, torch.Tensor], state: dict[s
     for _, old in completed(root)[:-keep]:
         _discard(old)
     return final
+
+
+def settings(directory: Path) -> dict[str, Any]:
+    """The hyperparameters the run that wrote checkpoint `directory` used (empty for older checkpoints)."""
+    try:
+        return json.loads((directory / INFO_NAME).read_text(encoding="utf-8")).get("settings") or {}
+    except (OSError, ValueError, AttributeError) as error:
+        raise RewriteError(f"checkpoint {str(directory)!r} has no readable {INFO_NAME} ({error}); delete it to resume "
+                           "from the one before") from error
 
 
 def read(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,11 +17,13 @@ from rewrite.errors import RewriteError
 from rewrite.files import atomic_dir_files
 from rewrite.inputs import DEFAULT_INPUT_NAMES, example_inputs
 from rewrite.ir import info, tensor_at
+from rewrite.passes.prompt import position_limit
 
 log = logging.getLogger(__name__)
 
 PROTOBUF_LIMIT = 2 * 1024**3
 TOLERANCE = 1e-4
+MIN_OPSET = 18  # the dynamo exporter's lowest
 
 
 @dataclass
@@ -95,7 +98,9 @@ def _add_metadata(gm: fx.GraphModule, path: Path) -> None:
     config = info(gm).get("config")
     labels = getattr(config, "id2label", None) or {}
     props = {"rewrite.task": info(gm).get("task") or "", "rewrite.id2label": json.dumps({int(k): v for k, v in labels.items()}),
-             "rewrite.prepended_positions": str(info(gm).get("prepended_positions", 0))}
+             "rewrite.prepended_positions": str(info(gm).get("prepended_positions", 0)),
+             "rewrite.max_positions": str(position_limit(gm) or ""),
+             "rewrite.untrained_head": ", ".join(info(gm).get("untrained", []))}
     if templates.uses_template(gm):
         template, placeholder_ids = templates.for_graph(gm)
         props.update({"rewrite.template": template.source, "rewrite.placeholder_ids": json.dumps(placeholder_ids)})
@@ -103,7 +108,36 @@ def _add_metadata(gm: fx.GraphModule, path: Path) -> None:
     onnx.save(model, str(path))
 
 
-def export_onnx(gm: fx.GraphModule, path: str | Path, *, verify: bool = True, opset: int | None = None) -> ExportReport:
+def _check_opset(opset: int | None) -> None:
+    newest = onnx.defs.onnx_opset_version()
+    if opset is not None and not (isinstance(opset, int) and MIN_OPSET <= opset <= newest):
+        raise RewriteError(f"ONNX opset {opset!r} cannot be exported; torch's exporter writes opsets {MIN_OPSET} to {newest}")
+
+
+def _check_written_opset(path: Path, opset: int | None) -> None:
+    """The exporter may silently write another opset than asked for: refuse rather than mislabel."""
+    model = onnx.load(str(path), load_external_data=False)
+    written = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is not None and written != opset:
+        raise RewriteError(f"the exporter wrote ONNX opset {written}, not the requested {opset}; "
+                           "leave --opset out or choose that one")
+
+
+def _refuse_clashes(gm: fx.GraphModule, path: Path) -> None:
+    """Before any work: the model and tokenizer files this export writes must not replace files already there."""
+    names = {path.name}
+    tokenizer = info(gm).get("tokenizer")
+    if tokenizer is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            names |= {p.name for p in tokenizer.save_pretrained(tmp) and Path(tmp).iterdir()}
+    clashes = sorted(name for name in names if (path.parent / name).exists())
+    if clashes:
+        raise RewriteError(f"{str(path.parent)!r} already holds {', '.join(clashes)}, which this export would replace; "
+                           "pass --overwrite to replace them, or export elsewhere")
+
+
+def export_onnx(gm: fx.GraphModule, path: str | Path, *, verify: bool = True, opset: int | None = None,
+                overwrite: bool = True) -> ExportReport:
     """Exports `gm` (in eval mode) to ONNX, checks it, and verifies it against torch in ONNX Runtime.
 
     Inputs keep the graph's names (`input_ids`, `attention_mask`, ...), outputs are named from the
@@ -111,8 +145,11 @@ def export_onnx(gm: fx.GraphModule, path: str | Path, *, verify: bool = True, op
     The tokenizer is written beside the model (as Optimum does), the task and labels into its metadata.
     """
     path = Path(path)
+    _check_opset(opset)
     if any(p.device.type == "meta" for p in gm.parameters()):
         raise RewriteError("the graph was captured on the meta device (no weights); capture it with weights to export")
+    if not overwrite:
+        _refuse_clashes(gm, path)
     input_names = list(info(gm).get("input_names") or DEFAULT_INPUT_NAMES)
     inputs = example_inputs(input_names, _vocab_size(gm), batch=2, seq=8)
     was_training = gm.training
@@ -126,9 +163,10 @@ def export_onnx(gm: fx.GraphModule, path: str | Path, *, verify: bool = True, op
             dynamo=True, opset_version=opset, verbose=False,
         )
         large = sum(p.numel() * p.element_size() for p in gm.parameters()) > PROTOBUF_LIMIT
-        with atomic_dir_files(path.parent) as tmp:
+        with atomic_dir_files(path.parent, overwrite=overwrite) as tmp:
             staged = tmp / path.name
             program.save(staged, external_data=large)
+            _check_written_opset(staged, opset)
             _add_metadata(gm, staged)
             onnx.checker.check_model(str(staged))
             tokenizer = info(gm).get("tokenizer")

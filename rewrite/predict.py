@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,8 @@ from rewrite import runtime
 from rewrite.errors import RewriteError
 from rewrite.templates import Template, pad_batch
 
+log = logging.getLogger(__name__)
+
 
 def _softmax(x: np.ndarray) -> np.ndarray:
     e = np.exp(x - x.max(axis=-1, keepdims=True))
@@ -18,8 +21,45 @@ def _softmax(x: np.ndarray) -> np.ndarray:
 
 
 def _model_props(path: Path) -> dict[str, str]:
-    model = onnx.load(str(path), load_external_data=False)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as error:  # protobuf's DecodeError and friends: the file is not an ONNX model
+        raise RewriteError(f"{str(path)!r} is not an ONNX model ({type(error).__name__}); give the .onnx file "
+                           "that `rewrite export` wrote") from error
+    if not model.graph.input:
+        raise RewriteError(f"{str(path)!r} is not an ONNX model with inputs; give the .onnx file that `rewrite export` wrote")
     return {p.key: p.value for p in model.metadata_props}
+
+
+def _check_texts(texts: list[str]) -> None:
+    """Command-line bytes that are not UTF-8 arrive as lone surrogates; say so rather than fail in the tokenizer."""
+    for text in texts:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise RewriteError(f"text {text.encode('utf-8', 'replace').decode()!r} is not valid UTF-8; "
+                               "pass UTF-8 text") from None
+
+
+def _limit(props: dict[str, str], tokenizer) -> int | None:
+    """The model's position limit: from its metadata, else the tokenizer's."""
+    if props.get("rewrite.max_positions"):
+        return int(props["rewrite.max_positions"]) - int(props.get("rewrite.prepended_positions", 0) or 0)
+    limit = getattr(tokenizer, "model_max_length", None)
+    return int(limit) if limit and limit < 1_000_000 else None
+
+
+def _fit(encoded: dict[str, np.ndarray], texts: list[str], limit: int | None, truncate: bool) -> dict[str, np.ndarray]:
+    """Cuts inputs to the model's positions (with a warning), or refuses them."""
+    length = encoded["input_ids"].shape[1]
+    if limit is None or length <= limit:
+        return encoded
+    longest = int(encoded["attention_mask"].sum(axis=1).argmax())
+    if not truncate:
+        raise RewriteError(f"text {texts[longest][:40]!r}... is {length} tokens but the model takes at most {limit}; "
+                           "shorten it, or drop --no-truncate to cut it")
+    log.warning("text %r... is %d tokens; cut to the model's %d positions", texts[longest][:40], length, limit)
+    return {name: value[:, :limit] for name, value in encoded.items()}
 
 
 def _tokenizer(path: Path, tokenizer_dir: str | None):
@@ -48,14 +88,21 @@ def _encode(texts: list[str], tokenizer, props: dict[str, str]) -> dict[str, np.
     return {k: v.numpy() for k, v in pad_batch(rows, tokenizer).items()}
 
 
-def predict(model_path: str | Path, texts: list[str], *, tokenizer_dir: str | None = None, top_k: int = 5):
-    """Per text, the top predictions as (label, probability): classes, masked tokens or next tokens."""
+def predict(model_path: str | Path, texts: list[str], *, tokenizer_dir: str | None = None, top_k: int = 5,
+            truncate: bool = True):
+    """Per text, the top predictions as (label, probability): classes, masked tokens or next tokens.
+
+    Texts longer than the model's positions are cut (with a warning), or refused with `truncate=False`."""
     path = Path(model_path)
+    _check_texts(texts)
     props = _model_props(path)
     task = props.get("rewrite.task", "")
+    if props.get("rewrite.untrained_head"):
+        log.warning("%s: the classification head %s was never trained (fresh random weights); its predictions "
+                    "mean nothing until `rewrite train`", path, props["rewrite.untrained_head"])
     tokenizer = _tokenizer(path, tokenizer_dir)
     sess = runtime.session(path)
-    encoded = _encode(texts, tokenizer, props)
+    encoded = _fit(_encode(texts, tokenizer, props), texts, _limit(props, tokenizer), truncate)
     outputs = runtime.run(sess, encoded)
     first = next(iter(outputs.values()))
     if task != "seq-cls":  # per-position outputs: drop the positions prompt tuning put before the input's

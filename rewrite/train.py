@@ -66,6 +66,7 @@ from rewrite.adapter import PREFIX, save_adapter
 from rewrite.archive import save
 from rewrite.data import CLASSIFICATION, IGNORE_INDEX, LM_TASKS, Encoded, Example, Fields
 from rewrite.errors import RewriteError
+from rewrite.files import check_directory
 from rewrite.inputs import DEFAULT_INPUT_NAMES
 from rewrite.ir import info, wrap
 from rewrite.params import apply_trainable
@@ -123,7 +124,8 @@ class TrainResult:
     tokens_per_s: float | None
 
 
-def _check(config: TrainConfig, task: str) -> None:
+def check_config(config: TrainConfig, task: str) -> None:
+    """Refuses options no run can use, before any work (one sentence naming the option)."""
     if task not in TASKS:
         raise RewriteError(f"training task {task!r} is not supported; use --task with one of {', '.join(TASKS)}")
     positive = {"batch_size": config.batch_size, "grad_accum": config.grad_accum, "max_length": config.max_length,
@@ -134,8 +136,16 @@ def _check(config: TrainConfig, task: str) -> None:
     for name, value in positive.items():
         if not isinstance(value, int) or value < 1:
             raise RewriteError(f"{name} {value!r} is not allowed; use a whole number of at least 1")
-    if not config.lr > 0:
-        raise RewriteError(f"learning rate {config.lr!r} is not allowed; use a number greater than 0")
+    if not (isinstance(config.lr, (int, float)) and math.isfinite(config.lr) and config.lr > 0):
+        raise RewriteError(f"learning rate {config.lr!r} is not allowed; use a finite number greater than 0")
+    for name in ("weight_decay", "warmup_ratio", "max_grad_norm"):
+        value = getattr(config, name)
+        if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            raise RewriteError(f"{name} {value!r} is not allowed; use a finite number of at least 0")
+    if config.warmup_ratio > 1 or (isinstance(config.warmup_steps, int) and config.warmup_steps < 0):
+        raise RewriteError("warmup is not allowed: warmup_ratio must be in [0, 1] and warmup_steps at least 0")
+    if config.output_dir is not None:
+        check_directory(config.output_dir, "output directory")
     if config.schedule not in SCHEDULES:
         raise RewriteError(f"schedule {config.schedule!r} is not known; use one of {', '.join(SCHEDULES)}")
     if config.resume and config.output_dir is None:
@@ -459,12 +469,14 @@ class _Run:
         state = {"step": self.step, "world_size": self.ctx.world, "optimizer": optimizer,
                  "scheduler": self.scheduler.state_dict(), "rng": states}
         weights = {PREFIX + name: weights[name].contiguous() for name in info(self.gm)["trainable"]}
-        checkpoint.write(self.out / "checkpoints", self.step, weights, state, self.config.keep_checkpoints)
+        checkpoint.write(self.out / "checkpoints", self.step, weights, state, self.config.keep_checkpoints,
+                         _settings(self.config))
 
     def start_fresh(self) -> None:
         """A new run must not mix with an old one's checkpoints (a later resume would pick them up)."""
         if self.out is None:
             return
+        checkpoint.sweep(self.out / "checkpoints")
         if checkpoint.completed(self.out / "checkpoints"):
             raise RewriteError(f"output directory {str(self.out)!r} already holds a run's checkpoints; continue it "
                                "with resume (--resume), or train into an empty directory")
@@ -484,6 +496,7 @@ class _Run:
                 checkpoint.cut_log(self.out / "metrics.jsonl", 0)
             return None
         step, directory = found[-1]
+        _check_same_settings(checkpoint.settings(directory), _settings(self.config), directory)
         weights, state = checkpoint.read(directory)
         distributed.load_trainable(self.gm, _trainable_weights(self.gm, weights, directory))
         distributed.load_optimizer(self.gm, self.optimizer, state["optimizer"])
@@ -510,6 +523,30 @@ class _Run:
             save_adapter(self.gm, self.out / "adapter")
         except RewriteError as error:
             log.warning("no PEFT adapter written (%s); the trained graph is in %s", error, self.out / "model.pt2")
+
+
+_RESUME_SETTINGS = ("task", "epochs", "max_steps", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_steps",
+                    "warmup_ratio", "schedule", "max_grad_norm", "max_length", "group_by_length", "seed")
+
+
+def _settings(config: TrainConfig) -> dict[str, Any]:
+    """The hyperparameters that decide a run's trajectory: a resumed run must use the same ones."""
+    return {name: getattr(config, name) for name in _RESUME_SETTINGS}
+
+
+def _check_same_settings(saved: dict[str, Any], current: dict[str, Any], directory: Path) -> None:
+    changed = [f"{name} {saved[name]!r} -> {current[name]!r}" for name in current
+               if name in saved and saved[name] != current[name]]
+    if changed:
+        raise RewriteError(f"--resume with other hyperparameters than checkpoint {str(directory)!r} was written with "
+                           f"({'; '.join(changed)}); resume with the same ones, or train into a new --output-dir")
+
+
+def _mark_trained(gm: fx.GraphModule) -> None:
+    """Fresh modules (a new head) stop being "untrained" once training has optimized them."""
+    trained = info(gm).get("trainable", [])
+    info(gm)["untrained"] = [m for m in info(gm).get("untrained", [])
+                             if not any(name.startswith(m + ".") for name in trained)]
 
 
 def _eval_twin(gm: fx.GraphModule) -> fx.GraphModule:
@@ -591,7 +628,7 @@ def _objective(gm: fx.GraphModule, config: TrainConfig, task: str, loss_fn: Loss
 
 def _task(gm: fx.GraphModule, config: TrainConfig) -> str:
     task = config.task or info(gm).get("task")
-    _check(config, task)
+    check_config(config, task)
     return task
 
 
@@ -624,6 +661,7 @@ def train(
             if not run.sharded:
                 gm.eval()
             run.log.close()
+        _mark_trained(gm)
         run.write_outputs()
         ctx.barrier()
         tokens_per_s = run.tokens / run.seconds if run.seconds else None
