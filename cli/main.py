@@ -130,6 +130,14 @@ def inspect(source: str) -> None:
         for target in entry["report"].get("targets", []):
             out.print(f"     {target}", markup=False)
     out.print(trainable_parameters_line(gm))
+    trainable = meta.get("trainable") or []
+    if not trainable:
+        out.print("rewrite train would train nothing: no pass made parameters trainable (apply lora, prompt or ptuning)")
+    else:
+        modules = sorted({name.rpartition(".")[0] for name in trainable})
+        out.print(f"rewrite train would train {len(trainable)} tensors in {len(modules)} modules", markup=False)
+    if meta.get("untrained"):
+        out.print(f"never trained (fresh random weights): {', '.join(meta['untrained'])}", markup=False)
 
 
 @cli.command()
