@@ -1,23 +1,50 @@
-"""`rewrite`: capture, apply passes, fold, export, inspect and run, from the command line."""
+"""`rewrite`: capture, apply passes, fold, export, inspect and run, from the command line.
+
+Commands are imported when they run, so `rewrite --help` and `--version` start without torch.
+"""
 from __future__ import annotations
 
+import importlib
 import sys
 
 import click
 from rich.markup import escape
 
-import rewrite
+from rewrite.cli.console import configure_logging, console
 from rewrite.errors import RewriteError
-from rewrite.files import check_output
-from rewrite.params import trainable_parameters_line
-from rewrite.pipeline import Pipeline, available, create, pass_class
 
-from rewrite.cli.common import (configure_logging, console, out, output_option, overwrite_option, read_graph,
-                                seed_all, seed_option, task_option, write_graph)
-from rewrite.cli.pass_options import add_pass_options, options_for, unused_options
+# name -> (module, function, one-line help shown by `rewrite --help` without importing the command)
+COMMANDS = {
+    "capture": ("rewrite.cli.commands", "capture", "Capture a local Hugging Face model directory as a graph archive."),
+    "apply": ("rewrite.cli.commands", "apply", "Run passes on a graph archive or a model directory."),
+    "fold": ("rewrite.cli.commands", "fold", "Merge LoRA branches and prompt encoders into constants."),
+    "export": ("rewrite.cli.commands", "export", "Export a graph archive to ONNX."),
+    "inspect": ("rewrite.cli.commands", "inspect", "Show how a graph archive was made and what train would train."),
+    "run": ("rewrite.cli.commands", "run", "Run an exported model in ONNX Runtime on text."),
+    "train": ("rewrite.cli.train", "train", "Train a graph's adapter on a data file."),
+    "demo": ("rewrite.cli.train", "demo", "MiniLM + LoRA on shipped SST-2 data, end to end to ONNX."),
+    "pet": ("rewrite.cli.pet", "pet_command", "Pattern-Exploiting Training: PVP models, distillation, ONNX."),
+}
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class LazyGroup(click.Group):
+    """Imports a command's module only when that command is asked for."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        module, function, _ = COMMANDS[name]
+        return getattr(importlib.import_module(module), function)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, text) for name, (_, _, text) in COMMANDS.items()])
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="rewrite", message="rewrite %(version)s")
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
 def cli(verbose: int) -> None:
@@ -26,136 +53,6 @@ def cli(verbose: int) -> None:
     capture -> apply (lora, ...) -> train -> fold -> export -> run
     """
     configure_logging(verbose)
-
-
-@cli.command()
-@click.argument("model_dir", type=click.Path())
-@output_option
-@task_option
-@click.option("--meta", is_flag=True, help="Capture from the config alone on the meta device (no weights read).")
-@click.option("--num-labels", type=int, default=None, help="Classes for --task seq-cls (at least 2).")
-@seed_option
-@overwrite_option
-def capture(model_dir: str, output: str, task: str, meta: bool, num_labels: int | None, seed: int | None,
-            overwrite: bool) -> None:
-    """Capture a local Hugging Face model directory as a graph archive (.pt2)."""
-    seed_all(seed)
-    gm = rewrite.load_pretrained(model_dir, task=task, meta=meta, num_labels=num_labels)
-    console.print(f"captured {len(gm.graph.nodes)} nodes ({gm.info['task']})")
-    write_graph(gm, output)
-
-
-@cli.command()
-@click.argument("source", type=click.Path())
-@output_option
-@task_option
-@click.option("--pass", "pass_names", multiple=True, metavar="NAME", help=f"Pass to run, repeatable: {', '.join(available())}.")
-@click.option("--pipeline", "pipeline_file", type=click.Path(dir_okay=False), help="YAML or JSON pipeline file.")
-@seed_option
-@overwrite_option
-@add_pass_options
-def apply(source: str, output: str, task: str, pass_names: tuple[str, ...], pipeline_file: str | None,
-          seed: int | None, overwrite: bool, **given) -> None:
-    """Run passes on a graph archive or a model directory.
-
-    Pass options are flags (`--rank 8 --alpha 16 --roles q,v`); each goes to every selected pass
-    that has it. Lists are comma-separated, dicts JSON; `--targets re:PATTERN` gives a regex.
-    """
-    if bool(pass_names) == bool(pipeline_file):
-        raise RewriteError("give either --pass NAME (repeatable) or --pipeline FILE, not both and not neither")
-    if pipeline_file:
-        extra = unused_options([], given)
-        if extra:
-            raise RewriteError(f"options {', '.join(extra)} cannot be combined with --pipeline; put them in the file")
-        pipeline = Pipeline.from_file(pipeline_file)
-    else:
-        for name in pass_names:
-            pass_class(name)
-        extra = unused_options(list(pass_names), given)
-        if extra:
-            raise RewriteError(
-                f"option {', '.join('--' + e.replace('_', '-') for e in extra)} is not accepted by pass "
-                f"{', '.join(pass_names)}"
-            )
-        pipeline = Pipeline([create(name, **options_for(name, given)) for name in pass_names])
-    gm = read_graph(source, task)
-    seed_all(seed)
-    pipeline.run(gm)
-    console.print(trainable_parameters_line(gm))
-    write_graph(gm, output)
-
-
-@cli.command()
-@click.argument("source", type=click.Path())
-@output_option
-@overwrite_option
-def fold(source: str, output: str, overwrite: bool) -> None:
-    """Merge LoRA branches into their base weights and prompt encoders into constant tables."""
-    gm = read_graph(source)
-    rewrite.apply(gm, "fold")
-    write_graph(gm, output)
-
-
-@cli.command()
-@click.argument("source", type=click.Path())
-@click.option("--onnx", "onnx_path", required=True, type=click.Path(dir_okay=False), help="Output .onnx file.")
-@click.option("--verify/--no-verify", default=True, show_default=True, help="Check ONNX Runtime against torch.")
-@click.option("--opset", type=int, default=None, help="ONNX opset (default: the exporter's).")
-@overwrite_option
-def export(source: str, onnx_path: str, verify: bool, opset: int | None, overwrite: bool) -> None:
-    """Export a graph archive (fold it first for zero-overhead deployment) to ONNX.
-
-    The tokenizer's files are written beside the model; files already there are not replaced
-    unless --overwrite is given."""
-    check_output(onnx_path, what="ONNX file")
-    gm = read_graph(source)
-    report = rewrite.export_onnx(gm, onnx_path, verify=verify, opset=opset, overwrite=overwrite)
-    console.print(f"wrote {report.path}: inputs {', '.join(report.input_names)} -> {', '.join(report.output_names)}")
-    if report.max_abs_diff is not None:
-        console.print(f"ONNX Runtime ({report.provider}) vs torch: max abs diff {report.max_abs_diff:.3g}")
-
-
-@cli.command()
-@click.argument("source", type=click.Path())
-def inspect(source: str) -> None:
-    """Show how a graph archive was made: passes, matched targets, trainable parameters."""
-    gm = read_graph(source)
-    meta = gm.info
-    out.print(f"source: {meta.get('source', '-')}  task: {meta.get('task', '-')}  nodes: {len(gm.graph.nodes)}")
-    if not meta["history"]:
-        out.print("passes: none (base capture)")
-    for index, entry in enumerate(meta["history"], 1):
-        options = ", ".join(f"{k}={v}" for k, v in entry["options"].items() if v not in (None, {}, []))
-        out.print(f"{index}. {entry['pass']}({options}): {entry['report'].get('summary', '')}", markup=False)
-        for target in entry["report"].get("targets", []):
-            out.print(f"     {target}", markup=False)
-    out.print(trainable_parameters_line(gm))
-    trainable = meta.get("trainable") or []
-    if not trainable:
-        out.print("rewrite train would train nothing: no pass made parameters trainable (apply lora, prompt or ptuning)")
-    else:
-        modules = sorted({name.rpartition(".")[0] for name in trainable})
-        out.print(f"rewrite train would train {len(trainable)} tensors in {len(modules)} modules", markup=False)
-    if meta.get("untrained"):
-        out.print(f"never trained (fresh random weights): {', '.join(meta['untrained'])}", markup=False)
-
-
-@cli.command()
-@click.argument("model", type=click.Path(exists=True, dir_okay=False))
-@click.option("--text", "texts", multiple=True, required=True, help="Input text, repeatable.")
-@click.option("--tokenizer", "tokenizer_dir", type=click.Path(file_okay=False), help="Tokenizer directory (default: the model's).")
-@click.option("--top-k", default=5, show_default=True, type=click.IntRange(min=1), help="Predictions to print.")
-@click.option("--truncate/--no-truncate", default=True, show_default=True,
-              help="Cut texts longer than the model's positions (with a warning), or refuse them.")
-def run(model: str, texts: tuple[str, ...], tokenizer_dir: str | None, top_k: int, truncate: bool) -> None:
-    """Tokenize text, run an exported model in ONNX Runtime and print the top predictions."""
-    from rewrite.predict import predict
-
-    results = predict(model, list(texts), tokenizer_dir=tokenizer_dir, top_k=top_k, truncate=truncate)
-    for text, predictions in zip(texts, results):
-        out.print(f"[bold]{escape(text)}[/bold]")
-        for label, score in predictions:
-            out.print(f"  {score:9.4f}  {escape(str(label))}")
 
 
 def _fail(message: str) -> None:
@@ -177,5 +74,3 @@ def main() -> None:
         _fail(error.format_message() + hint)
     except click.exceptions.Abort:
         sys.exit(1)
-from rewrite.cli import train as _train  # noqa: E402,F401  (registers `rewrite train` and `rewrite demo`)
-from rewrite.cli import pet as _pet  # noqa: E402,F401  (registers `rewrite pet`)

@@ -10,7 +10,6 @@ import click
 import rewrite
 from rewrite import pet
 from rewrite.cli.common import columns_option, console, out
-from rewrite.cli.main import cli
 from rewrite.data import CLASSIFICATION, Fields
 from rewrite.errors import RewriteError
 from rewrite.files import atomic_path, check_directory
@@ -40,7 +39,7 @@ def _config(options: dict) -> pet.PetConfig:
     )
 
 
-@cli.command(name="pet")
+@click.command(name="pet")
 @click.option("--model", "model_dir", required=True, type=click.Path(file_okay=False),
               help="Hugging Face masked-LM directory.")
 @click.option("--pvp", "pvp_file", required=True, type=click.Path(dir_okay=False),

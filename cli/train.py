@@ -8,12 +8,11 @@ import click
 
 import rewrite
 from rewrite.cli.common import columns_option, console, out, read_graph
-from rewrite.cli.main import cli
 from rewrite.data import Fields
 from rewrite.train import SCHEDULES, TASKS, TrainConfig
 
 
-@cli.command()
+@click.command()
 @click.argument("source", type=click.Path())
 @click.option("--data", "train_file", required=True, type=click.Path(dir_okay=False), help="Training rows: .jsonl, .csv or .tsv.")
 @click.option("--eval", "eval_file", type=click.Path(dir_okay=False), help="Evaluation rows, same format.")
@@ -75,7 +74,7 @@ def train(source: str, train_file: str, eval_file: str | None, output_dir: str, 
         console.print(f"wrote {Path(output_dir) / 'model.pt2'}, {Path(output_dir) / 'adapter'}, checkpoints and metrics.jsonl")
 
 
-@cli.command()
+@click.command()
 @click.option("--output-dir", default="rewrite-demo", show_default=True, type=click.Path(file_okay=False),
               help="Where the checkpoints, trained graph, adapter and model.onnx go.")
 @click.option("--overwrite", is_flag=True, help="Replace a previous demo in --output-dir.")

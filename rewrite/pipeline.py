@@ -54,8 +54,13 @@ def register(cls: type[Pass]) -> type[Pass]:
     return cls
 
 
+def _builtin() -> None:
+    import rewrite.passes  # noqa: F401  (registers the built-in passes on first use)
+
+
 def available() -> list[str]:
     """Names of the registered passes."""
+    _builtin()
     return sorted(_REGISTRY)
 
 
@@ -64,6 +69,7 @@ def option_names(name: str) -> list[str]:
 
 
 def pass_class(name: str) -> type[Pass]:
+    _builtin()
     if name not in _REGISTRY:
         raise RewriteError(f"unknown pass {name!r}; available passes: {', '.join(available())}")
     return _REGISTRY[name]

@@ -67,3 +67,12 @@ def test_run_says_the_head_was_never_trained_and_keeps_lines_whole(cli, headless
     captured = cli("run", tmp_path / "onnx" / "model.onnx", "--text", text)
     assert "never trained" in captured.err
     assert text in captured.out.splitlines()
+
+
+def test_help_and_version_do_not_load_torch():
+    import subprocess
+
+    code = ("import sys; sys.argv = ['rewrite', '--help']\nfrom rewrite.cli.main import main\nmain()\n"
+            "print('torch loaded' if 'torch' in sys.modules else 'torch not loaded')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "Commands:" in done.stdout and "torch not loaded" in done.stdout, done.stderr
