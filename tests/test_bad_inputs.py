@@ -265,6 +265,8 @@ API_CASES = [
     ("apply-bad-regex", _apply(targets="("), "regular expression"),
     ("apply-bad-pattern-regex", _apply(rank_pattern={"(": 4}), "regular expression"),
     ("apply-no-match", _apply(targets=["nothing"]), "match no module"),
+    ("save-adapter-of-folded-graph", lambda w: rewrite.save_adapter(rewrite.apply(rewrite.load(w["lora"]), "fold"),
+                                                                    w["root"] / "never"), "were folded"),
 ]
 
 
