@@ -1,4 +1,4 @@
-"""`rewrite train` and `rewrite demo`: thin wrappers over `rewrite.train` and `rewrite.demo`."""
+"""`rewrite train` and `rewrite demo`: thin wrappers over `rewrite.train` and `rewrite.recipes.demo`."""
 from __future__ import annotations
 
 import os
@@ -80,6 +80,6 @@ def train(source: str, train_file: str, eval_file: str | None, output_dir: str, 
 @click.option("--overwrite", is_flag=True, help="Replace a previous demo in --output-dir.")
 def demo(output_dir: str, overwrite: bool) -> None:
     """MiniLM + LoRA on shipped SST-2 data: train, fold, export to ONNX, check ONNX Runtime's accuracy."""
-    from rewrite.demo import run_demo
+    from rewrite.recipes.demo import run_demo
 
     run_demo(output_dir, console=console, overwrite=overwrite)

@@ -1,6 +1,16 @@
 """rewrite: a compiler-style graph rewriter for parameter-efficient fine-tuning.
 
-capture -> passes (LoRA, ...) -> train -> fold -> ONNX, on `torch.fx` graphs captured by `torch.export`.
+capture -> passes (LoRA, prompts, verbalizer, ...) -> train -> fold -> ONNX, on `torch.fx` graphs
+captured by `torch.export`. The layers, each importing only from the ones below it:
+
+1. engine (`rewrite/`): the IR and its typed info (`ir`), capture, graph queries (`graph`), node
+   building (`nodes`), the pass protocol, registry and pipeline (`pipeline`, `options`), training
+   (`train`, `data`, `checkpoint`, `distributed`), adapter files (`adapter`), archives (`archive`),
+   export and serving (`export`, `runtime`, `predict`), templates and label words (`templates`, `labels`).
+   It never names a pass: it asks the passes in a graph's history through the `Pass` hooks.
+2. passes (`rewrite.passes`, the `passes/` folder): one file per rewrite; each imports only the engine.
+3. recipes (`rewrite.recipes`): applications on top (PET, the demo).
+4. the command line (`rewrite.cli`, the `cli/` folder), and this module, which gathers the public API.
 
 The public names are imported on first use, so `import rewrite.cli` (and `rewrite --help`) does not
 load torch; `rewrite.apply(...)` and friends behave as if imported eagerly.
@@ -22,6 +32,7 @@ _API = {
     "apply": "rewrite.pipeline",
     "register": "rewrite.pipeline",
     "print_trainable_parameters": "rewrite.params",
+    "GraphInfo": "rewrite.ir",
     "RewriteGraph": "rewrite.ir",
     "load_adapter": "rewrite.adapter",
     "save_adapter": "rewrite.adapter",
@@ -30,11 +41,11 @@ _API = {
     "TrainResult": "rewrite.train",
     "evaluate": "rewrite.train",
     "train": "rewrite.train",
-    "PVP": "rewrite.pet",
-    "PetConfig": "rewrite.pet",
-    "load_pvps": "rewrite.pet",
-    "run_pet": "rewrite.pet",
-    "zero_shot": "rewrite.pet",
+    "PVP": "rewrite.recipes.pet",
+    "PetConfig": "rewrite.recipes.pet",
+    "load_pvps": "rewrite.recipes.pet",
+    "run_pet": "rewrite.recipes.pet",
+    "zero_shot": "rewrite.recipes.pet",
 }
 __all__ = sorted(_API)
 
@@ -51,7 +62,12 @@ class _Package(types.ModuleType):
 
 def __getattr__(name: str):
     if name not in _API:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        try:
+            return importlib.import_module(f"{__name__}.{name}")  # a submodule, e.g. rewrite.passes
+        except ModuleNotFoundError as error:
+            if error.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
     value = getattr(importlib.import_module(_API[name]), name)
     importlib.import_module("rewrite.passes")  # registers the built-in passes
     globals()[name] = value

@@ -10,7 +10,8 @@ import onnx
 
 from rewrite import runtime
 from rewrite.errors import RewriteError
-from rewrite.templates import Template, pad_batch
+from rewrite.export import LABELS_KEY, POSITIONS_KEY, PREPENDED_KEY, TASK_KEY, UNTRAINED_KEY
+from rewrite.pipeline import registered
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,8 @@ def _check_texts(texts: list[str]) -> None:
 
 def _limit(props: dict[str, str], tokenizer) -> int | None:
     """The model's position limit: from its metadata, else the tokenizer's."""
-    if props.get("rewrite.max_positions"):
-        return int(props["rewrite.max_positions"]) - int(props.get("rewrite.prepended_positions", 0) or 0)
+    if props.get(POSITIONS_KEY):
+        return int(props[POSITIONS_KEY]) - int(props.get(PREPENDED_KEY, 0) or 0)
     limit = getattr(tokenizer, "model_max_length", None)
     return int(limit) if limit and limit < 1_000_000 else None
 
@@ -80,12 +81,13 @@ def _top(scores: np.ndarray, names, k: int) -> list[tuple[str, float]]:
 
 
 def _encode(texts: list[str], tokenizer, props: dict[str, str]) -> dict[str, np.ndarray]:
-    """The model's inputs for `texts`: through its P-tuning template when it has one, else tokenized as they are."""
-    if "rewrite.template" not in props:
-        return {k: v.astype(np.int64) for k, v in tokenizer(texts, padding=True, return_tensors="np").items()}
-    template, placeholder_ids = Template.parse(props["rewrite.template"]), json.loads(props["rewrite.placeholder_ids"])
-    rows = [template.encode(tokenizer, placeholder_ids, text).ids for text in texts]
-    return {k: v.numpy() for k, v in pad_batch(rows, tokenizer).items()}
+    """The model's inputs for `texts`: as a pass whose metadata the model carries encodes them (a
+    template), else tokenized as they are."""
+    for cls in registered():
+        inputs = cls.serving_inputs(props, tokenizer, texts)
+        if inputs is not None:
+            return inputs
+    return {k: v.astype(np.int64) for k, v in tokenizer(texts, padding=True, return_tensors="np").items()}
 
 
 def predict(model_path: str | Path, texts: list[str], *, tokenizer_dir: str | None = None, top_k: int = 5,
@@ -96,22 +98,22 @@ def predict(model_path: str | Path, texts: list[str], *, tokenizer_dir: str | No
     path = Path(model_path)
     _check_texts(texts)
     props = _model_props(path)
-    task = props.get("rewrite.task", "")
-    if props.get("rewrite.untrained_head"):
+    task = props.get(TASK_KEY, "")
+    if props.get(UNTRAINED_KEY):
         log.warning("%s: the classification head %s was never trained (fresh random weights); its predictions "
-                    "mean nothing until `rewrite train`", path, props["rewrite.untrained_head"])
+                    "mean nothing until `rewrite train`", path, props[UNTRAINED_KEY])
     tokenizer = _tokenizer(path, tokenizer_dir)
     sess = runtime.session(path)
     encoded = _fit(_encode(texts, tokenizer, props), texts, _limit(props, tokenizer), truncate)
     outputs = runtime.run(sess, encoded)
     first = next(iter(outputs.values()))
     if task != "seq-cls":  # per-position outputs: drop the positions prompt tuning put before the input's
-        first = first[:, int(props.get("rewrite.prepended_positions", 0)):]
+        first = first[:, int(props.get(PREPENDED_KEY, 0)):]
     token = lambda i: tokenizer.convert_ids_to_tokens(i)  # noqa: E731
     results = []
     for row in range(len(texts)):
         if task == "seq-cls":
-            labels = {int(k): v for k, v in json.loads(props.get("rewrite.id2label", "{}")).items()}
+            labels = {int(k): v for k, v in json.loads(props.get(LABELS_KEY, "{}")).items()}
             results.append(_top(_softmax(first[row]), lambda i: labels.get(i, str(i)), top_k))
         elif task == "masked-lm":
             masks = np.flatnonzero(encoded["input_ids"][row] == tokenizer.mask_token_id)

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import warnings
 from typing import Iterator
 
 from torch import fx
 
-from rewrite.ir import META_KEY
+from rewrite.ir import META_KEY, info
 
 
 def _shallow(value):
@@ -28,7 +29,10 @@ def all_or_nothing(gm: fx.GraphModule) -> Iterator[None]:
     modules = [(m, dict(m._modules), dict(m._parameters), dict(m._buffers))
                for _, m in gm.named_modules(remove_duplicate=False)]
     flags = [(p, p.requires_grad) for p in gm.parameters()]
-    meta = {k: _shallow(v) for k, v in gm.meta.get(META_KEY, {}).items()}
+    saved = info(gm)
+    meta = copy.copy(saved)
+    for item in dataclasses.fields(meta):
+        setattr(meta, item.name, _shallow(getattr(saved, item.name)))
     training = gm.training
     try:
         yield
