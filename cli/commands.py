@@ -6,7 +6,7 @@ from rich.markup import escape
 
 import rewrite
 from rewrite.errors import RewriteError
-from rewrite.files import check_output
+from rewrite.atomic import check_output
 from rewrite.params import trainable_parameters_line
 from rewrite.pipeline import Pipeline, available, create, pass_class
 

@@ -7,9 +7,9 @@ import click
 import torch
 
 import rewrite
-from rewrite.capture import TASKS
+from rewrite.capture import CAPTURE_TASKS
 from rewrite.errors import RewriteError
-from rewrite.files import check_output
+from rewrite.atomic import check_output
 from rewrite.cli.console import console, out  # noqa: F401  (what commands print with)
 
 def read_graph(source: str, task: str = "auto") -> rewrite.RewriteGraph:
@@ -47,7 +47,7 @@ seed_option = click.option("--seed", type=int, default=None,
                            help="Seed for the random draws (fresh heads, adapter init): same seed, same weights.")
 task_option = click.option(
     "--task", default="auto", show_default=True,
-    type=click.Choice(TASKS), help="Model head to capture (auto reads config.architectures).",
+    type=click.Choice(CAPTURE_TASKS), help="Model head to capture (auto reads config.architectures).",
 )
 
 

@@ -11,9 +11,10 @@ from rewrite.cli.common import columns_option, console, out
 from rewrite.data import CLASSIFICATION, Fields
 from rewrite.errors import RewriteError
 from rewrite.export import export_onnx
-from rewrite.files import atomic_path, check_directory
+from rewrite.atomic import atomic_path, check_directory
 from rewrite.labels import AGGREGATIONS
 from rewrite.pipeline import apply
+from rewrite import labels
 from rewrite.recipes import pet
 from rewrite.train import check_config
 
@@ -79,7 +80,7 @@ def pet_command(model_dir: str, pvp_file: str, train_file: str | None, unlabeled
                 label_field: str, columns: tuple[str, ...] | None, unlabeled_limit: int | None, **options) -> None:
     """Pattern-Exploiting Training: PVP models on the labeled rows, soft labels on the unlabeled rows,
     a distilled classifier exported to ONNX (folded, verified). Logs per-PVP and final accuracy."""
-    pvps = pet.load_pvps(pvp_file)
+    pvps = labels.load_pvps(pvp_file)
     fields = Fields(text=text_field, pair=pair_field, label=label_field, columns=columns)
     config = _config(options)
     for training in (config.pattern_training, config.final_training):
@@ -89,7 +90,7 @@ def pet_command(model_dir: str, pvp_file: str, train_file: str | None, unlabeled
         if not eval_file:
             raise RewriteError("--zero-shot evaluates on --eval; give an evaluation file")
         base = pet.capture_masked_lm(model_dir)
-        pet.check_label_words(pvps, base.info.tokenizer)
+        labels.check_label_words(pvps, base.info.tokenizer)
         results = pet.zero_shot(base, pvps, pet.read_data(eval_file, pvps, fields, labeled=True), config)
         for name, value in results["patterns"].items():
             out.print(f"zero-shot {name}: accuracy {value:.4f}")
