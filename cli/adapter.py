@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import click
 
-from rewrite.cli.common import cli, console
+from rewrite.cli.common import console
 
 
-@cli.group()
+@click.group()
 def adapter() -> None:
     """Adapter files for models exported with --adapter-slots or --mixed-adapters."""
 

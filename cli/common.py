@@ -1,30 +1,16 @@
-"""What every command shares: the command group, reading a graph from an archive or model directory,
-writing it, logging."""
+"""What every command shares: reading a graph from an archive or model directory, writing it, options."""
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import click
-from rich.console import Console
-from rich.logging import RichHandler
+import torch
 
 import rewrite
 from rewrite.capture import CAPTURE_TASKS
 from rewrite.errors import RewriteError
-
-console = Console(stderr=True)
-out = Console()
-
-
-def configure_logging(verbose: int) -> None:
-    level = logging.DEBUG if verbose > 1 else logging.INFO if verbose == 1 else logging.WARNING
-    handler = RichHandler(console=console, show_time=False, show_path=False)
-    logging.basicConfig(level=logging.WARNING, handlers=[handler], format="%(message)s", force=True)
-    logging.getLogger("rewrite").setLevel(min(level, logging.INFO))
-    for noisy in ("torch.onnx", "onnxscript", "onnx_ir"):  # exporter chatter; our own log says what matters
-        logging.getLogger(noisy).setLevel(max(level, logging.ERROR))
-
+from rewrite.atomic import check_output
+from rewrite.cli.console import console, out  # noqa: F401  (what commands print with)
 
 def read_graph(source: str, task: str = "auto") -> rewrite.RewriteGraph:
     """A `.pt2` archive, or a Hugging Face model directory captured on the fly."""
@@ -41,18 +27,34 @@ def write_graph(gm: rewrite.RewriteGraph, output: str) -> None:
     console.print(f"wrote {output}")
 
 
-output_option = click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output .pt2 archive.")
+def seed_all(seed: int | None) -> None:
+    """Fresh heads and adapter weights are drawn from torch's RNG: a seed makes them the same every run."""
+    if seed is not None:
+        torch.manual_seed(seed)
+
+
+def _check_output(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is not None:
+        check_output(value, overwrite=ctx.params.get("overwrite", False))
+    return value
+
+
+output_option = click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+                             callback=_check_output, help="Output .pt2 archive.")
+overwrite_option = click.option("--overwrite", is_flag=True, is_eager=True,
+                                help="Replace output files that already exist (refused otherwise).")
+seed_option = click.option("--seed", type=int, default=None,
+                           help="Seed for the random draws (fresh heads, adapter init): same seed, same weights.")
 task_option = click.option(
     "--task", default="auto", show_default=True,
     type=click.Choice(CAPTURE_TASKS), help="Model head to capture (auto reads config.architectures).",
 )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
-def cli(verbose: int) -> None:
-    """Compiler-style graph rewriting for parameter-efficient fine-tuning.
+def _columns(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, ...] | None:
+    return tuple(part.strip() for part in value.split(",")) if value else None
 
-    capture -> apply (lora, ...) -> train -> fold -> export -> run
-    """
-    configure_logging(verbose)
+
+columns_option = click.option(
+    "--columns", default=None, callback=_columns, metavar="NAMES",
+    help="A CSV/TSV without a header row: its columns' names in order, e.g. label,text.")

@@ -1,142 +1,66 @@
-"""`rewrite`: capture, apply passes, fold, export, inspect and run, from the command line; `main` is the
-entry point (the other commands live in `train` and `pet`, the group in `common`)."""
+"""`rewrite`: capture, apply passes, fold, export, inspect and run, from the command line.
+
+Commands are imported when they run, so `rewrite --help` and `--version` start without torch.
+"""
 from __future__ import annotations
 
+import importlib
 import sys
 
 import click
+from rich.markup import escape
 
-import rewrite
-from rewrite.adapter_slots import DEFAULT_MAX_RANK
+from rewrite.cli.console import configure_logging, console
 from rewrite.errors import RewriteError
-from rewrite.params import trainable_parameters_line
-from rewrite.pipeline import Pipeline, available, create, pass_class
 
-from rewrite.cli import adapter as _adapter  # noqa: F401  (registers `rewrite adapter`)
-from rewrite.cli import pet as _pet  # noqa: F401  (registers `rewrite pet`)
-from rewrite.cli import train as _train  # noqa: F401  (registers `rewrite train` and `rewrite demo`)
-from rewrite.cli.common import cli, console, out, output_option, read_graph, task_option, write_graph
-from rewrite.cli.pass_options import add_pass_options, options_for, unused_options
-
-
-@cli.command()
-@click.argument("model_dir", type=click.Path())
-@output_option
-@task_option
-@click.option("--meta", is_flag=True, help="Capture from the config alone on the meta device (no weights read).")
-@click.option("--num-labels", type=int, default=None, help="Classes for --task seq-cls.")
-def capture(model_dir: str, output: str, task: str, meta: bool, num_labels: int | None) -> None:
-    """Capture a local Hugging Face model directory as a graph archive (.pt2)."""
-    gm = rewrite.load_pretrained(model_dir, task=task, meta=meta, num_labels=num_labels)
-    console.print(f"captured {len(gm.graph.nodes)} nodes ({gm.info['task']})")
-    write_graph(gm, output)
+# name -> (module, function, one-line help shown by `rewrite --help` without importing the command)
+COMMANDS = {
+    "capture": ("rewrite.cli.commands", "capture", "Capture a local Hugging Face model directory as a graph archive."),
+    "apply": ("rewrite.cli.commands", "apply", "Run passes on a graph archive or a model directory."),
+    "fold": ("rewrite.cli.commands", "fold", "Merge LoRA branches and prompt encoders into constants."),
+    "export": ("rewrite.cli.commands", "export", "Export a graph archive to ONNX."),
+    "inspect": ("rewrite.cli.commands", "inspect", "Show how a graph archive was made and what train would train."),
+    "run": ("rewrite.cli.commands", "run", "Run an exported model in ONNX Runtime on text."),
+    "train": ("rewrite.cli.train", "train", "Train a graph's adapter on a data file."),
+    "demo": ("rewrite.cli.train", "demo", "MiniLM + LoRA on shipped SST-2 data, end to end to ONNX."),
+    "pet": ("rewrite.cli.pet", "pet_command", "Pattern-Exploiting Training: PVP models, distillation, ONNX."),
+    "adapter": ("rewrite.cli.adapter", "adapter", "Adapter files for models exported with adapter slots."),
+}
 
 
-@cli.command()
-@click.argument("source", type=click.Path())
-@output_option
-@task_option
-@click.option("--pass", "pass_names", multiple=True, metavar="NAME", help=f"Pass to run, repeatable: {', '.join(available())}.")
-@click.option("--pipeline", "pipeline_file", type=click.Path(dir_okay=False), help="YAML or JSON pipeline file.")
-@add_pass_options
-def apply(source: str, output: str, task: str, pass_names: tuple[str, ...], pipeline_file: str | None, **given) -> None:
-    """Run passes on a graph archive or a model directory.
+class LazyGroup(click.Group):
+    """Imports a command's module only when that command is asked for."""
 
-    Pass options are flags (`--rank 8 --alpha 16 --roles q,v`); each goes to every selected pass
-    that has it. Lists are comma-separated, dicts JSON; `--targets re:PATTERN` gives a regex.
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        module, function, _ = COMMANDS[name]
+        importlib.import_module("rewrite.passes")  # every command may meet a graph or model made by any pass
+        return getattr(importlib.import_module(module), function)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, text) for name, (_, _, text) in COMMANDS.items()])
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="rewrite", message="rewrite %(version)s")
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+def cli(verbose: int) -> None:
+    """Compiler-style graph rewriting for parameter-efficient fine-tuning.
+
+    capture -> apply (lora, ...) -> train -> fold -> export -> run
     """
-    if bool(pass_names) == bool(pipeline_file):
-        raise RewriteError("give either --pass NAME (repeatable) or --pipeline FILE, not both and not neither")
-    if pipeline_file:
-        extra = unused_options([], given)
-        if extra:
-            raise RewriteError(f"options {', '.join(extra)} cannot be combined with --pipeline; put them in the file")
-        pipeline = Pipeline.from_file(pipeline_file)
-    else:
-        for name in pass_names:
-            pass_class(name)
-        extra = unused_options(list(pass_names), given)
-        if extra:
-            raise RewriteError(
-                f"option {', '.join('--' + e.replace('_', '-') for e in extra)} is not accepted by pass "
-                f"{', '.join(pass_names)}"
-            )
-        pipeline = Pipeline([create(name, **options_for(name, given)) for name in pass_names])
-    gm = read_graph(source, task)
-    pipeline.run(gm)
-    for entry in gm.info.history[-len(pipeline.passes):]:
-        console.print(f"{entry['pass']}: {entry['report'].get('summary', 'done')}", markup=False)
-    console.print(trainable_parameters_line(gm))
-    write_graph(gm, output)
+    configure_logging(verbose)
 
 
-@cli.command()
-@click.argument("source", type=click.Path())
-@output_option
-def fold(source: str, output: str) -> None:
-    """Merge LoRA branches into their base weights and prompt encoders into constant tables."""
-    gm = read_graph(source)
-    rewrite.apply(gm, "fold")
-    console.print(gm.info.history[-1]["report"]["summary"], markup=False)
-    write_graph(gm, output)
-
-
-@cli.command()
-@click.argument("source", type=click.Path())
-@click.option("--onnx", "onnx_path", required=True, type=click.Path(dir_okay=False), help="Output .onnx file.")
-@click.option("--verify/--no-verify", default=True, show_default=True, help="Check ONNX Runtime against torch.")
-@click.option("--opset", type=int, default=None, help="ONNX opset (default: the exporter's).")
-@click.option("--adapter-slots", is_flag=True, help="Keep the adapter as named inputs that adapter files fill (default: none).")
-@click.option("--mixed-adapters", is_flag=True, help="Slots stacked per row: an adapter_index input picks each row's adapter.")
-@click.option("--max-rank", type=int, default=DEFAULT_MAX_RANK, show_default=True, help="Largest LoRA rank the slots accept.")
-def export(source: str, onnx_path: str, verify: bool, opset: int | None, adapter_slots: bool, mixed_adapters: bool,
-           max_rank: int) -> None:
-    """Export a graph archive (fold it first for zero-overhead deployment) to ONNX."""
-    gm = read_graph(source)
-    report = rewrite.export_onnx(gm, onnx_path, verify=verify, opset=opset, adapter_slots=adapter_slots,
-                                 mixed_adapters=mixed_adapters, max_rank=max_rank)
-    console.print(f"wrote {report.path}: inputs {', '.join(report.input_names)} -> {', '.join(report.output_names)}")
-    if report.max_abs_diff is not None:
-        console.print(f"ONNX Runtime ({report.provider}) vs torch: max abs diff {report.max_abs_diff:.3g}")
-
-
-@cli.command()
-@click.argument("source", type=click.Path())
-def inspect(source: str) -> None:
-    """Show how a graph archive was made: passes, matched targets, trainable parameters."""
-    gm = read_graph(source)
-    graph_info = gm.info
-    out.print(f"source: {graph_info.source or '-'}  task: {graph_info.task or '-'}  nodes: {len(gm.graph.nodes)}")
-    if not graph_info.history:
-        out.print("passes: none (base capture)")
-    for index, entry in enumerate(graph_info.history, 1):
-        options = ", ".join(f"{k}={v}" for k, v in entry["options"].items() if v not in (None, {}, []))
-        out.print(f"{index}. {entry['pass']}({options}): {entry['report'].get('summary', '')}", markup=False)
-        for target in entry["report"].get("targets", []):
-            out.print(f"     {target}", markup=False)
-    out.print(trainable_parameters_line(gm))
-
-
-@cli.command()
-@click.argument("model", type=click.Path(exists=True, dir_okay=False))
-@click.option("--text", "texts", multiple=True, required=True, help="Input text, repeatable.")
-@click.option("--tokenizer", "tokenizer_dir", type=click.Path(file_okay=False), help="Tokenizer directory (default: the model's).")
-@click.option("--top-k", default=5, show_default=True, help="Predictions to print.")
-@click.option("--adapter", "adapter_file", type=click.Path(dir_okay=False), help="An .onnx_adapter file to activate.")
-@click.option("--adapters", "adapter_files", default=None, help="Comma-separated .onnx_adapter files, one per index (mixed model).")
-@click.option("--adapter-index", default=None, help="Comma-separated adapter index per --text (default 0, 1, ... cycling).")
-def run(model: str, texts: tuple[str, ...], tokenizer_dir: str | None, top_k: int, adapter_file: str | None,
-        adapter_files: str | None, adapter_index: str | None) -> None:
-    """Tokenize text, run an exported model in ONNX Runtime and print the top predictions."""
-    from rewrite.onnx_adapters import Adapters
-    from rewrite.predict import predict
-
-    adapters = Adapters.parse(adapter_file, adapter_files, adapter_index, len(texts))
-    results = predict(model, list(texts), tokenizer_dir=tokenizer_dir, top_k=top_k, adapters=adapters)
-    for text, predictions in zip(texts, results):
-        out.print(f"[bold]{text}[/bold]")
-        for label, score in predictions:
-            out.print(f"  {score:9.4f}  {label}")
+def _fail(message: str) -> None:
+    """One line on stderr, whatever the message holds."""
+    console.print(f"[red]error:[/red] {escape(' '.join(message.split()))}", highlight=False, soft_wrap=True)
+    sys.exit(2)
 
 
 def main() -> None:
@@ -144,10 +68,11 @@ def main() -> None:
     try:
         cli.main(standalone_mode=False)
     except RewriteError as error:
-        console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+        _fail(str(error))
+    except OSError as error:  # the file system refused: a path the user gave cannot be read or written
+        _fail(f"{error.filename or 'a file'!s}: {error.strerror or error}")
     except click.ClickException as error:
-        error.show()
-        sys.exit(2)
+        hint = f" (see {error.ctx.command_path} --help)" if getattr(error, "ctx", None) else ""
+        _fail(error.format_message() + hint)
     except click.exceptions.Abort:
         sys.exit(1)

@@ -13,6 +13,7 @@ import typing
 
 import click
 
+import rewrite.passes  # noqa: F401  (registers the built-in passes, whose options become flags)
 from rewrite.errors import RewriteError
 from rewrite.options import choices
 from rewrite.pipeline import available, pass_class

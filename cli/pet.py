@@ -7,15 +7,16 @@ from pathlib import Path
 
 import click
 
+from rewrite.cli.common import columns_option, console, out
+from rewrite.data import CLASSIFICATION, Fields
+from rewrite.errors import RewriteError
 from rewrite.export import export_onnx
+from rewrite.atomic import atomic_path, check_directory
+from rewrite.labels import AGGREGATIONS
 from rewrite.pipeline import apply
 from rewrite import labels
 from rewrite.recipes import pet
-from rewrite.cli.common import cli, console, out
-from rewrite.data import Fields
-from rewrite.errors import RewriteError
-from rewrite.atomic import atomic_path
-from rewrite.labels import AGGREGATIONS
+from rewrite.train import check_config
 
 
 def _write_results(output_dir: Path, results: dict) -> Path:
@@ -40,7 +41,7 @@ def _config(options: dict) -> pet.PetConfig:
     )
 
 
-@cli.command(name="pet")
+@click.command(name="pet")
 @click.option("--model", "model_dir", required=True, type=click.Path(file_okay=False),
               help="Hugging Face masked-LM directory.")
 @click.option("--pvp", "pvp_file", required=True, type=click.Path(dir_okay=False),
@@ -55,6 +56,7 @@ def _config(options: dict) -> pet.PetConfig:
 @click.option("--text-field", default="text", show_default=True, help="Column of {text_a}.")
 @click.option("--pair-field", default=None, help="Column of {text_b}.")
 @click.option("--label-field", default="label", show_default=True)
+@columns_option
 @click.option("--unlabeled-limit", type=int, default=None, help="Use only the first N unlabeled rows.")
 @click.option("--epochs", type=int, default=20, show_default=True, help="Epochs of each PVP model.")
 @click.option("--lr", type=float, default=1e-3, show_default=True, help="Learning rate of each PVP model.")
@@ -75,13 +77,15 @@ def _config(options: dict) -> pet.PetConfig:
 @click.option("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when available).")
 def pet_command(model_dir: str, pvp_file: str, train_file: str | None, unlabeled_file: str | None,
                 eval_file: str | None, output_dir: str, zero_shot: bool, text_field: str, pair_field: str | None,
-                label_field: str, unlabeled_limit: int | None, **options) -> None:
+                label_field: str, columns: tuple[str, ...] | None, unlabeled_limit: int | None, **options) -> None:
     """Pattern-Exploiting Training: PVP models on the labeled rows, soft labels on the unlabeled rows,
     a distilled classifier exported to ONNX (folded, verified). Logs per-PVP and final accuracy."""
     pvps = labels.load_pvps(pvp_file)
-    fields = Fields(text=text_field, pair=pair_field, label=label_field)
+    fields = Fields(text=text_field, pair=pair_field, label=label_field, columns=columns)
     config = _config(options)
-    output = Path(output_dir)
+    for training in (config.pattern_training, config.final_training):
+        check_config(training, CLASSIFICATION)
+    output = check_directory(output_dir, "output directory")
     if zero_shot:
         if not eval_file:
             raise RewriteError("--zero-shot evaluates on --eval; give an evaluation file")

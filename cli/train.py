@@ -7,12 +7,12 @@ from pathlib import Path
 import click
 
 import rewrite
-from rewrite.cli.common import cli, console, out, read_graph
+from rewrite.cli.common import columns_option, console, out, read_graph
 from rewrite.data import Fields
 from rewrite.train import SCHEDULES, TRAINING_TASKS, TrainConfig
 
 
-@cli.command()
+@click.command()
 @click.argument("source", type=click.Path())
 @click.option("--data", "train_file", required=True, type=click.Path(dir_okay=False), help="Training rows: .jsonl, .csv or .tsv.")
 @click.option("--eval", "eval_file", type=click.Path(dir_okay=False), help="Evaluation rows, same format.")
@@ -45,11 +45,13 @@ from rewrite.train import SCHEDULES, TRAINING_TASKS, TrainConfig
 @click.option("--text-field", default="text", show_default=True)
 @click.option("--pair-field", default=None, help="Second text of a pair (classification).")
 @click.option("--label-field", default="label", show_default=True)
+@columns_option
 @click.option("--labels", "label_names", default=None, help="Comma-separated label names in class order (default: the model's).")
 @click.option("--resume", is_flag=True, help="Continue from the newest complete checkpoint in --output-dir.")
 def train(source: str, train_file: str, eval_file: str | None, output_dir: str, task: str | None,
-          text_field: str, pair_field: str | None, label_field: str, label_names: str | None,
-          compile_: bool, max_grad_norm: float, speed_passes: str | None, **options) -> None:
+          text_field: str, pair_field: str | None, label_field: str, columns: tuple[str, ...] | None,
+          label_names: str | None, compile_: bool, max_grad_norm: float, speed_passes: str | None,
+          **options) -> None:
     """Train a graph's adapter (.pt2 or model directory) on a data file.
 
     Under `torchrun --nproc_per_node N --no-python rewrite train ...` each process trains on its share.
@@ -58,12 +60,16 @@ def train(source: str, train_file: str, eval_file: str | None, output_dir: str, 
     config = TrainConfig(
         output_dir=output_dir, task=task, compile=compile_, max_grad_norm=max_grad_norm or None,
         speed_passes=_names(speed_passes),
-        fields=Fields(text=text_field, pair=pair_field, label=label_field),
+        fields=Fields(text=text_field, pair=pair_field, label=label_field, columns=columns),
         label_names=[n.strip() for n in label_names.split(",")] if label_names else None,
         **options,
     )
     result = rewrite.train(gm, train_file, eval_data=eval_file, config=config)
-    summary = [f"trained {result.steps} steps"]
+    if result.resumed_from is not None:
+        summary = [f"resumed at step {result.resumed_from}; trained {result.steps - result.resumed_from} steps "
+                   f"to step {result.steps}"]
+    else:
+        summary = [f"trained {result.steps} steps"]
     if result.train_loss is not None:
         summary.append(f"last loss {result.train_loss:.4f}")
     if result.eval:
@@ -80,11 +86,12 @@ def _names(value: str | None) -> list[str] | None:
     return [] if names == ["none"] else names
 
 
-@cli.command()
+@click.command()
 @click.option("--output-dir", default="rewrite-demo", show_default=True, type=click.Path(file_okay=False),
               help="Where the checkpoints, trained graph, adapter and model.onnx go.")
-def demo(output_dir: str) -> None:
+@click.option("--overwrite", is_flag=True, help="Replace a previous demo in --output-dir.")
+def demo(output_dir: str, overwrite: bool) -> None:
     """MiniLM + LoRA on shipped SST-2 data: train, fold, export to ONNX, check ONNX Runtime's accuracy."""
     from rewrite.recipes.demo import run_demo
 
-    run_demo(output_dir, console=console)
+    run_demo(output_dir, console=console, overwrite=overwrite)

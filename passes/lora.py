@@ -35,6 +35,16 @@ DEFAULT_ROLES = ("q", "v")
 Role = Literal["q", "k", "v", "o", "mlp"]  # rewrite.graph.ROLES
 
 
+def _check_regex(spec) -> None:
+    """A target given as a string is a regex (PEFT's rule): it must compile."""
+    if isinstance(spec, str) and spec != "all-linear":
+        try:
+            re.compile(spec)
+        except re.error as error:
+            raise RewriteError(f"LoRA target pattern {spec!r} is not a valid regular expression ({error}); "
+                               "write a Python regex, or a comma-separated list of module names") from None
+
+
 def _pattern_value(path: str, pattern: dict, default):
     """PEFT's rank_pattern/alpha_pattern lookup: the first key that matches the end of the path."""
     for key, value in pattern.items():
@@ -77,14 +87,20 @@ class LoraPass(Pass):
             self.targets = "all-linear"
         if isinstance(self.layers, int):
             self.layers = [self.layers]
+        for name in ("rank_pattern", "alpha_pattern"):
+            if not isinstance(getattr(self, name), dict):
+                raise RewriteError(f"LoRA {name} {getattr(self, name)!r} is not a mapping; write JSON like "
+                                   '{"query": 16}')
         for rank in [self.rank, *self.rank_pattern.values()]:
             if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
                 raise RewriteError(f"LoRA rank {rank!r} is not allowed; use a whole number of at least 1")
         for alpha in [self.alpha, *self.alpha_pattern.values()]:
-            if not isinstance(alpha, (int, float)) or alpha <= 0:
-                raise RewriteError(f"LoRA alpha {alpha!r} is not allowed; use a number greater than 0")
-        if not 0.0 <= self.dropout < 1.0:
+            if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+                raise RewriteError(f"LoRA alpha {alpha!r} is not allowed; use a finite number greater than 0")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise RewriteError(f"LoRA dropout {self.dropout!r} is not allowed; use a probability in [0, 1)")
+        for spec in (self.targets, self.exclude, *self.rank_pattern, *self.alpha_pattern):
+            _check_regex(spec)
 
     def select(self, query: GraphQuery) -> list[Projection]:
         """The projections this pass adapts (every call site of each matched module)."""
@@ -193,8 +209,13 @@ class LoraPass(Pass):
         """One PEFT LoraConfig that reproduces every LoRA run, exactly per target, and the trainable tensors."""
         if len({r.rslora for r in runs}) > 1 or len({r.dropout for r in runs}) > 1:
             raise RewriteError("LoRA passes with different rslora or dropout settings cannot share one PEFT adapter file")
-        ranks = {path: rank for r in runs for path, rank in r.report["ranks"].items()}
-        alphas = {path: alpha for r in runs for path, alpha in r.report["alphas"].items()}
+        present = set(info(gm).trainable)  # a folded branch is gone: its target is no longer in the adapter
+        ranks = {path: rank for r in runs for path, rank in r.report["ranks"].items()
+                 if f"{path}.lora_A.weight" in present}
+        alphas = {path: alpha for r in runs for path, alpha in r.report["alphas"].items() if path in ranks}
+        if not ranks:
+            raise RewriteError("the graph's LoRA branches were folded into its weights, so it has no LoRA adapter "
+                               "to save; save the graph with rewrite.save instead")
         rank, alpha = next(iter(ranks.values())), next(iter(alphas.values()))
         first = runs[0]
         config = {

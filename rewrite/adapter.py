@@ -21,6 +21,7 @@ from rewrite.errors import RewriteError
 from rewrite.atomic import atomic_dir_files
 from rewrite.ir import info, tensor_at
 from rewrite.pipeline import AdapterFiles, Pass, applied, registered
+from rewrite.transaction import all_or_nothing
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -76,9 +77,12 @@ def _read_adapter(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tens
             raise RewriteError(f"adapter directory {str(directory)!r} has no {file.name}; a PEFT adapter holds "
                                f"{CONFIG_NAME} and {WEIGHTS_NAME}")
     try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as error:
-        raise RewriteError(f"{str(config_file)!r} is not valid JSON: {error}") from error
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise RewriteError(f"{str(config_file)!r} is not valid UTF-8 JSON: {error}") from error
+    if not isinstance(config, dict):
+        raise RewriteError(f"{str(config_file)!r} holds a JSON {type(config).__name__}, not an object; "
+                           "an adapter config is a JSON object like PEFT's")
     try:
         weights = safetensors.torch.load_file(weights_file)
     except (safetensors.SafetensorError, OSError) as error:
@@ -86,6 +90,10 @@ def _read_adapter(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tens
     if config.get("peft_type") not in _loaders():
         raise RewriteError(f"adapter type {config.get('peft_type')!r} in {str(config_file)!r} is not supported; "
                            f"supported: {', '.join(_loaders())}")
+    for key, tensor in weights.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise RewriteError(f"adapter weight {key} in {str(weights_file)!r} holds NaN or infinite values; "
+                               "the adapter is corrupt")
     return config, weights
 
 
@@ -100,17 +108,19 @@ def copy_weights(gm: fx.GraphModule, directory: Path, names: dict[str, str], wei
     for name in info(gm).trainable:
         if name not in names:
             raise RewriteError(f"adapter {str(directory)!r} has no weight for {name}; it does not fit this graph")
+    targets = {}
     for name, key in names.items():
         try:
-            target = tensor_at(gm, name)
+            targets[key] = tensor_at(gm, name)
         except AttributeError:
             raise RewriteError(f"adapter weight {key} names no tensor in this graph; the adapter was made for another model") from None
-        if tuple(target.shape) != tuple(weights[key].shape):
+        if tuple(targets[key].shape) != tuple(weights[key].shape):
             raise RewriteError(
-                f"adapter weight {key} has shape {tuple(weights[key].shape)} but this graph needs {tuple(target.shape)}; "
-                "the adapter was made for another model"
+                f"adapter weight {key} has shape {tuple(weights[key].shape)} but this graph needs "
+                f"{tuple(targets[key].shape)}; the adapter was made for another model"
             )
-        with torch.no_grad():
+    with torch.no_grad():  # only once every weight fits: a refused adapter changes nothing
+        for key, target in targets.items():
             target.copy_(weights[key])
 
 
@@ -118,6 +128,11 @@ def load_adapter(gm: fx.GraphModule, directory: str | Path) -> fx.GraphModule:
     """Applies a PEFT-saved adapter: the pass for its type runs from its config, then its weights are copied in."""
     directory = Path(directory)
     config, weights = _read_adapter(directory)
-    names = _loaders()[config["peft_type"]].from_adapter(gm, config, weights, str(directory))
-    copy_weights(gm, directory, names, weights)
+    with all_or_nothing(gm):  # a refused adapter leaves no half-made pass behind
+        try:
+            names = _loaders()[config["peft_type"]].from_adapter(gm, config, weights, str(directory))
+        except KeyError as error:
+            raise RewriteError(f"{str(directory / CONFIG_NAME)!r} lacks {error.args[0]}, which a "
+                               f"{config['peft_type']} adapter config needs") from None
+        copy_weights(gm, directory, names, weights)
     return gm

@@ -1,16 +1,14 @@
 """`.pt2` archives of captured graphs: graph, weights, config, tokenizer and pass history in one zip.
 
-The graph part is a pickle (operators and fx nodes are written by reference), so an archive is
-trusted input only: load archives you made or got from someone you trust, as with `torch.load`.
-Adapters travel as safetensors (`rewrite.save_adapter`), which are safe to load from anywhere.
+Everything in an archive is data, so loading one from anyone is as safe as loading a safetensors file:
+the graph is JSON node records whose operators resolve against an allow-list (`rewrite.graphcodec`),
+weights are safetensors, the config is JSON read by its built-in class, and only the tokenizer's data
+files are read (never custom code). Format 1 archives held a pickle and are refused unread.
 """
 from __future__ import annotations
 
-import io
 import json
-import pickle
 import tempfile
-import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -21,60 +19,13 @@ from torch import fx, nn
 
 from rewrite.errors import RewriteError
 from rewrite.atomic import atomic_path
+from rewrite.graphcodec import ATTRIBUTE_PATH, UnsafeGraphError, decode_graph, encode_graph
 from rewrite.ir import GraphInfo, RewriteGraph, add_submodule, info, wrap
 
-FORMAT = 1
-_KEPT_META = ("nn_module_stack", "stack_trace", "rewrite", "rewrite_train_dropout_p")
+FORMAT = 2
+_KEPT_META = ("nn_module_stack", "rewrite", "rewrite_train_dropout_p")
 _INFO_OBJECTS = GraphInfo.OBJECTS
-
-
-class _NodeRef:
-    def __init__(self, name: str):
-        self.name = name
-
-
-def _resolve_op(namespace: str, name: str, overload: str):
-    return getattr(getattr(getattr(torch.ops, namespace), name), overload)
-
-
-class _GraphPickler(pickle.Pickler):
-    """Writes operator overloads by name and fx nodes as references to their names."""
-
-    def reducer_override(self, obj):
-        if isinstance(obj, torch._ops.OpOverload):
-            namespace, name = obj._schema.name.split("::")
-            return _resolve_op, (namespace, name, obj._overloadname)
-        if isinstance(obj, fx.Node):
-            return _NodeRef, (obj.name,)
-        return NotImplemented
-
-
-def _graph_records(graph: fx.Graph) -> bytes:
-    records = [
-        (n.op, n.name, n.target, n.args, n.kwargs, {k: n.meta[k] for k in _KEPT_META if k in n.meta})
-        for n in graph.nodes
-    ]
-    buffer = io.BytesIO()
-    _GraphPickler(buffer).dump({"codegen": graph._codegen, "nodes": records})
-    return buffer.getvalue()
-
-
-def _rebuild_graph(data: bytes) -> fx.Graph:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=FutureWarning)  # pytree's LeafSpec deprecation on unpickle
-        payload = pickle.loads(data)
-    graph = fx.Graph()
-    graph._codegen = payload["codegen"]
-    by_name: dict[str, fx.Node] = {}
-
-    def resolve(value):
-        return fx.node.map_aggregate(value, lambda v: by_name[v.name] if isinstance(v, _NodeRef) else v)
-
-    for op, name, target, args, kwargs, meta in payload["nodes"]:
-        node = graph.create_node(op, target, resolve(args), resolve(kwargs), name=name)
-        node.meta.update(meta)
-        by_name[name] = node
-    return graph
+_TOKENIZER_FILES = (".json", ".txt", ".model")  # vocabularies, merges, sentencepiece protobufs: data only
 
 
 def _tensors(gm: fx.GraphModule) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -97,6 +48,13 @@ def _tensors(gm: fx.GraphModule) -> tuple[dict[str, torch.Tensor], dict[str, Any
     return tensors, manifest
 
 
+def _graph_json(graph: fx.Graph) -> str:
+    try:
+        return json.dumps(encode_graph(graph, _KEPT_META))
+    except UnsafeGraphError as error:
+        raise RewriteError(f"this graph cannot be saved as a .pt2 archive: {error}") from error
+
+
 def save(gm: fx.GraphModule, path: str | Path) -> Path:
     """Writes `gm` with its weights, config, tokenizer and pass history to a `.pt2` archive (atomically)."""
     path = Path(path)
@@ -107,7 +65,7 @@ def save(gm: fx.GraphModule, path: str | Path) -> Path:
     header.update(format=FORMAT, training=gm.training, tensors=manifest, meta_device=on_meta)
     with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w") as archive:
         archive.writestr("rewrite.json", json.dumps(header, indent=2, default=str))
-        archive.writestr("graph.pkl", _graph_records(gm.graph))
+        archive.writestr("graph.json", _graph_json(gm.graph))
         if on_meta:
             shapes = {n: [list(t.shape), str(t.dtype).removeprefix("torch.")] for n, t in tensors.items()}
             archive.writestr("shapes.json", json.dumps(shapes))
@@ -156,43 +114,70 @@ def _build_root(tensors: dict[str, torch.Tensor], manifest: dict) -> nn.Module:
     return root
 
 
-def _read_pretrained(archive: zipfile.ZipFile, key: str):
-    names = [n for n in archive.namelist() if n.startswith(f"{key}/")]
+def _read_config(archive: zipfile.ZipFile, source: str | None):
+    """The config's JSON through its built-in class (`auto_map` and custom classes are never followed)."""
+    from transformers import AutoConfig
+
+    data = json.loads(archive.read("config/config.json"))
+    config = AutoConfig.for_model(data.pop("model_type"), **data)
+    config.name_or_path = source or ""
+    return config
+
+
+def _read_tokenizer(archive: zipfile.ZipFile, source: str | None):
+    names = [n for n in archive.namelist() if n.startswith("tokenizer/") and n.endswith(_TOKENIZER_FILES)]
     if not names:
         return None
-    import transformers
+    from transformers import AutoTokenizer
 
-    with tempfile.TemporaryDirectory() as tmpdir:
+    with tempfile.TemporaryDirectory(prefix=".rewrite-tmp-") as tmpdir:
         for name in names:
-            target = Path(tmpdir) / Path(name).name
-            target.write_bytes(archive.read(name))
-        if key == "config":
-            return transformers.AutoConfig.from_pretrained(tmpdir, local_files_only=True)
-        return transformers.AutoTokenizer.from_pretrained(tmpdir, local_files_only=True)
+            (Path(tmpdir) / Path(name).name).write_bytes(archive.read(name))
+        tokenizer = AutoTokenizer.from_pretrained(tmpdir, local_files_only=True, trust_remote_code=False)
+    if source:
+        tokenizer.name_or_path = source  # not the temporary directory it was read from
+    return tokenizer
+
+
+def _check_names(manifest: dict) -> None:
+    names = [*manifest["parameters"], *manifest["buffers"], *manifest["aliases"], *manifest["aliases"].values()]
+    bad = [n for n in names if not (isinstance(n, str) and ATTRIBUTE_PATH.fullmatch(n))]
+    if bad:
+        raise UnsafeGraphError(f"tensor name {bad[0]!r} is not a dotted attribute path")
+
+
+def _read(archive: zipfile.ZipFile) -> RewriteGraph:
+    header = json.loads(archive.read("rewrite.json"))
+    if header.get("format") != FORMAT:
+        raise UnsafeGraphError(
+            f"it has archive format {header.get('format')!r}, not {FORMAT} (format 1 held a pickle, which could run "
+            "code, so it is not read)")
+    graph = decode_graph(json.loads(archive.read("graph.json")))
+    manifest = header.pop("tensors")
+    _check_names(manifest)
+    root = _build_root(_read_tensors(archive, header), manifest)
+    training = bool(header.pop("training"))
+    header.pop("format")
+    if "config/config.json" in archive.namelist():
+        header["config"] = _read_config(archive, header.get("source"))
+    header["tokenizer"] = _read_tokenizer(archive, header.get("source"))
+    return wrap(root, graph, header, training)
 
 
 def load(path: str | Path) -> RewriteGraph:
-    """Reads a `.pt2` archive written by `save`. Trusted input only (the graph part is a pickle)."""
+    """Reads a `.pt2` archive written by `save`; nothing in the file is executed, whoever made it."""
     path = Path(path)
     if not path.is_file():
         raise RewriteError(f"graph archive {str(path)!r} does not exist; create one with `rewrite capture`")
     try:
         with zipfile.ZipFile(path) as archive:
-            header = json.loads(archive.read("rewrite.json"))
-            graph = _rebuild_graph(archive.read("graph.pkl"))
-            tensors = _read_tensors(archive, header)
-            objects = {key: _read_pretrained(archive, key) for key in _INFO_OBJECTS}
-    except (zipfile.BadZipFile, KeyError, EOFError, pickle.UnpicklingError, json.JSONDecodeError,
-            safetensors.SafetensorError, OSError, AttributeError, ValueError) as error:
+            return _read(archive)
+    except RewriteError:
+        raise
+    except (zipfile.BadZipFile, UnsafeGraphError, KeyError, IndexError, EOFError, json.JSONDecodeError,
+            UnicodeDecodeError, safetensors.SafetensorError, OSError, AttributeError, TypeError, ValueError,
+            RuntimeError) as error:
         raise RewriteError(
             f"{str(path)!r} is not a readable rewrite graph archive ({type(error).__name__}: {error}); "
-            "it may be truncated or corrupt: re-create it with `rewrite capture`"
+            "it may be truncated, corrupt or from an older version: re-create it with `rewrite capture`"
         ) from error
-    root = _build_root(tensors, header.pop("tensors"))
-    training = header.pop("training")
-    header.pop("format")
-    for obj in objects.values():
-        if obj is not None and header.get("source"):
-            obj.name_or_path = header["source"]  # not the temporary directory it was read from
-    header.update(objects)
-    return wrap(root, graph, header, training)

@@ -1,7 +1,9 @@
 """Capture: any `nn.Module` or a local Hugging Face directory -> RewriteGraph, through `torch.export`."""
 from __future__ import annotations
 
+import contextlib
 import glob
+import json
 import logging
 import sys
 from pathlib import Path
@@ -118,6 +120,20 @@ def _auto_class(task: str):
     }[task]
 
 
+def _refuse_custom_code(path: Path) -> None:
+    """A config with `auto_map` names Python files in the directory: we never import them."""
+    for name in ("config.json", "tokenizer_config.json"):
+        file = path / name
+        try:
+            data = json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise RewriteError(f"{str(file)!r} is not readable JSON ({error})") from error
+        if isinstance(data, dict) and data.get("auto_map"):
+            raise RewriteError(
+                f"model directory {str(path)!r} needs custom code ({name} has auto_map), which rewrite does not run; "
+                "use a model whose architecture transformers ships, or remove auto_map if it is one")
+
+
 def _load_config(path: Path, num_labels: int | None):
     from transformers import AutoConfig
 
@@ -128,11 +144,14 @@ def _load_config(path: Path, num_labels: int | None):
             f"model directory {str(path)!r} has no config.json; a Hugging Face model directory needs "
             "config.json, weights (*.safetensors) and tokenizer files"
         )
+    _refuse_custom_code(path)
     try:
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as error:
+        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as error:
         raise RewriteError(f"config.json in {str(path)!r} could not be read: {error}") from error
     if num_labels is not None:
+        if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 2:
+            raise RewriteError(f"num_labels {num_labels!r} is not allowed; a classifier needs at least 2 classes")
         config.num_labels = num_labels
     return config
 
@@ -141,10 +160,15 @@ def _load_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+        return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError, TypeError) as error:
         log.warning("no tokenizer in %s (%s); text commands will not work with this graph", path, error)
         return None
+
+
+def _fresh_modules(loading: dict[str, Any]) -> list[str]:
+    """Modules whose weights the checkpoint lacked (a new classifier head): random until trained."""
+    return sorted({key.rpartition(".")[0] for key in loading.get("missing_keys", [])})
 
 
 def load_pretrained(
@@ -170,13 +194,15 @@ def load_pretrained(
             model = auto_class.from_config(config)
     else:
         try:
-            model = auto_class.from_pretrained(path, config=config, local_files_only=True)
-        except OSError as error:
+            model, loading = auto_class.from_pretrained(path, config=config, local_files_only=True,
+                                                        trust_remote_code=False, output_loading_info=True)
+        except (OSError, ValueError, RuntimeError, safetensors.SafetensorError) as error:
             raise RewriteError(f"weights in {str(path)!r} could not be loaded: {error}") from error
     model.eval()
     input_names = list(tokenizer.model_input_names) if tokenizer is not None else list(DEFAULT_INPUT_NAMES)
     inputs = example_inputs(input_names, config.vocab_size, device="meta" if meta else "cpu")
-    info = {"source": str(path), "task": task, "config": config, "tokenizer": tokenizer, "meta_device": meta}
+    info = {"source": str(path), "task": task, "config": config, "tokenizer": tokenizer, "meta_device": meta,
+            "untrained": [] if meta else _fresh_modules(loading)}
     return capture(model, inputs, info=info)
 
 

@@ -15,7 +15,7 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,15 +60,18 @@ def sweep(root: Path) -> None:
                 shutil.rmtree(path, ignore_errors=True)
 
 
-def write(root: Path, step: int, weights: dict[str, torch.Tensor], state: dict[str, Any], keep: int) -> Path:
-    """Writes checkpoint `step` atomically and keeps only the newest `keep` checkpoints."""
+def write(root: Path, step: int, weights: dict[str, torch.Tensor], state: dict[str, Any], keep: int,
+          settings: dict[str, Any] | None = None) -> Path:
+    """Writes checkpoint `step` atomically and keeps only the newest `keep` checkpoints; `settings` are the
+    hyperparameters a resumed run must share."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
     try:
         safetensors.torch.save_file(weights, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
         torch.save(state, tmp / STATE_NAME)
-        (tmp / INFO_NAME).write_text(json.dumps({"step": step, "world_size": state["world_size"]}))
+        (tmp / INFO_NAME).write_text(json.dumps({"step": step, "world_size": state["world_size"],
+                                                 "settings": settings or {}}))
         if final.exists():
             _discard(final)
         os.replace(tmp, final)
@@ -77,6 +80,15 @@ def write(root: Path, step: int, weights: dict[str, torch.Tensor], state: dict[s
     for _, old in completed(root)[:-keep]:
         _discard(old)
     return final
+
+
+def settings(directory: Path) -> dict[str, Any]:
+    """The hyperparameters the run that wrote checkpoint `directory` used (empty for older checkpoints)."""
+    try:
+        return json.loads((directory / INFO_NAME).read_text(encoding="utf-8")).get("settings") or {}
+    except (OSError, ValueError, AttributeError) as error:
+        raise RewriteError(f"checkpoint {str(directory)!r} has no readable {INFO_NAME} ({error}); delete it to resume "
+                           "from the one before") from error
 
 
 def read(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -138,6 +150,7 @@ class RunCheckpoints:
     out: Path
     ctx: distributed.Context
     keep: int
+    settings: dict[str, Any] = field(default_factory=dict)  # hyperparameters a resumed run must share
 
     @property
     def root(self) -> Path:
@@ -153,10 +166,11 @@ class RunCheckpoints:
         state = {"step": step, "world_size": self.ctx.world, "optimizer": optimizer_state,
                  "scheduler": scheduler.state_dict(), "rng": states}
         weights = {PREFIX + name: weights[name].contiguous() for name in info(gm).trainable}
-        write(self.root, step, weights, state, self.keep)
+        write(self.root, step, weights, state, self.keep, self.settings)
 
     def start_fresh(self) -> None:
         """A new run must not mix with an old one's checkpoints (a later resume would pick them up)."""
+        sweep(self.root)
         if completed(self.root):
             raise RewriteError(f"output directory {str(self.out)!r} already holds a run's checkpoints; continue it "
                                "with resume (--resume), or train into an empty directory")
@@ -176,6 +190,7 @@ class RunCheckpoints:
                 cut_log(self.out / METRICS_NAME, 0)
             return None
         step, directory = found[-1]
+        _check_same_settings(settings(directory), self.settings, directory)
         weights, state = read(directory)
         distributed.load_trainable(gm, _trainable_weights(gm, weights, directory))
         distributed.load_optimizer(gm, optimizer, state["optimizer"])
@@ -188,6 +203,14 @@ class RunCheckpoints:
         if self.ctx.main:
             cut_log(self.out / METRICS_NAME, step)
         return step
+
+
+def _check_same_settings(saved: dict[str, Any], current: dict[str, Any], directory: Path) -> None:
+    changed = [f"{name} {saved[name]!r} -> {current[name]!r}" for name in current
+               if name in saved and saved[name] != current[name]]
+    if changed:
+        raise RewriteError(f"--resume with other hyperparameters than checkpoint {str(directory)!r} was written with "
+                           f"({'; '.join(changed)}); resume with the same ones, or train into a new --output-dir")
 
 
 def _rng_state() -> dict[str, Any]:

@@ -17,6 +17,7 @@ import csv
 import json
 import logging
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -42,6 +43,7 @@ class Fields:
     text: str = "text"
     pair: str | None = None
     label: str = "label"
+    columns: tuple[str, ...] | None = None  # a CSV/TSV without a header: its columns' names, in order
 
 
 @dataclass(frozen=True)
@@ -75,10 +77,14 @@ class TokenizedExamples:
         return [len(f["input_ids"]) for f in self.features]
 
 
-def _rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
-    """(line number, row) pairs; a row that cannot be parsed comes back as the reason, a string."""
+def _rows(path: Path, columns: Sequence[str] | None = None) -> Iterator[tuple[int, dict[str, Any] | str]]:
+    """(line number, row) pairs; a row that cannot be parsed comes back as the reason, a string.
+
+    A UTF-8 byte-order mark is dropped; CSV/TSV fields may be as long as the file; `columns` names the
+    columns of a file without a header row."""
     suffix = path.suffix.lower()
-    with path.open(encoding="utf-8", newline="") as handle:
+    csv.field_size_limit(max(csv.field_size_limit(), min(path.stat().st_size + 1, sys.maxsize)))
+    with path.open(encoding="utf-8-sig", newline="") as handle:
         if suffix == ".jsonl":
             for number, line in enumerate(handle, 1):
                 if not line.strip():
@@ -92,7 +98,7 @@ def _rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
             return
         quoting = csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL
         reader = csv.reader(handle, delimiter=_DELIMITERS[suffix], quoting=quoting)
-        header = next(reader, None)
+        header = list(columns) if columns else next(reader, None)
         if header is None:
             return
         for row in reader:
@@ -176,22 +182,31 @@ def read_examples(
             raise RewriteError(f"data file {str(path)!r} has an unknown format; use .jsonl, .csv or .tsv")
         if not path.is_file():
             raise RewriteError(f"data file {str(path)!r} does not exist")
-        rows = ((f"{path}:{number}", row) for number, row in _rows(path))
+        rows = ((f"{path}:{number}", row) for number, row in _rows(path, fields.columns))
         name = str(path)
     else:
         rows = ((f"row {number}", row) for number, row in enumerate(source, 1))
         name = "the training rows"
-    examples, errors = [], []
-    for where, row in rows:
-        try:
-            if isinstance(row, str):
-                raise ValueError(row)
-            examples.append(_example(row, where, task, fields, names=label_names))
-        except ValueError as error:
-            errors.append(f"{where}: {error}")
+    examples, errors, found = [], [], None
+    try:
+        for where, row in rows:
+            try:
+                if isinstance(row, str):
+                    raise ValueError(row)
+                found = found or list(row)
+                examples.append(_example(row, where, task, fields, names=label_names))
+            except ValueError as error:
+                errors.append(f"{where}: {error}")
+    except UnicodeDecodeError as error:
+        raise RewriteError(f"{name} is not UTF-8 text (byte {error.object[error.start]:#x} at offset {error.start}); "
+                           "save it as UTF-8") from None
     if errors:
         shown = "; ".join(errors[:_SHOWN_ERRORS]) + ("; ..." if len(errors) > _SHOWN_ERRORS else "")
-        raise RewriteError(f"{len(errors)} bad row(s) in {name} ({shown}); {_expected(task, fields, label_names)}")
+        columns = f"; the rows' fields are {', '.join(map(str, found))}" if found else ""
+        headerless = found and not fields.columns and Path(name).suffix.lower() in _DELIMITERS
+        header = " (if the file has no header row, name its columns with --columns)" if headerless else ""
+        raise RewriteError(f"{len(errors)} bad row(s) in {name} ({shown}){columns}{header}; "
+                           f"{_expected(task, fields, label_names)}")
     if not examples:
         raise RewriteError(f"{name} holds no rows; {_expected(task, fields, label_names)}")
     return examples

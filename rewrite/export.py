@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +25,9 @@ log = logging.getLogger(__name__)
 
 PROTOBUF_LIMIT = 2 * 1024**3
 TASK_KEY, LABELS_KEY, PREPENDED_KEY = "rewrite.task", "rewrite.id2label", "rewrite.prepended_positions"
+POSITIONS_KEY, UNTRAINED_KEY = "rewrite.max_positions", "rewrite.untrained_head"
 TOLERANCE = 1e-4
+MIN_OPSET = 18  # the dynamo exporter's lowest
 
 
 @dataclass
@@ -93,13 +96,20 @@ def _verify(gm: fx.GraphModule, model_path: Path, input_names: list[str], output
     return worst, tolerance, sess.get_providers()[0]
 
 
+def _max_positions(graph_info) -> int | str:
+    """The positions the model reads (so `rewrite run` can cut longer texts), or "" when its config does not say."""
+    config = graph_info.config
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or ""
+
+
 def serving_metadata(gm: fx.GraphModule) -> dict[str, str]:
     """What a caller needs to feed the model and read its outputs (`rewrite run` uses it): the task, label
     names, how many positions the outputs hold before the input's own, and what each pass adds."""
     graph_info = info(gm)
     labels = getattr(graph_info.config, "id2label", None) or {}
     props = {TASK_KEY: graph_info.task or "", LABELS_KEY: json.dumps({int(k): v for k, v in labels.items()}),
-             PREPENDED_KEY: str(graph_info.prepended_positions)}
+             PREPENDED_KEY: str(graph_info.prepended_positions), POSITIONS_KEY: str(_max_positions(graph_info)),
+             UNTRAINED_KEY: ", ".join(graph_info.get("untrained", []))}
     for cls, runs in applied(gm):
         props.update(cls.serving_metadata(gm, runs))
     return props
@@ -112,9 +122,37 @@ def _add_metadata(gm: fx.GraphModule, path: Path) -> None:
     onnx.save(model, str(path))
 
 
+def _check_opset(opset: int | None) -> None:
+    newest = onnx.defs.onnx_opset_version()
+    if opset is not None and not (isinstance(opset, int) and MIN_OPSET <= opset <= newest):
+        raise RewriteError(f"ONNX opset {opset!r} cannot be exported; torch's exporter writes opsets {MIN_OPSET} to {newest}")
+
+
+def _check_written_opset(path: Path, opset: int | None) -> None:
+    """The exporter may silently write another opset than asked for: refuse rather than mislabel."""
+    model = onnx.load(str(path), load_external_data=False)
+    written = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is not None and written != opset:
+        raise RewriteError(f"the exporter wrote ONNX opset {written}, not the requested {opset}; "
+                           "leave --opset out or choose that one")
+
+
+def _refuse_clashes(gm: fx.GraphModule, path: Path) -> None:
+    """Before any work: the model and tokenizer files this export writes must not replace files already there."""
+    names = {path.name}
+    tokenizer = info(gm).get("tokenizer")
+    if tokenizer is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            names |= {p.name for p in tokenizer.save_pretrained(tmp) and Path(tmp).iterdir()}
+    clashes = sorted(name for name in names if (path.parent / name).exists())
+    if clashes:
+        raise RewriteError(f"{str(path.parent)!r} already holds {', '.join(clashes)}, which this export would replace; "
+                           "pass --overwrite to replace them, or export elsewhere")
+
+
 def export_onnx(gm: fx.GraphModule, path: str | Path, *, verify: bool = True, opset: int | None = None,
-                adapter_slots: bool = False, mixed_adapters: bool = False,
-                max_rank: int = DEFAULT_MAX_RANK) -> ExportReport:
+                adapter_slots: bool = False, mixed_adapters: bool = False, max_rank: int = DEFAULT_MAX_RANK,
+                overwrite: bool = True) -> ExportReport:
     """Exports `gm` (in eval mode) to ONNX, checks it, and verifies it against torch in ONNX Runtime.
 
     Inputs keep the graph's names (`input_ids`, `attention_mask`, ...), outputs are named from the
@@ -124,8 +162,11 @@ def export_onnx(gm: fx.GraphModule, path: str | Path, *, verify: bool = True, op
     `rewrite.onnx_adapters`); `mixed_adapters` stacks them and adds a per-row `adapter_index` input.
     """
     path = Path(path)
+    _check_opset(opset)
     if any(p.device.type == "meta" for p in gm.parameters()):
         raise RewriteError("the graph was captured on the meta device (no weights); capture it with weights to export")
+    if not overwrite:
+        _refuse_clashes(gm, path)
     input_names = list(info(gm).input_names or DEFAULT_INPUT_NAMES)
     inputs = example_inputs(input_names, _vocab_size(gm), batch=2, seq=8)
     was_training = gm.training
@@ -142,9 +183,10 @@ def export_onnx(gm: fx.GraphModule, path: str | Path, *, verify: bool = True, op
             dynamo=True, opset_version=opset, verbose=False,
         )
         large = sum(p.numel() * p.element_size() for p in gm.parameters()) > PROTOBUF_LIMIT
-        with atomic_dir_files(path.parent) as tmp:
+        with atomic_dir_files(path.parent, overwrite=overwrite) as tmp:
             staged = tmp / path.name
             program.save(staged, external_data=large)
+            _check_written_opset(staged, opset)
             _add_metadata(gm, staged)
             if slots:
                 slots.finish(staged)

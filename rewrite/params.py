@@ -45,11 +45,13 @@ def apply_trainable(gm: fx.GraphModule) -> None:
 
 
 def count_parameters(gm: fx.GraphModule) -> tuple[int, int]:
-    """(trainable, all) parameter counts, shared tensors counted once."""
+    """(trainable, all) parameter counts, shared tensors counted once. Trainable is what `train` would
+    optimize (the passes' trainable set), so a base capture counts 0."""
+    chosen = {id(p) for p in (_parameter(gm, n) for n in info(gm).get("trainable", [])) if p is not None}
     trainable = total = 0
     for param in gm.parameters():
         total += param.numel()
-        if param.requires_grad:
+        if id(param) in chosen:
             trainable += param.numel()
     return trainable, total
 

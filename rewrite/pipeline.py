@@ -36,6 +36,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from rewrite.errors import RewriteError
 from rewrite.ir import info
+from rewrite.transaction import all_or_nothing
 from rewrite.options import check_choices, option  # noqa: F401  (`option` is how passes declare options)
 
 log = logging.getLogger(__name__)
@@ -237,8 +238,8 @@ class Pipeline:
         """YAML or JSON: a list of passes, or `{passes: [...]}`; each `name` or `{name: {option: value}}`."""
         path = Path(path)
         try:
-            data = yaml.safe_load(path.read_text())
-        except (OSError, yaml.YAMLError) as error:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
             raise RewriteError(f"pipeline file {str(path)!r} could not be read: {error}") from error
         if isinstance(data, dict) and "passes" in data:
             data = data["passes"]
@@ -247,6 +248,11 @@ class Pipeline:
         return cls(data)
 
     def run(self, gm: fx.GraphModule) -> fx.GraphModule:
+        """All or nothing: if a pass fails, the graph is left as it was before the first."""
+        with all_or_nothing(gm):
+            return self._run(gm)
+
+    def _run(self, gm: fx.GraphModule) -> fx.GraphModule:
         for pass_ in self.passes:
             result = pass_(gm)
             gm = result.graph_module if result is not None else gm

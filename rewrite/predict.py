@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -9,9 +10,11 @@ import onnx
 
 from rewrite import runtime
 from rewrite.errors import RewriteError
-from rewrite.export import LABELS_KEY, PREPENDED_KEY, TASK_KEY
+from rewrite.export import LABELS_KEY, POSITIONS_KEY, PREPENDED_KEY, TASK_KEY, UNTRAINED_KEY
 from rewrite.onnx_adapters import Adapters
 from rewrite.pipeline import registered
+
+log = logging.getLogger(__name__)
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -20,8 +23,45 @@ def _softmax(x: np.ndarray) -> np.ndarray:
 
 
 def _model_props(path: Path) -> dict[str, str]:
-    model = onnx.load(str(path), load_external_data=False)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as error:  # protobuf's DecodeError and friends: the file is not an ONNX model
+        raise RewriteError(f"{str(path)!r} is not an ONNX model ({type(error).__name__}); give the .onnx file "
+                           "that `rewrite export` wrote") from error
+    if not model.graph.input:
+        raise RewriteError(f"{str(path)!r} is not an ONNX model with inputs; give the .onnx file that `rewrite export` wrote")
     return {p.key: p.value for p in model.metadata_props}
+
+
+def _check_texts(texts: list[str]) -> None:
+    """Command-line bytes that are not UTF-8 arrive as lone surrogates; say so rather than fail in the tokenizer."""
+    for text in texts:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise RewriteError(f"text {text.encode('utf-8', 'replace').decode()!r} is not valid UTF-8; "
+                               "pass UTF-8 text") from None
+
+
+def _limit(props: dict[str, str], tokenizer) -> int | None:
+    """The model's position limit: from its metadata, else the tokenizer's."""
+    if props.get(POSITIONS_KEY):
+        return int(props[POSITIONS_KEY]) - int(props.get(PREPENDED_KEY, 0) or 0)
+    limit = getattr(tokenizer, "model_max_length", None)
+    return int(limit) if limit and limit < 1_000_000 else None
+
+
+def _fit(encoded: dict[str, np.ndarray], texts: list[str], limit: int | None, truncate: bool) -> dict[str, np.ndarray]:
+    """Cuts inputs to the model's positions (with a warning), or refuses them."""
+    length = encoded["input_ids"].shape[1]
+    if limit is None or length <= limit:
+        return encoded
+    longest = int(encoded["attention_mask"].sum(axis=1).argmax())
+    if not truncate:
+        raise RewriteError(f"text {texts[longest][:40]!r}... is {length} tokens but the model takes at most {limit}; "
+                           "shorten it, or drop --no-truncate to cut it")
+    log.warning("text %r... is %d tokens; cut to the model's %d positions", texts[longest][:40], length, limit)
+    return {name: value[:, :limit] for name, value in encoded.items()}
 
 
 def _tokenizer(path: Path, tokenizer_dir: str | None):
@@ -29,7 +69,7 @@ def _tokenizer(path: Path, tokenizer_dir: str | None):
 
     directory = Path(tokenizer_dir) if tokenizer_dir else path.parent
     try:
-        return AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        return AutoTokenizer.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as error:
         raise RewriteError(
             f"no tokenizer in {str(directory)!r} ({error}); pass --tokenizer with the model's directory"
@@ -52,16 +92,22 @@ def _encode(texts: list[str], tokenizer, props: dict[str, str]) -> dict[str, np.
 
 
 def predict(model_path: str | Path, texts: list[str], *, tokenizer_dir: str | None = None, top_k: int = 5,
-            adapters: Adapters | None = None):
+            truncate: bool = True, adapters: Adapters | None = None):
     """Per text, the top predictions as (label, probability): classes, masked tokens or next tokens.
+
+    Texts longer than the model's positions are cut (with a warning), or refused with `truncate=False`.
     `adapters` fill a slotted model's adapter slots (see `rewrite.onnx_adapters`)."""
     path = Path(model_path)
+    _check_texts(texts)
     props = _model_props(path)
     task = props.get(TASK_KEY, "")
+    if props.get(UNTRAINED_KEY):
+        log.warning("%s: the classification head %s was never trained (fresh random weights); its predictions "
+                    "mean nothing until `rewrite train`", path, props[UNTRAINED_KEY])
     tokenizer = _tokenizer(path, tokenizer_dir)
     feeds, options, _loaded = (adapters or Adapters()).run_inputs(path, len(texts))
     sess = runtime.session(path)
-    encoded = _encode(texts, tokenizer, props)
+    encoded = _fit(_encode(texts, tokenizer, props), texts, _limit(props, tokenizer), truncate)
     outputs = runtime.run(sess, encoded | feeds, options)
     first = next(iter(outputs.values()))
     if task != "seq-cls":  # per-position outputs: drop the positions prompt tuning put before the input's

@@ -96,12 +96,15 @@ def _changed(candidate: fx.GraphModule, since: int) -> bool:
 
 
 class _quiet:
-    """Speed passes are applied wherever they might help; one that finds nothing to do need not warn."""
+    """Speed passes are applied wherever they might help: neither their warnings nor their summaries are news."""
+
+    NAMES = ("rewrite.passes", "rewrite.pipeline")
 
     def __enter__(self):
-        self.logger = logging.getLogger("rewrite.passes")
-        self.level = self.logger.level
-        self.logger.setLevel(logging.ERROR)
+        self.levels = {name: logging.getLogger(name).level for name in self.NAMES}
+        for name in self.NAMES:
+            logging.getLogger(name).setLevel(logging.ERROR)
 
     def __exit__(self, *exc):
-        self.logger.setLevel(self.level)
+        for name, level in self.levels.items():
+            logging.getLogger(name).setLevel(level)

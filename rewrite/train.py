@@ -66,6 +66,7 @@ from rewrite.batches import eval_mode, graph_inputs, input_names, predict_batche
 from rewrite.archive import save
 from rewrite.data import CLASSIFICATION, LM_TASKS, TokenizedExamples, Example, Fields
 from rewrite.errors import RewriteError
+from rewrite.atomic import check_directory
 from rewrite.ir import info, require_tokenizer, wrap
 from rewrite.losses import accuracy_counts, item_count, loss_sum, task_loss  # noqa: F401  (task_loss: to mix with)
 from rewrite.head_loss import Head, head_of
@@ -127,7 +128,8 @@ class TrainResult:
     tokens_per_s: float | None
 
 
-def _check(config: TrainConfig, task: str) -> None:
+def check_config(config: TrainConfig, task: str) -> None:
+    """Refuses options no run can use, before any work (one sentence naming the option)."""
     if task not in TRAINING_TASKS:
         raise RewriteError(f"training task {task!r} is not supported; use --task with one of {', '.join(TRAINING_TASKS)}")
     positive = {"batch_size": config.batch_size, "grad_accum": config.grad_accum, "max_length": config.max_length,
@@ -138,8 +140,16 @@ def _check(config: TrainConfig, task: str) -> None:
     for name, value in positive.items():
         if not isinstance(value, int) or value < 1:
             raise RewriteError(f"{name} {value!r} is not allowed; use a whole number of at least 1")
-    if not config.lr > 0:
-        raise RewriteError(f"learning rate {config.lr!r} is not allowed; use a number greater than 0")
+    if not (isinstance(config.lr, (int, float)) and math.isfinite(config.lr) and config.lr > 0):
+        raise RewriteError(f"learning rate {config.lr!r} is not allowed; use a finite number greater than 0")
+    for name in ("weight_decay", "warmup_ratio", "max_grad_norm"):
+        value = getattr(config, name)
+        if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            raise RewriteError(f"{name} {value!r} is not allowed; use a finite number of at least 0")
+    if config.warmup_ratio > 1 or (isinstance(config.warmup_steps, int) and config.warmup_steps < 0):
+        raise RewriteError("warmup is not allowed: warmup_ratio must be in [0, 1] and warmup_steps at least 0")
+    if config.output_dir is not None:
+        check_directory(config.output_dir, "output directory")
     if config.schedule not in SCHEDULES:
         raise RewriteError(f"schedule {config.schedule!r} is not known; use one of {', '.join(SCHEDULES)}")
     if config.resume and config.output_dir is None:
@@ -315,7 +325,7 @@ class _Run:
         self.scheduler = _scheduler(self.optimizer, config, self.total)
         self.out = Path(config.output_dir) if config.output_dir is not None else None
         self.log = checkpoint.MetricsLog(self.out / checkpoint.METRICS_NAME if self.out and ctx.main else None)
-        self.checkpoints = (checkpoint.RunCheckpoints(self.out, ctx, config.keep_checkpoints)
+        self.checkpoints = (checkpoint.RunCheckpoints(self.out, ctx, config.keep_checkpoints, _settings(config))
                             if self.out is not None else None)
         self.last_eval: dict[str, float] | None = None
         self.eval_graph: fx.GraphModule | None = None
@@ -400,6 +410,22 @@ class _Run:
             log.warning("no PEFT adapter written (%s); the trained graph is in %s", error, self.out / "model.pt2")
 
 
+_RESUME_SETTINGS = ("task", "epochs", "max_steps", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_steps",
+                    "warmup_ratio", "schedule", "max_grad_norm", "max_length", "group_by_length", "seed")
+
+
+def _settings(config: TrainConfig) -> dict[str, Any]:
+    """The hyperparameters that decide a run's trajectory: a resumed run must use the same ones."""
+    return {name: getattr(config, name) for name in _RESUME_SETTINGS}
+
+
+def _mark_trained(gm: fx.GraphModule) -> None:
+    """Fresh modules (a new head) stop being "untrained" once training has optimized them."""
+    trained = info(gm).get("trainable", [])
+    info(gm)["untrained"] = [m for m in info(gm).get("untrained", [])
+                             if not any(name.startswith(m + ".") for name in trained)]
+
+
 def _eval_twin(gm: fx.GraphModule) -> fx.GraphModule:
     """An eval-mode copy of the graph sharing `gm`'s parameters. Evaluating through it leaves the
     training graph's code untouched, so a `torch.compile`d training graph is never recompiled."""
@@ -473,7 +499,7 @@ def _objective(gm: fx.GraphModule, config: TrainConfig, task: str, loss_fn: Loss
 
 def _task(gm: fx.GraphModule, config: TrainConfig) -> str:
     task = config.task or info(gm).task
-    _check(config, task)
+    check_config(config, task)
     return task
 
 
@@ -507,6 +533,7 @@ def train(
             if not run.sharded:
                 gm.eval()
             run.log.close()
+        _mark_trained(gm)
         run.write_outputs()
         ctx.barrier()
         tokens_per_s = run.tokens / run.seconds if run.seconds else None

@@ -76,3 +76,12 @@ def first_moments(output_dir, step: int) -> list[torch.Tensor]:
     """AdamW's first moment after step 1 is 0.1 x the gradient: the step's gradient, read from its checkpoint."""
     state = torch.load(output_dir / "checkpoints" / f"step-{step:08d}" / "trainer_state.pt", weights_only=True)
     return [s["exp_avg"] for _, s in sorted(state["optimizer"]["state"].items())]
+
+
+def run_cli(*args, cwd=None, env=None, timeout=300):
+    """The `rewrite` command in a subprocess, stdin closed (nothing may prompt)."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-c", "from rewrite.cli.main import main; main()", *map(str, args)],
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=timeout, cwd=cwd, env=env)

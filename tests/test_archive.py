@@ -64,7 +64,7 @@ def test_damaged_archives_are_a_clear_error(make_tiny, tmp_path, damage):
 
 def test_a_failed_save_leaves_no_file(make_tiny, tmp_path, monkeypatch):
     gm = capture_tiny(make_tiny("llama"))
-    monkeypatch.setattr("rewrite.archive._graph_records", lambda graph: 1 / 0)
+    monkeypatch.setattr("rewrite.archive._graph_json", lambda graph: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         rewrite.save(gm, tmp_path / "g.pt2")
     assert list(tmp_path.iterdir()) == []

@@ -21,6 +21,7 @@ from rich.table import Table
 from rewrite import data, runtime
 from rewrite.capture import load_pretrained
 from rewrite.data import Fields
+from rewrite.errors import RewriteError
 from rewrite.export import export_onnx
 from rewrite.ir import RewriteGraph
 from rewrite.params import trainable_parameters_line
@@ -74,7 +75,18 @@ def predictions(batches: list[dict], logits_of) -> np.ndarray:
     return np.concatenate([np.asarray(logits_of(batch)).argmax(-1) for batch in batches])
 
 
-def run_demo(output_dir: str | Path = "rewrite-demo", console: Console | None = None) -> DemoReport:
+def _clear_previous_run(output_dir: Path, overwrite: bool) -> None:
+    """A previous demo's files are replaced only when asked: they may be someone's results."""
+    previous = sorted(p.name for p in output_dir.iterdir()) if output_dir.is_dir() else []
+    if previous and not overwrite:
+        raise RewriteError(f"demo output directory {str(output_dir)!r} already holds {', '.join(previous[:5])}; "
+                           "pass --overwrite to replace a previous demo, or choose another --output-dir")
+    if previous:
+        shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)  # every demo starts afresh
+
+
+def run_demo(output_dir: str | Path = "rewrite-demo", console: Console | None = None,
+             overwrite: bool = False) -> DemoReport:
     """Capture -> LoRA -> train -> fold -> ONNX -> ONNX Runtime, printing each stage and a summary.
 
     Dev accuracy is measured three times over the same batches: before training, after training
@@ -83,7 +95,7 @@ def run_demo(output_dir: str | Path = "rewrite-demo", console: Console | None = 
 
     console = console or Console(stderr=True)
     output_dir = Path(output_dir)
-    shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)  # a previous demo's: every demo starts afresh
+    _clear_previous_run(output_dir, overwrite)
     started = time.perf_counter()
     config = demo_config(output_dir)
 

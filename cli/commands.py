@@ -1,0 +1,158 @@
+"""The graph commands: capture, apply, fold, export, inspect and run."""
+from __future__ import annotations
+
+import click
+from rich.markup import escape
+
+import rewrite
+from rewrite.adapter_slots import DEFAULT_MAX_RANK
+from rewrite.errors import RewriteError
+from rewrite.atomic import check_output
+from rewrite.params import trainable_parameters_line
+from rewrite.pipeline import Pipeline, available, create, pass_class
+
+from rewrite.cli.common import (console, out, output_option, overwrite_option, read_graph, seed_all, seed_option,
+                                task_option, write_graph)
+from rewrite.cli.pass_options import add_pass_options, options_for, unused_options
+
+
+@click.command()
+@click.argument("model_dir", type=click.Path())
+@output_option
+@task_option
+@click.option("--meta", is_flag=True, help="Capture from the config alone on the meta device (no weights read).")
+@click.option("--num-labels", type=int, default=None, help="Classes for --task seq-cls (at least 2).")
+@seed_option
+@overwrite_option
+def capture(model_dir: str, output: str, task: str, meta: bool, num_labels: int | None, seed: int | None,
+            overwrite: bool) -> None:
+    """Capture a local Hugging Face model directory as a graph archive (.pt2)."""
+    seed_all(seed)
+    gm = rewrite.load_pretrained(model_dir, task=task, meta=meta, num_labels=num_labels)
+    console.print(f"captured {len(gm.graph.nodes)} nodes ({gm.info['task']})")
+    write_graph(gm, output)
+
+
+@click.command()
+@click.argument("source", type=click.Path())
+@output_option
+@task_option
+@click.option("--pass", "pass_names", multiple=True, metavar="NAME", help=f"Pass to run, repeatable: {', '.join(available())}.")
+@click.option("--pipeline", "pipeline_file", type=click.Path(dir_okay=False), help="YAML or JSON pipeline file.")
+@seed_option
+@overwrite_option
+@add_pass_options
+def apply(source: str, output: str, task: str, pass_names: tuple[str, ...], pipeline_file: str | None,
+          seed: int | None, overwrite: bool, **given) -> None:
+    """Run passes on a graph archive or a model directory.
+
+    Pass options are flags (`--rank 8 --alpha 16 --roles q,v`); each goes to every selected pass
+    that has it. Lists are comma-separated, dicts JSON; `--targets re:PATTERN` gives a regex.
+    """
+    if bool(pass_names) == bool(pipeline_file):
+        raise RewriteError("give either --pass NAME (repeatable) or --pipeline FILE, not both and not neither")
+    if pipeline_file:
+        extra = unused_options([], given)
+        if extra:
+            raise RewriteError(f"options {', '.join(extra)} cannot be combined with --pipeline; put them in the file")
+        pipeline = Pipeline.from_file(pipeline_file)
+    else:
+        for name in pass_names:
+            pass_class(name)
+        extra = unused_options(list(pass_names), given)
+        if extra:
+            raise RewriteError(
+                f"option {', '.join('--' + e.replace('_', '-') for e in extra)} is not accepted by pass "
+                f"{', '.join(pass_names)}"
+            )
+        pipeline = Pipeline([create(name, **options_for(name, given)) for name in pass_names])
+    gm = read_graph(source, task)
+    seed_all(seed)
+    pipeline.run(gm)
+    console.print(trainable_parameters_line(gm))
+    write_graph(gm, output)
+
+
+@click.command()
+@click.argument("source", type=click.Path())
+@output_option
+@overwrite_option
+def fold(source: str, output: str, overwrite: bool) -> None:
+    """Merge LoRA branches into their base weights and prompt encoders into constant tables."""
+    gm = read_graph(source)
+    rewrite.apply(gm, "fold")
+    write_graph(gm, output)
+
+
+@click.command()
+@click.argument("source", type=click.Path())
+@click.option("--onnx", "onnx_path", required=True, type=click.Path(dir_okay=False), help="Output .onnx file.")
+@click.option("--verify/--no-verify", default=True, show_default=True, help="Check ONNX Runtime against torch.")
+@click.option("--opset", type=int, default=None, help="ONNX opset (default: the exporter's).")
+@click.option("--adapter-slots", is_flag=True, help="Keep the adapter as named inputs that adapter files fill (default: none).")
+@click.option("--mixed-adapters", is_flag=True, help="Slots stacked per row: an adapter_index input picks each row's adapter.")
+@click.option("--max-rank", type=int, default=DEFAULT_MAX_RANK, show_default=True, help="Largest LoRA rank the slots accept.")
+@overwrite_option
+def export(source: str, onnx_path: str, verify: bool, opset: int | None, adapter_slots: bool, mixed_adapters: bool,
+           max_rank: int, overwrite: bool) -> None:
+    """Export a graph archive (fold it first for zero-overhead deployment) to ONNX.
+
+    The tokenizer's files are written beside the model; files already there are not replaced
+    unless --overwrite is given."""
+    check_output(onnx_path, what="ONNX file")
+    gm = read_graph(source)
+    report = rewrite.export_onnx(gm, onnx_path, verify=verify, opset=opset, adapter_slots=adapter_slots,
+                                 mixed_adapters=mixed_adapters, max_rank=max_rank, overwrite=overwrite)
+    console.print(f"wrote {report.path}: inputs {', '.join(report.input_names)} -> {', '.join(report.output_names)}")
+    if report.max_abs_diff is not None:
+        console.print(f"ONNX Runtime ({report.provider}) vs torch: max abs diff {report.max_abs_diff:.3g}")
+
+
+@click.command()
+@click.argument("source", type=click.Path())
+def inspect(source: str) -> None:
+    """Show how a graph archive was made: passes, matched targets, trainable parameters."""
+    gm = read_graph(source)
+    meta = gm.info
+    out.print(f"source: {meta.get('source', '-')}  task: {meta.get('task', '-')}  nodes: {len(gm.graph.nodes)}")
+    if not meta["history"]:
+        out.print("passes: none (base capture)")
+    for index, entry in enumerate(meta["history"], 1):
+        options = ", ".join(f"{k}={v}" for k, v in entry["options"].items() if v not in (None, {}, []))
+        out.print(f"{index}. {entry['pass']}({options}): {entry['report'].get('summary', '')}", markup=False)
+        for target in entry["report"].get("targets", []):
+            out.print(f"     {target}", markup=False)
+    out.print(trainable_parameters_line(gm))
+    trainable = meta.get("trainable") or []
+    if not trainable:
+        out.print("rewrite train would train nothing: no pass made parameters trainable (apply lora, prompt or ptuning)")
+    else:
+        modules = sorted({name.rpartition(".")[0] for name in trainable})
+        out.print(f"rewrite train would train {len(trainable)} tensors in {len(modules)} modules", markup=False)
+    if meta.get("untrained"):
+        out.print(f"never trained (fresh random weights): {', '.join(meta['untrained'])}", markup=False)
+
+
+@click.command()
+@click.argument("model", type=click.Path(exists=True, dir_okay=False))
+@click.option("--text", "texts", multiple=True, required=True, help="Input text, repeatable.")
+@click.option("--tokenizer", "tokenizer_dir", type=click.Path(file_okay=False), help="Tokenizer directory (default: the model's).")
+@click.option("--top-k", default=5, show_default=True, type=click.IntRange(min=1), help="Predictions to print.")
+@click.option("--truncate/--no-truncate", default=True, show_default=True,
+              help="Cut texts longer than the model's positions (with a warning), or refuse them.")
+@click.option("--adapter", "adapter_file", type=click.Path(dir_okay=False), help="An .onnx_adapter file to activate.")
+@click.option("--adapters", "adapter_files", default=None, help="Comma-separated .onnx_adapter files, one per index (mixed model).")
+@click.option("--adapter-index", default=None, help="Comma-separated adapter index per --text (default 0, 1, ... cycling).")
+def run(model: str, texts: tuple[str, ...], tokenizer_dir: str | None, top_k: int, truncate: bool,
+        adapter_file: str | None, adapter_files: str | None, adapter_index: str | None) -> None:
+    """Tokenize text, run an exported model in ONNX Runtime and print the top predictions."""
+    from rewrite.onnx_adapters import Adapters
+    from rewrite.predict import predict
+
+    adapters = Adapters.parse(adapter_file, adapter_files, adapter_index, len(texts))
+    results = predict(model, list(texts), tokenizer_dir=tokenizer_dir, top_k=top_k, truncate=truncate,
+                      adapters=adapters)
+    for text, predictions in zip(texts, results):
+        out.print(f"[bold]{escape(text)}[/bold]")
+        for label, score in predictions:
+            out.print(f"  {score:9.4f}  {escape(str(label))}")
