@@ -24,6 +24,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from torch.utils import _pytree as pytree
 
 from rewrite.errors import RewriteError
+from rewrite.graph import word_embedding
 from rewrite.ir import add_submodule, copy_meta, info, tag, tensor_at
 from rewrite.params import mark_trainable, trainable_heads
 from rewrite.pipeline import Pass, option, register
@@ -82,17 +83,6 @@ def model_input(gm: fx.GraphModule, name: str) -> fx.Node | None:
         if tag(node).get("extends") == name:
             return node
     return placeholders(gm).get(name)
-
-
-def word_embedding(gm: fx.GraphModule) -> fx.Node:
-    """The `aten.embedding` that looks up `input_ids`: where prompt vectors enter the model."""
-    ids = placeholders(gm).get("input_ids")
-    if ids is None:
-        raise RewriteError("prompt passes need a graph with an `input_ids` input; capture the model with input_ids")
-    for node in ids.users:
-        if node.target is aten.embedding.default and node.args[1] is ids:
-            return node
-    raise RewriteError("the graph has no word-embedding lookup of `input_ids` to put prompt vectors into")
 
 
 def check_no_prompt(gm: fx.GraphModule) -> None:
@@ -234,14 +224,15 @@ class PromptPass(Pass):
         return inputs
 
     def _extend_inputs(self, gm: fx.GraphModule, inputs: dict[str, fx.Node], embed: fx.Node) -> None:
-        """Every reader of an input, except the word-embedding lookup, sees the prompt-extended tensor."""
+        """Every reader of an input sees the prompt-extended tensor (`_prepend` then drops the virtual ids
+        from the word-embedding lookup's)."""
         graph = gm.graph
         emit = Emitter(graph, embed, **{"pass": self.name})
         with graph.inserting_before(list(inputs.values())[-1].next):
             for name, node in inputs.items():
                 extended = _extension(emit, name, node, self.num_virtual_tokens, info(gm).get("task"))
                 if extended is not None:
-                    emit.redirect(node, extended, keep=(embed,))
+                    emit.redirect(node, extended)
             limit = position_limit(gm)
             if limit is not None:
                 self._assert_fits(emit, inputs["input_ids"], limit)
@@ -255,10 +246,13 @@ class PromptPass(Pass):
         emit(aten._assert_scalar.default, emit(operator.le, total, limit), message)
 
     def _prepend(self, gm: fx.GraphModule, embed: fx.Node) -> None:
-        """`embed(ids)` becomes `cat(prompt table, embed(ids))`, PEFT's computation."""
+        """`embed(ids)` becomes `cat(prompt table, embed(ids))`, PEFT's computation: the lookup reads the
+        extended ids (through whatever views the model applies) with the virtual ones sliced off."""
         graph = gm.graph
         table = tensor_at(gm, TABLE)
         emit = Emitter(graph, embed, **{"pass": self.name})
+        with graph.inserting_before(embed):
+            embed.update_arg(1, emit(aten.slice.Tensor, embed.args[1], 1, self.num_virtual_tokens))
         with graph.inserting_before(embed.next):
             batch = emit(aten.sym_size.int, embed.args[1], 0)
             prompts = emit(aten.unsqueeze.default, emit.attr(TABLE), 0)

@@ -22,11 +22,11 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from rewrite.capture import capture
 from rewrite.errors import RewriteError
+from rewrite.graph import word_embedding
 from rewrite.ir import add_submodule, info, tensor_at
 from rewrite.params import mark_trainable, trainable_heads
 from rewrite.passes.prompt import (
     ENCODER, TABLE, TOKENS, Emitter, cast, check_no_prompt, initial_table, register_tokens, sampled_rows,
-    word_embedding,
 )
 from rewrite.pipeline import Pass, option, register
 from rewrite.templates import Template

@@ -50,7 +50,7 @@ from torch.utils import _pytree as pytree
 from transformers.utils import ModelOutput
 
 from rewrite.errors import RewriteError
-from rewrite.graph import GraphQuery, Projection, module_path
+from rewrite.graph import GraphQuery, Projection, module_path, word_embedding
 from rewrite.ir import add_submodule, info, tensor_at
 from rewrite.params import canonical_names, mark_trainable
 from rewrite.pipeline import Pass, option, register
@@ -206,7 +206,7 @@ class MlmHead:
 
     @property
     def ids(self) -> fx.Node:
-        """The token ids the word embedding reads: the user's ids (prompt tuning prepends to the hidden states only)."""
+        """The token ids the word embedding reads: the user's (prompt tuning slices its virtual ids off before the lookup)."""
         return self.embedding.args[1]
 
     @property
@@ -214,20 +214,10 @@ class MlmHead:
         return self.embedding.args[0]
 
 
-def _word_embedding(gm: fx.GraphModule) -> fx.Node:
-    """The embedding lookup whose ids are the `input_ids` placeholder."""
-    for node in gm.graph.find_nodes(op="call_function", target=aten.embedding.default):
-        ids = node.args[1]
-        if ids.op == "placeholder" and ids.target == "input_ids":
-            return node
-    raise RewriteError(
-        "the graph has no word-embedding lookup of input_ids; the verbalizer needs a token-input masked LM")
-
-
 def find_mlm_head(gm: fx.GraphModule) -> MlmHead:
     """Reads the head off the graph: the projection onto the vocabulary that feeds the output, and the
     token-wise nodes before it that lie outside the base model (the module owning the word embedding)."""
-    embedding = _word_embedding(gm)
+    embedding = word_embedding(gm)
     vocab = tensor_at(gm, embedding.args[0].target).shape[0]
     heads = [p for p in GraphQuery(gm).output_heads if p.out_features == vocab]
     if len(heads) != 1:

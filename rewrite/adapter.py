@@ -24,7 +24,8 @@ from torch import fx
 from rewrite.errors import RewriteError
 from rewrite.files import atomic_dir_files
 from rewrite.ir import info, tensor_at
-from rewrite.passes.prompt import TABLE, word_embedding
+from rewrite.graph import word_embedding
+from rewrite.passes.prompt import TABLE
 from rewrite.pipeline import apply
 
 CONFIG_NAME = "adapter_config.json"
@@ -189,6 +190,13 @@ def _copy_weights(gm: fx.GraphModule, directory: Path, names: dict[str, str], we
             target.copy_(weights[key])
 
 
+def _saved_modules(config: dict[str, Any], names) -> list[str]:
+    """The modules whose full weights the adapter holds, named as its config's `modules_to_save` names them
+    (`classifier` for RoBERTa's `classifier.dense` and `classifier.out_proj`)."""
+    declared = config.get("modules_to_save") or []
+    return sorted({next((m for m in declared if name.startswith(m + ".")), name.rpartition(".")[0]) for name in names})
+
+
 def _load_prompt(gm: fx.GraphModule, directory: Path, config: dict[str, Any], weights: dict[str, torch.Tensor]) -> None:
     """Runs the prompt pass for the adapter's virtual tokens and head, then copies `prompt_embeddings` in."""
     if config.get("num_transformer_submodules", 1) != 1:
@@ -200,8 +208,7 @@ def _load_prompt(gm: fx.GraphModule, directory: Path, config: dict[str, Any], we
         raise RewriteError(f"adapter {str(directory)!r} holds prompts of shape {tuple(weights[PROMPT_KEY].shape)} but "
                            f"this model's embeddings are {hidden} wide; the adapter was made for another model")
     heads = {key.removeprefix(PROMPT_PREFIX): key for key in weights if key != PROMPT_KEY}
-    modules = sorted({name.rpartition(".")[0] for name in heads})
-    apply(gm, "prompt", num_virtual_tokens=config["num_virtual_tokens"], modules_to_save=modules)
+    apply(gm, "prompt", num_virtual_tokens=config["num_virtual_tokens"], modules_to_save=_saved_modules(config, heads))
     _copy_weights(gm, directory, {TABLE: PROMPT_KEY, **heads}, weights)
 
 
@@ -213,6 +220,7 @@ def load_adapter(gm: fx.GraphModule, directory: str | Path) -> fx.GraphModule:
         _load_prompt(gm, directory, config, weights)
         return gm
     names = {key.removeprefix(PREFIX).replace(".default.", "."): key for key in weights}
-    apply(gm, "lora", **_lora_options(config))
+    heads = [name for name in names if ".lora_" not in name]
+    apply(gm, "lora", **_lora_options(config), modules_to_save=_saved_modules(config, heads))
     _copy_weights(gm, directory, names, weights)
     return gm

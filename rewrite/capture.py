@@ -83,7 +83,7 @@ def capture(
     unlifted = exported.module()
     _drop_guards(unlifted)
     base_info = {"history": [], "input_names": list(example_inputs), "task": _task_of_class(type(model).__name__),
-                 "config": config}
+                 "config": config, "model_class": type(model).__name__}
     base_info.update(info or {})
     _drop_full_slices(unlifted.graph)
     return wrap(unlifted, unlifted.graph, base_info, was_training)

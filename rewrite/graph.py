@@ -16,7 +16,8 @@ import networkx as nx
 import torch
 from torch import fx
 
-from rewrite.ir import tag, tensor_at
+from rewrite.errors import RewriteError
+from rewrite.ir import info, tag, tensor_at
 
 aten = torch.ops.aten
 
@@ -210,3 +211,56 @@ class GraphQuery:
         """Projections with no projection downstream: the output layer `"all-linear"` leaves alone."""
         nodes = set(self._by_node)
         return [p for p in self.projections if not (nx.descendants(self.digraph, p.node) & nodes)]
+
+    @cached_property
+    def head_modules(self) -> list[str]:
+        """The modules that hold the output heads whole, as PEFT's `modules_to_save` names them: for each
+        output head, its shallowest enclosing module with no attention or block projection inside
+        (RoBERTa's `classifier` holds `classifier.dense` and `classifier.out_proj`; LLaMA's is `score`)."""
+        inside = [p.path for p in self.projections if p.path in self.roles]
+        found: list[str] = []
+        for head in self.output_heads:
+            parts = head.path.split(".")
+            prefixes = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+            found.append(next(m for m in prefixes if not any(_within(path, m) for path in inside)))
+        return list(dict.fromkeys(found))
+
+
+def _within(path: str, module: str) -> bool:
+    return path == module or path.startswith(module + ".")
+
+
+# Ops that hand token ids on unchanged in value: views, reshapes, casts, clamps, copies, and the slice the
+# prompt pass puts in front of the lookup to drop its virtual ids.
+_ID_CARRIERS = {
+    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten._to_copy.default, aten.to.dtype,
+    aten.clamp.default, aten.clone.default, aten.alias.default, aten.contiguous.default, aten.slice.Tensor,
+}
+
+
+def architecture(gm: fx.GraphModule) -> str:
+    """The model's architecture name for messages: the config's `model_type`, else the captured class."""
+    return getattr(info(gm).get("config"), "model_type", None) or info(gm).get("model_class") or "captured"
+
+
+def word_embedding(gm: fx.GraphModule) -> fx.Node:
+    """The `aten.embedding` that looks up `input_ids`, found by dataflow: the ids may reach it through
+    views, reshapes, casts and clamps (GPT-2 and OPT read `view(input_ids, [-1, seq])`), or through the
+    prompt-extended ids a prompt pass made. The first such lookup in graph order is the word embedding."""
+    ids = next(iter(gm.graph.find_nodes(op="placeholder", target="input_ids")), None)
+    if ids is None:
+        raise RewriteError(f"the {architecture(gm)} graph has no `input_ids` input, which prompt passes and the "
+                           "verbalizer read; capture the model with input_ids")
+    carriers, queue = {ids}, deque([ids])
+    while queue:
+        node = queue.popleft()
+        for user in node.users:
+            passes_on = user.target in _ID_CARRIERS and user.args[0] is node
+            if user not in carriers and (passes_on or tag(user).get("extends") == "input_ids"):
+                carriers.add(user)
+                queue.append(user)
+    for node in gm.graph.find_nodes(op="call_function", target=aten.embedding.default):
+        if node.args[1] in carriers:
+            return node
+    raise RewriteError(f"the {architecture(gm)} graph has no word-embedding lookup fed by `input_ids` (through views, "
+                       "reshapes, casts or clamps); prompt passes and the verbalizer need a token-input model")
