@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import sys
 from pathlib import Path
@@ -23,6 +24,8 @@ _ARCH_SUFFIX_TO_TASK = {
     "ForMaskedLM": "masked-lm",
     "ForSequenceClassification": "seq-cls",
 }
+
+_TOKENIZER_FILES = ("tokenizer*.json", "vocab.*", "merges.txt", "*.model")
 
 
 def _dynamic_shapes(inputs: dict[str, Any]) -> dict[str, Any]:
@@ -149,11 +152,27 @@ def _load_config(path: Path, num_labels: int | None):
 def _load_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
+    if not any(next(path.glob(pattern), None) for pattern in _TOKENIZER_FILES):
+        log.warning("no tokenizer files in %s; text commands will not work with this graph", path)
+        return None  # AutoTokenizer would build an empty one from config.json alone
     try:
         return AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, TypeError) as error:
         log.warning("no tokenizer in %s (%s); text commands will not work with this graph", path, error)
         return None
+
+
+def input_names(model: nn.Module, tokenizer=None) -> list[str]:
+    """The text inputs to capture with: the tokenizer's, else token ids, a mask, and token types where the
+    model has a token-type embedding, always restricted to what the model's forward takes (DistilBERT
+    takes no `token_type_ids`)."""
+    if tokenizer is not None:
+        wanted = list(tokenizer.model_input_names)
+    else:
+        types = getattr(model.config, "type_vocab_size", 0) or 0
+        wanted = [*DEFAULT_INPUT_NAMES, *(["token_type_ids"] if types > 1 else [])]
+    accepted = inspect.signature(model.forward).parameters
+    return [name for name in wanted if name in accepted]
 
 
 def load_pretrained(
@@ -183,7 +202,6 @@ def load_pretrained(
         except OSError as error:
             raise RewriteError(f"weights in {str(path)!r} could not be loaded: {error}") from error
     model.eval()
-    input_names = list(tokenizer.model_input_names) if tokenizer is not None else list(DEFAULT_INPUT_NAMES)
-    inputs = example_inputs(input_names, config.vocab_size, device="meta" if meta else "cpu")
+    inputs = example_inputs(input_names(model, tokenizer), config.vocab_size, device="meta" if meta else "cpu")
     info = {"source": str(path), "task": task, "config": config, "tokenizer": tokenizer, "meta_device": meta}
     return capture(model, inputs, info=info)
