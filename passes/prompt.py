@@ -24,7 +24,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from torch.utils import _pytree as pytree
 
 from rewrite.errors import RewriteError
-from rewrite.graph import word_embedding
+from rewrite.graph import architecture, embedding_output, word_embedding
 from rewrite.ir import add_submodule, copy_meta, info, tag, tensor_at
 from rewrite.params import mark_trainable, trainable_heads
 from rewrite.pipeline import Pass, option, register
@@ -83,6 +83,13 @@ def model_input(gm: fx.GraphModule, name: str) -> fx.Node | None:
         if tag(node).get("extends") == name:
             return node
     return placeholders(gm).get(name)
+
+
+def check_not_seq2seq(gm: fx.GraphModule) -> None:
+    """PEFT prompts an encoder-decoder's encoder and decoder inputs; this project extends `input_ids` only."""
+    if "decoder_input_ids" in placeholders(gm):
+        raise RewriteError(f"prompt tuning on {architecture(gm)} is not supported: it is an encoder-decoder model, "
+                           "whose decoder inputs PEFT prompts too, and the prompt pass extends only input_ids")
 
 
 def check_no_prompt(gm: fx.GraphModule) -> None:
@@ -209,6 +216,7 @@ class PromptPass(Pass):
 
     def _check_inputs(self, gm: fx.GraphModule) -> dict[str, fx.Node]:
         inputs = placeholders(gm)
+        check_not_seq2seq(gm)
         unknown = sorted(set(inputs) - {"input_ids", "labels", *_PREFIX_FILL})
         if unknown:
             raise RewriteError(
@@ -253,13 +261,14 @@ class PromptPass(Pass):
         emit = Emitter(graph, embed, **{"pass": self.name})
         with graph.inserting_before(embed):
             embed.update_arg(1, emit(aten.slice.Tensor, embed.args[1], 1, self.num_virtual_tokens))
-        with graph.inserting_before(embed.next):
+        words = embedding_output(embed)
+        with graph.inserting_before(words.next):
             batch = emit(aten.sym_size.int, embed.args[1], 0)
             prompts = emit(aten.unsqueeze.default, emit.attr(TABLE), 0)
             prompts = emit(aten.expand.default, prompts, [batch, self.num_virtual_tokens, table.shape[1]])
             prompts = cast(emit, prompts, table.dtype, tensor_at(gm, embed.args[0].target).dtype)
-            joined = emit(aten.cat.default, [prompts, embed], 1)
-        emit.redirect(embed, joined)
+            joined = emit(aten.cat.default, [prompts, words], 1)
+        emit.redirect(words, joined)
 
     def _strip(self, gm: fx.GraphModule) -> list[int]:
         """Outputs with a sequence axis drop the virtual positions, so callers see their own length."""

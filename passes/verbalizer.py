@@ -50,7 +50,7 @@ from torch.utils import _pytree as pytree
 from transformers.utils import ModelOutput
 
 from rewrite.errors import RewriteError
-from rewrite.graph import GraphQuery, Projection, module_path, word_embedding
+from rewrite.graph import GraphQuery, Projection, architecture, module_path, word_embedding
 from rewrite.ir import add_submodule, info, tensor_at
 from rewrite.params import canonical_names, mark_trainable
 from rewrite.pipeline import Pass, option, register
@@ -232,8 +232,9 @@ def find_mlm_head(gm: fx.GraphModule) -> MlmHead:
     while node.op == "call_function" and not _in_module(node, base):
         if not is_tokenwise(node):
             raise RewriteError(
-                f"the MLM head's node {node.name} ({node.target}) is not a per-position operation; the verbalizer "
-                "can only gather the mask position before a head made of linear, activation and norm layers"
+                f"the verbalizer on {architecture(gm)} is not supported: its MLM head's activation or layer at node "
+                f"{node.name} ({node.target}) is not a linear, single-op activation or norm layer, the only layers "
+                "the mask row can be gathered before"
             )
         transform.append(node)
         node = activation_input(node)

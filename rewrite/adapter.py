@@ -25,7 +25,7 @@ from rewrite.errors import RewriteError
 from rewrite.files import atomic_dir_files
 from rewrite.ir import info, tensor_at
 from rewrite.graph import word_embedding
-from rewrite.passes.prompt import TABLE
+from rewrite.passes.prompt import TABLE, check_not_seq2seq
 from rewrite.pipeline import apply
 
 CONFIG_NAME = "adapter_config.json"
@@ -88,7 +88,8 @@ def _prompt_config(gm: fx.GraphModule) -> dict[str, Any]:
     config = info(gm).get("config")
     return {
         "peft_type": "PROMPT_TUNING",
-        "task_type": _PEFT_TASK.get(info(gm).get("task")),
+        # PEFT prompts only through a task class; FEATURE_EXTRACTION's prepends for any model (masked LMs)
+        "task_type": _PEFT_TASK.get(info(gm).get("task"), "FEATURE_EXTRACTION"),
         "base_model_name_or_path": info(gm).get("source"),
         "num_virtual_tokens": report["num_virtual_tokens"],
         "token_dim": int(tensor_at(gm, TABLE).shape[1]),
@@ -199,8 +200,7 @@ def _saved_modules(config: dict[str, Any], names) -> list[str]:
 
 def _load_prompt(gm: fx.GraphModule, directory: Path, config: dict[str, Any], weights: dict[str, torch.Tensor]) -> None:
     """Runs the prompt pass for the adapter's virtual tokens and head, then copies `prompt_embeddings` in."""
-    if config.get("num_transformer_submodules", 1) != 1:
-        raise RewriteError(f"adapter {str(directory)!r} prompts an encoder-decoder model, which this project does not capture")
+    check_not_seq2seq(gm)
     if PROMPT_KEY not in weights:
         raise RewriteError(f"adapter {str(directory)!r} has no {PROMPT_KEY} tensor; it is not a prompt-learning adapter")
     hidden = tensor_at(gm, word_embedding(gm).args[0].target).shape[1]

@@ -46,6 +46,14 @@ def _dynamic_shapes(inputs: dict[str, Any]) -> dict[str, Any]:
     return shapes
 
 
+def _no_cache(model: nn.Module) -> None:
+    """No KV cache in the captured graph; T5's encoder and decoder stacks hold configs of their own."""
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "use_cache"):
+            config.use_cache = False
+
+
 def _drop_guards(gm: fx.GraphModule) -> None:
     """The unlifted module's `_guards_fn` call only re-checks input shapes; it cannot be serialized."""
     for node in gm.graph.find_nodes(op="call_module", target="_guards_fn"):
@@ -78,8 +86,7 @@ def capture(
     `gm.train()` / `gm.eval()` like the module did.
     """
     config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "use_cache"):
-        config.use_cache = False
+    _no_cache(model)
     dynamic_shapes = _dynamic_shapes(example_inputs) if dynamic else None
     with _train_mode(model) as was_training:
         exported = torch.export.export(model, (), dict(example_inputs), dynamic_shapes=dynamic_shapes, strict=False)

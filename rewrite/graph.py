@@ -238,6 +238,19 @@ _ID_CARRIERS = {
 }
 
 
+def embedding_output(lookup: fx.Node) -> fx.Node:
+    """The word-embedding module's output: the lookup, or the last node after it inside the same module
+    (Gemma's embedding scales the rows it looks up). Prompts join the sequence here, where PEFT's
+    `inputs_embeds` do."""
+    path, node = module_path(lookup), lookup
+    while len(node.users) == 1:
+        user = next(iter(node.users))
+        if user.op != "call_function" or module_path(user) != path or user.args[0] is not node:
+            break
+        node = user
+    return node
+
+
 def architecture(gm: fx.GraphModule) -> str:
     """The model's architecture name for messages: the config's `model_type`, else the captured class."""
     return getattr(info(gm).get("config"), "model_type", None) or info(gm).get("model_class") or "captured"

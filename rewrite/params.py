@@ -73,7 +73,7 @@ def trainable_heads(gm: fx.GraphModule, requested: list[str] | None) -> list[str
         modules = list(requested)
     elif info(gm).get("task") == "seq-cls":
         # a head whose weights are all another module's (an MLM decoder tied to the word embeddings) is skipped
-        modules = [m for m in GraphQuery(gm).head_modules if _holds_parameters(m, names)]
+        modules = _peft_suffix_matches([m for m in GraphQuery(gm).head_modules if _holds_parameters(m, names)], names)
     else:
         modules = []
     missing = [m for m in modules if not _holds_parameters(m, names)]
@@ -85,3 +85,10 @@ def trainable_heads(gm: fx.GraphModule, requested: list[str] | None) -> list[str
 
 def _holds_parameters(module: str, names: list[str]) -> bool:
     return any(name.startswith(module + ".") for name in names)
+
+
+def _peft_suffix_matches(heads: list[str], names: list[str]) -> list[str]:
+    """The heads plus every module whose path ends with a head's, as PEFT matches `modules_to_save`
+    (`endswith`, no dot: DistilBERT's `pre_classifier` trains beside `classifier` in PEFT too)."""
+    modules = {name.rsplit(".", i)[0] for name in names for i in range(1, name.count(".") + 1)}
+    return sorted(m for m in modules if any(m.endswith(head) for head in heads))
