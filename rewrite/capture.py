@@ -196,6 +196,10 @@ def load_pretrained(
     """
     path = Path(path)
     config = _load_config(path, num_labels)
+    if getattr(config, "is_encoder_decoder", False):
+        raise RewriteError(f"capturing {config.model_type} from {str(path)!r} is not supported: it is an encoder-decoder "
+                           "model and load_pretrained has no seq2seq task with decoder inputs; build the model and call "
+                           "rewrite.capture(model, inputs) with decoder_input_ids")
     task = _task_for(config, task)
     tokenizer = _load_tokenizer(path)
     auto_class = _auto_class(task)

@@ -98,3 +98,12 @@ def test_a_directory_without_tokenizer_is_captured_with_the_inputs_its_forward_t
     transformers.AutoModelForSequenceClassification.from_config(config).save_pretrained(tmp_path)
     gm = rewrite.load_pretrained(tmp_path, task="seq-cls")
     assert gm.info["input_names"] == names and gm.info["tokenizer"] is None
+
+
+def test_an_encoder_decoder_directory_is_refused_in_one_sentence(tmp_path):
+    config = transformers.BartConfig(vocab_size=128, d_model=16, encoder_layers=1, decoder_layers=1,
+                                     encoder_attention_heads=2, decoder_attention_heads=2,
+                                     encoder_ffn_dim=32, decoder_ffn_dim=32)
+    config.save_pretrained(tmp_path)
+    with pytest.raises(rewrite.RewriteError, match="capturing bart from .* is not supported: it is an encoder-decoder"):
+        rewrite.load_pretrained(tmp_path)

@@ -24,7 +24,7 @@ from rewrite.inputs import example_inputs
 from rewrite.params import count_parameters
 from rewrite.passes.prompt import TABLE
 
-from matrix import ARCHS, VOCAB, cell_id, cells
+from matrix import ARCHS, VOCAB, cell_id, cells, render
 
 MODEL_CLASSES = {
     "causal-lm": transformers.AutoModelForCausalLM,
@@ -215,3 +215,10 @@ def test_roberta_heads_train_and_save_whole_with_peft_counts(tmp_path):
         rewrite.apply(gm, name, **options)
         assert count_parameters(gm)[0] == expected
         assert gm.info["modules_to_save"] == ["classifier"]
+
+
+def test_the_readme_support_table_is_the_matrix_with_every_cell_passing():
+    """`python tests/support_table.py` writes it; a cell changed in `matrix.py` without regenerating fails here."""
+    from support_table import README, readme_table
+
+    assert readme_table(README.read_text()) == render({cell_id(*cell): True for cell in cells()})
