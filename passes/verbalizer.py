@@ -232,9 +232,9 @@ def find_mlm_head(gm: fx.GraphModule) -> MlmHead:
     while node.op == "call_function" and not _in_module(node, base):
         if not is_tokenwise(node):
             raise RewriteError(
-                f"the verbalizer on {architecture(gm)} is not supported: its MLM head's activation or layer at node "
-                f"{node.name} ({node.target}) is not a linear, single-op activation or norm layer, the only layers "
-                "the mask row can be gathered before"
+                f"the verbalizer on {architecture(gm)} is not supported: its MLM head has a layer other than linear, "
+                f"single-op activation and norm (node {node.name}, {node.target}; gelu_new is several ops), and the "
+                "mask row is gathered only before such layers"
             )
         transform.append(node)
         node = activation_input(node)

@@ -27,7 +27,8 @@ class Arch:
     unsupported: dict[str, str] = field(default_factory=dict)  # pass -> the sentence the pass says
 
 
-SEQ2SEQ_PROMPT = "an encoder-decoder model"
+SEQ2SEQ = "is not supported: it is an encoder-decoder model, whose decoder inputs PEFT prompts too"
+SEQ2SEQ_UNSUPPORTED = {"prompt": SEQ2SEQ, "p_tuning_adapter": SEQ2SEQ}
 
 ARCHS = [
     Arch("LLaMA", tf.LlamaConfig(num_key_value_heads=2, **_DECODER), ("causal-lm",)),
@@ -53,15 +54,17 @@ ARCHS = [
     Arch("DeBERTa-v2", tf.DebertaV2Config(**_ENCODER, type_vocab_size=0), ("seq-cls", "masked-lm")),
     Arch("ELECTRA", tf.ElectraConfig(embedding_size=32, **_ENCODER), ("seq-cls", "masked-lm"),
          ("input_ids", "attention_mask", "token_type_ids")),
+    Arch("ALBERT", tf.AlbertConfig(embedding_size=16, **_ENCODER), ("masked-lm",),
+         ("input_ids", "attention_mask", "token_type_ids"),
+         unsupported={"verbalizer": "is not supported: its MLM head has a layer other than linear, single-op "
+                                    "activation and norm"}),
     Arch("T5", tf.T5Config(d_model=32, d_ff=64, d_kv=8, num_layers=2, num_heads=4, decoder_start_token_id=0, **TINY),
-         ("seq2seq-lm",), ("input_ids", "attention_mask", "decoder_input_ids")),
+         ("seq2seq-lm",), ("input_ids", "attention_mask", "decoder_input_ids"), unsupported=SEQ2SEQ_UNSUPPORTED),
     Arch("BART", tf.BartConfig(d_model=32, encoder_ffn_dim=64, decoder_ffn_dim=64, encoder_layers=2, decoder_layers=2,
                                encoder_attention_heads=4, decoder_attention_heads=4, max_position_embeddings=64,
-                               **TINY), ("seq2seq-lm",), ("input_ids", "attention_mask", "decoder_input_ids")),
+                               **TINY), ("seq2seq-lm",), ("input_ids", "attention_mask", "decoder_input_ids"),
+         unsupported=SEQ2SEQ_UNSUPPORTED),
 ]
-ARCHS.append(Arch("ALBERT", tf.AlbertConfig(embedding_size=16, **_ENCODER), ("masked-lm",),
-                  ("input_ids", "attention_mask", "token_type_ids"),
-                  unsupported={"verbalizer": "is not supported: its MLM head's activation"}))
 
 PASSES = {
     "lora": "LoRA",
@@ -70,10 +73,6 @@ PASSES = {
     "ptuning": "P-tuning (template)",
     "verbalizer": "verbalizer",
 }
-SEQ2SEQ = "is not supported: it is an encoder-decoder model"
-for _arch in ARCHS:
-    if "seq2seq-lm" in _arch.tasks:
-        _arch.unsupported.update(prompt=SEQ2SEQ, p_tuning_adapter=SEQ2SEQ)
 
 
 def applies(name: str, task: str) -> bool:
