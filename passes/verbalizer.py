@@ -54,7 +54,7 @@ from rewrite.graph import GraphQuery, Projection, architecture, module_path, wor
 from rewrite.ir import add_submodule, info, tensor_at
 from rewrite.params import canonical_names, mark_trainable
 from rewrite.pipeline import Pass, option, register
-from rewrite.rows import Builder, activation_input, is_tokenwise, rows_at
+from rewrite.rows import Builder, is_tokenwise, rows_at
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -214,6 +214,12 @@ class MlmHead:
         return self.embedding.args[0]
 
 
+_ELEMENTWISE = {
+    aten.mul.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.div.Tensor, aten.pow.Tensor_Scalar, aten.tanh.default,
+    aten.erf.default, aten.mul.Scalar, aten.add.Scalar,
+}
+
+
 def find_mlm_head(gm: fx.GraphModule) -> MlmHead:
     """Reads the head off the graph: the projection onto the vocabulary that feeds the output, and the
     token-wise nodes before it that lie outside the base model (the module owning the word embedding)."""
@@ -226,23 +232,39 @@ def find_mlm_head(gm: fx.GraphModule) -> MlmHead:
             "needs a masked-LM graph with one MLM decoder (capture with --task masked-lm)"
         )
     decoder = heads[0]
-    base = (module_path(embedding) or "").partition(".")[0]
-    transform: list[fx.Node] = []
-    node = decoder.input
-    while node.op == "call_function" and not _in_module(node, base):
-        if not is_tokenwise(node):
+    transform, entry = _head_region(gm, decoder, (module_path(embedding) or "").partition(".")[0])
+    return MlmHead(embedding, decoder, transform, entry)
+
+
+def _head_region(gm: fx.GraphModule, decoder: Projection, base: str) -> tuple[list[fx.Node], fx.Node]:
+    """The head's nodes between the base model and the decoder, in graph order, and the one base-model node
+    they read. Each acts on every position alone: a linear, norm or activation layer, or the element-wise
+    arithmetic a multi-op activation is made of (ALBERT's gelu_new)."""
+    region: set[fx.Node] = set()
+    entries: set[fx.Node] = set()
+    stack = [decoder.input]
+    while stack:
+        node = stack.pop()
+        if node in region or node in entries:
+            continue
+        if node.op != "call_function" or _in_module(node, base):
+            entries.add(node)
+            continue
+        if not (is_tokenwise(node) or node.target in _ELEMENTWISE):
             raise RewriteError(
                 f"the verbalizer on {architecture(gm)} is not supported: its MLM head has a layer other than linear, "
-                f"single-op activation and norm (node {node.name}, {node.target}; gelu_new is several ops), and the "
-                "mask row is gathered only before such layers"
+                f"norm, activation and element-wise arithmetic (node {node.name}, {node.target}), and the mask row is "
+                "gathered only before such layers"
             )
-        transform.append(node)
-        node = activation_input(node)
-    transform.reverse()
-    for current, following in zip(transform, [*transform[1:], decoder.node]):
-        if list(current.users) != [following]:
-            raise RewriteError(f"the MLM head's node {current.name} is also used outside the head; it cannot be pruned")
-    return MlmHead(embedding, decoder, transform, node)
+        region.add(node)
+        stack.extend(a for a in node.all_input_nodes if a.op != "get_attr")
+    if len(entries) != 1:
+        raise RewriteError(f"the verbalizer on {architecture(gm)} is not supported: its MLM head reads {len(entries)} "
+                           "tensors of the base model, and the mask row is gathered from one")
+    for node in region:
+        if any(user not in region and user is not decoder.node for user in node.users):
+            raise RewriteError(f"the MLM head's node {node.name} is also used outside the head; it cannot be pruned")
+    return [node for node in gm.graph.nodes if node in region], entries.pop()
 
 
 def _in_module(node: fx.Node, base: str) -> bool:

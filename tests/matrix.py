@@ -55,9 +55,7 @@ ARCHS = [
     Arch("ELECTRA", tf.ElectraConfig(embedding_size=32, **_ENCODER), ("seq-cls", "masked-lm"),
          ("input_ids", "attention_mask", "token_type_ids")),
     Arch("ALBERT", tf.AlbertConfig(embedding_size=16, **_ENCODER), ("masked-lm",),
-         ("input_ids", "attention_mask", "token_type_ids"),
-         unsupported={"verbalizer": "is not supported: its MLM head has a layer other than linear, single-op "
-                                    "activation and norm"}),
+         ("input_ids", "attention_mask", "token_type_ids")),
     Arch("T5", tf.T5Config(d_model=32, d_ff=64, d_kv=8, num_layers=2, num_heads=4, decoder_start_token_id=0, **TINY),
          ("seq2seq-lm",), ("input_ids", "attention_mask", "decoder_input_ids"), unsupported=SEQ2SEQ_UNSUPPORTED),
     Arch("BART", tf.BartConfig(d_model=32, encoder_ffn_dim=64, decoder_ffn_dim=64, encoder_layers=2, decoder_layers=2,
