@@ -1,4 +1,5 @@
-"""Graph queries: which module made a node, where the projections are, and what role each plays.
+"""Graph queries: which module made a node, where the projections, the inputs, the word embedding and
+the MLM head are, and what role each projection plays.
 
 Roles are read off the graph, not a name table: the projection whose output reaches the query, key
 or value operand of attention (`scaled_dot_product_attention`, or an eager matmul-softmax-matmul)
@@ -18,6 +19,7 @@ from torch import fx
 
 from rewrite.errors import RewriteError
 from rewrite.ir import info, tag, tensor_at
+from rewrite.rows import is_tokenwise
 
 aten = torch.ops.aten
 
@@ -53,6 +55,13 @@ def layer_index(path: str) -> int | None:
     """The layer number in a module path (`model.layers.3.self_attn.q_proj` -> 3), read as PEFT reads it."""
     match = _LAYER_INDEX.match(path)
     return int(match.group(1)) if match else None
+
+
+def matches_module(path: str, spec: str | list[str]) -> bool:
+    """PEFT's rule: a string is a regex that must fullmatch; a list entry matches exactly or as a `.suffix`."""
+    if isinstance(spec, str):
+        return re.fullmatch(spec, path) is not None
+    return any(path == name or path.endswith("." + name) for name in spec)
 
 
 def module_path(node: fx.Node) -> str | None:
@@ -230,12 +239,57 @@ def _within(path: str, module: str) -> bool:
     return path == module or path.startswith(module + ".")
 
 
+def placeholders(gm: fx.GraphModule) -> dict[str, fx.Node]:
+    """The graph's inputs by name."""
+    return {node.target: node for node in gm.graph.find_nodes(op="placeholder")}
+
+
+def model_input(gm: fx.GraphModule, name: str) -> fx.Node | None:
+    """Input `name` as the model sees it: the extended tensor when a pass extended it (prompt tuning
+    prepends virtual positions; its node is tagged `extends=name`), else the placeholder.
+
+    A pass that runs later and reads `input_ids` or `attention_mask` (e.g. to find the `[MASK]`
+    position) must read this node, or its positions are off by the prepended positions.
+    """
+    for node in gm.graph.nodes:
+        if tag(node).get("extends") == name:
+            return node
+    return placeholders(gm).get(name)
+
+
 # Ops that hand token ids on unchanged in value: views, reshapes, casts, clamps, copies, and the slice the
 # prompt pass puts in front of the lookup to drop its virtual ids.
 _ID_CARRIERS = {
     aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten._to_copy.default, aten.to.dtype,
     aten.clamp.default, aten.clone.default, aten.alias.default, aten.contiguous.default, aten.slice.Tensor,
 }
+
+
+def architecture(gm: fx.GraphModule) -> str:
+    """The model's architecture name for messages: the config's `model_type`, else the captured class."""
+    return getattr(info(gm).config, "model_type", None) or info(gm).model_class or "captured"
+
+
+def word_embedding(gm: fx.GraphModule, needed_for: str) -> fx.Node:
+    """The `aten.embedding` that looks up `input_ids`, found by dataflow: the ids may reach it through
+    views, reshapes, casts and clamps (GPT-2 and OPT read `view(input_ids, [-1, seq])`), or through the
+    prompt-extended ids a prompt pass made. The first such lookup in graph order is the word embedding:
+    where prompt vectors enter the model, and the table a tied MLM decoder reads. `needed_for` ends the
+    error message."""
+    ids = placeholders(gm).get("input_ids")
+    carriers, queue = {ids}, deque([ids] if ids is not None else [])
+    while queue:
+        node = queue.popleft()
+        for user in node.users:
+            passes_on = user.target in _ID_CARRIERS and user.args[0] is node
+            if user not in carriers and (passes_on or tag(user).get("extends") == "input_ids"):
+                carriers.add(user)
+                queue.append(user)
+    for node in gm.graph.find_nodes(op="call_function", target=aten.embedding.default):
+        if ids is not None and node.args[1] in carriers:
+            return node
+    raise RewriteError(f"the {architecture(gm)} graph has no word-embedding lookup fed by an `input_ids` input "
+                       f"(through views, reshapes, casts or clamps); {needed_for}")
 
 
 def embedding_output(lookup: fx.Node) -> fx.Node:
@@ -251,29 +305,78 @@ def embedding_output(lookup: fx.Node) -> fx.Node:
     return node
 
 
-def architecture(gm: fx.GraphModule) -> str:
-    """The model's architecture name for messages: the config's `model_type`, else the captured class."""
-    return getattr(info(gm).get("config"), "model_type", None) or info(gm).get("model_class") or "captured"
+@dataclass
+class MlmHead:
+    """The graph's MLM head: `entry` (hidden states) -> token-wise `transform` nodes -> `decoder`."""
+
+    embedding: fx.Node
+    decoder: Projection
+    transform: list[fx.Node]
+    entry: fx.Node
+
+    @property
+    def ids(self) -> fx.Node:
+        """The token ids the word embedding reads: the user's (prompt tuning slices its virtual ids off before the lookup)."""
+        return self.embedding.args[1]
+
+    @property
+    def embedding_weight(self) -> fx.Node:
+        return self.embedding.args[0]
 
 
-def word_embedding(gm: fx.GraphModule) -> fx.Node:
-    """The `aten.embedding` that looks up `input_ids`, found by dataflow: the ids may reach it through
-    views, reshapes, casts and clamps (GPT-2 and OPT read `view(input_ids, [-1, seq])`), or through the
-    prompt-extended ids a prompt pass made. The first such lookup in graph order is the word embedding."""
-    ids = next(iter(gm.graph.find_nodes(op="placeholder", target="input_ids")), None)
-    if ids is None:
-        raise RewriteError(f"the {architecture(gm)} graph has no `input_ids` input, which prompt passes and the "
-                           "verbalizer read; capture the model with input_ids")
-    carriers, queue = {ids}, deque([ids])
-    while queue:
-        node = queue.popleft()
-        for user in node.users:
-            passes_on = user.target in _ID_CARRIERS and user.args[0] is node
-            if user not in carriers and (passes_on or tag(user).get("extends") == "input_ids"):
-                carriers.add(user)
-                queue.append(user)
-    for node in gm.graph.find_nodes(op="call_function", target=aten.embedding.default):
-        if node.args[1] in carriers:
-            return node
-    raise RewriteError(f"the {architecture(gm)} graph has no word-embedding lookup fed by `input_ids` (through views, "
-                       "reshapes, casts or clamps); prompt passes and the verbalizer need a token-input model")
+def find_mlm_head(gm: fx.GraphModule) -> MlmHead:
+    """Reads the head off the graph: the projection onto the vocabulary that feeds the output, and the
+    token-wise nodes before it that lie outside the base model (the module owning the word embedding)."""
+    embedding = word_embedding(gm, "an MLM head is read off a token-input masked LM")
+    vocab = tensor_at(gm, embedding.args[0].target).shape[0]
+    heads = [p for p in GraphQuery(gm).output_heads if p.out_features == vocab]
+    if len(heads) != 1:
+        raise RewriteError(
+            f"found {len(heads)} projections onto the {vocab}-word vocabulary at the graph's output; a "
+            "masked-LM graph with one MLM decoder is needed (capture with --task masked-lm)"
+        )
+    decoder = heads[0]
+    transform, entry = _head_region(gm, decoder, (module_path(embedding) or "").partition(".")[0])
+    return MlmHead(embedding, decoder, transform, entry)
+
+
+_ELEMENTWISE = {
+    aten.mul.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.div.Tensor, aten.pow.Tensor_Scalar, aten.tanh.default,
+    aten.erf.default, aten.mul.Scalar, aten.add.Scalar,
+}
+
+
+def _head_region(gm: fx.GraphModule, decoder: Projection, base: str) -> tuple[list[fx.Node], fx.Node]:
+    """The head's nodes between the base model and the decoder, in graph order, and the one base-model node
+    they read. Each acts on every position alone: a linear, norm or activation layer, or the element-wise
+    arithmetic a multi-op activation is made of (ALBERT's gelu_new)."""
+    region: set[fx.Node] = set()
+    entries: set[fx.Node] = set()
+    stack = [decoder.input]
+    while stack:
+        node = stack.pop()
+        if node in region or node in entries:
+            continue
+        if node.op != "call_function" or _in_module(node, base):
+            entries.add(node)
+            continue
+        if not (is_tokenwise(node) or node.target in _ELEMENTWISE):
+            raise RewriteError(
+                f"an MLM head on {architecture(gm)} is not supported: it has a layer other than linear, norm, "
+                f"activation and element-wise arithmetic (node {node.name}, {node.target}), and only such a head "
+                "can be read at one position"
+            )
+        region.add(node)
+        stack.extend(a for a in node.all_input_nodes if a.op != "get_attr")
+    if len(entries) != 1:
+        raise RewriteError(f"an MLM head on {architecture(gm)} is not supported: it reads {len(entries)} tensors of "
+                           "the base model, and only a head that reads one can be read at one position")
+    for node in region:
+        if any(user not in region and user is not decoder.node for user in node.users):
+            raise RewriteError(f"the MLM head's node {node.name} is also used outside the head; it cannot be pruned")
+    return [node for node in gm.graph.nodes if node in region], entries.pop()
+
+
+def _in_module(node: fx.Node, base: str) -> bool:
+    path = module_path(node) or ""
+    return path == base or path.startswith(base + ".")
