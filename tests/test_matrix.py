@@ -88,7 +88,7 @@ def assert_same(ours, theirs, arch, inputs) -> None:
 def dims(gm) -> dict[str, int]:
     """PEFT reads the prompt width from config names it knows (`hidden_size`, ...): DistilBERT's `dim` it does
     not, and ALBERT's word embeddings are narrower than its hidden size. Give it the word-embedding width."""
-    return dict(token_dim=int(gm.get_parameter(word_embedding(gm).args[0].target).shape[1]),
+    return dict(token_dim=int(gm.get_parameter(word_embedding(gm, "PEFT needs its width").args[0].target).shape[1]),
                 num_attention_heads=4, num_layers=2)
 
 
