@@ -18,7 +18,7 @@ import torch
 from torch import fx
 
 from rewrite.errors import RewriteError
-from rewrite.files import atomic_dir_files
+from rewrite.atomic import atomic_dir_files
 from rewrite.ir import info, tensor_at
 from rewrite.pipeline import AdapterFiles, applied, registered
 

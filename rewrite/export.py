@@ -13,8 +13,8 @@ from torch.utils import _pytree as pytree
 
 from rewrite import runtime
 from rewrite.errors import RewriteError
-from rewrite.files import atomic_dir_files
-from rewrite.inputs import DEFAULT_INPUT_NAMES, example_inputs
+from rewrite.atomic import atomic_dir_files
+from rewrite.synthetic_inputs import DEFAULT_INPUT_NAMES, example_inputs
 from rewrite.ir import info, tensor_at
 from rewrite.pipeline import applied
 

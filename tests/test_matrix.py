@@ -20,7 +20,7 @@ from torch.nn import functional as F
 import rewrite
 from rewrite.errors import RewriteError
 from rewrite.graph import word_embedding
-from rewrite.inputs import example_inputs
+from rewrite.synthetic_inputs import example_inputs
 from rewrite.params import count_parameters
 from rewrite.passes.prompt import TABLE
 
