@@ -17,6 +17,8 @@ from rewrite.atomic import atomic_dir_files
 from rewrite.synthetic_inputs import DEFAULT_INPUT_NAMES, example_inputs
 from rewrite.ir import info, tensor_at
 from rewrite.pipeline import applied
+from rewrite.adapter_slots import DEFAULT_MAX_RANK
+from rewrite.onnx_adapters import SlotExport
 
 log = logging.getLogger(__name__)
 
@@ -68,13 +70,15 @@ def real_positions(reference: torch.Tensor, actual: torch.Tensor, inputs: dict[s
     return reference, actual
 
 
-def _verify(gm: fx.GraphModule, model_path: Path, input_names: list[str], output_names: list[str]) -> tuple[float, float, str]:
-    """Runs fresh inputs of another shape through ONNX Runtime and torch; raises beyond tolerance."""
+def _verify(gm: fx.GraphModule, model_path: Path, input_names: list[str], output_names: list[str],
+            slots: SlotExport | None) -> tuple[float, float, str]:
+    """Runs fresh inputs of another shape through ONNX Runtime and torch; raises beyond tolerance.
+    A slotted model is fed the graph's own adapter through its slots."""
     inputs = example_inputs(input_names, _vocab_size(gm), batch=3, seq=11, seed=1, pad=True)
     with torch.no_grad():
         expected = _flat(gm(**inputs))
     sess = runtime.session(model_path)
-    got = runtime.run(sess, inputs)
+    got = runtime.run(sess, inputs | (slots.verify_feeds(batch=3) if slots else {}))
     worst, tolerance = 0.0, 0.0
     for name, reference in zip(output_names, expected):
         reference, actual = real_positions(reference.float(), torch.from_numpy(got[name]).float(), inputs)
@@ -108,12 +112,16 @@ def _add_metadata(gm: fx.GraphModule, path: Path) -> None:
     onnx.save(model, str(path))
 
 
-def export_onnx(gm: fx.GraphModule, path: str | Path, *, verify: bool = True, opset: int | None = None) -> ExportReport:
+def export_onnx(gm: fx.GraphModule, path: str | Path, *, verify: bool = True, opset: int | None = None,
+                adapter_slots: bool = False, mixed_adapters: bool = False,
+                max_rank: int = DEFAULT_MAX_RANK) -> ExportReport:
     """Exports `gm` (in eval mode) to ONNX, checks it, and verifies it against torch in ONNX Runtime.
 
     Inputs keep the graph's names (`input_ids`, `attention_mask`, ...), outputs are named from the
     model output (`logits`); batch and sequence axes are dynamic. Models over 2 GB use external data.
     The tokenizer is written beside the model (as Optimum does), the task and labels into its metadata.
+    `adapter_slots` keeps the adapter unfolded as named inputs that default to no adapter (see
+    `rewrite.onnx_adapters`); `mixed_adapters` stacks them and adds a per-row `adapter_index` input.
     """
     path = Path(path)
     if any(p.device.type == "meta" for p in gm.parameters()):
@@ -126,8 +134,11 @@ def export_onnx(gm: fx.GraphModule, path: str | Path, *, verify: bool = True, op
         with torch.no_grad():
             output_names = _output_names(gm(**inputs))
         dynamic = {name: {0: "batch", 1: "sequence"} for name in input_names}
+        slots = SlotExport(gm, mixed=mixed_adapters, max_rank=max_rank) if adapter_slots or mixed_adapters else None
+        if slots:
+            inputs, dynamic = inputs | slots.example_inputs(batch=2), dynamic | slots.dynamic_shapes()
         program = torch.onnx.export(
-            gm, (), kwargs=inputs, dynamic_shapes=dynamic, output_names=output_names,
+            slots.graph if slots else gm, (), kwargs=inputs, dynamic_shapes=dynamic, output_names=output_names,
             dynamo=True, opset_version=opset, verbose=False,
         )
         large = sum(p.numel() * p.element_size() for p in gm.parameters()) > PROTOBUF_LIMIT
@@ -135,13 +146,15 @@ def export_onnx(gm: fx.GraphModule, path: str | Path, *, verify: bool = True, op
             staged = tmp / path.name
             program.save(staged, external_data=large)
             _add_metadata(gm, staged)
+            if slots:
+                slots.finish(staged)
             onnx.checker.check_model(str(staged))
             tokenizer = info(gm).tokenizer
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
             diff = tolerance = provider = None
             if verify:
-                diff, tolerance, provider = _verify(gm, staged, input_names, output_names)
+                diff, tolerance, provider = _verify(gm, staged, input_names, output_names, slots)
                 log.info("ONNX Runtime (%s) matches torch: max abs diff %.3g", provider, diff)
     finally:
         gm.train(was_training)

@@ -14,7 +14,9 @@ pass. Every hook has a default that does nothing, so a new pass overrides only w
 - `serving_metadata(gm, runs)`: what export writes into the ONNX model's metadata;
   `serving_inputs(props, tokenizer, texts)`: how `rewrite run` encodes text for such a model.
 - `fold(gm, runs) -> Folded`: merge what the pass added into constants (the fold pass asks every pass).
-- `adapter_slots(gm, runs)`: graph inputs an ONNX export may expose per adapter (none by default).
+- `adapter_slots(gm, runs)`, `prepare_slots(gm, runs)`, `slot_values(config, weights)`: the tensors an
+  ONNX export exposes as inputs that adapter files fill, how the exported copy reads them, and a PEFT
+  adapter's tensors as slot values (`rewrite.adapter_slots`).
 
 How text becomes input ids, and what else the graph now is (task, trainable parameters,
 prepended positions, an input template), a pass writes into the typed `GraphInfo`.
@@ -67,6 +69,16 @@ class Pass(PassBase):
     name: ClassVar[str]
     title: ClassVar[str] = ""
     peft_types: ClassVar[tuple[str, ...]] = ()  # PEFT adapter types `from_adapter` applies
+    # Training-graph passes (`rewrite.speed`): `speed_rank` orders them (None: not one), `speed_default`
+    # says whether `rewrite.train` applies it unless told otherwise. Flags say how one may be used: it
+    # changes train-mode dropout draws (not bit-exact with Hugging Face's masks), its graph returns what
+    # the loss must finish (not logits, so a custom loss cannot read it), or it is exact only for
+    # batches without padding.
+    speed_rank: ClassVar[int | None] = None
+    speed_default: ClassVar[bool] = True
+    changes_dropout: ClassVar[bool] = False
+    replaces_logits: ClassVar[bool] = False
+    unpadded_only: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         self.report: dict[str, Any] = {}
@@ -123,9 +135,20 @@ class Pass(PassBase):
         return None
 
     @classmethod
-    def adapter_slots(cls, gm: fx.GraphModule, runs: Sequence["Pass"]) -> list[str]:
-        """Graph tensors an ONNX export may expose as named inputs, one set per adapter (none by default)."""
+    def adapter_slots(cls, gm: fx.GraphModule, runs: Sequence["Pass"]) -> list[Any]:
+        """The graph tensors an ONNX export exposes as named inputs that adapter files fill, as
+        `rewrite.adapter_slots.Slot`s (none by default; trained tensors no pass claims become slots too)."""
         return []
+
+    @classmethod
+    def prepare_slots(cls, gm: fx.GraphModule, runs: Sequence["Pass"]) -> None:
+        """Rewrites `gm`, a copy the slot export owns, so each slot's tensor is all its input replaces (LoRA
+        drops the multiplier its B slot carries; a prompt encoder becomes its table). Nothing by default."""
+
+    @classmethod
+    def slot_values(cls, config: dict[str, Any], weights: dict[str, Any]) -> dict[str, Any]:
+        """A PEFT adapter of one of `peft_types` as the tensors that fill this pass's slots (and its head's)."""
+        raise RewriteError(f"pass {cls.name!r} does not convert PEFT adapters for adapter slots")
 
 
 def register(cls: type[Pass]) -> type[Pass]:
@@ -230,7 +253,8 @@ class Pipeline:
             gm.graph.lint()
             gm.recompile()
             info(gm).history.append(
-                {"pass": pass_.name, "options": _jsonable(pass_.options()), "report": _jsonable(pass_.report)}
+                {"pass": pass_.name, "options": _jsonable(pass_.options()), "report": _jsonable(pass_.report),
+                 "modified": result is None or bool(result.modified)}
             )
             log.info("pass %s: %s", pass_.name, pass_.report.get("summary", "done"))
         return gm
