@@ -21,7 +21,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassResult
 
-from rewrite.adapter import PREFIX, adapter_base, peft_task_type
+from rewrite.adapter import PREFIX, adapter_base, peft_task_type, saved_modules
 from rewrite.adapter_slots import RANK, Slot, dtype_name
 from rewrite.errors import RewriteError
 from rewrite.graph import GraphQuery, Projection, matches_module
@@ -241,8 +241,11 @@ class LoraPass(Pass):
     def from_adapter(cls, gm: fx.GraphModule, config: dict[str, Any], weights: dict[str, torch.Tensor],
                      origin: str) -> dict[str, str]:
         """The LoRA pass with the adapter's targets, ranks and alphas; every tensor by its PEFT key."""
-        Pipeline([cls._from_config(config)]).run(gm)
-        return {_graph_name(key): key for key in weights}
+        names = {_graph_name(key): key for key in weights}
+        run = cls._from_config(config)
+        run.modules_to_save = saved_modules(config, [name for name in names if ".lora_" not in name])
+        Pipeline([run]).run(gm)
+        return names
 
     @classmethod
     def _from_config(cls, config: dict[str, Any]) -> "LoraPass":

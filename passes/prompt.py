@@ -25,16 +25,18 @@ from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassResult
 from torch.utils import _pytree as pytree
 
-from rewrite.adapter import PROMPT_KEY, adapter_base, peft_task_type
+from rewrite.adapter import PROMPT_KEY, adapter_base, peft_task_type, saved_modules
 from rewrite.adapter_slots import Slot, tensor_slot
 from rewrite.data import IGNORE_INDEX
 from rewrite.errors import RewriteError
-from rewrite.graph import placeholders, word_embedding
+from rewrite.graph import embedding_output, placeholders, word_embedding
 from rewrite.ir import add_submodule, info, require_tokenizer, tensor_at
 from rewrite.nodes import NodeBuilder
 from rewrite.params import mark_trainable, trainable_heads
 from rewrite.pipeline import AdapterFiles, Pass, Pipeline, option, register
-from rewrite.prompt_table import ENCODER, TABLE, TOKENS, check_no_prompt, initial_table, register_tokens, sampled_rows
+from rewrite.prompt_table import (
+    ENCODER, TABLE, TOKENS, check_no_prompt, check_not_seq2seq, initial_table, register_tokens, sampled_rows,
+)
 
 aten = torch.ops.aten
 log = logging.getLogger(__name__)
@@ -132,6 +134,7 @@ class PromptPass(Pass):
 
     def _check_inputs(self, gm: fx.GraphModule) -> dict[str, fx.Node]:
         inputs = placeholders(gm)
+        check_not_seq2seq(gm)
         unknown = sorted(set(inputs) - {"input_ids", "labels", *_PREFIX_FILL})
         if unknown:
             raise RewriteError(
@@ -147,14 +150,15 @@ class PromptPass(Pass):
         return inputs
 
     def _extend_inputs(self, gm: fx.GraphModule, inputs: dict[str, fx.Node], embed: fx.Node) -> None:
-        """Every reader of an input, except the word-embedding lookup, sees the prompt-extended tensor."""
+        """Every reader of an input sees the prompt-extended tensor (`_prepend` then drops the virtual ids
+        from the word-embedding lookup's)."""
         graph = gm.graph
         emit = NodeBuilder(graph, embed, **{"pass": self.name})
         with graph.inserting_before(list(inputs.values())[-1].next):
             for name, node in inputs.items():
                 extended = _extension(emit, name, node, self.num_virtual_tokens, info(gm).task)
                 if extended is not None:
-                    emit.redirect(node, extended, keep=(embed,))
+                    emit.redirect(node, extended)
             limit = position_limit(gm)
             if limit is not None:
                 self._assert_fits(emit, inputs["input_ids"], limit)
@@ -168,17 +172,21 @@ class PromptPass(Pass):
         emit(aten._assert_scalar.default, emit(operator.le, total, limit), message)
 
     def _prepend(self, gm: fx.GraphModule, embed: fx.Node) -> None:
-        """`embed(ids)` becomes `cat(prompt table, embed(ids))`, PEFT's computation."""
+        """`embed(ids)` becomes `cat(prompt table, embed(ids))`, PEFT's computation: the lookup reads the
+        extended ids (through whatever views the model applies) with the virtual ones sliced off."""
         graph = gm.graph
         table = tensor_at(gm, TABLE)
         emit = NodeBuilder(graph, embed, **{"pass": self.name})
-        with graph.inserting_before(embed.next):
+        with graph.inserting_before(embed):
+            embed.update_arg(1, emit(aten.slice.Tensor, embed.args[1], 1, self.num_virtual_tokens))
+        words = embedding_output(embed)
+        with graph.inserting_before(words.next):
             batch = emit(aten.sym_size.int, embed.args[1], 0)
             prompts = emit(aten.unsqueeze.default, emit.attr(TABLE), 0)
             prompts = emit(aten.expand.default, prompts, [batch, self.num_virtual_tokens, table.shape[1]])
             prompts = emit.to_dtype(prompts, table.dtype, tensor_at(gm, embed.args[0].target).dtype)
-            joined = emit(aten.cat.default, [prompts, embed], 1)
-        emit.redirect(embed, joined)
+            joined = emit(aten.cat.default, [prompts, words], 1)
+        emit.redirect(words, joined)
 
     def _strip(self, gm: fx.GraphModule) -> list[int]:
         """Outputs with a sequence axis drop the virtual positions, so callers see their own length."""
@@ -226,7 +234,8 @@ class PromptPass(Pass):
         graph_info, table = info(gm), tensor_at(gm, TABLE)
         config = {
             "peft_type": "PROMPT_TUNING",
-            "task_type": peft_task_type(gm),
+            # PEFT prompts only through a task class; FEATURE_EXTRACTION's prepends for any model (masked LMs)
+            "task_type": peft_task_type(gm) or "FEATURE_EXTRACTION",
             "base_model_name_or_path": graph_info.source,
             "num_virtual_tokens": run.report["num_virtual_tokens"],
             "token_dim": int(table.shape[1]),
@@ -258,8 +267,7 @@ class PromptPass(Pass):
                      origin: str) -> dict[str, str]:
         """Prompts for the adapter's virtual tokens (and its head as modules_to_save); `prompt_embeddings`
         fills the table."""
-        if config.get("num_transformer_submodules", 1) != 1:
-            raise RewriteError(f"adapter {origin!r} prompts an encoder-decoder model, which this project does not capture")
+        check_not_seq2seq(gm)
         if PROMPT_KEY not in weights:
             raise RewriteError(f"adapter {origin!r} has no {PROMPT_KEY} tensor; it is not a prompt-learning adapter")
         embed = word_embedding(gm, "prompt vectors enter the model there")
@@ -268,6 +276,6 @@ class PromptPass(Pass):
             raise RewriteError(f"adapter {origin!r} holds prompts of shape {tuple(weights[PROMPT_KEY].shape)} but "
                                f"this model's embeddings are {hidden} wide; the adapter was made for another model")
         heads = {key.removeprefix(PROMPT_PREFIX): key for key in weights if key != PROMPT_KEY}
-        modules = sorted({name.rpartition(".")[0] for name in heads})
-        Pipeline([cls(num_virtual_tokens=config["num_virtual_tokens"], modules_to_save=modules)]).run(gm)
+        Pipeline([cls(num_virtual_tokens=config["num_virtual_tokens"],
+                      modules_to_save=saved_modules(config, heads))]).run(gm)
         return {TABLE: PROMPT_KEY, **heads}

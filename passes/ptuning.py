@@ -31,7 +31,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from rewrite.adapter_slots import Slot, tensor_slot
 from rewrite.capture import capture
 from rewrite.errors import RewriteError
-from rewrite.graph import GraphQuery, word_embedding
+from rewrite.graph import GraphQuery, embedding_output, word_embedding
 from rewrite.ir import InputTemplate, add_submodule, copy_meta, info, remove_submodule, require_tokenizer, tag, tensor_at
 from rewrite.nodes import NodeBuilder
 from rewrite.params import forget_trainable, mark_trainable, trainable_heads
@@ -143,21 +143,22 @@ class PtuningPass(Pass):
         return ids if ids[0] < weight.shape[0] else sampled_rows(weight, len(ids))
 
     def _route(self, gm: fx.GraphModule, embed: fx.Node, encoder: PromptEncoder, reserved: bool) -> None:
-        """`embed(ids)` becomes `where(ids is a placeholder, table[slot], embed(ids))`."""
+        """`embed(ids)` becomes `where(ids is a placeholder, table[slot], embed(ids))`, at the embedding module's output."""
         graph, ids = gm.graph, embed.args[1]
         weight = tensor_at(gm, embed.args[0].target)
         emit = NodeBuilder(graph, embed, **{"pass": self.name})
         if reserved:
             with graph.inserting_before(embed):
                 embed.update_arg(1, emit(aten.clamp.default, ids, None, weight.shape[0] - 1))
-        with graph.inserting_before(embed.next):
+        words = embedding_output(embed)
+        with graph.inserting_before(words.next):
             table = emit.attr(TABLE) if self.encoder == "none" else _inline(gm, emit, encoder)
             match = emit(aten.eq.Tensor, emit(aten.unsqueeze.default, ids, -1), emit.attr(TOKENS))
             chosen = emit(aten.any.dim, match, -1, True)
             slot = emit(aten.argmax.default, emit(aten._to_copy.default, match, dtype=torch.int32), -1)
             prompts = emit.to_dtype(emit(aten.embedding.default, table, slot), encoder.embedding.weight.dtype, weight.dtype)
-            routed = emit(aten.where.self, chosen, prompts, embed)
-        emit.redirect(embed, routed)
+            routed = emit(aten.where.self, chosen, prompts, words)
+        emit.redirect(words, routed)
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         gm = graph_module

@@ -35,6 +35,13 @@ def peft_task_type(gm: fx.GraphModule) -> str | None:
     return _PEFT_TASK.get(info(gm).task)
 
 
+def saved_modules(config: dict[str, Any], names) -> list[str]:
+    """The modules whose full weights an adapter holds (`names` are their parameters), as its config's
+    `modules_to_save` names them: `classifier` for RoBERTa's `classifier.dense` and `classifier.out_proj`."""
+    declared = config.get("modules_to_save") or []
+    return sorted({next((m for m in declared if name.startswith(m + ".")), name.rpartition(".")[0]) for name in names})
+
+
 def adapter_base(gm: fx.GraphModule, prefix: str = PREFIX, skip: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
     """The trainable tensors (but `skip`) under PEFT's key names: `prefix` + the parameter name."""
     return {prefix + name: tensor_at(gm, name).detach().contiguous().cpu()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import inspect
 import json
 import logging
 import sys
@@ -28,6 +29,8 @@ _ARCH_SUFFIX_TO_TASK = {
     "ForSequenceClassification": "seq-cls",
 }
 
+_TOKENIZER_FILES = ("tokenizer*.json", "vocab.*", "merges.txt", "*.model")
+
 
 def _dynamic_shapes(inputs: dict[str, Any]) -> dict[str, Any]:
     """Batch and sequence dims of every tensor input are dynamic; export infers their ranges."""
@@ -45,6 +48,14 @@ def _dynamic_shapes(inputs: dict[str, Any]) -> dict[str, Any]:
         else:
             shapes[name] = None
     return shapes
+
+
+def _no_cache(model: nn.Module) -> None:
+    """No KV cache in the captured graph; T5's encoder and decoder stacks hold configs of their own."""
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "use_cache"):
+            config.use_cache = False
 
 
 def _drop_guards(gm: fx.GraphModule) -> None:
@@ -68,15 +79,14 @@ def capture(
     `gm.train()` / `gm.eval()` like the module did.
     """
     config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "use_cache"):
-        config.use_cache = False
+    _no_cache(model)
     dynamic_shapes = _dynamic_shapes(example_inputs) if dynamic else None
     with in_mode(model, True) as was_training:  # so dropout probabilities are recorded (rewrite.modes)
         exported = torch.export.export(model, (), dict(example_inputs), dynamic_shapes=dynamic_shapes, strict=False)
     unlifted = exported.module()
     _drop_guards(unlifted)
     base_info = {"history": [], "input_names": list(example_inputs), "task": _task_of_class(type(model).__name__),
-                 "config": config}
+                 "config": config, "model_class": type(model).__name__}
     base_info.update(info or {})
     _drop_full_slices(unlifted.graph)
     return wrap(unlifted, unlifted.graph, base_info, was_training)
@@ -159,6 +169,9 @@ def _load_config(path: Path, num_labels: int | None):
 def _load_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
+    if not any(next(path.glob(pattern), None) for pattern in _TOKENIZER_FILES):
+        log.warning("no tokenizer files in %s; text commands will not work with this graph", path)
+        return None  # AutoTokenizer would build an empty one from config.json alone
     try:
         return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError, TypeError) as error:
@@ -169,6 +182,19 @@ def _load_tokenizer(path: Path):
 def _fresh_modules(loading: dict[str, Any]) -> list[str]:
     """Modules whose weights the checkpoint lacked (a new classifier head): random until trained."""
     return sorted({key.rpartition(".")[0] for key in loading.get("missing_keys", [])})
+
+
+def input_names(model: nn.Module, tokenizer=None) -> list[str]:
+    """The text inputs to capture with: the tokenizer's, else token ids, a mask, and token types where the
+    model has a token-type embedding, always restricted to what the model's forward takes (DistilBERT
+    takes no `token_type_ids`)."""
+    if tokenizer is not None:
+        wanted = list(tokenizer.model_input_names)
+    else:
+        types = getattr(model.config, "type_vocab_size", 0) or 0
+        wanted = [*DEFAULT_INPUT_NAMES, *(["token_type_ids"] if types > 1 else [])]
+    accepted = inspect.signature(model.forward).parameters
+    return [name for name in wanted if name in accepted]
 
 
 def load_pretrained(
@@ -185,6 +211,10 @@ def load_pretrained(
     """
     path = Path(path)
     config = _load_config(path, num_labels)
+    if getattr(config, "is_encoder_decoder", False):
+        raise RewriteError(f"capturing {config.model_type} from {str(path)!r} is not supported: it is an encoder-decoder "
+                           "model and load_pretrained has no seq2seq task with decoder inputs; build the model and call "
+                           "rewrite.capture(model, inputs) with decoder_input_ids")
     task = _task_for(config, task)
     tokenizer = _load_tokenizer(path)
     auto_class = _auto_class(task)
@@ -199,8 +229,7 @@ def load_pretrained(
         except (OSError, ValueError, RuntimeError, safetensors.SafetensorError) as error:
             raise RewriteError(f"weights in {str(path)!r} could not be loaded: {error}") from error
     model.eval()
-    input_names = list(tokenizer.model_input_names) if tokenizer is not None else list(DEFAULT_INPUT_NAMES)
-    inputs = example_inputs(input_names, config.vocab_size, device="meta" if meta else "cpu")
+    inputs = example_inputs(input_names(model, tokenizer), config.vocab_size, device="meta" if meta else "cpu")
     info = {"source": str(path), "task": task, "config": config, "tokenizer": tokenizer, "meta_device": meta,
             "untrained": [] if meta else _fresh_modules(loading)}
     return capture(model, inputs, info=info)

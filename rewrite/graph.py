@@ -18,8 +18,8 @@ import torch
 from torch import fx
 
 from rewrite.errors import RewriteError
-from rewrite.ir import tag, tensor_at
-from rewrite.row_gather import activation_input, is_tokenwise
+from rewrite.ir import info, tag, tensor_at
+from rewrite.row_gather import is_tokenwise
 
 aten = torch.ops.aten
 
@@ -221,6 +221,23 @@ class GraphQuery:
         nodes = set(self._by_node)
         return [p for p in self.projections if not (nx.descendants(self.digraph, p.node) & nodes)]
 
+    @cached_property
+    def head_modules(self) -> list[str]:
+        """The modules that hold the output heads whole, as PEFT's `modules_to_save` names them: for each
+        output head, its shallowest enclosing module with no attention or block projection inside
+        (RoBERTa's `classifier` holds `classifier.dense` and `classifier.out_proj`; LLaMA's is `score`)."""
+        inside = [p.path for p in self.projections if p.path in self.roles]
+        found: list[str] = []
+        for head in self.output_heads:
+            parts = head.path.split(".")
+            prefixes = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+            found.append(next(m for m in prefixes if not any(_within(path, m) for path in inside)))
+        return list(dict.fromkeys(found))
+
+
+def _within(path: str, module: str) -> bool:
+    return path == module or path.startswith(module + ".")
+
 
 def placeholders(gm: fx.GraphModule) -> dict[str, fx.Node]:
     """The graph's inputs by name."""
@@ -240,14 +257,52 @@ def model_input(gm: fx.GraphModule, name: str) -> fx.Node | None:
     return placeholders(gm).get(name)
 
 
+# Ops that hand token ids on unchanged in value: views, reshapes, casts, clamps, copies, and the slice the
+# prompt pass puts in front of the lookup to drop its virtual ids.
+_ID_CARRIERS = {
+    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten._to_copy.default, aten.to.dtype,
+    aten.clamp.default, aten.clone.default, aten.alias.default, aten.contiguous.default, aten.slice.Tensor,
+}
+
+
+def architecture(gm: fx.GraphModule) -> str:
+    """The model's architecture name for messages: the config's `model_type`, else the captured class."""
+    return getattr(info(gm).config, "model_type", None) or info(gm).model_class or "captured"
+
+
 def word_embedding(gm: fx.GraphModule, needed_for: str) -> fx.Node:
-    """The `aten.embedding` that looks up the `input_ids` input: where prompt vectors enter the model,
-    and the table a tied MLM decoder reads. `needed_for` ends the error message."""
+    """The `aten.embedding` that looks up `input_ids`, found by dataflow: the ids may reach it through
+    views, reshapes, casts and clamps (GPT-2 and OPT read `view(input_ids, [-1, seq])`), or through the
+    prompt-extended ids a prompt pass made. The first such lookup in graph order is the word embedding:
+    where prompt vectors enter the model, and the table a tied MLM decoder reads. `needed_for` ends the
+    error message."""
     ids = placeholders(gm).get("input_ids")
-    for node in ids.users if ids is not None else ():
-        if node.target is aten.embedding.default and node.args[1] is ids:
+    carriers, queue = {ids}, deque([ids] if ids is not None else [])
+    while queue:
+        node = queue.popleft()
+        for user in node.users:
+            passes_on = user.target in _ID_CARRIERS and user.args[0] is node
+            if user not in carriers and (passes_on or tag(user).get("extends") == "input_ids"):
+                carriers.add(user)
+                queue.append(user)
+    for node in gm.graph.find_nodes(op="call_function", target=aten.embedding.default):
+        if ids is not None and node.args[1] in carriers:
             return node
-    raise RewriteError(f"the graph has no word-embedding lookup of an `input_ids` input; {needed_for}")
+    raise RewriteError(f"the {architecture(gm)} graph has no word-embedding lookup fed by an `input_ids` input "
+                       f"(through views, reshapes, casts or clamps); {needed_for}")
+
+
+def embedding_output(lookup: fx.Node) -> fx.Node:
+    """The word-embedding module's output: the lookup, or the last node after it inside the same module
+    (Gemma's embedding scales the rows it looks up). Prompts join the sequence here, where PEFT's
+    `inputs_embeds` do."""
+    path, node = module_path(lookup), lookup
+    while len(node.users) == 1:
+        user = next(iter(node.users))
+        if user.op != "call_function" or module_path(user) != path or user.args[0] is not node:
+            break
+        node = user
+    return node
 
 
 @dataclass
@@ -261,7 +316,7 @@ class MlmHead:
 
     @property
     def ids(self) -> fx.Node:
-        """The token ids the word embedding reads: the user's ids (prompt tuning prepends to the hidden states only)."""
+        """The token ids the word embedding reads: the user's (prompt tuning slices its virtual ids off before the lookup)."""
         return self.embedding.args[1]
 
     @property
@@ -281,22 +336,45 @@ def find_mlm_head(gm: fx.GraphModule) -> MlmHead:
             "masked-LM graph with one MLM decoder is needed (capture with --task masked-lm)"
         )
     decoder = heads[0]
-    base = (module_path(embedding) or "").partition(".")[0]
-    transform: list[fx.Node] = []
-    node = decoder.input
-    while node.op == "call_function" and not _in_module(node, base):
-        if not is_tokenwise(node):
+    transform, entry = _head_region(gm, decoder, (module_path(embedding) or "").partition(".")[0])
+    return MlmHead(embedding, decoder, transform, entry)
+
+
+_ELEMENTWISE = {
+    aten.mul.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.div.Tensor, aten.pow.Tensor_Scalar, aten.tanh.default,
+    aten.erf.default, aten.mul.Scalar, aten.add.Scalar,
+}
+
+
+def _head_region(gm: fx.GraphModule, decoder: Projection, base: str) -> tuple[list[fx.Node], fx.Node]:
+    """The head's nodes between the base model and the decoder, in graph order, and the one base-model node
+    they read. Each acts on every position alone: a linear, norm or activation layer, or the element-wise
+    arithmetic a multi-op activation is made of (ALBERT's gelu_new)."""
+    region: set[fx.Node] = set()
+    entries: set[fx.Node] = set()
+    stack = [decoder.input]
+    while stack:
+        node = stack.pop()
+        if node in region or node in entries:
+            continue
+        if node.op != "call_function" or _in_module(node, base):
+            entries.add(node)
+            continue
+        if not (is_tokenwise(node) or node.target in _ELEMENTWISE):
             raise RewriteError(
-                f"the MLM head's node {node.name} ({node.target}) is not a per-position operation; only a head "
-                "made of linear, activation and norm layers can be read at one position"
+                f"an MLM head on {architecture(gm)} is not supported: it has a layer other than linear, norm, "
+                f"activation and element-wise arithmetic (node {node.name}, {node.target}), and only such a head "
+                "can be read at one position"
             )
-        transform.append(node)
-        node = activation_input(node)
-    transform.reverse()
-    for current, following in zip(transform, [*transform[1:], decoder.node]):
-        if list(current.users) != [following]:
-            raise RewriteError(f"the MLM head's node {current.name} is also used outside the head; it cannot be pruned")
-    return MlmHead(embedding, decoder, transform, node)
+        region.add(node)
+        stack.extend(a for a in node.all_input_nodes if a.op != "get_attr")
+    if len(entries) != 1:
+        raise RewriteError(f"an MLM head on {architecture(gm)} is not supported: it reads {len(entries)} tensors of "
+                           "the base model, and only a head that reads one can be read at one position")
+    for node in region:
+        if any(user not in region and user is not decoder.node for user in node.users):
+            raise RewriteError(f"the MLM head's node {node.name} is also used outside the head; it cannot be pruned")
+    return [node for node in gm.graph.nodes if node in region], entries.pop()
 
 
 def _in_module(node: fx.Node, base: str) -> bool:

@@ -39,6 +39,7 @@ class GraphInfo:
     source: str | None = None  # the model directory it was captured from
     task: str | None = None  # causal-lm, masked-lm, seq-cls or feature-extraction
     config: Any = None  # the Hugging Face config (label names travel in its id2label)
+    model_class: str | None = None  # the captured module's class, named in messages where no config is
     tokenizer: Any = None
     input_names: list[str] | None = None  # the graph's inputs, in order
     meta_device: bool = False  # captured without weights

@@ -68,17 +68,29 @@ def print_trainable_parameters(gm: fx.GraphModule) -> None:
 
 
 def trainable_heads(gm: fx.GraphModule, requested: list[str] | None) -> list[str]:
-    """Parameter names of the modules that train beside the prompt: PEFT's SEQ_CLS also trains its fresh head."""
-    known = {name.rpartition(".")[0] for name, _ in gm.named_parameters()}
+    """Parameter names of the modules that train beside the adapter: PEFT's SEQ_CLS also trains its fresh head,
+    the whole head module (`classifier`, `score`) with everything inside it."""
+    names = [name for name, _ in gm.named_parameters()]
     if requested is not None:
         modules = list(requested)
     elif info(gm).task == "seq-cls":
         # a head whose weights are all another module's (an MLM decoder tied to the word embeddings) is skipped
-        modules = [p.path for p in GraphQuery(gm).output_heads if p.path in known]
+        modules = _peft_suffix_matches([m for m in GraphQuery(gm).head_modules if _holds_parameters(m, names)], names)
     else:
         modules = []
-    missing = [m for m in modules if m not in known]
+    missing = [m for m in modules if not _holds_parameters(m, names)]
     if missing:
         raise RewriteError(f"modules_to_save {', '.join(missing)} name no module with parameters in this graph")
     info(gm).modules_to_save = sorted(set(info(gm).modules_to_save or []) | set(modules)) or None
     return [n for n, _ in gm.named_parameters() if any(n.startswith(m + ".") for m in modules)]
+
+
+def _holds_parameters(module: str, names: list[str]) -> bool:
+    return any(name.startswith(module + ".") for name in names)
+
+
+def _peft_suffix_matches(heads: list[str], names: list[str]) -> list[str]:
+    """The heads plus every module whose path ends with a head's, as PEFT matches `modules_to_save`
+    (`endswith`, no dot: DistilBERT's `pre_classifier` trains beside `classifier` in PEFT too)."""
+    modules = {name.rsplit(".", i)[0] for name in names for i in range(1, name.count(".") + 1)}
+    return sorted(m for m in modules if any(m.endswith(head) for head in heads))

@@ -11,6 +11,7 @@ import torch
 from torch import fx, nn
 
 from rewrite.errors import RewriteError
+from rewrite.graph import architecture
 from rewrite.ir import tag
 
 ENCODER = "prompt_encoder"
@@ -26,6 +27,13 @@ def check_no_prompt(gm: fx.GraphModule) -> None:
             f"the graph already has prompt embeddings (from pass {', '.join(made_by) or 'unknown'}); "
             "start from the base graph to use another prompt method"
         )
+
+
+def check_not_seq2seq(gm: fx.GraphModule) -> None:
+    """PEFT prompts an encoder-decoder's encoder and decoder inputs; the prompt pass extends `input_ids` only."""
+    if next(iter(gm.graph.find_nodes(op="placeholder", target="decoder_input_ids")), None) is not None:
+        raise RewriteError(f"prompt tuning on {architecture(gm)} is not supported: it is an encoder-decoder model, "
+                           "whose decoder inputs PEFT prompts too, and the prompt pass extends only input_ids")
 
 
 def register_tokens(gm: fx.GraphModule, token_ids: list[int], device: torch.device) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 
 import rewrite
 from rewrite.synthetic_inputs import example_inputs
@@ -82,3 +83,27 @@ def test_directory_without_config_is_a_clear_error(tmp_path):
 def test_unknown_task_lists_tasks(tiny_bert_dir):
     with pytest.raises(rewrite.RewriteError, match="task 'qa' is not known; use one of auto, causal-lm"):
         rewrite.load_pretrained(tiny_bert_dir, task="qa")
+
+
+@pytest.mark.parametrize("config,names", [
+    (transformers.DistilBertConfig(vocab_size=128, dim=32, hidden_dim=64, n_layers=1, n_heads=4),
+     ["input_ids", "attention_mask"]),
+    (transformers.BertConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                             num_attention_heads=4), ["input_ids", "attention_mask", "token_type_ids"]),
+    (transformers.RobertaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                num_attention_heads=4, type_vocab_size=1), ["input_ids", "attention_mask"]),
+])
+def test_a_directory_without_tokenizer_is_captured_with_the_inputs_its_forward_takes(tmp_path, config, names):
+    torch.manual_seed(0)
+    transformers.AutoModelForSequenceClassification.from_config(config).save_pretrained(tmp_path)
+    gm = rewrite.load_pretrained(tmp_path, task="seq-cls")
+    assert gm.info["input_names"] == names and gm.info["tokenizer"] is None
+
+
+def test_an_encoder_decoder_directory_is_refused_in_one_sentence(tmp_path):
+    config = transformers.BartConfig(vocab_size=128, d_model=16, encoder_layers=1, decoder_layers=1,
+                                     encoder_attention_heads=2, decoder_attention_heads=2,
+                                     encoder_ffn_dim=32, decoder_ffn_dim=32)
+    config.save_pretrained(tmp_path)
+    with pytest.raises(rewrite.RewriteError, match="capturing bart from .* is not supported: it is an encoder-decoder"):
+        rewrite.load_pretrained(tmp_path)

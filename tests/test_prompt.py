@@ -71,8 +71,9 @@ def embeds_reference(model, table: torch.Tensor, inputs: dict[str, torch.Tensor]
         return model(**extended).logits
 
 
-def test_causal_lm_matches_peft_logits_and_loss_with_labels(make_tiny):
-    model = make_tiny("llama", "causal-lm")
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # GPT-2's lookup reads view(input_ids, [-1, seq])
+def test_causal_lm_matches_peft_logits_and_loss_with_labels(make_tiny, arch):
+    model = make_tiny(arch, "causal-lm")
     gm = capture(model, LLAMA_INPUTS, labels=True)
     rewrite.apply(gm, "prompt", num_virtual_tokens=COUNT)
     randomize_table(gm)

@@ -186,11 +186,16 @@ def test_a_tied_tensor_marked_under_any_of_its_names_trains_once(tiny_mlm_dir):
 
 @pytest.mark.parametrize("mlm_logits", [False, True])
 def test_lora_after_the_verbalizer_trains_the_head_not_an_encoder_layer(tiny_mlm_dir, mlm_logits):
-    """Not the tied decoder either: that is the whole word-embedding table."""
+    """The whole head module (transform and decoder bias), but not the tied decoder: that is the whole
+    word-embedding table."""
     gm = rewrite.load_pretrained(tiny_mlm_dir, task="masked-lm")
     rewrite.apply(gm, "verbalizer", labels=SINGLE, mlm_logits=mlm_logits)
     rewrite.apply(gm, "lora", rank=4)
-    assert gm.info["history"][-1]["report"]["modules_to_save"] == ["cls.predictions.transform.dense"]
+    assert gm.info["history"][-1]["report"]["modules_to_save"] == ["cls"]
+    trainable = [name for name, param in gm.named_parameters() if param.requires_grad and ".lora_" not in name]
+    assert trainable == ["cls.predictions.bias", "cls.predictions.transform.dense.weight",
+                         "cls.predictions.transform.dense.bias", "cls.predictions.transform.LayerNorm.weight",
+                         "cls.predictions.transform.LayerNorm.bias"]
 
 
 def test_exported_onnx_matches_torch(tiny_mlm_dir, tmp_path):

@@ -1,0 +1,224 @@
+"""The support matrix (`matrix.py`): every pass on every architecture family. LoRA and prompt tuning
+match PEFT with the same weights in both adapter directions (we save, `PeftModel.from_pretrained` loads;
+PEFT saves, `rewrite.load_adapter` loads) with PEFT's trainable counts; PEFT P-tuning adapters load with
+PEFT's outputs; template P-tuning equals the `inputs_embeds` computation; verbalizer scores equal the
+full MLM logits at the mask. A pass that cannot support an architecture says so in one sentence naming it."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import transformers
+from peft import (
+    LoraConfig, PeftModel, PromptEncoderConfig, PromptTuningConfig, get_peft_model,
+)
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_LORA_TARGETS
+from tokenizers import Tokenizer, models, pre_tokenizers
+from torch.nn import functional as F
+
+import rewrite
+from rewrite.errors import RewriteError
+from rewrite.graph import word_embedding
+from rewrite.synthetic_inputs import example_inputs
+from rewrite.params import count_parameters
+from rewrite.passes.prompt import TABLE
+
+from matrix import ARCHS, VOCAB, cell_id, cells, render
+
+MODEL_CLASSES = {
+    "causal-lm": transformers.AutoModelForCausalLM,
+    "seq-cls": transformers.AutoModelForSequenceClassification,
+    "masked-lm": transformers.AutoModelForMaskedLM,
+    "seq2seq-lm": transformers.AutoModelForSeq2SeqLM,
+}
+LORA_TASK = {"causal-lm": "CAUSAL_LM", "seq-cls": "SEQ_CLS", "masked-lm": None, "seq2seq-lm": "SEQ_2_SEQ_LM"}
+PROMPT_TASK = {**LORA_TASK, "masked-lm": "FEATURE_EXTRACTION"}  # PEFT's prompting class for any model
+COUNT = 4
+BPE = ("RoBERTa",)  # byte-level BPE: a word after a space is its own token, `Ġword`
+LABELS = {"negative": ["bad", "awful"], "positive": ["great"]}
+WORDS = ["bad", "awful", "great", "movie", "the", "was"]
+
+
+@pytest.fixture(scope="module")
+def base():
+    """`base(arch, task)`: (eager model, a fresh copy of its captured graph); each captured once per module."""
+    cache = {}
+
+    def get(arch, task):
+        if (arch.name, task) not in cache:
+            torch.manual_seed(0)
+            model = MODEL_CLASSES[task].from_config(arch.config).eval()
+            gm = rewrite.capture(copy.deepcopy(model), example_inputs(list(arch.inputs), VOCAB))
+            cache[arch.name, task] = model, gm
+        model, gm = cache[arch.name, task]
+        return model, copy.deepcopy(gm)
+    return get
+
+
+def fresh(arch, pad: bool = True) -> dict[str, torch.Tensor]:
+    """Another shape than the capture's, one padded row (on the right where positions follow the ids)."""
+    inputs = example_inputs(list(arch.inputs), VOCAB, batch=3, seq=11, seed=5, pad=pad)
+    if arch.right_pad:
+        inputs["attention_mask"] = inputs["attention_mask"].flip(1)
+    return inputs
+
+
+def randomize(module, seed: int) -> None:
+    """Trained-looking values for every trainable tensor (LoRA's B starts at zero)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in module.parameters():
+            if param.requires_grad:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+
+
+def assert_same(ours, theirs, arch, inputs) -> None:
+    """Equal logits; with right padding, token-level logits are compared at the real positions (PEFT feeds
+    `inputs_embeds`, so RoBERTa numbers pad positions differently there; pads are masked everywhere)."""
+    with torch.no_grad():
+        a, b = ours(**inputs).logits, theirs(**inputs).logits
+    if arch.right_pad and a.dim() == 3:
+        mask = inputs["attention_mask"]
+        keep = F.pad(mask, (a.shape[1] - mask.shape[1], 0), value=1).bool()
+        a, b = a[keep], b[keep]
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def dims(gm) -> dict[str, int]:
+    """PEFT reads the prompt width from config names it knows (`hidden_size`, ...): DistilBERT's `dim` it does
+    not, and ALBERT's word embeddings are narrower than its hidden size. Give it the word-embedding width."""
+    return dict(token_dim=int(gm.get_parameter(word_embedding(gm, "PEFT needs its width").args[0].target).shape[1]),
+                num_attention_heads=4, num_layers=2)
+
+
+def peft_count(peft_model) -> int:
+    return peft_model.get_nb_trainable_parameters()[0]
+
+
+def both_directions(arch, task, model, gm, peft_model, reload, tmp_path) -> None:
+    """What we save, PEFT loads with our outputs; what PEFT saves, we load with PEFT's outputs."""
+    inputs = fresh(arch)
+    randomize(gm, seed=1)
+    rewrite.save_adapter(gm, tmp_path / "ours")
+    assert_same(gm, PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "ours").eval(), arch, inputs)
+    randomize(peft_model, seed=2)
+    peft_model.save_pretrained(tmp_path / "peft")
+    rewrite.load_adapter(reload, tmp_path / "peft")
+    assert_same(reload, peft_model.eval(), arch, inputs)
+
+
+def check_lora(arch, task, base, tmp_path):
+    model, gm = base(arch, task)
+    rewrite.apply(gm, "lora", rank=4, alpha=8)
+    ours = gm.info["history"][-1]["report"]["targets"]
+    known = gm.info["config"].model_type in PEFT_LORA_TARGETS  # else PEFT has no default: name ours
+    targets = None if known else sorted({path.rpartition(".")[2] for path in ours})
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(task_type=LORA_TASK[task], r=4, lora_alpha=8,
+                                                                 target_modules=targets))
+    adapted = {name.removeprefix("base_model.model.") for name, module in peft_model.named_modules()
+               if hasattr(module, "lora_A") and name.startswith("base_model.model.")}
+    assert sorted(adapted) == sorted(ours)
+    assert count_parameters(gm)[0] == peft_count(peft_model)
+    both_directions(arch, task, model, gm, peft_model, base(arch, task)[1], tmp_path)
+
+
+def check_prompt(arch, task, base, tmp_path):
+    model, gm = base(arch, task)
+    rewrite.apply(gm, "prompt", num_virtual_tokens=COUNT)
+    peft_model = get_peft_model(copy.deepcopy(model),
+                                PromptTuningConfig(task_type=PROMPT_TASK[task], num_virtual_tokens=COUNT, **dims(gm)))
+    assert count_parameters(gm)[0] == peft_count(peft_model)
+    both_directions(arch, task, model, gm, peft_model, base(arch, task)[1], tmp_path)
+
+
+def check_p_tuning_adapter(arch, task, base, tmp_path):
+    model, gm = base(arch, task)
+    config = PromptEncoderConfig(task_type=PROMPT_TASK[task], num_virtual_tokens=COUNT, encoder_hidden_size=16,
+                                 encoder_reparameterization_type="MLP", **dims(gm))
+    peft_model = get_peft_model(copy.deepcopy(model), config)
+    randomize(peft_model, seed=3)
+    peft_model.save_pretrained(tmp_path)
+    rewrite.load_adapter(gm, tmp_path)
+    assert_same(gm, peft_model.eval(), arch, fresh(arch))
+
+
+def check_ptuning(arch, task, base, tmp_path):
+    """Reserved placeholder ids read the prompt table: the model on `inputs_embeds` with those rows swapped."""
+    model, gm = base(arch, task)
+    rewrite.apply(gm, "ptuning", template="[P] [P] {text} [P]", encoder="none")
+    with torch.no_grad():
+        gm.get_parameter(TABLE).normal_(generator=torch.Generator().manual_seed(4))
+    inputs = fresh(arch, pad=False)
+    ids = inputs["input_ids"]
+    ids[:, :2] = torch.tensor([VOCAB, VOCAB + 1])
+    ids[:, 6] = VOCAB + 2
+    placeholder = ids >= VOCAB
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(ids.clamp(max=VOCAB - 1))
+        embeds[placeholder] = gm.get_parameter(TABLE)[ids[placeholder] - VOCAB]
+        expected = model(inputs_embeds=embeds, **{k: v for k, v in inputs.items() if k != "input_ids"}).logits
+        torch.testing.assert_close(gm(**inputs).logits, expected, rtol=0, atol=1e-5)
+
+
+def word_tokenizer(arch):
+    """A word-level tokenizer over the tiny vocabulary: BERT-style words, or RoBERTa's byte-level `Ġword`
+    tokens (and the bare words as other ids), so a label word is read as it appears after a space."""
+    bpe = arch.name in BPE
+    special = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"] if bpe else ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tokens = special + ([f"Ġ{w}" for w in WORDS] if bpe else []) + WORDS
+    backend = Tokenizer(models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token=special[3 if bpe else 1]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False) if bpe else pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token=special[3 if bpe else 1],
+                                                mask_token=special[4], pad_token=special[1 if bpe else 0])
+
+
+def check_verbalizer(arch, task, base, tmp_path):
+    model, gm = base(arch, task)
+    tokenizer = word_tokenizer(arch)
+    gm.info["tokenizer"] = tokenizer
+    rewrite.apply(gm, "verbalizer", labels=LABELS)
+    inputs = fresh(arch, pad=False)
+    positions = torch.tensor([3, 0, 10])
+    inputs["input_ids"][torch.arange(3), positions] = tokenizer.mask_token_id
+    prefix = "Ġ" if arch.name in BPE else ""
+    word_ids = [tokenizer.convert_tokens_to_ids([prefix + w for w in words]) for words in LABELS.values()]
+    with torch.no_grad():
+        at_mask = model(**inputs).logits[torch.arange(3), positions]
+        expected = torch.stack([at_mask[:, ids].mean(-1) for ids in word_ids], dim=1)
+        torch.testing.assert_close(gm(**inputs).logits, expected, rtol=0, atol=1e-5)
+
+
+CHECKS = {"lora": check_lora, "prompt": check_prompt, "p_tuning_adapter": check_p_tuning_adapter,
+          "ptuning": check_ptuning, "verbalizer": check_verbalizer}
+
+
+@pytest.mark.parametrize("arch,task,name", cells(), ids=[cell_id(*cell) for cell in cells()])
+def test_cell(base, tmp_path, arch, task, name):
+    if name in arch.unsupported:
+        with pytest.raises(RewriteError, match=f"on {arch.config.model_type} {arch.unsupported[name]}"):
+            CHECKS[name](arch, task, base, tmp_path)
+    else:
+        CHECKS[name](arch, task, base, tmp_path)
+
+
+def test_roberta_heads_train_and_save_whole_with_peft_counts(tmp_path):
+    """RoBERTa's head is `classifier.dense` + `classifier.out_proj`: PEFT trains and saves both as `classifier`."""
+    arch = next(a for a in ARCHS if a.name == "RoBERTa")
+    config = copy.deepcopy(arch.config)
+    config.update(dict(hidden_size=64, intermediate_size=128, num_labels=3))
+    torch.manual_seed(0)
+    model = transformers.RobertaForSequenceClassification(config).eval()
+    for name, options, expected in [("prompt", dict(num_virtual_tokens=8), 4_867),
+                                    ("lora", dict(rank=4, alpha=8, targets=["query", "value"]), 6_403)]:
+        gm = rewrite.capture(copy.deepcopy(model), example_inputs(["input_ids", "attention_mask"], VOCAB))
+        rewrite.apply(gm, name, **options)
+        assert count_parameters(gm)[0] == expected
+        assert gm.info["modules_to_save"] == ["classifier"]
+
+
+def test_the_readme_support_table_is_the_matrix_with_every_cell_passing():
+    """`python tests/support_table.py` writes it; a cell changed in `matrix.py` without regenerating fails here."""
+    from support_table import README, readme_table
+
+    assert readme_table(README.read_text()) == render({cell_id(*cell): True for cell in cells()})
