@@ -43,7 +43,7 @@ def _dynamic_shapes(inputs: dict[str, Any]) -> dict[str, Any]:
     return shapes
 
 
-def _drop_guards(gm: fx.GraphModule) -> None:
+def drop_guards(gm: fx.GraphModule) -> None:
     """The unlifted module's `_guards_fn` call only re-checks input shapes; it cannot be serialized."""
     for node in gm.graph.find_nodes(op="call_module", target="_guards_fn"):
         gm.graph.erase_node(node)
@@ -81,7 +81,7 @@ def capture(
     with _train_mode(model) as was_training:
         exported = torch.export.export(model, (), dict(example_inputs), dynamic_shapes=dynamic_shapes, strict=False)
     unlifted = exported.module()
-    _drop_guards(unlifted)
+    drop_guards(unlifted)
     base_info = {"history": [], "input_names": list(example_inputs), "task": _task_of_class(type(model).__name__),
                  "config": config}
     base_info.update(info or {})

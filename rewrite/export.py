@@ -5,6 +5,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import onnx
 import torch
@@ -43,7 +44,7 @@ def _output_names(outputs) -> list[str]:
     return names
 
 
-def _vocab_size(gm: fx.GraphModule) -> int:
+def vocab_size(gm: fx.GraphModule) -> int:
     """From the config, else from the first embedding table in the graph."""
     config = info(gm).get("config")
     if getattr(config, "vocab_size", None):
@@ -66,28 +67,61 @@ def real_positions(reference: torch.Tensor, actual: torch.Tensor, inputs: dict[s
     return reference, actual
 
 
+def compare(name: str, reference: torch.Tensor, actual: torch.Tensor) -> tuple[float, float]:
+    """Max abs difference of an output and its tolerance (1e-4 of its scale); raises beyond it."""
+    reference, actual = reference.float(), actual.float()
+    scale = max(1.0, reference.abs().max().item())
+    diff, tolerance = (actual - reference).abs().max().item(), TOLERANCE * scale
+    if not diff <= tolerance:
+        raise RewriteError(
+            f"ONNX verification failed for output {name!r}: ONNX Runtime differs from torch by {diff:.3g} "
+            f"(allowed {tolerance:.3g}, 1e-4 of the output scale); the model was not written"
+        )
+    return diff, tolerance
+
+
 def _verify(gm: fx.GraphModule, model_path: Path, input_names: list[str], output_names: list[str]) -> tuple[float, float, str]:
     """Runs fresh inputs of another shape through ONNX Runtime and torch; raises beyond tolerance."""
-    inputs = example_inputs(input_names, _vocab_size(gm), batch=3, seq=11, seed=1, pad=True)
+    inputs = example_inputs(input_names, vocab_size(gm), batch=3, seq=11, seed=1, pad=True)
     with torch.no_grad():
         expected = _flat(gm(**inputs))
     sess = runtime.session(model_path)
     got = runtime.run(sess, inputs)
     worst, tolerance = 0.0, 0.0
     for name, reference in zip(output_names, expected):
-        reference, actual = real_positions(reference.float(), torch.from_numpy(got[name]).float(), inputs)
-        scale = max(1.0, reference.abs().max().item())
-        diff = (actual - reference).abs().max().item()
-        worst, tolerance = max(worst, diff), TOLERANCE * scale
-        if not diff <= tolerance:
-            raise RewriteError(
-                f"ONNX verification failed for output {name!r}: ONNX Runtime differs from torch by {diff:.3g} "
-                f"(allowed {tolerance:.3g}, 1e-4 of the output scale); the model was not written"
-            )
+        diff, tolerance = compare(name, *real_positions(reference, torch.from_numpy(got[name]), inputs))
+        worst = max(worst, diff)
     return worst, tolerance, sess.get_providers()[0]
 
 
-def _add_metadata(gm: fx.GraphModule, path: Path) -> None:
+@dataclass
+class Signature:
+    """What `torch.onnx.export` is given, what goes into the model's metadata, and how the file is verified.
+
+    The plain export builds one from the graph; options such as the KV cache (`rewrite.kv_cache`) build
+    another from the same graph, so every export writes, checks and verifies files the same way.
+    """
+
+    module: fx.GraphModule
+    inputs: dict[str, Any]
+    dynamic: dict[str, Any]
+    input_names: list[str]
+    output_names: list[str]
+    metadata: dict[str, str]
+    verify: Callable[[Path], tuple[float, float, str]]
+
+
+def _plain_signature(gm: fx.GraphModule) -> Signature:
+    input_names = list(info(gm).get("input_names") or DEFAULT_INPUT_NAMES)
+    inputs = example_inputs(input_names, vocab_size(gm), batch=2, seq=8)
+    with torch.no_grad():
+        output_names = _output_names(gm(**inputs))
+    dynamic = {name: {0: "batch", 1: "sequence"} for name in input_names}
+    return Signature(gm, inputs, dynamic, input_names, output_names, {},
+                     lambda path: _verify(gm, path, input_names, output_names))
+
+
+def _add_metadata(gm: fx.GraphModule, path: Path, extra: dict[str, str]) -> None:
     """What a caller needs to feed the model and read its outputs travels inside it (`rewrite run` uses
     it): task, label names, the P-tuning template and its placeholder ids, and how many positions the
     outputs hold before the input's own (prompt tuning)."""
@@ -99,45 +133,52 @@ def _add_metadata(gm: fx.GraphModule, path: Path) -> None:
     if templates.uses_template(gm):
         template, placeholder_ids = templates.for_graph(gm)
         props.update({"rewrite.template": template.source, "rewrite.placeholder_ids": json.dumps(placeholder_ids)})
+    props.update(extra)
     onnx.helper.set_model_props(model, props)
     onnx.save(model, str(path))
 
 
-def export_onnx(gm: fx.GraphModule, path: str | Path, *, verify: bool = True, opset: int | None = None) -> ExportReport:
+def export_onnx(gm: fx.GraphModule, path: str | Path, *, verify: bool = True, opset: int | None = None,
+                cache: bool = False) -> ExportReport:
     """Exports `gm` (in eval mode) to ONNX, checks it, and verifies it against torch in ONNX Runtime.
 
     Inputs keep the graph's names (`input_ids`, `attention_mask`, ...), outputs are named from the
     model output (`logits`); batch and sequence axes are dynamic. Models over 2 GB use external data.
     The tokenizer is written beside the model (as Optimum does), the task and labels into its metadata.
+    With `cache=True` a causal LM is exported for generation: past keys and values in, presents out
+    (see `rewrite.kv_cache`).
     """
     path = Path(path)
     if any(p.device.type == "meta" for p in gm.parameters()):
         raise RewriteError("the graph was captured on the meta device (no weights); capture it with weights to export")
-    input_names = list(info(gm).get("input_names") or DEFAULT_INPUT_NAMES)
-    inputs = example_inputs(input_names, _vocab_size(gm), batch=2, seq=8)
     was_training = gm.training
     gm.eval()
     try:
-        with torch.no_grad():
-            output_names = _output_names(gm(**inputs))
-        dynamic = {name: {0: "batch", 1: "sequence"} for name in input_names}
+        if cache:
+            from rewrite import kv_cache
+
+            signature = kv_cache.signature(gm)
+        else:
+            signature = _plain_signature(gm)
         program = torch.onnx.export(
-            gm, (), kwargs=inputs, dynamic_shapes=dynamic, output_names=output_names,
+            signature.module, (), kwargs=signature.inputs, dynamic_shapes=signature.dynamic,
+            input_names=signature.input_names, output_names=signature.output_names,
             dynamo=True, opset_version=opset, verbose=False,
         )
         large = sum(p.numel() * p.element_size() for p in gm.parameters()) > PROTOBUF_LIMIT
         with atomic_dir_files(path.parent) as tmp:
             staged = tmp / path.name
             program.save(staged, external_data=large)
-            _add_metadata(gm, staged)
+            del program
+            _add_metadata(gm, staged, signature.metadata)
             onnx.checker.check_model(str(staged))
             tokenizer = info(gm).get("tokenizer")
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
             diff = tolerance = provider = None
             if verify:
-                diff, tolerance, provider = _verify(gm, staged, input_names, output_names)
+                diff, tolerance, provider = signature.verify(staged)
                 log.info("ONNX Runtime (%s) matches torch: max abs diff %.3g", provider, diff)
     finally:
         gm.train(was_training)
-    return ExportReport(path, input_names, output_names, diff, tolerance, provider)
+    return ExportReport(path, signature.input_names, signature.output_names, diff, tolerance, provider)

@@ -46,6 +46,15 @@ class Pass(PassBase):
     def options(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
+    @classmethod
+    def cache_prefix(cls, gm: fx.GraphModule) -> Any:
+        """Embeddings `[n, hidden]` this pass put in front of every input of `gm`, or None.
+
+        A KV-cache export (`rewrite.kv_cache`) replays every pass on the model re-captured with a cache,
+        except one that returns a prefix here: its tokens enter the cache once, as a constant prefix.
+        """
+        return None
+
 
 def register(cls: type[Pass]) -> type[Pass]:
     """Class decorator: makes a pass reachable by name from Python, YAML and the CLI."""
