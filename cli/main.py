@@ -91,10 +91,11 @@ def fold(source: str, output: str) -> None:
 @click.option("--onnx", "onnx_path", required=True, type=click.Path(dir_okay=False), help="Output .onnx file.")
 @click.option("--verify/--no-verify", default=True, show_default=True, help="Check ONNX Runtime against torch.")
 @click.option("--opset", type=int, default=None, help="ONNX opset (default: the exporter's).")
-def export(source: str, onnx_path: str, verify: bool, opset: int | None) -> None:
+@click.option("--with-cache", is_flag=True, help="Causal LMs: past keys/values in, presents out, for `run --generate`.")
+def export(source: str, onnx_path: str, verify: bool, opset: int | None, with_cache: bool) -> None:
     """Export a graph archive (fold it first for zero-overhead deployment) to ONNX."""
     gm = read_graph(source)
-    report = rewrite.export_onnx(gm, onnx_path, verify=verify, opset=opset)
+    report = rewrite.export_onnx(gm, onnx_path, verify=verify, opset=opset, cache=with_cache)
     console.print(f"wrote {report.path}: inputs {', '.join(report.input_names)} -> {', '.join(report.output_names)}")
     if report.max_abs_diff is not None:
         console.print(f"ONNX Runtime ({report.provider}) vs torch: max abs diff {report.max_abs_diff:.3g}")
@@ -121,11 +122,28 @@ def inspect(source: str) -> None:
 @click.argument("model", type=click.Path(exists=True, dir_okay=False))
 @click.option("--text", "texts", multiple=True, required=True, help="Input text, repeatable.")
 @click.option("--tokenizer", "tokenizer_dir", type=click.Path(file_okay=False), help="Tokenizer directory (default: the model's).")
-@click.option("--top-k", default=5, show_default=True, help="Predictions to print.")
-def run(model: str, texts: tuple[str, ...], tokenizer_dir: str | None, top_k: int) -> None:
-    """Tokenize text, run an exported model in ONNX Runtime and print the top predictions."""
+@click.option("--top-k", type=int, default=None, help="Predictions to print (default 5); with --generate --sample: "
+                                                      "sample from the k likeliest tokens (default: all).")
+@click.option("--generate", "generating", is_flag=True, help="Continue the text (a model exported --with-cache).")
+@click.option("--max-new-tokens", default=20, show_default=True, help="With --generate: tokens to add.")
+@click.option("--sample", is_flag=True, help="With --generate: sample instead of taking the likeliest token.")
+@click.option("--temperature", default=1.0, show_default=True, help="With --sample: divides the logits.")
+@click.option("--top-p", default=1.0, show_default=True, help="With --sample: nucleus probability mass.")
+@click.option("--seed", type=int, default=None, help="With --sample: makes the draws reproducible.")
+def run(model: str, texts: tuple[str, ...], tokenizer_dir: str | None, top_k: int | None, generating: bool,
+        max_new_tokens: int, sample: bool, temperature: float, top_p: float, seed: int | None) -> None:
+    """Tokenize text, run an exported model in ONNX Runtime and print the top predictions (or, with
+    --generate, the generated text, streamed)."""
     from rewrite.predict import predict
 
+    if generating:
+        from rewrite.cli.generate import print_generation
+        from rewrite.generate import Sampling
+
+        sampling = Sampling(sample, temperature, top_k or 0, top_p, seed)
+        print_generation(model, list(texts), tokenizer_dir, max_new_tokens, sampling)
+        return
+    top_k = 5 if top_k is None else top_k
     for text, predictions in zip(texts, predict(model, list(texts), tokenizer_dir=tokenizer_dir, top_k=top_k)):
         out.print(f"[bold]{text}[/bold]")
         for label, score in predictions:
