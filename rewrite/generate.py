@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -88,12 +89,18 @@ class CachedModel:
         self.special = json.loads(self.props["rewrite.special_ids"])
         limit = self.props.get("rewrite.position_limit")
         self.limit = int(limit) if limit else None
-        self.tokenizer = _tokenizer(path, tokenizer_dir)
-        self.tokenizer.padding_side = "left"
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token_id = self.special["pad_token_id"]
+        self.path, self.tokenizer_dir = path, tokenizer_dir
         self.session = runtime.session(path, threads)
         self.outputs = [o.name for o in self.session.get_outputs()]
+
+    @cached_property
+    def tokenizer(self):
+        """The tokenizer beside the model, padding on the left."""
+        tokenizer = _tokenizer(self.path, self.tokenizer_dir)
+        tokenizer.padding_side = "left"
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token_id = self.special["pad_token_id"]
+        return tokenizer
 
     def encode(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Left-padded ids and mask (through the P-tuning template when the model has one)."""
@@ -115,19 +122,21 @@ class CachedModel:
         return values[0][:, -1].astype(np.float32), values[1:]
 
 
-def stream(model: CachedModel, texts: Sequence[str], *, max_new_tokens: int = 20, sampling: Sampling = Sampling(),
-           eos: int | Sequence[int] | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yields `(tokens [batch], logits [batch, vocab])` per step as they are produced.
-
-    `eos` None: the model's end-of-sequence ids; an empty list: never stop early.
-    """
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise RewriteError(f"max_new_tokens {max_new_tokens!r} is not allowed; use a whole number of at least 1")
+def stream(model: CachedModel, texts: Sequence[str], **options) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yields `(tokens [batch], logits [batch, vocab])` per step as they are produced (options: `stream_ids`')."""
     if not texts:
         raise RewriteError("no texts to generate from; pass at least one text")
+    return stream_ids(model, *model.encode(texts), **options)
+
+
+def stream_ids(model: CachedModel, ids: np.ndarray, mask: np.ndarray, *, max_new_tokens: int = 20,
+               sampling: Sampling = Sampling(), eos: int | Sequence[int] | None = None):
+    """`stream` from left-padded ids and mask. `eos` None: the model's end-of-sequence ids; an empty
+    list: never stop early."""
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise RewriteError(f"max_new_tokens {max_new_tokens!r} is not allowed; use a whole number of at least 1")
     stops = np.asarray(model.special["eos_token_id"] if eos is None else ([eos] if isinstance(eos, int) else list(eos)))
     pad = model.special["pad_token_id"] if model.special["pad_token_id"] is not None else 0
-    ids, mask = model.encode(texts)
     model.check_length(ids.shape[1], max_new_tokens)
     positions = np.where(mask == 0, 0, mask.cumsum(-1) - 1)
     past = empty_past(model.layout, ids.shape[0])

@@ -185,3 +185,20 @@ def test_generate_on_a_model_without_cache_or_not_causal_says_so(tiny_bert_dir, 
         generate(tmp_path / "cls.onnx", ["text"])
     with pytest.raises(RewriteError, match="top_k -1 is not allowed"):
         Sampling(do_sample=True, top_k=-1)
+
+
+@SLOW
+def test_a_600m_llama_over_the_protobuf_limit_exports_with_its_cache_as_external_data(tmp_path):
+    """fp32 weights of 2.4 GB: the model is written with external data and still verifies and generates."""
+    config = transformers.LlamaConfig(vocab_size=32000, hidden_size=1536, intermediate_size=4096, num_hidden_layers=20,
+                                      num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=512)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    assert 590e6 < sum(p.numel() for p in model.parameters()) < 620e6
+    gm = rewrite.capture(model, {"input_ids": torch.zeros(2, 8, dtype=torch.long),
+                                 "attention_mask": torch.ones(2, 8, dtype=torch.long)})
+    report = rewrite.export_onnx(gm, tmp_path / "model.onnx", cache=True)
+    assert report.max_abs_diff <= report.tolerance
+    assert (tmp_path / "model.onnx").stat().st_size < 2**31 < sum(f.stat().st_size for f in tmp_path.iterdir())
+    byte_tokenizer().save_pretrained(tmp_path)
+    assert generate(tmp_path / "model.onnx", TEXTS, max_new_tokens=3).token_ids.shape == (2, 3)
