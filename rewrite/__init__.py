@@ -11,6 +11,7 @@ from rewrite.ir import RewriteGraph
 from rewrite import passes  # noqa: F401  (registers the built-in passes)
 from rewrite.adapter import load_adapter, save_adapter
 from rewrite.export import export_onnx
+from rewrite.generate import generate
 from rewrite.train import TrainConfig, TrainResult, evaluate, train
 from rewrite.pet import PVP, PetConfig, load_pvps, run_pet, zero_shot
 
@@ -27,6 +28,7 @@ __all__ = [
     "capture",
     "evaluate",
     "export_onnx",
+    "generate",
     "load",
     "load_adapter",
     "load_pretrained",

@@ -19,6 +19,7 @@ One model serves prefill (past length 0) and decoding, as Optimum's merged decod
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 import json
@@ -74,6 +75,8 @@ def _causal_model(gm: fx.GraphModule) -> nn.Module:
     import transformers
 
     dtype = next(gm.parameters()).dtype
+    config = copy.deepcopy(config)
+    config.use_cache = True
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.to_empty(device="cpu")
@@ -83,7 +86,6 @@ def _causal_model(gm: fx.GraphModule) -> nn.Module:
     for name, buffer in list(model.named_buffers()):
         if name in buffers:
             buffer.copy_(buffers[name])
-    config.use_cache = True
     return model.eval()
 
 

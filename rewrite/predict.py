@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from google.protobuf.message import DecodeError
 
 from rewrite import runtime
 from rewrite.errors import RewriteError
@@ -18,7 +19,10 @@ def _softmax(x: np.ndarray) -> np.ndarray:
 
 
 def _model_props(path: Path) -> dict[str, str]:
-    model = onnx.load(str(path), load_external_data=False)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except DecodeError as error:
+        raise RewriteError(f"{str(path)!r} is not an ONNX model ({error}); pass a file written by `rewrite export`") from error
     return {p.key: p.value for p in model.metadata_props}
 
 
