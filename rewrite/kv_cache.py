@@ -23,7 +23,6 @@ import copy
 import dataclasses
 import inspect
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,11 +34,10 @@ from torch.utils import _pytree as pytree
 
 from rewrite.capture import drop_guards
 from rewrite.errors import RewriteError
-from rewrite.ir import RewriteGraph, info, tensor_at, wrap
+from rewrite.ir import RewriteGraph, info, wrap
 from rewrite.pipeline import Pipeline, create, pass_class
 
 aten = torch.ops.aten
-log = logging.getLogger(__name__)
 
 PREFIX = "rewrite_cache_prefix"
 _PROBE = dict(batch=2, seq=3, past=4)

@@ -13,6 +13,7 @@ import rewrite
 from rewrite.cli.main import cli, main
 from rewrite.errors import RewriteError
 from rewrite.generate import Sampling, generate
+from rewrite.templates import encode_batch
 
 from conftest import tiny_config
 from helpers import peft_twin, randomize_lora
@@ -131,6 +132,27 @@ def test_prompt_tuned_llama_keeps_its_virtual_tokens_in_the_cache_as_peft(lm_dir
     # PEFT 0.21's cached decoding under transformers 5.24 disagrees with PEFT's own forward from the first
     # decoding step on (logits off by ~4); its uncached `generate` runs that forward on the whole sequence.
     assert_same_generation(tmp_path / "model.onnx", hf_generate(reference.eval(), use_cache=False))
+
+
+def test_p_tuned_llama_generates_through_its_template_as_the_uncached_graph(lm_dir, tmp_path):
+    """The reference is the folded graph itself without a cache, one greedy step at a time, per text."""
+    gm = rewrite.load_pretrained(lm_dir("llama"))
+    rewrite.apply(gm, "ptuning", template="[P] [P] {text} [P]", encoder="mlp")
+    with torch.no_grad():
+        for name, param in gm.named_parameters():
+            if "prompt" in name:
+                param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(2)) * 0.5)
+    rewrite.apply(gm, "fold")
+    rewrite.export_onnx(gm, tmp_path / "model.onnx", cache=True)
+    ours = generate(tmp_path / "model.onnx", TEXTS, max_new_tokens=10, eos=[], keep_logits=True)
+    for row, text in enumerate(TEXTS):
+        ids = encode_batch(gm, [text])["input_ids"]
+        for step in range(10):
+            with torch.no_grad():
+                logits = gm(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1]
+            assert np.abs(ours.logits[step][row] - logits.numpy()).max() <= 1e-4
+            assert ours.token_ids[row, step] == int(logits.argmax())
+            ids = torch.cat([ids, logits.argmax().view(1, 1)], 1)
 
 
 def test_seeded_sampling_is_reproducible_and_top_k_1_is_greedy(exported):
