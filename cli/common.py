@@ -1,4 +1,5 @@
-"""What every command shares: reading a graph from an archive or model directory, writing it, logging."""
+"""What every command shares: the command group, reading a graph from an archive or model directory,
+writing it, logging."""
 from __future__ import annotations
 
 import logging
@@ -45,3 +46,13 @@ task_option = click.option(
     "--task", default="auto", show_default=True,
     type=click.Choice(TASKS), help="Model head to capture (auto reads config.architectures).",
 )
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+def cli(verbose: int) -> None:
+    """Compiler-style graph rewriting for parameter-efficient fine-tuning.
+
+    capture -> apply (lora, ...) -> train -> fold -> export -> run
+    """
+    configure_logging(verbose)

@@ -1,4 +1,5 @@
-"""`rewrite`: capture, apply passes, fold, export, inspect and run, from the command line."""
+"""`rewrite`: capture, apply passes, fold, export, inspect and run, from the command line; `main` is the
+entry point (the other commands live in `train` and `pet`, the group in `common`)."""
 from __future__ import annotations
 
 import sys
@@ -10,18 +11,10 @@ from rewrite.errors import RewriteError
 from rewrite.params import trainable_parameters_line
 from rewrite.pipeline import Pipeline, available, create, pass_class
 
-from rewrite.cli.common import configure_logging, console, out, output_option, read_graph, task_option, write_graph
+from rewrite.cli import pet as _pet  # noqa: F401  (registers `rewrite pet`)
+from rewrite.cli import train as _train  # noqa: F401  (registers `rewrite train` and `rewrite demo`)
+from rewrite.cli.common import cli, console, out, output_option, read_graph, task_option, write_graph
 from rewrite.cli.pass_options import add_pass_options, options_for, unused_options
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
-def cli(verbose: int) -> None:
-    """Compiler-style graph rewriting for parameter-efficient fine-tuning.
-
-    capture -> apply (lora, ...) -> train -> fold -> export -> run
-    """
-    configure_logging(verbose)
 
 
 @cli.command()
@@ -69,7 +62,7 @@ def apply(source: str, output: str, task: str, pass_names: tuple[str, ...], pipe
         pipeline = Pipeline([create(name, **options_for(name, given)) for name in pass_names])
     gm = read_graph(source, task)
     pipeline.run(gm)
-    for entry in gm.info["history"][-len(pipeline.passes):]:
+    for entry in gm.info.history[-len(pipeline.passes):]:
         console.print(f"{entry['pass']}: {entry['report'].get('summary', 'done')}", markup=False)
     console.print(trainable_parameters_line(gm))
     write_graph(gm, output)
@@ -82,7 +75,7 @@ def fold(source: str, output: str) -> None:
     """Merge LoRA branches into their base weights and prompt encoders into constant tables."""
     gm = read_graph(source)
     rewrite.apply(gm, "fold")
-    console.print(gm.info["history"][-1]["report"]["summary"], markup=False)
+    console.print(gm.info.history[-1]["report"]["summary"], markup=False)
     write_graph(gm, output)
 
 
@@ -106,11 +99,11 @@ def export(source: str, onnx_path: str, verify: bool, opset: int | None, with_ca
 def inspect(source: str) -> None:
     """Show how a graph archive was made: passes, matched targets, trainable parameters."""
     gm = read_graph(source)
-    meta = gm.info
-    out.print(f"source: {meta.get('source', '-')}  task: {meta.get('task', '-')}  nodes: {len(gm.graph.nodes)}")
-    if not meta["history"]:
+    graph_info = gm.info
+    out.print(f"source: {graph_info.source or '-'}  task: {graph_info.task or '-'}  nodes: {len(gm.graph.nodes)}")
+    if not graph_info.history:
         out.print("passes: none (base capture)")
-    for index, entry in enumerate(meta["history"], 1):
+    for index, entry in enumerate(graph_info.history, 1):
         options = ", ".join(f"{k}={v}" for k, v in entry["options"].items() if v not in (None, {}, []))
         out.print(f"{index}. {entry['pass']}({options}): {entry['report'].get('summary', '')}", markup=False)
         for target in entry["report"].get("targets", []):
@@ -162,5 +155,3 @@ def main() -> None:
         sys.exit(2)
     except click.exceptions.Abort:
         sys.exit(1)
-from rewrite.cli import train as _train  # noqa: E402,F401  (registers `rewrite train` and `rewrite demo`)
-from rewrite.cli import pet as _pet  # noqa: E402,F401  (registers `rewrite pet`)

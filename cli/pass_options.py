@@ -1,7 +1,8 @@
 """Command-line flags generated from the registered passes' option fields.
 
 Every pass option `some_name` becomes `--some-name`; a flag goes to each selected pass that has the
-option. Lists are comma-separated, dicts are JSON, and `--targets re:PATTERN` passes a regex.
+option. Lists are comma-separated, dicts are JSON, and `--targets re:PATTERN` passes a regex; an
+option typed `Literal[...]` becomes a `click.Choice` of those values.
 """
 from __future__ import annotations
 
@@ -13,13 +14,20 @@ import typing
 import click
 
 from rewrite.errors import RewriteError
+from rewrite.options import choices
 from rewrite.pipeline import available, pass_class
 
 
 def _kinds(annotation) -> set:
-    """The plain types an annotation admits: `str | list[str] | None` -> {str, list[str]}."""
+    """The plain types an annotation admits: `str | list[str] | None` -> {str, list[str]}; a `Literal`
+    of strings is `str` (its choices are checked by `click.Choice` and by the pass)."""
     if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
         return {k for arg in typing.get_args(annotation) if arg is not type(None) for k in _kinds(arg)}
+    if typing.get_origin(annotation) is typing.Literal:
+        return {str}
+    if typing.get_origin(annotation) is list:
+        (item,) = typing.get_args(annotation)
+        return {list[next(iter(_kinds(item)))]}
     return {annotation}
 
 
@@ -60,8 +68,11 @@ def add_pass_options(command):
     """Decorates a click command with one flag per pass option (all default to "not given")."""
     for name, (annotation, help_text) in sorted(_option_specs().items(), reverse=True):
         flag = "--" + name.replace("_", "-")
+        allowed = choices(annotation)
         if _kinds(annotation) == {bool}:
             option = click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=help_text)
+        elif allowed is not None and not allowed[1]:
+            option = click.option(flag, name, default=None, type=click.Choice(allowed[0]), help=help_text)
         else:
             option = click.option(flag, name, default=None, metavar="VALUE", help=help_text)
         command = option(command)

@@ -1,4 +1,4 @@
-"""`rewrite pet`: zero-shot evaluation, PET and iPET from the command line (a thin wrapper over `rewrite.pet`)."""
+"""`rewrite pet`: zero-shot evaluation, PET and iPET from the command line (a thin wrapper over `rewrite.recipes.pet`)."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,14 +7,14 @@ from pathlib import Path
 
 import click
 
-import rewrite
-from rewrite import pet
-from rewrite.cli.common import console, out
-from rewrite.cli.main import cli
+from rewrite.export import export_onnx
+from rewrite.pipeline import apply
+from rewrite.recipes import pet
+from rewrite.cli.common import cli, console, out
 from rewrite.data import Fields
 from rewrite.errors import RewriteError
 from rewrite.files import atomic_path
-from rewrite.passes.verbalizer import AGGREGATIONS
+from rewrite.labels import AGGREGATIONS
 
 
 def _write_results(output_dir: Path, results: dict) -> Path:
@@ -85,7 +85,7 @@ def pet_command(model_dir: str, pvp_file: str, train_file: str | None, unlabeled
         if not eval_file:
             raise RewriteError("--zero-shot evaluates on --eval; give an evaluation file")
         base = pet.capture_masked_lm(model_dir)
-        pet.check_label_words(pvps, base.info["tokenizer"])
+        pet.check_label_words(pvps, base.info.tokenizer)
         results = pet.zero_shot(base, pvps, pet.read_data(eval_file, pvps, fields, labeled=True), config)
         for name, value in results["patterns"].items():
             out.print(f"zero-shot {name}: accuracy {value:.4f}")
@@ -106,7 +106,7 @@ def pet_command(model_dir: str, pvp_file: str, train_file: str | None, unlabeled
     if result.final_accuracy is not None:
         out.print(f"ensemble: eval accuracy {result.ensemble_accuracy:.4f}")
         out.print(f"final classifier: eval accuracy {result.final_accuracy:.4f}")
-    rewrite.apply(result.final, "fold")
-    report = rewrite.export_onnx(result.final, output / "model.onnx")
+    apply(result.final, "fold")
+    report = export_onnx(result.final, output / "model.onnx")
     console.print(f"wrote {report.path} (ONNX Runtime vs torch: max abs diff {report.max_abs_diff:.3g})")
     console.print(f"wrote {_write_results(output, result.summary())}")

@@ -1,4 +1,4 @@
-"""`rewrite train` and `rewrite demo`: thin wrappers over `rewrite.train` and `rewrite.demo`."""
+"""`rewrite train` and `rewrite demo`: thin wrappers over `rewrite.train` and `rewrite.recipes.demo`."""
 from __future__ import annotations
 
 import os
@@ -7,8 +7,7 @@ from pathlib import Path
 import click
 
 import rewrite
-from rewrite.cli.common import console, out, read_graph
-from rewrite.cli.main import cli
+from rewrite.cli.common import cli, console, out, read_graph
 from rewrite.data import Fields
 from rewrite.train import SCHEDULES, TASKS, TrainConfig
 
@@ -74,6 +73,6 @@ def train(source: str, train_file: str, eval_file: str | None, output_dir: str, 
               help="Where the checkpoints, trained graph, adapter and model.onnx go.")
 def demo(output_dir: str) -> None:
     """MiniLM + LoRA on shipped SST-2 data: train, fold, export to ONNX, check ONNX Runtime's accuracy."""
-    from rewrite.demo import run_demo
+    from rewrite.recipes.demo import run_demo
 
     run_demo(output_dir, console=console)

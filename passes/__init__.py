@@ -1,6 +1,11 @@
-"""The built-in passes, one per file; importing this package registers them by name."""
+"""The built-in passes, one per file. Importing this package imports every module in it, and each
+registers its pass by name: a new pass needs only its own file."""
+import importlib
+import pkgutil
+
 from rewrite.pipeline import available, create, option_names
 
-from rewrite.passes import fold, lora, prompt, ptuning, rows, verbalizer  # noqa: F401  (registration)
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = ["available", "create", "option_names"]

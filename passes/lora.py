@@ -3,34 +3,35 @@
 Targets are chosen like PEFT (`targets`: a regex that fullmatches the module path, a list of names
 matched exactly or as a `.suffix`, or `"all-linear"`) or structurally (`roles`: q, k, v, o, mlp, read
 off the graph by `rewrite.graph`). With neither, the default is roles q and v. The branch's weights
-live at `<module path>.lora_A.weight` / `.lora_B.weight`, PEFT's names.
+live at `<module path>.lora_A.weight` / `.lora_B.weight`, PEFT's names, and adapter files are PEFT's
+LORA (`adapter_config.json` + `base_model.model.<path>.lora_A.weight` ...), in both directions.
+
+Fold merges each branch into its base weight, `W0 += scale * B @ A` (summed in fp32 and cast back to
+W0's dtype, transposed for `[in, out]` weights such as GPT-2's Conv1D), and erases the branch: a
+folded graph is node for node the base capture, so deployment pays nothing.
 """
 from __future__ import annotations
 
 import math
 import re
 from dataclasses import dataclass
+from typing import Any, Literal, Sequence
 
 import torch
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassResult
 
+from rewrite.adapter import PREFIX, adapter_base, peft_task_type
 from rewrite.errors import RewriteError
-from rewrite.graph import ROLES, GraphQuery, Projection
-from rewrite.ir import add_submodule, copy_meta, info, tensor_at
-from rewrite.params import mark_trainable, trainable_heads
-from rewrite.pipeline import Pass, option, register
+from rewrite.graph import GraphQuery, Projection, matches_module
+from rewrite.ir import add_submodule, info, remove_submodule, tag, tensor_at
+from rewrite.nodes import NodeBuilder
+from rewrite.params import forget_trainable, mark_trainable, trainable_heads
+from rewrite.pipeline import AdapterFiles, Folded, Pass, Pipeline, option, register
 
 aten = torch.ops.aten
-INITS = ("kaiming", "gaussian")
 DEFAULT_ROLES = ("q", "v")
-
-
-def matches(path: str, spec: str | list[str]) -> bool:
-    """PEFT's rule: a string is a regex that must fullmatch; a list entry matches exactly or as a `.suffix`."""
-    if isinstance(spec, str):
-        return re.fullmatch(spec, path) is not None
-    return any(path == name or path.endswith("." + name) for name in spec)
+Role = Literal["q", "k", "v", "o", "mlp"]  # rewrite.graph.ROLES
 
 
 def _pattern_value(path: str, pattern: dict, default):
@@ -50,17 +51,20 @@ def _names(projections: list[Projection]) -> str:
 @dataclass
 class LoraPass(Pass):
     name = "lora"
+    title = "LoRA"
+    peft_types = ("LORA",)
 
     targets: str | list[str] | None = option(
         None, "module names (exact or .suffix), a regex (re:...), or all-linear; like PEFT's target_modules")
-    roles: list[str] | None = option(None, "structural roles to adapt: q, k, v, o, mlp (default q,v)")
+    roles: list[Role] | None = option(None, "structural roles to adapt: q, k, v, o, mlp (default q,v)", label="role")
     exclude: str | list[str] | None = option(None, "module names or regex to leave alone")
     layers: list[int] | None = option(None, "only these layer indices (PEFT's layers_to_transform)")
     rank: int = option(8, "LoRA rank r")
     alpha: float = option(8.0, "LoRA alpha; scale = alpha / r (alpha / sqrt(r) with rslora)")
     dropout: float = option(0.0, "dropout on the branch input, active in train mode only")
     rslora: bool = option(False, "rank-stabilized scaling alpha / sqrt(r)")
-    init: str = option("kaiming", "A's init: kaiming (PEFT default, B = 0) or gaussian")
+    init: Literal["kaiming", "gaussian"] = option("kaiming", "A's init: kaiming (PEFT default, B = 0) or gaussian",
+                                                 label="LoRA init")
     rank_pattern: dict[str, int] = option({}, "per-target rank overrides, JSON {name or regex: rank}")
     alpha_pattern: dict[str, float] = option({}, "per-target alpha overrides, JSON {name or regex: alpha}")
     modules_to_save: list[str] | None = option(
@@ -80,11 +84,6 @@ class LoraPass(Pass):
                 raise RewriteError(f"LoRA alpha {alpha!r} is not allowed; use a number greater than 0")
         if not 0.0 <= self.dropout < 1.0:
             raise RewriteError(f"LoRA dropout {self.dropout!r} is not allowed; use a probability in [0, 1)")
-        if self.init not in INITS:
-            raise RewriteError(f"LoRA init {self.init!r} is not known; use one of {', '.join(INITS)}")
-        unknown = sorted(set(self.roles or []) - set(ROLES))
-        if unknown:
-            raise RewriteError(f"role {', '.join(unknown)} is not known; roles are {', '.join(ROLES)}")
 
     def select(self, query: GraphQuery) -> list[Projection]:
         """The projections this pass adapts (every call site of each matched module)."""
@@ -96,7 +95,7 @@ class LoraPass(Pass):
             heads = {p.path for p in query.output_heads}
             chosen = [p for p in chosen if p.path not in heads]
         elif self.targets is not None:
-            chosen = [p for p in chosen if matches(p.path, self.targets)]
+            chosen = [p for p in chosen if matches_module(p.path, self.targets)]
             if not chosen:
                 raise RewriteError(
                     f"LoRA targets {self.targets!r} match no module; linear modules in this graph: {_names(projections)}"
@@ -112,7 +111,7 @@ class LoraPass(Pass):
                     f"{', '.join(present) or 'none (no attention found)'}"
                 )
         if self.exclude is not None:
-            chosen = [p for p in chosen if not matches(p.path, self.exclude)]
+            chosen = [p for p in chosen if not matches_module(p.path, self.exclude)]
         if self.layers is not None:
             chosen = [p for p in chosen if p.layer in set(self.layers)]
         if not chosen:
@@ -139,34 +138,21 @@ class LoraPass(Pass):
         add_submodule(gm, f"{proj.path}.lora_B", lora_b)
 
     def _insert_branch(self, gm: fx.GraphModule, proj: Projection, scale: float) -> None:
-        graph = gm.graph
         y = proj.node
         lora_dtype = tensor_at(gm, f"{proj.path}.lora_A.weight").dtype
         base_dtype = tensor_at(gm, proj.weight).dtype
-        tag = {"pass": "lora", "target": proj.path}
-        created: list[fx.Node] = []
-
-        def node(target, *args, **kwargs):
-            new = graph.call_function(target, args, kwargs)
-            copy_meta(y, new, **tag)
-            created.append(new)
-            return new
-
-        with graph.inserting_before(y.next):
+        node = NodeBuilder(gm.graph, y, **{"pass": self.name, "target": proj.path})
+        with gm.graph.inserting_before(y.next):
             x = proj.input
             if self.dropout > 0:
                 x = node(aten.dropout.default, x, self.dropout, gm.training)
-            if lora_dtype != base_dtype:
-                x = node(aten._to_copy.default, x, dtype=lora_dtype)
-            a_w = graph.get_attr(f"{proj.path}.lora_A.weight")
-            b_w = graph.get_attr(f"{proj.path}.lora_B.weight")
-            for attr in (a_w, b_w):
-                copy_meta(y, attr, **tag)
+            x = node.to_dtype(x, base_dtype, lora_dtype)
+            a_w = node.attr(f"{proj.path}.lora_A.weight")
+            b_w = node.attr(f"{proj.path}.lora_B.weight")
             h = node(aten.linear.default, x, a_w)
             h = node(aten.linear.default, h, b_w)
             h = node(aten.mul.Tensor, h, scale)
-            if lora_dtype != base_dtype:
-                h = node(aten._to_copy.default, h, dtype=base_dtype)
+            h = node.to_dtype(h, lora_dtype, base_dtype)
             out = node(aten.add.Tensor, y, h)
         out.meta["rewrite"].update(
             lora_add=True, scale=scale, weight=proj.weight, transposed=proj.transposed
@@ -192,11 +178,102 @@ class LoraPass(Pass):
             "ranks": {path: plan[path][0] for path in paths},
             "alphas": {path: plan[path][1] for path in paths},
             "fan_in_fan_out": sorted({first[p].transposed for p in paths}) == [True],
-            "modules_to_save": info(gm).get("modules_to_save"),
+            "modules_to_save": info(gm).modules_to_save,
             "summary": f"LoRA on {len(paths)} modules ({_names(chosen)})",
         }
         return PassResult(gm, True)
 
+    @classmethod
+    def adapter_files(cls, gm: fx.GraphModule, runs: Sequence["LoraPass"]) -> AdapterFiles:
+        """One PEFT LoraConfig that reproduces every LoRA run, exactly per target, and the trainable tensors."""
+        if len({r.rslora for r in runs}) > 1 or len({r.dropout for r in runs}) > 1:
+            raise RewriteError("LoRA passes with different rslora or dropout settings cannot share one PEFT adapter file")
+        ranks = {path: rank for r in runs for path, rank in r.report["ranks"].items()}
+        alphas = {path: alpha for r in runs for path, alpha in r.report["alphas"].items()}
+        rank, alpha = next(iter(ranks.values())), next(iter(alphas.values()))
+        first = runs[0]
+        config = {
+            "peft_type": "LORA",
+            "task_type": peft_task_type(gm),
+            "base_model_name_or_path": info(gm).source,
+            "r": rank,
+            "lora_alpha": alpha,
+            "lora_dropout": first.dropout,
+            "use_rslora": first.rslora,
+            "init_lora_weights": True if first.init == "kaiming" else first.init,
+            "target_modules": sorted(ranks),
+            "rank_pattern": {p: r for p, r in ranks.items() if r != rank},
+            "alpha_pattern": {p: a for p, a in alphas.items() if a != alpha},
+            "fan_in_fan_out": any(r.report["fan_in_fan_out"] for r in runs),
+            "bias": "none",
+            "modules_to_save": info(gm).modules_to_save,
+            "inference_mode": True,
+        }
+        return AdapterFiles(config, adapter_base(gm))
+
+    @classmethod
+    def from_adapter(cls, gm: fx.GraphModule, config: dict[str, Any], weights: dict[str, torch.Tensor],
+                     origin: str) -> dict[str, str]:
+        """The LoRA pass with the adapter's targets, ranks and alphas; every tensor by its PEFT key."""
+        init = config.get("init_lora_weights", True)
+        Pipeline([cls(
+            targets=config["target_modules"],
+            exclude=config.get("exclude_modules"),
+            layers=config.get("layers_to_transform"),
+            rank=config["r"],
+            alpha=config["lora_alpha"],
+            dropout=config.get("lora_dropout", 0.0),
+            rslora=config.get("use_rslora", False),
+            init=init if isinstance(init, str) and init == "gaussian" else "kaiming",
+            rank_pattern=config.get("rank_pattern") or {},
+            alpha_pattern=config.get("alpha_pattern") or {},
+        )]).run(gm)
+        return {key.removeprefix(PREFIX).replace(".default.", "."): key for key in weights}
+
+    @classmethod
+    def fold(cls, gm: fx.GraphModule, runs: Sequence["LoraPass"]) -> Folded | None:
+        """Merges and erases every LoRA branch; the fold report lists their module paths under `folded`."""
+        folded = fold_lora(gm)
+        return Folded("folded", folded, f"{len(folded)} LoRA branches") if folded else None
+
+
+def _merged_weight(gm: fx.GraphModule, path: str, weight: str, scale: float, transposed: bool) -> torch.Tensor:
+    base = tensor_at(gm, weight)
+    lora_a = tensor_at(gm, f"{path}.lora_A.weight").detach().float()
+    lora_b = tensor_at(gm, f"{path}.lora_B.weight").detach().float()
+    delta = scale * (lora_b @ lora_a)
+    merged = base.detach().float() + (delta.T if transposed else delta)
+    if merged.device.type != "meta" and not torch.isfinite(merged).all():
+        raise RewriteError(f"folding the LoRA branch of {path} gives non-finite weights; the adapter is corrupt")
+    return merged.to(base.dtype)
+
+
+def _erase_branches(gm: fx.GraphModule, adds: list[fx.Node]) -> None:
+    paths = {tag(add)["target"] for add in adds}
+    for add in adds:
+        add.replace_all_uses_with(add.args[0])
+    for node in reversed(list(gm.graph.nodes)):
+        if tag(node).get("pass") == LoraPass.name and tag(node).get("target") in paths:
+            gm.graph.erase_node(node)
+
+
+def fold_lora(gm: fx.GraphModule) -> list[str]:
+    """Merges and erases every LoRA branch; returns the module paths folded."""
+    adds = [n for n in gm.graph.nodes if tag(n).get("lora_add")]
+    sites: dict[str, fx.Node] = {}
+    for add in adds:
+        sites.setdefault(tag(add)["target"], add)
+    merged = {path: _merged_weight(gm, path, tag(add)["weight"], tag(add)["scale"], tag(add)["transposed"])
+              for path, add in sites.items()}
+    for path, weight in merged.items():
+        with torch.no_grad():
+            tensor_at(gm, tag(sites[path])["weight"]).copy_(weight)
+    _erase_branches(gm, adds)
+    for path in sites:
+        remove_submodule(gm, f"{path}.lora_A")
+        remove_submodule(gm, f"{path}.lora_B")
+    forget_trainable(gm, [f"{path}.{ab}.weight" for path in sites for ab in ("lora_A", "lora_B")])
+    return list(sites)
 
 
 def _check_fits(gm: fx.GraphModule, projections: list[Projection], ranks: dict[str, int]) -> None:

@@ -8,8 +8,9 @@ positions, masks and the loss follow from the extended sequence exactly as in PE
 lookup still reads the user's ids and the prompt table is concatenated in front of its result, which
 is PEFT's `cat(prompts, embed(ids))` (DESIGN.md: prepending this way matched with max diff 0.0).
 
-The machinery P-tuning shares (finding the inputs and the word-embedding lookup, emitting tagged
-nodes, marking what trains) lives here too.
+Adapter files are PEFT's PROMPT_TUNING (`prompt_embeddings` + a seq-cls head); PEFT's PROMPT_TUNING
+and P_TUNING adapters load as prepended prompts (PEFT saves a P_TUNING adapter's encoder output,
+which it then prepends exactly as prompt tuning does).
 """
 from __future__ import annotations
 
@@ -17,107 +18,35 @@ import logging
 import math
 import operator
 from dataclasses import dataclass
+from typing import Any, Literal, Sequence
 
 import torch
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassResult
 from torch.utils import _pytree as pytree
 
+from rewrite.adapter import PROMPT_KEY, adapter_base, peft_task_type
+from rewrite.data import IGNORE_INDEX
 from rewrite.errors import RewriteError
-from rewrite.ir import add_submodule, copy_meta, info, tag, tensor_at
+from rewrite.graph import placeholders, word_embedding
+from rewrite.ir import add_submodule, info, require_tokenizer, tensor_at
+from rewrite.nodes import NodeBuilder
 from rewrite.params import mark_trainable, trainable_heads
-from rewrite.pipeline import Pass, option, register
+from rewrite.pipeline import AdapterFiles, Pass, Pipeline, option, register
+from rewrite.prompt_table import ENCODER, TABLE, TOKENS, check_no_prompt, initial_table, register_tokens, sampled_rows
 
 aten = torch.ops.aten
 log = logging.getLogger(__name__)
 
-ENCODER = "prompt_encoder"
-TABLE = f"{ENCODER}.embedding.weight"
-TOKENS = "prompt_tokens"
-IGNORE_INDEX = -100
-INITS = ("random", "vocab", "text")
+PROMPT_PREFIX = "base_model."  # PEFT's prefix for a prompt-learning adapter's other tensors (the head)
+_PEFT_INIT = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "TEXT"}
 TOKEN_LEVEL_TASKS = ("causal-lm", "masked-lm", "feature-extraction")
 _PREFIX_FILL = {"attention_mask": 1, "token_type_ids": 0}
 
 
-class Emitter:
-    """Creates nodes at the graph's insertion point that carry `anchor`'s module stack and the pass's tag.
-
-    New nodes have no metadata of their own; the tag is what fold and the adapter writer look for.
-    """
-
-    def __init__(self, graph: fx.Graph, anchor: fx.Node, **tag):
-        self.graph, self.anchor, self.tag = graph, anchor, tag
-        self.created: set[fx.Node] = set()
-
-    def __call__(self, target, *args, **kwargs) -> fx.Node:
-        return self.keep(self.graph.call_function(target, args, kwargs))
-
-    def attr(self, target: str) -> fx.Node:
-        return self.keep(self.graph.get_attr(target))
-
-    def keep(self, node: fx.Node, **extra) -> fx.Node:
-        copy_meta(self.anchor, node, **self.tag, **extra)
-        self.created.add(node)
-        return node
-
-    def redirect(self, old: fx.Node, new: fx.Node, keep: tuple[fx.Node, ...] = ()) -> None:
-        """Every use of `old`, except by the nodes made here and by `keep`, now reads `new`."""
-        spared = self.created | set(keep)
-        old.replace_all_uses_with(new, delete_user_cb=lambda user: user not in spared)
-
-
-def placeholders(gm: fx.GraphModule) -> dict[str, fx.Node]:
-    return {node.target: node for node in gm.graph.find_nodes(op="placeholder")}
-
-
-def model_input(gm: fx.GraphModule, name: str) -> fx.Node | None:
-    """Input `name` as the model sees it: the prompt-extended tensor after prompt tuning, else the placeholder.
-
-    The prompt pass redirects the uses that exist when it runs; a pass that runs later and reads
-    `input_ids` or `attention_mask` (e.g. to find the `[MASK]` position) must read this node, or its
-    positions are off by the number of virtual tokens.
-    """
-    for node in gm.graph.nodes:
-        if tag(node).get("extends") == name:
-            return node
-    return placeholders(gm).get(name)
-
-
-def word_embedding(gm: fx.GraphModule) -> fx.Node:
-    """The `aten.embedding` that looks up `input_ids`: where prompt vectors enter the model."""
-    ids = placeholders(gm).get("input_ids")
-    if ids is None:
-        raise RewriteError("prompt passes need a graph with an `input_ids` input; capture the model with input_ids")
-    for node in ids.users:
-        if node.target is aten.embedding.default and node.args[1] is ids:
-            return node
-    raise RewriteError("the graph has no word-embedding lookup of `input_ids` to put prompt vectors into")
-
-
-def check_no_prompt(gm: fx.GraphModule) -> None:
-    """One prompt method per graph: both own the word-embedding lookup and the reserved ids."""
-    if hasattr(gm, TOKENS):
-        made_by = [h["pass"] for h in info(gm)["history"] if h["pass"] in ("prompt", "ptuning")]
-        raise RewriteError(
-            f"the graph already has prompt embeddings (from pass {', '.join(made_by) or 'unknown'}); "
-            "start from the base graph to use another prompt method"
-        )
-
-
-def register_tokens(gm: fx.GraphModule, token_ids: list[int], device: torch.device) -> None:
-    """The ids the prompt occupies (virtual ids, or P-tuning's placeholders), as a buffer that moves with the graph."""
-    gm.register_buffer(TOKENS, torch.tensor(token_ids, dtype=torch.long, device=device))
-
-
-def cast(emit: Emitter, node: fx.Node, source: torch.dtype, target: torch.dtype) -> fx.Node:
-    """Prompt tables of half-precision models are kept in fp32 (as PEFT does) and cast where they meet the model."""
-    return node if source == target else emit(aten._to_copy.default, node, dtype=target)
-
-
 def position_limit(gm: fx.GraphModule) -> int | None:
     """The model's position limit from its config (`max_position_embeddings`, GPT-2's `n_positions`)."""
-    config = info(gm).get("config")
+    config = info(gm).config
     for key in ("max_position_embeddings", "n_positions"):
         if getattr(config, key, None):
             return int(getattr(config, key))
@@ -127,8 +56,6 @@ def position_limit(gm: fx.GraphModule) -> int | None:
 def _prompt_init(choice: str | None, init_text: str | None) -> str:
     """`text` when an init text is given, else `random`; a contradicting explicit choice is an error."""
     init = choice or ("text" if init_text else "random")
-    if init not in INITS:
-        raise RewriteError(f"prompt_init {init!r} is not known; use one of {', '.join(INITS)}")
     if (init == "text") != bool(init_text):
         raise RewriteError(
             "prompt_init 'text' needs init_text, and init_text needs prompt_init 'text' (or no prompt_init)"
@@ -138,31 +65,14 @@ def _prompt_init(choice: str | None, init_text: str | None) -> str:
 
 def _text_ids(gm: fx.GraphModule, text: str, count: int) -> list[int]:
     """PEFT's TEXT init: the text's token ids (special tokens included), cut to `count` or repeated to fill it."""
-    tokenizer = info(gm).get("tokenizer")
-    if tokenizer is None:
-        raise RewriteError("init_text needs the model's tokenizer, but this graph has none; capture it from a model directory")
-    ids = tokenizer(text)["input_ids"]
+    ids = require_tokenizer(gm, "to tokenize init_text")(text)["input_ids"]
     if len(ids) > count:
         log.warning("init text %r has %d tokens, more than the %d virtual tokens: its first %d initialize "
                     "the prompt (as PEFT does)", text, len(ids), count, count)
     return (ids * math.ceil(count / len(ids)))[:count]
 
 
-def sampled_rows(weight: torch.Tensor, count: int) -> torch.Tensor:
-    """Random vocabulary rows (PEFT's SAMPLE_VOCAB): starting values on the scale of real token embeddings."""
-    return torch.randint(0, weight.shape[0], (count,))
-
-
-def initial_table(weight: torch.Tensor, count: int, rows: torch.Tensor | list[int] | None) -> torch.Tensor:
-    """Copies of the word-embedding `rows`, or with none N(0, 1) as nn.Embedding draws them (PEFT's RANDOM);
-    fp32 for half-precision models, as PEFT keeps its prompts."""
-    dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
-    if rows is None:
-        return nn.Embedding(count, weight.shape[1], device=weight.device, dtype=dtype).weight.detach()
-    return weight.detach()[torch.as_tensor(rows, device=weight.device)].to(dtype)
-
-
-def _extension(emit: Emitter, name: str, user_input: fx.Node, count: int, task: str) -> fx.Node | None:
+def _extension(emit: NodeBuilder, name: str, user_input: fx.Node, count: int, task: str) -> fx.Node | None:
     """`cat(fill, x)` along the sequence, or None for inputs without a sequence axis (seq-cls labels)."""
     if name == "labels" and task not in TOKEN_LEVEL_TASKS:
         return None
@@ -185,7 +95,7 @@ def _sequence_outputs(gm: fx.GraphModule) -> list[int]:
     found = []
     for path, index in pytree.tree_flatten_with_path(leaves)[0]:
         key = str(getattr(path[0], "key", getattr(path[0], "name", ""))) if path else ""
-        if key in ("last_hidden_state", "hidden_states") or (key == "logits" and info(gm).get("task") in TOKEN_LEVEL_TASKS):
+        if key in ("last_hidden_state", "hidden_states") or (key == "logits" and info(gm).task in TOKEN_LEVEL_TASKS):
             found.append(index)
     return found
 
@@ -196,10 +106,12 @@ class PromptPass(Pass):
     """PEFT's PROMPT_TUNING as a rewrite: works for causal LMs, masked LMs and sequence classifiers."""
 
     name = "prompt"
+    title = "prompt tuning"
+    peft_types = ("PROMPT_TUNING", "P_TUNING")
 
     num_virtual_tokens: int = option(20, "virtual tokens prepended to the input (PEFT's num_virtual_tokens)")
-    prompt_init: str | None = option(None, "prompt init: random, vocab (sampled token rows) or text (default: "
-                                           "text with --init-text, else random)")
+    prompt_init: Literal["random", "vocab", "text"] | None = option(
+        None, "prompt init: random, vocab (sampled token rows) or text (default: text with --init-text, else random)")
     init_text: str | None = option(None, "text whose token embeddings initialize the prompt (cut or repeated to fit)")
     strip_virtual: bool = option(False, "drop the virtual positions from sequence outputs (logits, hidden states)")
     modules_to_save: list[str] | None = option(
@@ -213,9 +125,9 @@ class PromptPass(Pass):
         self.prompt_init = _prompt_init(self.prompt_init, self.init_text)
 
     @classmethod
-    def cache_prefix(cls, gm: fx.GraphModule) -> torch.Tensor:
+    def cache_prefix(cls, gm: fx.GraphModule, runs) -> torch.Tensor:
         """The trained table: with a KV cache the virtual tokens enter once, as the cache's constant prefix."""
-        dtype = tensor_at(gm, word_embedding(gm).args[0].target).dtype
+        dtype = tensor_at(gm, word_embedding(gm, "prompt vectors enter the model there").args[0].target).dtype
         return tensor_at(gm, TABLE).detach().to(dtype)
 
     def _initial_rows(self, gm: fx.GraphModule, weight: torch.Tensor) -> torch.Tensor | list[int] | None:
@@ -242,17 +154,17 @@ class PromptPass(Pass):
     def _extend_inputs(self, gm: fx.GraphModule, inputs: dict[str, fx.Node], embed: fx.Node) -> None:
         """Every reader of an input, except the word-embedding lookup, sees the prompt-extended tensor."""
         graph = gm.graph
-        emit = Emitter(graph, embed, **{"pass": self.name})
+        emit = NodeBuilder(graph, embed, **{"pass": self.name})
         with graph.inserting_before(list(inputs.values())[-1].next):
             for name, node in inputs.items():
-                extended = _extension(emit, name, node, self.num_virtual_tokens, info(gm).get("task"))
+                extended = _extension(emit, name, node, self.num_virtual_tokens, info(gm).task)
                 if extended is not None:
                     emit.redirect(node, extended, keep=(embed,))
             limit = position_limit(gm)
             if limit is not None:
                 self._assert_fits(emit, inputs["input_ids"], limit)
 
-    def _assert_fits(self, emit: Emitter, ids: fx.Node, limit: int) -> None:
+    def _assert_fits(self, emit: NodeBuilder, ids: fx.Node, limit: int) -> None:
         """Past the position limit the model fails with a shape error deep inside; say why instead."""
         total = emit(operator.add, emit(aten.sym_size.int, ids, 1), self.num_virtual_tokens)
         room = limit - self.num_virtual_tokens
@@ -264,12 +176,12 @@ class PromptPass(Pass):
         """`embed(ids)` becomes `cat(prompt table, embed(ids))`, PEFT's computation."""
         graph = gm.graph
         table = tensor_at(gm, TABLE)
-        emit = Emitter(graph, embed, **{"pass": self.name})
+        emit = NodeBuilder(graph, embed, **{"pass": self.name})
         with graph.inserting_before(embed.next):
             batch = emit(aten.sym_size.int, embed.args[1], 0)
             prompts = emit(aten.unsqueeze.default, emit.attr(TABLE), 0)
             prompts = emit(aten.expand.default, prompts, [batch, self.num_virtual_tokens, table.shape[1]])
-            prompts = cast(emit, prompts, table.dtype, tensor_at(gm, embed.args[0].target).dtype)
+            prompts = emit.to_dtype(prompts, table.dtype, tensor_at(gm, embed.args[0].target).dtype)
             joined = emit(aten.cat.default, [prompts, embed], 1)
         emit.redirect(embed, joined)
 
@@ -278,7 +190,7 @@ class PromptPass(Pass):
         output = next(iter(gm.graph.find_nodes(op="output")))
         leaves = list(output.args[0])
         stripped = _sequence_outputs(gm)
-        emit = Emitter(gm.graph, output, **{"pass": self.name})
+        emit = NodeBuilder(gm.graph, output, **{"pass": self.name})
         with gm.graph.inserting_before(output):
             for index in stripped:
                 leaves[index] = emit(aten.slice.Tensor, leaves[index], 1, self.num_virtual_tokens)
@@ -288,7 +200,7 @@ class PromptPass(Pass):
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         gm = graph_module
         check_no_prompt(gm)
-        embed = word_embedding(gm)
+        embed = word_embedding(gm, "prompt vectors enter the model there")
         inputs = self._check_inputs(gm)
         weight = tensor_at(gm, embed.args[0].target)
         vocab, count = weight.shape[0], self.num_virtual_tokens
@@ -299,7 +211,7 @@ class PromptPass(Pass):
         self._extend_inputs(gm, inputs, embed)
         self._prepend(gm, embed)
         stripped = self._strip(gm) if self.strip_virtual else []
-        info(gm)["prepended_positions"] = 0 if self.strip_virtual else count  # training pads LM labels by this
+        info(gm).prepended_positions = 0 if self.strip_virtual else count  # training pads LM labels by this
         mark_trainable(gm, [TABLE, *heads])
         self.report = {
             "num_virtual_tokens": count,
@@ -311,3 +223,46 @@ class PromptPass(Pass):
                        + (", virtual positions stripped from outputs)" if self.strip_virtual else ")"),
         }
         return PassResult(gm, True)
+
+    @classmethod
+    def adapter_files(cls, gm: fx.GraphModule, runs: Sequence["PromptPass"]) -> AdapterFiles:
+        """PEFT's PROMPT_TUNING: `prompt_embeddings` `[n, hidden]` and the trained head under `base_model.`."""
+        run = runs[-1]
+        graph_info, table = info(gm), tensor_at(gm, TABLE)
+        config = {
+            "peft_type": "PROMPT_TUNING",
+            "task_type": peft_task_type(gm),
+            "base_model_name_or_path": graph_info.source,
+            "num_virtual_tokens": run.report["num_virtual_tokens"],
+            "token_dim": int(table.shape[1]),
+            "num_transformer_submodules": 1,
+            "num_attention_heads": getattr(graph_info.config, "num_attention_heads", None),
+            "num_layers": getattr(graph_info.config, "num_hidden_layers", None),
+            "prompt_tuning_init": _PEFT_INIT[run.report["init"]],
+            "prompt_tuning_init_text": run.init_text,
+            "tokenizer_name_or_path": graph_info.source if run.init_text else None,
+            "modules_to_save": graph_info.modules_to_save,
+            "inference_mode": True,
+        }
+        tensors = {PROMPT_KEY: table.detach().contiguous().cpu()}
+        tensors.update(adapter_base(gm, PROMPT_PREFIX, skip=(TABLE,)))
+        return AdapterFiles(config, tensors)
+
+    @classmethod
+    def from_adapter(cls, gm: fx.GraphModule, config: dict[str, Any], weights: dict[str, torch.Tensor],
+                     origin: str) -> dict[str, str]:
+        """Prompts for the adapter's virtual tokens (and its head as modules_to_save); `prompt_embeddings`
+        fills the table."""
+        if config.get("num_transformer_submodules", 1) != 1:
+            raise RewriteError(f"adapter {origin!r} prompts an encoder-decoder model, which this project does not capture")
+        if PROMPT_KEY not in weights:
+            raise RewriteError(f"adapter {origin!r} has no {PROMPT_KEY} tensor; it is not a prompt-learning adapter")
+        embed = word_embedding(gm, "prompt vectors enter the model there")
+        hidden = tensor_at(gm, embed.args[0].target).shape[1]
+        if weights[PROMPT_KEY].dim() != 2 or weights[PROMPT_KEY].shape[1] != hidden:
+            raise RewriteError(f"adapter {origin!r} holds prompts of shape {tuple(weights[PROMPT_KEY].shape)} but "
+                               f"this model's embeddings are {hidden} wide; the adapter was made for another model")
+        heads = {key.removeprefix(PROMPT_PREFIX): key for key in weights if key != PROMPT_KEY}
+        modules = sorted({name.rpartition(".")[0] for name in heads})
+        Pipeline([cls(num_virtual_tokens=config["num_virtual_tokens"], modules_to_save=modules)]).run(gm)
+        return {TABLE: PROMPT_KEY, **heads}

@@ -9,31 +9,38 @@ The table is the output of a prompt encoder (P-tuning paper, Liu et al. 2021): `
 bi-LSTM (2 layers, hidden H/2 per direction) followed by its MLP (H -> H -> H); `mlp` is that MLP
 alone; `none` trains the table directly (the seed's variant, which trains only the placeholder rows).
 The encoder is captured once and inlined as graph nodes over its parameters, so the rewritten graph
-saves, loads and trains like any other; the fold pass later replaces it by its constant output.
+saves, loads and trains like any other. The encoder takes no data, so its output is a constant: fold
+evaluates it once and keeps only that table and one gather (its ONNX model has no LSTM).
+
+The template travels with the graph (`info.template`), so training encodes text through it, and
+with the exported model (its metadata), so `rewrite run` does too. PEFT's P_TUNING prepends its
+prompts, which cannot express prompts at template positions: such graphs have no PEFT adapter file.
 """
 from __future__ import annotations
 
+import json
 import warnings
 from dataclasses import dataclass
+from typing import Any, Literal, Sequence
 
+import networkx as nx
 import torch
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassResult
 
 from rewrite.capture import capture
 from rewrite.errors import RewriteError
-from rewrite.ir import add_submodule, info, tensor_at
-from rewrite.params import mark_trainable, trainable_heads
-from rewrite.passes.prompt import (
-    ENCODER, TABLE, TOKENS, Emitter, cast, check_no_prompt, initial_table, register_tokens, sampled_rows,
-    word_embedding,
-)
-from rewrite.pipeline import Pass, option, register
-from rewrite.templates import Template
+from rewrite.graph import GraphQuery, word_embedding
+from rewrite.ir import InputTemplate, add_submodule, copy_meta, info, remove_submodule, require_tokenizer, tag, tensor_at
+from rewrite.nodes import NodeBuilder
+from rewrite.params import forget_trainable, mark_trainable, trainable_heads
+from rewrite.pipeline import AdapterFiles, Folded, Pass, option, register
+from rewrite.prompt_table import ENCODER, TABLE, TOKENS, check_no_prompt, initial_table, register_tokens, sampled_rows
+from rewrite.templates import Template, pad_batch
 
 aten = torch.ops.aten
 
-ENCODERS = ("lstm", "mlp", "none")
+TEMPLATE_KEY, PLACEHOLDER_IDS_KEY = "rewrite.template", "rewrite.placeholder_ids"  # ONNX metadata
 
 
 class PromptEncoder(nn.Module):
@@ -65,7 +72,7 @@ class PromptEncoder(nn.Module):
         return table
 
 
-def _inline(gm: fx.GraphModule, emit: Emitter, encoder: PromptEncoder) -> fx.Node:
+def _inline(gm: fx.GraphModule, emit: NodeBuilder, encoder: PromptEncoder) -> fx.Node:
     """Captures `encoder()` and copies its nodes into `gm` over the parameters registered at `prompt_encoder`."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*were assigned during export.*")  # nn.LSTM's _flat_weights
@@ -90,12 +97,14 @@ class PtuningPass(Pass):
     """P-tuning with a template; only the prompt encoder (and a seq-cls head, as PEFT) trains."""
 
     name = "ptuning"
+    title = "P-tuning"
 
     template: str | None = option(None, "template with [P] prompt slots and a {text} field, "
                                         "e.g. '[P] [P] [P] {text} [P] [MASK] .'")
     placeholders: list[str] | None = option(
         None, "tokens that stand for the [P] slots, e.g. [unused1],[unused2] (default: reserved ids after the vocabulary)")
-    encoder: str = option("lstm", "prompt encoder: lstm (the paper's bi-LSTM + MLP), mlp, or none (direct embeddings)")
+    encoder: Literal["lstm", "mlp", "none"] = option(
+        "lstm", "prompt encoder: lstm (the paper's bi-LSTM + MLP), mlp, or none (direct embeddings)", label="prompt encoder")
     modules_to_save: list[str] | None = option(
         None, "modules trained and saved in full (default: the head of a seq-cls graph, like PEFT)")
 
@@ -103,8 +112,6 @@ class PtuningPass(Pass):
         super().__post_init__()
         if not self.template:
             raise RewriteError("P-tuning needs a template, e.g. '[P] [P] [P] {text} [P] [MASK] .'")
-        if self.encoder not in ENCODERS:
-            raise RewriteError(f"prompt encoder {self.encoder!r} is not known; use one of {', '.join(ENCODERS)}")
         self.parsed = Template.parse(self.template)
 
     def _placeholder_ids(self, gm: fx.GraphModule, vocab: int) -> list[int]:
@@ -115,7 +122,7 @@ class PtuningPass(Pass):
         if len(self.placeholders) != count or len(set(self.placeholders)) != count:
             raise RewriteError(f"the template has {count} [P] placeholders but {len(self.placeholders)} "
                                f"placeholder tokens were named ({len(set(self.placeholders))} distinct); name {count}")
-        tokenizer = _tokenizer(gm)
+        tokenizer = require_tokenizer(gm, "to look up named placeholder tokens (leave placeholders unset for reserved ids)")
         ids = tokenizer.convert_tokens_to_ids(self.placeholders)
         unknown = [t for t, i in zip(self.placeholders, ids) if i is None or i == tokenizer.unk_token_id]
         if unknown:
@@ -138,7 +145,7 @@ class PtuningPass(Pass):
         """`embed(ids)` becomes `where(ids is a placeholder, table[slot], embed(ids))`."""
         graph, ids = gm.graph, embed.args[1]
         weight = tensor_at(gm, embed.args[0].target)
-        emit = Emitter(graph, embed, **{"pass": self.name})
+        emit = NodeBuilder(graph, embed, **{"pass": self.name})
         if reserved:
             with graph.inserting_before(embed):
                 embed.update_arg(1, emit(aten.clamp.default, ids, None, weight.shape[0] - 1))
@@ -147,15 +154,15 @@ class PtuningPass(Pass):
             match = emit(aten.eq.Tensor, emit(aten.unsqueeze.default, ids, -1), emit.attr(TOKENS))
             chosen = emit(aten.any.dim, match, -1, True)
             slot = emit(aten.argmax.default, emit(aten._to_copy.default, match, dtype=torch.int32), -1)
-            prompts = cast(emit, emit(aten.embedding.default, table, slot), encoder.embedding.weight.dtype, weight.dtype)
+            prompts = emit.to_dtype(emit(aten.embedding.default, table, slot), encoder.embedding.weight.dtype, weight.dtype)
             routed = emit(aten.where.self, chosen, prompts, embed)
         emit.redirect(embed, routed)
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         gm = graph_module
         check_no_prompt(gm)
-        embed = word_embedding(gm)
-        tokenizer = info(gm).get("tokenizer")
+        embed = word_embedding(gm, "prompt vectors enter the model there")
+        tokenizer = info(gm).tokenizer
         if tokenizer is not None:
             self.parsed.check(tokenizer)
         weight = tensor_at(gm, embed.args[0].target)
@@ -170,6 +177,7 @@ class PtuningPass(Pass):
         register_tokens(gm, ids, weight.device)
         self._route(gm, embed, encoder, reserved)
         mark_trainable(gm, [f"{ENCODER}.{n}" for n, _ in encoder.named_parameters()] + heads)
+        info(gm).template = InputTemplate(self.template, tuple(ids))
         self.report = {
             "placeholder_ids": ids,
             "reserved_ids": reserved,
@@ -180,10 +188,64 @@ class PtuningPass(Pass):
         }
         return PassResult(gm, True)
 
+    @classmethod
+    def adapter_files(cls, gm: fx.GraphModule, runs: Sequence["PtuningPass"]) -> AdapterFiles:
+        raise RewriteError("P-tuning puts prompts at template positions, which PEFT's P_TUNING (prepended prompts) "
+                           "cannot express; save the graph with rewrite.save instead")
 
-def _tokenizer(gm: fx.GraphModule):
-    tokenizer = info(gm).get("tokenizer")
-    if tokenizer is None:
-        raise RewriteError("named placeholder tokens need the model's tokenizer, but this graph has none; "
-                           "capture it from a model directory or leave placeholders unset for reserved ids")
-    return tokenizer
+    @classmethod
+    def serving_metadata(cls, gm: fx.GraphModule, runs: Sequence["PtuningPass"]) -> dict[str, str]:
+        """The template and its placeholder ids, so `rewrite run` feeds the model what training did."""
+        return {TEMPLATE_KEY: runs[-1].template, PLACEHOLDER_IDS_KEY: json.dumps(runs[-1].report["placeholder_ids"])}
+
+    @classmethod
+    def serving_inputs(cls, props: dict[str, str], tokenizer, texts: list[str]) -> dict[str, Any] | None:
+        """Each text through the exported model's template, padded as training pads."""
+        if TEMPLATE_KEY not in props:
+            return None
+        template, placeholder_ids = Template.parse(props[TEMPLATE_KEY]), json.loads(props[PLACEHOLDER_IDS_KEY])
+        rows = [template.encode(tokenizer, placeholder_ids, text).ids for text in texts]
+        return {k: v.numpy() for k, v in pad_batch(rows, tokenizer).items()}
+
+    @classmethod
+    def fold(cls, gm: fx.GraphModule, runs: Sequence["PtuningPass"]) -> Folded | None:
+        """The prompt encoder becomes its constant output table (report key `prompt_encoders`)."""
+        folded = fold_prompt_encoders(gm)
+        return Folded("prompt_encoders", folded, f"{len(folded)} prompt encoder into a constant table") if folded else None
+
+
+def _evaluate(gm: fx.GraphModule, output: fx.Node, nodes: set[fx.Node]) -> torch.Tensor:
+    """Runs the data-free subgraph `nodes` (which computes `output`) once, over `gm`'s parameters."""
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for node in gm.graph.nodes:
+        if node in nodes:
+            env[node] = graph.node_copy(node, env.__getitem__)
+    graph.output(env[output])
+    with torch.no_grad():
+        return fx.GraphModule(gm, graph)().detach()
+
+
+def fold_prompt_encoders(gm: fx.GraphModule) -> list[str]:
+    """Replaces each prompt encoder by its output table at `<encoder>.embedding.weight`; returns the encoders folded."""
+    folded = []
+    for table in [n for n in gm.graph.nodes if tag(n).get("prompt_table")]:
+        path, made_by = tag(table)["prompt_table"], tag(table)["pass"]
+        upstream = nx.ancestors(GraphQuery(gm).digraph, table) | {table}
+        encoder_nodes = {n for n in upstream if tag(n).get("pass") == made_by}
+        value = _evaluate(gm, table, encoder_nodes)
+        if value.device.type != "meta" and not torch.isfinite(value).all():
+            raise RewriteError(f"folding the prompt encoder {path} gives non-finite values; the encoder is corrupt")
+        names = [f"{path}.{name}" for name, _ in gm.get_submodule(path).named_parameters()]
+        remove_submodule(gm, path)
+        add_submodule(gm, f"{path}.embedding", nn.Embedding.from_pretrained(value, freeze=True))
+        with gm.graph.inserting_before(table):
+            constant = gm.graph.get_attr(f"{path}.embedding.weight")
+        copy_meta(table, constant, **{"pass": made_by})
+        table.replace_all_uses_with(constant)
+        for node in reversed(list(gm.graph.nodes)):
+            if node in encoder_nodes:
+                gm.graph.erase_node(node)
+        forget_trainable(gm, names)
+        folded.append(path)
+    return folded

@@ -39,33 +39,31 @@ import operator
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Literal
 
 import safetensors
 import torch
-import yaml
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassResult
-from torch.utils import _pytree as pytree
 from transformers.utils import ModelOutput
 
 from rewrite.errors import RewriteError
-from rewrite.graph import GraphQuery, Projection, module_path
-from rewrite.ir import add_submodule, info, tensor_at
+from rewrite.graph import MlmHead, find_mlm_head
+from rewrite.ir import add_submodule, info, require_tokenizer, tensor_at
+from rewrite.labels import Aggregation, averaging_matrix, label_word_ids, read_label_words
+from rewrite.nodes import NodeBuilder, set_output
 from rewrite.params import canonical_names, mark_trainable
 from rewrite.pipeline import Pass, option, register
-from rewrite.rows import Builder, activation_input, is_tokenwise, rows_at
+from rewrite.rows import rows_at
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
 
-AGGREGATIONS = ("mean", "log-softmax")
-MLM_HEADS = ("auto", "pretrained", "tied")
 OPENPROMPT_EPSILON = 1e-15
 # A LayerNorm-ed encoder's hidden states are O(1) (MiniLM's lie within +-6): shifted by 10, GELU is
 # the identity to within 3e-7 relative, and the LayerNorm after it removes the shift exactly.
 TIED_SHIFT = 10.0
-BUFFERS = "verbalizer"
+LABEL_BUFFERS = "verbalizer"  # the submodule holding the label word ids and the averaging matrix
 
 @dataclass
 class VerbalizerOutput(ModelOutput):
@@ -74,189 +72,6 @@ class VerbalizerOutput(ModelOutput):
 
     logits: torch.FloatTensor | None = None
     mlm_logits: torch.FloatTensor | None = None
-
-
-# --- label words: reading, located errors, token ids ------------------------------------------------
-
-
-class Located(dict):
-    """A mapping read from YAML/JSON that remembers the line of each value, for errors that point at it."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.line: int | None = None
-        self.lines: dict[Any, int] = {}
-
-
-class _LineLoader(yaml.SafeLoader):
-    pass
-
-
-def _located_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> Located:
-    loader.flatten_mapping(node)
-    mapping = Located()
-    mapping.line = node.start_mark.line + 1
-    for key_node, value_node in node.value:
-        key = loader.construct_object(key_node, deep=True)
-        mapping[key] = loader.construct_object(value_node, deep=True)
-        mapping.lines[key] = value_node.start_mark.line + 1
-    return mapping
-
-
-_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _located_mapping)
-
-
-def read_located(path: str | Path) -> Any:
-    """YAML or JSON whose mappings are `Located` (JSON is read as YAML so its lines are known too)."""
-    path = Path(path)
-    try:
-        return yaml.load(path.read_text(), Loader=_LineLoader)  # noqa: S506 - a SafeLoader subclass
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
-        raise RewriteError(f"{str(path)!r} could not be read as YAML or JSON: {error}") from error
-
-
-def where(path: str | Path | None, mapping: Any = None, key: Any = None) -> str:
-    """`file line N: ` for an error message (the line of `mapping[key]`, or of `mapping`), or ``."""
-    if path is None:
-        return ""
-    line = None
-    if isinstance(mapping, Located):
-        line = mapping.lines.get(key, mapping.line) if key is not None else mapping.line
-    return f"{path} line {line}: " if line else f"{path}: "
-
-
-def parse_label_words(data: Any, origin: str | Path | None = None) -> dict[str, list[str]]:
-    """`{label: word or [words]}` -> `{label: [words]}` in the given order; labels become strings. A
-    document whose `labels` key holds that mapping (a PVP file, `rewrite pet`'s) is read for it."""
-    if isinstance(data, Mapping) and isinstance(data.get("labels"), Mapping):
-        data = data["labels"]
-    if not isinstance(data, Mapping) or not data:
-        raise RewriteError(
-            f"{where(origin, data)}label words must be a non-empty mapping label -> word or list of words, "
-            f"e.g. {{negative: [bad], positive: [good, great]}}"
-        )
-    words: dict[str, list[str]] = {}
-    for label, value in data.items():
-        entries = [value] if isinstance(value, str) else value
-        if not isinstance(entries, list) or not entries or not all(isinstance(w, str) and w.strip() for w in entries):
-            raise RewriteError(f"{where(origin, data, label)}label {label!r} needs a word or a non-empty list of words")
-        words[str(label)] = [w.strip() for w in entries]
-    if len(words) < 2:
-        raise RewriteError(f"{where(origin, data)}a verbalizer needs at least two labels, got {', '.join(words)}")
-    return words
-
-
-def read_label_words(spec: str | Path | Mapping) -> tuple[dict[str, list[str]], str | None]:
-    """The `labels` option: a mapping, inline YAML/JSON text `{...}`, or a YAML/JSON file holding one.
-    Returns (words, file name or None)."""
-    if isinstance(spec, Mapping):
-        return parse_label_words(spec), None
-    if isinstance(spec, str) and spec.lstrip().startswith("{"):
-        try:
-            return parse_label_words(yaml.safe_load(spec)), None
-        except yaml.YAMLError as error:
-            raise RewriteError(f"labels {spec!r} is not a valid YAML/JSON mapping: {error}") from error
-    path = Path(spec)
-    if not path.is_file():
-        raise RewriteError(f"labels file {str(path)!r} does not exist; give a YAML/JSON mapping label -> words")
-    return parse_label_words(read_located(path), path), str(path)
-
-
-def word_id(tokenizer, word: str, label: str, origin: str = "") -> int:
-    """The single token id of a label word, read as it appears after a space (OpenPrompt's default prefix)."""
-    ids = tokenizer(" " + word, add_special_tokens=False)["input_ids"]
-    if len(ids) != 1:
-        pieces = " + ".join(repr(t) for t in tokenizer.convert_ids_to_tokens(ids)) or "nothing"
-        raise RewriteError(
-            f"{origin}label word {word!r} (label {label!r}) is not a single token: the tokenizer splits it into "
-            f"{pieces}; choose a word that is one token"
-        )
-    if tokenizer.unk_token_id is not None and ids[0] == tokenizer.unk_token_id:
-        raise RewriteError(f"{origin}label word {word!r} (label {label!r}) is not in the tokenizer's vocabulary")
-    return ids[0]
-
-
-def label_word_ids(tokenizer, words: dict[str, list[str]], origin: str = "") -> dict[str, list[int]]:
-    """`{label: [token id]}` for `{label: [word]}`; any word that is not one known token is an error."""
-    return {label: [word_id(tokenizer, w, label, origin) for w in ws] for label, ws in words.items()}
-
-
-def averaging_matrix(words: dict[str, list[Any]]) -> torch.Tensor:
-    """`[labels, all words]`: row l holds `1/n_l` at label l's words, so `scores = word_logits @ M.T`."""
-    sizes = [len(ws) for ws in words.values()]
-    matrix = torch.zeros(len(sizes), sum(sizes))
-    start = 0
-    for row, size in enumerate(sizes):
-        matrix[row, start:start + size] = 1.0 / size
-        start += size
-    return matrix
-
-
-# --- finding the MLM head ----------------------------------------------------------------------------
-
-
-@dataclass
-class MlmHead:
-    """The graph's MLM head: `entry` (hidden states) -> token-wise `transform` nodes -> `decoder`."""
-
-    embedding: fx.Node
-    decoder: Projection
-    transform: list[fx.Node]
-    entry: fx.Node
-
-    @property
-    def ids(self) -> fx.Node:
-        """The token ids the word embedding reads: the user's ids (prompt tuning prepends to the hidden states only)."""
-        return self.embedding.args[1]
-
-    @property
-    def embedding_weight(self) -> fx.Node:
-        return self.embedding.args[0]
-
-
-def _word_embedding(gm: fx.GraphModule) -> fx.Node:
-    """The embedding lookup whose ids are the `input_ids` placeholder."""
-    for node in gm.graph.find_nodes(op="call_function", target=aten.embedding.default):
-        ids = node.args[1]
-        if ids.op == "placeholder" and ids.target == "input_ids":
-            return node
-    raise RewriteError(
-        "the graph has no word-embedding lookup of input_ids; the verbalizer needs a token-input masked LM")
-
-
-def find_mlm_head(gm: fx.GraphModule) -> MlmHead:
-    """Reads the head off the graph: the projection onto the vocabulary that feeds the output, and the
-    token-wise nodes before it that lie outside the base model (the module owning the word embedding)."""
-    embedding = _word_embedding(gm)
-    vocab = tensor_at(gm, embedding.args[0].target).shape[0]
-    heads = [p for p in GraphQuery(gm).output_heads if p.out_features == vocab]
-    if len(heads) != 1:
-        raise RewriteError(
-            f"found {len(heads)} projections onto the {vocab}-word vocabulary at the graph's output; the verbalizer "
-            "needs a masked-LM graph with one MLM decoder (capture with --task masked-lm)"
-        )
-    decoder = heads[0]
-    base = (module_path(embedding) or "").partition(".")[0]
-    transform: list[fx.Node] = []
-    node = decoder.input
-    while node.op == "call_function" and not _in_module(node, base):
-        if not is_tokenwise(node):
-            raise RewriteError(
-                f"the MLM head's node {node.name} ({node.target}) is not a per-position operation; the verbalizer "
-                "can only gather the mask position before a head made of linear, activation and norm layers"
-            )
-        transform.append(node)
-        node = activation_input(node)
-    transform.reverse()
-    for current, following in zip(transform, [*transform[1:], decoder.node]):
-        if list(current.users) != [following]:
-            raise RewriteError(f"the MLM head's node {current.name} is also used outside the head; it cannot be pruned")
-    return MlmHead(embedding, decoder, transform, node)
-
-
-def _in_module(node: fx.Node, base: str) -> bool:
-    path = module_path(node) or ""
-    return path == base or path.startswith(base + ".")
 
 
 # --- head weights ---------------------------------------------------------------------------------
@@ -291,7 +106,7 @@ def _checkpoint_keys(source: str | None) -> set[str] | None:
 
 def _missing_head_weights(gm: fx.GraphModule, head: MlmHead) -> list[str] | None:
     """Head parameters the source checkpoint does not hold under any of their names (tied tensors have several)."""
-    keys = _checkpoint_keys(info(gm).get("source"))
+    keys = _checkpoint_keys(info(gm).source)
     if keys is None:
         return None
     names: dict[int, set[str]] = {}
@@ -341,7 +156,7 @@ def _init_tied_head(gm: fx.GraphModule, head: MlmHead) -> list[str]:
 # --- the rewrite ----------------------------------------------------------------------------------
 
 
-def _mask_index(build: Builder, head: MlmHead, mask_id: int, length: fx.Node) -> fx.Node:
+def _mask_index(build: NodeBuilder, head: MlmHead, mask_id: int, length: fx.Node) -> fx.Node:
     """[batch]: the first position where `ids[b] == mask_id`, in hidden states of sequence length `length`.
 
     Prompt tuning prepends virtual tokens to the hidden states but the word lookup reads the user's
@@ -353,7 +168,7 @@ def _mask_index(build: Builder, head: MlmHead, mask_id: int, length: fx.Node) ->
     return build(aten.add.Tensor, build(aten.argmax.default, as_int, 1), prepended)
 
 
-def _rows_at_mask(build: Builder, gm: fx.GraphModule, head: MlmHead, mask_id: int,
+def _rows_at_mask(build: NodeBuilder, gm: fx.GraphModule, head: MlmHead, mask_id: int,
                   move: bool) -> tuple[fx.Node, list[fx.Node]]:
     """The hidden state at each row's mask, [batch, hidden], and the full-length nodes it replaces
     (`rewrite.rows`: with `move`, the nodes before the head that only the mask row needs run on it alone)."""
@@ -364,34 +179,24 @@ def _rows_at_mask(build: Builder, gm: fx.GraphModule, head: MlmHead, mask_id: in
     return build(aten.squeeze.dims, rows, [1]), moved
 
 
-def _label_scores(build: Builder, word_logits: fx.Node, aggregation: str) -> fx.Node:
+def _label_scores(build: NodeBuilder, word_logits: fx.Node, aggregation: str) -> fx.Node:
     """[batch, words] -> [batch, labels] by the `averaging_matrix` buffer (PET or OpenPrompt semantics)."""
     if aggregation == "log-softmax":
         probs = build(aten._softmax.default, word_logits, -1, False)
         word_logits = build(aten.log.default, build(aten.add.Tensor, probs, OPENPROMPT_EPSILON))
-    return build(aten.linear.default, word_logits, build.attr(f"{BUFFERS}.average"))
+    return build(aten.linear.default, word_logits, build.attr(f"{LABEL_BUFFERS}.average"))
 
 
-def _pruned_head(build: Builder, head: MlmHead, gathered: fx.Node) -> fx.Node:
+def _pruned_head(build: NodeBuilder, head: MlmHead, gathered: fx.Node) -> fx.Node:
     """A copy of the transform on the gathered [batch, hidden] rows, and the decoder on the label rows only."""
     remap = {head.entry: gathered}
     for node in head.transform:
         remap[node] = build.copy(node, remap)
-    word_ids = build.attr(f"{BUFFERS}.word_ids")
+    word_ids = build.attr(f"{LABEL_BUFFERS}.word_ids")
     args = head.decoder.node.args
     weight = build(aten.index_select.default, args[1], 0, word_ids)
     bias = build(aten.index_select.default, args[2], 0, word_ids) if len(args) > 2 and args[2] is not None else None
     return build(aten.linear.default, remap.get(args[0], args[0]), weight, bias)
-
-
-def _set_output(gm: fx.GraphModule, logits: fx.Node, mlm_logits: fx.Node | None) -> None:
-    """The graph returns `VerbalizerOutput(logits[, mlm_logits])` (ONNX names the outputs after its keys)."""
-    output = next(iter(gm.graph.find_nodes(op="output")))
-    leaves = (logits,) if mlm_logits is None else (logits, mlm_logits)
-    output.args = (leaves,)
-    example = VerbalizerOutput(**dict(zip(("logits", "mlm_logits"), [torch.empty(0)] * len(leaves))))
-    codegen = gm.graph._codegen
-    codegen.pytree_info = codegen.pytree_info._replace(out_spec=pytree.tree_flatten(example)[1])
 
 
 def _erase_full_length(gm: fx.GraphModule, head: MlmHead, replaced: list[fx.Node]) -> None:
@@ -400,27 +205,15 @@ def _erase_full_length(gm: fx.GraphModule, head: MlmHead, replaced: list[fx.Node
         gm.graph.erase_node(node)
 
 
-def drop_mlm_logits(gm: fx.GraphModule) -> None:
-    """After PET's auxiliary-MLM training, the deployed graph outputs class scores only: the full head is
-    dropped (dead-code elimination), so inference pays for the label rows alone."""
-    output = next(iter(gm.graph.find_nodes(op="output")))
-    leaves = output.args[0]
-    if len(leaves) == 1:
-        return
-    _set_output(gm, leaves[0], None)
-    gm.graph.eliminate_dead_code()
-    gm.recompile()
-
-
 def _relabel_config(gm: fx.GraphModule, labels: list[str]) -> None:
     """Label names travel in the config (ONNX metadata, `rewrite run`); the graph is now a classifier."""
-    config = info(gm).get("config")
+    config = info(gm).config
     if config is not None:
         config = copy.deepcopy(config)
         config.id2label = dict(enumerate(labels))
         config.label2id = {label: i for i, label in enumerate(labels)}
-        info(gm)["config"] = config
-    info(gm)["task"] = "seq-cls"
+        info(gm).config = config
+    info(gm).task = "seq-cls"
 
 
 @register
@@ -430,9 +223,9 @@ class VerbalizerPass(Pass):
 
     labels: str | Mapping[str, str | list[str]] | None = option(
         None, "label words: a YAML/JSON file (or mapping) label -> word or [words], each word one token")
-    aggregation: str = option("mean", "label score: mean (PET: mean of raw logits) or log-softmax (OpenPrompt)")
+    aggregation: Aggregation = option("mean", "label score: mean (PET: mean of raw logits) or log-softmax (OpenPrompt)")
     mask_token: str | None = option(None, "the mask token patterns use (default: the tokenizer's)")
-    mlm_head: str = option(
+    mlm_head: Literal["auto", "pretrained", "tied"] = option(
         "auto", "auto (tied when the checkpoint lacks MLM-head weights), pretrained, or tied (built from embeddings)")
     mlm_logits: bool = option(False, "also output full-vocabulary MLM logits (for PET's auxiliary MLM loss)")
 
@@ -440,17 +233,6 @@ class VerbalizerPass(Pass):
         super().__post_init__()
         if self.labels is None:
             raise RewriteError("the verbalizer needs labels: a mapping label -> words, or a YAML/JSON file holding one")
-        if self.aggregation not in AGGREGATIONS:
-            raise RewriteError(f"aggregation {self.aggregation!r} is not known; use one of {', '.join(AGGREGATIONS)}")
-        if self.mlm_head not in MLM_HEADS:
-            raise RewriteError(f"mlm_head {self.mlm_head!r} is not known; use one of {', '.join(MLM_HEADS)}")
-
-    def _tokenizer(self, gm: fx.GraphModule):
-        tokenizer = info(gm).get("tokenizer")
-        if tokenizer is None:
-            raise RewriteError("the graph has no tokenizer to map label words to token ids; capture it from a model "
-                               "directory that holds tokenizer files")
-        return tokenizer
 
     def _mask_id(self, tokenizer) -> int:
         token = self.mask_token or tokenizer.mask_token
@@ -463,12 +245,12 @@ class VerbalizerPass(Pass):
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         gm = graph_module
-        if info(gm).get("task") not in (None, "masked-lm"):
+        if info(gm).task not in (None, "masked-lm"):
             raise RewriteError(
                 f"the verbalizer needs a masked-LM graph, but this graph's task is {info(gm)['task']!r}; "
                 "capture the model with --task masked-lm"
             )
-        tokenizer = self._tokenizer(gm)
+        tokenizer = require_tokenizer(gm, "to map label words to token ids")
         words, origin = read_label_words(self.labels)
         ids = label_word_ids(tokenizer, words, f"{origin}: " if origin else "")
         mask_id = self._mask_id(tokenizer)
@@ -486,21 +268,21 @@ class VerbalizerPass(Pass):
         buffers = nn.Module()
         buffers.register_buffer("word_ids", torch.tensor(flat_ids, dtype=torch.long))
         buffers.register_buffer("average", averaging_matrix(ids).to(tensor_at(gm, head.embedding_weight.target).dtype))
-        add_submodule(gm, BUFFERS, buffers)
+        add_submodule(gm, LABEL_BUFFERS, buffers)
 
         first = head.transform[0] if head.transform else head.decoder.node
-        build = Builder(gm, first, **{"pass": "verbalizer"})
+        build = NodeBuilder(gm.graph, first, before=first, **{"pass": self.name})
         gathered, replaced = _rows_at_mask(build, gm, head, mask_id, move=not self.mlm_logits)
-        build.anchor = head.decoder.node
+        build.at(head.decoder.node)
         word_logits = _pruned_head(build, head, gathered)
         scores = _label_scores(build, word_logits, self.aggregation)
-        _set_output(gm, scores, head.decoder.node if self.mlm_logits else None)
+        set_output(gm, VerbalizerOutput, logits=scores, **({"mlm_logits": head.decoder.node} if self.mlm_logits else {}))
         if not self.mlm_logits:
             _erase_full_length(gm, head, replaced)
         if trained:
             mark_trainable(gm, trained)
         _relabel_config(gm, list(words))
-        info(gm)["verbalizer"] = {"labels": list(words), "words": words, "word_ids": ids, "mask_token_id": mask_id,
+        info(gm).label_words = {"labels": list(words), "words": words, "word_ids": ids, "mask_token_id": mask_id,
                                   "aggregation": self.aggregation, "mlm_head": mode}
         self.report = {
             "labels": words,

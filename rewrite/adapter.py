@@ -1,14 +1,10 @@
 """Adapter files in PEFT's format: `adapter_config.json` + `adapter_model.safetensors`.
 
-Keys are PEFT's (`base_model.model.<module path>.lora_A.weight`), so `peft.PeftModel.from_pretrained`
-loads what we save, and `load_adapter` applies what PEFT saved by running the LoRA pass from the
-adapter's config and copying the weights in.
-
-Prompt-learning adapters hold a `prompt_embeddings` tensor `[n, hidden]` (and a seq-cls head under
-`base_model.<module path>`). A PROMPT_TUNING graph saves as one; PEFT's PROMPT_TUNING and P_TUNING
-adapters load as prepended prompts through the prompt pass: PEFT saves a P_TUNING adapter's encoder
-output, which it then prepends exactly as prompt tuning does. Our P-tuning puts prompts at template
-positions, which PEFT cannot express, so such graphs are saved with `rewrite.save` instead.
+What goes into the files is each pass's business (`Pass.adapter_files`; LoRA writes PEFT's keys
+`base_model.model.<module path>.lora_A.weight`, so `peft.PeftModel.from_pretrained` loads what we
+save). This module asks the passes in the graph's history, writes atomically, and on the way back
+reads and checks the files, lets the pass whose `peft_types` holds the adapter's type rebuild
+itself from the config (`Pass.from_adapter`), and copies the weights in after checking each fits.
 """
 from __future__ import annotations
 
@@ -24,114 +20,53 @@ from torch import fx
 from rewrite.errors import RewriteError
 from rewrite.files import atomic_dir_files
 from rewrite.ir import info, tensor_at
-from rewrite.passes.prompt import TABLE, word_embedding
-from rewrite.pipeline import apply
+from rewrite.pipeline import AdapterFiles, applied, registered
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
-PROMPT_PREFIX = "base_model."
 PROMPT_KEY = "prompt_embeddings"
-PROMPT_TYPES = ("PROMPT_TUNING", "P_TUNING")
-SUPPORTED = ("LORA", *PROMPT_TYPES)
-_PROMPT_INIT = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "TEXT"}
 _PEFT_TASK = {"seq-cls": "SEQ_CLS", "causal-lm": "CAUSAL_LM", "feature-extraction": "FEATURE_EXTRACTION"}
 
 
-def _runs(gm: fx.GraphModule, name: str) -> list[dict[str, Any]]:
-    return [h for h in info(gm)["history"] if h["pass"] == name]
+def peft_task_type(gm: fx.GraphModule) -> str | None:
+    """PEFT's `task_type` for the graph's task (None where PEFT has none, e.g. masked LMs)."""
+    return _PEFT_TASK.get(info(gm).task)
 
 
-def _lora_config(gm: fx.GraphModule) -> dict[str, Any]:
-    """One PEFT LoraConfig that reproduces every LoRA pass in the history, exactly per target."""
-    runs = _runs(gm, "lora")
-    if not runs:
-        raise RewriteError("the graph has no LoRA adapter to save; run the lora pass first (it may have been folded)")
-    if len({r["options"]["rslora"] for r in runs}) > 1 or len({r["options"]["dropout"] for r in runs}) > 1:
-        raise RewriteError("LoRA passes with different rslora or dropout settings cannot share one PEFT adapter file")
-    ranks = {path: rank for r in runs for path, rank in r["report"]["ranks"].items()}
-    alphas = {path: alpha for r in runs for path, alpha in r["report"]["alphas"].items()}
-    rank, alpha = next(iter(ranks.values())), next(iter(alphas.values()))
-    options = runs[0]["options"]
-    return {
-        "peft_type": "LORA",
-        "task_type": _PEFT_TASK.get(info(gm).get("task")),
-        "base_model_name_or_path": info(gm).get("source"),
-        "r": rank,
-        "lora_alpha": alpha,
-        "lora_dropout": options["dropout"],
-        "use_rslora": options["rslora"],
-        "init_lora_weights": True if options["init"] == "kaiming" else options["init"],
-        "target_modules": sorted(ranks),
-        "rank_pattern": {p: r for p, r in ranks.items() if r != rank},
-        "alpha_pattern": {p: a for p, a in alphas.items() if a != alpha},
-        "fan_in_fan_out": any(r["report"]["fan_in_fan_out"] for r in runs),
-        "bias": "none",
-        "modules_to_save": info(gm).get("modules_to_save"),
-        "inference_mode": True,
-    }
+def adapter_base(gm: fx.GraphModule, prefix: str = PREFIX, skip: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """The trainable tensors (but `skip`) under PEFT's key names: `prefix` + the parameter name."""
+    return {prefix + name: tensor_at(gm, name).detach().contiguous().cpu()
+            for name in info(gm).trainable if name not in skip}
 
 
-def adapter_state(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
-    """The trainable tensors under PEFT's key names."""
-    return {
-        PREFIX + name: tensor_at(gm, name).detach().contiguous().cpu()
-        for name in info(gm).get("trainable", [])
-    }
-
-
-def _prompt_config(gm: fx.GraphModule) -> dict[str, Any]:
-    """PEFT's PromptTuningConfig for the graph's prompt pass."""
-    run = _runs(gm, "prompt")[-1]
-    options, report = run["options"], run["report"]
-    config = info(gm).get("config")
-    return {
-        "peft_type": "PROMPT_TUNING",
-        "task_type": _PEFT_TASK.get(info(gm).get("task")),
-        "base_model_name_or_path": info(gm).get("source"),
-        "num_virtual_tokens": report["num_virtual_tokens"],
-        "token_dim": int(tensor_at(gm, TABLE).shape[1]),
-        "num_transformer_submodules": 1,
-        "num_attention_heads": getattr(config, "num_attention_heads", None),
-        "num_layers": getattr(config, "num_hidden_layers", None),
-        "prompt_tuning_init": _PROMPT_INIT[report["init"]],
-        "prompt_tuning_init_text": options["init_text"],
-        "tokenizer_name_or_path": info(gm).get("source") if options["init_text"] else None,
-        "modules_to_save": info(gm).get("modules_to_save"),
-        "inference_mode": True,
-    }
-
-
-def _prompt_state(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
-    """`prompt_embeddings` and the trained head under PEFT's prompt-learning keys."""
-    state = {PROMPT_KEY: tensor_at(gm, TABLE).detach().contiguous().cpu()}
-    for name in info(gm).get("trainable", []):
-        if name != TABLE:
-            state[PROMPT_PREFIX + name] = tensor_at(gm, name).detach().contiguous().cpu()
-    return state
-
-
-def _adapter(gm: fx.GraphModule) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """The config and tensors of the one PEFT adapter the graph's passes amount to."""
-    if _runs(gm, "ptuning"):
-        raise RewriteError("P-tuning puts prompts at template positions, which PEFT's P_TUNING (prepended prompts) "
-                           "cannot express; save the graph with rewrite.save instead")
-    if _runs(gm, "prompt"):
-        if _runs(gm, "lora"):
-            raise RewriteError("a PEFT adapter file holds either LoRA or prompt tuning, and this graph has both; "
-                               "save the graph with rewrite.save instead")
-        return _prompt_config(gm), _prompt_state(gm)
-    return _lora_config(gm), adapter_state(gm)
+def adapter_files(gm: fx.GraphModule) -> AdapterFiles:
+    """The one PEFT adapter the graph's passes amount to; each pass says what its part is."""
+    parts = [(cls, files) for cls, runs in applied(gm) if (files := cls.adapter_files(gm, runs)) is not None]
+    if not parts:
+        makers = [cls.name for cls in registered() if cls.peft_types]
+        raise RewriteError(f"the graph has no adapter to save; run a pass that adds one first ({', '.join(makers)}; "
+                           "a folded adapter is part of the base weights)")
+    if len(parts) > 1:
+        (first, _), (second, _) = parts[:2]
+        raise RewriteError(f"a PEFT adapter file holds either {first.title} or {second.title}, and this graph has "
+                           "both; save the graph with rewrite.save instead")
+    return parts[0][1]
 
 
 def save_adapter(gm: fx.GraphModule, directory: str | Path) -> Path:
     """Writes `adapter_config.json` and `adapter_model.safetensors` that `PeftModel.from_pretrained` loads."""
     directory = Path(directory)
-    config, state = _adapter(gm)
+    files = adapter_files(gm)
     with atomic_dir_files(directory) as tmp:
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2))
-        safetensors.torch.save_file(state, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(files.config, indent=2))
+        safetensors.torch.save_file(files.tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
     return directory
+
+
+def _loaders() -> dict[str, Any]:
+    """PEFT adapter type -> the pass class that applies it."""
+    return {peft_type: cls for cls in registered() for peft_type in cls.peft_types}
 
 
 def _read_adapter(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -148,31 +83,15 @@ def _read_adapter(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tens
         weights = safetensors.torch.load_file(weights_file)
     except (safetensors.SafetensorError, OSError) as error:
         raise RewriteError(f"{str(weights_file)!r} is not a readable safetensors file ({error}); it may be truncated") from error
-    if config.get("peft_type") not in SUPPORTED:
+    if config.get("peft_type") not in _loaders():
         raise RewriteError(f"adapter type {config.get('peft_type')!r} in {str(config_file)!r} is not supported; "
-                           f"supported: {', '.join(SUPPORTED)}")
+                           f"supported: {', '.join(_loaders())}")
     return config, weights
 
 
-def _lora_options(config: dict[str, Any]) -> dict[str, Any]:
-    init = config.get("init_lora_weights", True)
-    return {
-        "targets": config["target_modules"],
-        "exclude": config.get("exclude_modules"),
-        "layers": config.get("layers_to_transform"),
-        "rank": config["r"],
-        "alpha": config["lora_alpha"],
-        "dropout": config.get("lora_dropout", 0.0),
-        "rslora": config.get("use_rslora", False),
-        "init": init if isinstance(init, str) and init == "gaussian" else "kaiming",
-        "rank_pattern": config.get("rank_pattern") or {},
-        "alpha_pattern": config.get("alpha_pattern") or {},
-    }
-
-
-def _copy_weights(gm: fx.GraphModule, directory: Path, names: dict[str, str], weights: dict[str, torch.Tensor]) -> None:
+def copy_weights(gm: fx.GraphModule, directory: Path, names: dict[str, str], weights: dict[str, torch.Tensor]) -> None:
     """Copies adapter tensor `names[name]` into the graph's `name`, after checking each one fits."""
-    for name in info(gm)["trainable"]:
+    for name in info(gm).trainable:
         if name not in names:
             raise RewriteError(f"adapter {str(directory)!r} has no weight for {name}; it does not fit this graph")
     for name, key in names.items():
@@ -189,30 +108,10 @@ def _copy_weights(gm: fx.GraphModule, directory: Path, names: dict[str, str], we
             target.copy_(weights[key])
 
 
-def _load_prompt(gm: fx.GraphModule, directory: Path, config: dict[str, Any], weights: dict[str, torch.Tensor]) -> None:
-    """Runs the prompt pass for the adapter's virtual tokens and head, then copies `prompt_embeddings` in."""
-    if config.get("num_transformer_submodules", 1) != 1:
-        raise RewriteError(f"adapter {str(directory)!r} prompts an encoder-decoder model, which this project does not capture")
-    if PROMPT_KEY not in weights:
-        raise RewriteError(f"adapter {str(directory)!r} has no {PROMPT_KEY} tensor; it is not a prompt-learning adapter")
-    hidden = tensor_at(gm, word_embedding(gm).args[0].target).shape[1]
-    if weights[PROMPT_KEY].dim() != 2 or weights[PROMPT_KEY].shape[1] != hidden:
-        raise RewriteError(f"adapter {str(directory)!r} holds prompts of shape {tuple(weights[PROMPT_KEY].shape)} but "
-                           f"this model's embeddings are {hidden} wide; the adapter was made for another model")
-    heads = {key.removeprefix(PROMPT_PREFIX): key for key in weights if key != PROMPT_KEY}
-    modules = sorted({name.rpartition(".")[0] for name in heads})
-    apply(gm, "prompt", num_virtual_tokens=config["num_virtual_tokens"], modules_to_save=modules)
-    _copy_weights(gm, directory, {TABLE: PROMPT_KEY, **heads}, weights)
-
-
 def load_adapter(gm: fx.GraphModule, directory: str | Path) -> fx.GraphModule:
-    """Applies a PEFT-saved adapter: runs the LoRA or prompt pass from its config, then copies its weights in."""
+    """Applies a PEFT-saved adapter: the pass for its type runs from its config, then its weights are copied in."""
     directory = Path(directory)
     config, weights = _read_adapter(directory)
-    if config["peft_type"] in PROMPT_TYPES:
-        _load_prompt(gm, directory, config, weights)
-        return gm
-    names = {key.removeprefix(PREFIX).replace(".default.", "."): key for key in weights}
-    apply(gm, "lora", **_lora_options(config))
-    _copy_weights(gm, directory, names, weights)
+    names = _loaders()[config["peft_type"]].from_adapter(gm, config, weights, str(directory))
+    copy_weights(gm, directory, names, weights)
     return gm

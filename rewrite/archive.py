@@ -21,11 +21,11 @@ from torch import fx, nn
 
 from rewrite.errors import RewriteError
 from rewrite.files import atomic_path
-from rewrite.ir import RewriteGraph, info, wrap
+from rewrite.ir import GraphInfo, RewriteGraph, add_submodule, info, wrap
 
 FORMAT = 1
 _KEPT_META = ("nn_module_stack", "stack_trace", "rewrite", "rewrite_train_dropout_p")
-_INFO_OBJECTS = ("config", "tokenizer")
+_INFO_OBJECTS = GraphInfo.OBJECTS
 
 
 class _NodeRef:
@@ -103,7 +103,7 @@ def save(gm: fx.GraphModule, path: str | Path) -> Path:
     meta = info(gm)
     tensors, manifest = _tensors(gm)
     on_meta = any(t.device.type == "meta" for t in tensors.values())
-    header = {k: v for k, v in meta.items() if k not in _INFO_OBJECTS}
+    header = meta.to_dict()
     header.update(format=FORMAT, training=gm.training, tensors=manifest, meta_device=on_meta)
     with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w") as archive:
         archive.writestr("rewrite.json", json.dumps(header, indent=2, default=str))
@@ -115,9 +115,9 @@ def save(gm: fx.GraphModule, path: str | Path) -> Path:
             contiguous = {n: t.contiguous().cpu() for n, t in tensors.items()}
             archive.writestr("weights.safetensors", safetensors.torch.save(contiguous))
         for key in _INFO_OBJECTS:
-            if meta.get(key) is not None:
+            if getattr(meta, key) is not None:
                 with tempfile.TemporaryDirectory() as tmpdir:
-                    meta[key].save_pretrained(tmpdir)
+                    getattr(meta, key).save_pretrained(tmpdir)
                     for file in sorted(Path(tmpdir).iterdir()):
                         archive.write(file, f"{key}/{file.name}")
     return path
@@ -131,8 +131,6 @@ def _read_tensors(archive: zipfile.ZipFile, header: dict) -> dict[str, torch.Ten
 
 
 def _build_root(tensors: dict[str, torch.Tensor], manifest: dict) -> nn.Module:
-    from rewrite.ir import add_submodule
-
     root = nn.Module()
 
     def owner(name: str) -> tuple[nn.Module, str]:

@@ -12,15 +12,17 @@ import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
-from rewrite import runtime, templates
+from rewrite import runtime
 from rewrite.errors import RewriteError
 from rewrite.files import atomic_dir_files
 from rewrite.inputs import DEFAULT_INPUT_NAMES, example_inputs
 from rewrite.ir import info, tensor_at
+from rewrite.pipeline import applied
 
 log = logging.getLogger(__name__)
 
 PROTOBUF_LIMIT = 2 * 1024**3
+TASK_KEY, LABELS_KEY, PREPENDED_KEY = "rewrite.task", "rewrite.id2label", "rewrite.prepended_positions"
 TOLERANCE = 1e-4
 
 
@@ -46,7 +48,7 @@ def _output_names(outputs) -> list[str]:
 
 def vocab_size(gm: fx.GraphModule) -> int:
     """From the config, else from the first embedding table in the graph."""
-    config = info(gm).get("config")
+    config = info(gm).config
     if getattr(config, "vocab_size", None):
         return config.vocab_size
     for node in gm.graph.find_nodes(op="call_function", target=torch.ops.aten.embedding.default):
@@ -112,7 +114,7 @@ class Signature:
 
 
 def _plain_signature(gm: fx.GraphModule) -> Signature:
-    input_names = list(info(gm).get("input_names") or DEFAULT_INPUT_NAMES)
+    input_names = list(info(gm).input_names or DEFAULT_INPUT_NAMES)
     inputs = example_inputs(input_names, vocab_size(gm), batch=2, seq=8)
     with torch.no_grad():
         output_names = _output_names(gm(**inputs))
@@ -121,20 +123,22 @@ def _plain_signature(gm: fx.GraphModule) -> Signature:
                      lambda path: _verify(gm, path, input_names, output_names))
 
 
+def serving_metadata(gm: fx.GraphModule) -> dict[str, str]:
+    """What a caller needs to feed the model and read its outputs (`rewrite run` uses it): the task, label
+    names, how many positions the outputs hold before the input's own, and what each pass adds."""
+    graph_info = info(gm)
+    labels = getattr(graph_info.config, "id2label", None) or {}
+    props = {TASK_KEY: graph_info.task or "", LABELS_KEY: json.dumps({int(k): v for k, v in labels.items()}),
+             PREPENDED_KEY: str(graph_info.prepended_positions)}
+    for cls, runs in applied(gm):
+        props.update(cls.serving_metadata(gm, runs))
+    return props
+
+
 def _add_metadata(gm: fx.GraphModule, path: Path, extra: dict[str, str]) -> None:
-    """What a caller needs to feed the model and read its outputs travels inside it (`rewrite run` uses
-    it): task, label names, the P-tuning template and its placeholder ids, and how many positions the
-    outputs hold before the input's own (prompt tuning)."""
+    """The serving metadata travels inside the model (with what the export's signature adds)."""
     model = onnx.load(str(path), load_external_data=False)
-    config = info(gm).get("config")
-    labels = getattr(config, "id2label", None) or {}
-    props = {"rewrite.task": info(gm).get("task") or "", "rewrite.id2label": json.dumps({int(k): v for k, v in labels.items()}),
-             "rewrite.prepended_positions": str(info(gm).get("prepended_positions", 0))}
-    if templates.uses_template(gm):
-        template, placeholder_ids = templates.for_graph(gm)
-        props.update({"rewrite.template": template.source, "rewrite.placeholder_ids": json.dumps(placeholder_ids)})
-    props.update(extra)
-    onnx.helper.set_model_props(model, props)
+    onnx.helper.set_model_props(model, {**serving_metadata(gm), **extra})
     onnx.save(model, str(path))
 
 
@@ -172,7 +176,7 @@ def export_onnx(gm: fx.GraphModule, path: str | Path, *, verify: bool = True, op
             del program
             _add_metadata(gm, staged, signature.metadata)
             onnx.checker.check_model(str(staged))
-            tokenizer = info(gm).get("tokenizer")
+            tokenizer = info(gm).tokenizer
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
             diff = tolerance = provider = None

@@ -1,4 +1,5 @@
-"""Graph queries: which module made a node, where the projections are, and what role each plays.
+"""Graph queries: which module made a node, where the projections, the inputs, the word embedding and
+the MLM head are, and what role each projection plays.
 
 Roles are read off the graph, not a name table: the projection whose output reaches the query, key
 or value operand of attention (`scaled_dot_product_attention`, or an eager matmul-softmax-matmul)
@@ -16,7 +17,9 @@ import networkx as nx
 import torch
 from torch import fx
 
+from rewrite.errors import RewriteError
 from rewrite.ir import tag, tensor_at
+from rewrite.rows import activation_input, is_tokenwise
 
 aten = torch.ops.aten
 
@@ -52,6 +55,13 @@ def layer_index(path: str) -> int | None:
     """The layer number in a module path (`model.layers.3.self_attn.q_proj` -> 3), read as PEFT reads it."""
     match = _LAYER_INDEX.match(path)
     return int(match.group(1)) if match else None
+
+
+def matches_module(path: str, spec: str | list[str]) -> bool:
+    """PEFT's rule: a string is a regex that must fullmatch; a list entry matches exactly or as a `.suffix`."""
+    if isinstance(spec, str):
+        return re.fullmatch(spec, path) is not None
+    return any(path == name or path.endswith("." + name) for name in spec)
 
 
 def module_path(node: fx.Node) -> str | None:
@@ -210,3 +220,85 @@ class GraphQuery:
         """Projections with no projection downstream: the output layer `"all-linear"` leaves alone."""
         nodes = set(self._by_node)
         return [p for p in self.projections if not (nx.descendants(self.digraph, p.node) & nodes)]
+
+
+def placeholders(gm: fx.GraphModule) -> dict[str, fx.Node]:
+    """The graph's inputs by name."""
+    return {node.target: node for node in gm.graph.find_nodes(op="placeholder")}
+
+
+def model_input(gm: fx.GraphModule, name: str) -> fx.Node | None:
+    """Input `name` as the model sees it: the extended tensor when a pass extended it (prompt tuning
+    prepends virtual positions; its node is tagged `extends=name`), else the placeholder.
+
+    A pass that runs later and reads `input_ids` or `attention_mask` (e.g. to find the `[MASK]`
+    position) must read this node, or its positions are off by the prepended positions.
+    """
+    for node in gm.graph.nodes:
+        if tag(node).get("extends") == name:
+            return node
+    return placeholders(gm).get(name)
+
+
+def word_embedding(gm: fx.GraphModule, needed_for: str) -> fx.Node:
+    """The `aten.embedding` that looks up the `input_ids` input: where prompt vectors enter the model,
+    and the table a tied MLM decoder reads. `needed_for` ends the error message."""
+    ids = placeholders(gm).get("input_ids")
+    for node in ids.users if ids is not None else ():
+        if node.target is aten.embedding.default and node.args[1] is ids:
+            return node
+    raise RewriteError(f"the graph has no word-embedding lookup of an `input_ids` input; {needed_for}")
+
+
+@dataclass
+class MlmHead:
+    """The graph's MLM head: `entry` (hidden states) -> token-wise `transform` nodes -> `decoder`."""
+
+    embedding: fx.Node
+    decoder: Projection
+    transform: list[fx.Node]
+    entry: fx.Node
+
+    @property
+    def ids(self) -> fx.Node:
+        """The token ids the word embedding reads: the user's ids (prompt tuning prepends to the hidden states only)."""
+        return self.embedding.args[1]
+
+    @property
+    def embedding_weight(self) -> fx.Node:
+        return self.embedding.args[0]
+
+
+def find_mlm_head(gm: fx.GraphModule) -> MlmHead:
+    """Reads the head off the graph: the projection onto the vocabulary that feeds the output, and the
+    token-wise nodes before it that lie outside the base model (the module owning the word embedding)."""
+    embedding = word_embedding(gm, "an MLM head is read off a token-input masked LM")
+    vocab = tensor_at(gm, embedding.args[0].target).shape[0]
+    heads = [p for p in GraphQuery(gm).output_heads if p.out_features == vocab]
+    if len(heads) != 1:
+        raise RewriteError(
+            f"found {len(heads)} projections onto the {vocab}-word vocabulary at the graph's output; a "
+            "masked-LM graph with one MLM decoder is needed (capture with --task masked-lm)"
+        )
+    decoder = heads[0]
+    base = (module_path(embedding) or "").partition(".")[0]
+    transform: list[fx.Node] = []
+    node = decoder.input
+    while node.op == "call_function" and not _in_module(node, base):
+        if not is_tokenwise(node):
+            raise RewriteError(
+                f"the MLM head's node {node.name} ({node.target}) is not a per-position operation; only a head "
+                "made of linear, activation and norm layers can be read at one position"
+            )
+        transform.append(node)
+        node = activation_input(node)
+    transform.reverse()
+    for current, following in zip(transform, [*transform[1:], decoder.node]):
+        if list(current.users) != [following]:
+            raise RewriteError(f"the MLM head's node {current.name} is also used outside the head; it cannot be pruned")
+    return MlmHead(embedding, decoder, transform, node)
+
+
+def _in_module(node: fx.Node, base: str) -> bool:
+    path = module_path(node) or ""
+    return path == base or path.startswith(base + ".")

@@ -35,7 +35,8 @@ from torch.utils import _pytree as pytree
 from rewrite.capture import drop_guards
 from rewrite.errors import RewriteError
 from rewrite.ir import RewriteGraph, info, wrap
-from rewrite.pipeline import Pipeline, create, pass_class
+from rewrite.graph import word_embedding
+from rewrite.pipeline import Pipeline, applied, create
 
 aten = torch.ops.aten
 
@@ -64,11 +65,11 @@ class CacheLayout:
 def _causal_model(gm: fx.GraphModule) -> nn.Module:
     """The graph's Hugging Face model class with zero weights (the graph's own tensors replace them after the
     passes are replayed: replaying on shared tensors would let a fold write into the caller's weights)."""
-    config = info(gm).get("config")
-    if info(gm).get("task") != "causal-lm" or config is None or not hasattr(config, "model_type"):
+    config = info(gm).config
+    if info(gm).task != "causal-lm" or config is None or not hasattr(config, "model_type"):
         raise RewriteError(
             f"a KV-cache export needs a causal language model captured from a Hugging Face model; this graph's "
-            f"task is {info(gm).get('task')!r}; export it without the cache"
+            f"task is {info(gm).task!r}; export it without the cache"
         )
     import transformers
 
@@ -183,20 +184,27 @@ def _capture(model: nn.Module, gm: fx.GraphModule, prefix: torch.Tensor | None) 
             delattr(model, PREFIX)
     unlifted = exported.module()
     drop_guards(unlifted)
-    meta = {k: v for k, v in info(gm).items() if k != "history"}
-    meta.update(history=[], input_names=[k for k in inputs if k != "past"], cache=layout)
+    meta = dataclasses.replace(info(gm), history=[], input_names=[k for k in inputs if k != "past"],
+                               trainable=list(info(gm).trainable), extra={**info(gm).extra, "cache": layout})
     cached = wrap(unlifted, unlifted.graph, meta, False)
     cached.graph.lint()
     cached.recompile()
     return cached
 
 
+def _prefixes(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
+    """Pass name -> the embeddings it puts in front of every input (those passes are not replayed)."""
+    found = {cls.name: cls.cache_prefix(gm, runs) for cls, runs in applied(gm)}
+    return {name: prefix for name, prefix in found.items() if prefix is not None}
+
+
 def _replay(cached: RewriteGraph, gm: fx.GraphModule) -> None:
     """Every pass of `gm`'s history that can run on a cache, with its recorded options."""
-    entries = [h for h in info(gm)["history"] if pass_class(h["pass"]).cache_prefix(gm) is None]
+    skipped = _prefixes(gm)
+    entries = [h for h in info(gm).history if h["pass"] not in skipped]
     if entries:
         Pipeline([create(h["pass"], **h["options"]) for h in entries]).run(cached)
-    info(cached)["history"] = list(info(gm)["history"])
+    info(cached).history = list(info(gm).history)
 
 
 def _share_tensors(cached: fx.GraphModule, gm: fx.GraphModule) -> None:
@@ -218,30 +226,16 @@ def _share_tensors(cached: fx.GraphModule, gm: fx.GraphModule) -> None:
         )
 
 
-def _word_embedding(gm: fx.GraphModule) -> fx.Node:
-    """The `aten.embedding` that reads `input_ids` (possibly through views, as GPT-2's and OPT's do)."""
-    ids = next(n for n in gm.graph.find_nodes(op="placeholder") if n.target == "input_ids")
-    frontier = [ids]
-    while frontier:
-        node = frontier.pop()
-        for user in node.users:
-            if user.target is aten.embedding.default and user.args[1] is node:
-                return user
-            if user.op == "call_function" and user.target in (aten.view.default, aten.reshape.default):
-                frontier.append(user)
-    raise RewriteError("the cached graph has no word-embedding lookup of input_ids to feed the prompt through")
-
-
 def _prefix_cache(cached: RewriteGraph, embeddings: torch.Tensor) -> torch.Tensor:
     """Every layer's keys and values for the virtual tokens, `[layers, 2, 1, heads, n, head_dim]`: the
     cached graph run once with its word-embedding lookup reading the prompt table instead."""
-    embed = _word_embedding(cached)
+    embed = word_embedding(cached, "the prompt's keys and values are computed through it")
     cached.register_buffer("rewrite_prompt_rows", embeddings)
     with cached.graph.inserting_before(embed):
         rows = cached.graph.get_attr("rewrite_prompt_rows")
     embed.update_arg(0, rows)
     cached.recompile()
-    layout: CacheLayout = info(cached)["cache"]
+    layout: CacheLayout = info(cached).extra["cache"]
     count = embeddings.shape[0]
     inputs = example_inputs(layout, 1, batch=1, seq=count, past=0)
     inputs["input_ids"] = torch.arange(count).unsqueeze(0)
@@ -259,7 +253,7 @@ def cached_graph(gm: fx.GraphModule) -> RewriteGraph:
     `logits` and `present.{i}.key/value`.
     """
     model = _causal_model(gm)
-    prefixes = [p for p in (pass_class(h["pass"]).cache_prefix(gm) for h in info(gm)["history"]) if p is not None]
+    prefixes = list(_prefixes(gm).values())
     cached = _capture(model, gm, None)
     _replay(cached, gm)
     _share_tensors(cached, gm)
@@ -295,7 +289,7 @@ def position_limit(config) -> int | None:
 def _special_ids(gm: fx.GraphModule) -> dict[str, Any]:
     """End-of-sequence, padding and start ids, as Hugging Face's `generate` reads them (padding falls back
     to the end-of-sequence id)."""
-    config, tokenizer = info(gm).get("config"), info(gm).get("tokenizer")
+    config, tokenizer = info(gm).config, info(gm).tokenizer
     eos = getattr(config, "eos_token_id", None)
     if eos is None and tokenizer is not None:
         eos = tokenizer.eos_token_id
@@ -307,9 +301,12 @@ def _special_ids(gm: fx.GraphModule) -> dict[str, Any]:
 
 
 def metadata(gm: fx.GraphModule, layout: CacheLayout) -> dict[str, str]:
-    limit = position_limit(info(gm).get("config"))
+    """The cache layout, special ids and position limit; outputs hold no virtual positions (they are in the cache)."""
+    from rewrite.export import PREPENDED_KEY
+
+    limit = position_limit(info(gm).config)
     return {"rewrite.cache": json.dumps(dataclasses.asdict(layout)), "rewrite.special_ids": json.dumps(_special_ids(gm)),
-            "rewrite.position_limit": "" if limit is None else str(limit), "rewrite.prepended_positions": "0"}
+            "rewrite.position_limit": "" if limit is None else str(limit), PREPENDED_KEY: "0"}
 
 
 def _logits(gm: fx.GraphModule, ids: torch.Tensor) -> torch.Tensor:
@@ -342,7 +339,7 @@ def signature(gm: fx.GraphModule):
     from rewrite.export import Signature, vocab_size
 
     cached = cached_graph(gm)
-    layout: CacheLayout = info(cached)["cache"]
+    layout: CacheLayout = info(cached).extra["cache"]
     vocab = vocab_size(gm)
     inputs = example_inputs(layout, vocab, **_PROBE)
     input_names = [*[k for k in inputs if k != "past"], *layout.past_names()]

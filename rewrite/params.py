@@ -27,19 +27,19 @@ def canonical_names(gm: fx.GraphModule, names: list[str]) -> list[str]:
 
 def mark_trainable(gm: fx.GraphModule, names: list[str]) -> None:
     """Adds `names` to the graph's trainable set and freezes every other parameter (PEFT freezes the base)."""
-    trainable = info(gm).setdefault("trainable", [])
+    trainable = info(gm).trainable
     trainable.extend(n for n in canonical_names(gm, names) if n not in trainable)
     apply_trainable(gm)
 
 
 def forget_trainable(gm: fx.GraphModule, names: list[str]) -> None:
     gone = set(canonical_names(gm, names))
-    info(gm)["trainable"] = [n for n in info(gm).get("trainable", []) if n not in gone]
+    info(gm).trainable = [n for n in info(gm).trainable if n not in gone]
 
 
 def apply_trainable(gm: fx.GraphModule) -> None:
     """`requires_grad` follows the trainable set, matched by tensor, so every name of a tied tensor agrees."""
-    trainable = {id(p) for p in (_parameter(gm, n) for n in info(gm).get("trainable", [])) if p is not None}
+    trainable = {id(p) for p in (_parameter(gm, n) for n in info(gm).trainable) if p is not None}
     for param in gm.parameters():
         param.requires_grad_(id(param) in trainable)
 
@@ -70,7 +70,7 @@ def trainable_heads(gm: fx.GraphModule, requested: list[str] | None) -> list[str
     known = {name.rpartition(".")[0] for name, _ in gm.named_parameters()}
     if requested is not None:
         modules = list(requested)
-    elif info(gm).get("task") == "seq-cls":
+    elif info(gm).task == "seq-cls":
         # a head whose weights are all another module's (an MLM decoder tied to the word embeddings) is skipped
         modules = [p.path for p in GraphQuery(gm).output_heads if p.path in known]
     else:
@@ -78,5 +78,5 @@ def trainable_heads(gm: fx.GraphModule, requested: list[str] | None) -> list[str
     missing = [m for m in modules if m not in known]
     if missing:
         raise RewriteError(f"modules_to_save {', '.join(missing)} name no module with parameters in this graph")
-    info(gm)["modules_to_save"] = sorted(set(info(gm).get("modules_to_save") or []) | set(modules)) or None
+    info(gm).modules_to_save = sorted(set(info(gm).modules_to_save or []) | set(modules)) or None
     return [n for n, _ in gm.named_parameters() if any(n.startswith(m + ".") for m in modules)]

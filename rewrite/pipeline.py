@@ -1,16 +1,34 @@
-"""Pass protocol, registry and pipeline.
+"""The pass protocol, the registry and the pipeline.
 
 A pass is a dataclass of options that follows `torch.fx.passes.infra`'s `PassBase` protocol
 (`call(gm) -> PassResult`), so it also runs under PyTorch's own `PassManager`. The pipeline lints
-and recompiles after each pass and records the pass, its options and its report in
-`gm.meta["rewrite"]["history"]`, so a saved graph says how it was made.
+and recompiles after each pass and records the pass, its options and its report in the graph's
+history (`info(gm).history`), so a saved graph says how it was made.
+
+A pass is also the only place that knows what it did. The engine (adapter files, export, `run`,
+fold) walks the graph's history and asks each pass class through the hooks below; it never names a
+pass. Every hook has a default that does nothing, so a new pass overrides only what it needs:
+
+- `adapter_files(gm, runs)`: the PEFT adapter (config + tensors) its runs amount to, or None;
+  `peft_types` + `from_adapter(gm, config, weights, origin)`: the way back, from a PEFT adapter.
+- `serving_metadata(gm, runs)`: what export writes into the ONNX model's metadata;
+  `serving_inputs(props, tokenizer, texts)`: how `rewrite run` encodes text for such a model.
+- `fold(gm, runs) -> Folded`: merge what the pass added into constants (the fold pass asks every pass).
+- `adapter_slots(gm, runs)`: graph inputs an ONNX export may expose per adapter (none by default).
+- `cache_prefix(gm, runs)`: embeddings the pass put in front of every input, which an export with a KV
+  cache turns into a constant cache prefix instead of replaying the pass (`rewrite.kv_cache`).
+
+How text becomes input ids, and what else the graph now is (task, trainable parameters,
+prepended positions, an input template), a pass writes into the typed `GraphInfo`.
+`runs` are the pass's runs on this graph, rebuilt from the history (`Pass.restore`).
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Iterable
+from typing import Any, ClassVar, Iterable, Sequence
 
 import yaml
 from torch import fx
@@ -18,27 +36,43 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from rewrite.errors import RewriteError
 from rewrite.ir import info
+from rewrite.options import check_choices, option  # noqa: F401  (`option` is how passes declare options)
 
 log = logging.getLogger(__name__)
 
 _REGISTRY: dict[str, type["Pass"]] = {}
 
 
-def option(default: Any = None, help: str = "", **kwargs: Any) -> Any:
-    """A pass option: a dataclass field whose help text the CLI shows."""
-    if isinstance(default, (list, dict)):
-        factory = type(default)
-        return dataclasses.field(default_factory=lambda: factory(default), metadata={"help": help}, **kwargs)
-    return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
+@dataclass(frozen=True)
+class AdapterFiles:
+    """One PEFT adapter: `adapter_config.json`'s content and `adapter_model.safetensors`' tensors."""
+
+    config: dict[str, Any]
+    tensors: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Folded:
+    """What a pass folded: the report key the fold pass lists it under, the items, and a summary phrase."""
+
+    key: str
+    items: list[str]
+    summary: str
 
 
 class Pass(PassBase):
-    """Base of every rewrite. Subclasses are dataclasses; their fields (see `option`) are the pass's options."""
+    """Base of every rewrite. Subclasses are dataclasses; their fields (see `option`) are the pass's options.
+
+    `name` is how Python, pipeline files and the CLI call it; `title` how messages name it.
+    """
 
     name: ClassVar[str]
+    title: ClassVar[str] = ""
+    peft_types: ClassVar[tuple[str, ...]] = ()  # PEFT adapter types `from_adapter` applies
 
     def __post_init__(self) -> None:
         self.report: dict[str, Any] = {}
+        check_choices(self)  # once, when the pass is created
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -47,17 +81,68 @@ class Pass(PassBase):
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     @classmethod
-    def cache_prefix(cls, gm: fx.GraphModule) -> Any:
-        """Embeddings `[n, hidden]` this pass put in front of every input of `gm`, or None.
+    def restore(cls, record: dict[str, Any]) -> "Pass":
+        """The pass as it ran, from its history record (options and report); not checked or run again."""
+        restored = cls.__new__(cls)
+        for f in dataclasses.fields(cls):
+            if f.name in record["options"]:
+                value = record["options"][f.name]
+            elif f.default is not dataclasses.MISSING:
+                value = f.default
+            else:
+                value = f.default_factory()
+            setattr(restored, f.name, value)
+        restored.report = dict(record.get("report") or {})
+        return restored
 
-        A KV-cache export (`rewrite.kv_cache`) replays every pass on the model re-captured with a cache,
-        except one that returns a prefix here: its tokens enter the cache once, as a constant prefix.
+    # ---- what the pass means to the rest of the system (hooks; the defaults do nothing)
+
+    @classmethod
+    def adapter_files(cls, gm: fx.GraphModule, runs: Sequence["Pass"]) -> AdapterFiles | None:
+        """The PEFT adapter these runs amount to; raise RewriteError if PEFT cannot express them."""
+        return None
+
+    @classmethod
+    def from_adapter(cls, gm: fx.GraphModule, config: dict[str, Any], weights: dict[str, Any],
+                     origin: str) -> dict[str, str]:
+        """Runs this pass as a PEFT adapter of one of `peft_types` describes; returns, per graph tensor
+        name, the adapter key whose weight the engine copies into it."""
+        raise RewriteError(f"pass {cls.name!r} does not load PEFT adapters")
+
+    @classmethod
+    def serving_metadata(cls, gm: fx.GraphModule, runs: Sequence["Pass"]) -> dict[str, str]:
+        """ONNX metadata a caller needs to feed the exported model (keys `rewrite.*`)."""
+        return {}
+
+    @classmethod
+    def serving_inputs(cls, props: dict[str, str], tokenizer, texts: list[str]) -> dict[str, Any] | None:
+        """The model inputs for `texts` when this pass's metadata is in `props`, else None (plain tokenization)."""
+        return None
+
+    @classmethod
+    def fold(cls, gm: fx.GraphModule, runs: Sequence["Pass"]) -> Folded | None:
+        """Merges what the runs added into the base graph's constants; None when there was nothing to fold."""
+        return None
+
+    @classmethod
+    def adapter_slots(cls, gm: fx.GraphModule, runs: Sequence["Pass"]) -> list[str]:
+        """Graph tensors an ONNX export may expose as named inputs, one set per adapter (none by default)."""
+        return []
+
+    @classmethod
+    def cache_prefix(cls, gm: fx.GraphModule, runs: Sequence["Pass"]) -> Any:
+        """Embeddings `[n, hidden]` the runs put in front of every input of `gm`, or None.
+
+        A KV-cache export replays every pass on the model re-captured with a cache, except one that
+        returns a prefix here: its tokens enter the cache once, as a constant prefix.
         """
         return None
 
 
 def register(cls: type[Pass]) -> type[Pass]:
     """Class decorator: makes a pass reachable by name from Python, YAML and the CLI."""
+    if not cls.title:
+        cls.title = cls.name
     _REGISTRY[cls.name] = cls
     return cls
 
@@ -65,6 +150,11 @@ def register(cls: type[Pass]) -> type[Pass]:
 def available() -> list[str]:
     """Names of the registered passes."""
     return sorted(_REGISTRY)
+
+
+def registered() -> list[type[Pass]]:
+    """The registered pass classes, in registration order."""
+    return list(_REGISTRY.values())
 
 
 def option_names(name: str) -> list[str]:
@@ -75,6 +165,16 @@ def pass_class(name: str) -> type[Pass]:
     if name not in _REGISTRY:
         raise RewriteError(f"unknown pass {name!r}; available passes: {', '.join(available())}")
     return _REGISTRY[name]
+
+
+def applied(gm: fx.GraphModule) -> list[tuple[type[Pass], list[Pass]]]:
+    """Each pass class in the graph's history with its runs (restored from the records, in order).
+    Classes come in registration order, so what the engine builds from them does not depend on the
+    order the passes ran in."""
+    runs: dict[str, list[Pass]] = {}
+    for record in info(gm).history:
+        runs.setdefault(record["pass"], []).append(pass_class(record["pass"]).restore(record))
+    return [(cls, runs[cls.name]) for cls in registered() if cls.name in runs]
 
 
 def create(name: str, **options: Any) -> Pass:
@@ -140,7 +240,7 @@ class Pipeline:
             gm = result.graph_module if result is not None else gm
             gm.graph.lint()
             gm.recompile()
-            info(gm)["history"].append(
+            info(gm).history.append(
                 {"pass": pass_.name, "options": _jsonable(pass_.options()), "report": _jsonable(pass_.report)}
             )
             log.info("pass %s: %s", pass_.name, pass_.report.get("summary", "done"))
@@ -150,4 +250,3 @@ class Pipeline:
 def apply(gm: fx.GraphModule, name: str, **options: Any) -> fx.GraphModule:
     """Runs one registered pass by name (the same names and options as the CLI and pipeline files)."""
     return Pipeline([create(name, **options)]).run(gm)
-

@@ -10,7 +10,8 @@ from google.protobuf.message import DecodeError
 
 from rewrite import runtime
 from rewrite.errors import RewriteError
-from rewrite.templates import Template, pad_batch
+from rewrite.export import LABELS_KEY, PREPENDED_KEY, TASK_KEY
+from rewrite.pipeline import registered
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -44,31 +45,32 @@ def _top(scores: np.ndarray, names, k: int) -> list[tuple[str, float]]:
 
 
 def _encode(texts: list[str], tokenizer, props: dict[str, str]) -> dict[str, np.ndarray]:
-    """The model's inputs for `texts`: through its P-tuning template when it has one, else tokenized as they are."""
-    if "rewrite.template" not in props:
-        return {k: v.astype(np.int64) for k, v in tokenizer(texts, padding=True, return_tensors="np").items()}
-    template, placeholder_ids = Template.parse(props["rewrite.template"]), json.loads(props["rewrite.placeholder_ids"])
-    rows = [template.encode(tokenizer, placeholder_ids, text).ids for text in texts]
-    return {k: v.numpy() for k, v in pad_batch(rows, tokenizer).items()}
+    """The model's inputs for `texts`: as a pass whose metadata the model carries encodes them (a
+    template), else tokenized as they are."""
+    for cls in registered():
+        inputs = cls.serving_inputs(props, tokenizer, texts)
+        if inputs is not None:
+            return inputs
+    return {k: v.astype(np.int64) for k, v in tokenizer(texts, padding=True, return_tensors="np").items()}
 
 
 def predict(model_path: str | Path, texts: list[str], *, tokenizer_dir: str | None = None, top_k: int = 5):
     """Per text, the top predictions as (label, probability): classes, masked tokens or next tokens."""
     path = Path(model_path)
     props = _model_props(path)
-    task = props.get("rewrite.task", "")
+    task = props.get(TASK_KEY, "")
     tokenizer = _tokenizer(path, tokenizer_dir)
     sess = runtime.session(path)
     encoded = _encode(texts, tokenizer, props)
     outputs = runtime.run(sess, encoded)
     first = next(iter(outputs.values()))
     if task != "seq-cls":  # per-position outputs: drop the positions prompt tuning put before the input's
-        first = first[:, int(props.get("rewrite.prepended_positions", 0)):]
+        first = first[:, int(props.get(PREPENDED_KEY, 0)):]
     token = lambda i: tokenizer.convert_ids_to_tokens(i)  # noqa: E731
     results = []
     for row in range(len(texts)):
         if task == "seq-cls":
-            labels = {int(k): v for k, v in json.loads(props.get("rewrite.id2label", "{}")).items()}
+            labels = {int(k): v for k, v in json.loads(props.get(LABELS_KEY, "{}")).items()}
             results.append(_top(_softmax(first[row]), lambda i: labels.get(i, str(i)), top_k))
         elif task == "masked-lm":
             masks = np.flatnonzero(encoded["input_ids"][row] == tokenizer.mask_token_id)

@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 from torch import fx
 
-from rewrite.ir import copy_meta
+from rewrite.nodes import NodeBuilder
 
 aten = torch.ops.aten
 
@@ -37,31 +37,6 @@ _FEATURE_OPS = {aten.linear.default: 1, aten.layer_norm.default: None}  # ops ov
 _RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 _SDPA = aten.scaled_dot_product_attention.default
 _SDPA_MASK, _SDPA_CAUSAL = 3, 5
-
-
-class Builder:
-    """Creates nodes before `anchor`, with the anchor's module metadata and the given rewrite tag."""
-
-    def __init__(self, gm: fx.GraphModule, anchor: fx.Node, **tag):
-        self.graph, self.anchor, self.tag = gm.graph, anchor, tag
-
-    def __call__(self, target, *args, **kwargs) -> fx.Node:
-        with self.graph.inserting_before(self.anchor):
-            node = self.graph.call_function(target, args, kwargs)
-        copy_meta(self.anchor, node, **self.tag)
-        return node
-
-    def attr(self, target: str) -> fx.Node:
-        with self.graph.inserting_before(self.anchor):
-            node = self.graph.get_attr(target)
-        copy_meta(self.anchor, node, **self.tag)
-        return node
-
-    def copy(self, node: fx.Node, remap: dict[fx.Node, fx.Node]) -> fx.Node:
-        """The model's own node on other inputs. It stays untagged and keeps its module, so graph queries
-        still find it for what it is (a projection, the output head)."""
-        with self.graph.inserting_before(self.anchor):
-            return self.graph.node_copy(node, lambda n: remap.get(n, n))
 
 
 def activation_input(node: fx.Node) -> fx.Node:
@@ -168,7 +143,7 @@ def movable(gm: fx.GraphModule, entry: fx.Node) -> list[fx.Node]:
     return [node for node in gm.graph.nodes if node in chosen]
 
 
-def _gather(build: Builder, node: fx.Node, axis: int, rank: int, index: fx.Node) -> fx.Node:
+def _gather(build: NodeBuilder, node: fx.Node, axis: int, rank: int, index: fx.Node) -> fx.Node:
     """`node`'s rows at `index` ([batch] positions) along `axis`, the axis kept with size 1."""
     shape = [1] * rank
     shape[0] = -1
@@ -177,7 +152,7 @@ def _gather(build: Builder, node: fx.Node, axis: int, rank: int, index: fx.Node)
     return build(aten.gather.default, node, axis, build(aten.expand.default, view, sizes))
 
 
-def _mask_rows(build: Builder, mask: fx.Node | None, query: fx.Node, index: fx.Node) -> fx.Node | None:
+def _mask_rows(build: NodeBuilder, mask: fx.Node | None, query: fx.Node, index: fx.Node) -> fx.Node | None:
     """The attention mask's rows for the gathered queries ([.., q, k] masks; broadcast rows stay)."""
     sizes = _sizes(mask) if isinstance(mask, fx.Node) else None
     if sizes is None or len(sizes) != 4 or sizes[2] == "1":
@@ -187,7 +162,7 @@ def _mask_rows(build: Builder, mask: fx.Node | None, query: fx.Node, index: fx.N
     return _gather(build, whole, 2, 4, index)
 
 
-def _copy(build: Builder, node: fx.Node, rows: dict[fx.Node, fx.Node], layout: Layout, index: fx.Node) -> fx.Node:
+def _copy(build: NodeBuilder, node: fx.Node, rows: dict[fx.Node, fx.Node], layout: Layout, index: fx.Node) -> fx.Node:
     """`node` recomputed on rows; a reshape's target size on the sequence axis becomes 1."""
     remap = {a: rows[a] for a in row_inputs(node)}
     if node.target is _SDPA:
@@ -203,7 +178,7 @@ def _copy(build: Builder, node: fx.Node, rows: dict[fx.Node, fx.Node], layout: L
     return copied
 
 
-def rows_at(build: Builder, gm: fx.GraphModule, entry: fx.Node, index_for: Callable[[fx.Node, int], fx.Node],
+def rows_at(build: NodeBuilder, gm: fx.GraphModule, entry: fx.Node, index_for: Callable[[fx.Node, int], fx.Node],
             *, move: bool = True) -> tuple[fx.Node, list[fx.Node]]:
     """`entry` ([batch, seq, width]) at one position per example, as [batch, 1, width], and the
     full-length nodes the caller erases once nothing else reads them (after dropping its own
@@ -232,7 +207,7 @@ def select_rows(gm: fx.GraphModule) -> int:
         if dim != 1 or not isinstance(position, int) or position < 0 or list(source.users) != [select] \
                 or not movable(gm, source):
             continue
-        build = Builder(gm, select)
+        build = NodeBuilder(gm.graph, select, before=select)
 
         def index_for(hidden: fx.Node, axis: int, position=position, build=build) -> fx.Node:
             return build(aten.new_full.default, hidden, [build(aten.sym_size.int, hidden, 0)], position,

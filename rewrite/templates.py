@@ -1,4 +1,4 @@
-"""P-tuning templates: `"[P] [P] [P] {text} [P] [MASK] ."` -> token ids with prompt placeholders in place.
+"""Input templates: `"[P] [P] [P] {text} [P] [MASK] ."` -> token ids with prompt placeholders in place.
 
 `[P]` marks a continuous prompt vector (the i-th `[P]` is prompt slot i), `{name}` a field filled from
 the example, and everything else is literal text. Pieces are tokenized one by one (as PET and
@@ -19,7 +19,7 @@ from torch import fx
 
 from rewrite.data import Encoded, Example, pad_ids  # training's padding, so batches agree
 from rewrite.errors import RewriteError
-from rewrite.ir import info
+from rewrite.ir import info, require_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +47,12 @@ class Template:
 
     @classmethod
     def parse(cls, source: str) -> "Template":
-        """Splits `source` into ("text", str), ("prompt", slot) and ("field", name) parts."""
+        """Splits `source` into ("text", str), ("slot", index) and ("field", name) parts."""
         parts: list[tuple[str, str | int]] = []
         slots = 0
         for piece in _PIECE.split(source):
             if piece == PLACEHOLDER:
-                parts.append(("prompt", slots))
+                parts.append(("slot", slots))
                 slots += 1
             elif _PIECE.fullmatch(piece):
                 parts.append(("field", piece[1:-1]))
@@ -68,7 +68,7 @@ class Template:
 
     @property
     def prompt_count(self) -> int:
-        return sum(kind == "prompt" for kind, _ in self.parts)
+        return sum(kind == "slot" for kind, _ in self.parts)
 
     @property
     def fields(self) -> list[str]:
@@ -104,7 +104,7 @@ class Template:
             fields, max_length - len(prefix) - len(suffix) - self._fixed_length(tokenizer), self.source)
         ids = list(prefix)
         for kind, value in self.parts:
-            if kind == "prompt":
+            if kind == "slot":
                 ids.append(prompt_ids[value])
             elif kind == "field":
                 ids.extend(fields[value])
@@ -115,7 +115,7 @@ class Template:
         return Encoding(ids + list(suffix), clashes, truncated)
 
     def _fixed_length(self, tokenizer) -> int:
-        return sum(1 if kind == "prompt" else len(_ids(tokenizer, value)) for kind, value in self.parts if kind != "field")
+        return sum(1 if kind == "slot" else len(_ids(tokenizer, value)) for kind, value in self.parts if kind != "field")
 
 
 def _ids(tokenizer, text: str) -> list[int]:
@@ -146,25 +146,23 @@ def special_frame(tokenizer) -> tuple[list[int], list[int]]:
 
 
 def uses_template(gm: fx.GraphModule) -> bool:
-    """Whether the graph reads its input through a P-tuning template (so text must be encoded by it)."""
-    return any(h["pass"] == "ptuning" for h in info(gm)["history"])
+    """Whether the graph reads its input through a template (so text must be encoded by it)."""
+    return info(gm).template is not None
 
 
-def for_graph(gm: fx.GraphModule) -> tuple[Template, list[int]]:
-    """The template and placeholder ids of the graph's P-tuning pass."""
-    runs = [h for h in info(gm)["history"] if h["pass"] == "ptuning"]
-    if not runs:
-        raise RewriteError("the graph has no P-tuning template; run the ptuning pass first")
-    return Template.parse(runs[-1]["options"]["template"]), list(runs[-1]["report"]["placeholder_ids"])
+def graph_template(gm: fx.GraphModule) -> tuple[Template, list[int]]:
+    """The graph's input template and the ids of its prompt slots (`info.template`, set by a prompt pass)."""
+    bound = info(gm).template
+    if bound is None:
+        raise RewriteError("the graph reads no input template; run a pass that adds one (such as P-tuning) first")
+    return Template.parse(bound.source), list(bound.placeholder_ids)
 
 
 def _encode_all(gm: fx.GraphModule, values: Sequence[Mapping[str, str] | str],
                 max_length: int | None) -> tuple[list[Encoding], list[int], object]:
     """Every item through the graph's template; texts that hold placeholder ids are counted and logged."""
-    template, prompt_ids = for_graph(gm)
-    tokenizer = info(gm).get("tokenizer")
-    if tokenizer is None:
-        raise RewriteError("the graph has no tokenizer to encode text with; capture it from a model directory")
+    template, prompt_ids = graph_template(gm)
+    tokenizer = require_tokenizer(gm, "to encode text through its template")
     encoded = [template.encode(tokenizer, prompt_ids, item, max_length) for item in values]
     clashing = sum(e.clashes > 0 for e in encoded)
     if clashing:
@@ -189,7 +187,7 @@ def encode_batch(gm: fx.GraphModule, texts: Sequence[Mapping[str, str] | str], *
     """
     encoded, _, tokenizer = _encode_all(gm, texts, max_length)
     inputs = pad_batch([e.ids for e in encoded], tokenizer)
-    names = info(gm).get("input_names") or ["input_ids", "attention_mask"]
+    names = info(gm).input_names or ["input_ids", "attention_mask"]
     return {name: inputs[name] for name in names if name in inputs}
 
 
@@ -209,7 +207,7 @@ def example_values(template: Template, example: Example) -> dict[str, str]:
 def encode_examples(gm: fx.GraphModule, examples: Sequence[Example], max_length: int) -> Encoded:
     """Training data for a P-tuned graph: each example through the template (only its texts are cut to
     fit), with the placeholder ids reserved so they are never language-modeling targets."""
-    template, _ = for_graph(gm)
+    template, _ = graph_template(gm)
     encoded, prompt_ids, _ = _encode_all(gm, [example_values(template, e) for e in examples], max_length)
     cut = [i for i, e in enumerate(encoded) if e.truncated]
     if cut:

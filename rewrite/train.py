@@ -11,7 +11,7 @@
 
 `train(gm, train_data, *, eval_data=None, config, loss_fn=None) -> TrainResult`
 
-- `gm`: a RewriteGraph; only the parameters the passes made trainable (`gm.info["trainable"]`) are
+- `gm`: a RewriteGraph; only the parameters the passes made trainable (`gm.info.trainable`) are
   optimized (AdamW; weight decay on matrices only, as Hugging Face's Trainer does). It is trained in
   place and left in eval mode on the training device.
 - `train_data` / `eval_data`: a `.jsonl`, `.csv` or `.tsv` file, an iterable of row dicts, or
@@ -67,7 +67,7 @@ from rewrite.archive import save
 from rewrite.data import CLASSIFICATION, IGNORE_INDEX, LM_TASKS, Encoded, Example, Fields
 from rewrite.errors import RewriteError
 from rewrite.inputs import DEFAULT_INPUT_NAMES
-from rewrite.ir import info, wrap
+from rewrite.ir import info, require_tokenizer, wrap
 from rewrite.params import apply_trainable
 
 log = logging.getLogger(__name__)
@@ -203,7 +203,7 @@ def task_loss(outputs, batch: dict[str, torch.Tensor], task: str, prepended: int
 def prepended_positions(gm: fx.GraphModule) -> int:
     """Positions the graph's sequence outputs hold before the input's own (prompt tuning without
     strip_virtual); language-modeling labels are padded by this many -100s."""
-    return int(info(gm).get("prepended_positions", 0))
+    return int(info(gm).prepended_positions)
 
 
 def _accuracy_counts(outputs, labels: torch.Tensor) -> tuple[int, int]:
@@ -233,21 +233,18 @@ def _label_names(gm: fx.GraphModule, config: TrainConfig, task: str) -> list[str
         return []
     if config.label_names:
         return list(config.label_names)
-    id2label = getattr(info(gm).get("config"), "id2label", None) or {}
+    id2label = getattr(info(gm).config, "id2label", None) or {}
     return [id2label[i] for i in sorted(id2label)]
 
 
 def _load_data(gm: fx.GraphModule, source, config: TrainConfig, task: str) -> _Data:
-    tokenizer = info(gm).get("tokenizer")
-    if tokenizer is None:
-        raise RewriteError("the graph has no tokenizer, so text data cannot be encoded; capture it from a "
-                           "Hugging Face directory that has tokenizer files")
+    tokenizer = require_tokenizer(gm, "to encode text data")
     if isinstance(source, (list, tuple)) and source and isinstance(source[0], Example):
         examples = list(source)
     else:
         examples = data.read_examples(source, task=task, fields=config.fields,
                                       label_names=_label_names(gm, config, task))
-    input_names = list(info(gm).get("input_names") or DEFAULT_INPUT_NAMES)
+    input_names = list(info(gm).input_names or DEFAULT_INPUT_NAMES)
     encoded = (templates.encode_examples(gm, examples, config.max_length) if templates.uses_template(gm)
                else data.encode(examples, tokenizer, config.max_length))
     return _Data(encoded, tokenizer, task, input_names)
@@ -263,7 +260,7 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
 def _freeze_base(gm: fx.GraphModule, master_fp32: bool) -> None:
     """Only the parameters the passes listed as trainable require grad (PEFT freezes the base); under
     bf16 autocast those are kept, and updated, in fp32."""
-    names = info(gm).get("trainable") or []
+    names = info(gm).trainable or []
     if not names:
         raise RewriteError("the graph has no trainable parameters; run a pass such as lora first")
     apply_trainable(gm)
@@ -370,7 +367,7 @@ class _Run:
         _freeze_base(self.gm, master_fp32=self.objective.bf16)
         wrapped = distributed.wrap(self.gm, ctx, fsdp=config.fsdp)
         self.sharded = distributed.sharded(self.gm)
-        self.named = [(name, self.gm.get_parameter(name)) for name in info(self.gm)["trainable"]]
+        self.named = [(name, self.gm.get_parameter(name)) for name in info(self.gm).trainable]
         self.model = torch.compile(wrapped) if config.compile else wrapped
         micro = data.micro_batches_per_epoch(len(self.train.encoded), ctx.world, config.batch_size)
         self.steps_per_epoch = math.ceil(micro / config.grad_accum)
@@ -458,7 +455,7 @@ class _Run:
             return
         state = {"step": self.step, "world_size": self.ctx.world, "optimizer": optimizer,
                  "scheduler": self.scheduler.state_dict(), "rng": states}
-        weights = {PREFIX + name: weights[name].contiguous() for name in info(self.gm)["trainable"]}
+        weights = {PREFIX + name: weights[name].contiguous() for name in info(self.gm).trainable}
         checkpoint.write(self.out / "checkpoints", self.step, weights, state, self.config.keep_checkpoints)
 
     def start_fresh(self) -> None:
@@ -536,10 +533,10 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 def _trainable_weights(gm: fx.GraphModule, weights: dict[str, torch.Tensor], source: Path) -> dict[str, torch.Tensor]:
     """A checkpoint's weights by parameter name; every trainable parameter must be there."""
-    missing = [PREFIX + name for name in info(gm)["trainable"] if PREFIX + name not in weights]
+    missing = [PREFIX + name for name in info(gm).trainable if PREFIX + name not in weights]
     if missing:
         raise RewriteError(f"checkpoint {str(source)!r} has no weight {missing[0]}; it was written for another graph")
-    return {name: weights[PREFIX + name] for name in info(gm)["trainable"]}
+    return {name: weights[PREFIX + name] for name in info(gm).trainable}
 
 
 # ---------------------------------------------------------------- the loop
@@ -584,13 +581,13 @@ def _fit(run: _Run) -> None:
 
 def _objective(gm: fx.GraphModule, config: TrainConfig, task: str, loss_fn: LossFn | None,
                device: torch.device) -> _Objective:
-    input_names = list(info(gm).get("input_names") or DEFAULT_INPUT_NAMES)
+    input_names = list(info(gm).input_names or DEFAULT_INPUT_NAMES)
     bf16 = config.bf16 if config.bf16 is not None else device.type == "cuda"
     return _Objective(task, loss_fn, input_names, device, bf16, prepended_positions(gm))
 
 
 def _task(gm: fx.GraphModule, config: TrainConfig) -> str:
-    task = config.task or info(gm).get("task")
+    task = config.task or info(gm).task
     _check(config, task)
     return task
 

@@ -67,6 +67,6 @@ def test_truncated_adapter_is_a_clear_error(make_tiny, tmp_path):
 
 
 def test_saving_without_lora_is_a_clear_error(make_tiny, tmp_path):
-    with pytest.raises(rewrite.RewriteError, match="no LoRA adapter to save"):
+    with pytest.raises(rewrite.RewriteError, match="the graph has no adapter to save"):
         rewrite.save_adapter(capture_tiny(make_tiny("llama")), tmp_path / "adapter")
     assert not (tmp_path / "adapter" / "adapter_config.json").exists()

@@ -6,7 +6,7 @@ import io
 import pytest
 from rich.console import Console
 
-from rewrite.demo import run_demo
+from rewrite.recipes.demo import run_demo
 
 @pytest.mark.slow
 def test_demo_reaches_080_and_onnx_runtime_reproduces_torch(tmp_path):

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 import transformers
 
 import rewrite
-from rewrite import pet, runtime
+from rewrite import runtime
+from rewrite.recipes import pet
 from rewrite.data import Example, Fields
 from rewrite.errors import RewriteError
 from rewrite.ir import info

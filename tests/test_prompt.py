@@ -16,7 +16,8 @@ from peft import PromptTuningConfig, get_peft_model
 import rewrite
 from rewrite.errors import RewriteError
 from rewrite.inputs import example_inputs
-from rewrite.passes.prompt import TABLE, model_input
+from rewrite.graph import model_input
+from rewrite.prompt_table import TABLE
 from rewrite.train import TrainConfig, evaluate, prepended_positions, task_loss, train
 
 BERT_INPUTS = ["input_ids", "attention_mask", "token_type_ids"]
@@ -274,7 +275,7 @@ def test_bad_input_is_one_clear_sentence(make_tiny):
         rewrite.apply(gm, "prompt", num_virtual_tokens=0)
     with pytest.raises(RewriteError, match="prompt_init 'text' needs init_text"):
         rewrite.apply(gm, "prompt", prompt_init="text")
-    with pytest.raises(RewriteError, match="init_text needs the model's tokenizer"):
+    with pytest.raises(RewriteError, match="the graph has no tokenizer to tokenize init_text"):
         rewrite.apply(gm, "prompt", init_text="hello")
     rewrite.apply(gm, "prompt", num_virtual_tokens=COUNT)
     with pytest.raises(RewriteError, match="already has prompt embeddings .from pass prompt."):

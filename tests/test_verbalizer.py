@@ -241,7 +241,7 @@ def test_a_pvp_files_labels_section_is_a_labels_file(tiny_mlm_dir, tmp_path):
     pvps.write_text('labels:\n  "0": [bad]\n  "1": [good, great]\npvps:\n  - pattern: "{text_a} It was [MASK] ."\n')
     gm = rewrite.load_pretrained(tiny_mlm_dir, task="masked-lm")
     rewrite.apply(gm, "verbalizer", labels=str(pvps))
-    assert gm.info["verbalizer"]["words"] == {"0": ["bad"], "1": ["good", "great"]}
+    assert gm.info.label_words["words"] == {"0": ["bad"], "1": ["good", "great"]}
 
 
 @pytest.mark.parametrize("options,message", [

