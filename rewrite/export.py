@@ -5,25 +5,23 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
 
 import onnx
 import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
-from rewrite import runtime
+from rewrite import kv_cache, runtime
 from rewrite.errors import RewriteError
 from rewrite.files import atomic_dir_files
 from rewrite.inputs import DEFAULT_INPUT_NAMES, example_inputs
-from rewrite.ir import info, tensor_at
+from rewrite.ir import info
 from rewrite.pipeline import applied
+from rewrite.signature import LABELS_KEY, PREPENDED_KEY, TASK_KEY, Signature, compare, vocab_size
 
 log = logging.getLogger(__name__)
 
 PROTOBUF_LIMIT = 2 * 1024**3
-TASK_KEY, LABELS_KEY, PREPENDED_KEY = "rewrite.task", "rewrite.id2label", "rewrite.prepended_positions"
-TOLERANCE = 1e-4
 
 
 @dataclass
@@ -46,16 +44,6 @@ def _output_names(outputs) -> list[str]:
     return names
 
 
-def vocab_size(gm: fx.GraphModule) -> int:
-    """From the config, else from the first embedding table in the graph."""
-    config = info(gm).config
-    if getattr(config, "vocab_size", None):
-        return config.vocab_size
-    for node in gm.graph.find_nodes(op="call_function", target=torch.ops.aten.embedding.default):
-        return tensor_at(gm, node.args[0].target).shape[0]
-    return 2
-
-
 def _flat(outputs) -> list[torch.Tensor]:
     return [t for t in pytree.tree_leaves(outputs) if isinstance(t, torch.Tensor)]
 
@@ -67,19 +55,6 @@ def real_positions(reference: torch.Tensor, actual: torch.Tensor, inputs: dict[s
         keep = mask.bool()
         return reference[keep], actual[keep]
     return reference, actual
-
-
-def compare(name: str, reference: torch.Tensor, actual: torch.Tensor) -> tuple[float, float]:
-    """Max abs difference of an output and its tolerance (1e-4 of its scale); raises beyond it."""
-    reference, actual = reference.float(), actual.float()
-    scale = max(1.0, reference.abs().max().item())
-    diff, tolerance = (actual - reference).abs().max().item(), TOLERANCE * scale
-    if not diff <= tolerance:
-        raise RewriteError(
-            f"ONNX verification failed for output {name!r}: ONNX Runtime differs from torch by {diff:.3g} "
-            f"(allowed {tolerance:.3g}, 1e-4 of the output scale); the model was not written"
-        )
-    return diff, tolerance
 
 
 def _verify(gm: fx.GraphModule, model_path: Path, input_names: list[str], output_names: list[str]) -> tuple[float, float, str]:
@@ -94,23 +69,6 @@ def _verify(gm: fx.GraphModule, model_path: Path, input_names: list[str], output
         diff, tolerance = compare(name, *real_positions(reference, torch.from_numpy(got[name]), inputs))
         worst = max(worst, diff)
     return worst, tolerance, sess.get_providers()[0]
-
-
-@dataclass
-class Signature:
-    """What `torch.onnx.export` is given, what goes into the model's metadata, and how the file is verified.
-
-    The plain export builds one from the graph; options such as the KV cache (`rewrite.kv_cache`) build
-    another from the same graph, so every export writes, checks and verifies files the same way.
-    """
-
-    module: fx.GraphModule
-    inputs: dict[str, Any]
-    dynamic: dict[str, Any]
-    input_names: list[str]
-    output_names: list[str]
-    metadata: dict[str, str]
-    verify: Callable[[Path], tuple[float, float, str]]
 
 
 def _plain_signature(gm: fx.GraphModule) -> Signature:
@@ -158,12 +116,7 @@ def export_onnx(gm: fx.GraphModule, path: str | Path, *, verify: bool = True, op
     was_training = gm.training
     gm.eval()
     try:
-        if cache:
-            from rewrite import kv_cache
-
-            signature = kv_cache.signature(gm)
-        else:
-            signature = _plain_signature(gm)
+        signature = kv_cache.signature(gm) if cache else _plain_signature(gm)
         program = torch.onnx.export(
             signature.module, (), kwargs=signature.inputs, dynamic_shapes=signature.dynamic,
             input_names=signature.input_names, output_names=signature.output_names,

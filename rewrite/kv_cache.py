@@ -32,11 +32,13 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
+from rewrite import runtime
 from rewrite.capture import drop_guards
 from rewrite.errors import RewriteError
-from rewrite.ir import RewriteGraph, info, wrap
 from rewrite.graph import word_embedding
+from rewrite.ir import RewriteGraph, info, wrap
 from rewrite.pipeline import Pipeline, applied, create
+from rewrite.signature import PREPENDED_KEY, Signature, compare, vocab_size
 
 aten = torch.ops.aten
 
@@ -302,8 +304,6 @@ def _special_ids(gm: fx.GraphModule) -> dict[str, Any]:
 
 def metadata(gm: fx.GraphModule, layout: CacheLayout) -> dict[str, str]:
     """The cache layout, special ids and position limit; outputs hold no virtual positions (they are in the cache)."""
-    from rewrite.export import PREPENDED_KEY
-
     limit = position_limit(info(gm).config)
     return {"rewrite.cache": json.dumps(dataclasses.asdict(layout)), "rewrite.special_ids": json.dumps(_special_ids(gm)),
             "rewrite.position_limit": "" if limit is None else str(limit), PREPENDED_KEY: "0"}
@@ -316,8 +316,6 @@ def _logits(gm: fx.GraphModule, ids: torch.Tensor) -> torch.Tensor:
 
 def _verify(gm: fx.GraphModule, layout: CacheLayout, path: Path, vocab: int) -> tuple[float, float, str]:
     """A prefill (past length 0) and one decoding step in ONNX Runtime against `gm` on the whole sequence."""
-    from rewrite import runtime
-    from rewrite.export import compare
 
     prompt, batch = 7, 2
     ids = torch.randint(0, vocab, (batch, prompt + 1), generator=torch.Generator().manual_seed(1))
@@ -336,8 +334,6 @@ def _verify(gm: fx.GraphModule, layout: CacheLayout, path: Path, vocab: int) -> 
 
 def signature(gm: fx.GraphModule):
     """The KV-cache export of `gm`: the cached graph, its named inputs and outputs, metadata and verification."""
-    from rewrite.export import Signature, vocab_size
-
     cached = cached_graph(gm)
     layout: CacheLayout = info(cached).extra["cache"]
     vocab = vocab_size(gm)

@@ -1,0 +1,56 @@
+"""What an ONNX export is made of (`Signature`), shared by the plain export and its options (the KV
+cache), and the checks every export applies: the metadata keys, the verification tolerance."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import fx
+
+from rewrite.errors import RewriteError
+from rewrite.ir import info, tensor_at
+
+TASK_KEY, LABELS_KEY, PREPENDED_KEY = "rewrite.task", "rewrite.id2label", "rewrite.prepended_positions"
+TOLERANCE = 1e-4
+
+
+@dataclass
+class Signature:
+    """What `torch.onnx.export` is given, what goes into the model's metadata, and how the file is verified.
+
+    The plain export builds one from the graph; options such as the KV cache (`rewrite.kv_cache`) build
+    another from the same graph, so every export writes, checks and verifies files the same way.
+    """
+
+    module: fx.GraphModule
+    inputs: dict[str, Any]
+    dynamic: dict[str, Any]
+    input_names: list[str]
+    output_names: list[str]
+    metadata: dict[str, str]
+    verify: Callable[[Path], tuple[float, float, str]]
+
+
+def vocab_size(gm: fx.GraphModule) -> int:
+    """From the config, else from the first embedding table in the graph."""
+    config = info(gm).config
+    if getattr(config, "vocab_size", None):
+        return config.vocab_size
+    for node in gm.graph.find_nodes(op="call_function", target=torch.ops.aten.embedding.default):
+        return tensor_at(gm, node.args[0].target).shape[0]
+    return 2
+
+
+def compare(name: str, reference: torch.Tensor, actual: torch.Tensor) -> tuple[float, float]:
+    """Max abs difference of an output and its tolerance (1e-4 of its scale); raises beyond it."""
+    reference, actual = reference.float(), actual.float()
+    scale = max(1.0, reference.abs().max().item())
+    diff, tolerance = (actual - reference).abs().max().item(), TOLERANCE * scale
+    if not diff <= tolerance:
+        raise RewriteError(
+            f"ONNX verification failed for output {name!r}: ONNX Runtime differs from torch by {diff:.3g} "
+            f"(allowed {tolerance:.3g}, 1e-4 of the output scale); the model was not written"
+        )
+    return diff, tolerance
