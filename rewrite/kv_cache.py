@@ -38,7 +38,7 @@ from rewrite.errors import RewriteError
 from rewrite.graph import word_embedding
 from rewrite.ir import RewriteGraph, info, wrap
 from rewrite.pipeline import Pipeline, applied, create
-from rewrite.signature import PREPENDED_KEY, Signature, compare, vocab_size
+from rewrite.signature import PREPENDED_KEY, Compare, Signature, vocab_size
 
 aten = torch.ops.aten
 
@@ -314,7 +314,7 @@ def _logits(gm: fx.GraphModule, ids: torch.Tensor) -> torch.Tensor:
         return pytree.tree_leaves(gm(input_ids=ids, attention_mask=torch.ones_like(ids)))[0]
 
 
-def _verify(gm: fx.GraphModule, layout: CacheLayout, path: Path, vocab: int) -> tuple[float, float, str]:
+def _verify(gm: fx.GraphModule, layout: CacheLayout, path: Path, vocab: int, compare: Compare) -> tuple[float, float, str]:
     """A prefill (past length 0) and one decoding step in ONNX Runtime against `gm` on the whole sequence."""
 
     prompt, batch = 7, 2
@@ -341,4 +341,4 @@ def signature(gm: fx.GraphModule):
     input_names = [*[k for k in inputs if k != "past"], *layout.past_names()]
     return Signature(cached, inputs, dynamic_shapes(layout, names=True), input_names,
                      ["logits", *layout.present_names()], metadata(gm, layout),
-                     lambda path: _verify(gm, layout, path, vocab))
+                     lambda path, compare: _verify(gm, layout, path, vocab, compare))
