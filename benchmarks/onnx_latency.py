@@ -16,7 +16,7 @@ import torch
 
 import rewrite
 from rewrite import runtime
-from rewrite.inputs import example_inputs
+from rewrite.synthetic_inputs import example_inputs
 
 
 def build_exports(directory: Path) -> dict[str, Path]:

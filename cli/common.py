@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 
 import rewrite
-from rewrite.capture import TASKS
+from rewrite.capture import CAPTURE_TASKS
 from rewrite.errors import RewriteError
 
 console = Console(stderr=True)
@@ -44,7 +44,7 @@ def write_graph(gm: rewrite.RewriteGraph, output: str) -> None:
 output_option = click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output .pt2 archive.")
 task_option = click.option(
     "--task", default="auto", show_default=True,
-    type=click.Choice(TASKS), help="Model head to capture (auto reads config.architectures).",
+    type=click.Choice(CAPTURE_TASKS), help="Model head to capture (auto reads config.architectures).",
 )
 
 

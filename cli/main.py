@@ -7,10 +7,12 @@ import sys
 import click
 
 import rewrite
+from rewrite.adapter_slots import DEFAULT_MAX_RANK
 from rewrite.errors import RewriteError
 from rewrite.params import trainable_parameters_line
 from rewrite.pipeline import Pipeline, available, create, pass_class
 
+from rewrite.cli import adapter as _adapter  # noqa: F401  (registers `rewrite adapter`)
 from rewrite.cli import pet as _pet  # noqa: F401  (registers `rewrite pet`)
 from rewrite.cli import train as _train  # noqa: F401  (registers `rewrite train` and `rewrite demo`)
 from rewrite.cli.common import cli, console, out, output_option, read_graph, task_option, write_graph
@@ -84,11 +86,16 @@ def fold(source: str, output: str) -> None:
 @click.option("--onnx", "onnx_path", required=True, type=click.Path(dir_okay=False), help="Output .onnx file.")
 @click.option("--verify/--no-verify", default=True, show_default=True, help="Check ONNX Runtime against torch.")
 @click.option("--opset", type=int, default=None, help="ONNX opset (default: the exporter's).")
+@click.option("--adapter-slots", is_flag=True, help="Keep the adapter as named inputs that adapter files fill (default: none).")
+@click.option("--mixed-adapters", is_flag=True, help="Slots stacked per row: an adapter_index input picks each row's adapter.")
+@click.option("--max-rank", type=int, default=DEFAULT_MAX_RANK, show_default=True, help="Largest LoRA rank the slots accept.")
 @click.option("--with-cache", is_flag=True, help="Causal LMs: past keys/values in, presents out, for `run --generate`.")
-def export(source: str, onnx_path: str, verify: bool, opset: int | None, with_cache: bool) -> None:
+def export(source: str, onnx_path: str, verify: bool, opset: int | None, adapter_slots: bool, mixed_adapters: bool,
+           max_rank: int, with_cache: bool) -> None:
     """Export a graph archive (fold it first for zero-overhead deployment) to ONNX."""
     gm = read_graph(source)
-    report = rewrite.export_onnx(gm, onnx_path, verify=verify, opset=opset, cache=with_cache)
+    report = rewrite.export_onnx(gm, onnx_path, verify=verify, opset=opset, adapter_slots=adapter_slots,
+                                 mixed_adapters=mixed_adapters, max_rank=max_rank, cache=with_cache)
     console.print(f"wrote {report.path}: inputs {', '.join(report.input_names)} -> {', '.join(report.output_names)}")
     if report.max_abs_diff is not None:
         console.print(f"ONNX Runtime ({report.provider}) vs torch: max abs diff {report.max_abs_diff:.3g}")
@@ -117,27 +124,32 @@ def inspect(source: str) -> None:
 @click.option("--tokenizer", "tokenizer_dir", type=click.Path(file_okay=False), help="Tokenizer directory (default: the model's).")
 @click.option("--top-k", type=int, default=None, help="Predictions to print (default 5); with --generate --sample: "
                                                       "sample from the k likeliest tokens (default: all).")
+@click.option("--adapter", "adapter_file", type=click.Path(dir_okay=False), help="An .onnx_adapter file to activate.")
+@click.option("--adapters", "adapter_files", default=None, help="Comma-separated .onnx_adapter files, one per index (mixed model).")
+@click.option("--adapter-index", default=None, help="Comma-separated adapter index per --text (default 0, 1, ... cycling).")
 @click.option("--generate", "generating", is_flag=True, help="Continue the text (a model exported --with-cache).")
 @click.option("--max-new-tokens", default=20, show_default=True, help="With --generate: tokens to add.")
 @click.option("--sample", is_flag=True, help="With --generate: sample instead of taking the likeliest token.")
 @click.option("--temperature", default=1.0, show_default=True, help="With --sample: divides the logits.")
 @click.option("--top-p", default=1.0, show_default=True, help="With --sample: nucleus probability mass.")
 @click.option("--seed", type=int, default=None, help="With --sample: makes the draws reproducible.")
-def run(model: str, texts: tuple[str, ...], tokenizer_dir: str | None, top_k: int | None, generating: bool,
-        max_new_tokens: int, sample: bool, temperature: float, top_p: float, seed: int | None) -> None:
+def run(model: str, texts: tuple[str, ...], tokenizer_dir: str | None, top_k: int | None, adapter_file: str | None,
+        adapter_files: str | None, adapter_index: str | None, generating: bool, max_new_tokens: int, sample: bool,
+        temperature: float, top_p: float, seed: int | None) -> None:
     """Tokenize text, run an exported model in ONNX Runtime and print the top predictions (or, with
     --generate, the generated text, streamed)."""
+    from rewrite.onnx_adapters import Adapters
     from rewrite.predict import predict
 
     if generating:
         from rewrite.cli.generate import print_generation
         from rewrite.generate import Sampling
 
-        sampling = Sampling(sample, temperature, top_k or 0, top_p, seed)
-        print_generation(model, list(texts), tokenizer_dir, max_new_tokens, sampling)
+        print_generation(model, list(texts), tokenizer_dir, max_new_tokens, Sampling(sample, temperature, top_k or 0, top_p, seed))
         return
-    top_k = 5 if top_k is None else top_k
-    for text, predictions in zip(texts, predict(model, list(texts), tokenizer_dir=tokenizer_dir, top_k=top_k)):
+    adapters = Adapters.parse(adapter_file, adapter_files, adapter_index, len(texts))
+    results = predict(model, list(texts), tokenizer_dir=tokenizer_dir, top_k=5 if top_k is None else top_k, adapters=adapters)
+    for text, predictions in zip(texts, results):
         out.print(f"[bold]{text}[/bold]")
         for label, score in predictions:
             out.print(f"  {score:9.4f}  {label}")

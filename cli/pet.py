@@ -9,11 +9,12 @@ import click
 
 from rewrite.export import export_onnx
 from rewrite.pipeline import apply
+from rewrite import labels
 from rewrite.recipes import pet
 from rewrite.cli.common import cli, console, out
 from rewrite.data import Fields
 from rewrite.errors import RewriteError
-from rewrite.files import atomic_path
+from rewrite.atomic import atomic_path
 from rewrite.labels import AGGREGATIONS
 
 
@@ -77,7 +78,7 @@ def pet_command(model_dir: str, pvp_file: str, train_file: str | None, unlabeled
                 label_field: str, unlabeled_limit: int | None, **options) -> None:
     """Pattern-Exploiting Training: PVP models on the labeled rows, soft labels on the unlabeled rows,
     a distilled classifier exported to ONNX (folded, verified). Logs per-PVP and final accuracy."""
-    pvps = pet.load_pvps(pvp_file)
+    pvps = labels.load_pvps(pvp_file)
     fields = Fields(text=text_field, pair=pair_field, label=label_field)
     config = _config(options)
     output = Path(output_dir)
@@ -85,7 +86,7 @@ def pet_command(model_dir: str, pvp_file: str, train_file: str | None, unlabeled
         if not eval_file:
             raise RewriteError("--zero-shot evaluates on --eval; give an evaluation file")
         base = pet.capture_masked_lm(model_dir)
-        pet.check_label_words(pvps, base.info.tokenizer)
+        labels.check_label_words(pvps, base.info.tokenizer)
         results = pet.zero_shot(base, pvps, pet.read_data(eval_file, pvps, fields, labeled=True), config)
         for name, value in results["patterns"].items():
             out.print(f"zero-shot {name}: accuracy {value:.4f}")

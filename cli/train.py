@@ -9,7 +9,7 @@ import click
 import rewrite
 from rewrite.cli.common import cli, console, out, read_graph
 from rewrite.data import Fields
-from rewrite.train import SCHEDULES, TASKS, TrainConfig
+from rewrite.train import SCHEDULES, TRAINING_TASKS, TrainConfig
 
 
 @cli.command()
@@ -17,7 +17,7 @@ from rewrite.train import SCHEDULES, TASKS, TrainConfig
 @click.option("--data", "train_file", required=True, type=click.Path(dir_okay=False), help="Training rows: .jsonl, .csv or .tsv.")
 @click.option("--eval", "eval_file", type=click.Path(dir_okay=False), help="Evaluation rows, same format.")
 @click.option("--output-dir", required=True, type=click.Path(file_okay=False), help="Checkpoints, metrics.jsonl, model.pt2, adapter/.")
-@click.option("--task", type=click.Choice(TASKS), default=None, help="Training task (default: the graph's).")
+@click.option("--task", type=click.Choice(TRAINING_TASKS), default=None, help="Training task (default: the graph's).")
 @click.option("--epochs", type=int, default=1, show_default=True)
 @click.option("--max-steps", type=int, default=None, help="Optimizer steps; overrides --epochs.")
 @click.option("--lr", type=float, default=2e-4, show_default=True, help="Peak learning rate.")

@@ -36,6 +36,7 @@ import torch
 
 import rewrite
 import sst2
+from rewrite import labels
 from rewrite.recipes import pet
 from rewrite.data import Fields
 
@@ -149,7 +150,7 @@ def main() -> None:
     parser.add_argument("--final-epochs", type=int, default=10, help="distillation epochs")
     args = parser.parse_args()
     model_dir = sst2.setup(args, "pet_sst2", "rewrite.recipes.pet")
-    pvps = pet.load_pvps(sst2.HERE / "pet_sst2_pvps.yaml")
+    pvps = labels.load_pvps(sst2.HERE / "pet_sst2_pvps.yaml")
     eval_set = pet.read_data(args.data / "k-shot" / f"16-{args.seeds[0]}" / "test.tsv", pvps, FIELDS, labeled=True)
     config = _config(args)
     hyperparameters = {"epochs": args.epochs, "final_epochs": args.final_epochs, "lr": args.lr, "batch_size": 8,

@@ -22,6 +22,7 @@ from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassResult
 
 from rewrite.adapter import PREFIX, adapter_base, peft_task_type
+from rewrite.adapter_slots import RANK, Slot, dtype_name
 from rewrite.errors import RewriteError
 from rewrite.graph import GraphQuery, Projection, matches_module
 from rewrite.ir import add_submodule, info, remove_submodule, tag, tensor_at
@@ -124,6 +125,10 @@ class LoraPass(Pass):
     def _scale(self, rank: int, alpha: float) -> float:
         return alpha / (math.sqrt(rank) if self.rslora else rank)
 
+    def scale_for(self, path: str) -> float:
+        """The branch multiplier this pass gives the module at `path` (adapter files fold it into B)."""
+        return self._scale(*self._rank_alpha(path))
+
     def _make_weights(self, gm: fx.GraphModule, proj: Projection, rank: int) -> None:
         base = tensor_at(gm, proj.weight)
         dtype = torch.float32 if base.dtype in (torch.float16, torch.bfloat16) else base.dtype
@@ -215,8 +220,13 @@ class LoraPass(Pass):
     def from_adapter(cls, gm: fx.GraphModule, config: dict[str, Any], weights: dict[str, torch.Tensor],
                      origin: str) -> dict[str, str]:
         """The LoRA pass with the adapter's targets, ranks and alphas; every tensor by its PEFT key."""
+        Pipeline([cls._from_config(config)]).run(gm)
+        return {_graph_name(key): key for key in weights}
+
+    @classmethod
+    def _from_config(cls, config: dict[str, Any]) -> "LoraPass":
         init = config.get("init_lora_weights", True)
-        Pipeline([cls(
+        return cls(
             targets=config["target_modules"],
             exclude=config.get("exclude_modules"),
             layers=config.get("layers_to_transform"),
@@ -227,14 +237,52 @@ class LoraPass(Pass):
             init=init if isinstance(init, str) and init == "gaussian" else "kaiming",
             rank_pattern=config.get("rank_pattern") or {},
             alpha_pattern=config.get("alpha_pattern") or {},
-        )]).run(gm)
-        return {key.removeprefix(PREFIX).replace(".default.", "."): key for key in weights}
+        )
+
+    @classmethod
+    def adapter_slots(cls, gm: fx.GraphModule, runs: Sequence["LoraPass"]) -> list[Slot]:
+        """Each branch's A `[rank, in]` and B `[out, rank]`; B's slot carries the branch's scale."""
+        slots = []
+        for run in runs:
+            for path in run.report["targets"]:
+                a, b = tensor_at(gm, f"{path}.lora_A.weight"), tensor_at(gm, f"{path}.lora_B.weight")
+                slots.append(Slot(f"{path}.lora_A.weight", (RANK, a.shape[1]), dtype_name(a), "lora_A"))
+                slots.append(Slot(f"{path}.lora_B.weight", (b.shape[0], RANK), dtype_name(b), "lora_B",
+                                  run.scale_for(path)))
+        return slots
+
+    @classmethod
+    def prepare_slots(cls, gm: fx.GraphModule, runs: Sequence["LoraPass"]) -> None:
+        """Every branch's `* scale` node goes: B's slot carries the scale."""
+        for add in [n for n in gm.graph.nodes if tag(n).get("lora_add")]:
+            node = add.args[1]
+            while node.target is not aten.mul.Tensor:
+                node = node.args[0]
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+
+    @classmethod
+    def slot_values(cls, config: dict[str, Any], weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """PEFT's A and B (scaled as the branch scales it) and trained head under the graph's names."""
+        lora = cls._from_config(config)
+        values = {}
+        for key, value in weights.items():
+            name = _graph_name(key).replace(".modules_to_save.", ".")
+            if name.endswith(".lora_B.weight"):
+                value = value.float() * lora.scale_for(name.removesuffix(".lora_B.weight"))
+            values[name] = value
+        return values
 
     @classmethod
     def fold(cls, gm: fx.GraphModule, runs: Sequence["LoraPass"]) -> Folded | None:
         """Merges and erases every LoRA branch; the fold report lists their module paths under `folded`."""
         folded = fold_lora(gm)
         return Folded("folded", folded, f"{len(folded)} LoRA branches") if folded else None
+
+
+def _graph_name(key: str) -> str:
+    """A PEFT adapter key as the graph's tensor name."""
+    return key.removeprefix(PREFIX).replace(".default.", ".")
 
 
 def _merged_weight(gm: fx.GraphModule, path: str, weight: str, scale: float, transposed: bool) -> torch.Tensor:

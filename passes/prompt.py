@@ -26,6 +26,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from torch.utils import _pytree as pytree
 
 from rewrite.adapter import PROMPT_KEY, adapter_base, peft_task_type
+from rewrite.adapter_slots import Slot, tensor_slot
 from rewrite.data import IGNORE_INDEX
 from rewrite.errors import RewriteError
 from rewrite.graph import placeholders, word_embedding
@@ -247,6 +248,16 @@ class PromptPass(Pass):
         tensors = {PROMPT_KEY: table.detach().contiguous().cpu()}
         tensors.update(adapter_base(gm, PROMPT_PREFIX, skip=(TABLE,)))
         return AdapterFiles(config, tensors)
+
+    @classmethod
+    def adapter_slots(cls, gm: fx.GraphModule, runs: Sequence["PromptPass"]) -> list[Slot]:
+        """The prompt table, `[virtual tokens, hidden]`."""
+        return [tensor_slot(gm, TABLE)]
+
+    @classmethod
+    def slot_values(cls, config: dict[str, Any], weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`prompt_embeddings` fills the table; the head keeps its module path."""
+        return {(TABLE if key == PROMPT_KEY else key.removeprefix(PROMPT_PREFIX)): value for key, value in weights.items()}
 
     @classmethod
     def from_adapter(cls, gm: fx.GraphModule, config: dict[str, Any], weights: dict[str, torch.Tensor],

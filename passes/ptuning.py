@@ -28,6 +28,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassResult
 
+from rewrite.adapter_slots import Slot, tensor_slot
 from rewrite.capture import capture
 from rewrite.errors import RewriteError
 from rewrite.graph import GraphQuery, word_embedding
@@ -206,6 +207,16 @@ class PtuningPass(Pass):
         template, placeholder_ids = Template.parse(props[TEMPLATE_KEY]), json.loads(props[PLACEHOLDER_IDS_KEY])
         rows = [template.encode(tokenizer, placeholder_ids, text).ids for text in texts]
         return {k: v.numpy() for k, v in pad_batch(rows, tokenizer).items()}
+
+    @classmethod
+    def adapter_slots(cls, gm: fx.GraphModule, runs: Sequence["PtuningPass"]) -> list[Slot]:
+        """The prompt table the encoder computes (`prepare_slots` has made it a constant)."""
+        return [tensor_slot(gm, TABLE)]
+
+    @classmethod
+    def prepare_slots(cls, gm: fx.GraphModule, runs: Sequence["PtuningPass"]) -> None:
+        """An adapter replaces the encoder's output, so the encoder becomes its table."""
+        fold_prompt_encoders(gm)
 
     @classmethod
     def fold(cls, gm: fx.GraphModule, runs: Sequence["PtuningPass"]) -> Folded | None:

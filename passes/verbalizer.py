@@ -13,7 +13,7 @@ at the mask and averaging each label's words:
   labels (a word listed under two labels counts twice, as there), `log(p + 1e-15)`, then the mean
   over each label's words.
 
-The gather then moves up as far as the arithmetic allows (`rewrite.rows`): every node before the
+The gather then moves up as far as the arithmetic allows (`rewrite.row_gather`): every node before the
 head that only the mask row needs (in a transformer, the last block's query projection, attention for
 the one query row, output projection, residuals, norms, feed-forward, and their LoRA branches) is
 recomputed on the gathered rows and its full-length version is dropped; the last block's keys and
@@ -33,20 +33,18 @@ head's weights): see `_init_tied_head`.
 from __future__ import annotations
 
 import copy
-import glob
 import logging
 import operator
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
-import safetensors
 import torch
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassResult
 from transformers.utils import ModelOutput
 
+from rewrite.capture import saved_tensor_names
 from rewrite.errors import RewriteError
 from rewrite.graph import MlmHead, find_mlm_head
 from rewrite.ir import add_submodule, info, require_tokenizer, tensor_at
@@ -54,7 +52,7 @@ from rewrite.labels import Aggregation, averaging_matrix, label_word_ids, read_l
 from rewrite.nodes import NodeBuilder, set_output
 from rewrite.params import canonical_names, mark_trainable
 from rewrite.pipeline import Pass, option, register
-from rewrite.rows import rows_at
+from rewrite.row_gather import rows_at
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -90,23 +88,9 @@ def _head_parameters(head: MlmHead) -> list[str]:
     return list(dict.fromkeys(targets))
 
 
-def _checkpoint_keys(source: str | None) -> set[str] | None:
-    """Tensor names saved in a model directory's safetensors files (None when they cannot be listed)."""
-    if not source or not Path(source).is_dir():
-        return None
-    files = sorted(glob.glob(str(Path(source) / "*.safetensors")))
-    if not files:
-        return None
-    keys: set[str] = set()
-    for file in files:
-        with safetensors.safe_open(file, framework="pt") as handle:
-            keys.update(handle.keys())
-    return keys
-
-
 def _missing_head_weights(gm: fx.GraphModule, head: MlmHead) -> list[str] | None:
     """Head parameters the source checkpoint does not hold under any of their names (tied tensors have several)."""
-    keys = _checkpoint_keys(info(gm).source)
+    keys = saved_tensor_names(info(gm).source)
     if keys is None:
         return None
     names: dict[int, set[str]] = {}
@@ -171,7 +155,7 @@ def _mask_index(build: NodeBuilder, head: MlmHead, mask_id: int, length: fx.Node
 def _rows_at_mask(build: NodeBuilder, gm: fx.GraphModule, head: MlmHead, mask_id: int,
                   move: bool) -> tuple[fx.Node, list[fx.Node]]:
     """The hidden state at each row's mask, [batch, hidden], and the full-length nodes it replaces
-    (`rewrite.rows`: with `move`, the nodes before the head that only the mask row needs run on it alone)."""
+    (`rewrite.row_gather`: with `move`, the nodes before the head that only the mask row needs run on it alone)."""
     def index_for(hidden: fx.Node, axis: int) -> fx.Node:
         return _mask_index(build, head, mask_id, build(aten.sym_size.int, hidden, axis))
 

@@ -3,11 +3,13 @@
 capture -> passes (LoRA, prompts, verbalizer, ...) -> train -> fold -> ONNX, on `torch.fx` graphs
 captured by `torch.export`. The layers, each importing only from the ones below it:
 
-1. engine (`rewrite/`): the IR and its typed info (`ir`), capture, graph queries (`graph`), node
-   building (`nodes`), the pass protocol, registry and pipeline (`pipeline`, `options`), training
-   (`train`, `data`, `checkpoint`, `distributed`), adapter files (`adapter`), archives (`archive`),
-   export and serving (`export`, `runtime`, `predict`), templates and label words (`templates`, `labels`).
-   It never names a pass: it asks the passes in a graph's history through the `Pass` hooks.
+1. engine (`rewrite/`): the IR and its typed info (`ir`), capture (`capture`, `synthetic_inputs`),
+   graph queries (`graph`), graph building (`nodes`, `row_gather`, `prompt_table`, `modes`), the
+   pass protocol, registry and pipeline (`pipeline`, `options`), training (`train`, its `losses`,
+   `data`, `batches`, `checkpoint`, `distributed`, `params`), adapter files (`adapter`), archives
+   (`archive`, `atomic`), export and serving (`export`, `runtime`, `predict`), templates, label words
+   and PVP files (`templates`, `labels`). It never names a pass: it asks the passes in a graph's
+   history through the `Pass` hooks.
 2. passes (`rewrite.passes`, the `passes/` folder): one file per rewrite; each imports only the engine.
 3. recipes (`rewrite.recipes`): applications on top (PET, the demo).
 4. the command line (`rewrite.cli`, the `cli/` folder), and this module, which gathers the public API.
@@ -23,7 +25,8 @@ from rewrite.adapter import load_adapter, save_adapter
 from rewrite.export import export_onnx
 from rewrite.generate import generate
 from rewrite.train import TrainConfig, TrainResult, evaluate, train
-from rewrite.recipes.pet import PVP, PetConfig, load_pvps, run_pet, zero_shot
+from rewrite.labels import PVP, load_pvps
+from rewrite.recipes.pet import PetConfig, run_pet, zero_shot
 
 __all__ = [
     "GraphInfo",

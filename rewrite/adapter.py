@@ -18,9 +18,9 @@ import torch
 from torch import fx
 
 from rewrite.errors import RewriteError
-from rewrite.files import atomic_dir_files
+from rewrite.atomic import atomic_dir_files
 from rewrite.ir import info, tensor_at
-from rewrite.pipeline import AdapterFiles, applied, registered
+from rewrite.pipeline import AdapterFiles, Pass, applied, registered
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -87,6 +87,12 @@ def _read_adapter(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tens
         raise RewriteError(f"adapter type {config.get('peft_type')!r} in {str(config_file)!r} is not supported; "
                            f"supported: {', '.join(_loaders())}")
     return config, weights
+
+
+def read_adapter_dir(directory: str | Path) -> tuple[type[Pass], dict[str, Any], dict[str, torch.Tensor]]:
+    """The pass class that applies the PEFT adapter in `directory`, with the adapter's config and tensors."""
+    config, weights = _read_adapter(Path(directory))
+    return _loaders()[config["peft_type"]], config, weights
 
 
 def copy_weights(gm: fx.GraphModule, directory: Path, names: dict[str, str], weights: dict[str, torch.Tensor]) -> None:

@@ -20,7 +20,7 @@ import torch
 from torch import fx, nn
 
 from rewrite.errors import RewriteError
-from rewrite.files import atomic_path
+from rewrite.atomic import atomic_path
 from rewrite.ir import GraphInfo, RewriteGraph, add_submodule, info, wrap
 
 FORMAT = 1

@@ -1,22 +1,24 @@
 """Capture: any `nn.Module` or a local Hugging Face directory -> RewriteGraph, through `torch.export`."""
 from __future__ import annotations
 
-import contextlib
+import glob
 import logging
 import sys
 from pathlib import Path
 from typing import Any
 
+import safetensors
 import torch
 from torch import fx, nn
 
 from rewrite.errors import RewriteError
-from rewrite.inputs import DEFAULT_INPUT_NAMES, example_inputs
+from rewrite.synthetic_inputs import DEFAULT_INPUT_NAMES, example_inputs
 from rewrite.ir import RewriteGraph, wrap
+from rewrite.modes import in_mode
 
 log = logging.getLogger(__name__)
 
-TASKS = ("auto", "causal-lm", "masked-lm", "seq-cls", "feature-extraction")
+CAPTURE_TASKS = ("auto", "causal-lm", "masked-lm", "seq-cls", "feature-extraction")
 _ARCH_SUFFIX_TO_TASK = {
     "ForCausalLM": "causal-lm",
     "LMHeadModel": "causal-lm",
@@ -51,17 +53,6 @@ def drop_guards(gm: fx.GraphModule) -> None:
         delattr(gm, "_guards_fn")
 
 
-@contextlib.contextmanager
-def _train_mode(model: nn.Module):
-    """Trace in train mode so dropout probabilities are recorded in the graph (see rewrite.modes)."""
-    was_training = model.training
-    model.train()
-    try:
-        yield was_training
-    finally:
-        model.train(was_training)
-
-
 def capture(
     model: nn.Module,
     example_inputs: dict[str, Any],
@@ -78,7 +69,7 @@ def capture(
     if config is not None and hasattr(config, "use_cache"):
         config.use_cache = False
     dynamic_shapes = _dynamic_shapes(example_inputs) if dynamic else None
-    with _train_mode(model) as was_training:
+    with in_mode(model, True) as was_training:  # so dropout probabilities are recorded (rewrite.modes)
         exported = torch.export.export(model, (), dict(example_inputs), dynamic_shapes=dynamic_shapes, strict=False)
     unlifted = exported.module()
     drop_guards(unlifted)
@@ -108,8 +99,8 @@ def _task_of_class(class_name: str) -> str:
 
 
 def _task_for(config, task: str) -> str:
-    if task not in TASKS:
-        raise RewriteError(f"task {task!r} is not known; use one of {', '.join(TASKS)}")
+    if task not in CAPTURE_TASKS:
+        raise RewriteError(f"task {task!r} is not known; use one of {', '.join(CAPTURE_TASKS)}")
     if task != "auto":
         return task
     architectures = getattr(config, "architectures", None) or [""]
@@ -187,3 +178,17 @@ def load_pretrained(
     inputs = example_inputs(input_names, config.vocab_size, device="meta" if meta else "cpu")
     info = {"source": str(path), "task": task, "config": config, "tokenizer": tokenizer, "meta_device": meta}
     return capture(model, inputs, info=info)
+
+
+def saved_tensor_names(source: str | None) -> set[str] | None:
+    """Tensor names saved in a model directory's safetensors files (None when they cannot be listed)."""
+    if not source or not Path(source).is_dir():
+        return None
+    files = sorted(glob.glob(str(Path(source) / "*.safetensors")))
+    if not files:
+        return None
+    keys: set[str] = set()
+    for file in files:
+        with safetensors.safe_open(file, framework="pt") as handle:
+            keys.update(handle.keys())
+    return keys

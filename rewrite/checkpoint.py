@@ -5,24 +5,33 @@ key names (`adapter_model.safetensors`), the optimizer, scheduler and RNG states
 (`trainer_state.pt`) and `checkpoint.json`. It is written under a temporary name and renamed when
 complete, so every `step-*` directory is whole; leftovers of a killed write start with a dot and are
 swept on resume. The metrics log is cut back to the resumed step, so it reads like one unbroken run.
+`RunCheckpoints` is a training run's side of this: save, start fresh, resume (with every rank's RNG).
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import safetensors.torch
 import torch
+from torch import fx
 
-from rewrite.adapter import WEIGHTS_NAME
+from rewrite import distributed
+from rewrite.adapter import PREFIX, WEIGHTS_NAME
+from rewrite.atomic import atomic_path
 from rewrite.errors import RewriteError
-from rewrite.files import atomic_path
+from rewrite.ir import info
 
+log = logging.getLogger(__name__)
+
+METRICS_NAME = "metrics.jsonl"
 STATE_NAME = "trainer_state.pt"
 INFO_NAME = "checkpoint.json"
 _STEP_DIR = re.compile(r"step-(\d+)")
@@ -119,3 +128,84 @@ def cut_log(path: Path, step: int) -> None:
             kept.append(line)
     with atomic_path(path) as tmp:
         tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+@dataclass
+class RunCheckpoints:
+    """A training run's checkpoints under `<out>/checkpoints`: writing them (every rank takes part, rank 0
+    writes), refusing to start a fresh run over an old one's, and resuming from the newest."""
+
+    out: Path
+    ctx: distributed.Context
+    keep: int
+
+    @property
+    def root(self) -> Path:
+        return self.out / "checkpoints"
+
+    def save(self, gm: fx.GraphModule, optimizer, scheduler, step: int) -> None:
+        """Gathers shards and every rank's RNG state; rank 0 writes checkpoint `step`."""
+        weights = distributed.trainable_state(gm)
+        optimizer_state = distributed.optimizer_state(gm, optimizer)
+        states = self.ctx.gather(_rng_state())
+        if not self.ctx.main:
+            return
+        state = {"step": step, "world_size": self.ctx.world, "optimizer": optimizer_state,
+                 "scheduler": scheduler.state_dict(), "rng": states}
+        weights = {PREFIX + name: weights[name].contiguous() for name in info(gm).trainable}
+        write(self.root, step, weights, state, self.keep)
+
+    def start_fresh(self) -> None:
+        """A new run must not mix with an old one's checkpoints (a later resume would pick them up)."""
+        if completed(self.root):
+            raise RewriteError(f"output directory {str(self.out)!r} already holds a run's checkpoints; continue it "
+                               "with resume (--resume), or train into an empty directory")
+        if self.ctx.main:
+            cut_log(self.out / METRICS_NAME, 0)
+
+    def restore(self, gm: fx.GraphModule, optimizer, scheduler) -> int | None:
+        """Loads the newest complete checkpoint, if any, into the graph, optimizer, scheduler and RNGs;
+        returns its step."""
+        if self.ctx.main:
+            sweep(self.root)
+        self.ctx.barrier()
+        found = completed(self.root)
+        if not found:
+            log.warning("no complete checkpoint in %s; starting from step 0", self.root)
+            if self.ctx.main:
+                cut_log(self.out / METRICS_NAME, 0)
+            return None
+        step, directory = found[-1]
+        weights, state = read(directory)
+        distributed.load_trainable(gm, _trainable_weights(gm, weights, directory))
+        distributed.load_optimizer(gm, optimizer, state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if state["world_size"] == self.ctx.world:
+            _set_rng_state(state["rng"][self.ctx.rank])
+        else:
+            log.warning("checkpoint %s was written by %d ranks, resuming on %d: data order and dropout differ "
+                        "from an uninterrupted run", directory, state["world_size"], self.ctx.world)
+        if self.ctx.main:
+            cut_log(self.out / METRICS_NAME, step)
+        return step
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _trainable_weights(gm: fx.GraphModule, weights: dict[str, torch.Tensor], source: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's weights by parameter name; every trainable parameter must be there."""
+    missing = [PREFIX + name for name in info(gm).trainable if PREFIX + name not in weights]
+    if missing:
+        raise RewriteError(f"checkpoint {str(source)!r} has no weight {missing[0]}; it was written for another graph")
+    return {name: weights[PREFIX + name] for name in info(gm).trainable}

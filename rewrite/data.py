@@ -55,7 +55,7 @@ class Example:
 
 
 @dataclass
-class Encoded:
+class TokenizedExamples:
     """Tokenized examples: token ids per example (unpadded) and the labels, ready to batch.
 
     `reserved` are ids that stand for something other than a token (P-tuning's placeholders): they
@@ -197,7 +197,7 @@ def read_examples(
     return examples
 
 
-def encode(examples: Sequence[Example], tokenizer, max_length: int) -> Encoded:
+def encode(examples: Sequence[Example], tokenizer, max_length: int) -> TokenizedExamples:
     """Tokenizes once, truncating to `max_length`; counts and logs how many examples were cut."""
     texts = [e.text for e in examples]
     pairs = [e.pair for e in examples] if examples[0].pair is not None else None
@@ -212,7 +212,7 @@ def encode(examples: Sequence[Example], tokenizer, max_length: int) -> Encoded:
         log.warning("%d of %d examples were longer than %d tokens and were truncated (first: %s)",
                     len(long), len(examples), max_length, examples[long[0]].where)
     labels = [e.label for e in examples] if examples[0].label is not None else None
-    return Encoded(features, labels, len(long))
+    return TokenizedExamples(features, labels, len(long))
 
 
 def pad_token_id(tokenizer) -> int:
@@ -259,7 +259,7 @@ def mask_tokens(input_ids: torch.Tensor, special: torch.Tensor, tokenizer, gener
     return masked, labels
 
 
-def collate(encoded: Encoded, indices: Sequence[int], tokenizer, task: str, input_names: Sequence[str],
+def collate(encoded: TokenizedExamples, indices: Sequence[int], tokenizer, task: str, input_names: Sequence[str],
             generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """One padded batch: the graph's inputs plus `labels` (class ids, soft rows, or token targets).
 

@@ -13,10 +13,12 @@ from torch.utils import _pytree as pytree
 
 from rewrite import kv_cache, runtime
 from rewrite.errors import RewriteError
-from rewrite.files import atomic_dir_files
-from rewrite.inputs import DEFAULT_INPUT_NAMES, example_inputs
+from rewrite.atomic import atomic_dir_files
+from rewrite.synthetic_inputs import DEFAULT_INPUT_NAMES, example_inputs
 from rewrite.ir import info
 from rewrite.pipeline import applied
+from rewrite.adapter_slots import DEFAULT_MAX_RANK
+from rewrite.onnx_adapters import SlotExport
 from rewrite.signature import LABELS_KEY, PREPENDED_KEY, TASK_KEY, Signature, vocab_size
 
 log = logging.getLogger(__name__)
@@ -71,13 +73,15 @@ def compare(name: str, reference: torch.Tensor, actual: torch.Tensor) -> tuple[f
     return diff, tolerance
 
 
-def _verify(gm: fx.GraphModule, model_path: Path, input_names: list[str], output_names: list[str]) -> tuple[float, float, str]:
-    """Runs fresh inputs of another shape through ONNX Runtime and torch; raises beyond tolerance."""
+def _verify(gm: fx.GraphModule, model_path: Path, input_names: list[str], output_names: list[str],
+            slots: SlotExport | None) -> tuple[float, float, str]:
+    """Runs fresh inputs of another shape through ONNX Runtime and torch; raises beyond tolerance.
+    A slotted model is fed the graph's own adapter through its slots."""
     inputs = example_inputs(input_names, vocab_size(gm), batch=3, seq=11, seed=1, pad=True)
     with torch.no_grad():
         expected = _flat(gm(**inputs))
     sess = runtime.session(model_path)
-    got = runtime.run(sess, inputs)
+    got = runtime.run(sess, inputs | (slots.verify_feeds(batch=3) if slots else {}))
     worst, tolerance = 0.0, 0.0
     for name, reference in zip(output_names, expected):
         diff, tolerance = compare(name, *real_positions(reference, torch.from_numpy(got[name]), inputs))
@@ -85,14 +89,17 @@ def _verify(gm: fx.GraphModule, model_path: Path, input_names: list[str], output
     return worst, tolerance, sess.get_providers()[0]
 
 
-def _plain_signature(gm: fx.GraphModule) -> Signature:
+def _plain_signature(gm: fx.GraphModule, slots: SlotExport | None) -> Signature:
+    """The graph as it is (with its adapter slots as extra inputs when exported with them)."""
     input_names = list(info(gm).input_names or DEFAULT_INPUT_NAMES)
     inputs = example_inputs(input_names, vocab_size(gm), batch=2, seq=8)
     with torch.no_grad():
         output_names = _output_names(gm(**inputs))
     dynamic = {name: {0: "batch", 1: "sequence"} for name in input_names}
-    return Signature(gm, inputs, dynamic, input_names, output_names, {},
-                     lambda path, _: _verify(gm, path, input_names, output_names))
+    if slots:
+        inputs, dynamic = inputs | slots.example_inputs(batch=2), dynamic | slots.dynamic_shapes()
+    return Signature(slots.graph if slots else gm, inputs, dynamic, input_names, output_names, {},
+                     lambda path, _: _verify(gm, path, input_names, output_names, slots))
 
 
 def serving_metadata(gm: fx.GraphModule) -> dict[str, str]:
@@ -115,25 +122,31 @@ def _add_metadata(gm: fx.GraphModule, path: Path, extra: dict[str, str]) -> None
 
 
 def export_onnx(gm: fx.GraphModule, path: str | Path, *, verify: bool = True, opset: int | None = None,
-                cache: bool = False) -> ExportReport:
+                adapter_slots: bool = False, mixed_adapters: bool = False,
+                max_rank: int = DEFAULT_MAX_RANK, cache: bool = False) -> ExportReport:
     """Exports `gm` (in eval mode) to ONNX, checks it, and verifies it against torch in ONNX Runtime.
 
     Inputs keep the graph's names (`input_ids`, `attention_mask`, ...), outputs are named from the
     model output (`logits`); batch and sequence axes are dynamic. Models over 2 GB use external data.
     The tokenizer is written beside the model (as Optimum does), the task and labels into its metadata.
+    `adapter_slots` keeps the adapter unfolded as named inputs that default to no adapter (see
+    `rewrite.onnx_adapters`); `mixed_adapters` stacks them and adds a per-row `adapter_index` input.
     With `cache=True` a causal LM is exported for generation: past keys and values in, presents out
     (see `rewrite.kv_cache`).
     """
     path = Path(path)
     if any(p.device.type == "meta" for p in gm.parameters()):
         raise RewriteError("the graph was captured on the meta device (no weights); capture it with weights to export")
+    if cache and (adapter_slots or mixed_adapters):
+        raise RewriteError("an export with a KV cache cannot have adapter slots yet; export with one or the other")
     was_training = gm.training
     gm.eval()
     try:
-        signature = kv_cache.signature(gm) if cache else _plain_signature(gm)
+        slots = SlotExport(gm, mixed=mixed_adapters, max_rank=max_rank) if adapter_slots or mixed_adapters else None
+        signature = kv_cache.signature(gm) if cache else _plain_signature(gm, slots)
         program = torch.onnx.export(
             signature.module, (), kwargs=signature.inputs, dynamic_shapes=signature.dynamic,
-            input_names=signature.input_names, output_names=signature.output_names,
+            input_names=signature.onnx_input_names, output_names=signature.output_names,
             dynamo=True, opset_version=opset, verbose=False,
         )
         large = sum(p.numel() * p.element_size() for p in gm.parameters()) > PROTOBUF_LIMIT
@@ -142,6 +155,8 @@ def export_onnx(gm: fx.GraphModule, path: str | Path, *, verify: bool = True, op
             program.save(staged, external_data=large)
             del program
             _add_metadata(gm, staged, signature.metadata)
+            if slots:
+                slots.finish(staged)
             onnx.checker.check_model(str(staged))
             tokenizer = info(gm).tokenizer
             if tokenizer is not None:

@@ -19,7 +19,7 @@ from torch import fx
 
 from rewrite.errors import RewriteError
 from rewrite.ir import tag, tensor_at
-from rewrite.rows import activation_input, is_tokenwise
+from rewrite.row_gather import activation_input, is_tokenwise
 
 aten = torch.ops.aten
 

@@ -341,4 +341,4 @@ def signature(gm: fx.GraphModule):
     input_names = [*[k for k in inputs if k != "past"], *layout.past_names()]
     return Signature(cached, inputs, dynamic_shapes(layout, names=True), input_names,
                      ["logits", *layout.present_names()], metadata(gm, layout),
-                     lambda path, compare: _verify(gm, layout, path, vocab, compare))
+                     lambda path, compare: _verify(gm, layout, path, vocab, compare), input_names)

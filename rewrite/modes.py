@@ -7,8 +7,10 @@ probability is recorded; switching modes rewrites those literals (torchao's
 """
 from __future__ import annotations
 
-from torch import fx
+import contextlib
+
 import torch
+from torch import fx, nn
 
 aten = torch.ops.aten
 
@@ -61,3 +63,14 @@ def set_graph_training(gm: fx.GraphModule, mode: bool) -> None:
     if changed:
         gm.recompile()
 
+
+
+@contextlib.contextmanager
+def in_mode(module: nn.Module, training: bool):
+    """`module` in train (or eval) mode for the block, then back in the mode it was in (yielded)."""
+    was_training = module.training
+    module.train(training)
+    try:
+        yield was_training
+    finally:
+        module.train(was_training)

@@ -14,7 +14,9 @@ pass. Every hook has a default that does nothing, so a new pass overrides only w
 - `serving_metadata(gm, runs)`: what export writes into the ONNX model's metadata;
   `serving_inputs(props, tokenizer, texts)`: how `rewrite run` encodes text for such a model.
 - `fold(gm, runs) -> Folded`: merge what the pass added into constants (the fold pass asks every pass).
-- `adapter_slots(gm, runs)`: graph inputs an ONNX export may expose per adapter (none by default).
+- `adapter_slots(gm, runs)`, `prepare_slots(gm, runs)`, `slot_values(config, weights)`: the tensors an
+  ONNX export exposes as inputs that adapter files fill, how the exported copy reads them, and a PEFT
+  adapter's tensors as slot values (`rewrite.adapter_slots`).
 - `cache_prefix(gm, runs)`: embeddings the pass put in front of every input, which an export with a KV
   cache turns into a constant cache prefix instead of replaying the pass (`rewrite.kv_cache`).
 
@@ -125,9 +127,20 @@ class Pass(PassBase):
         return None
 
     @classmethod
-    def adapter_slots(cls, gm: fx.GraphModule, runs: Sequence["Pass"]) -> list[str]:
-        """Graph tensors an ONNX export may expose as named inputs, one set per adapter (none by default)."""
+    def adapter_slots(cls, gm: fx.GraphModule, runs: Sequence["Pass"]) -> list[Any]:
+        """The graph tensors an ONNX export exposes as named inputs that adapter files fill, as
+        `rewrite.adapter_slots.Slot`s (none by default; trained tensors no pass claims become slots too)."""
         return []
+
+    @classmethod
+    def prepare_slots(cls, gm: fx.GraphModule, runs: Sequence["Pass"]) -> None:
+        """Rewrites `gm`, a copy the slot export owns, so each slot's tensor is all its input replaces (LoRA
+        drops the multiplier its B slot carries; a prompt encoder becomes its table). Nothing by default."""
+
+    @classmethod
+    def slot_values(cls, config: dict[str, Any], weights: dict[str, Any]) -> dict[str, Any]:
+        """A PEFT adapter of one of `peft_types` as the tensors that fill this pass's slots (and its head's)."""
+        raise RewriteError(f"pass {cls.name!r} does not convert PEFT adapters for adapter slots")
 
     @classmethod
     def cache_prefix(cls, gm: fx.GraphModule, runs: Sequence["Pass"]) -> Any:

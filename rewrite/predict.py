@@ -11,6 +11,7 @@ from google.protobuf.message import DecodeError
 from rewrite import runtime
 from rewrite.errors import RewriteError
 from rewrite.export import LABELS_KEY, PREPENDED_KEY, TASK_KEY
+from rewrite.onnx_adapters import Adapters
 from rewrite.pipeline import registered
 
 
@@ -54,15 +55,18 @@ def _encode(texts: list[str], tokenizer, props: dict[str, str]) -> dict[str, np.
     return {k: v.astype(np.int64) for k, v in tokenizer(texts, padding=True, return_tensors="np").items()}
 
 
-def predict(model_path: str | Path, texts: list[str], *, tokenizer_dir: str | None = None, top_k: int = 5):
-    """Per text, the top predictions as (label, probability): classes, masked tokens or next tokens."""
+def predict(model_path: str | Path, texts: list[str], *, tokenizer_dir: str | None = None, top_k: int = 5,
+            adapters: Adapters | None = None):
+    """Per text, the top predictions as (label, probability): classes, masked tokens or next tokens.
+    `adapters` fill a slotted model's adapter slots (see `rewrite.onnx_adapters`)."""
     path = Path(model_path)
     props = _model_props(path)
     task = props.get(TASK_KEY, "")
     tokenizer = _tokenizer(path, tokenizer_dir)
+    feeds, options, _loaded = (adapters or Adapters()).run_inputs(path, len(texts))
     sess = runtime.session(path)
     encoded = _encode(texts, tokenizer, props)
-    outputs = runtime.run(sess, encoded)
+    outputs = runtime.run(sess, encoded | feeds, options)
     first = next(iter(outputs.values()))
     if task != "seq-cls":  # per-position outputs: drop the positions prompt tuning put before the input's
         first = first[:, int(props.get(PREPENDED_KEY, 0)):]

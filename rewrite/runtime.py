@@ -23,9 +23,11 @@ def session(path: str | Path, threads: int | None = None) -> ort.InferenceSessio
     return ort.InferenceSession(str(path), sess_options=options, providers=providers())
 
 
-def run(sess: ort.InferenceSession, inputs: dict[str, torch.Tensor | np.ndarray]) -> dict[str, np.ndarray]:
-    """Feeds the inputs the model declares (extra keys are ignored) and returns outputs by name."""
-    wanted = {i.name for i in sess.get_inputs()}
+def run(sess: ort.InferenceSession, inputs: dict[str, torch.Tensor | np.ndarray],
+        options: ort.RunOptions | None = None) -> dict[str, np.ndarray]:
+    """Feeds the inputs the model declares, adapter slots included (extra keys are ignored), and returns
+    outputs by name."""
+    wanted = {i.name for i in [*sess.get_inputs(), *sess.get_overridable_initializers()]}
     feed = {k: (v.numpy() if isinstance(v, torch.Tensor) else v) for k, v in inputs.items() if k in wanted}
     names = [o.name for o in sess.get_outputs()]
-    return dict(zip(names, sess.run(names, feed)))
+    return dict(zip(names, sess.run(names, feed, options)))

@@ -30,6 +30,7 @@ class Signature:
     output_names: list[str]
     metadata: dict[str, str]
     verify: Callable[[Path, Compare], tuple[float, float, str]]  # the file, and how export compares an output
+    onnx_input_names: list[str] | None = None  # names for flattened inputs (None: the keyword names)
 
 
 def vocab_size(gm: fx.GraphModule) -> int:

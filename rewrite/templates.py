@@ -1,4 +1,6 @@
-"""Input templates: `"[P] [P] [P] {text} [P] [MASK] ."` -> token ids with prompt placeholders in place.
+"""Templates, the one template language of P-tuning templates and PET patterns:
+`"[P] [P] [P] {text} [P] [MASK] ."` -> token ids with prompt placeholders in place, and
+`"{text_a} It was [MASK] ."` -> the cloze text PET trains on.
 
 `[P]` marks a continuous prompt vector (the i-th `[P]` is prompt slot i), `{name}` a field filled from
 the example, and everything else is literal text. Pieces are tokenized one by one (as PET and
@@ -12,25 +14,27 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
-from typing import Mapping, NamedTuple, Sequence
+from typing import Literal, Mapping, NamedTuple, Sequence
 
 import torch
 from torch import fx
 
-from rewrite.data import Encoded, Example, pad_ids  # training's padding, so batches agree
+from rewrite.data import TokenizedExamples, Example, pad_ids  # training's padding, so batches agree
 from rewrite.errors import RewriteError
 from rewrite.ir import info, require_tokenizer
 
 log = logging.getLogger(__name__)
 
 PLACEHOLDER = "[P]"
+Truncation = Literal["first", "last"]  # which of equally long fields loses a token first
 PAIR_FIELDS = ("text_b", "pair")  # template fields that take the second text of a pair; others take the text
-_PIECE = re.compile(r"(\[P\]|\{\w+\})")
+_FIELD = re.compile(r"\{([^{}]*)\}")
+_PIECE = re.compile(r"(\[P\]|\{[^{}]*\})")
 _BRACKETED = re.compile(r"\[[^\[\]\s]+\]|<[^<>\s]+>")
 _PROBE = "a"
 
 
-class Encoding(NamedTuple):
+class FilledTemplate(NamedTuple):
     """One example through a template: its ids, how many placeholder ids its own text held, whether it was cut."""
 
     ids: list[int]
@@ -46,8 +50,9 @@ class Template:
     parts: tuple[tuple[str, str | int], ...]
 
     @classmethod
-    def parse(cls, source: str) -> "Template":
-        """Splits `source` into ("text", str), ("slot", index) and ("field", name) parts."""
+    def parse(cls, source: str, *, prompts: bool = True) -> "Template":
+        """Splits `source` into ("text", str), ("slot", index) and ("field", name) parts; with `prompts`
+        (P-tuning) it must have a `[P]` slot and a field."""
         parts: list[tuple[str, str | int]] = []
         slots = 0
         for piece in _PIECE.split(source):
@@ -59,6 +64,8 @@ class Template:
             elif piece.strip():
                 parts.append(("text", piece.strip()))
         template = cls(source, tuple(parts))
+        if not prompts:
+            return template
         if not template.prompt_count:
             raise RewriteError(f"template {source!r} has no {PLACEHOLDER} placeholder; write e.g. "
                                f"'[P] [P] [P] {{text}} [P] [MASK] .'")
@@ -74,6 +81,28 @@ class Template:
     def fields(self) -> list[str]:
         return [value for kind, value in self.parts if kind == "field"]
 
+    def fill(self, values: Mapping[str, str]) -> str:
+        """The template as text with its fields replaced (in one pass, so field text is never read as a field)."""
+        return _FIELD.sub(lambda match: values[match.group(1)], self.source)
+
+    def render(self, values: Mapping[str, str], tokenizer, max_length: int,
+               ties: Truncation = "last") -> str | None:
+        """The filled template as text of at most `max_length` tokens: fields are shortened one token at a
+        time from the longest (`shorten`, on ties the field `ties` in name order: PET's rule), by
+        character offsets, never the template's own text. None when the template alone is too long."""
+        names = sorted(set(self.fields))
+        while True:
+            text = self.fill(values)
+            excess = len(tokenizer(text)["input_ids"]) - max_length
+            if excess <= 0:
+                return text
+            lengths = {name: len(_ids(tokenizer, values[name])) for name in names}
+            if not any(lengths.values()):
+                return None
+            kept = shorten(lengths, excess, ties)
+            values = {name: _cut(tokenizer, value, kept[name]) if name in kept else value
+                      for name, value in values.items()}
+
     def check(self, tokenizer) -> None:
         """Every bracketed token in the literal text must be one token of `tokenizer` (`[MASK]`, not `<mask>`)."""
         for kind, value in self.parts:
@@ -88,11 +117,12 @@ class Template:
                     )
 
     def encode(self, tokenizer, prompt_ids: Sequence[int], values: Mapping[str, str] | str,
-               max_length: int | None = None) -> Encoding:
+               max_length: int | None = None) -> FilledTemplate:
         """Token ids of one example and how many prompt ids its fields contained (they become prompt vectors).
 
-        With `max_length` the longest field is cut from its end until the whole fits; the template
-        itself is never cut, so its `[MASK]` and prompts survive truncation.
+        With `max_length` the longest field is cut from its end until the whole fits (`shorten`, on ties
+        the field first in the template); the template itself is never cut, so its `[MASK]` and
+        prompts survive truncation.
         """
         values = {self.fields[0]: values} if isinstance(values, str) else values
         missing = [name for name in self.fields if name not in values]
@@ -112,7 +142,7 @@ class Template:
                 ids.extend(_ids(tokenizer, value))
         reserved = set(prompt_ids)
         clashes = sum(token in reserved for tokens in fields.values() for token in tokens)
-        return Encoding(ids + list(suffix), clashes, truncated)
+        return FilledTemplate(ids + list(suffix), clashes, truncated)
 
     def _fixed_length(self, tokenizer) -> int:
         return sum(1 if kind == "slot" else len(_ids(tokenizer, value)) for kind, value in self.parts if kind != "field")
@@ -122,16 +152,34 @@ def _ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def shorten(lengths: Mapping[str, int], excess: int, ties: Truncation = "first") -> dict[str, int]:
+    """The truncation rule: `excess` tokens fewer, taken one at a time from the longest field; on ties from
+    the first or the last field in `lengths`' order."""
+    lengths = dict(lengths)
+    order = list(lengths) if ties == "first" else list(reversed(lengths))
+    for _ in range(max(excess, 0)):
+        longest = max(order, key=lambda name: lengths[name])
+        lengths[longest] = max(lengths[longest] - 1, 0)
+    return lengths
+
+
 def _fit(fields: dict[str, list[int]], room: int, source: str) -> bool:
-    """Cuts the longest field from its end until the fields hold at most `room` tokens; True if it cut."""
+    """Cuts fields from their ends (`shorten`) until they hold at most `room` tokens; True if it cut."""
     if room < len(fields):
         raise RewriteError(f"template {source!r} alone fills the maximum length; shorten it or allow longer inputs")
-    cut = False
-    while sum(map(len, fields.values())) > room:
-        longest = max(fields, key=lambda name: len(fields[name]))
-        fields[longest] = fields[longest][:-1]
-        cut = True
-    return cut
+    excess = sum(map(len, fields.values())) - room
+    kept = shorten({name: len(ids) for name, ids in fields.items()}, excess)
+    for name, count in kept.items():
+        fields[name] = fields[name][:count]
+    return excess > 0
+
+
+def _cut(tokenizer, text: str, keep: int) -> str:
+    """`text` up to the end of its `keep`-th token (character offsets of the fast tokenizer)."""
+    if keep <= 0:
+        return ""
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    return text[:offsets[keep - 1][1]] if keep < len(offsets) else text
 
 
 def special_frame(tokenizer) -> tuple[list[int], list[int]]:
@@ -159,7 +207,7 @@ def graph_template(gm: fx.GraphModule) -> tuple[Template, list[int]]:
 
 
 def _encode_all(gm: fx.GraphModule, values: Sequence[Mapping[str, str] | str],
-                max_length: int | None) -> tuple[list[Encoding], list[int], object]:
+                max_length: int | None) -> tuple[list[FilledTemplate], list[int], object]:
     """Every item through the graph's template; texts that hold placeholder ids are counted and logged."""
     template, prompt_ids = graph_template(gm)
     tokenizer = require_tokenizer(gm, "to encode text through its template")
@@ -204,7 +252,7 @@ def example_values(template: Template, example: Example) -> dict[str, str]:
     return {name: example.pair if name in PAIR_FIELDS else example.text for name in template.fields}
 
 
-def encode_examples(gm: fx.GraphModule, examples: Sequence[Example], max_length: int) -> Encoded:
+def encode_examples(gm: fx.GraphModule, examples: Sequence[Example], max_length: int) -> TokenizedExamples:
     """Training data for a P-tuned graph: each example through the template (only its texts are cut to
     fit), with the placeholder ids reserved so they are never language-modeling targets."""
     template, _ = graph_template(gm)
@@ -215,4 +263,4 @@ def encode_examples(gm: fx.GraphModule, examples: Sequence[Example], max_length:
                     len(cut), len(examples), max_length, examples[cut[0]].where)
     labels = [e.label for e in examples] if examples[0].label is not None else None
     features = [{"input_ids": e.ids} for e in encoded]
-    return Encoded(features, labels, len(cut), tuple(prompt_ids))
+    return TokenizedExamples(features, labels, len(cut), tuple(prompt_ids))

@@ -56,23 +56,23 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
-import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import fx, nn
 
 from rewrite import checkpoint, data, distributed, templates
-from rewrite.adapter import PREFIX, save_adapter
+from rewrite.adapter import save_adapter
+from rewrite.batches import eval_mode, graph_inputs, input_names, predict_batches, to_device
 from rewrite.archive import save
-from rewrite.data import CLASSIFICATION, IGNORE_INDEX, LM_TASKS, Encoded, Example, Fields
+from rewrite.data import CLASSIFICATION, LM_TASKS, TokenizedExamples, Example, Fields
 from rewrite.errors import RewriteError
-from rewrite.inputs import DEFAULT_INPUT_NAMES
 from rewrite.ir import info, require_tokenizer, wrap
+from rewrite.losses import accuracy_counts, item_count, loss_sum, task_loss  # noqa: F401  (task_loss: to mix with)
 from rewrite.params import apply_trainable
 
 log = logging.getLogger(__name__)
 
-TASKS = (CLASSIFICATION, *LM_TASKS)
+TRAINING_TASKS = (CLASSIFICATION, *LM_TASKS)
 SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
 LossFn = Callable[[Any, dict[str, torch.Tensor]], torch.Tensor]
 DataSource = str | Path | Iterable[dict[str, Any]] | Sequence[Example]
@@ -124,8 +124,8 @@ class TrainResult:
 
 
 def _check(config: TrainConfig, task: str) -> None:
-    if task not in TASKS:
-        raise RewriteError(f"training task {task!r} is not supported; use --task with one of {', '.join(TASKS)}")
+    if task not in TRAINING_TASKS:
+        raise RewriteError(f"training task {task!r} is not supported; use --task with one of {', '.join(TRAINING_TASKS)}")
     positive = {"batch_size": config.batch_size, "grad_accum": config.grad_accum, "max_length": config.max_length,
                 "keep_checkpoints": config.keep_checkpoints}
     positive.update({k: v for k, v in (("epochs", config.epochs), ("max_steps", config.max_steps),
@@ -142,82 +142,12 @@ def _check(config: TrainConfig, task: str) -> None:
         raise RewriteError("resume needs the output directory of the run to continue; set output_dir")
 
 
-# ---------------------------------------------------------------- losses
-
-
-def _logits(outputs) -> torch.Tensor:
-    return outputs.logits if hasattr(outputs, "logits") else outputs[0]
-
-
-def _upcast(logits: torch.Tensor) -> torch.Tensor:
-    """Half-precision logits are upcast for the softmax; fp32 logits are used as they are (no copy)."""
-    return logits if logits.dtype == torch.float32 else logits.float()
-
-
-def _prepend_ignored(labels: torch.Tensor, prepended: int) -> torch.Tensor:
-    """Token labels for a graph whose sequence outputs start with `prepended` positions the input does not
-    have (prompt tuning's virtual tokens): those positions get -100, as PEFT prepends."""
-    return F.pad(labels, (prepended, 0), value=IGNORE_INDEX) if prepended else labels
-
-
-def _aligned(labels: torch.Tensor, logits: torch.Tensor, prepended: int) -> torch.Tensor:
-    if labels.shape[1] + prepended != logits.shape[1]:
-        raise RewriteError(f"the graph's logits have {logits.shape[1]} positions for {labels.shape[1]} input tokens "
-                           f"({prepended} prepended by its passes); the language-modeling loss cannot align them")
-    return _prepend_ignored(labels, prepended)
-
-
-def _loss_sum(outputs, labels: torch.Tensor, task: str, prepended: int = 0) -> torch.Tensor:
-    """The summed task loss; `_items` is what it is a sum over."""
-    logits = _logits(outputs)
-    if task == CLASSIFICATION:
-        logits = _upcast(logits)
-        if labels.is_floating_point():
-            return -(labels * F.log_softmax(logits, dim=-1)).sum()
-        return F.cross_entropy(logits, labels, reduction="sum")
-    labels = _aligned(labels, logits, prepended)
-    if task == "causal-lm":
-        # Shift the labels, not the logits: the [batch, seq, vocab] tensor is never copied.
-        shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-        return F.cross_entropy(_upcast(logits).flatten(0, 1), shifted.flatten(), ignore_index=IGNORE_INDEX,
-                               reduction="sum")
-    targets = labels != IGNORE_INDEX  # masked-lm: only the masked positions' rows are read
-    return F.cross_entropy(_upcast(logits[targets]), labels[targets], reduction="sum")
-
-
-def _items(labels: torch.Tensor, task: str, prepended: int = 0) -> int:
-    """Examples (classification) or target tokens (language modeling) in a batch."""
-    if task == CLASSIFICATION:
-        return labels.shape[0]
-    if task == "causal-lm":  # a prepended position predicts the first token, which is then a target too
-        return int((_prepend_ignored(labels, prepended)[:, 1:] != IGNORE_INDEX).sum())
-    return int((labels != IGNORE_INDEX).sum())
-
-
-def task_loss(outputs, batch: dict[str, torch.Tensor], task: str, prepended: int = 0) -> torch.Tensor:
-    """The mean task loss of one batch, as Hugging Face computes it from `labels`; `prepended`: see
-    `prepended_positions`."""
-    return _loss_sum(outputs, batch["labels"], task, prepended) / max(_items(batch["labels"], task, prepended), 1)
-
-
-def prepended_positions(gm: fx.GraphModule) -> int:
-    """Positions the graph's sequence outputs hold before the input's own (prompt tuning without
-    strip_virtual); language-modeling labels are padded by this many -100s."""
-    return int(info(gm).prepended_positions)
-
-
-def _accuracy_counts(outputs, labels: torch.Tensor) -> tuple[int, int]:
-    predicted = _logits(outputs).argmax(-1)
-    target = labels.argmax(-1) if labels.is_floating_point() else labels
-    return int((predicted == target).sum()), labels.shape[0]
-
-
 # ---------------------------------------------------------------- data
 
 
 @dataclass
 class _Data:
-    encoded: Encoded
+    encoded: TokenizedExamples
     tokenizer: Any
     task: str
     input_names: list[str]
@@ -244,14 +174,9 @@ def _load_data(gm: fx.GraphModule, source, config: TrainConfig, task: str) -> _D
     else:
         examples = data.read_examples(source, task=task, fields=config.fields,
                                       label_names=_label_names(gm, config, task))
-    input_names = list(info(gm).input_names or DEFAULT_INPUT_NAMES)
     encoded = (templates.encode_examples(gm, examples, config.max_length) if templates.uses_template(gm)
                else data.encode(examples, tokenizer, config.max_length))
-    return _Data(encoded, tokenizer, task, input_names)
-
-
-def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    return _Data(encoded, tokenizer, task, input_names(gm))
 
 
 # ---------------------------------------------------------------- optimization
@@ -308,33 +233,37 @@ class _Objective:
     bf16: bool
     prepended: int
 
+    def autocast(self):
+        return _autocast(self.device, self.bf16)
+
     def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]):
-        with _autocast(self.device, self.bf16):
-            return model(**{name: batch[name] for name in self.input_names})
+        with self.autocast():
+            return model(**graph_inputs(batch, self.input_names))
 
     def items(self, batch: dict[str, torch.Tensor]) -> int:
         if self.loss_fn is not None:
             return batch["input_ids"].shape[0]
-        return _items(batch["labels"], self.task, self.prepended)
+        return item_count(batch["labels"], self.task, self.prepended)
 
     def loss(self, outputs, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The summed loss over `items(batch)`: the task loss, or the caller's mean `loss_fn` times the batch size."""
         if self.loss_fn is None:
-            return _loss_sum(outputs, batch["labels"], self.task, self.prepended)
+            return loss_sum(outputs, batch["labels"], self.task, self.prepended)
         return self.loss_fn(outputs, batch) * batch["input_ids"].shape[0]
 
     def eval_sums(self, model: nn.Module, dataset: _Data, indices: Sequence[int], batch_size: int,
                   seed: int) -> torch.Tensor:
         """[loss sum, loss items, correct, examples] over `indices` of `dataset`, without gradients."""
+        def counts(batch: dict[str, torch.Tensor], outputs) -> list[float]:
+            correct, examples = (accuracy_counts(outputs, batch["labels"]) if self.task == CLASSIFICATION
+                                 else (0, 0))
+            return [float(self.loss(outputs, batch)), self.items(batch), correct, examples]
+
+        chunks = (dataset.batch(chunk, mask_seed=_seed(seed, -1, number))
+                  for number, chunk in enumerate(data.batches(indices, batch_size)))
         sums = torch.zeros(4, dtype=torch.float64, device=self.device)
-        with torch.no_grad():
-            for number, chunk in enumerate(data.batches(indices, batch_size)):
-                batch = _to(dataset.batch(chunk, mask_seed=_seed(seed, -1, number)), self.device)
-                outputs = self.forward(model, batch)
-                correct, examples = (_accuracy_counts(outputs, batch["labels"]) if self.task == CLASSIFICATION
-                                     else (0, 0))
-                values = [float(self.loss(outputs, batch)), self.items(batch), correct, examples]
-                sums += torch.tensor(values, dtype=torch.float64, device=self.device)
+        for values in predict_batches(model, chunks, self.input_names, self.device, counts, self.autocast):
+            sums += torch.tensor(values, dtype=torch.float64, device=self.device)
         return sums
 
     def metrics(self, sums: torch.Tensor) -> dict[str, float]:
@@ -376,7 +305,9 @@ class _Run:
         self.optimizer = _optimizer(self.named, config)
         self.scheduler = _scheduler(self.optimizer, config, self.total)
         self.out = Path(config.output_dir) if config.output_dir is not None else None
-        self.log = checkpoint.MetricsLog(self.out / "metrics.jsonl" if self.out and ctx.main else None)
+        self.log = checkpoint.MetricsLog(self.out / checkpoint.METRICS_NAME if self.out and ctx.main else None)
+        self.checkpoints = (checkpoint.RunCheckpoints(self.out, ctx, config.keep_checkpoints)
+                            if self.out is not None else None)
         self.last_eval: dict[str, float] | None = None
         self.eval_graph: fx.GraphModule | None = None
         self.last_loss: float | None = None
@@ -397,7 +328,7 @@ class _Run:
         config, ctx = self.config, self.ctx
         epoch, index = divmod(self.step, self.steps_per_epoch)
         micro = self.epoch_batches(epoch)[index * config.grad_accum:(index + 1) * config.grad_accum]
-        return [_to(self.train.batch(m, _seed(config.seed, self.step, i, ctx.rank)), ctx.device)
+        return [to_device(self.train.batch(m, _seed(config.seed, self.step, i, ctx.rank)), ctx.device)
                 for i, m in enumerate(micro)]
 
     def optimizer_step(self, window: list[dict[str, torch.Tensor]]) -> dict[str, float]:
@@ -446,55 +377,6 @@ class _Run:
         self.history.append(entry)
         self.log.write(entry)
 
-    def save_checkpoint(self) -> None:
-        """Every rank takes part (gathering shards and RNG states); rank 0 writes."""
-        weights = distributed.trainable_state(self.gm)
-        optimizer = distributed.optimizer_state(self.gm, self.optimizer)
-        states = self.ctx.gather(_rng_state())
-        if not self.ctx.main:
-            return
-        state = {"step": self.step, "world_size": self.ctx.world, "optimizer": optimizer,
-                 "scheduler": self.scheduler.state_dict(), "rng": states}
-        weights = {PREFIX + name: weights[name].contiguous() for name in info(self.gm).trainable}
-        checkpoint.write(self.out / "checkpoints", self.step, weights, state, self.config.keep_checkpoints)
-
-    def start_fresh(self) -> None:
-        """A new run must not mix with an old one's checkpoints (a later resume would pick them up)."""
-        if self.out is None:
-            return
-        if checkpoint.completed(self.out / "checkpoints"):
-            raise RewriteError(f"output directory {str(self.out)!r} already holds a run's checkpoints; continue it "
-                               "with resume (--resume), or train into an empty directory")
-        if self.ctx.main:
-            checkpoint.cut_log(self.out / "metrics.jsonl", 0)
-
-    def restore(self) -> int | None:
-        """Loads the newest complete checkpoint, if any, and returns its step."""
-        root = self.out / "checkpoints"
-        if self.ctx.main:
-            checkpoint.sweep(root)
-        self.ctx.barrier()
-        found = checkpoint.completed(root)
-        if not found:
-            log.warning("no complete checkpoint in %s; starting from step 0", root)
-            if self.ctx.main:
-                checkpoint.cut_log(self.out / "metrics.jsonl", 0)
-            return None
-        step, directory = found[-1]
-        weights, state = checkpoint.read(directory)
-        distributed.load_trainable(self.gm, _trainable_weights(self.gm, weights, directory))
-        distributed.load_optimizer(self.gm, self.optimizer, state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if state["world_size"] == self.ctx.world:
-            _set_rng_state(state["rng"][self.ctx.rank])
-        else:
-            log.warning("checkpoint %s was written by %d ranks, resuming on %d: data order and dropout differ "
-                        "from an uninterrupted run", directory, state["world_size"], self.ctx.world)
-        self.step = step
-        if self.ctx.main:
-            checkpoint.cut_log(self.out / "metrics.jsonl", step)
-        return step
-
     def write_outputs(self) -> None:
         """The trained graph and its PEFT adapter beside the checkpoints, written by rank 0. A sharded
         graph is first gathered whole on every rank (FSDP's `unshard`), and stays so."""
@@ -516,27 +398,6 @@ def _eval_twin(gm: fx.GraphModule) -> fx.GraphModule:
         warnings.filterwarnings("ignore", category=FutureWarning)  # pytree's LeafSpec deprecation on copy
         graph = copy.deepcopy(gm.graph)
     return wrap(gm, graph, info(gm), training=False)
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _trainable_weights(gm: fx.GraphModule, weights: dict[str, torch.Tensor], source: Path) -> dict[str, torch.Tensor]:
-    """A checkpoint's weights by parameter name; every trainable parameter must be there."""
-    missing = [PREFIX + name for name in info(gm).trainable if PREFIX + name not in weights]
-    if missing:
-        raise RewriteError(f"checkpoint {str(source)!r} has no weight {missing[0]}; it was written for another graph")
-    return {name: weights[PREFIX + name] for name in info(gm).trainable}
 
 
 # ---------------------------------------------------------------- the loop
@@ -576,14 +437,19 @@ def _fit(run: _Run) -> None:
                 run.last_eval = run.evaluate()
                 run.record("eval", run.last_eval)
             if run.out and (_due(config.save_every, run.step) or final):
-                run.save_checkpoint()
+                run.checkpoints.save(run.gm, run.optimizer, run.scheduler, run.step)
+
+
+def prepended_positions(gm: fx.GraphModule) -> int:
+    """Positions the graph's sequence outputs hold before the input's own (prompt tuning without
+    strip_virtual); language-modeling labels are padded by this many -100s."""
+    return int(info(gm).prepended_positions)
 
 
 def _objective(gm: fx.GraphModule, config: TrainConfig, task: str, loss_fn: LossFn | None,
                device: torch.device) -> _Objective:
-    input_names = list(info(gm).input_names or DEFAULT_INPUT_NAMES)
     bf16 = config.bf16 if config.bf16 is not None else device.type == "cuda"
-    return _Objective(task, loss_fn, input_names, device, bf16, prepended_positions(gm))
+    return _Objective(task, loss_fn, input_names(gm), device, bf16, prepended_positions(gm))
 
 
 def _task(gm: fx.GraphModule, config: TrainConfig) -> str:
@@ -612,9 +478,10 @@ def train(
         run = _Run(gm, config, ctx, objective, train_set, eval_set)
         resumed = None
         if config.resume:
-            resumed = run.restore()
-        else:
-            run.start_fresh()
+            resumed = run.checkpoints.restore(gm, run.optimizer, run.scheduler)
+            run.step = resumed or 0
+        elif run.checkpoints is not None:
+            run.checkpoints.start_fresh()
         try:
             _fit(run)
         finally:
@@ -636,11 +503,7 @@ def evaluate(gm: fx.GraphModule, eval_data: DataSource, *, config: TrainConfig,
     task = _task(gm, config)
     dataset = _load_data(gm, eval_data, config, task)
     objective = _objective(gm, config, task, loss_fn, next(gm.parameters()).device)
-    was_training = gm.training
-    gm.eval()
-    try:
+    with eval_mode(gm):
         sums = objective.eval_sums(gm, dataset, data.by_length(dataset.encoded.lengths), config.batch_size,
                                    config.seed)
-    finally:
-        gm.train(was_training)
     return objective.metrics(sums)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import rewrite
-from rewrite.inputs import example_inputs
+from rewrite.synthetic_inputs import example_inputs
 
 from helpers import capture_tiny, fresh_inputs, logits
 

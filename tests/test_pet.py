@@ -17,6 +17,7 @@ import transformers
 
 import rewrite
 from rewrite import runtime
+from rewrite import labels
 from rewrite.recipes import pet
 from rewrite.data import Example, Fields
 from rewrite.errors import RewriteError
@@ -33,7 +34,7 @@ def tokenizer(minilm_dir):
 
 @pytest.fixture(scope="module")
 def pvps():
-    return pet.load_pvps(DATA / "pvps.yaml")
+    return labels.load_pvps(DATA / "pvps.yaml")
 
 
 def _quick(**changes) -> pet.PetConfig:
@@ -64,7 +65,7 @@ def test_bad_pvp_files_name_file_and_line(tmp_path, entry, message):
     path.write_text('labels: {"0": [terrible], "1": [great]}\npvps:\n  - name: first\n    pattern: "{text_a} [MASK]"\n'
                     f"  - {entry}\n")
     with pytest.raises(RewriteError, match=message):
-        pet.load_pvps(path)
+        labels.load_pvps(path)
 
 
 def test_label_word_the_tokenizer_splits_names_the_pvp_line(tmp_path, tokenizer):
@@ -74,7 +75,7 @@ def test_label_word_the_tokenizer_splits_names_the_pvp_line(tmp_path, tokenizer)
     with pytest.raises(RewriteError, match=rf"{path} line 2: label word 'mediocre' \(label '0'\) is not a single "
                                            r"token: "
                                            r"the tokenizer splits it into 'med' \+ '##io' \+ '##cre'"):
-        pet.check_label_words(pet.load_pvps(path), tokenizer)
+        labels.check_label_words(labels.load_pvps(path), tokenizer)
 
 
 def test_unknown_data_label_names_file_and_line(tmp_path, pvps):
@@ -85,7 +86,7 @@ def test_unknown_data_label_names_file_and_line(tmp_path, pvps):
 
 
 def test_truncation_shortens_only_the_text_and_keeps_the_mask(tokenizer):
-    pvp = pet.PVP("pair", "{text_a} ? [MASK] , {text_b}", {"0": ["no"], "1": ["yes"]})
+    pvp = labels.PVP("pair", "{text_a} ? [MASK] , {text_b}", {"0": ["no"], "1": ["yes"]})
     long_a, short_b = "word " * 50, "a short second text"
     text = pvp.render(Example(long_a, short_b, 1, "row 1"), tokenizer, max_length=24)
     ids = tokenizer(text)["input_ids"]
@@ -99,7 +100,7 @@ def test_truncation_shortens_only_the_text_and_keeps_the_mask(tokenizer):
 
 
 def test_truncation_that_would_cut_the_mask_is_an_error(tokenizer):
-    pvp = pet.PVP("wordy", "{text_a} " + "the pattern is long " * 5 + "[MASK] .", {"0": ["no"], "1": ["yes"]},
+    pvp = labels.PVP("wordy", "{text_a} " + "the pattern is long " * 5 + "[MASK] .", {"0": ["no"], "1": ["yes"]},
                   "pvps.yaml line 7: ")
     with pytest.raises(RewriteError, match=r"pvps.yaml line 7: pattern 'wordy' alone needs 24 tokens for "
                                            r"train.tsv:3, more than max_length 16; truncation would cut the pattern "

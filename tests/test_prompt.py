@@ -15,7 +15,7 @@ from peft import PromptTuningConfig, get_peft_model
 
 import rewrite
 from rewrite.errors import RewriteError
-from rewrite.inputs import example_inputs
+from rewrite.synthetic_inputs import example_inputs
 from rewrite.graph import model_input
 from rewrite.prompt_table import TABLE
 from rewrite.train import TrainConfig, evaluate, prepended_positions, task_loss, train

@@ -19,7 +19,7 @@ import rewrite
 from rewrite import data, runtime, templates
 from rewrite.cli.main import cli
 from rewrite.errors import RewriteError
-from rewrite.inputs import example_inputs
+from rewrite.synthetic_inputs import example_inputs
 from rewrite.prompt_table import TABLE
 from rewrite.train import TrainConfig, evaluate, train
 

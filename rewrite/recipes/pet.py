@@ -37,7 +37,6 @@ import copy
 import dataclasses
 import logging
 import random
-import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,12 +47,12 @@ import torch
 import torch.nn.functional as F
 
 from rewrite import data
+from rewrite.batches import eval_mode, graph_inputs, input_names, predict_batches, to_device
 from rewrite.capture import load_pretrained
 from rewrite.data import CLASSIFICATION, IGNORE_INDEX, Example, Fields
 from rewrite.errors import RewriteError
-from rewrite.inputs import DEFAULT_INPUT_NAMES
 from rewrite.ir import RewriteGraph, info
-from rewrite.labels import Aggregation, Located, label_word_ids, line_of, parse_label_words, read_located
+from rewrite.labels import PVP, Aggregation, check_label_words
 from rewrite.nodes import drop_outputs
 from rewrite.options import check_choices
 from rewrite.pipeline import apply
@@ -61,144 +60,11 @@ from rewrite.train import TrainConfig, train
 
 log = logging.getLogger(__name__)
 
-MASK = "[MASK]"
-SLOTS = ("text_a", "text_b")
-_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 Reduction = Literal["wmean", "mean"]  # ensemble weights: accuracy before training, or equal
 REDUCTIONS: tuple[str, ...] = Reduction.__args__
 
 
 # ---------------------------------------------------------------- patterns
-
-
-@dataclass(frozen=True)
-class PVP:
-    """A pattern with `{text_a}` (and optionally `{text_b}`) and one `[MASK]`, and label words per label."""
-
-    name: str
-    pattern: str
-    labels: dict[str, list[str]]
-    origin: str = ""  # "file line N: " for messages
-
-    @property
-    def label_names(self) -> list[str]:
-        return list(self.labels)
-
-    def fill(self, slots: dict[str, str]) -> str:
-        """The pattern with its slots replaced (in one pass, so slot text is never read as a slot)."""
-        return _PLACEHOLDER.sub(lambda match: slots[match.group(1)], self.pattern)
-
-    @property
-    def used(self) -> set[str]:
-        return set(_PLACEHOLDER.findall(self.pattern))
-
-    def render(self, example: Example, tokenizer, max_length: int) -> str:
-        """The cloze text for `example`, its text slots cut (never the pattern) to fit `max_length` tokens."""
-        if "text_b" in self.used and example.pair is None:
-            raise RewriteError(f"{self.origin}pattern {self.name!r} uses {{text_b}}, but {example.where} has no "
-                               "second text; name its field (--pair-field)")
-        slots = {"text_a": example.text, "text_b": example.pair or ""}
-        while True:
-            text = self.fill(slots)
-            ids = tokenizer(text)["input_ids"]
-            if len(ids) <= max_length:
-                break
-            slots = _shorten(tokenizer, slots, self.used, len(ids) - max_length)
-            if slots is None:
-                raise RewriteError(
-                    f"{self.origin}pattern {self.name!r} alone needs {len(ids)} tokens for {example.where}, more than "
-                    f"max_length {max_length}; truncation would cut the pattern or its [MASK]: raise max_length"
-                )
-        if ids.count(tokenizer.mask_token_id) != 1:
-            raise RewriteError(f"{example.where}: the text contains the mask token {tokenizer.mask_token!r} itself "
-                               f"({ids.count(tokenizer.mask_token_id)} masks in the patterned input); remove it from "
-                               "the data")
-        return text
-
-
-def _shorten(tokenizer, slots: dict[str, str], used: set[str], excess: int) -> dict[str, str] | None:
-    """`excess` tokens fewer, taken one at a time from the longer used slot (PET's rule; ties cut
-    text_b); None when the used slots are already empty."""
-    lengths = {slot: len(tokenizer(slots[slot], add_special_tokens=False)["input_ids"]) for slot in sorted(used)}
-    if not any(lengths.values()):
-        return None
-    for _ in range(excess):
-        longest = max(lengths, key=lambda slot: (lengths[slot], slot))
-        lengths[longest] = max(lengths[longest] - 1, 0)
-    return {slot: _cut(tokenizer, text, lengths[slot]) if slot in lengths else text for slot, text in slots.items()}
-
-
-def _cut(tokenizer, text: str, keep: int) -> str:
-    """`text` up to the end of its `keep`-th token (character offsets of the fast tokenizer)."""
-    if keep <= 0:
-        return ""
-    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-    return text[:offsets[keep - 1][1]] if keep < len(offsets) else text
-
-
-def _check_pattern(pattern: Any, origin: str) -> str:
-    if not isinstance(pattern, str) or not pattern.strip():
-        raise RewriteError(f"{origin}a PVP needs a pattern: text with {{text_a}} and one {MASK}")
-    masks = pattern.count(MASK)
-    if masks != 1:
-        found = "no" if masks == 0 else str(masks)
-        raise RewriteError(f"{origin}pattern {pattern!r} has {found} {MASK}; a pattern needs exactly one")
-    unknown = sorted(set(_PLACEHOLDER.findall(pattern)) - set(SLOTS))
-    if unknown:
-        raise RewriteError(f"{origin}pattern {pattern!r} has unknown slot {{{unknown[0]}}}; slots are {{text_a}} "
-                           "and {text_b}")
-    if "{text_a}" not in pattern:
-        raise RewriteError(f"{origin}pattern {pattern!r} has no {{text_a}} slot for the input text")
-    return pattern
-
-
-def _pvp_entries(document: Any, path: Path) -> tuple[list[Any], Any]:
-    """(entries, shared labels) of a PVP file: `{labels, pvps: [...]}`, or a bare list of PVPs."""
-    if isinstance(document, list):
-        return document, None
-    if isinstance(document, dict) and isinstance(document.get("pvps"), list) and document["pvps"]:
-        return document["pvps"], document.get("labels")
-    raise RewriteError(f"{line_of(path, document)}a PVP file holds `pvps: [{{pattern: ..., labels: ...}}, ...]` "
-                       "(with optional shared `labels`) or a list of PVPs")
-
-
-def load_pvps(path: str | Path) -> list[PVP]:
-    """Reads PVPs from YAML or JSON; every error names the file and line. All PVPs share one label set."""
-    path = Path(path)
-    if not path.is_file():
-        raise RewriteError(f"PVP file {str(path)!r} does not exist")
-    document = read_located(path)
-    entries, shared = _pvp_entries(document, path)
-    pvps = []
-    for index, entry in enumerate(entries, 1):
-        if not isinstance(entry, Located):
-            raise RewriteError(f"{line_of(path, document, 'pvps')}PVP {index} must be a mapping with a pattern")
-        origin = line_of(path, entry, "pattern")
-        pattern = _check_pattern(entry.get("pattern"), origin)
-        words = entry.get("labels", shared)
-        if words is None:
-            raise RewriteError(f"{origin}PVP {index} has no labels and the file has no shared `labels`")
-        labels = parse_label_words(words, path)
-        pvps.append(PVP(str(entry.get("name") or f"p{index}"), pattern, labels, origin))
-    _check_same_labels(pvps)
-    return pvps
-
-
-def _check_same_labels(pvps: list[PVP]) -> None:
-    names = pvps[0].label_names
-    for pvp in pvps[1:]:
-        if pvp.label_names != names:
-            raise RewriteError(f"{pvp.origin}PVP {pvp.name!r} has labels {', '.join(pvp.label_names)} but "
-                               f"{pvps[0].name!r} has {', '.join(names)}; every PVP needs the same labels in the "
-                               "same order")
-    if len({p.name for p in pvps}) != len(pvps):
-        raise RewriteError(f"{pvps[0].origin}PVP names must be unique")
-
-
-def check_label_words(pvps: Sequence[PVP], tokenizer) -> None:
-    """Every label word must be one token; the error says how the tokenizer splits it."""
-    for pvp in pvps:
-        label_word_ids(tokenizer, pvp.labels, pvp.origin)
 
 
 def patterned(pvp: PVP, examples: Sequence[Example], tokenizer, max_length: int) -> list[Example]:
@@ -299,22 +165,16 @@ def pattern_graph(base: RewriteGraph, pvp: PVP, config: PetConfig, *, lora: bool
 def predict_logits(gm: RewriteGraph, examples: Sequence[Example], batch_size: int) -> torch.Tensor:
     """Eval-mode class logits `[examples, labels]` (text, or text pairs), batch by batch."""
     tokenizer = info(gm).tokenizer
-    names = list(info(gm).input_names or DEFAULT_INPUT_NAMES)
-    device = next(gm.parameters()).device
-    was_training = gm.training
-    gm.eval()
-    chunks = []
-    try:
-        with torch.no_grad():
-            for start in range(0, len(examples), batch_size):
-                chunk = examples[start:start + batch_size]
-                pairs = [e.pair for e in chunk] if chunk[0].pair is not None else None
-                encoded = tokenizer([e.text for e in chunk], pairs, padding=True, return_tensors="pt")
-                inputs = {name: encoded[name].to(device) for name in names if name in encoded}
-                chunks.append(gm(**inputs).logits.float().cpu())
-    finally:
-        gm.train(was_training)
-    return torch.cat(chunks)
+
+    def tokenized(chunk: Sequence[Example]) -> dict[str, torch.Tensor]:
+        pairs = [e.pair for e in chunk] if chunk[0].pair is not None else None
+        return dict(tokenizer([e.text for e in chunk], pairs, padding=True, return_tensors="pt"))
+
+    chunks = (tokenized(examples[start:start + batch_size]) for start in range(0, len(examples), batch_size))
+    with eval_mode(gm):
+        logits = predict_batches(gm, chunks, input_names(gm), next(gm.parameters()).device,
+                                 lambda batch, outputs: outputs.logits.float().cpu())
+    return torch.cat(logits)
 
 
 def accuracy(logits: torch.Tensor, examples: Sequence[Example]) -> float:
@@ -360,9 +220,8 @@ class AuxiliaryMlmLoss:
         keep = (encoded["special_tokens_mask"].bool() | (encoded["attention_mask"] == 0)
                 | (ids == tokenizer.mask_token_id))
         encoded["input_ids"], labels = data.mask_tokens(ids, keep, tokenizer, self.generator)
-        names = info(self.gm).input_names
-        device = next(self.gm.parameters()).device
-        return {**{n: encoded[n].to(device) for n in names if n in encoded}, "labels": labels.to(device)}
+        batch = {**graph_inputs(encoded, input_names(self.gm)), "labels": labels}
+        return to_device(batch, next(self.gm.parameters()).device)
 
     def __call__(self, outputs, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         ce = F.cross_entropy(outputs.logits.float(), batch["labels"])

@@ -1,8 +1,8 @@
-"""Rows: a graph that reads its hidden states at one position computes that position alone.
+"""The `rows` pass (pooled row): a graph that reads its hidden states at one position computes that position alone.
 
 BERT-style sequence classifiers pool `hidden[:, 0]` (`[CLS]`); everything after the last block's
 attention, and the last block's query and attention for that one row, only matters for that row.
-This pass moves the read up through those nodes (`rewrite.rows`), so the last block runs on one row
+This pass moves the read up through those nodes (`rewrite.row_gather`), so the last block runs on one row
 per example, with the same outputs in eval mode: MiniLM LoRA training goes from 1.00x to 1.16x
 PEFT's tokens/s (`python benchmarks/train_throughput.py --models minilm --modes eager --rows`).
 
@@ -19,14 +19,14 @@ from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from rewrite.pipeline import Pass, register
-from rewrite.rows import select_rows
+from rewrite.row_gather import select_rows
 
 log = logging.getLogger(__name__)
 
 
 @register
 @dataclass
-class RowsPass(Pass):
+class PooledRowPass(Pass):
     name = "rows"
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
