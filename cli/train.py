@@ -33,6 +33,10 @@ from rewrite.train import SCHEDULES, TRAINING_TASKS, TrainConfig
 @click.option("--max-grad-norm", type=float, default=1.0, show_default=True, help="Gradient clipping (0: off).")
 @click.option("--bf16/--no-bf16", default=None, help="bf16 autocast (default: on CUDA only).")
 @click.option("--compile", "compile_", is_flag=True, help="Run the graph through torch.compile.")
+@click.option("--speed-passes", default=None,
+              help="Comma-separated training-graph rewrites (default: every exact one, see rewrite.speed; none: off).")
+@click.option("--checkpoint", is_flag=True, help="Activation checkpointing per block (less memory, one more forward).")
+@click.option("--dropout-parity", is_flag=True, help="Keep Hugging Face's dropout masks bit for bit (no rows pass).")
 @click.option("--fsdp", is_flag=True, help="Under torchrun: shard the graph with FSDP2 instead of DDP.")
 @click.option("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when available).")
 @click.option("--save-every", type=int, default=100, show_default=True, help="Checkpoint every N steps (and at the end).")
@@ -45,7 +49,7 @@ from rewrite.train import SCHEDULES, TRAINING_TASKS, TrainConfig
 @click.option("--resume", is_flag=True, help="Continue from the newest complete checkpoint in --output-dir.")
 def train(source: str, train_file: str, eval_file: str | None, output_dir: str, task: str | None,
           text_field: str, pair_field: str | None, label_field: str, label_names: str | None,
-          compile_: bool, max_grad_norm: float, **options) -> None:
+          compile_: bool, max_grad_norm: float, speed_passes: str | None, **options) -> None:
     """Train a graph's adapter (.pt2 or model directory) on a data file.
 
     Under `torchrun --nproc_per_node N --no-python rewrite train ...` each process trains on its share.
@@ -53,6 +57,7 @@ def train(source: str, train_file: str, eval_file: str | None, output_dir: str, 
     gm = read_graph(source, task or "auto")
     config = TrainConfig(
         output_dir=output_dir, task=task, compile=compile_, max_grad_norm=max_grad_norm or None,
+        speed_passes=_names(speed_passes),
         fields=Fields(text=text_field, pair=pair_field, label=label_field),
         label_names=[n.strip() for n in label_names.split(",")] if label_names else None,
         **options,
@@ -66,6 +71,13 @@ def train(source: str, train_file: str, eval_file: str | None, output_dir: str, 
     if int(os.environ.get("RANK", "0")) == 0:
         out.print("; ".join(summary))
         console.print(f"wrote {Path(output_dir) / 'model.pt2'}, {Path(output_dir) / 'adapter'}, checkpoints and metrics.jsonl")
+
+
+def _names(value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    return [] if names == ["none"] else names
 
 
 @cli.command()

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from rewrite.data import CLASSIFICATION, IGNORE_INDEX
 from rewrite.errors import RewriteError
+from rewrite.head_loss import Head
 
 
 def logits_of(outputs) -> torch.Tensor:
@@ -33,8 +34,9 @@ def _aligned(labels: torch.Tensor, logits: torch.Tensor, prepended: int) -> torc
     return _prepend_ignored(labels, prepended)
 
 
-def loss_sum(outputs, labels: torch.Tensor, task: str, prepended: int = 0) -> torch.Tensor:
-    """The summed task loss; `item_count` is what it is a sum over."""
+def loss_sum(outputs, labels: torch.Tensor, task: str, prepended: int = 0, head: Head | None = None) -> torch.Tensor:
+    """The summed task loss; `item_count` is what it is a sum over. With `head`, the outputs are the
+    hidden states that head reads (a pass left the head to the loss) and the loss applies it."""
     logits = logits_of(outputs)
     if task == CLASSIFICATION:
         logits = _upcast(logits)
@@ -42,6 +44,8 @@ def loss_sum(outputs, labels: torch.Tensor, task: str, prepended: int = 0) -> to
             return -(labels * F.log_softmax(logits, dim=-1)).sum()
         return F.cross_entropy(logits, labels, reduction="sum")
     labels = _aligned(labels, logits, prepended)
+    if head is not None:
+        return head.loss_sum(logits, labels, task)
     if task == "causal-lm":
         # Shift the labels, not the logits: the [batch, seq, vocab] tensor is never copied.
         shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)

@@ -43,7 +43,14 @@ def _sdpa_dropout(node: fx.Node) -> float:
 
 
 def set_graph_training(gm: fx.GraphModule, mode: bool) -> None:
-    """Rewrites every mode literal in `gm` to `mode` and recompiles if anything changed."""
+    """Rewrites every mode literal in `gm`, and in graphs it calls (the checkpoint pass's blocks), to
+    `mode`, and recompiles what changed."""
+    for module in gm.modules():
+        if isinstance(module, fx.GraphModule):
+            _set_training(module, mode)
+
+
+def _set_training(gm: fx.GraphModule, mode: bool) -> None:
     changed = False
     for node in gm.graph.nodes:
         if node.op != "call_function":

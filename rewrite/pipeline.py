@@ -71,6 +71,16 @@ class Pass(PassBase):
     name: ClassVar[str]
     title: ClassVar[str] = ""
     peft_types: ClassVar[tuple[str, ...]] = ()  # PEFT adapter types `from_adapter` applies
+    # Training-graph passes (`rewrite.speed`): `speed_rank` orders them (None: not one), `speed_default`
+    # says whether `rewrite.train` applies it unless told otherwise. Flags say how one may be used: it
+    # changes train-mode dropout draws (not bit-exact with Hugging Face's masks), its graph returns what
+    # the loss must finish (not logits, so a custom loss cannot read it), or it is exact only for
+    # batches without padding.
+    speed_rank: ClassVar[int | None] = None
+    speed_default: ClassVar[bool] = True
+    changes_dropout: ClassVar[bool] = False
+    replaces_logits: ClassVar[bool] = False
+    unpadded_only: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         self.report: dict[str, Any] = {}
@@ -254,7 +264,8 @@ class Pipeline:
             gm.graph.lint()
             gm.recompile()
             info(gm).history.append(
-                {"pass": pass_.name, "options": _jsonable(pass_.options()), "report": _jsonable(pass_.report)}
+                {"pass": pass_.name, "options": _jsonable(pass_.options()), "report": _jsonable(pass_.report),
+                 "modified": result is None or bool(result.modified)}
             )
             log.info("pass %s: %s", pass_.name, pass_.report.get("summary", "done"))
         return gm

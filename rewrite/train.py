@@ -60,7 +60,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import fx, nn
 
-from rewrite import checkpoint, data, distributed, templates
+from rewrite import checkpoint, data, distributed, speed, templates
 from rewrite.adapter import save_adapter
 from rewrite.batches import eval_mode, graph_inputs, input_names, predict_batches, to_device
 from rewrite.archive import save
@@ -68,6 +68,7 @@ from rewrite.data import CLASSIFICATION, LM_TASKS, TokenizedExamples, Example, F
 from rewrite.errors import RewriteError
 from rewrite.ir import info, require_tokenizer, wrap
 from rewrite.losses import accuracy_counts, item_count, loss_sum, task_loss  # noqa: F401  (task_loss: to mix with)
+from rewrite.head_loss import Head, head_of
 from rewrite.params import apply_trainable
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,9 @@ class TrainConfig:
     keep_checkpoints: int = 2  # newest checkpoints kept
     resume: bool = False  # continue from the newest complete checkpoint in output_dir
     progress: bool = True  # progress bar on rank 0
+    speed_passes: list[str] | None = None  # training-graph rewrites (rewrite.speed); None: every exact one
+    dropout_parity: bool = False  # keep Hugging Face's train-mode dropout masks bit for bit (no rows pass)
+    checkpoint: bool = False  # activation checkpointing per block (the checkpoint speed pass)
 
 
 @dataclass
@@ -245,10 +249,10 @@ class _Objective:
             return batch["input_ids"].shape[0]
         return item_count(batch["labels"], self.task, self.prepended)
 
-    def loss(self, outputs, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def loss(self, outputs, batch: dict[str, torch.Tensor], head: Head | None = None) -> torch.Tensor:
         """The summed loss over `items(batch)`: the task loss, or the caller's mean `loss_fn` times the batch size."""
         if self.loss_fn is None:
-            return loss_sum(outputs, batch["labels"], self.task, self.prepended)
+            return loss_sum(outputs, batch["labels"], self.task, self.prepended, head)
         return self.loss_fn(outputs, batch) * batch["input_ids"].shape[0]
 
     def eval_sums(self, model: nn.Module, dataset: _Data, indices: Sequence[int], batch_size: int,
@@ -294,10 +298,15 @@ class _Run:
         config, ctx = self.config, self.ctx
         self.gm.to(ctx.device)
         _freeze_base(self.gm, master_fp32=self.objective.bf16)
-        wrapped = distributed.wrap(self.gm, ctx, fsdp=config.fsdp)
+        graphs = self.gm if config.fsdp else speed.graphs(self.gm, speed.resolve(
+            config.speed_passes, dropout_parity=config.dropout_parity, custom_loss=self.objective.loss_fn is not None,
+            checkpoint=config.checkpoint),
+            compile=config.compile)  # FSDP shards the graph itself in place: no twin
+        self.head = head_of(graphs.general) if isinstance(graphs, speed.Graphs) else None
+        wrapped = distributed.wrap(graphs, ctx, fsdp=config.fsdp)
         self.sharded = distributed.sharded(self.gm)
         self.named = [(name, self.gm.get_parameter(name)) for name in info(self.gm).trainable]
-        self.model = torch.compile(wrapped) if config.compile else wrapped
+        self.model = torch.compile(wrapped) if config.compile and config.fsdp else wrapped
         micro = data.micro_batches_per_epoch(len(self.train.encoded), ctx.world, config.batch_size)
         self.steps_per_epoch = math.ceil(micro / config.grad_accum)
         self.epoch_cache: tuple[int, list[list[int]]] = (-1, [])
@@ -340,7 +349,7 @@ class _Run:
         loss_sum = torch.zeros((), device=ctx.device)
         for index, batch in enumerate(window):
             with distributed.no_sync(self.model, skip=index < len(window) - 1):
-                total = objective.loss(objective.forward(self.model, batch), batch)
+                total = objective.loss(objective.forward(self.model, batch), batch, self.head)
                 (total * scale).backward()
             loss_sum += total.detach().float()
         max_norm = self.config.max_grad_norm if self.config.max_grad_norm is not None else math.inf
@@ -403,11 +412,17 @@ def _eval_twin(gm: fx.GraphModule) -> fx.GraphModule:
 # ---------------------------------------------------------------- the loop
 
 
+REFRESH_S = 0.5  # the progress display redraws at most this often, from the loop (no refresh thread)
+
+
 def _progress(run: _Run) -> Progress:
+    """A display the loop redraws itself: rich's auto-refresh thread competes with the compute threads
+    for the cores (on a loaded 2-core machine it made training several times slower)."""
     columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[tps]:,.0f} tok/s"),
                TimeRemainingColumn()]
-    return Progress(*columns, console=Console(stderr=True), disable=not (run.config.progress and run.ctx.main))
+    return Progress(*columns, console=Console(stderr=True), auto_refresh=False,
+                    disable=not (run.config.progress and run.ctx.main))
 
 
 def _due(every: int | None, step: int) -> bool:
@@ -420,6 +435,7 @@ def _fit(run: _Run) -> None:
     config = run.config
     with _progress(run) as progress:
         bar = progress.add_task("train", total=run.total, completed=run.step, loss=math.nan, lr=config.lr, tps=0.0)
+        drawn = time.perf_counter()
         while run.step < run.total:
             started = time.perf_counter()
             stats = run.optimizer_step(run.window())
@@ -432,6 +448,9 @@ def _fit(run: _Run) -> None:
                                  "tokens_per_s": stats["tokens"] / elapsed})
             progress.update(bar, completed=run.step, loss=stats["loss"], lr=stats["lr"], tps=run.tokens / run.seconds)
             final = run.step == run.total
+            if final or time.perf_counter() - drawn >= REFRESH_S:
+                progress.refresh()
+                drawn = time.perf_counter()
             if run.eval is not None and (_due(config.eval_every, run.step) or _due(run.steps_per_epoch, run.step)
                                          or final):
                 run.last_eval = run.evaluate()

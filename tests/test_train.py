@@ -59,7 +59,8 @@ def test_training_loss_gradients_match_peft(make_tiny, arch, task):
 def test_loss_falls_and_accuracy_rises_on_a_learnable_task(tiny_bert_dir):
     gm = lora_graph(tiny_bert_dir, roles=("q", "k", "v", "o", "mlp"))
     dev = sentiment_rows(64, seed=1)
-    config = TrainConfig(epochs=4, lr=1e-2, batch_size=8, progress=False)
+    # Hugging Face's dropout draws: the thresholds were set on this seed's trajectory (rows draws others).
+    config = TrainConfig(epochs=4, lr=1e-2, batch_size=8, progress=False, dropout_parity=True)
     before = evaluate(gm, dev, config=config)
 
     result = train(gm, sentiment_rows(128, seed=0), eval_data=dev, config=config)

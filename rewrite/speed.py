@@ -1,0 +1,107 @@
+"""The graph `rewrite.train` steps through: a copy of the user's graph rewritten for training speed.
+
+The speed passes run on a twin of the graph that shares its parameters, so the user's graph (its
+evaluation, saved archive, fold and export) is untouched. `SPEED_PASSES` are the exact ones, applied
+by default; each says so, and how it may be used, on its class (`Pass.speed_rank` and the flags beside
+it): the loss without full logits, LoRA A projections fused, `[CLS]`-row classifiers (not when the
+run keeps Hugging Face's dropout masks bit for bit), per-block activation checkpointing (opt-in).
+A pass that is exact only for batches without padding (attention without a materialized mask)
+makes a second twin for those; `Graphs` picks one per batch.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import warnings
+from typing import Sequence
+
+import torch
+from torch import fx, nn
+
+from rewrite.ir import info, wrap
+from rewrite.errors import RewriteError
+from rewrite.pipeline import Pipeline, available, pass_class
+
+class Graphs(nn.Module):
+    """The training graph, and where exact a variant for batches without padding, sharing parameters."""
+
+    def __init__(self, general: fx.GraphModule, unpadded: fx.GraphModule | None, compile: bool):
+        super().__init__()
+        self.general = general
+        self.unpadded = unpadded
+        self._general = torch.compile(general) if compile else general
+        self._unpadded = torch.compile(unpadded) if compile and unpadded is not None else unpadded
+
+    def forward(self, **inputs: torch.Tensor):
+        mask = inputs.get("attention_mask")
+        padded = self.unpadded is None or mask is None or not bool(mask.all())
+        return (self._general if padded else self._unpadded)(**inputs)
+
+
+def speed_passes(default: bool = True) -> list[str]:
+    """The registered training-speed passes `rewrite.train` applies by default (or the opt-in ones), in order."""
+    found = [name for name in available() if pass_class(name).speed_rank is not None
+             and pass_class(name).speed_default == default]
+    return sorted(found, key=lambda name: pass_class(name).speed_rank)
+
+
+def resolve(names: Sequence[str] | None, *, dropout_parity: bool, custom_loss: bool,
+            checkpoint: bool = False) -> list[str]:
+    """The speed passes a run applies, in order: `names`, or by default every exact one (and the opt-in
+    ones with `checkpoint`), less those that would change Hugging Face's dropout masks when
+    `dropout_parity` is asked for, and those that leave the head to the built-in loss when the caller
+    brings a loss."""
+    chosen = list(speed_passes() if names is None else names)
+    chosen += [name for name in speed_passes(default=False) if checkpoint and name not in chosen]
+    for name in chosen:
+        if pass_class(name).speed_rank is None:
+            raise RewriteError(f"pass {name!r} is not a training-speed pass; use some of "
+                               f"{', '.join(speed_passes() + speed_passes(default=False))}")
+    chosen = [name for name in chosen
+              if not (dropout_parity and pass_class(name).changes_dropout)
+              and not (custom_loss and pass_class(name).replaces_logits)]
+    return sorted(chosen, key=lambda name: pass_class(name).speed_rank)
+
+
+def twin(gm: fx.GraphModule, names: Sequence[str]) -> fx.GraphModule:
+    """A train-mode copy of `gm` (same parameters, own metadata) rewritten by the passes `names`."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)  # pytree's LeafSpec deprecation on copy
+        graph = copy.deepcopy(gm.graph)
+    meta = dataclasses.replace(info(gm), history=list(info(gm).history), extra=dict(info(gm).extra))
+    copied = wrap(gm, graph, meta, training=True)
+    if names:
+        with _quiet():
+            copied = Pipeline(list(names)).run(copied)
+    return copied
+
+
+def graphs(gm: fx.GraphModule, names: Sequence[str], compile: bool = False) -> Graphs:
+    """The training graphs for `gm`: the general twin, and the unpadded twin when `dense_attention`
+    changes anything."""
+    general = twin(gm, [n for n in names if not pass_class(n).unpadded_only])
+    unpadded = None
+    if any(pass_class(n).unpadded_only for n in names):
+        candidate = twin(gm, names)
+        if _changed(candidate, since=len(info(gm)["history"])):
+            unpadded = candidate
+    return Graphs(general, unpadded, compile)
+
+
+def _changed(candidate: fx.GraphModule, since: int) -> bool:
+    """Whether an unpadded-only pass changed the candidate graph (else the general graph serves all)."""
+    return any(pass_class(entry["pass"]).unpadded_only and entry["modified"]
+               for entry in info(candidate)["history"][since:])
+
+
+class _quiet:
+    """Speed passes are applied wherever they might help; one that finds nothing to do need not warn."""
+
+    def __enter__(self):
+        self.logger = logging.getLogger("rewrite.passes")
+        self.level = self.logger.level
+        self.logger.setLevel(logging.ERROR)
+
+    def __exit__(self, *exc):
+        self.logger.setLevel(self.level)

@@ -1,0 +1,48 @@
+"""The training benchmark's pieces (what benchmarks/gpu.sh runs on a GPU) work on CPU on a tiny LLaMA."""
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARK = Path(__file__).parent.parent / "benchmarks" / "train_throughput.py"
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("train_throughput", BENCHMARK)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ours_and_peft_measure_the_same_batch(tmp_path):
+    bench = _module()
+    directory = bench.model_dir("tiny-llama", tmp_path)
+    spec = bench.MODELS["tiny-llama"]
+    ours = bench.run_rewrite(directory, spec, "eager", steps=1, warmup=1)
+    none = bench.run_rewrite(directory, spec, "eager", steps=1, warmup=1, implementation="rewrite=none")
+    theirs = bench.run_peft(directory, spec, "eager", steps=1, warmup=1)
+    for result in (ours, none, theirs):
+        assert result["step_s"] > 0 and result["peak_bytes"] > 0
+    assert bench.speed_passes("rewrite=chunked_loss+rows") == ["chunked_loss", "rows"]
+    assert bench.speed_passes("rewrite=none") == [] and bench.speed_passes("rewrite") is None
+
+
+def test_the_gpu_model_is_llama_shaped_and_about_a_billion_parameters():
+    import torch
+    import transformers
+
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**_module().MODELS["llama-1b"]["config"]))
+    assert 1.0e9 < sum(p.numel() for p in model.parameters()) < 1.2e9
+
+
+@pytest.mark.slow
+def test_the_driver_prints_a_table():
+    done = subprocess.run([sys.executable, str(BENCHMARK), "--models", "tiny-llama", "--modes", "eager",
+                           "--steps", "1", "--warmup", "1"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "tiny-llama" in done.stdout and "ours" in done.stdout
