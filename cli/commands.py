@@ -92,9 +92,10 @@ def fold(source: str, output: str, overwrite: bool) -> None:
 @click.option("--adapter-slots", is_flag=True, help="Keep the adapter as named inputs that adapter files fill (default: none).")
 @click.option("--mixed-adapters", is_flag=True, help="Slots stacked per row: an adapter_index input picks each row's adapter.")
 @click.option("--max-rank", type=int, default=DEFAULT_MAX_RANK, show_default=True, help="Largest LoRA rank the slots accept.")
+@click.option("--with-cache", is_flag=True, help="Causal LMs: past keys/values in, presents out, for `run --generate`.")
 @overwrite_option
 def export(source: str, onnx_path: str, verify: bool, opset: int | None, adapter_slots: bool, mixed_adapters: bool,
-           max_rank: int, overwrite: bool) -> None:
+           max_rank: int, with_cache: bool, overwrite: bool) -> None:
     """Export a graph archive (fold it first for zero-overhead deployment) to ONNX.
 
     The tokenizer's files are written beside the model; files already there are not replaced
@@ -102,7 +103,8 @@ def export(source: str, onnx_path: str, verify: bool, opset: int | None, adapter
     check_output(onnx_path, what="ONNX file")
     gm = read_graph(source)
     report = rewrite.export_onnx(gm, onnx_path, verify=verify, opset=opset, adapter_slots=adapter_slots,
-                                 mixed_adapters=mixed_adapters, max_rank=max_rank, overwrite=overwrite)
+                                 mixed_adapters=mixed_adapters, max_rank=max_rank, cache=with_cache,
+                                 overwrite=overwrite)
     console.print(f"wrote {report.path}: inputs {', '.join(report.input_names)} -> {', '.join(report.output_names)}")
     if report.max_abs_diff is not None:
         console.print(f"ONNX Runtime ({report.provider}) vs torch: max abs diff {report.max_abs_diff:.3g}")
@@ -137,21 +139,37 @@ def inspect(source: str) -> None:
 @click.argument("model", type=click.Path(exists=True, dir_okay=False))
 @click.option("--text", "texts", multiple=True, required=True, help="Input text, repeatable.")
 @click.option("--tokenizer", "tokenizer_dir", type=click.Path(file_okay=False), help="Tokenizer directory (default: the model's).")
-@click.option("--top-k", default=5, show_default=True, type=click.IntRange(min=1), help="Predictions to print.")
+@click.option("--top-k", type=click.IntRange(min=1), default=None,
+              help="Predictions to print (default 5); with --generate --sample: sample from the k likeliest tokens.")
 @click.option("--truncate/--no-truncate", default=True, show_default=True,
               help="Cut texts longer than the model's positions (with a warning), or refuse them.")
 @click.option("--adapter", "adapter_file", type=click.Path(dir_okay=False), help="An .onnx_adapter file to activate.")
 @click.option("--adapters", "adapter_files", default=None, help="Comma-separated .onnx_adapter files, one per index (mixed model).")
 @click.option("--adapter-index", default=None, help="Comma-separated adapter index per --text (default 0, 1, ... cycling).")
-def run(model: str, texts: tuple[str, ...], tokenizer_dir: str | None, top_k: int, truncate: bool,
-        adapter_file: str | None, adapter_files: str | None, adapter_index: str | None) -> None:
-    """Tokenize text, run an exported model in ONNX Runtime and print the top predictions."""
+@click.option("--generate", "generating", is_flag=True, help="Continue the text (a model exported --with-cache).")
+@click.option("--max-new-tokens", default=20, show_default=True, help="With --generate: tokens to add.")
+@click.option("--sample", is_flag=True, help="With --generate: sample instead of taking the likeliest token.")
+@click.option("--temperature", default=1.0, show_default=True, help="With --sample: divides the logits.")
+@click.option("--top-p", default=1.0, show_default=True, help="With --sample: nucleus probability mass.")
+@click.option("--seed", type=int, default=None, help="With --sample: makes the draws reproducible.")
+def run(model: str, texts: tuple[str, ...], tokenizer_dir: str | None, top_k: int | None, truncate: bool,
+        adapter_file: str | None, adapter_files: str | None, adapter_index: str | None, generating: bool,
+        max_new_tokens: int, sample: bool, temperature: float, top_p: float, seed: int | None) -> None:
+    """Tokenize text, run an exported model in ONNX Runtime and print the top predictions (or, with
+    --generate, the generated text, streamed)."""
     from rewrite.onnx_adapters import Adapters
     from rewrite.predict import predict
 
+    if generating:
+        from rewrite.cli.generate import print_generation
+        from rewrite.generate import Sampling
+
+        print_generation(model, list(texts), tokenizer_dir, max_new_tokens,
+                         Sampling(sample, temperature, top_k or 0, top_p, seed))
+        return
     adapters = Adapters.parse(adapter_file, adapter_files, adapter_index, len(texts))
-    results = predict(model, list(texts), tokenizer_dir=tokenizer_dir, top_k=top_k, truncate=truncate,
-                      adapters=adapters)
+    results = predict(model, list(texts), tokenizer_dir=tokenizer_dir, top_k=5 if top_k is None else top_k,
+                      truncate=truncate, adapters=adapters)
     for text, predictions in zip(texts, results):
         out.print(f"[bold]{escape(text)}[/bold]")
         for label, score in predictions:

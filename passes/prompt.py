@@ -127,6 +127,12 @@ class PromptPass(Pass):
             raise RewriteError(f"num_virtual_tokens {count!r} is not allowed; use a whole number of at least 1")
         self.prompt_init = _prompt_init(self.prompt_init, self.init_text)
 
+    @classmethod
+    def cache_prefix(cls, gm: fx.GraphModule, runs) -> torch.Tensor:
+        """The trained table: with a KV cache the virtual tokens enter once, as the cache's constant prefix."""
+        dtype = tensor_at(gm, word_embedding(gm, "prompt vectors enter the model there").args[0].target).dtype
+        return tensor_at(gm, TABLE).detach().to(dtype)
+
     def _initial_rows(self, gm: fx.GraphModule, weight: torch.Tensor) -> torch.Tensor | list[int] | None:
         if self.prompt_init == "text":
             return _text_ids(gm, self.init_text, self.num_virtual_tokens)

@@ -39,6 +39,7 @@ _API = {
     "load_adapter": "rewrite.adapter",
     "save_adapter": "rewrite.adapter",
     "export_onnx": "rewrite.export",
+    "generate": "rewrite.generate",
     "TrainConfig": "rewrite.train",
     "TrainResult": "rewrite.train",
     "evaluate": "rewrite.train",

@@ -58,7 +58,7 @@ def _no_cache(model: nn.Module) -> None:
             config.use_cache = False
 
 
-def _drop_guards(gm: fx.GraphModule) -> None:
+def drop_guards(gm: fx.GraphModule) -> None:
     """The unlifted module's `_guards_fn` call only re-checks input shapes; it cannot be serialized."""
     for node in gm.graph.find_nodes(op="call_module", target="_guards_fn"):
         gm.graph.erase_node(node)
@@ -84,7 +84,7 @@ def capture(
     with in_mode(model, True) as was_training:  # so dropout probabilities are recorded (rewrite.modes)
         exported = torch.export.export(model, (), dict(example_inputs), dynamic_shapes=dynamic_shapes, strict=False)
     unlifted = exported.module()
-    _drop_guards(unlifted)
+    drop_guards(unlifted)
     base_info = {"history": [], "input_names": list(example_inputs), "task": _task_of_class(type(model).__name__),
                  "config": config, "model_class": type(model).__name__}
     base_info.update(info or {})

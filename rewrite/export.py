@@ -12,20 +12,20 @@ import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
-from rewrite import runtime
+from rewrite import kv_cache, runtime
 from rewrite.errors import RewriteError
 from rewrite.atomic import atomic_dir_files
 from rewrite.synthetic_inputs import DEFAULT_INPUT_NAMES, example_inputs
-from rewrite.ir import info, tensor_at
+from rewrite.ir import info
 from rewrite.pipeline import applied
 from rewrite.adapter_slots import DEFAULT_MAX_RANK
 from rewrite.onnx_adapters import SlotExport
+from rewrite.signature import (LABELS_KEY, POSITIONS_KEY, PREPENDED_KEY, TASK_KEY, UNTRAINED_KEY, Signature,
+                               vocab_size)
 
 log = logging.getLogger(__name__)
 
 PROTOBUF_LIMIT = 2 * 1024**3
-TASK_KEY, LABELS_KEY, PREPENDED_KEY = "rewrite.task", "rewrite.id2label", "rewrite.prepended_positions"
-POSITIONS_KEY, UNTRAINED_KEY = "rewrite.max_positions", "rewrite.untrained_head"
 TOLERANCE = 1e-4
 MIN_OPSET = 18  # the dynamo exporter's lowest
 
@@ -50,16 +50,6 @@ def _output_names(outputs) -> list[str]:
     return names
 
 
-def _vocab_size(gm: fx.GraphModule) -> int:
-    """From the config, else from the first embedding table in the graph."""
-    config = info(gm).config
-    if getattr(config, "vocab_size", None):
-        return config.vocab_size
-    for node in gm.graph.find_nodes(op="call_function", target=torch.ops.aten.embedding.default):
-        return tensor_at(gm, node.args[0].target).shape[0]
-    return 2
-
-
 def _flat(outputs) -> list[torch.Tensor]:
     return [t for t in pytree.tree_leaves(outputs) if isinstance(t, torch.Tensor)]
 
@@ -73,26 +63,32 @@ def real_positions(reference: torch.Tensor, actual: torch.Tensor, inputs: dict[s
     return reference, actual
 
 
+def compare(name: str, reference: torch.Tensor, actual: torch.Tensor) -> tuple[float, float]:
+    """Max abs difference of an output and its tolerance (1e-4 of its scale); raises beyond it."""
+    reference, actual = reference.float(), actual.float()
+    scale = max(1.0, reference.abs().max().item())
+    diff, tolerance = (actual - reference).abs().max().item(), TOLERANCE * scale
+    if not diff <= tolerance:
+        raise RewriteError(
+            f"ONNX verification failed for output {name!r}: ONNX Runtime differs from torch by {diff:.3g} "
+            f"(allowed {tolerance:.3g}, 1e-4 of the output scale); the model was not written"
+        )
+    return diff, tolerance
+
+
 def _verify(gm: fx.GraphModule, model_path: Path, input_names: list[str], output_names: list[str],
             slots: SlotExport | None) -> tuple[float, float, str]:
     """Runs fresh inputs of another shape through ONNX Runtime and torch; raises beyond tolerance.
     A slotted model is fed the graph's own adapter through its slots."""
-    inputs = example_inputs(input_names, _vocab_size(gm), batch=3, seq=11, seed=1, pad=True)
+    inputs = example_inputs(input_names, vocab_size(gm), batch=3, seq=11, seed=1, pad=True)
     with torch.no_grad():
         expected = _flat(gm(**inputs))
     sess = runtime.session(model_path)
     got = runtime.run(sess, inputs | (slots.verify_feeds(batch=3) if slots else {}))
     worst, tolerance = 0.0, 0.0
     for name, reference in zip(output_names, expected):
-        reference, actual = real_positions(reference.float(), torch.from_numpy(got[name]).float(), inputs)
-        scale = max(1.0, reference.abs().max().item())
-        diff = (actual - reference).abs().max().item()
-        worst, tolerance = max(worst, diff), TOLERANCE * scale
-        if not diff <= tolerance:
-            raise RewriteError(
-                f"ONNX verification failed for output {name!r}: ONNX Runtime differs from torch by {diff:.3g} "
-                f"(allowed {tolerance:.3g}, 1e-4 of the output scale); the model was not written"
-            )
+        diff, tolerance = compare(name, *real_positions(reference, torch.from_numpy(got[name]), inputs))
+        worst = max(worst, diff)
     return worst, tolerance, sess.get_providers()[0]
 
 
@@ -100,6 +96,19 @@ def _max_positions(graph_info) -> int | str:
     """The positions the model reads (so `rewrite run` can cut longer texts), or "" when its config does not say."""
     config = graph_info.config
     return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or ""
+
+
+def _plain_signature(gm: fx.GraphModule, slots: SlotExport | None) -> Signature:
+    """The graph as it is (with its adapter slots as extra inputs when exported with them)."""
+    input_names = list(info(gm).input_names or DEFAULT_INPUT_NAMES)
+    inputs = example_inputs(input_names, vocab_size(gm), batch=2, seq=8)
+    with torch.no_grad():
+        output_names = _output_names(gm(**inputs))
+    dynamic = {name: {0: "batch", 1: "sequence"} for name in input_names}
+    if slots:
+        inputs, dynamic = inputs | slots.example_inputs(batch=2), dynamic | slots.dynamic_shapes()
+    return Signature(slots.graph if slots else gm, inputs, dynamic, input_names, output_names, {},
+                     lambda path, _: _verify(gm, path, input_names, output_names, slots))
 
 
 def serving_metadata(gm: fx.GraphModule) -> dict[str, str]:
@@ -115,10 +124,10 @@ def serving_metadata(gm: fx.GraphModule) -> dict[str, str]:
     return props
 
 
-def _add_metadata(gm: fx.GraphModule, path: Path) -> None:
-    """The serving metadata travels inside the model."""
+def _add_metadata(gm: fx.GraphModule, path: Path, extra: dict[str, str]) -> None:
+    """The serving metadata travels inside the model (with what the export's signature adds)."""
     model = onnx.load(str(path), load_external_data=False)
-    onnx.helper.set_model_props(model, serving_metadata(gm))
+    onnx.helper.set_model_props(model, {**serving_metadata(gm), **extra})
     onnx.save(model, str(path))
 
 
@@ -152,7 +161,7 @@ def _refuse_clashes(gm: fx.GraphModule, path: Path) -> None:
 
 def export_onnx(gm: fx.GraphModule, path: str | Path, *, verify: bool = True, opset: int | None = None,
                 adapter_slots: bool = False, mixed_adapters: bool = False, max_rank: int = DEFAULT_MAX_RANK,
-                overwrite: bool = True) -> ExportReport:
+                cache: bool = False, overwrite: bool = True) -> ExportReport:
     """Exports `gm` (in eval mode) to ONNX, checks it, and verifies it against torch in ONNX Runtime.
 
     Inputs keep the graph's names (`input_ids`, `attention_mask`, ...), outputs are named from the
@@ -160,34 +169,34 @@ def export_onnx(gm: fx.GraphModule, path: str | Path, *, verify: bool = True, op
     The tokenizer is written beside the model (as Optimum does), the task and labels into its metadata.
     `adapter_slots` keeps the adapter unfolded as named inputs that default to no adapter (see
     `rewrite.onnx_adapters`); `mixed_adapters` stacks them and adds a per-row `adapter_index` input.
+    With `cache=True` a causal LM is exported for generation: past keys and values in, presents out
+    (see `rewrite.kv_cache`).
     """
     path = Path(path)
     _check_opset(opset)
     if any(p.device.type == "meta" for p in gm.parameters()):
         raise RewriteError("the graph was captured on the meta device (no weights); capture it with weights to export")
+    if cache and (adapter_slots or mixed_adapters):
+        raise RewriteError("an export with a KV cache cannot have adapter slots yet; export with one or the other")
     if not overwrite:
         _refuse_clashes(gm, path)
-    input_names = list(info(gm).input_names or DEFAULT_INPUT_NAMES)
-    inputs = example_inputs(input_names, _vocab_size(gm), batch=2, seq=8)
     was_training = gm.training
     gm.eval()
     try:
-        with torch.no_grad():
-            output_names = _output_names(gm(**inputs))
-        dynamic = {name: {0: "batch", 1: "sequence"} for name in input_names}
         slots = SlotExport(gm, mixed=mixed_adapters, max_rank=max_rank) if adapter_slots or mixed_adapters else None
-        if slots:
-            inputs, dynamic = inputs | slots.example_inputs(batch=2), dynamic | slots.dynamic_shapes()
+        signature = kv_cache.signature(gm) if cache else _plain_signature(gm, slots)
         program = torch.onnx.export(
-            slots.graph if slots else gm, (), kwargs=inputs, dynamic_shapes=dynamic, output_names=output_names,
+            signature.module, (), kwargs=signature.inputs, dynamic_shapes=signature.dynamic,
+            input_names=signature.onnx_input_names, output_names=signature.output_names,
             dynamo=True, opset_version=opset, verbose=False,
         )
         large = sum(p.numel() * p.element_size() for p in gm.parameters()) > PROTOBUF_LIMIT
         with atomic_dir_files(path.parent, overwrite=overwrite) as tmp:
             staged = tmp / path.name
             program.save(staged, external_data=large)
+            del program
             _check_written_opset(staged, opset)
-            _add_metadata(gm, staged)
+            _add_metadata(gm, staged, signature.metadata)
             if slots:
                 slots.finish(staged)
             onnx.checker.check_model(str(staged))
@@ -196,8 +205,8 @@ def export_onnx(gm: fx.GraphModule, path: str | Path, *, verify: bool = True, op
                 tokenizer.save_pretrained(tmp)
             diff = tolerance = provider = None
             if verify:
-                diff, tolerance, provider = _verify(gm, staged, input_names, output_names, slots)
+                diff, tolerance, provider = signature.verify(staged, compare)
                 log.info("ONNX Runtime (%s) matches torch: max abs diff %.3g", provider, diff)
     finally:
         gm.train(was_training)
-    return ExportReport(path, input_names, output_names, diff, tolerance, provider)
+    return ExportReport(path, signature.input_names, signature.output_names, diff, tolerance, provider)

@@ -17,6 +17,8 @@ pass. Every hook has a default that does nothing, so a new pass overrides only w
 - `adapter_slots(gm, runs)`, `prepare_slots(gm, runs)`, `slot_values(config, weights)`: the tensors an
   ONNX export exposes as inputs that adapter files fill, how the exported copy reads them, and a PEFT
   adapter's tensors as slot values (`rewrite.adapter_slots`).
+- `cache_prefix(gm, runs)`: embeddings the pass put in front of every input, which an export with a KV
+  cache turns into a constant cache prefix instead of replaying the pass (`rewrite.kv_cache`).
 
 How text becomes input ids, and what else the graph now is (task, trainable parameters,
 prepended positions, an input template), a pass writes into the typed `GraphInfo`.
@@ -150,6 +152,15 @@ class Pass(PassBase):
     def slot_values(cls, config: dict[str, Any], weights: dict[str, Any]) -> dict[str, Any]:
         """A PEFT adapter of one of `peft_types` as the tensors that fill this pass's slots (and its head's)."""
         raise RewriteError(f"pass {cls.name!r} does not convert PEFT adapters for adapter slots")
+
+    @classmethod
+    def cache_prefix(cls, gm: fx.GraphModule, runs: Sequence["Pass"]) -> Any:
+        """Embeddings `[n, hidden]` the runs put in front of every input of `gm`, or None.
+
+        A KV-cache export replays every pass on the model re-captured with a cache, except one that
+        returns a prefix here: its tokens enter the cache once, as a constant prefix.
+        """
+        return None
 
 
 def register(cls: type[Pass]) -> type[Pass]:

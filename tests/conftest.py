@@ -25,6 +25,12 @@ def tiny_config(arch: str):
                                        bos_token_id=0, eos_token_id=0, **common)
     if arch == "bloom":
         return transformers.BloomConfig(hidden_size=64, n_layer=2, n_head=4, **common)
+    if arch == "opt":
+        return transformers.OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                                      max_position_embeddings=64, word_embed_proj_dim=64, **common)
+    if arch == "qwen2":
+        return transformers.Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, **common)
     if arch == "gpt_neox":
         return transformers.GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                           num_attention_heads=4, max_position_embeddings=64, **common)

@@ -1,0 +1,28 @@
+"""`rewrite run model.onnx --generate`: text from a model exported with a KV cache, streamed as it comes."""
+from __future__ import annotations
+
+import numpy as np
+
+from rewrite.cli.common import out
+from rewrite.generate import CachedModel, Sampling, stream
+
+
+def print_generation(model_path: str, texts: list[str], tokenizer_dir: str | None, max_new_tokens: int,
+                     sampling: Sampling) -> None:
+    """One text: its continuation is printed token by token; several: each once all are done."""
+    model = CachedModel(model_path, tokenizer_dir)
+    steps = []
+    shown = [""] * len(texts)
+    for tokens, _ in stream(model, texts, max_new_tokens=max_new_tokens, sampling=sampling):
+        steps.append(tokens)
+        if len(texts) == 1:
+            text = model.tokenizer.decode(np.stack(steps, 1)[0], skip_special_tokens=True)
+            out.file.write(text[len(shown[0]):])
+            out.file.flush()
+            shown[0] = text
+    if len(texts) == 1:
+        out.file.write("\n")
+        return
+    for text, completion in zip(texts, model.tokenizer.batch_decode(np.stack(steps, 1), skip_special_tokens=True)):
+        out.print(f"[bold]{text}[/bold]", end="")
+        out.print(completion, markup=False, highlight=False)
