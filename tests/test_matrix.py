@@ -138,9 +138,12 @@ def check_p_tuning_adapter(arch, task, base, tmp_path):
                                  encoder_reparameterization_type="MLP", **dims(gm))
     peft_model = get_peft_model(copy.deepcopy(model), config)
     randomize(peft_model, seed=3)
-    peft_model.save_pretrained(tmp_path)
-    rewrite.load_adapter(gm, tmp_path)
+    peft_model.save_pretrained(tmp_path / "peft")
+    rewrite.load_adapter(gm, tmp_path / "peft")
     assert_same(gm, peft_model.eval(), arch, fresh(arch))
+    # back to PEFT: the trained encoder's output table, PEFT's own inference-time form of a P-tuning adapter
+    rewrite.save_adapter(gm, tmp_path / "ours")
+    assert_same(gm, PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "ours").eval(), arch, fresh(arch))
 
 
 def check_ptuning(arch, task, base, tmp_path):
