@@ -47,15 +47,6 @@ TOKEN_LEVEL_TASKS = ("causal-lm", "masked-lm", "feature-extraction")
 _PREFIX_FILL = {"attention_mask": 1, "token_type_ids": 0}
 
 
-def position_limit(gm: fx.GraphModule) -> int | None:
-    """The model's position limit from its config (`max_position_embeddings`, GPT-2's `n_positions`)."""
-    config = info(gm).config
-    for key in ("max_position_embeddings", "n_positions"):
-        if getattr(config, key, None):
-            return int(getattr(config, key))
-    return None
-
-
 def _prompt_init(choice: str | None, init_text: str | None) -> str:
     """`text` when an init text is given, else `random`; a contradicting explicit choice is an error."""
     init = choice or ("text" if init_text else "random")
@@ -147,7 +138,7 @@ class PromptPass(Pass):
                 f"prompt tuning cannot extend the graph input {', '.join(map(repr, unknown))}; it extends input_ids, "
                 "attention_mask, token_type_ids and labels (capture without the others, as PEFT ignores position_ids)"
             )
-        limit = position_limit(gm)
+        limit = info(gm).position_limit
         if limit is not None and self.num_virtual_tokens >= limit:
             raise RewriteError(
                 f"{self.num_virtual_tokens} virtual tokens leave no room for input in the model's {limit} positions; "
@@ -165,7 +156,7 @@ class PromptPass(Pass):
                 extended = _extension(emit, name, node, self.num_virtual_tokens, info(gm).task)
                 if extended is not None:
                     emit.redirect(node, extended)
-            limit = position_limit(gm)
+            limit = info(gm).position_limit
             if limit is not None:
                 self._assert_fits(emit, inputs["input_ids"], limit)
 

@@ -92,12 +92,6 @@ def _verify(gm: fx.GraphModule, model_path: Path, input_names: list[str], output
     return worst, tolerance, sess.get_providers()[0]
 
 
-def _max_positions(graph_info) -> int | str:
-    """The positions the model reads (so `rewrite run` can cut longer texts), or "" when its config does not say."""
-    config = graph_info.config
-    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or ""
-
-
 def _plain_signature(gm: fx.GraphModule, slots: SlotExport | None) -> Signature:
     """The graph as it is (with its adapter slots as extra inputs when exported with them)."""
     input_names = list(info(gm).input_names or DEFAULT_INPUT_NAMES)
@@ -117,7 +111,7 @@ def serving_metadata(gm: fx.GraphModule) -> dict[str, str]:
     graph_info = info(gm)
     labels = getattr(graph_info.config, "id2label", None) or {}
     props = {TASK_KEY: graph_info.task or "", LABELS_KEY: json.dumps({int(k): v for k, v in labels.items()}),
-             PREPENDED_KEY: str(graph_info.prepended_positions), POSITIONS_KEY: str(_max_positions(graph_info)),
+             PREPENDED_KEY: str(graph_info.prepended_positions), POSITIONS_KEY: str(graph_info.position_limit or ""),
              UNTRAINED_KEY: ", ".join(graph_info.get("untrained", []))}
     for cls, runs in applied(gm):
         props.update(cls.serving_metadata(gm, runs))

@@ -20,6 +20,7 @@ from rewrite import runtime
 from rewrite.errors import RewriteError
 from rewrite.kv_cache import CacheLayout, empty_past, feed
 from rewrite.predict import _encode, _model_props, _tokenizer
+from rewrite.signature import POSITIONS_KEY
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,7 @@ class CachedModel:
             )
         self.layout = CacheLayout(**json.loads(self.props["rewrite.cache"]))
         self.special = json.loads(self.props["rewrite.special_ids"])
-        limit = self.props.get("rewrite.position_limit")
+        limit = self.props.get(POSITIONS_KEY)
         self.limit = int(limit) if limit else None
         self.path, self.tokenizer_dir = path, tokenizer_dir
         self.session = runtime.session(path, threads)

@@ -52,6 +52,15 @@ class GraphInfo:
 
     OBJECTS = ("config", "tokenizer")  # not JSON: archives store them as Hugging Face directories
 
+    @property
+    def position_limit(self) -> int | None:
+        """The longest sequence the model's learned or rotary positions allow (`max_position_embeddings`,
+        GPT-2's `n_positions`); None when the config sets none (alibi and other unbounded schemes)."""
+        for key in ("max_position_embeddings", "n_positions"):
+            if getattr(self.config, key, None):
+                return int(getattr(self.config, key))
+        return None
+
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "GraphInfo":
         """From an archive header or a plain dict; unknown keys are kept in `extra`."""

@@ -282,12 +282,6 @@ def empty_past(layout: CacheLayout, batch: int) -> list[np.ndarray]:
     return [np.zeros(shape, dtype=layout.dtype) for _ in layout.past_names()]
 
 
-def position_limit(config) -> int | None:
-    """The longest sequence the model's positions allow (None for alibi and other unbounded schemes)."""
-    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    return int(limit) if limit else None
-
-
 def _special_ids(gm: fx.GraphModule) -> dict[str, Any]:
     """End-of-sequence, padding and start ids, as Hugging Face's `generate` reads them (padding falls back
     to the end-of-sequence id)."""
@@ -303,10 +297,10 @@ def _special_ids(gm: fx.GraphModule) -> dict[str, Any]:
 
 
 def metadata(gm: fx.GraphModule, layout: CacheLayout) -> dict[str, str]:
-    """The cache layout, special ids and position limit; outputs hold no virtual positions (they are in the cache)."""
-    limit = position_limit(info(gm).config)
+    """The cache layout and special ids; outputs hold no virtual positions (they are in the cache). The
+    position limit is the plain export's (`rewrite.signature.POSITIONS_KEY`)."""
     return {"rewrite.cache": json.dumps(dataclasses.asdict(layout)), "rewrite.special_ids": json.dumps(_special_ids(gm)),
-            "rewrite.position_limit": "" if limit is None else str(limit), PREPENDED_KEY: "0"}
+            PREPENDED_KEY: "0"}
 
 
 def _logits(gm: fx.GraphModule, ids: torch.Tensor) -> torch.Tensor:
