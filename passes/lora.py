@@ -6,9 +6,8 @@ off the graph by `rewrite.graph`). With neither, the default is roles q and v. T
 live at `<module path>.lora_A.weight` / `.lora_B.weight`, PEFT's names, and adapter files are PEFT's
 LORA (`adapter_config.json` + `base_model.model.<path>.lora_A.weight` ...), in both directions.
 
-Fold merges each branch into its base weight, `W0 += scale * B @ A` (summed in fp32 and cast back to
-W0's dtype, transposed for `[in, out]` weights such as GPT-2's Conv1D), and erases the branch: a
-folded graph is node for node the base capture, so deployment pays nothing.
+Fold merges each branch into its base weight, `W0 += scale * B @ A`, and erases the branch
+(`rewrite.low_rank`): a folded graph is node for node the base capture, so deployment pays nothing.
 """
 from __future__ import annotations
 
@@ -25,9 +24,10 @@ from rewrite.adapter import PREFIX, adapter_base, peft_task_type, saved_modules
 from rewrite.adapter_slots import RANK, Slot, dtype_name
 from rewrite.errors import RewriteError
 from rewrite.graph import GraphQuery, Projection, matches_module
-from rewrite.ir import add_submodule, info, remove_submodule, tag, tensor_at
+from rewrite.ir import add_submodule, info, tag, tensor_at
+from rewrite.low_rank import merge_branches
 from rewrite.nodes import NodeBuilder
-from rewrite.params import forget_trainable, mark_trainable, trainable_heads
+from rewrite.params import mark_trainable, trainable_heads
 from rewrite.pipeline import AdapterFiles, Folded, Pass, Pipeline, option, register
 
 aten = torch.ops.aten
@@ -300,52 +300,13 @@ class LoraPass(Pass):
     @classmethod
     def fold(cls, gm: fx.GraphModule, runs: Sequence["LoraPass"]) -> Folded | None:
         """Merges and erases every LoRA branch; the fold report lists their module paths under `folded`."""
-        folded = fold_lora(gm)
+        folded = merge_branches(gm, cls.name)
         return Folded("folded", folded, f"{len(folded)} LoRA branches") if folded else None
 
 
 def _graph_name(key: str) -> str:
     """A PEFT adapter key as the graph's tensor name."""
     return key.removeprefix(PREFIX).replace(".default.", ".")
-
-
-def _merged_weight(gm: fx.GraphModule, path: str, weight: str, scale: float, transposed: bool) -> torch.Tensor:
-    base = tensor_at(gm, weight)
-    lora_a = tensor_at(gm, f"{path}.lora_A.weight").detach().float()
-    lora_b = tensor_at(gm, f"{path}.lora_B.weight").detach().float()
-    delta = scale * (lora_b @ lora_a)
-    merged = base.detach().float() + (delta.T if transposed else delta)
-    if merged.device.type != "meta" and not torch.isfinite(merged).all():
-        raise RewriteError(f"folding the LoRA branch of {path} gives non-finite weights; the adapter is corrupt")
-    return merged.to(base.dtype)
-
-
-def _erase_branches(gm: fx.GraphModule, adds: list[fx.Node]) -> None:
-    paths = {tag(add)["target"] for add in adds}
-    for add in adds:
-        add.replace_all_uses_with(add.args[0])
-    for node in reversed(list(gm.graph.nodes)):
-        if tag(node).get("pass") == LoraPass.name and tag(node).get("target") in paths:
-            gm.graph.erase_node(node)
-
-
-def fold_lora(gm: fx.GraphModule) -> list[str]:
-    """Merges and erases every LoRA branch; returns the module paths folded."""
-    adds = [n for n in gm.graph.nodes if tag(n).get("lora_add")]
-    sites: dict[str, fx.Node] = {}
-    for add in adds:
-        sites.setdefault(tag(add)["target"], add)
-    merged = {path: _merged_weight(gm, path, tag(add)["weight"], tag(add)["scale"], tag(add)["transposed"])
-              for path, add in sites.items()}
-    for path, weight in merged.items():
-        with torch.no_grad():
-            tensor_at(gm, tag(sites[path])["weight"]).copy_(weight)
-    _erase_branches(gm, adds)
-    for path in sites:
-        remove_submodule(gm, f"{path}.lora_A")
-        remove_submodule(gm, f"{path}.lora_B")
-    forget_trainable(gm, [f"{path}.{ab}.weight" for path in sites for ab in ("lora_A", "lora_B")])
-    return list(sites)
 
 
 def _check_fits(gm: fx.GraphModule, projections: list[Projection], ranks: dict[str, int]) -> None:

@@ -4,7 +4,7 @@ capture -> passes (LoRA, prompts, verbalizer, ...) -> train -> fold -> ONNX, on 
 captured by `torch.export`. The layers, each importing only from the ones below it:
 
 1. engine (`rewrite/`): the IR and its typed info (`ir`), capture (`capture`, `synthetic_inputs`),
-   graph queries (`graph`), graph building (`nodes`, `row_gather`, `prompt_table`, `modes`), the
+   graph queries (`graph`), graph building (`nodes`, `row_gather`, `prompt_table`, `modes`, `low_rank`: merging low-rank branches), the
    pass protocol, registry and pipeline (`pipeline`, `options`), training (`train`, its `losses`,
    `data`, `batches`, `checkpoint`, `distributed`, `params`), adapter files (`adapter`), archives
    (`archive`, `atomic`), export and serving (`export`, `runtime`, `predict`), templates, label words
