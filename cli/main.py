@@ -24,6 +24,7 @@ COMMANDS = {
     "train": ("rewrite.cli.train", "train", "Train a graph's adapter on a data file."),
     "demo": ("rewrite.cli.train", "demo", "MiniLM + LoRA on shipped SST-2 data, end to end to ONNX."),
     "pet": ("rewrite.cli.pet", "pet_command", "Pattern-Exploiting Training: PVP models, distillation, ONNX."),
+    "mlm-head": ("rewrite.cli.mlm_head", "mlm_head_command", "Fit a checkpoint's missing masked-LM head on unlabeled text."),
     "adapter": ("rewrite.cli.adapter", "adapter", "Adapter files for models exported with adapter slots."),
 }
 

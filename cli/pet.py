@@ -73,11 +73,15 @@ def _config(options: dict) -> pet.PetConfig:
 @click.option("--temperature", type=float, default=2.0, show_default=True, help="Distillation temperature.")
 @click.option("--reduction", type=click.Choice(pet.REDUCTIONS), default="wmean", show_default=True,
               help="Ensemble weights: accuracy before training (wmean) or equal (mean).")
+@click.option("--export", "export_choice", type=click.Choice(pet.EXPORTS), default="auto", show_default=True,
+              help="Model written to model.onnx: the distilled classifier, the PVP model best on --eval, or auto "
+                   "(the better of the two on --eval; distilled without --eval).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when available).")
 def pet_command(model_dir: str, pvp_file: str, train_file: str | None, unlabeled_file: str | None,
                 eval_file: str | None, output_dir: str, zero_shot: bool, text_field: str, pair_field: str | None,
-                label_field: str, columns: tuple[str, ...] | None, unlabeled_limit: int | None, **options) -> None:
+                label_field: str, columns: tuple[str, ...] | None, unlabeled_limit: int | None, export_choice: str,
+                **options) -> None:
     """Pattern-Exploiting Training: PVP models on the labeled rows, soft labels on the unlabeled rows,
     a distilled classifier exported to ONNX (folded, verified). Logs per-PVP and final accuracy."""
     pvps = labels.load_pvps(pvp_file)
@@ -99,6 +103,8 @@ def pet_command(model_dir: str, pvp_file: str, train_file: str | None, unlabeled
         return
     if not train_file or not unlabeled_file:
         raise RewriteError("PET trains on --train and distills on --unlabeled; give both (or --zero-shot)")
+    if export_choice == "best-pvp" and not eval_file:
+        raise RewriteError("--export best-pvp picks the PVP model by its accuracy on --eval; give an evaluation file")
     labeled = pet.read_data(train_file, pvps, fields, labeled=True)
     unlabeled = pet.read_data(unlabeled_file, pvps, fields, labeled=False, limit=unlabeled_limit)
     eval_set = pet.read_data(eval_file, pvps, fields, labeled=True) if eval_file else None
@@ -111,7 +117,8 @@ def pet_command(model_dir: str, pvp_file: str, train_file: str | None, unlabeled
     if result.final_accuracy is not None:
         out.print(f"ensemble: eval accuracy {result.ensemble_accuracy:.4f}")
         out.print(f"final classifier: eval accuracy {result.final_accuracy:.4f}")
-    apply(result.final, "fold")
-    report = export_onnx(result.final, output / "model.onnx")
-    console.print(f"wrote {report.path} (ONNX Runtime vs torch: max abs diff {report.max_abs_diff:.3g})")
-    console.print(f"wrote {_write_results(output, result.summary())}")
+    model, why = pet.exported_model(result, export_choice)
+    apply(model, "fold")
+    report = export_onnx(model, output / "model.onnx")
+    console.print(f"wrote {report.path}: {why} (ONNX Runtime vs torch: max abs diff {report.max_abs_diff:.3g})")
+    console.print(f"wrote {_write_results(output, {**result.summary(), 'exported': why})}")

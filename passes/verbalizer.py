@@ -37,8 +37,9 @@ import logging
 import operator
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, Sequence
 
+import numpy as np
 import torch
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassResult
@@ -48,16 +49,19 @@ from rewrite.capture import saved_tensor_names
 from rewrite.errors import RewriteError
 from rewrite.graph import MlmHead, find_mlm_head
 from rewrite.ir import add_submodule, info, require_tokenizer, tensor_at
-from rewrite.labels import Aggregation, averaging_matrix, label_word_ids, read_label_words
+from rewrite.data import Example
+from rewrite.labels import PVP, Aggregation, averaging_matrix, label_word_ids, read_label_words
 from rewrite.nodes import NodeBuilder, set_output
 from rewrite.params import canonical_names, mark_trainable
 from rewrite.pipeline import Pass, option, register
 from rewrite.row_gather import rows_at
+from rewrite.signature import POSITIONS_KEY
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
 
 OPENPROMPT_EPSILON = 1e-15
+PATTERN_KEY = "rewrite.pattern"
 # A LayerNorm-ed encoder's hidden states are O(1) (MiniLM's lie within +-6): shifted by 10, GELU is
 # the identity to within 3e-7 relative, and the LayerNorm after it removes the shift exactly.
 TIED_SHIFT = 10.0
@@ -212,6 +216,9 @@ class VerbalizerPass(Pass):
     mlm_head: Literal["auto", "pretrained", "tied"] = option(
         "auto", "auto (tied when the checkpoint lacks MLM-head weights), pretrained, or tied (built from embeddings)")
     mlm_logits: bool = option(False, "also output full-vocabulary MLM logits (for PET's auxiliary MLM loss)")
+    pattern: str | None = option(
+        None, "the cloze pattern ({text_a}, {text_b}, one [MASK]) inputs are written in: an exported model carries it, "
+              "so `rewrite run` writes raw text through it")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -282,3 +289,17 @@ class VerbalizerPass(Pass):
             ),
         }
         return PassResult(gm, True)
+
+    @classmethod
+    def serving_metadata(cls, gm: fx.GraphModule, runs: Sequence["VerbalizerPass"]) -> dict[str, str]:
+        return {PATTERN_KEY: runs[-1].pattern} if runs[-1].pattern else {}
+
+    @classmethod
+    def serving_inputs(cls, props: dict[str, str], tokenizer, texts: list[str]) -> dict[str, Any] | None:
+        """Each text written through the pattern, its text cut (never the pattern) to the model's positions."""
+        if PATTERN_KEY not in props:
+            return None
+        pvp = PVP("served", props[PATTERN_KEY], {})
+        limit = int(props.get(POSITIONS_KEY) or tokenizer.model_max_length)
+        rendered = [pvp.render(Example(text, None, None, f"text {i + 1}"), tokenizer, limit) for i, text in enumerate(texts)]
+        return {k: v.astype(np.int64) for k, v in tokenizer(rendered, padding=True, return_tensors="np").items()}

@@ -70,7 +70,15 @@ def task_loss(outputs, batch: dict[str, torch.Tensor], task: str, prepended: int
     return loss_sum(outputs, batch["labels"], task, prepended) / max(item_count(batch["labels"], task, prepended), 1)
 
 
-def accuracy_counts(outputs, labels: torch.Tensor) -> tuple[int, int]:
-    predicted = logits_of(outputs).argmax(-1)
-    target = labels.argmax(-1) if labels.is_floating_point() else labels
-    return int((predicted == target).sum()), labels.shape[0]
+def accuracy_counts(outputs, labels: torch.Tensor, task: str = CLASSIFICATION, prepended: int = 0) -> tuple[int, int]:
+    """(correct, scored): examples for classification, target tokens for language modeling (the
+    masked positions of a masked LM, the next tokens of a causal LM)."""
+    logits = logits_of(outputs)
+    if task == CLASSIFICATION:
+        target = labels.argmax(-1) if labels.is_floating_point() else labels
+        return int((logits.argmax(-1) == target).sum()), labels.shape[0]
+    labels = _aligned(labels, logits, prepended)
+    if task == "causal-lm":
+        labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    chosen = labels != IGNORE_INDEX
+    return int((logits[chosen].argmax(-1) == labels[chosen]).sum()), int(chosen.sum())

@@ -267,10 +267,9 @@ class _Objective:
 
     def eval_sums(self, model: nn.Module, dataset: _Data, indices: Sequence[int], batch_size: int,
                   seed: int) -> torch.Tensor:
-        """[loss sum, loss items, correct, examples] over `indices` of `dataset`, without gradients."""
+        """[loss sum, loss items, correct, scored] over `indices` of `dataset`, without gradients."""
         def counts(batch: dict[str, torch.Tensor], outputs) -> list[float]:
-            correct, examples = (accuracy_counts(outputs, batch["labels"]) if self.task == CLASSIFICATION
-                                 else (0, 0))
+            correct, examples = accuracy_counts(outputs, batch["labels"], self.task, self.prepended)
             return [float(self.loss(outputs, batch)), self.items(batch), correct, examples]
 
         chunks = (dataset.batch(chunk, mask_seed=_seed(seed, -1, number))
@@ -281,11 +280,8 @@ class _Objective:
         return sums
 
     def metrics(self, sums: torch.Tensor) -> dict[str, float]:
-        loss_sum, items, correct, examples = sums.tolist()
-        metrics = {"loss": loss_sum / max(items, 1.0)}
-        if self.task == CLASSIFICATION:
-            metrics["accuracy"] = correct / max(examples, 1.0)
-        return metrics
+        loss_sum, items, correct, scored = sums.tolist()
+        return {"loss": loss_sum / max(items, 1.0), "accuracy": correct / max(scored, 1.0)}
 
 
 # ---------------------------------------------------------------- the run
@@ -544,8 +540,8 @@ def train(
 
 def evaluate(gm: fx.GraphModule, eval_data: DataSource, *, config: TrainConfig,
              loss_fn: LossFn | None = None) -> dict[str, float]:
-    """Eval-mode loss (and accuracy for classification) of `gm` on a data set, in this process,
-    on the device its parameters are on."""
+    """Eval-mode loss and accuracy (of examples; of target tokens for LM tasks) of `gm` on a data set,
+    in this process, on the device its parameters are on."""
     task = _task(gm, config)
     dataset = _load_data(gm, eval_data, config, task)
     objective = _objective(gm, config, task, loss_fn, next(gm.parameters()).device)

@@ -207,6 +207,39 @@ def test_pet_recipe_end_to_end(headless_dir, pvps):
     assert json.dumps(result.summary())
 
 
+def _fake_result(final: float | None, pvp_scores: list[float]) -> pet.PetResult:
+    models = [pet.PatternModel(labels.PVP(f"p{i}", "{text_a} It was [MASK] .", {"0": ["bad"], "1": ["good"]}),
+                               f"graph {i}", 1.0, eval_accuracy=score) for i, score in enumerate(pvp_scores)]
+    return pet.PetResult([models], None, "distilled graph", final)
+
+
+def test_export_choice_takes_the_best_pvp_model_only_when_it_beats_distillation():
+    assert pet.exported_model(_fake_result(0.60, [0.70, 0.65]), "auto")[0] == "graph 0"
+    assert pet.exported_model(_fake_result(0.72, [0.70, 0.65]), "auto")[0] == "distilled graph"
+    assert pet.exported_model(_fake_result(0.72, [0.70, 0.75]), "best-pvp")[0] == "graph 1"
+    assert pet.exported_model(_fake_result(0.50, [0.70]), "distilled")[0] == "distilled graph"
+    assert pet.exported_model(_fake_result(None, [None]), "auto")[0] == "distilled graph"
+    with pytest.raises(RewriteError, match="evaluation set"):
+        pet.exported_model(_fake_result(None, [None]), "best-pvp")
+
+
+def test_exported_pvp_model_serves_raw_text_through_its_pattern(headless_dir, pvps, tmp_path):
+    from rewrite.predict import predict
+
+    labeled = pet.read_data(DATA / "train.tsv", pvps, FIELDS, labeled=True)
+    best = pet.train_pattern_model(pet.capture_masked_lm(headless_dir), pvps[1], labeled, _quick(), seed=1)
+    texts = ["a gorgeous , witty film", "dull and tedious"]
+    rows = [Example(text, None, 0, "row") for text in texts]
+    expected = torch.softmax(pet.predict_logits(best.graph, pet.patterned(pvps[1], rows, info(best.graph).tokenizer,
+                                                                          128), 8), dim=-1)
+    rewrite.apply(best.graph, "fold")
+    rewrite.export_onnx(best.graph, tmp_path / "model.onnx")
+    served = predict(tmp_path / "model.onnx", texts, tokenizer_dir=str(headless_dir), top_k=2)
+    for probabilities, predictions in zip(expected, served):
+        for label, probability in predictions:
+            assert probability == pytest.approx(float(probabilities[int(label)]), abs=1e-5)
+
+
 def _rewrite(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", "from rewrite.cli.main import main; main()", *args],
                           capture_output=True, text=True)
@@ -249,6 +282,9 @@ def test_cli_pet_bad_input_exits_2(tiny_mlm_dir, tmp_path):
     assert done.returncode == 2 and "--zero-shot evaluates on --eval" in done.stderr
     done = _rewrite("pet", *common, "--train", str(DATA / "train.tsv"))
     assert done.returncode == 2 and "give both (or --zero-shot)" in done.stderr
+    done = _rewrite("pet", *common, "--train", str(DATA / "train.tsv"), "--unlabeled", str(DATA / "unlabeled.tsv"),
+                    "--export", "best-pvp")
+    assert done.returncode == 2 and "--eval" in done.stderr
     assert not (tmp_path / "results.json").exists()
 
 

@@ -62,6 +62,8 @@ log = logging.getLogger(__name__)
 
 Reduction = Literal["wmean", "mean"]  # ensemble weights: accuracy before training, or equal
 REDUCTIONS: tuple[str, ...] = Reduction.__args__
+Export = Literal["auto", "distilled", "best-pvp"]  # which model `rewrite pet` exports
+EXPORTS: tuple[str, ...] = Export.__args__
 
 
 # ---------------------------------------------------------------- patterns
@@ -158,7 +160,7 @@ def pattern_graph(base: RewriteGraph, pvp: PVP, config: PetConfig, *, lora: bool
         gm = copy.deepcopy(base)
     if lora:
         apply(gm, "lora", **config.lora)
-    apply(gm, "verbalizer", labels=pvp.labels, aggregation=config.aggregation, mlm_logits=mlm_logits)
+    apply(gm, "verbalizer", labels=pvp.labels, aggregation=config.aggregation, mlm_logits=mlm_logits, pattern=pvp.pattern)
     return gm
 
 
@@ -378,6 +380,21 @@ def run_pet(model_dir: str | Path, pvps: Sequence[PVP], labeled: Sequence[Exampl
     if final_accuracy is not None:
         log.info("distilled classifier: eval accuracy %.4f", final_accuracy)
     return PetResult(generations, ensemble, final, final_accuracy)
+
+
+def exported_model(result: PetResult, choice: Export) -> tuple[RewriteGraph, str]:
+    """The model to deploy, and why: PET's distilled classifier, or the PVP model that scored best on the
+    evaluation set (`best-pvp`; `auto` takes it only when it beats the distilled classifier there)."""
+    if choice == "distilled" or (choice == "auto" and result.final_accuracy is None):
+        return result.final, "the distilled classifier"
+    if result.final_accuracy is None:
+        raise RewriteError("exporting the best PVP model picks it by accuracy on an evaluation set; give one (--eval)")
+    best = max(result.generations[-1], key=lambda m: m.eval_accuracy)
+    scores = (f"on the evaluation set: distilled classifier {result.final_accuracy:.4f}, "
+              f"best PVP model {best.pvp.name} {best.eval_accuracy:.4f}")
+    if choice == "auto" and result.final_accuracy >= best.eval_accuracy:
+        return result.final, f"the distilled classifier ({scores})"
+    return best.graph, f"PVP model {best.pvp.name}, which serves raw text through its pattern ({scores})"
 
 
 def read_data(path: str | Path, pvps: Sequence[PVP], fields: Fields, *, labeled: bool,
