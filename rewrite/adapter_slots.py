@@ -207,8 +207,29 @@ def _per_row_linear(gm: fx.GraphModule, linear: fx.Node, rows: dict[str, fx.Node
     graph.erase_node(linear)
 
 
+def _per_row_table(gm: fx.GraphModule, user: fx.Node, rows: fx.Node) -> bool:
+    """A prompt table read per row, `rows` `[B, n, hidden]`: prompt tuning's `unsqueeze(table, 0)`, broadcast
+    over the batch, becomes the rows; P-tuning's lookup `embedding(table, slots)` reads each row's own table.
+    False for any other reader."""
+    graph = gm.graph
+    if user.target is aten.unsqueeze.default and user.args[1] == 0 and all(
+            u.target is aten.expand.default for u in user.users):
+        user.replace_all_uses_with(rows)
+    elif user.target is aten.embedding.default and user.args[0].op == "get_attr":
+        with graph.inserting_before(user):
+            width = graph.call_function(aten.sym_size.int, (rows, 2))
+            ids = graph.call_function(aten.unsqueeze.default, (user.args[1], -1))
+            ids = graph.call_function(aten.expand.default, (ids, [-1, -1, width]))
+            user.replace_all_uses_with(graph.call_function(aten.gather.default, (rows, 1, ids)))
+    else:
+        return False
+    graph.erase_node(user)
+    return True
+
+
 def per_row(gm: fx.GraphModule, stacked: dict[str, fx.Node], index: fx.Node) -> None:
-    """Every read of a slot becomes the rows `stacked[slot][adapter_index]`; linears over them run per row."""
+    """Every read of a slot becomes the rows `stacked[slot][adapter_index]`; linears over them run per row,
+    prompt tables are read per row."""
     graph = gm.graph
     rows = {}
     with graph.inserting_after(index):
@@ -217,11 +238,11 @@ def per_row(gm: fx.GraphModule, stacked: dict[str, fx.Node], index: fx.Node) -> 
     for name in stacked:
         for read in list(graph.find_nodes(op="get_attr", target=name)):
             for user in list(read.users):
-                if user.target is not aten.linear.default:
-                    raise RewriteError(f"slot {name} is read by {user.target}, not a linear layer; per-row adapters "
-                                       "cover linear weights such as LoRA branches and heads (export prompt tables "
-                                       "with --adapter-slots, one adapter per run)")
-                _per_row_linear(gm, user, rows, index)
+                if user.target is aten.linear.default:
+                    _per_row_linear(gm, user, rows, index)
+                elif not _per_row_table(gm, user, rows[name]):
+                    raise RewriteError(f"slot {name} is read by {user.target}, which has no per-row form; per-row "
+                                       "adapters cover linear weights (LoRA branches, heads) and prompt tables")
             graph.erase_node(read)
 
 
