@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import transformers
 
 import rewrite
@@ -17,6 +18,7 @@ from rewrite.generate import generate
 from rewrite.onnx_adapters import Adapters, export_adapter
 
 from helpers import peft_twin, randomize_lora
+from test_adapter_cli import run
 from test_kv_cache import TEXTS, byte_tokenizer, hf_generate, tiny_lm
 
 ADAPTERS = [(4, 8), (2, 4)]  # (rank, alpha): different ranks, so the mixed model pads them
@@ -96,7 +98,8 @@ def same(got, tokens: np.ndarray, logits: np.ndarray) -> None:
 def test_no_adapter_active_generates_as_the_base_model(served):
     base = transformers.AutoModelForCausalLM.from_pretrained(served.directory).eval()
     tokens, logits = hf_generate(base)
-    same(ours(served.model("slots")), tokens[:, :STEPS], logits[:, :STEPS])
+    for model in ("slots", "mixed"):  # rank-0 slots; every row on the mixed model's defaults
+        same(ours(served.model(model)), tokens[:, :STEPS], logits[:, :STEPS])
 
 
 @pytest.mark.parametrize("number", range(len(ADAPTERS)))
@@ -132,7 +135,7 @@ def cli(args: list, monkeypatch, capsys) -> tuple[int, str, str]:
     except SystemExit as exit_info:
         code = exit_info.code
     captured = capsys.readouterr()
-    return code, captured.out, captured.err.replace("\n", "")
+    return code, captured.out, " ".join(captured.err.split())  # rich wraps long sentences
 
 
 def test_cli_generates_with_an_adapter_and_with_mixed_adapters(llama, monkeypatch, capsys):
@@ -151,6 +154,8 @@ def test_cli_generates_with_an_adapter_and_with_mixed_adapters(llama, monkeypatc
     ("slots", ["--adapter", "missing.onnx_adapter"], "does not exist"),
     ("mixed", ["--adapters", "a0.onnx_adapter", "--adapter-index", "0,1"], "out of range for 1 adapters"),
     ("mixed", ["--adapter", "a0.onnx_adapter"], "takes stacked adapters"),
+    ("slots", ["--adapters", "a0.onnx_adapter"], "serves one adapter at a time"),
+    ("slots", ["--adapter-index", "0,0"], "picks among --adapters"),
     ("folded0", ["--adapter", "a0.onnx_adapter"], "has no adapter slots"),
 ])
 def test_bad_adapter_input_when_generating_is_one_sentence_and_exit_2(llama, model, args, message,
@@ -172,4 +177,39 @@ def test_prompt_table_slot_with_a_cache_is_refused_and_nothing_is_written(tmp_pa
         with pytest.raises(RewriteError, match="cannot take the prompt pass's prompt table as an adapter slot"):
             rewrite.export_onnx(gm, tmp_path / "out" / "model.onnx", cache=True, adapter_slots=not mixed,
                                 mixed_adapters=mixed)
+    rewrite.save(gm, tmp_path / "prompt.pt2")
+    result = run("export", tmp_path / "prompt.pt2", "--onnx", tmp_path / "out" / "model.onnx", "--with-cache",
+                 "--mixed-adapters")  # a fresh process: its log lines go to its own stderr
+    err = " ".join(result.stderr.split())
+    assert result.returncode == 2 and "stored as the cache's constant prefix" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_p_tuning_tables_ride_slots_of_a_cache_export_one_per_row(llama, tmp_path):
+    """P-tuning's lookup is replayed on the cached graph, so its table is an ordinary slot there."""
+    gm = rewrite.load_pretrained(llama.directory)
+    rewrite.apply(gm, "ptuning", template="[P] [P] {text} [P]", encoder="mlp")
+    rewrite.export_onnx(gm, tmp_path / "slots" / "model.onnx", cache=True, adapter_slots=True)
+    rewrite.export_onnx(gm, tmp_path / "mixed" / "model.onnx", cache=True, mixed_adapters=True)
+    files, folded = [], []
+    for number in range(2):
+        trained = copy.deepcopy(gm)
+        generator = torch.Generator().manual_seed(number)
+        with torch.no_grad():
+            for name, param in trained.named_parameters():
+                if name.startswith("prompt_encoder."):
+                    param.add_(torch.randn(param.shape, generator=generator) * 0.5)
+        rewrite.save(trained, tmp_path / f"p{number}.pt2")
+        files.append(str(export_adapter(tmp_path / f"p{number}.pt2", tmp_path / f"p{number}.onnx_adapter",
+                                        tmp_path / "slots" / "model.onnx")))
+        rewrite.apply(trained, "fold")
+        rewrite.export_onnx(trained, tmp_path / f"folded{number}" / "model.onnx", cache=True)
+        folded.append(ours(tmp_path / f"folded{number}" / "model.onnx"))
+    assert not np.array_equal(folded[0].token_ids, folded[1].token_ids), "the prompts change the text"
+    for number in range(2):
+        slotted = ours(tmp_path / "slots" / "model.onnx", adapters=Adapters(active=files[number]))
+        same(slotted, folded[number].token_ids, np.stack(folded[number].logits, 1))
+    mixed = ours(tmp_path / "mixed" / "model.onnx", adapters=Adapters(stacked=files, index=[1, 0]))
+    for row, number in enumerate([1, 0]):
+        np.testing.assert_array_equal(mixed.token_ids[row], folded[number].token_ids[row])
+        assert np.abs(np.stack(mixed.logits, 1)[row] - np.stack(folded[number].logits, 1)[row]).max() <= 1e-4
