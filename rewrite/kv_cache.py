@@ -15,7 +15,9 @@ keys and values depend on nothing but the trained table, so they are computed on
 constant prefix of every layer's cache inside the model (attended on every step, as PEFT's cache
 holds them after prefill; the cache the caller passes around holds only real tokens).
 
-One model serves prefill (past length 0) and decoding, as Optimum's merged decoder does.
+One model serves prefill (past length 0) and decoding, as Optimum's merged decoder does. Adapter slots
+(`rewrite.onnx_adapters`) go on the cached graph after the replay, named and checked as the plain export's;
+a prompt table cannot be one, since its prefix is computed here, at export.
 """
 from __future__ import annotations
 
