@@ -20,7 +20,7 @@ import numpy as np
 from rewrite import runtime
 from rewrite.errors import RewriteError
 from rewrite.kv_cache import CacheLayout, empty_past, feed
-from rewrite.onnx_adapters import Adapters
+from rewrite.onnx_adapters import METADATA, Adapters
 from rewrite.predict import _encode, _model_props, _tokenizer
 from rewrite.signature import POSITIONS_KEY
 
@@ -121,6 +121,12 @@ class CachedModel:
                 f"more than the model's {self.limit}; shorten the text or lower max_new_tokens"
             )
 
+    def adapter_feeds(self, rows: int) -> tuple:
+        """What `Adapters.run_inputs` gives for `rows` (a model without slots and no adapter files: nothing)."""
+        if METADATA not in self.props and self.adapters == Adapters():
+            return {}, None, None
+        return self.adapters.run_inputs(self.path, rows)
+
     def step(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: list[np.ndarray],
              adapter_feeds: tuple = ({}, None, None)):
         """Last-position logits and the new cache (`adapter_feeds`: what `Adapters.run_inputs` gave)."""
@@ -147,7 +153,7 @@ def stream_ids(model: CachedModel, ids: np.ndarray, mask: np.ndarray, *, max_new
     model.check_length(ids.shape[1], max_new_tokens)
     positions = np.where(mask == 0, 0, mask.cumsum(-1) - 1)
     past = empty_past(model.layout, ids.shape[0])
-    adapter_feeds = model.adapters.run_inputs(model.path, ids.shape[0])
+    adapter_feeds = model.adapter_feeds(ids.shape[0])
     rng = np.random.default_rng(sampling.seed)
     running = np.ones(ids.shape[0], dtype=bool)
     for _ in range(max_new_tokens):
