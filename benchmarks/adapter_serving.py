@@ -5,7 +5,10 @@ latency of the base export, one folded adapter, the slotted base with that adapt
 LoraAdapter), the slotted base with none, and one mixed batch whose 8 rows use 4 adapters vs the same rows
 through four folded sessions; then memory (RSS growth, each in a fresh process) of one slotted base + N
 adapter files vs N folded models (each folded model has the same size, so N copies of one stand in).
-LoRA r=8 on q, v with random B, so every adapter really changes the output.
+LoRA r=8 on q, v with random B, so every adapter really changes the output. A control, the same adapter
+exported unfolded with its A/B as constants, separates the branch's own arithmetic from what the slots
+(graph inputs, adapter binding) add. Each call is timed on the wall clock and in process CPU time; with
+`--threads 1` the CPU time is what the call computed, which other jobs on a shared machine disturb least.
 
     python benchmarks/adapter_serving.py [--rounds 20] [--adapters 10] [--models minilm,llama]
 """
@@ -64,22 +67,26 @@ def build(base, directory: Path) -> dict[str, Path]:
         rewrite.save(trained, directory / f"trained{number}.pt2")
         paths[f"adapter{number}"] = export_adapter(directory / f"trained{number}.pt2",
                                                    directory / f"a{number}.onnx_adapter", paths["slots"])
+        if number == 0:
+            paths["unfolded"] = directory / "unfolded" / "model.onnx"
+            rewrite.export_onnx(trained, paths["unfolded"])
         rewrite.apply(trained, "fold")
         paths[f"folded{number}"] = directory / f"folded{number}" / "model.onnx"
         rewrite.export_onnx(trained, paths[f"folded{number}"])
     return paths
 
 
-def latencies(paths: dict[str, Path], inputs: dict, rounds: int, threads: int) -> dict[str, float]:
-    """Median seconds per batch of 8; variants interleaved each round so machine noise hits all alike."""
+def latencies(paths: dict[str, Path], inputs: dict, rounds: int, threads: int, clock) -> dict[str, float]:
+    """Median seconds per batch of 8 on `clock`; variants interleaved each round so machine noise hits all alike."""
     sess = {name: runtime.session(paths[name], threads=threads)
-            for name in ["base", "slots", "mixed", *(f"folded{i}" for i in range(MIXED))]}
+            for name in ["base", "slots", "mixed", "unfolded", *(f"folded{i}" for i in range(MIXED))]}
     active, _adapter = Adapters(active=str(paths["adapter0"])).run_inputs(paths["slots"], 8)[1:]
     mixed = stacked_feeds([paths[f"adapter{i}"] for i in range(MIXED)], paths["mixed"], ROWS)
     split = [{k: v[i::MIXED] for k, v in inputs.items()} for i in range(MIXED)]  # row r uses adapter r % 4
     variants = {
         "base": lambda: runtime.run(sess["base"], inputs),
         "folded": lambda: runtime.run(sess["folded0"], inputs),
+        "unfolded, A/B constant": lambda: runtime.run(sess["unfolded"], inputs),
         "slots, adapter active": lambda: runtime.run(sess["slots"], inputs, active),
         "slots, no adapter": lambda: runtime.run(sess["slots"], inputs),
         "mixed 4 adapters, 1 call": lambda: runtime.run(sess["mixed"], inputs | mixed),
@@ -90,9 +97,9 @@ def latencies(paths: dict[str, Path], inputs: dict, rounds: int, threads: int) -
         call()
     for _ in range(rounds):
         for name, call in variants.items():
-            start = time.perf_counter()
+            start = clock()
             call()
-            samples[name].append(time.perf_counter() - start)
+            samples[name].append(clock() - start)
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
@@ -136,14 +143,17 @@ def memory(paths: dict[str, Path], count: int, inputs: dict, directory: Path) ->
     return result
 
 
-def report(name: str, medians: dict[str, float], rss: dict[str, int], paths: dict[str, Path], count: int) -> None:
+def report(name: str, clock: str, medians: dict[str, float]) -> None:
     base, folded = medians["base"], medians["folded"]
-    print(f"\n{name}: batch 8 x seq 128, median ms (ratio to base, to folded)")
+    print(f"\n{name}: batch 8 x seq 128, median {clock} ms (ratio to base, to folded)")
     for variant, seconds in medians.items():
         print(f"  {variant:28s} {seconds * 1000:8.2f} ms  {seconds / base:5.2f}x base  {seconds / folded:5.2f}x folded")
     print(f"  active adapter / folded: {medians['slots, adapter active'] / folded:.2f}x (goal <= 1.10x); "
           f"mixed batch / four folded sessions: "
           f"{medians['mixed 4 adapters, 1 call'] / medians['4 folded sessions, 4 calls']:.2f}x")
+
+
+def report_memory(rss: dict[str, int], paths: dict[str, Path], count: int) -> None:
     adapter_bytes = paths["adapter0"].stat().st_size
     print(f"  memory for N={count} adapters: slotted base + {count} adapter files {rss['slots'] / 2**20:.1f} MiB, "
           f"{count} folded models {rss['folded'] / 2**20:.1f} MiB ({rss['folded'] / max(rss['slots'], 1):.1f}x); "
@@ -165,9 +175,9 @@ def main() -> None:
         inputs = example_inputs(base.info["input_names"], vocab, batch=8, seq=128)
         with tempfile.TemporaryDirectory() as tmp:
             paths = build(base, Path(tmp))
-            medians = latencies(paths, inputs, args.rounds, args.threads)
-            rss = memory(paths, args.adapters, inputs, Path(tmp))
-            report(name, medians, rss, paths, args.adapters)
+            for clock, label in [(time.perf_counter, "wall-clock"), (time.process_time, "CPU-time")]:
+                report(name, label, latencies(paths, inputs, args.rounds, args.threads, clock))
+            report_memory(memory(paths, args.adapters, inputs, Path(tmp)), paths, args.adapters)
 
 
 if __name__ == "__main__":

@@ -160,14 +160,14 @@ def run(model: str, texts: tuple[str, ...], tokenizer_dir: str | None, top_k: in
     from rewrite.onnx_adapters import Adapters
     from rewrite.predict import predict
 
+    adapters = Adapters.parse(adapter_file, adapter_files, adapter_index, len(texts))
     if generating:
         from rewrite.cli.generate import print_generation
         from rewrite.generate import Sampling
 
         print_generation(model, list(texts), tokenizer_dir, max_new_tokens,
-                         Sampling(sample, temperature, top_k or 0, top_p, seed))
+                         Sampling(sample, temperature, top_k or 0, top_p, seed), adapters)
         return
-    adapters = Adapters.parse(adapter_file, adapter_files, adapter_index, len(texts))
     results = predict(model, list(texts), tokenizer_dir=tokenizer_dir, top_k=5 if top_k is None else top_k,
                       truncate=truncate, adapters=adapters)
     for text, predictions in zip(texts, results):

@@ -5,12 +5,13 @@ import numpy as np
 
 from rewrite.cli.common import out
 from rewrite.generate import CachedModel, Sampling, stream
+from rewrite.onnx_adapters import Adapters
 
 
 def print_generation(model_path: str, texts: list[str], tokenizer_dir: str | None, max_new_tokens: int,
-                     sampling: Sampling) -> None:
+                     sampling: Sampling, adapters: Adapters) -> None:
     """One text: its continuation is printed token by token; several: each once all are done."""
-    model = CachedModel(model_path, tokenizer_dir)
+    model = CachedModel(model_path, tokenizer_dir, adapters=adapters)
     steps = []
     shown = [""] * len(texts)
     for tokens, _ in stream(model, texts, max_new_tokens=max_new_tokens, sampling=sampling):

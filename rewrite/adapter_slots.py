@@ -120,16 +120,18 @@ def fingerprint(gm: fx.GraphModule, slot_list: list[Slot]) -> int:
 
 
 def _add_inputs(gm: fx.GraphModule, names: list[str]) -> dict[str, fx.Node]:
-    """New graph inputs after the existing ones; the pytree signature learns them as keyword arguments."""
-    last = list(gm.graph.find_nodes(op="placeholder"))[-1]
+    """New graph inputs after the existing ones; the pytree signature learns them as keyword arguments after
+    the existing ones (whose structure, such as a cache's tuple, stays)."""
+    existing = list(gm.graph.find_nodes(op="placeholder"))
     created = {}
-    with gm.graph.inserting_after(last):
+    with gm.graph.inserting_after(existing[-1]):
         for name in reversed(names):
             created[name] = gm.graph.placeholder(python_name(name))
-    codegen = gm.graph._codegen
-    all_names = [n.target for n in gm.graph.find_nodes(op="placeholder")]
-    spec = pytree.tree_flatten(((), {n: None for n in all_names}))[1]
-    codegen.pytree_info = codegen.pytree_info._replace(orig_args=all_names, in_spec=spec)
+    tree = gm.graph._codegen.pytree_info
+    args, kwargs = pytree.tree_unflatten([n.target for n in existing], tree.in_spec)
+    added = [python_name(name) for name in names]
+    spec = pytree.tree_flatten((args, {**kwargs, **{key: key for key in added}}))[1]
+    gm.graph._codegen.pytree_info = tree._replace(orig_args=[*tree.orig_args, *added], in_spec=spec)
     return {name: created[name] for name in names}
 
 
@@ -159,20 +161,24 @@ def slotted(gm: fx.GraphModule, slot_list: list[Slot]) -> fx.GraphModule:
     return _finish(gm)
 
 
-def _record_shapes(gm: fx.GraphModule) -> None:
-    """Runs a two-token example through the graph so every node knows its shape (archives keep none)."""
-    names = [n.target for n in gm.graph.find_nodes(op="placeholder")]
-    device = next(iter(gm.parameters())).device
+def _record_shapes(gm: fx.GraphModule, example: dict | None) -> None:
+    """Runs `example` (keyword inputs; default two tokens) through the graph so every node knows its shape
+    (archives keep none)."""
+    if example is None:
+        names = [n.target for n in gm.graph.find_nodes(op="placeholder")]
+        example = example_inputs(names, vocab_size=2, device=next(iter(gm.parameters())).device)
     with torch.no_grad():
-        ShapeProp(gm).propagate(*example_inputs(names, vocab_size=2, device=device).values())
+        ShapeProp(gm).propagate(*pytree.tree_leaves(example))
 
 
 def _ndim(node: fx.Node) -> int:
     return len(node.meta["tensor_meta"].shape)
 
 
-def _per_row_linear(gm: fx.GraphModule, linear: fx.Node, rows: dict[str, fx.Node]) -> None:
-    """`linear(x, W, b)` with W (and b) gathered per row: `[B, in, out]` weights, one matmul per row."""
+def _per_row_linear(gm: fx.GraphModule, linear: fx.Node, rows: dict[str, fx.Node], index: fx.Node) -> None:
+    """`linear(x, W, b)` with W (and b) gathered per row: `[B, in, out]` weights, one matmul per row. A 2-D
+    input holds a row's positions one after another (`[B, in]` from a head, `[B * seq, in]` from GPT-2's
+    flattened Conv1D): it runs as `[B, positions, in]`."""
     graph = gm.graph
     x, weight, bias = [*linear.args, None][:3]
     ndim = _ndim(x)
@@ -186,22 +192,44 @@ def _per_row_linear(gm: fx.GraphModule, linear: fx.Node, rows: dict[str, fx.Node
         w = fetch(weight)
         w = graph.call_function(aten.transpose.int, (w, 1, 2)) if w is not None else \
             graph.call_function(aten.t.default, (weight,))
-        x3 = graph.call_function(aten.unsqueeze.default, (x, 1)) if ndim == 2 else x
-        y = graph.call_function(aten.matmul.default, (x3, w))
         if ndim == 2:
-            y = graph.call_function(aten.squeeze.dim, (y, 1))
+            batch = graph.call_function(aten.sym_size.int, (index, 0))
+            x = graph.call_function(aten.unflatten.int, (x, 0, [batch, -1]))
+        y = graph.call_function(aten.matmul.default, (x, w))
         if bias is not None:
             b = fetch(bias)
-            if b is not None and ndim == 3:
-                b = graph.call_function(aten.unsqueeze.default, (b, 1))
-            y = graph.call_function(aten.add.Tensor, (y, b if b is not None else bias))
+            y = graph.call_function(aten.add.Tensor, (y, bias if b is None else
+                                                      graph.call_function(aten.unsqueeze.default, (b, 1))))
+        if ndim == 2:
+            y = graph.call_function(aten.flatten.using_ints, (y, 0, 1))
     y.meta["tensor_meta"] = linear.meta["tensor_meta"]  # the replacement computes the same shape
     linear.replace_all_uses_with(y)
     graph.erase_node(linear)
 
 
+def _per_row_table(gm: fx.GraphModule, user: fx.Node, rows: fx.Node) -> bool:
+    """A prompt table read per row, `rows` `[B, n, hidden]`: prompt tuning's `unsqueeze(table, 0)`, broadcast
+    over the batch, becomes the rows; P-tuning's lookup `embedding(table, slots)` reads each row's own table.
+    False for any other reader."""
+    graph = gm.graph
+    if user.target is aten.unsqueeze.default and user.args[1] == 0 and all(
+            u.target is aten.expand.default for u in user.users):
+        user.replace_all_uses_with(rows)
+    elif user.target is aten.embedding.default and user.args[0].op == "get_attr":
+        with graph.inserting_before(user):
+            width = graph.call_function(aten.sym_size.int, (rows, 2))
+            ids = graph.call_function(aten.unsqueeze.default, (user.args[1], -1))
+            ids = graph.call_function(aten.expand.default, (ids, [-1, -1, width]))
+            user.replace_all_uses_with(graph.call_function(aten.gather.default, (rows, 1, ids)))
+    else:
+        return False
+    graph.erase_node(user)
+    return True
+
+
 def per_row(gm: fx.GraphModule, stacked: dict[str, fx.Node], index: fx.Node) -> None:
-    """Every read of a slot becomes the rows `stacked[slot][adapter_index]`; linears over them run per row."""
+    """Every read of a slot becomes the rows `stacked[slot][adapter_index]`; linears over them run per row,
+    prompt tables are read per row."""
     graph = gm.graph
     rows = {}
     with graph.inserting_after(index):
@@ -210,11 +238,11 @@ def per_row(gm: fx.GraphModule, stacked: dict[str, fx.Node], index: fx.Node) -> 
     for name in stacked:
         for read in list(graph.find_nodes(op="get_attr", target=name)):
             for user in list(read.users):
-                if user.target is not aten.linear.default:
-                    raise RewriteError(f"slot {name} is read by {user.target}, not a linear layer; per-row adapters "
-                                       "cover linear weights such as LoRA branches and heads (export prompt tables "
-                                       "with --adapter-slots, one adapter per run)")
-                _per_row_linear(gm, user, rows)
+                if user.target is aten.linear.default:
+                    _per_row_linear(gm, user, rows, index)
+                elif not _per_row_table(gm, user, rows[name]):
+                    raise RewriteError(f"slot {name} is read by {user.target}, which has no per-row form; per-row "
+                                       "adapters cover linear weights (LoRA branches, heads) and prompt tables")
             graph.erase_node(read)
 
 
@@ -234,9 +262,10 @@ def stack(slot_list: list[Slot], adapters: list[dict[str, torch.Tensor]], fallba
     return stacked
 
 
-def mixed(gm: fx.GraphModule, slot_list: list[Slot]) -> fx.GraphModule:
-    """`gm` (a prepared copy) with its slots as stacked inputs `[N, ...]`, each row picking one by `adapter_index`."""
-    _record_shapes(gm)
+def mixed(gm: fx.GraphModule, slot_list: list[Slot], example: dict | None = None) -> fx.GraphModule:
+    """`gm` (a prepared copy) with its slots as stacked inputs `[N, ...]`, each row picking one by `adapter_index`
+    (`example`: keyword inputs `gm` runs on, for graphs whose inputs are not token ids and masks)."""
+    _record_shapes(gm, example)
     inputs = _add_inputs(gm, [s.name for s in slot_list] + [INDEX])
     index = inputs.pop(INDEX)
     per_row(gm, inputs, index)

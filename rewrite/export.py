@@ -92,8 +92,9 @@ def _verify(gm: fx.GraphModule, model_path: Path, input_names: list[str], output
     return worst, tolerance, sess.get_providers()[0]
 
 
-def _plain_signature(gm: fx.GraphModule, slots: SlotExport | None) -> Signature:
+def _plain_signature(gm: fx.GraphModule, slot_options: dict | None) -> Signature:
     """The graph as it is (with its adapter slots as extra inputs when exported with them)."""
+    slots = SlotExport(gm, **slot_options) if slot_options is not None else None
     input_names = list(info(gm).input_names or DEFAULT_INPUT_NAMES)
     inputs = example_inputs(input_names, vocab_size(gm), batch=2, seq=8)
     with torch.no_grad():
@@ -102,7 +103,7 @@ def _plain_signature(gm: fx.GraphModule, slots: SlotExport | None) -> Signature:
     if slots:
         inputs, dynamic = inputs | slots.example_inputs(batch=2), dynamic | slots.dynamic_shapes()
     return Signature(slots.graph if slots else gm, inputs, dynamic, input_names, output_names, {},
-                     lambda path, _: _verify(gm, path, input_names, output_names, slots))
+                     lambda path, _: _verify(gm, path, input_names, output_names, slots), slots=slots)
 
 
 def serving_metadata(gm: fx.GraphModule) -> dict[str, str]:
@@ -164,21 +165,19 @@ def export_onnx(gm: fx.GraphModule, path: str | Path, *, verify: bool = True, op
     `adapter_slots` keeps the adapter unfolded as named inputs that default to no adapter (see
     `rewrite.onnx_adapters`); `mixed_adapters` stacks them and adds a per-row `adapter_index` input.
     With `cache=True` a causal LM is exported for generation: past keys and values in, presents out
-    (see `rewrite.kv_cache`).
+    (see `rewrite.kv_cache`), with the slots too when asked for.
     """
     path = Path(path)
     _check_opset(opset)
     if any(p.device.type == "meta" for p in gm.parameters()):
         raise RewriteError("the graph was captured on the meta device (no weights); capture it with weights to export")
-    if cache and (adapter_slots or mixed_adapters):
-        raise RewriteError("an export with a KV cache cannot have adapter slots yet; export with one or the other")
     if not overwrite:
         _refuse_clashes(gm, path)
     was_training = gm.training
     gm.eval()
     try:
-        slots = SlotExport(gm, mixed=mixed_adapters, max_rank=max_rank) if adapter_slots or mixed_adapters else None
-        signature = kv_cache.signature(gm) if cache else _plain_signature(gm, slots)
+        slot_options = dict(mixed=mixed_adapters, max_rank=max_rank) if adapter_slots or mixed_adapters else None
+        signature = (kv_cache.signature if cache else _plain_signature)(gm, slot_options)
         program = torch.onnx.export(
             signature.module, (), kwargs=signature.inputs, dynamic_shapes=signature.dynamic,
             input_names=signature.onnx_input_names, output_names=signature.output_names,
@@ -191,8 +190,8 @@ def export_onnx(gm: fx.GraphModule, path: str | Path, *, verify: bool = True, op
             del program
             _check_written_opset(staged, opset)
             _add_metadata(gm, staged, signature.metadata)
-            if slots:
-                slots.finish(staged)
+            if signature.slots:
+                signature.slots.finish(staged)
             onnx.checker.check_model(str(staged))
             tokenizer = info(gm).tokenizer
             if tokenizer is not None:

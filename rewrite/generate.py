@@ -4,7 +4,8 @@ One session runs the prefill (past length 0) and every decoding step. Texts are 
 padding and positions follow Hugging Face's `generate` (`cumsum(mask) - 1`, then one more per step);
 rows that reached an end-of-sequence id are filled with the padding id until every row is done, as
 `generate` does. Everything the loop needs (cache layout, special ids, position limit, P-tuning
-template) is read from the model's metadata.
+template) is read from the model's metadata. A model exported with adapter slots generates with the adapter
+files given (`Adapters`: one active, or stacked with one index per row), the same feeds on every step.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import numpy as np
 from rewrite import runtime
 from rewrite.errors import RewriteError
 from rewrite.kv_cache import CacheLayout, empty_past, feed
+from rewrite.onnx_adapters import METADATA, Adapters
 from rewrite.predict import _encode, _model_props, _tokenizer
 from rewrite.signature import POSITIONS_KEY
 
@@ -75,9 +77,10 @@ class Generation:
 
 
 class CachedModel:
-    """An exported causal LM with a cache, its tokenizer and what its metadata says."""
+    """An exported causal LM with a cache, its tokenizer, what its metadata says, and the adapters it runs with."""
 
-    def __init__(self, model_path: str | Path, tokenizer_dir: str | None = None, threads: int | None = None):
+    def __init__(self, model_path: str | Path, tokenizer_dir: str | None = None, threads: int | None = None,
+                 adapters: Adapters | None = None):
         path = Path(model_path)
         self.props = _model_props(path)
         if "rewrite.cache" not in self.props:
@@ -93,6 +96,7 @@ class CachedModel:
         self.path, self.tokenizer_dir = path, tokenizer_dir
         self.session = runtime.session(path, threads)
         self.outputs = [o.name for o in self.session.get_outputs()]
+        self.adapters = adapters or Adapters()
 
     @cached_property
     def tokenizer(self):
@@ -117,9 +121,17 @@ class CachedModel:
                 f"more than the model's {self.limit}; shorten the text or lower max_new_tokens"
             )
 
-    def step(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: list[np.ndarray]):
-        """Last-position logits and the new cache."""
-        values = self.session.run(self.outputs, feed(self.layout, ids, mask, positions, past))
+    def adapter_feeds(self, rows: int) -> tuple:
+        """What `Adapters.run_inputs` gives for `rows` (a model without slots and no adapter files: nothing)."""
+        if METADATA not in self.props and self.adapters == Adapters():
+            return {}, None, None
+        return self.adapters.run_inputs(self.path, rows)
+
+    def step(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: list[np.ndarray],
+             adapter_feeds: tuple = ({}, None, None)):
+        """Last-position logits and the new cache (`adapter_feeds`: what `Adapters.run_inputs` gave)."""
+        feeds, options, _loaded = adapter_feeds
+        values = self.session.run(self.outputs, feed(self.layout, ids, mask, positions, past) | feeds, options)
         return values[0][:, -1].astype(np.float32), values[1:]
 
 
@@ -141,10 +153,11 @@ def stream_ids(model: CachedModel, ids: np.ndarray, mask: np.ndarray, *, max_new
     model.check_length(ids.shape[1], max_new_tokens)
     positions = np.where(mask == 0, 0, mask.cumsum(-1) - 1)
     past = empty_past(model.layout, ids.shape[0])
+    adapter_feeds = model.adapter_feeds(ids.shape[0])
     rng = np.random.default_rng(sampling.seed)
     running = np.ones(ids.shape[0], dtype=bool)
     for _ in range(max_new_tokens):
-        logits, past = model.step(ids, mask, positions, past)
+        logits, past = model.step(ids, mask, positions, past, adapter_feeds)
         tokens = np.where(running, sampling.pick(logits, rng), pad)
         yield tokens, logits
         running &= ~np.isin(tokens, stops)
@@ -156,10 +169,12 @@ def stream_ids(model: CachedModel, ids: np.ndarray, mask: np.ndarray, *, max_new
 
 def generate(model_path: str | Path, texts: Sequence[str], *, max_new_tokens: int = 20, do_sample: bool = False,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos: int | Sequence[int] | None = None,
-             seed: int | None = None, tokenizer_dir: str | None = None, keep_logits: bool = False) -> Generation:
-    """Continues each text with up to `max_new_tokens` tokens from an ONNX model exported with a cache."""
+             seed: int | None = None, tokenizer_dir: str | None = None, keep_logits: bool = False,
+             adapters: Adapters | None = None) -> Generation:
+    """Continues each text with up to `max_new_tokens` tokens from an ONNX model exported with a cache
+    (`adapters`: the adapter files a model exported with slots runs with)."""
     sampling = Sampling(do_sample, temperature, top_k, top_p, seed)
-    model = CachedModel(model_path, tokenizer_dir)
+    model = CachedModel(model_path, tokenizer_dir, adapters=adapters)
     steps, logits = [], []
     for tokens, step_logits in stream(model, texts, max_new_tokens=max_new_tokens, sampling=sampling, eos=eos):
         steps.append(tokens)

@@ -15,7 +15,9 @@ keys and values depend on nothing but the trained table, so they are computed on
 constant prefix of every layer's cache inside the model (attended on every step, as PEFT's cache
 holds them after prefill; the cache the caller passes around holds only real tokens).
 
-One model serves prefill (past length 0) and decoding, as Optimum's merged decoder does.
+One model serves prefill (past length 0) and decoding, as Optimum's merged decoder does. Adapter slots
+(`rewrite.onnx_adapters`) go on the cached graph after the replay, named and checked as the plain export's;
+a prompt table cannot be one, since its prefix is computed here, at export.
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ from rewrite.capture import drop_guards
 from rewrite.errors import RewriteError
 from rewrite.graph import word_embedding
 from rewrite.ir import RewriteGraph, info, wrap
+from rewrite.onnx_adapters import SlotExport
 from rewrite.pipeline import Pipeline, applied, create
 from rewrite.signature import PREPENDED_KEY, Compare, Signature, vocab_size
 
@@ -308,31 +311,53 @@ def _logits(gm: fx.GraphModule, ids: torch.Tensor) -> torch.Tensor:
         return pytree.tree_leaves(gm(input_ids=ids, attention_mask=torch.ones_like(ids)))[0]
 
 
-def _verify(gm: fx.GraphModule, layout: CacheLayout, path: Path, vocab: int, compare: Compare) -> tuple[float, float, str]:
-    """A prefill (past length 0) and one decoding step in ONNX Runtime against `gm` on the whole sequence."""
-
+def _verify(gm: fx.GraphModule, layout: CacheLayout, path: Path, vocab: int, compare: Compare,
+            slots: SlotExport | None) -> tuple[float, float, str]:
+    """A prefill (past length 0) and one decoding step in ONNX Runtime against `gm` on the whole sequence
+    (a slotted model fed `gm`'s own adapter through its slots)."""
     prompt, batch = 7, 2
+    extra = slots.verify_feeds(batch) if slots else {}
     ids = torch.randint(0, vocab, (batch, prompt + 1), generator=torch.Generator().manual_seed(1))
     reference = _logits(gm, ids)
     sess = runtime.session(path)
     positions = np.arange(prompt + 1)[None].repeat(batch, 0)
     mask = np.ones((batch, prompt + 1), dtype=np.int64)
     ids = ids.numpy()
-    first = runtime.run(sess, feed(layout, ids[:, :prompt], mask[:, :prompt], positions[:, :prompt], empty_past(layout, batch)))
+    first = runtime.run(sess, feed(layout, ids[:, :prompt], mask[:, :prompt], positions[:, :prompt],
+                                   empty_past(layout, batch)) | extra)
     diff, tolerance = compare("logits", reference[:, -prompt - 1:-1], torch.from_numpy(first["logits"]))
     past = [first[name] for name in layout.present_names()]
-    second = runtime.run(sess, feed(layout, ids[:, prompt:], mask, positions[:, prompt:], past))
+    second = runtime.run(sess, feed(layout, ids[:, prompt:], mask, positions[:, prompt:], past) | extra)
     diff = max(diff, compare("logits", reference[:, -1:], torch.from_numpy(second["logits"]))[0])
     return diff, tolerance, sess.get_providers()[0]
 
 
-def signature(gm: fx.GraphModule):
-    """The KV-cache export of `gm`: the cached graph, its named inputs and outputs, metadata and verification."""
+def _refuse_prefix_slots(gm: fx.GraphModule) -> None:
+    prefixed = sorted(_prefixes(gm))
+    if prefixed:
+        raise RewriteError(
+            f"a KV-cache export cannot take the {prefixed[0]} pass's prompt table as an adapter slot: its virtual "
+            "tokens' keys and values are computed from the table at export and stored as the cache's constant "
+            "prefix, so another table fed at run time would be ignored; export it with --with-cache alone or "
+            "with adapter slots alone"
+        )
+
+
+def signature(gm: fx.GraphModule, slot_options: dict | None = None) -> Signature:
+    """The KV-cache export of `gm`: the cached graph, its named inputs and outputs, metadata and verification;
+    with `slot_options` (`mixed`, `max_rank`) its adapter slots as extra inputs (`rewrite.onnx_adapters`)."""
+    if slot_options is not None:
+        _refuse_prefix_slots(gm)
     cached = cached_graph(gm)
     layout: CacheLayout = info(cached).extra["cache"]
     vocab = vocab_size(gm)
     inputs = example_inputs(layout, vocab, **_PROBE)
     input_names = [*[k for k in inputs if k != "past"], *layout.past_names()]
-    return Signature(cached, inputs, dynamic_shapes(layout, names=True), input_names,
-                     ["logits", *layout.present_names()], metadata(gm, layout),
-                     lambda path, compare: _verify(gm, layout, path, vocab, compare), input_names)
+    dynamic, slots = dynamic_shapes(layout, names=True), None
+    if slot_options is not None:
+        slots = SlotExport(gm, **slot_options, traced=cached, example=example_inputs(layout, vocab, **_PROBE))
+        cached = slots.graph
+        inputs, dynamic = inputs | slots.example_inputs(_PROBE["batch"]), dynamic | slots.dynamic_shapes()
+    return Signature(cached, inputs, dynamic, input_names, ["logits", *layout.present_names()], metadata(gm, layout),
+                     lambda path, compare: _verify(gm, layout, path, vocab, compare, slots),
+                     input_names + (slots.input_names() if slots else []), slots)

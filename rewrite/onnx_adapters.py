@@ -62,7 +62,11 @@ class SlotLayout:
 class SlotExport:
     """The graph `export_onnx` traces instead of the model, its extra inputs, and the ONNX fix-up after."""
 
-    def __init__(self, gm: fx.GraphModule, *, mixed: bool, max_rank: int):
+    def __init__(self, gm: fx.GraphModule, *, mixed: bool, max_rank: int, traced: fx.GraphModule | None = None,
+                 example: dict | None = None):
+        """`traced`: a graph built from `gm` by the same passes (the KV-cache graph) that gets the slots instead,
+        and `example` its keyword inputs; the slots, defaults and base fingerprint stay `gm`'s, so one adapter
+        file serves both exports."""
         if not isinstance(max_rank, int) or max_rank < 1:
             raise RewriteError(f"max rank {max_rank!r} is not allowed; use a whole number of at least 1")
         prepared, slots = adapter_slots.prepared(gm)
@@ -70,7 +74,16 @@ class SlotExport:
         # ONNX Runtime's batched MatMul leaves rank-0 products unset, so stacked slots default to a zero rank-1 branch
         self.defaults = adapter_slots.defaults(prepared, slots, rank=1 if mixed else 0)
         self.values = adapter_slots.values(gm)
-        self.graph = (adapter_slots.mixed if mixed else adapter_slots.slotted)(prepared, slots)
+        if traced is not None:
+            prepared, traced_slots = adapter_slots.prepared(traced)
+            if traced_slots != slots:
+                raise RewriteError("the graph with a cache has other adapter slots than the captured graph; "
+                                   "export it with the cache or with slots, not both")
+        self.graph = adapter_slots.mixed(prepared, slots, example) if mixed else adapter_slots.slotted(prepared, slots)
+
+    def input_names(self) -> list[str]:
+        """The slot inputs' keywords in the traced graph, in order (`finish` gives them their real names)."""
+        return [python_name(s.name) for s in self.layout.slots] + ([INDEX] if self.layout.mixed else [])
 
     def _stack(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.unsqueeze(0) if self.layout.mixed else tensor

@@ -32,6 +32,7 @@ class Signature:
     metadata: dict[str, str]
     verify: Callable[[Path, Compare], tuple[float, float, str]]  # the file, and how export compares an output
     onnx_input_names: list[str] | None = None  # names for flattened inputs (None: the keyword names)
+    slots: Any = None  # the `rewrite.onnx_adapters.SlotExport` that finishes the written file, if any
 
 
 def vocab_size(gm: fx.GraphModule) -> int:

@@ -278,3 +278,57 @@ def test_ptuning_encoder_output_rides_a_slot(tiny_bert_dir, tmp_path):
     got = run_onnx(tmp_path / "slots.onnx", inputs, Adapters(active=str(file)))
     compare(expected, got, inputs, atol=1e-6)  # this tiny random classifier's logits are about 0.01
     assert np.abs(got - run_onnx(tmp_path / "slots.onnx", inputs)).max() > 1e-5, "the prompts changed the output"
+
+
+def prompt_family(gm, tmp_path, count: int, scale: float = 1.0):
+    """The mixed export of `gm` (a prompt-learning graph), and per adapter (its prompt parameters drawn anew)
+    its own export and an adapter file."""
+    rewrite.export_onnx(gm, tmp_path / "mixed.onnx", mixed_adapters=True)
+    files, own = [], []
+    for number in range(count):
+        trained = copy.deepcopy(gm)
+        generator = torch.Generator().manual_seed(number)
+        with torch.no_grad():
+            for name, param in trained.named_parameters():
+                if name.startswith("prompt_encoder."):
+                    param.add_(torch.randn(param.shape, generator=generator) * scale)
+        rewrite.save(trained, tmp_path / f"trained{number}.pt2")
+        files.append(str(export_adapter(tmp_path / f"trained{number}.pt2", tmp_path / f"p{number}.onnx_adapter",
+                                        tmp_path / "mixed.onnx")))
+        rewrite.export_onnx(trained, tmp_path / f"own{number}.onnx")
+        own.append(tmp_path / f"own{number}.onnx")
+    return files, own
+
+
+def assert_rows_match_own_exports(tmp_path, files, own, inputs, index, atol=1e-4):
+    got = run_onnx(tmp_path / "mixed.onnx", inputs, Adapters(stacked=files, index=index))
+    for row, number in enumerate(index):
+        expected = run_onnx(own[number], inputs)[row:row + 1]
+        compare(expected, got[row:row + 1], {k: v[row:row + 1] for k, v in inputs.items()}, atol=atol)
+
+
+def test_mixed_prompt_tables_rows_equal_their_own_exports(tmp_path):
+    from conftest import tiny_model
+
+    gm = capture_tiny(tiny_model("llama"))
+    rewrite.apply(gm, "prompt", num_virtual_tokens=4)
+    files, own = prompt_family(gm, tmp_path, 3)
+    assert_rows_match_own_exports(tmp_path, files, own, fresh_inputs(batch=4), [2, 0, 1, 2])
+    longer = capture_tiny(tiny_model("llama"))
+    rewrite.apply(longer, "prompt", num_virtual_tokens=6)
+    rewrite.save(longer, tmp_path / "longer.pt2")
+    with pytest.raises(rewrite.RewriteError, match=r"has shape \(6, 64\) but the model's slot is \[4x64\]"):
+        export_adapter(tmp_path / "longer.pt2", tmp_path / "longer.onnx_adapter", tmp_path / "mixed.onnx")
+    assert not (tmp_path / "longer.onnx_adapter").exists()
+
+
+def test_mixed_ptuning_tables_rows_equal_their_own_exports(tiny_bert_dir, tmp_path):
+    from rewrite.templates import graph_template
+
+    gm = rewrite.load_pretrained(tiny_bert_dir)
+    rewrite.apply(gm, "ptuning", template="[P] [P] {text}", placeholders=["[unused1]", "[unused2]"], encoder="mlp")
+    files, own = prompt_family(gm, tmp_path, 2, scale=5.0)
+    inputs = example_inputs(gm.info["input_names"], 1000, batch=3, seq=9, seed=5)
+    inputs["input_ids"][:, 1:3] = torch.tensor(graph_template(gm)[1])  # the template's placeholders after [CLS]
+    assert_rows_match_own_exports(tmp_path, files, own, inputs, [1, 0, 1], atol=1e-6)  # logits about 0.01
+    assert np.abs(run_onnx(own[0], inputs) - run_onnx(own[1], inputs)).max() > 1e-5, "the prompts differ"
