@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import rewrite
-from rewrite import speed
+from rewrite import passes, speed  # noqa: F401  (passes: registers what pass_class reads)
 from rewrite.synthetic_inputs import example_inputs
 from rewrite.head_loss import head_loss_sum, head_of
 from rewrite.losses import loss_sum
@@ -18,7 +18,9 @@ from conftest import TASK_CLASSES, tiny_config, tiny_model
 from helpers import capture_tiny, fresh_inputs, lora_graph, randomize_lora, sentiment_rows
 
 MODELS = [("llama", "causal-lm"), ("gpt2", "causal-lm"), ("bert", "masked-lm"), ("bert", "seq-cls")]
-PASSES = ["chunked_loss", "fused_lora", "dense_attention", "rows", "checkpoint"]
+PASSES = ["chunked_loss", "fused_lora", "dense_attention", "grouped_attention", "rows", "gated_activation",
+          "recompute_input", "checkpoint"]
+AFTER = {"grouped_attention": ["dense_attention"]}  # it rewrites the attention dense_attention leaves without a mask
 ROLES = ["q", "k", "v", "o", "mlp"]
 
 
@@ -60,10 +62,11 @@ def _loss_and_grads(graph, lora, inputs, labels, task):
 def test_pass_keeps_loss_and_lora_gradients(arch, task, name, training):
     # a pass that changes train-mode dropout draws is compared without dropout
     gm = _adapted(arch, task, dropout=not (training and pass_class(name).changes_dropout))
-    fast = speed.twin(gm, [name])
+    names = [*AFTER.get(name, []), name]
+    fast = speed.twin(gm, names)
     fast.train(training)
     gm.train(training)
-    padded = not pass_class(name).unpadded_only
+    padded = not any(pass_class(n).unpadded_only for n in names)
     inputs = fresh_inputs() if padded else example_inputs(["input_ids", "attention_mask"], 128, batch=3, seq=11)
     labels = _labels(inputs, task)
     lora = [p for n, p in gm.named_parameters() if ".lora_" in n]
@@ -89,6 +92,15 @@ def test_each_pass_changes_what_it_should():
     assert reports["gpt2", "causal-lm"]["dense_attention"]["kinds"] == ["causal"]
     assert reports["bert", "seq-cls"]["dense_attention"]["kinds"] == ["full"]
     assert reports["bert", "seq-cls"]["rows"]["moved"] > 10
+    assert reports["llama", "causal-lm"]["grouped_attention"]["grouped"] == 2  # 2 key/value heads for 4 query heads
+    assert reports["gpt2", "causal-lm"]["grouped_attention"]["grouped"] == 0
+    assert reports["llama", "causal-lm"]["gated_activation"]["gated"] == 2  # SwiGLU; GELU MLPs are not gated
+    assert reports["bert", "masked-lm"]["gated_activation"]["gated"] == 0
+    # per layer: q/k/v and gate/up read a norm; GPT-2's c_attn its ln_1, c_fc its ln_2, c_proj a GELU;
+    # BERT's intermediate and output.dense a norm and a GELU, its next layer's q/k/v a norm
+    assert reports["llama", "causal-lm"]["recompute_input"]["recomputed"] == 4
+    assert reports["gpt2", "causal-lm"]["recompute_input"]["recomputed"] == 6
+    assert reports["bert", "seq-cls"]["recompute_input"]["recomputed"] == 5
     assert all(reports[model]["checkpoint"]["blocks"] == [0, 1] for model in MODELS)
 
 
