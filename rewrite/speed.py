@@ -23,6 +23,15 @@ from rewrite.ir import info, wrap
 from rewrite.errors import RewriteError
 from rewrite.pipeline import Pipeline, available, pass_class
 
+_COMPILE_BACKEND = "inductor"
+
+
+def _compiled(gm: fx.GraphModule | None, compile: bool):
+    """`gm` under `torch.compile` with dynamic shapes from the first step: batches of every length run
+    the one compiled graph (without, the second length recompiles)."""
+    return torch.compile(gm, backend=_COMPILE_BACKEND, dynamic=True) if compile and gm is not None else gm
+
+
 class Graphs(nn.Module):
     """The training graph, and where exact a variant for batches without padding, sharing parameters."""
 
@@ -30,8 +39,8 @@ class Graphs(nn.Module):
         super().__init__()
         self.general = general
         self.unpadded = unpadded
-        self._general = torch.compile(general) if compile else general
-        self._unpadded = torch.compile(unpadded) if compile and unpadded is not None else unpadded
+        self._general = _compiled(general, compile)
+        self._unpadded = _compiled(unpadded, compile)
 
     def forward(self, **inputs: torch.Tensor):
         mask = inputs.get("attention_mask")

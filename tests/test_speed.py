@@ -172,9 +172,11 @@ def _lm_graph(directory):
 
 
 def test_a_custom_loss_gets_logits_and_dropout_parity_drops_rows():
-    assert speed.resolve(None, dropout_parity=False, custom_loss=True) == ["dense_attention", "rows", "fused_lora"]
+    assert speed.resolve(None, dropout_parity=False, custom_loss=True) == [
+        "dense_attention", "grouped_attention", "rows", "gated_activation", "fused_lora", "recompute_input"]
     assert speed.resolve(None, dropout_parity=True, custom_loss=False, checkpoint=True) == [
-        "chunked_loss", "dense_attention", "fused_lora", "checkpoint"]
+        "chunked_loss", "dense_attention", "grouped_attention", "gated_activation", "fused_lora", "recompute_input",
+        "checkpoint"]
     with pytest.raises(rewrite.RewriteError, match="not a training-speed pass"):
         speed.resolve(["lora"], dropout_parity=False, custom_loss=False)
 
@@ -208,3 +210,22 @@ def test_training_graphs_compile_whole(arch, task):
     torch._dynamo.reset()
     explained = torch._dynamo.explain(fast)(**fresh_inputs())
     assert explained.graph_break_count == 0 and explained.graph_count == 1
+
+
+@pytest.mark.slow  # about a minute: aot_eager traces forward and backward of both graphs
+def test_compiled_training_graphs_do_not_break_or_recompile(monkeypatch):
+    """`--compile`: each training graph compiles once, whole, and serves every later step, whatever the
+    sequence length (dynamic shapes from the first compile), padded batches by the general graph."""
+    monkeypatch.setattr(speed, "_COMPILE_BACKEND", "aot_eager")  # dynamo and autograd capture; no codegen
+    gm = _adapted("llama", "causal-lm")
+    graphs = speed.graphs(gm, speed.resolve(None, dropout_parity=False, custom_loss=False), compile=True)
+    graphs.train()
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    for step, seq in enumerate([9, 11, 13, 9, 11, 13]):
+        inputs = example_inputs(["input_ids", "attention_mask"], 128, batch=3, seq=seq, seed=step, pad=step % 2 == 1)
+        outputs = graphs(**inputs)
+        loss_sum(outputs, _labels(inputs, "causal-lm"), "causal-lm", head=head_of(graphs.general)).backward()
+    assert not counters["graph_break"]
+    assert counters["stats"]["unique_graphs"] == 2  # the unpadded and the general graph, once each
