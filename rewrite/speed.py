@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib
 import logging
 import warnings
 from typing import Sequence
@@ -50,6 +51,7 @@ class Graphs(nn.Module):
 
 def speed_passes(default: bool = True) -> list[str]:
     """The registered training-speed passes `rewrite.train` applies by default (or the opt-in ones), in order."""
+    importlib.import_module("rewrite.passes")  # registers the built-in passes
     found = [name for name in available() if pass_class(name).speed_rank is not None
              and pass_class(name).speed_default == default]
     return sorted(found, key=lambda name: pass_class(name).speed_rank)
