@@ -15,7 +15,7 @@ import dataclasses
 import importlib
 import logging
 import warnings
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import fx, nn
@@ -47,6 +47,23 @@ class Graphs(nn.Module):
         mask = inputs.get("attention_mask")
         padded = self.unpadded is None or mask is None or not bool(mask.all())
         return (self._general if padded else self._unpadded)(**inputs)
+
+
+def saved_bytes(run: Callable[[], object], module: nn.Module) -> int:
+    """What autograd keeps for the backward while `run()` runs: distinct storages, `module`'s parameters
+    left out (the measure the lean-activation passes lower; load-independent)."""
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    storages = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        run()
+    return sum(storages.values())
 
 
 def speed_passes(default: bool = True) -> list[str]:
