@@ -1,6 +1,6 @@
 """What autograd keeps for the backward of one training forward: PEFT + HF vs ours, pass by pass.
 
-    python benchmarks/saved_activations.py            # LLaMA-shaped 105M causal LM, batch 1 x 512, LoRA r=8 on q,v
+    python benchmarks/saved_activations.py     # LLaMA-shaped 105M causal LM, batch 1 x 512, LoRA r=8 on q,v
 
 Counted by `rewrite.speed.saved_bytes` (`torch.autograd.graph.saved_tensors_hooks`): distinct storages, parameters left out, loss
 included. Load-independent, and per token, so it scales with the batch. Ours is listed with no speed
@@ -52,7 +52,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as workdir:
         directory = bench.model_dir("llama-100m", Path(workdir))
         torch.manual_seed(0)
-        inputs = {"input_ids": torch.randint(0, 32000, (1, 512)), "attention_mask": torch.ones(1, 512, dtype=torch.long)}
+        inputs = {"input_ids": torch.randint(0, 32000, (1, 512)),
+                  "attention_mask": torch.ones(1, 512, dtype=torch.long)}
         print(f"saved for the backward, llama-100m, batch 1 x 512 (MiB): PEFT {peft(directory, inputs):.1f}")
         first = [name for name in speed_passes() if name not in LEAN]
         for names in ([], first, *(first + LEAN[:i + 1] for i in range(len(LEAN)))):
