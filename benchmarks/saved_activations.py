@@ -3,8 +3,9 @@
     python benchmarks/saved_activations.py     # LLaMA-shaped 105M causal LM, batch 1 x 512, LoRA r=8 on q,v
 
 Counted by `rewrite.speed.saved_bytes` (`torch.autograd.graph.saved_tensors_hooks`): distinct
-storages, parameters left out, loss included. Load-independent, and per token, so it scales with the batch. Ours is listed with no speed
-pass, with the default ones before the lean-activation passes, then adding those one at a time.
+storages, parameters left out, loss included. Load-independent, and per token, so it scales with the
+batch. Ours is listed with no speed pass, with the default ones before the lean-activation passes,
+then adding those one at a time.
 """
 from __future__ import annotations
 
