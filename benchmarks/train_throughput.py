@@ -2,7 +2,7 @@
 
     python benchmarks/train_throughput.py          # MiniLM seq-cls 32x128, LLaMA-shaped 100M causal LM 4x512; eager, compiled
     python benchmarks/train_throughput.py --models minilm --modes eager --steps 10
-    python benchmarks/train_throughput.py --ablate     # also ours with no speed pass, and with each pass alone
+    python benchmarks/train_throughput.py --ablate     # also ours with no speed pass, and without each pass in turn
     python benchmarks/train_throughput.py --progress   # also ours with the progress display on (wall time)
     python benchmarks/train_throughput.py --models llama-1b --modes eager   # on a GPU (benchmarks/gpu.sh)
 
@@ -110,8 +110,13 @@ def rows(count: int, seq: int) -> list[dict]:
 
 
 def speed_passes(implementation: str) -> list[str] | None:
-    """`rewrite`: the default speed passes; `rewrite=none`: none; `rewrite=a+b`: those."""
+    """`rewrite`: the default speed passes; `rewrite=none`: none; `rewrite=a+b`: those; `rewrite=-a`: the
+    default ones but a."""
+    from rewrite.speed import speed_passes as defaults
+
     _, _, names = implementation.partition("=")
+    if names.startswith("-"):
+        return [name for name in defaults() if name != names[1:]]
     return None if not names else [] if names == "none" else names.split("+")
 
 
@@ -209,13 +214,14 @@ def measure(model: str, implementation: str, mode: str, args, workdir: Path) -> 
 
 
 def implementations(args, mode: str) -> list[str]:
-    """Ours with the default speed passes and PEFT; with --ablate (eager) ours without any, and with each
-    alone; with --progress ours with the progress display on."""
+    """Ours with the default speed passes and PEFT; with --ablate (eager) ours without any, and without
+    each in turn (what each buys on top of the others: some only act after another, such as
+    grouped_attention after dense_attention); with --progress ours with the progress display on."""
     from rewrite.speed import speed_passes
 
     names = ["rewrite", "peft"]
     if args.ablate and mode == "eager":
-        names += ["rewrite=none", *(f"rewrite={name}" for name in speed_passes())]
+        names += ["rewrite=none", *(f"rewrite=-{name}" for name in speed_passes())]
     if args.progress:
         names += ["rewrite+progress"]
     return names
@@ -223,8 +229,8 @@ def implementations(args, mode: str) -> list[str]:
 
 def report(model: str, mode: str, name: str, ours: dict, theirs: dict, tokens: int) -> None:
     label = {"rewrite": "ours", "rewrite=none": "ours, no pass", "rewrite+progress": "ours + bar"}.get(
-        name, name.replace("rewrite=", "ours, "))
-    print(f"{model:<11} {mode:<8} {label:<22} {tokens / ours['step_s']:>9,.0f} {tokens / theirs['step_s']:>9,.0f} "
+        name, name.replace("rewrite=-", "ours without ").replace("rewrite=", "ours, "))
+    print(f"{model:<11} {mode:<8} {label:<32} {tokens / ours['step_s']:>9,.0f} {tokens / theirs['step_s']:>9,.0f} "
           f"{theirs['step_s'] / ours['step_s']:>7.2f}x {ours['peak_bytes'] / 2**20:>8.0f} "
           f"{theirs['peak_bytes'] / 2**20:>8.0f} {ours['peak_bytes'] / theirs['peak_bytes']:>7.2f}x "
           f"{ours.get('wall_s', 0):>7.1f}", flush=True)
@@ -237,7 +243,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=1, help="Alternating runs per implementation.")
-    parser.add_argument("--ablate", action="store_true", help="Eager: also ours with no speed pass, and each alone.")
+    parser.add_argument("--ablate", action="store_true", help="Eager: also ours with no speed pass, and without each.")
     parser.add_argument("--progress", action="store_true", help="Also ours with the progress display on.")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
@@ -252,7 +258,7 @@ def main() -> None:
         f"CPU ({torch.get_num_threads()} threads, fp32)"
     print(f"training throughput on {device}, load average {os.getloadavg()[0]:.1f}; LoRA r=8 on q,v; median of "
           f"{args.steps} steps after {args.warmup}, {args.repeats} alternating run(s) each")
-    print(f"{'model':<11} {'mode':<8} {'ours':<22} {'tok/s':>9} {'PEFT':>9} {'speed':>8} {'MiB':>8} {'PEFT MiB':>8} "
+    print(f"{'model':<11} {'mode':<8} {'ours':<32} {'tok/s':>9} {'PEFT':>9} {'speed':>8} {'MiB':>8} {'PEFT MiB':>8} "
           f"{'memory':>8} {'wall s':>7}")
     with tempfile.TemporaryDirectory() as workdir:
         for model in args.models.split(","):

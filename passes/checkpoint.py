@@ -10,20 +10,14 @@ the plain graph. It costs one more forward per block; worth it for long sequence
 """
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 
-import torch.utils.checkpoint
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from rewrite.graph import layer_index, module_path
+from rewrite.outline import outline
 from rewrite.pipeline import Pass, register
-
-
-def run_checkpointed(block: fx.GraphModule, *inputs):
-    """A block's outputs, its activations recomputed in the backward (RNG state preserved)."""
-    return torch.utils.checkpoint.checkpoint(block, *inputs, use_reentrant=False)
 
 
 def _layer(node: fx.Node) -> int | None:
@@ -53,27 +47,6 @@ def _blocks(graph: fx.Graph) -> dict[int, list[fx.Node]]:
     return blocks
 
 
-def _outline(gm: fx.GraphModule, layer: int, nodes: list[fx.Node]) -> None:
-    inside = set(nodes)
-    inputs = list(dict.fromkeys(a for n in nodes for a in n.all_input_nodes if a not in inside))
-    outputs = [n for n in nodes if any(u not in inside for u in n.users)]
-    sub = fx.Graph()
-    env = {a: sub.placeholder(a.name) for a in inputs}
-    for node in nodes:
-        env[node] = sub.node_copy(node, lambda n: env[n])
-    sub.output(tuple(env[n] for n in outputs))
-    name = f"checkpointed_block_{layer}"
-    gm.add_submodule(name, fx.GraphModule(gm, sub))
-    with gm.graph.inserting_before(nodes[-1].next):
-        block = gm.graph.get_attr(name)
-        call = gm.graph.call_function(run_checkpointed, (block, *inputs))
-        results = [gm.graph.call_function(operator.getitem, (call, i)) for i in range(len(outputs))]
-    for old, new in zip(outputs, results):
-        old.replace_all_uses_with(new, delete_user_cb=lambda user: user not in inside)
-    for node in reversed(nodes):
-        gm.graph.erase_node(node)
-
-
 @register
 @dataclass
 class CheckpointPass(Pass):
@@ -85,7 +58,7 @@ class CheckpointPass(Pass):
         gm = graph_module
         blocks = _blocks(gm.graph)
         for layer, nodes in blocks.items():
-            _outline(gm, layer, nodes)
+            outline(gm, nodes, f"checkpointed_block_{layer}")
         self.report = {"blocks": sorted(blocks),
                        "summary": f"{len(blocks)} blocks run under activation checkpointing" if blocks
                        else "no contiguous numbered blocks"}

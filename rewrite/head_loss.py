@@ -19,7 +19,7 @@ from torch import fx
 from rewrite.data import IGNORE_INDEX
 from rewrite.ir import info, tensor_at
 
-CHUNK_ELEMENTS = 2 ** 24  # logits per chunk (64 MiB in fp32)
+CHUNK_ELEMENTS = 2 ** 22  # logits per chunk (16 MiB in fp32; a logsumexp temporary as large)
 HEAD_KEY = "loss_head"
 
 

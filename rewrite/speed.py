@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib
 import logging
 import warnings
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import fx, nn
@@ -23,6 +24,15 @@ from rewrite.ir import info, wrap
 from rewrite.errors import RewriteError
 from rewrite.pipeline import Pipeline, available, pass_class
 
+_COMPILE_BACKEND = "inductor"
+
+
+def _compiled(gm: fx.GraphModule | None, compile: bool):
+    """`gm` under `torch.compile` with dynamic shapes from the first step: batches of every length run
+    the one compiled graph (without, the second length recompiles)."""
+    return torch.compile(gm, backend=_COMPILE_BACKEND, dynamic=True) if compile and gm is not None else gm
+
+
 class Graphs(nn.Module):
     """The training graph, and where exact a variant for batches without padding, sharing parameters."""
 
@@ -30,8 +40,8 @@ class Graphs(nn.Module):
         super().__init__()
         self.general = general
         self.unpadded = unpadded
-        self._general = torch.compile(general) if compile else general
-        self._unpadded = torch.compile(unpadded) if compile and unpadded is not None else unpadded
+        self._general = _compiled(general, compile)
+        self._unpadded = _compiled(unpadded, compile)
 
     def forward(self, **inputs: torch.Tensor):
         mask = inputs.get("attention_mask")
@@ -39,8 +49,26 @@ class Graphs(nn.Module):
         return (self._general if padded else self._unpadded)(**inputs)
 
 
+def saved_bytes(run: Callable[[], object], module: nn.Module) -> int:
+    """What autograd keeps for the backward while `run()` runs: distinct storages, `module`'s parameters
+    left out (the measure the lean-activation passes lower; load-independent)."""
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    storages = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        run()
+    return sum(storages.values())
+
+
 def speed_passes(default: bool = True) -> list[str]:
     """The registered training-speed passes `rewrite.train` applies by default (or the opt-in ones), in order."""
+    importlib.import_module("rewrite.passes")  # registers the built-in passes
     found = [name for name in available() if pass_class(name).speed_rank is not None
              and pass_class(name).speed_default == default]
     return sorted(found, key=lambda name: pass_class(name).speed_rank)

@@ -29,6 +29,8 @@ def test_ours_and_peft_measure_the_same_batch(tmp_path):
         assert result["step_s"] > 0 and result["peak_bytes"] > 0
     assert bench.speed_passes("rewrite=chunked_loss+rows") == ["chunked_loss", "rows"]
     assert bench.speed_passes("rewrite=none") == [] and bench.speed_passes("rewrite") is None
+    without = bench.speed_passes("rewrite=-fused_lora")
+    assert "fused_lora" not in without and "chunked_loss" in without
 
 
 def test_the_gpu_model_is_llama_shaped_and_about_a_billion_parameters():

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import rewrite
-from rewrite import speed
+from rewrite import passes, speed  # noqa: F401  (passes: registers what pass_class reads)
 from rewrite.synthetic_inputs import example_inputs
 from rewrite.head_loss import head_loss_sum, head_of
 from rewrite.losses import loss_sum
@@ -18,7 +18,9 @@ from conftest import TASK_CLASSES, tiny_config, tiny_model
 from helpers import capture_tiny, fresh_inputs, lora_graph, randomize_lora, sentiment_rows
 
 MODELS = [("llama", "causal-lm"), ("gpt2", "causal-lm"), ("bert", "masked-lm"), ("bert", "seq-cls")]
-PASSES = ["chunked_loss", "fused_lora", "dense_attention", "rows", "checkpoint"]
+PASSES = ["chunked_loss", "fused_lora", "dense_attention", "grouped_attention", "rows", "gated_activation",
+          "recompute_input", "checkpoint"]
+AFTER = {"grouped_attention": ["dense_attention"]}  # it rewrites the attention dense_attention leaves without a mask
 ROLES = ["q", "k", "v", "o", "mlp"]
 
 
@@ -60,10 +62,11 @@ def _loss_and_grads(graph, lora, inputs, labels, task):
 def test_pass_keeps_loss_and_lora_gradients(arch, task, name, training):
     # a pass that changes train-mode dropout draws is compared without dropout
     gm = _adapted(arch, task, dropout=not (training and pass_class(name).changes_dropout))
-    fast = speed.twin(gm, [name])
+    names = [*AFTER.get(name, []), name]
+    fast = speed.twin(gm, names)
     fast.train(training)
     gm.train(training)
-    padded = not pass_class(name).unpadded_only
+    padded = not any(pass_class(n).unpadded_only for n in names)
     inputs = fresh_inputs() if padded else example_inputs(["input_ids", "attention_mask"], 128, batch=3, seq=11)
     labels = _labels(inputs, task)
     lora = [p for n, p in gm.named_parameters() if ".lora_" in n]
@@ -89,6 +92,15 @@ def test_each_pass_changes_what_it_should():
     assert reports["gpt2", "causal-lm"]["dense_attention"]["kinds"] == ["causal"]
     assert reports["bert", "seq-cls"]["dense_attention"]["kinds"] == ["full"]
     assert reports["bert", "seq-cls"]["rows"]["moved"] > 10
+    assert reports["llama", "causal-lm"]["grouped_attention"]["grouped"] == 2  # 2 key/value heads for 4 query heads
+    assert reports["gpt2", "causal-lm"]["grouped_attention"]["grouped"] == 0
+    assert reports["llama", "causal-lm"]["gated_activation"]["gated"] == 2  # SwiGLU; GELU MLPs are not gated
+    assert reports["bert", "masked-lm"]["gated_activation"]["gated"] == 0
+    # per layer: q/k/v and gate/up read a norm; GPT-2's c_attn its ln_1, c_fc its ln_2, c_proj a GELU;
+    # BERT's intermediate and output.dense a norm and a GELU, its next layer's q/k/v a norm
+    assert reports["llama", "causal-lm"]["recompute_input"]["recomputed"] == 4
+    assert reports["gpt2", "causal-lm"]["recompute_input"]["recomputed"] == 6
+    assert reports["bert", "seq-cls"]["recompute_input"]["recomputed"] == 5
     assert all(reports[model]["checkpoint"]["blocks"] == [0, 1] for model in MODELS)
 
 
@@ -160,9 +172,11 @@ def _lm_graph(directory):
 
 
 def test_a_custom_loss_gets_logits_and_dropout_parity_drops_rows():
-    assert speed.resolve(None, dropout_parity=False, custom_loss=True) == ["dense_attention", "rows", "fused_lora"]
+    assert speed.resolve(None, dropout_parity=False, custom_loss=True) == [
+        "dense_attention", "grouped_attention", "rows", "gated_activation", "fused_lora", "recompute_input"]
     assert speed.resolve(None, dropout_parity=True, custom_loss=False, checkpoint=True) == [
-        "chunked_loss", "dense_attention", "fused_lora", "checkpoint"]
+        "chunked_loss", "dense_attention", "grouped_attention", "gated_activation", "fused_lora", "recompute_input",
+        "checkpoint"]
     with pytest.raises(rewrite.RewriteError, match="not a training-speed pass"):
         speed.resolve(["lora"], dropout_parity=False, custom_loss=False)
 
@@ -196,3 +210,47 @@ def test_training_graphs_compile_whole(arch, task):
     torch._dynamo.reset()
     explained = torch._dynamo.explain(fast)(**fresh_inputs())
     assert explained.graph_break_count == 0 and explained.graph_count == 1
+
+
+@pytest.mark.slow  # about a minute: aot_eager traces forward and backward of both graphs
+def test_compiled_training_graphs_do_not_break_or_recompile(monkeypatch):
+    """`--compile`: each training graph compiles once, whole, and serves every later step, whatever the
+    sequence length (dynamic shapes from the first compile), padded batches by the general graph."""
+    monkeypatch.setattr(speed, "_COMPILE_BACKEND", "aot_eager")  # dynamo and autograd capture; no codegen
+    gm = _adapted("llama", "causal-lm")
+    graphs = speed.graphs(gm, speed.resolve(None, dropout_parity=False, custom_loss=False), compile=True)
+    graphs.train()
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    for step, seq in enumerate([9, 11, 13, 9, 11, 13]):
+        inputs = example_inputs(["input_ids", "attention_mask"], 128, batch=3, seq=seq, seed=step, pad=step % 2 == 1)
+        outputs = graphs(**inputs)
+        loss_sum(outputs, _labels(inputs, "causal-lm"), "causal-lm", head=head_of(graphs.general)).backward()
+    assert not counters["graph_break"]
+    assert counters["stats"]["unique_graphs"] == 2  # the unpadded and the general graph, once each
+
+
+@pytest.mark.parametrize("kind,approximate", [("silu", "none"), ("gelu", "none"), ("gelu", "tanh"), ("relu", "none")])
+def test_gated_activation_equals_the_plain_product(kind, approximate):
+    from rewrite.passes.gated_activation import gated
+
+    generator = torch.Generator().manual_seed(0)
+    gate, up = (torch.randn(5, 7, generator=generator, requires_grad=True) for _ in range(2))
+    act = {"silu": F.silu, "relu": F.relu, "gelu": lambda x: F.gelu(x, approximate=approximate)}[kind]
+    grad = torch.randn(5, 7, generator=generator)
+    ours, plain = gated(gate, up, kind, approximate), act(gate) * up
+    torch.testing.assert_close(ours, plain, atol=0, rtol=0)
+    for a, b in zip(torch.autograd.grad(ours, [gate, up], grad), torch.autograd.grad(plain, [gate, up], grad)):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["grouped_attention", "gated_activation", "recompute_input"])
+def test_lean_passes_keep_less_for_the_backward(name):
+    gm = _adapted("llama", "causal-lm")
+    for param_name, param in gm.named_parameters():
+        param.requires_grad_(".lora_" in param_name)
+    inputs = example_inputs(["input_ids", "attention_mask"], 128, batch=3, seq=11)
+    before = ["dense_attention", "fused_lora"]
+    plain, lean = (speed.twin(gm, names).train() for names in (before, [*before, name]))
+    assert speed.saved_bytes(lambda: lean(**inputs), gm) < speed.saved_bytes(lambda: plain(**inputs), gm)
