@@ -23,6 +23,11 @@ CHUNK_ELEMENTS = 2 ** 22  # logits per chunk (16 MiB in fp32; a logsumexp tempor
 HEAD_KEY = "loss_head"
 
 
+def next_token_labels(labels: torch.Tensor) -> torch.Tensor:
+    """A causal LM's targets per position: position t predicts token t + 1 (the labels shift, not the logits)."""
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+
+
 @dataclass
 class Head:
     """An output projection the graph left to the loss: logits = hidden @ W.T + b (hidden @ W when transposed)."""
@@ -34,7 +39,7 @@ class Head:
     def loss_sum(self, hidden: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Tensor:
         """The summed cross-entropy of `labels` ([batch, seq], already aligned with `hidden`'s positions)."""
         if task == "causal-lm":
-            labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # position t predicts token t + 1
+            labels = next_token_labels(labels)
         targets = labels != IGNORE_INDEX
         weight = self.weight.T if self.transposed else self.weight
         return head_loss_sum(hidden[targets], labels[targets], weight, self.bias)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from rewrite.data import CLASSIFICATION, IGNORE_INDEX
 from rewrite.errors import RewriteError
-from rewrite.head_loss import Head
+from rewrite.head_loss import Head, next_token_labels
 
 
 def logits_of(outputs) -> torch.Tensor:
@@ -48,8 +48,7 @@ def loss_sum(outputs, labels: torch.Tensor, task: str, prepended: int = 0, head:
         return head.loss_sum(logits, labels, task)
     if task == "causal-lm":
         # Shift the labels, not the logits: the [batch, seq, vocab] tensor is never copied.
-        shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-        return F.cross_entropy(_upcast(logits).flatten(0, 1), shifted.flatten(), ignore_index=IGNORE_INDEX,
+        return F.cross_entropy(_upcast(logits).flatten(0, 1), next_token_labels(labels).flatten(), ignore_index=IGNORE_INDEX,
                                reduction="sum")
     targets = labels != IGNORE_INDEX  # masked-lm: only the masked positions' rows are read
     return F.cross_entropy(_upcast(logits[targets]), labels[targets], reduction="sum")
@@ -79,6 +78,6 @@ def accuracy_counts(outputs, labels: torch.Tensor, task: str = CLASSIFICATION, p
         return int((logits.argmax(-1) == target).sum()), labels.shape[0]
     labels = _aligned(labels, logits, prepended)
     if task == "causal-lm":
-        labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+        labels = next_token_labels(labels)
     chosen = labels != IGNORE_INDEX
     return int((logits[chosen].argmax(-1) == labels[chosen]).sum()), int(chosen.sum())

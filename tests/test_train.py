@@ -160,7 +160,7 @@ def test_causal_lm_loss_falls_on_repeated_text(lm_dir):
     result = train(gm, rows, eval_data=rows, config=TrainConfig(epochs=6, lr=3e-2, batch_size=4, progress=False))
     losses = [h["loss"] for h in result.history if h["split"] == "train"]
     assert result.eval["loss"] < losses[0] / 2
-    assert "accuracy" not in result.eval
+    assert result.eval["accuracy"] > 0.5  # next-token accuracy: repeated text is predictable
 
 
 def test_cli_train_writes_graph_adapter_checkpoints_and_log(tiny_bert_dir, tmp_path):

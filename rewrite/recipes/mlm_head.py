@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Sequence
 
 import safetensors.torch
-import torch
 from torch import nn
 
 from rewrite.atomic import atomic_dir_files, check_directory
@@ -95,7 +94,6 @@ def fit_head(model_dir: str | Path, texts: Sequence[Example], held_out: Sequence
     gm = load_pretrained(model_dir, task=TASK)
     parameters = head_parameters(gm)
     mark_trainable(gm, parameters)
-    torch.manual_seed(config.seed)
     before = score(gm, held_out, config)
     result = train(gm, list(texts), config=config)
     return HeadFit(gm, parameters, before, score(gm, held_out, config), result.steps)
