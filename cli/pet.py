@@ -26,6 +26,13 @@ def _write_results(output_dir: Path, results: dict) -> Path:
     return path
 
 
+def _final_length(options: dict) -> dict:
+    """--final-epochs, when given, replaces the step budget."""
+    if options["final_epochs"] is not None:
+        return {"epochs": options["final_epochs"], "max_steps": None}
+    return {"max_steps": options["final_steps"]}
+
+
 def _config(options: dict) -> pet.PetConfig:
     common = {"max_length": options["max_length"], "seed": options["seed"], "device": options["device"],
               "progress": False}
@@ -33,7 +40,7 @@ def _config(options: dict) -> pet.PetConfig:
     return pet.PetConfig(
         pattern_training=dataclasses.replace(defaults.pattern_training, epochs=options["epochs"], lr=options["lr"],
                                              batch_size=options["batch_size"], **common),
-        final_training=dataclasses.replace(defaults.final_training, epochs=options["final_epochs"],
+        final_training=dataclasses.replace(defaults.final_training, **_final_length(options),
                                            lr=options["final_lr"], batch_size=options["final_batch_size"], **common),
         lora={"rank": options["rank"], "alpha": options["lora_alpha"], "roles": ["q", "v"]},
         aggregation=options["aggregation"], mlm_alpha=options["mlm_alpha"], temperature=options["temperature"],
@@ -61,7 +68,9 @@ def _config(options: dict) -> pet.PetConfig:
 @click.option("--epochs", type=int, default=20, show_default=True, help="Epochs of each PVP model.")
 @click.option("--lr", type=float, default=1e-3, show_default=True, help="Learning rate of each PVP model.")
 @click.option("--batch-size", type=int, default=8, show_default=True)
-@click.option("--final-epochs", type=int, default=3, show_default=True, help="Epochs of the distilled classifier.")
+@click.option("--final-steps", type=int, default=300, show_default=True,
+              help="Optimizer steps of the distilled classifier, whatever the size of --unlabeled.")
+@click.option("--final-epochs", type=int, default=None, help="Epochs of the distilled classifier instead of --final-steps.")
 @click.option("--final-lr", type=float, default=1e-3, show_default=True)
 @click.option("--final-batch-size", type=int, default=32, show_default=True)
 @click.option("--max-length", type=int, default=128, show_default=True,

@@ -41,7 +41,8 @@ def _quick(**changes) -> pet.PetConfig:
     """Tiny-model settings: few epochs, a learning rate that fits 8 examples."""
     config = pet.PetConfig(**changes)
     config.pattern_training = dataclasses.replace(config.pattern_training, epochs=30, lr=1e-2, batch_size=4)
-    config.final_training = dataclasses.replace(config.final_training, epochs=2, lr=1e-2, batch_size=8)
+    config.final_training = dataclasses.replace(config.final_training, max_steps=None, epochs=2, lr=1e-2,
+                                               batch_size=8)
     return config
 
 
@@ -249,12 +250,13 @@ def test_cli_pet_trains_distills_and_exports(headless_dir, tmp_path):
     done = _rewrite("pet", "--model", str(headless_dir), "--pvp", str(DATA / "pvps.yaml"), "--train",
                     str(DATA / "train.tsv"), "--unlabeled", str(DATA / "unlabeled.tsv"),
                     "--eval", str(DATA / "eval.tsv"),
-                    "--text-field", "sentence", "--output-dir", str(tmp_path), "--epochs", "2", "--final-epochs", "1")
+                    "--text-field", "sentence", "--output-dir", str(tmp_path), "--epochs", "2", "--final-steps", "3")
     assert done.returncode == 0, done.stderr
     assert "generation 0 it-was: train accuracy before training" in done.stdout
     assert "final classifier: eval accuracy" in done.stdout
     results = json.loads((tmp_path / "results.json").read_text())
     assert [m["pvp"] for m in results["generations"][0]] == ["it-was", "just"]
+    assert results["final_steps"] == 3  # a step budget, not epochs of --unlabeled
     sess = runtime.session(tmp_path / "model.onnx")
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path)
     inputs = tokenizer(["a gorgeous film", "dull"], padding=True, return_tensors="np")

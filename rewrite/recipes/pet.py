@@ -82,7 +82,9 @@ def _default_pattern_training() -> TrainConfig:
 
 
 def _default_final_training() -> TrainConfig:
-    return TrainConfig(task=CLASSIFICATION, epochs=3, lr=1e-3, batch_size=32, progress=False)
+    """A fixed step budget, as PET's reference does (`sc_max_steps`): counted in epochs, a small unlabeled
+    set gets too few optimizer steps (TREC-6, 500 texts: 48 steps scored 0.31, 300 steps 0.81)."""
+    return TrainConfig(task=CLASSIFICATION, max_steps=300, lr=1e-3, batch_size=32, progress=False)
 
 
 @dataclass
@@ -134,6 +136,7 @@ class PetResult:
     ensemble_accuracy: float | None
     final: RewriteGraph | None
     final_accuracy: float | None
+    final_steps: int | None = None  # the distilled classifier's optimizer steps
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -141,6 +144,7 @@ class PetResult:
                               "eval_accuracy": m.eval_accuracy} for m in models] for models in self.generations],
             "ensemble_accuracy": self.ensemble_accuracy,
             "final_accuracy": self.final_accuracy,
+            "final_steps": self.final_steps,
         }
 
 
@@ -348,9 +352,10 @@ def ensemble_accuracy(models: Sequence[PatternModel], eval_set: Sequence[Example
 
 
 def distill(model_dir: str | Path, unlabeled: Sequence[Example], teacher_logits: torch.Tensor,
-            label_names: list[str], config: PetConfig) -> RewriteGraph:
+            label_names: list[str], config: PetConfig) -> tuple[RewriteGraph, int]:
     """PET's final model: a plain sequence classifier (LoRA + head, no pattern) trained on the unlabeled
-    texts with the ensemble's soft labels `softmax(logits / T)` and PET's distillation loss."""
+    texts with the ensemble's soft labels `softmax(logits / T)` and PET's distillation loss; with the
+    optimizer steps it took."""
     torch.manual_seed(config.final_training.seed)  # the new classification head is initialized while loading
     gm = load_pretrained(model_dir, task="seq-cls", num_labels=len(label_names))
     gm.info.config.id2label = dict(enumerate(label_names))
@@ -360,8 +365,7 @@ def distill(model_dir: str | Path, unlabeled: Sequence[Example], teacher_logits:
     soft = [dataclasses.replace(e, label=tuple(t)) for e, t in zip(unlabeled, targets)]
     training = dataclasses.replace(config.final_training, label_names=label_names)
     loss_fn: Callable = lambda outputs, batch: distillation_loss(outputs, batch, config.temperature)  # noqa: E731
-    train(gm, soft, config=training, loss_fn=loss_fn)
-    return gm
+    return gm, train(gm, soft, config=training, loss_fn=loss_fn).steps
 
 
 def run_pet(model_dir: str | Path, pvps: Sequence[PVP], labeled: Sequence[Example], unlabeled: Sequence[Example],
@@ -375,11 +379,11 @@ def run_pet(model_dir: str | Path, pvps: Sequence[PVP], labeled: Sequence[Exampl
     ensemble = ensemble_accuracy(generations[-1], eval_set, config) if eval_set is not None else None
     if ensemble is not None:
         log.info("ensemble of %d PVP models: eval accuracy %.4f", len(pvps), ensemble)
-    final = distill(model_dir, unlabeled, merged, pvps[0].label_names, config)
+    final, steps = distill(model_dir, unlabeled, merged, pvps[0].label_names, config)
     final_accuracy = accuracy(predict_logits(final, eval_set, config.eval_batch_size), eval_set) if eval_set else None
     if final_accuracy is not None:
         log.info("distilled classifier: eval accuracy %.4f", final_accuracy)
-    return PetResult(generations, ensemble, final, final_accuracy)
+    return PetResult(generations, ensemble, final, final_accuracy, steps)
 
 
 def exported_model(result: PetResult, choice: Export) -> tuple[RewriteGraph, str]:
