@@ -275,7 +275,9 @@ def test_cli_pet_zero_shot_and_ipet(tiny_mlm_dir, tmp_path):
                     "--output-dir", str(tmp_path / "ipet"), "--ipet", "--generations", "2", "--epochs", "1",
                     "--final-epochs", "1")
     assert done.returncode == 0, done.stderr
-    assert len(json.loads((tmp_path / "ipet" / "results.json").read_text())["generations"]) == 2
+    results = json.loads((tmp_path / "ipet" / "results.json").read_text())
+    assert len(results["generations"]) == 2
+    assert results["final_steps"] == 1  # --final-epochs replaces the step budget: one epoch of 16 rows
 
 
 def test_cli_pet_bad_input_exits_2(tiny_mlm_dir, tmp_path):
