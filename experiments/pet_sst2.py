@@ -185,8 +185,7 @@ def write_results(results: dict, args) -> None:
     results["command"] = "python experiments/pet_sst2.py " + " ".join(
         f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
         for k, v in (("seeds", results["splits"]), ("unlabeled", args.unlabeled), ("epochs", args.epochs),
-                     ("final_steps", args.final_steps), ("lr", args.lr))) + (
-        f" --model {args.model} --out {args.out}" if args.model else "")
+                     ("final_steps", args.final_steps), ("lr", args.lr))) + sst2.model_flags(args)
     (args.out / "pet_sst2.json").write_text(json.dumps(results, indent=2) + "\n")
     write_table(results, args.out / "pet_sst2.md")
     write_plot(results, args.out / "pet_sst2.png")

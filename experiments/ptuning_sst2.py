@@ -116,8 +116,7 @@ def main() -> None:
         results["splits"].append(split)
         results["minutes"] = (time.perf_counter() - started) / 60
         results["command"] = (f"python experiments/ptuning_sst2.py --seeds {' '.join(map(str, results['splits']))} "
-                              f"--epochs {args.epochs} --lr {args.lr}"
-                              + (f" --model {args.model} --out {args.out}" if args.model else ""))
+                              f"--epochs {args.epochs} --lr {args.lr}" + sst2.model_flags(args))
         (args.out / "ptuning_sst2.json").write_text(json.dumps(results, indent=2) + "\n")
         write_table(results, args.out / "ptuning_sst2.md")
 

@@ -8,14 +8,10 @@ share of sentences it calls positive, its AUC (how well it ranks positive above 
 """
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 import torch
 
 import sst2
 from rewrite.data import Fields
-from rewrite.ir import info
 from rewrite import labels
 from rewrite.recipes import pet
 
@@ -28,25 +24,18 @@ def auc(scores: torch.Tensor, positive: torch.Tensor) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=sst2.HERE.parent.parent / "shared" / "data" / "SST-2")
-    parser.add_argument("--model", default=None, help="default: the MiniLM checkpoint the project ships")
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
+    args = sst2.base_parser(__doc__.splitlines()[0]).parse_args()
     model_dir = sst2.setup(args)
     pvps = labels.load_pvps(sst2.HERE / "pet_sst2_pvps.yaml")
     eval_set = pet.read_data(args.data / "k-shot" / "16-13" / "test.tsv", pvps, Fields(text="sentence"),
                              labeled=True)
     positive = torch.tensor([e.label == 1 for e in eval_set])
-    base, config = pet.capture_masked_lm(model_dir), pet.PetConfig()
-    tokenizer = info(base).tokenizer
+    logits = pet.zero_shot_logits(pet.capture_masked_lm(model_dir), pvps, eval_set, pet.PetConfig())
     print(f"{'PVP':<12} {'margin mean':>11} {'std':>6} {'positive':>9} {'AUC':>6} {'median-threshold acc':>21}")
-    for pvp in pvps:
-        gm = pet.pattern_graph(base, pvp, config, lora=False)
-        logits = pet.predict_logits(gm, pet.patterned(pvp, eval_set, tokenizer, 128), config.eval_batch_size)
-        margin = logits[:, 1] - logits[:, 0]
+    for name, pvp_logits in logits.items():
+        margin = pvp_logits[:, 1] - pvp_logits[:, 0]
         calibrated = float(((margin > margin.median()) == positive).float().mean())
-        print(f"{pvp.name:<12} {float(margin.mean()):>11.3f} {float(margin.std()):>6.3f} "
+        print(f"{name:<12} {float(margin.mean()):>11.3f} {float(margin.std()):>6.3f} "
               f"{float((margin > 0).float().mean()):>9.3f} {auc(margin, positive):>6.3f} {calibrated:>21.3f}")
 
 

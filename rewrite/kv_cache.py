@@ -355,7 +355,7 @@ def signature(gm: fx.GraphModule, slot_options: dict | None = None) -> Signature
     input_names = [*[k for k in inputs if k != "past"], *layout.past_names()]
     dynamic, slots = dynamic_shapes(layout, names=True), None
     if slot_options is not None:
-        slots = SlotExport(gm, **slot_options, traced=cached, example=example_inputs(layout, vocab, **_PROBE))
+        slots = SlotExport(gm, **slot_options, traced=cached, example=inputs)
         cached = slots.graph
         inputs, dynamic = inputs | slots.example_inputs(_PROBE["batch"]), dynamic | slots.dynamic_shapes()
     return Signature(cached, inputs, dynamic, input_names, ["logits", *layout.present_names()], metadata(gm, layout),

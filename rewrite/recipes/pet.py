@@ -242,19 +242,24 @@ class AuxiliaryMlmLoss:
 # ---------------------------------------------------------------- the recipe
 
 
+def zero_shot_logits(base: RewriteGraph, pvps: Sequence[PVP], examples: Sequence[Example],
+                     config: PetConfig) -> dict[str, torch.Tensor]:
+    """Per PVP, its untrained class logits `[examples, labels]` on `examples` written through its pattern."""
+    tokenizer = info(base).tokenizer
+    max_length = config.pattern_training.max_length
+    return {pvp.name: predict_logits(pattern_graph(base, pvp, config, lora=False),
+                                     patterned(pvp, examples, tokenizer, max_length), config.eval_batch_size)
+            for pvp in pvps}
+
+
 def zero_shot(base: RewriteGraph, pvps: Sequence[PVP], eval_set: Sequence[Example],
               config: PetConfig) -> dict[str, Any]:
     """Each PVP's accuracy with no training, and the equal-weight ensemble's."""
-    tokenizer = info(base).tokenizer
-    max_length = config.pattern_training.max_length
-    per_pattern, all_logits = {}, []
-    for pvp in pvps:
-        gm = pattern_graph(base, pvp, config, lora=False)
-        logits = predict_logits(gm, patterned(pvp, eval_set, tokenizer, max_length), config.eval_batch_size)
-        per_pattern[pvp.name] = accuracy(logits, eval_set)
-        all_logits.append(logits)
-        log.info("zero-shot %s: accuracy %.4f", pvp.name, per_pattern[pvp.name])
-    ensemble = accuracy(merge_logits(all_logits, [1.0] * len(pvps), "mean"), eval_set)
+    all_logits = zero_shot_logits(base, pvps, eval_set, config)
+    per_pattern = {name: accuracy(logits, eval_set) for name, logits in all_logits.items()}
+    for name, score in per_pattern.items():
+        log.info("zero-shot %s: accuracy %.4f", name, score)
+    ensemble = accuracy(merge_logits(list(all_logits.values()), [1.0] * len(pvps), "mean"), eval_set)
     log.info("zero-shot ensemble of %d PVPs: accuracy %.4f", len(pvps), ensemble)
     return {"patterns": per_pattern, "ensemble": ensemble}
 
