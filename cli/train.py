@@ -36,7 +36,8 @@ from rewrite.train import SCHEDULES, TRAINING_TASKS, TrainConfig
 @click.option("--speed-passes", default=None,
               help="Comma-separated training-graph rewrites (default: every exact one, see rewrite.speed; none: off).")
 @click.option("--checkpoint", is_flag=True, help="Activation checkpointing per block (less memory, one more forward).")
-@click.option("--dropout-parity", is_flag=True, help="Keep Hugging Face's dropout masks bit for bit (no rows pass).")
+@click.option("--dropout-parity", is_flag=True,
+              help="Keep Hugging Face's dropout masks bit for bit (no rows or fast_dropout pass).")
 @click.option("--fsdp", is_flag=True, help="Under torchrun: shard the graph with FSDP2 instead of DDP.")
 @click.option("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when available).")
 @click.option("--save-every", type=int, default=100, show_default=True, help="Checkpoint every N steps (and at the end).")

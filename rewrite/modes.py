@@ -1,9 +1,9 @@
 """Train/eval switching for captured graphs.
 
 `torch.export` bakes the module mode into the graph as literal flags (`aten.dropout(x, p, train)`,
-`aten.batch_norm(..., training, ...)`, SDPA's `dropout_p`). Capture traces in train mode so every
-probability is recorded; switching modes rewrites those literals (torchao's
-`move_exported_model_to_train` is the same idea).
+`aten.batch_norm(..., training, ...)`, SDPA's `dropout_p`; the same in `rewrite.dropout`'s stand-ins
+for dropout and SDPA). Capture traces in train mode so every probability is recorded; switching
+modes rewrites those literals (torchao's `move_exported_model_to_train` is the same idea).
 """
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import contextlib
 
 import torch
 from torch import fx, nn
+
+from rewrite import dropout
 
 aten = torch.ops.aten
 
@@ -21,8 +23,9 @@ _FLAG_ARG = {
     aten.alpha_dropout.default: 2,
     aten.feature_alpha_dropout.default: 2,
     aten.batch_norm.default: 5,
+    dropout.dropout: 2,
 }
-_SDPA = aten.scaled_dot_product_attention.default
+_ATTENTION = (aten.scaled_dot_product_attention.default, dropout.attention)  # dropout_p at _SDPA_DROPOUT_ARG
 _SDPA_DROPOUT_ARG = 4
 _TRAIN_P = "rewrite_train_dropout_p"
 
@@ -40,6 +43,15 @@ def _sdpa_dropout(node: fx.Node) -> float:
     if len(node.args) > _SDPA_DROPOUT_ARG:
         return node.args[_SDPA_DROPOUT_ARG]
     return node.kwargs.get("dropout_p", 0.0)
+
+
+def train_dropout_p(node: fx.Node) -> float:
+    """The probability with which a dropout or attention node drops in train mode (0.0 for other nodes)."""
+    if node.target in _ATTENTION:
+        return node.meta.get(_TRAIN_P, _sdpa_dropout(node))
+    if node.target in (aten.dropout.default, dropout.dropout):
+        return node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.0)
+    return 0.0
 
 
 def set_graph_training(gm: fx.GraphModule, mode: bool) -> None:
@@ -61,7 +73,7 @@ def _set_training(gm: fx.GraphModule, mode: bool) -> None:
             if current != mode:
                 _set_arg(node, index, "train", mode)
                 changed = True
-        elif node.target is _SDPA:
+        elif node.target in _ATTENTION:
             train_p = node.meta.setdefault(_TRAIN_P, _sdpa_dropout(node))
             wanted = train_p if mode else 0.0
             if _sdpa_dropout(node) != wanted:

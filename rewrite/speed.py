@@ -3,8 +3,9 @@
 The speed passes run on a twin of the graph that shares its parameters, so the user's graph (its
 evaluation, saved archive, fold and export) is untouched. `SPEED_PASSES` are the exact ones, applied
 by default; each says so, and how it may be used, on its class (`Pass.speed_rank` and the flags beside
-it): the loss without full logits, LoRA A projections fused, `[CLS]`-row classifiers (not when the
-run keeps Hugging Face's dropout masks bit for bit), per-block activation checkpointing (opt-in).
+it): the loss without full logits, LoRA A projections fused, `[CLS]`-row classifiers and cheaper CPU
+dropout masks (both not when the run keeps Hugging Face's dropout masks bit for bit), per-block
+activation checkpointing (opt-in).
 A pass that is exact only for batches without padding (attention without a materialized mask)
 makes a second twin for those; `Graphs` picks one per batch.
 """

@@ -111,7 +111,7 @@ class TrainConfig:
     resume: bool = False  # continue from the newest complete checkpoint in output_dir
     progress: bool = True  # progress bar on rank 0
     speed_passes: list[str] | None = None  # training-graph rewrites (rewrite.speed); None: every exact one
-    dropout_parity: bool = False  # keep Hugging Face's train-mode dropout masks bit for bit (no rows pass)
+    dropout_parity: bool = False  # keep Hugging Face's train-mode dropout masks bit for bit (no rows, fast_dropout)
     checkpoint: bool = False  # activation checkpointing per block (the checkpoint speed pass)
 
 

@@ -18,8 +18,8 @@ from conftest import TASK_CLASSES, tiny_config, tiny_model
 from helpers import capture_tiny, fresh_inputs, lora_graph, randomize_lora, sentiment_rows
 
 MODELS = [("llama", "causal-lm"), ("gpt2", "causal-lm"), ("bert", "masked-lm"), ("bert", "seq-cls")]
-PASSES = ["chunked_loss", "fused_lora", "dense_attention", "grouped_attention", "rows", "gated_activation",
-          "recompute_input", "checkpoint"]
+PASSES = ["chunked_loss", "fused_lora", "dense_attention", "grouped_attention", "rows", "fast_dropout",
+          "gated_activation", "recompute_input", "checkpoint"]
 AFTER = {"grouped_attention": ["dense_attention"]}  # it rewrites the attention dense_attention leaves without a mask
 ROLES = ["q", "k", "v", "o", "mlp"]
 
@@ -33,18 +33,19 @@ def _labels(inputs, task: str) -> torch.Tensor:
     return labels
 
 
-def _adapted(arch: str, task: str, dropout: bool = True):
+def _adapted(arch: str, task: str, dropout: float | None = None, lora_dropout: float = 0.0):
+    """The tiny model with LoRA on `ROLES`; `dropout` replaces every dropout probability of its config."""
     model = tiny_model(arch, task)
-    if not dropout:
+    if dropout is not None:
         config = tiny_config(arch)
         for name, value in vars(config).items():
-            if "dropout" in name and isinstance(value, float):
-                setattr(config, name, 0.0)
+            if ("dropout" in name or "pdrop" in name) and isinstance(value, float):
+                setattr(config, name, dropout)
         torch.manual_seed(0)
         model = TASK_CLASSES[task].from_config(config).eval()
     gm = capture_tiny(model)
     gm.info["task"] = task
-    rewrite.apply(gm, "lora", rank=4, roles=ROLES)
+    rewrite.apply(gm, "lora", rank=4, roles=ROLES, dropout=lora_dropout)
     randomize_lora(gm)
     return gm
 
@@ -61,7 +62,7 @@ def _loss_and_grads(graph, lora, inputs, labels, task):
 @pytest.mark.parametrize("arch,task", MODELS)
 def test_pass_keeps_loss_and_lora_gradients(arch, task, name, training):
     # a pass that changes train-mode dropout draws is compared without dropout
-    gm = _adapted(arch, task, dropout=not (training and pass_class(name).changes_dropout))
+    gm = _adapted(arch, task, dropout=0.0 if training and pass_class(name).changes_dropout else None)
     names = [*AFTER.get(name, []), name]
     fast = speed.twin(gm, names)
     fast.train(training)
@@ -94,6 +95,11 @@ def test_each_pass_changes_what_it_should():
     assert reports["bert", "seq-cls"]["rows"]["moved"] > 10
     assert reports["llama", "causal-lm"]["grouped_attention"]["grouped"] == 2  # 2 key/value heads for 4 query heads
     assert reports["gpt2", "causal-lm"]["grouped_attention"]["grouped"] == 0
+    assert reports["llama", "causal-lm"]["fast_dropout"]["summary"] == "no dropout"  # LLaMA trains without
+    assert (reports["gpt2", "causal-lm"]["fast_dropout"]["dropout"], reports["gpt2", "causal-lm"]["fast_dropout"]
+            ["attention"]) == (5, 2)  # the embeddings', and per layer the attention output's and the MLP's
+    assert (reports["bert", "seq-cls"]["fast_dropout"]["dropout"], reports["bert", "seq-cls"]["fast_dropout"]
+            ["attention"]) == (6, 2)  # the same, and the classifier's
     assert reports["llama", "causal-lm"]["gated_activation"]["gated"] == 2  # SwiGLU; GELU MLPs are not gated
     assert reports["bert", "masked-lm"]["gated_activation"]["gated"] == 0
     # per layer: q/k/v and gate/up read a norm; GPT-2's c_attn its ln_1, c_fc its ln_2, c_proj a GELU;
@@ -173,7 +179,8 @@ def _lm_graph(directory):
 
 def test_a_custom_loss_gets_logits_and_dropout_parity_drops_rows():
     assert speed.resolve(None, dropout_parity=False, custom_loss=True) == [
-        "dense_attention", "grouped_attention", "rows", "gated_activation", "fused_lora", "recompute_input"]
+        "dense_attention", "grouped_attention", "rows", "fast_dropout", "gated_activation", "fused_lora",
+        "recompute_input"]
     assert speed.resolve(None, dropout_parity=True, custom_loss=False, checkpoint=True) == [
         "chunked_loss", "dense_attention", "grouped_attention", "gated_activation", "fused_lora", "recompute_input",
         "checkpoint"]
