@@ -21,6 +21,7 @@ from rewrite.errors import RewriteError
 from rewrite.atomic import atomic_path
 from rewrite.graphcodec import ATTRIBUTE_PATH, UnsafeGraphError, decode_graph, encode_graph
 from rewrite.ir import GraphInfo, RewriteGraph, add_submodule, info, wrap
+from rewrite.pipeline import available, pass_class
 
 FORMAT = 2
 _KEPT_META = ("nn_module_stack", "rewrite", "rewrite_train_dropout_p")
@@ -48,11 +49,15 @@ def _tensors(gm: fx.GraphModule) -> tuple[dict[str, torch.Tensor], dict[str, Any
     return tensors, manifest
 
 
-def _graph_json(graph: fx.Graph) -> str:
+def _graph_json(gm: fx.GraphModule) -> str:
     try:
-        return json.dumps(encode_graph(graph, _KEPT_META))
+        return json.dumps(encode_graph(gm.graph, _KEPT_META))
     except UnsafeGraphError as error:
-        raise RewriteError(f"this graph cannot be saved as a .pt2 archive: {error}") from error
+        speed = [entry["pass"] for entry in info(gm)["history"]
+                 if entry["pass"] in available() and pass_class(entry["pass"]).speed_rank is not None]
+        hint = (f"; the training-speed passes in its history ({', '.join(speed)}) make the graph `rewrite train` "
+                "steps through (it applies them itself), not one to save" if speed else "")
+        raise RewriteError(f"this graph cannot be saved as a .pt2 archive: {error}{hint}") from error
 
 
 def save(gm: fx.GraphModule, path: str | Path) -> Path:
@@ -65,7 +70,7 @@ def save(gm: fx.GraphModule, path: str | Path) -> Path:
     header.update(format=FORMAT, training=gm.training, tensors=manifest, meta_device=on_meta)
     with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w") as archive:
         archive.writestr("rewrite.json", json.dumps(header, indent=2, default=str))
-        archive.writestr("graph.json", _graph_json(gm.graph))
+        archive.writestr("graph.json", _graph_json(gm))
         if on_meta:
             shapes = {n: [list(t.shape), str(t.dtype).removeprefix("torch.")] for n, t in tensors.items()}
             archive.writestr("shapes.json", json.dumps(shapes))

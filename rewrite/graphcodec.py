@@ -40,7 +40,9 @@ def encode_target(target: Any) -> Any:
         name = getattr(target, "__name__", None)
         if table.get(name) is target:
             return {"$fn": f"{prefix}.{name}"}
-    raise UnsafeGraphError(f"operator {target!r} cannot be stored as data")
+    name = f"{getattr(target, '__module__', '')}.{getattr(target, '__qualname__', target)!s}".lstrip(".")
+    raise UnsafeGraphError(f"operator {name} cannot be stored as data (only ATen operators and Python's "
+                           "operator and sym_* functions can)")
 
 
 def decode_target(data: Any) -> Any:
