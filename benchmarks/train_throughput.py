@@ -4,6 +4,7 @@
     python benchmarks/train_throughput.py --models minilm --modes eager --steps 10
     python benchmarks/train_throughput.py --ablate     # also ours with no speed pass, and without each pass in turn
     python benchmarks/train_throughput.py --progress   # also ours with the progress display on (wall time)
+    python benchmarks/train_throughput.py --bf16       # both under bf16 autocast on CPU too (AMX CPUs)
     python benchmarks/train_throughput.py --models llama-1b --modes eager   # on a GPU (benchmarks/gpu.sh)
 
 Each (model, implementation, mode) runs in its own process, so compilation caches and memory peaks
@@ -12,7 +13,7 @@ medians are reported, so a machine shared with other work slows both alike. A st
 schedule; ours is `rewrite.train` itself (data collation included), PEFT's is the equivalent loop
 over pre-tokenized tensors. Throughput is the median of the steps after the warm-up ones; peak memory
 is the process's peak RSS during those steps above its RSS before training (CPU; on CUDA, the peak of
-allocated memory), with bf16 autocast on CUDA for both.
+allocated memory), with bf16 autocast on CUDA (and with `--bf16` on CPU) for both.
 """
 from __future__ import annotations
 
@@ -121,7 +122,7 @@ def speed_passes(implementation: str) -> list[str] | None:
 
 
 def run_rewrite(directory: Path, spec: dict, mode: str, steps: int, warmup: int, implementation: str = "rewrite",
-                progress: bool = False) -> dict:
+                progress: bool = False, bf16: bool = False) -> dict:
     import torch
 
     import rewrite
@@ -131,7 +132,8 @@ def run_rewrite(directory: Path, spec: dict, mode: str, steps: int, warmup: int,
     rewrite.apply(gm, "lora", roles=["q", "v"], **LORA)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     config = TrainConfig(max_steps=warmup + steps, batch_size=spec["batch"], max_length=spec["seq"], lr=1e-4,
-                         compile=mode == "compile", progress=progress, speed_passes=speed_passes(implementation))
+                         compile=mode == "compile", progress=progress, speed_passes=speed_passes(implementation),
+                         bf16=True if bf16 else None)
     data = rows(spec["batch"] * (warmup + steps), spec["seq"])
     gm.to(device)
     baseline = reset_peak(device)
@@ -144,7 +146,7 @@ def run_rewrite(directory: Path, spec: dict, mode: str, steps: int, warmup: int,
     return {"step_s": statistics.median(seconds), "peak_bytes": used, "wall_s": wall}
 
 
-def run_peft(directory: Path, spec: dict, mode: str, steps: int, warmup: int) -> dict:
+def run_peft(directory: Path, spec: dict, mode: str, steps: int, warmup: int, bf16: bool = False) -> dict:
     import torch
     import transformers
     from peft import LoraConfig, get_peft_model
@@ -171,7 +173,7 @@ def run_peft(directory: Path, spec: dict, mode: str, steps: int, warmup: int) ->
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     scheduler = transformers.get_scheduler("linear", optimizer, num_warmup_steps=0, num_training_steps=len(batches))
     forward = torch.compile(model) if mode == "compile" else model
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 or device.type == "cuda")
     baseline = reset_peak(device)
     seconds = []
     for batch in batches:
@@ -196,17 +198,17 @@ def child(args) -> None:
     model, implementation, mode = args.child.split(":")
     directory = model_dir(model, Path(args.workdir))
     if implementation == "peft":
-        result = run_peft(directory, MODELS[model], mode, args.steps, args.warmup)
+        result = run_peft(directory, MODELS[model], mode, args.steps, args.warmup, args.bf16)
     else:
         progress = implementation.endswith("+progress")
         result = run_rewrite(directory, MODELS[model], mode, args.steps, args.warmup,
-                             implementation.removesuffix("+progress"), progress)
+                             implementation.removesuffix("+progress"), progress, args.bf16)
     print(json.dumps(result))
 
 
 def measure(model: str, implementation: str, mode: str, args, workdir: Path) -> dict:
     command = [sys.executable, __file__, "--child", f"{model}:{implementation}:{mode}", "--workdir", str(workdir),
-               "--steps", str(args.steps), "--warmup", str(args.warmup)]
+               "--steps", str(args.steps), "--warmup", str(args.warmup), *(["--bf16"] if args.bf16 else [])]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"{model} {implementation} {mode} failed:\n{done.stderr[-4000:]}")
@@ -245,6 +247,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="Alternating runs per implementation.")
     parser.add_argument("--ablate", action="store_true", help="Eager: also ours with no speed pass, and without each.")
     parser.add_argument("--progress", action="store_true", help="Also ours with the progress display on.")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast for both on CPU too (it is on CUDA).")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -255,7 +258,7 @@ def main() -> None:
     import torch
 
     device = f"CUDA ({torch.cuda.get_device_name()}, bf16 autocast)" if torch.cuda.is_available() else \
-        f"CPU ({torch.get_num_threads()} threads, fp32)"
+        f"CPU ({torch.get_num_threads()} threads, {'bf16 autocast' if args.bf16 else 'fp32'})"
     print(f"training throughput on {device}, load average {os.getloadavg()[0]:.1f}; LoRA r=8 on q,v; median of "
           f"{args.steps} steps after {args.warmup}, {args.repeats} alternating run(s) each")
     print(f"{'model':<11} {'mode':<8} {'ours':<32} {'tok/s':>9} {'PEFT':>9} {'speed':>8} {'MiB':>8} {'PEFT MiB':>8} "

@@ -10,8 +10,8 @@ ones are divided by `1 - p`, as torch does. The draws come from torch's global g
 
 `dropout` and `attention` take the arguments of `aten.dropout` and `aten.scaled_dot_product_attention`
 (the `fast_dropout` pass swaps them in, `rewrite.modes` switches their train flags) and are those ops
-wherever this does not apply: eval mode, another device, autocast, `torch.compile`, a trainable
-attention bias.
+wherever this does not apply: eval mode, another device, `torch.compile`, a trainable attention bias.
+Under CPU autocast they return the dtypes torch's ops would.
 """
 from __future__ import annotations
 
@@ -36,9 +36,8 @@ def keep_mask(shape: torch.Size | tuple[int, ...], p: float, dtype: torch.dtype 
 
 
 def _applies(tensor: torch.Tensor, p: float) -> bool:
-    """Eager CPU float work only: under `torch.compile` Inductor generates its own random numbers."""
-    return (0.0 < p < 1.0 and tensor.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
-            and not torch.compiler.is_compiling())
+    """Eager CPU work only: under `torch.compile` Inductor generates its own random numbers."""
+    return 0.0 < p < 1.0 and tensor.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def dropout(input: torch.Tensor, p: float, train: bool) -> torch.Tensor:
@@ -61,7 +60,12 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_
     if is_causal:  # SDPA's causal mask: the upper-left triangle
         attn_mask = torch.ones(query.shape[-2], key.shape[-2], dtype=torch.bool, device=query.device).tril()
     scale = query.shape[-1] ** -0.5 if scale is None else scale
-    return _DroppedAttention.apply(query, key, value, attn_mask, dropout_p, scale)
+    # as SDPA: autocast hands it its dtype, and the math path computes in fp32 and returns that dtype
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else query.dtype
+    compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    query, key, value = (t.to(dtype).to(compute) for t in (query, key, value))
+    with torch.autocast("cpu", enabled=False):
+        return _DroppedAttention.apply(query, key, value, attn_mask, dropout_p, scale).to(dtype)
 
 
 class _DroppedAttention(torch.autograd.Function):

@@ -262,7 +262,8 @@ class _Objective:
     def loss(self, outputs, batch: dict[str, torch.Tensor], head: Head | None = None) -> torch.Tensor:
         """The summed loss over `items(batch)`: the task loss, or the caller's mean `loss_fn` times the batch size."""
         if self.loss_fn is None:
-            return loss_sum(outputs, batch["labels"], self.task, self.prepended, head)
+            with self.autocast():  # a head the graph left to the loss runs in the precision the graph's would
+                return loss_sum(outputs, batch["labels"], self.task, self.prepended, head)
         return self.loss_fn(outputs, batch) * batch["input_ids"].shape[0]
 
     def eval_sums(self, model: nn.Module, dataset: _Data, indices: Sequence[int], batch_size: int,

@@ -63,9 +63,11 @@ def _compare_with_torch_masks(gm, task, inputs, monkeypatch, attention=2):
     assert not torch.equal(_loss_and_grads(fast, lora, inputs, labels, task)[0], loss)  # its own masks otherwise
 
 
-@pytest.mark.parametrize("causal,gqa,masked", [(True, True, False), (False, False, True)])
-def test_attention_is_sdpa_with_the_same_mask(causal, gqa, masked, monkeypatch):
-    """Causal, grouped heads, a boolean mask with a fully masked row (which attends to nothing, as in SDPA)."""
+@pytest.mark.parametrize("causal,gqa,masked,bf16", [(True, True, False, False), (False, False, True, False),
+                                                    (False, False, True, True)])
+def test_attention_is_sdpa_with_the_same_mask(causal, gqa, masked, bf16, monkeypatch):
+    """Causal, grouped heads, a boolean mask with a fully masked row (which attends to nothing, as in
+    SDPA), bf16 autocast (SDPA's math path computes in fp32 between bf16 inputs and output)."""
     generator = torch.Generator().manual_seed(0)
     query = torch.randn(2, 4, 6, 8, generator=generator, requires_grad=True)
     key, value = (torch.randn(2, 2 if gqa else 4, 6, 8, generator=generator, requires_grad=True) for _ in range(2))
@@ -78,9 +80,11 @@ def test_attention_is_sdpa_with_the_same_mask(causal, gqa, masked, monkeypatch):
     results = []
     for attend in (dropout.attention, F.scaled_dot_product_attention):
         torch.manual_seed(7)
-        out = attend(query, key, value, mask, 0.25, causal, scale=0.3, enable_gqa=gqa)
-        results.append((out, *torch.autograd.grad(out, [query, key, value], grad)))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = attend(query, key, value, mask, 0.25, causal, scale=0.3, enable_gqa=gqa)
+        results.append((out, *torch.autograd.grad(out, [query, key, value], grad.to(out.dtype))))
     for ours, theirs in zip(*results):
+        assert ours.dtype == theirs.dtype
         torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
     if masked:
         assert torch.equal(results[0][0][1, :, 2], torch.zeros(4, 8))
