@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import statistics
 import tempfile
 from pathlib import Path
 
@@ -23,18 +22,11 @@ import train_throughput
 DROPOUTS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout")
 
 
-def tokens_per_s(directory: Path, steps: int, torch_dropout: bool = False) -> float:
-    import rewrite
-    from rewrite.speed import speed_passes
-    from rewrite.train import TrainConfig
-
+def tokens_per_s(directory: Path, steps: int, implementation: str = "rewrite") -> float:
+    """`train_throughput`'s run of ours (`rewrite=-fast_dropout`: the defaults but that pass), one warm-up step."""
     spec = train_throughput.MODELS["minilm"]
-    gm = rewrite.load_pretrained(directory, task=spec["task"], num_labels=2)
-    rewrite.apply(gm, "lora", roles=["q", "v"], **train_throughput.LORA)
-    config = TrainConfig(max_steps=steps, batch_size=spec["batch"], max_length=spec["seq"], lr=1e-4, progress=False,
-                         speed_passes=[n for n in speed_passes() if n != "fast_dropout"] if torch_dropout else None)
-    result = rewrite.train(gm, train_throughput.rows(spec["batch"] * steps, spec["seq"]), config=config)
-    return statistics.median([h["tokens_per_s"] for h in result.history if h["split"] == "train"][1:])
+    result = train_throughput.run_rewrite(directory, spec, "eager", steps - 1, 1, implementation)
+    return spec["batch"] * spec["seq"] / result["step_s"]
 
 
 def without_dropout(directory: Path, workdir: Path) -> Path:
@@ -52,7 +44,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as workdir:
         directory = train_throughput.model_dir("minilm", Path(workdir))
-        drawn_by_torch = tokens_per_s(directory, args.steps, torch_dropout=True)
+        drawn_by_torch = tokens_per_s(directory, args.steps, "rewrite=-fast_dropout")
         fast = tokens_per_s(directory, args.steps)
         plain = tokens_per_s(without_dropout(directory, Path(workdir)), args.steps)
     print(f"MiniLM seq-cls 32 x 128, rewrite.train tokens/s: {drawn_by_torch:,.0f} with torch's dropout, "

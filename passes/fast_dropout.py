@@ -22,7 +22,8 @@ from rewrite.pipeline import Pass, register
 
 aten = torch.ops.aten
 log = logging.getLogger(__name__)
-_STAND_INS = {aten.dropout.default: dropout.dropout, aten.scaled_dot_product_attention.default: dropout.attention}
+_STAND_INS = {aten.dropout.default: ("dropout", dropout.dropout),
+              aten.scaled_dot_product_attention.default: ("attention", dropout.attention)}
 
 
 @register
@@ -36,8 +37,8 @@ class FastDropoutPass(Pass):
         swapped = {"dropout": 0, "attention": 0}
         for node in graph_module.graph.nodes:
             if node.op == "call_function" and node.target in _STAND_INS and train_dropout_p(node) > 0:
-                node.target = _STAND_INS[node.target]
-                swapped["dropout" if node.target is dropout.dropout else "attention"] += 1
+                kind, node.target = _STAND_INS[node.target]
+                swapped[kind] += 1
         total = sum(swapped.values())
         if not total:
             log.warning("fast_dropout: the graph has no dropout with a train-mode probability; it is unchanged")
