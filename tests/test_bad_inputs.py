@@ -206,6 +206,20 @@ CLI_CASES = [
                                             "--unlabeled", w["train"], "--output-dir", w["afile"] / "p"], "is a file"),
 ]
 
+# Training, resuming and interruption.
+TRAIN_CASES = [
+]
+
+# Capture, export, run, generate and adapter files.
+EXPORT_CASES = [
+]
+
+# PET, mlm-head and output files.
+PET_CASES = [
+]
+
+CLI_CASES += TRAIN_CASES + EXPORT_CASES + PET_CASES
+
 
 @pytest.mark.parametrize("make, words", [c[1:] for c in CLI_CASES], ids=[c[0] for c in CLI_CASES])
 def test_cli_bad_input_is_one_sentence(w, tmp_path, capsys, monkeypatch, make, words):
