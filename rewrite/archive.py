@@ -157,9 +157,10 @@ def _read(archive: zipfile.ZipFile) -> RewriteGraph:
         raise UnsafeGraphError(
             f"it has archive format {header.get('format')!r}, not {FORMAT} (format 1 held a pickle, which could run "
             "code, so it is not read)")
-    graph = decode_graph(json.loads(archive.read("graph.json")))
     manifest = header.pop("tensors")
     _check_names(manifest)
+    graph = decode_graph(json.loads(archive.read("graph.json")),
+                         {*manifest["parameters"], *manifest["buffers"], *manifest["aliases"]})
     root = _build_root(_read_tensors(archive, header), manifest)
     training = bool(header.pop("training"))
     header.pop("format")

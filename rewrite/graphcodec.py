@@ -1,13 +1,18 @@
 """An fx graph as plain data: JSON node records whose operators resolve against an allow-list.
 
-Loading runs no code from the file: an operator is looked up by name among PyTorch's registered
-`aten`/`prims` ops, Python's `operator` functions and `torch.sym_*`; values are JSON with tagged
-dtypes, devices and node references; output structures are builtin containers or Hugging Face
-`ModelOutput` classes. Anything else is refused, on save as on load.
+Loading runs no code from the file. Operators are admitted by value: a registered `aten`/`prims`
+overload (but none that reaches the file system or rebinds storage), or one of the few exact Python
+callables fx emits for symbolic sizes (`operator.getitem`, arithmetic and comparison operators,
+`torch.sym_*`); never a module's whole namespace, since `operator.attrgetter`, `methodcaller` and
+`call` walk from any tensor to `__globals__` and `eval`. Values are JSON with tagged dtypes, devices,
+slices and node references; `get_attr` names only the archive's own tensors; names are identifiers;
+output structures are builtin containers or Hugging Face `ModelOutput` classes of the installed
+library. Anything else is refused, on save as on load.
 """
 from __future__ import annotations
 
 import importlib
+import keyword
 import operator
 import re
 from typing import Any
@@ -17,14 +22,26 @@ import torch.utils._pytree as pytree
 from torch import fx
 
 OP_NAMESPACES = ("aten", "prims")
-_OPERATOR_FUNCTIONS = {name: getattr(operator, name) for name in dir(operator) if not name.startswith("_")}
-_SYM_FUNCTIONS = {name: getattr(torch, name) for name in dir(torch) if name.startswith("sym_")}
+# Registered operators that a captured model never holds and that act outside their tensor arguments:
+# `from_file` maps a named file (writable when shared), `set_`/`set` rebind a tensor to other storage.
+_REFUSED_OPS = frozenset({"from_file", "set_", "set", "set_data"})
+PYTHON_FUNCTIONS = {
+    f"{prefix}.{name}": function for prefix, name, function in [
+        *(("operator", f.__name__, f) for f in (
+            operator.getitem, operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv,
+            operator.mod, operator.pow, operator.neg, operator.pos, operator.abs, operator.eq, operator.ne,
+            operator.lt, operator.le, operator.gt, operator.ge, operator.and_, operator.or_, operator.xor,
+            operator.not_)),
+        *(("torch", name, getattr(torch, name)) for name in (
+            "sym_int", "sym_float", "sym_max", "sym_min", "sym_not", "sym_ite", "sym_sqrt", "sym_sum")),
+    ]
+}
 _TORCH_ENUMS = (torch.dtype, torch.layout, torch.memory_format)
 _CONTAINERS = {"tuple": tuple, "list": list, "dict": dict}
-_OUTPUT_MODULE = re.compile(r"(transformers|rewrite)(\.[a-z0-9_]+)+")
+_OUTPUT_MODULE = re.compile(r"transformers\.modeling_outputs|transformers\.models\.([a-z0-9_]+)\.modeling_\1"
+                            r"|rewrite\.passes\.[a-z0-9_]+")
+_OP_NAME = re.compile(r"(aten|prims)::[A-Za-z_][A-Za-z0-9_]*\.[A-Za-z_][A-Za-z0-9_]*")
 ATTRIBUTE_PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")
-_TARGET_RULES = {"placeholder": str.isidentifier, "get_attr": ATTRIBUTE_PATH.fullmatch, "output": "output".__eq__,
-                 "call_function": lambda target: not isinstance(target, str)}
 
 
 class UnsafeGraphError(ValueError):
@@ -34,34 +51,46 @@ class UnsafeGraphError(ValueError):
 def encode_target(target: Any) -> Any:
     if isinstance(target, str):
         return target
-    if isinstance(target, torch._ops.OpOverload):
+    if isinstance(target, torch._ops.OpOverload) and _admitted_op(target):
         return {"$op": f"{target._schema.name}.{target._overloadname}"}
-    for table, prefix in ((_OPERATOR_FUNCTIONS, "operator"), (_SYM_FUNCTIONS, "torch")):
-        name = getattr(target, "__name__", None)
-        if table.get(name) is target:
-            return {"$fn": f"{prefix}.{name}"}
+    for name, function in PYTHON_FUNCTIONS.items():
+        if function is target:
+            return {"$fn": name}
     name = f"{getattr(target, '__module__', '')}.{getattr(target, '__qualname__', target)!s}".lstrip(".")
-    raise UnsafeGraphError(f"operator {name} cannot be stored as data (only ATen operators and Python's "
-                           "operator and sym_* functions can)")
+    raise UnsafeGraphError(f"operator {name} cannot be stored as data (only ATen operators and the Python "
+                           "operators fx emits for sizes can)")
+
+
+def _admitted_op(op: torch._ops.OpOverload) -> bool:
+    namespace, _, name = op._schema.name.partition("::")
+    return namespace in OP_NAMESPACES and name not in _REFUSED_OPS
 
 
 def decode_target(data: Any) -> Any:
     if isinstance(data, str):
         return data
-    if "$op" in data:
-        qualified, _, overload = data["$op"].rpartition(".")
-        namespace, _, name = qualified.partition("::")
-        if namespace not in OP_NAMESPACES:
-            raise UnsafeGraphError(f"operator namespace {namespace!r} is not one of {', '.join(OP_NAMESPACES)}")
-        op = getattr(getattr(getattr(torch.ops, namespace), name, None), overload, None)
-        if isinstance(op, torch._ops.OpOverload):
-            return op
-        raise UnsafeGraphError(f"{data['$op']!r} is not a registered PyTorch operator")
-    prefix, _, name = data["$fn"].partition(".")
-    table = {"operator": _OPERATOR_FUNCTIONS, "torch": _SYM_FUNCTIONS}.get(prefix, {})
-    if name not in table:
-        raise UnsafeGraphError(f"function {data['$fn']!r} is not on the allow-list")
-    return table[name]
+    if not isinstance(data, dict) or len(data) != 1:
+        raise UnsafeGraphError(f"operator record {data!r} is neither a name, an $op nor an $fn")
+    (tag, name), = data.items()
+    if tag == "$fn":
+        if not isinstance(name, str) or name not in PYTHON_FUNCTIONS:
+            raise UnsafeGraphError(f"function {name!r} is not on the allow-list ({', '.join(PYTHON_FUNCTIONS)})")
+        return PYTHON_FUNCTIONS[name]
+    if tag != "$op" or not isinstance(name, str):
+        raise UnsafeGraphError(f"operator record {data!r} is neither a name, an $op nor an $fn")
+    namespace = name.partition("::")[0]
+    if namespace not in OP_NAMESPACES:
+        raise UnsafeGraphError(f"operator namespace {namespace!r} is not one of {', '.join(OP_NAMESPACES)}")
+    if not _OP_NAME.fullmatch(name):
+        raise UnsafeGraphError(f"{name!r} is not an operator name of the form namespace::name.overload")
+    qualified, _, overload = name.rpartition(".")
+    packet = getattr(getattr(torch.ops, namespace), qualified.partition("::")[2], None)
+    op = getattr(packet, overload, None) if isinstance(packet, torch._ops.OpOverloadPacket) else None
+    if not isinstance(op, torch._ops.OpOverload):
+        raise UnsafeGraphError(f"{name!r} is not a registered PyTorch operator")
+    if not _admitted_op(op):
+        raise UnsafeGraphError(f"operator {name!r} acts outside its tensor arguments and is never in a captured graph")
+    return op
 
 
 def encode_value(value: Any) -> Any:
@@ -86,27 +115,38 @@ def encode_value(value: Any) -> Any:
 
 
 def decode_value(data: Any, nodes: dict[str, fx.Node]) -> Any:
+    """Constants come back only as data: JSON scalars, containers, devices, enums, slices, earlier nodes."""
     if data is None or isinstance(data, (bool, int, float, str)):
         return data
     if isinstance(data, list):
         return [decode_value(v, nodes) for v in data]
+    if not isinstance(data, dict) or len(data) != 1:
+        raise UnsafeGraphError(f"value {data!r} is not a tagged value")
     (tag, body), = data.items()
     if tag == "$node":
+        if not isinstance(body, str) or body not in nodes:
+            raise UnsafeGraphError(f"node reference {body!r} names no earlier node")
         return nodes[body]
-    if tag == "$tuple":
+    if tag == "$tuple" and isinstance(body, list):
         return tuple(decode_value(v, nodes) for v in body)
-    if tag == "$dict":
-        return {decode_value(k, nodes): decode_value(v, nodes) for k, v in body}
-    if tag == "$device":
+    if tag == "$dict" and isinstance(body, list) and all(isinstance(p, list) and len(p) == 2 for p in body):
+        return {_key(decode_value(k, nodes)): decode_value(v, nodes) for k, v in body}
+    if tag == "$device" and isinstance(body, str):
         return torch.device(body)
-    if tag == "$torch":
-        value = getattr(torch, body, None)
+    if tag == "$torch" and isinstance(body, str):
+        value = getattr(torch, body, None) if body.isidentifier() else None
         if isinstance(value, _TORCH_ENUMS):
             return value
         raise UnsafeGraphError(f"torch.{body} is not a dtype, layout or memory format")
-    if tag == "$slice":
+    if tag == "$slice" and isinstance(body, list) and len(body) == 3:
         return slice(*(decode_value(v, nodes) for v in body))
-    raise UnsafeGraphError(f"value tag {tag!r} is not known")
+    raise UnsafeGraphError(f"value tag {tag!r} with {type(body).__name__} body is not known")
+
+
+def _key(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, int, float, str, fx.Node)):
+        return value
+    raise UnsafeGraphError(f"dictionary key {value!r} is not a scalar")
 
 
 def _spec_type_name(kind: type) -> str:
@@ -127,23 +167,32 @@ def encode_spec(spec: pytree.TreeSpec) -> Any:
             "children": [encode_spec(child) for child in spec.children()]}
 
 
-def _spec_type(name: str) -> type:
+def _spec_type(name: Any) -> type:
+    """Builtin containers, or a `ModelOutput` class of a library module named by a fixed pattern (checked before
+    the module is imported: the file can only pick among the installed library's output classes)."""
     if name in _CONTAINERS:
         return _CONTAINERS[name]
-    module, _, class_name = name.rpartition(".")
-    if not _OUTPUT_MODULE.fullmatch(module):
-        raise UnsafeGraphError(f"output structure {name!r} is not a builtin container or a ModelOutput of transformers or rewrite")
+    module, _, class_name = name.rpartition(".") if isinstance(name, str) else ("", "", "")
+    if not (_OUTPUT_MODULE.fullmatch(module) and class_name.isidentifier()):
+        raise UnsafeGraphError(f"output structure {name!r} is not a builtin container or a ModelOutput of "
+                               "transformers or rewrite")
     from transformers.utils import ModelOutput
 
-    kind = getattr(importlib.import_module(module), class_name, None)  # a library module, not the file's
+    try:
+        kind = getattr(importlib.import_module(module), class_name, None)
+    except ImportError:
+        kind = None
     if isinstance(kind, type) and issubclass(kind, ModelOutput):
         return kind
-    raise UnsafeGraphError(f"output structure {name!r} is not a transformers ModelOutput")
+    raise UnsafeGraphError(f"output structure {name!r} is not a ModelOutput of the installed transformers or rewrite")
 
 
 def decode_spec(data: Any) -> pytree.TreeSpec:
     if data is None:
         return pytree.treespec_leaf()
+    if not (isinstance(data, dict) and set(data) == {"type", "context", "children"}
+            and isinstance(data["children"], list)):
+        raise UnsafeGraphError(f"input/output structure {data!r} is not a type, context and children")
     return pytree.TreeSpec(_spec_type(data["type"]), decode_value(data["context"], {}),
                            [decode_spec(child) for child in data["children"]])
 
@@ -162,18 +211,30 @@ def encode_graph(graph: fx.Graph, kept_meta: tuple[str, ...]) -> dict[str, Any]:
     return {"codegen": codegen, "nodes": nodes}
 
 
+def _is_identifier(name: Any) -> bool:
+    """Names become Python source when fx generates the forward: only identifiers that are not keywords."""
+    return isinstance(name, str) and name.isidentifier() and not keyword.iskeyword(name)
+
+
 def _identifier(name: Any) -> str:
-    """Names become Python source when fx generates the forward: only identifiers are accepted."""
-    if not (isinstance(name, str) and name.isidentifier()):
+    if not _is_identifier(name):
         raise UnsafeGraphError(f"{name!r} is not a Python identifier")
     return name
 
 
-def _checked_target(op: Any, target: Any) -> Any:
-    rule = _TARGET_RULES.get(op)
-    if rule is None or not (isinstance(target, str) or op == "call_function") or not rule(target):
-        raise UnsafeGraphError(f"node kind {op!r} with target {target!r} is not one a captured graph holds")
-    return target
+def _checked_node(op: Any, target: Any, args: tuple, attributes: set[str]) -> None:
+    """Only the node kinds and targets a captured graph holds: inputs without defaults, the archive's own
+    tensors, admitted operators, one output."""
+    if op == "call_function" and not isinstance(target, str):
+        return
+    if op == "placeholder" and _is_identifier(target) and not args:
+        return
+    if op == "get_attr" and target in attributes and not args:
+        return
+    if op == "output" and target == "output":
+        return
+    raise UnsafeGraphError(f"node kind {op!r} with target {target!r} and arguments {args!r} is not one a captured "
+                           "graph holds")
 
 
 def _plain_meta(value: Any) -> Any:
@@ -185,23 +246,45 @@ def _plain_meta(value: Any) -> Any:
     return value
 
 
-def decode_graph(data: dict[str, Any]) -> fx.Graph:
+def _records(data: Any) -> list[dict[str, Any]]:
+    fields = {"op", "name", "target", "args", "kwargs", "meta"}
+    if not (isinstance(data, dict) and isinstance(data.get("nodes"), list)
+            and all(isinstance(r, dict) and set(r) == fields for r in data["nodes"])):
+        raise UnsafeGraphError("the graph is not a list of node records with op, name, target, args, kwargs and meta")
+    return data["nodes"]
+
+
+def _codegen(data: Any, placeholders: list[str]) -> fx.graph._PyTreeCodeGen:
+    """The forward's signature: its argument names must be the graph's inputs, in order."""
+    if not (isinstance(data, dict) and set(data) == {"orig_args", "in_spec", "out_spec"}):
+        raise UnsafeGraphError("the graph's signature is not orig_args, in_spec and out_spec")
+    if not isinstance(data["orig_args"], list) or [_identifier(a) for a in data["orig_args"]] != placeholders:
+        raise UnsafeGraphError(f"the signature's arguments {data['orig_args']!r} are not the graph's inputs "
+                               f"{placeholders!r}")
+    out_spec = decode_spec(data["out_spec"]) if data["out_spec"] is not None else None
+    return fx.graph._PyTreeCodeGen(fx.graph._PyTreeInfo(list(placeholders), decode_spec(data["in_spec"]), out_spec))
+
+
+def decode_graph(data: dict[str, Any], attributes: set[str]) -> fx.Graph:
+    """The graph of `data`; `attributes` are the tensor names its `get_attr` nodes may read."""
     graph = fx.Graph()
-    if data["codegen"] is not None:
-        codegen = data["codegen"]
-        out_spec = decode_spec(codegen["out_spec"]) if codegen["out_spec"] is not None else None
-        graph._codegen = fx.graph._PyTreeCodeGen(
-            fx.graph._PyTreeInfo([_identifier(a) for a in codegen["orig_args"]], decode_spec(codegen["in_spec"]),
-                                 out_spec))
     nodes: dict[str, fx.Node] = {}
-    for record in data["nodes"]:
-        target = _checked_target(record["op"], decode_target(record["target"]))
-        kwargs = decode_value(record["kwargs"], nodes)
+    for record in _records(data):
+        target = decode_target(record["target"])
+        args, kwargs = decode_value(record["args"], nodes), decode_value(record["kwargs"], nodes)
+        meta = decode_value(record["meta"], nodes)
+        if not (isinstance(args, tuple) and isinstance(kwargs, dict) and isinstance(meta, dict)):
+            raise UnsafeGraphError(f"node {record['name']!r} has arguments, keywords or metadata of the wrong type")
+        _checked_node(record["op"], target, args, attributes)
         for key in kwargs:
             _identifier(key)
-        node = graph.create_node(record["op"], target, decode_value(record["args"], nodes), kwargs,
-                                 name=_identifier(record["name"]))
-        node.meta.update(_plain_meta(decode_value(record["meta"], nodes)))
-        nodes[record["name"]] = node
+        name = _identifier(record["name"])
+        if name in nodes:
+            raise UnsafeGraphError(f"two nodes are named {name!r}")
+        node = graph.create_node(record["op"], target, args, kwargs, name=name)
+        node.meta.update(_plain_meta(meta))
+        nodes[name] = node
+    if data.get("codegen") is not None:
+        graph._codegen = _codegen(data["codegen"], [n.target for n in graph.nodes if n.op == "placeholder"])
     graph.lint()
     return graph
