@@ -11,8 +11,8 @@ from rewrite.atomic import check_output
 from rewrite.params import trainable_parameters_line
 from rewrite.pipeline import Pipeline, available, create, pass_class
 
-from rewrite.cli.common import (console, out, output_option, overwrite_option, read_graph, seed_all, seed_option,
-                                task_option, write_graph)
+from rewrite.cli.common import (console, out, output_option, overwrite_option, read_graph, refuse_idle_options,
+                                seed_all, seed_option, task_option, write_graph)
 from rewrite.cli.pass_options import add_pass_options, options_for, unused_options
 
 
@@ -91,7 +91,8 @@ def fold(source: str, output: str, overwrite: bool) -> None:
 @click.option("--opset", type=int, default=None, help="ONNX opset (default: the exporter's).")
 @click.option("--adapter-slots", is_flag=True, help="Keep the adapter as named inputs that adapter files fill (default: none).")
 @click.option("--mixed-adapters", is_flag=True, help="Slots stacked per row: an adapter_index input picks each row's adapter.")
-@click.option("--max-rank", type=int, default=DEFAULT_MAX_RANK, show_default=True, help="Largest LoRA rank the slots accept.")
+@click.option("--max-rank", type=int, default=DEFAULT_MAX_RANK, show_default=True,
+              help="With --adapter-slots or --mixed-adapters: the largest LoRA rank the slots accept.")
 @click.option("--with-cache", is_flag=True, help="Causal LMs: past keys/values in, presents out, for `run --generate`.")
 @overwrite_option
 def export(source: str, onnx_path: str, verify: bool, opset: int | None, adapter_slots: bool, mixed_adapters: bool,
@@ -100,12 +101,18 @@ def export(source: str, onnx_path: str, verify: bool, opset: int | None, adapter
 
     The tokenizer's files are written beside the model; files already there are not replaced
     unless --overwrite is given."""
+    if adapter_slots and mixed_adapters:
+        raise RewriteError("--adapter-slots adds nothing to --mixed-adapters, which exports the adapter slots already "
+                           "(stacked per row); give one of them")
+    if not (adapter_slots or mixed_adapters):
+        refuse_idle_options({"max_rank": "--adapter-slots or --mixed-adapters"})
     check_output(onnx_path, what="ONNX file")
     gm = read_graph(source)
     report = rewrite.export_onnx(gm, onnx_path, verify=verify, opset=opset, adapter_slots=adapter_slots,
                                  mixed_adapters=mixed_adapters, max_rank=max_rank, cache=with_cache,
                                  overwrite=overwrite)
-    console.print(f"wrote {report.path}: inputs {', '.join(report.input_names)} -> {', '.join(report.output_names)}")
+    inputs = [*report.input_names, *report.adapter_inputs]
+    console.print(f"wrote {report.path}: inputs {', '.join(inputs)} -> {', '.join(report.output_names)}")
     if report.max_abs_diff is not None:
         console.print(f"ONNX Runtime ({report.provider}) vs torch: max abs diff {report.max_abs_diff:.3g}")
 
@@ -160,6 +167,11 @@ def run(model: str, texts: tuple[str, ...], tokenizer_dir: str | None, top_k: in
     from rewrite.onnx_adapters import Adapters
     from rewrite.predict import predict
 
+    if not generating:
+        refuse_idle_options({"sample": "--generate", "max_new_tokens": "--generate"})
+    if not sample:
+        refuse_idle_options({"temperature": "--sample", "top_p": "--sample", "seed": "--sample",
+                             **({"top_k": "--sample"} if generating else {})})
     adapters = Adapters.parse(adapter_file, adapter_files, adapter_index, len(texts))
     if generating:
         from rewrite.cli.generate import print_generation

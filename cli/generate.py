@@ -10,20 +10,20 @@ from rewrite.onnx_adapters import Adapters
 
 def print_generation(model_path: str, texts: list[str], tokenizer_dir: str | None, max_new_tokens: int,
                      sampling: Sampling, adapters: Adapters) -> None:
-    """One text: its continuation is printed token by token; several: each once all are done."""
+    """Each text's continuation (as `rewrite.generate` returns it: without the prompt), one line per text
+    in the order given; a single text's is streamed token by token as it comes."""
     model = CachedModel(model_path, tokenizer_dir, adapters=adapters)
     steps = []
-    shown = [""] * len(texts)
+    shown = ""
     for tokens, _ in stream(model, texts, max_new_tokens=max_new_tokens, sampling=sampling):
         steps.append(tokens)
         if len(texts) == 1:
             text = model.tokenizer.decode(np.stack(steps, 1)[0], skip_special_tokens=True)
-            out.file.write(text[len(shown[0]):])
+            out.file.write(text[len(shown):])
             out.file.flush()
-            shown[0] = text
+            shown = text
     if len(texts) == 1:
         out.file.write("\n")
         return
-    for text, completion in zip(texts, model.tokenizer.batch_decode(np.stack(steps, 1), skip_special_tokens=True)):
-        out.print(f"[bold]{text}[/bold]", end="")
-        out.print(completion, markup=False, highlight=False)
+    for completion in model.tokenizer.batch_decode(np.stack(steps, 1), skip_special_tokens=True):
+        out.file.write(completion + "\n")

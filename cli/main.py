@@ -4,14 +4,17 @@ Commands are imported when they run, so `rewrite --help` and `--version` start w
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import sys
+from typing import Callable, Iterator
 
 import click
 from rich.markup import escape
 
 from rewrite.cli.console import configure_logging, console
-from rewrite.errors import RewriteError
+from rewrite import quiet
+from rewrite.errors import RewriteError, causes
 
 # name -> (module, function, one-line help shown by `rewrite --help` without importing the command)
 COMMANDS = {
@@ -58,18 +61,61 @@ def cli(verbose: int) -> None:
     configure_logging(verbose)
 
 
-def _fail(message: str) -> None:
-    """One line on stderr, whatever the message holds."""
+def _fail(message: str, error: BaseException | None = None) -> None:
+    """One line on stderr, whatever the message holds; with -v, the third-party text behind it after."""
     console.print(f"[red]error:[/red] {escape(' '.join(message.split()))}", highlight=False, soft_wrap=True)
+    if error is not None and quiet.is_verbose():
+        for cause in causes(error):
+            console.print(escape(f"  from {type(cause).__name__}: {cause}"), highlight=False, soft_wrap=True)
     sys.exit(2)
+
+
+def interruption(error: BaseException) -> KeyboardInterrupt | None:
+    """The Ctrl-C behind `error`: click's Abort, or a library's own error raised while one unwound it."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyboardInterrupt):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+@contextlib.contextmanager
+def on_interrupt(left: Callable[[], str]) -> Iterator[None]:
+    """A Ctrl-C in the block ends the command with `left()`, the line saying what it left behind."""
+    try:
+        yield
+    except BaseException as error:
+        if interruption(error) is None:
+            raise
+        raise KeyboardInterrupt(left()) from error
+
+
+def _invoke() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except Exception as error:
+        interrupt = interruption(error)
+        if interrupt is None:
+            raise
+        raise interrupt from None
+
+
+def _interrupted(interrupt: KeyboardInterrupt) -> None:
+    """Ctrl-C: one line on what was left, exit status 130 as shells give. A command says what it left
+    with `on_interrupt` (train: the step `--resume` continues from); the others write their outputs
+    whole at the end, so an interrupted one wrote nothing."""
+    console.print(escape(str(interrupt) or "interrupted; nothing was written"), highlight=False, soft_wrap=True)
+    sys.exit(130)
 
 
 def main() -> None:
     """Entry point: bad input is one sentence on stderr and exit status 2, never a traceback."""
     try:
-        cli.main(standalone_mode=False)
+        _invoke()
     except RewriteError as error:
-        _fail(str(error))
+        _fail(str(error), error)
     except OSError as error:  # the file system refused: a path the user gave cannot be read or written
         _fail(f"{error.filename or 'a file'!s}: {error.strerror or error}")
     except click.ClickException as error:
@@ -77,3 +123,5 @@ def main() -> None:
         _fail(error.format_message() + hint)
     except click.exceptions.Abort:
         sys.exit(1)
+    except KeyboardInterrupt as interrupt:
+        _interrupted(interrupt)

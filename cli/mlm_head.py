@@ -5,6 +5,7 @@ import dataclasses
 
 import click
 
+from rewrite.atomic import check_output_dir
 from rewrite.cli.common import columns_option, console, out
 from rewrite.data import Fields, read_examples
 from rewrite.recipes import mlm_head
@@ -21,7 +22,8 @@ from rewrite.train import check_config
 @columns_option
 @click.option("--eval", "eval_file", type=click.Path(dir_okay=False),
               help="Held-out text to score the head on (default: --held-out rows of --data, not trained on).")
-@click.option("--held-out", type=int, default=1000, show_default=True, help="Rows of --data kept out of training.")
+@click.option("--held-out", type=int, default=None,
+              help=f"Rows of --data kept out of training [default: {mlm_head.HELD_OUT}, at most a tenth of --data].")
 @click.option("--epochs", type=int, default=1, show_default=True)
 @click.option("--max-steps", type=int, default=None, help="Optimizer steps (overrides --epochs).")
 @click.option("--lr", type=float, default=2e-3, show_default=True)
@@ -32,13 +34,13 @@ from rewrite.train import check_config
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace files already in --output.")
 def mlm_head_command(model_dir: str, data_file: str, output: str, text_field: str, columns: tuple[str, ...] | None,
-                     eval_file: str | None, held_out: int, overwrite: bool, **options) -> None:
+                     eval_file: str | None, held_out: int | None, overwrite: bool, **options) -> None:
     """Fit the masked-LM head a checkpoint lacks (transform + output bias; encoder frozen, decoder tied)
     on unlabeled text, report masked-token accuracy on held-out text before and after, and write
     the checkpoint with its head as a new directory `AutoModelForMaskedLM` loads."""
     config = dataclasses.replace(mlm_head.default_training(), **options)
     check_config(config, mlm_head.TASK)
-    target = mlm_head.check_output_dir(output, overwrite=overwrite)
+    target = check_output_dir(output, overwrite=overwrite)
     fields = Fields(text=text_field, columns=columns)
     texts = read_examples(data_file, task=mlm_head.TASK, fields=fields)
     if eval_file:

@@ -11,7 +11,7 @@ from rewrite.cli.common import columns_option, console, out
 from rewrite.data import CLASSIFICATION, Fields
 from rewrite.errors import RewriteError
 from rewrite.export import export_onnx
-from rewrite.atomic import atomic_path, check_directory
+from rewrite.atomic import atomic_path, check_output_dir
 from rewrite.labels import AGGREGATIONS
 from rewrite.pipeline import apply
 from rewrite import labels
@@ -87,10 +87,11 @@ def _config(options: dict) -> pet.PetConfig:
                    "(the better of the two on --eval; distilled without --eval).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when available).")
+@click.option("--overwrite", is_flag=True, help="Replace files already in --output-dir (refused otherwise).")
 def pet_command(model_dir: str, pvp_file: str, train_file: str | None, unlabeled_file: str | None,
                 eval_file: str | None, output_dir: str, zero_shot: bool, text_field: str, pair_field: str | None,
                 label_field: str, columns: tuple[str, ...] | None, unlabeled_limit: int | None, export_choice: str,
-                **options) -> None:
+                overwrite: bool, **options) -> None:
     """Pattern-Exploiting Training: PVP models on the labeled rows, soft labels on the unlabeled rows,
     a distilled classifier exported to ONNX (folded, verified). Logs per-PVP and final accuracy."""
     pvps = labels.load_pvps(pvp_file)
@@ -98,7 +99,7 @@ def pet_command(model_dir: str, pvp_file: str, train_file: str | None, unlabeled
     config = _config(options)
     for training in (config.pattern_training, config.final_training):
         check_config(training, CLASSIFICATION)
-    output = check_directory(output_dir, "output directory")
+    output = check_output_dir(output_dir, overwrite=overwrite)
     if zero_shot:
         if not eval_file:
             raise RewriteError("--zero-shot evaluates on --eval; give an evaluation file")

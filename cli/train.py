@@ -7,7 +7,9 @@ from pathlib import Path
 import click
 
 import rewrite
+from rewrite.checkpoint import completed
 from rewrite.cli.common import columns_option, console, out, read_graph
+from rewrite.cli.main import on_interrupt
 from rewrite.data import Fields
 from rewrite.train import SCHEDULES, TRAINING_TASKS, TrainConfig
 
@@ -65,7 +67,8 @@ def train(source: str, train_file: str, eval_file: str | None, output_dir: str, 
         label_names=[n.strip() for n in label_names.split(",")] if label_names else None,
         **options,
     )
-    result = rewrite.train(gm, train_file, eval_data=eval_file, config=config)
+    with on_interrupt(lambda: _interrupted_run(Path(output_dir))):
+        result = rewrite.train(gm, train_file, eval_data=eval_file, config=config)
     if result.resumed_from is not None:
         summary = [f"resumed at step {result.resumed_from}; trained {result.steps - result.resumed_from} steps "
                    f"to step {result.steps}"]
@@ -78,6 +81,14 @@ def train(source: str, train_file: str, eval_file: str | None, output_dir: str, 
     if int(os.environ.get("RANK", "0")) == 0:
         out.print("; ".join(summary))
         console.print(f"wrote {Path(output_dir) / 'model.pt2'}, {Path(output_dir) / 'adapter'}, checkpoints and metrics.jsonl")
+
+
+def _interrupted_run(output_dir: Path) -> str:
+    """What Ctrl-C left: the newest complete checkpoint, which `--resume` continues from."""
+    found = completed(output_dir / "checkpoints")
+    if not found:
+        return "interrupted before the first checkpoint was saved; run the command again to start over"
+    return f"interrupted; `--resume` continues from step {found[-1][0]}"
 
 
 def _names(value: str | None) -> list[str] | None:
@@ -95,4 +106,5 @@ def demo(output_dir: str, overwrite: bool) -> None:
     """MiniLM + LoRA on shipped SST-2 data: train, fold, export to ONNX, check ONNX Runtime's accuracy."""
     from rewrite.recipes.demo import run_demo
 
-    run_demo(output_dir, console=console, overwrite=overwrite)
+    with on_interrupt(lambda: "interrupted; run the demo again with --overwrite to start over"):
+        run_demo(output_dir, console=console, overwrite=overwrite)

@@ -266,6 +266,12 @@ class LoraPass(Pass):
     @classmethod
     def adapter_slots(cls, gm: fx.GraphModule, runs: Sequence["LoraPass"]) -> list[Slot]:
         """Each branch's A `[rank, in]` and B `[out, rank]`; B's slot carries the branch's scale."""
+        present = set(info(gm).trainable)  # a folded branch is gone: nothing of it is left to fill
+        folded = [path for run in runs for path in run.report["targets"] if f"{path}.lora_A.weight" not in present]
+        if folded:
+            raise RewriteError(f"the graph's LoRA branches ({folded[0]}, ...) were folded into its weights, so it has "
+                               "no adapter parameters to expose as slots; adapter slots need the unfolded graph "
+                               "(export it before rewrite fold)")
         slots = []
         for run in runs:
             for path in run.report["targets"]:

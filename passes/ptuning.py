@@ -18,10 +18,9 @@ prompts, which cannot express prompts at template positions: such graphs have no
 """
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import Literal, Sequence
 
 import networkx as nx
 import torch
@@ -30,18 +29,17 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from rewrite.adapter_slots import Slot, tensor_slot
 from rewrite.capture import capture
+from rewrite.encoding import TEMPLATE, encoding_metadata
 from rewrite.errors import RewriteError
 from rewrite.graph import GraphQuery, embedding_output, word_embedding
 from rewrite.ir import InputTemplate, add_submodule, copy_meta, info, remove_submodule, require_tokenizer, tag, tensor_at
 from rewrite.nodes import NodeBuilder
-from rewrite.params import forget_trainable, mark_trainable, trainable_heads
+from rewrite.params import forget_trainable, mark_trainable, non_finite, trainable_heads
 from rewrite.pipeline import AdapterFiles, Folded, Pass, option, register
 from rewrite.prompt_table import ENCODER, TABLE, TOKENS, check_no_prompt, initial_table, register_tokens, sampled_rows
-from rewrite.templates import Template, pad_batch
+from rewrite.templates import Template
 
 aten = torch.ops.aten
-
-TEMPLATE_KEY, PLACEHOLDER_IDS_KEY = "rewrite.template", "rewrite.placeholder_ids"  # ONNX metadata
 
 
 class PromptEncoder(nn.Module):
@@ -197,17 +195,9 @@ class PtuningPass(Pass):
 
     @classmethod
     def serving_metadata(cls, gm: fx.GraphModule, runs: Sequence["PtuningPass"]) -> dict[str, str]:
-        """The template and its placeholder ids, so `rewrite run` feeds the model what training did."""
-        return {TEMPLATE_KEY: runs[-1].template, PLACEHOLDER_IDS_KEY: json.dumps(runs[-1].report["placeholder_ids"])}
-
-    @classmethod
-    def serving_inputs(cls, props: dict[str, str], tokenizer, texts: list[str]) -> dict[str, Any] | None:
-        """Each text through the exported model's template, padded as training pads."""
-        if TEMPLATE_KEY not in props:
-            return None
-        template, placeholder_ids = Template.parse(props[TEMPLATE_KEY]), json.loads(props[PLACEHOLDER_IDS_KEY])
-        rows = [template.encode(tokenizer, placeholder_ids, text).ids for text in texts]
-        return {k: v.numpy() for k, v in pad_batch(rows, tokenizer).items()}
+        """The template and its placeholder ids as data, so serving feeds the model what training did."""
+        last = runs[-1]
+        return encoding_metadata(TEMPLATE, template=last.template, placeholder_ids=last.report["placeholder_ids"])
 
     @classmethod
     def adapter_slots(cls, gm: fx.GraphModule, runs: Sequence["PtuningPass"]) -> list[Slot]:
@@ -246,7 +236,7 @@ def fold_prompt_encoders(gm: fx.GraphModule) -> list[str]:
         upstream = nx.ancestors(GraphQuery(gm).digraph, table) | {table}
         encoder_nodes = {n for n in upstream if tag(n).get("pass") == made_by}
         value = _evaluate(gm, table, encoder_nodes)
-        if value.device.type != "meta" and not torch.isfinite(value).all():
+        if non_finite([(path, value)]):
             raise RewriteError(f"folding the prompt encoder {path} gives non-finite values; the encoder is corrupt")
         names = [f"{path}.{name}" for name, _ in gm.get_submodule(path).named_parameters()]
         remove_submodule(gm, path)

@@ -37,31 +37,30 @@ import logging
 import operator
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import Literal, Sequence
 
-import numpy as np
 import torch
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassResult
 from transformers.utils import ModelOutput
 
 from rewrite.capture import saved_tensor_names
+from rewrite.encoding import PATTERN, encoding_metadata
 from rewrite.errors import RewriteError
 from rewrite.graph import MlmHead, find_mlm_head
 from rewrite.ir import add_submodule, info, require_tokenizer, tensor_at
-from rewrite.data import Example
-from rewrite.labels import PVP, Aggregation, averaging_matrix, label_word_ids, read_label_words
+from rewrite.labels import Aggregation, averaging_matrix, label_word_ids, read_label_words
 from rewrite.nodes import NodeBuilder, set_output
 from rewrite.params import canonical_names, mark_trainable
 from rewrite.pipeline import Pass, option, register
 from rewrite.row_gather import rows_at
-from rewrite.signature import POSITIONS_KEY
+from rewrite.templates import uses_template
+from rewrite.transaction import overwrite
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
 
 OPENPROMPT_EPSILON = 1e-15
-PATTERN_KEY = "rewrite.pattern"
 # A LayerNorm-ed encoder's hidden states are O(1) (MiniLM's lie within +-6): shifted by 10, GELU is
 # the identity to within 3e-7 relative, and the LayerNorm after it removes the shift exactly.
 TIED_SHIFT = 10.0
@@ -126,17 +125,17 @@ def _init_tied_head(gm: fx.GraphModule, head: MlmHead) -> list[str]:
                 weight, *bias = _attr_args(node)
                 norm_follows = any(n.target is aten.layer_norm.default for n in head.transform[index + 1:])
                 shift = TIED_SHIFT if norm_follows else 0.0
-                tensor_at(gm, weight.target).copy_(torch.eye(*tensor_at(gm, weight.target).shape))
+                overwrite(tensor_at(gm, weight.target), torch.eye(*tensor_at(gm, weight.target).shape))
                 if bias and bias[0] is not None:
-                    tensor_at(gm, bias[0].target).fill_(shift)
+                    overwrite(tensor_at(gm, bias[0].target), shift)
             elif node.target is aten.layer_norm.default:
                 _, *affine = _attr_args(node)
                 for attr, value in zip(affine, (1.0, 0.0)):
                     if attr is not None:
-                        tensor_at(gm, attr.target).fill_(value)
+                        overwrite(tensor_at(gm, attr.target), value)
         _, *decoder_bias = _attr_args(head.decoder.node)
         if decoder_bias and decoder_bias[0] is not None:
-            tensor_at(gm, decoder_bias[0].target).zero_()
+            overwrite(tensor_at(gm, decoder_bias[0].target), 0.0)
     head.decoder.node.update_arg(1, head.embedding_weight)
     return canonical_names(gm, _head_parameters(head))
 
@@ -292,14 +291,7 @@ class VerbalizerPass(Pass):
 
     @classmethod
     def serving_metadata(cls, gm: fx.GraphModule, runs: Sequence["VerbalizerPass"]) -> dict[str, str]:
-        return {PATTERN_KEY: runs[-1].pattern} if runs[-1].pattern else {}
-
-    @classmethod
-    def serving_inputs(cls, props: dict[str, str], tokenizer, texts: list[str]) -> dict[str, Any] | None:
-        """Each text written through the pattern, its text cut (never the pattern) to the model's positions."""
-        if PATTERN_KEY not in props:
-            return None
-        pvp = PVP("served", props[PATTERN_KEY], {})
-        limit = int(props.get(POSITIONS_KEY) or tokenizer.model_max_length)
-        rendered = [pvp.render(Example(text, None, None, f"text {i + 1}"), tokenizer, limit) for i, text in enumerate(texts)]
-        return {k: v.astype(np.int64) for k, v in tokenizer(rendered, padding=True, return_tensors="np").items()}
+        """The pattern as data, so serving writes raw text through it; a graph that reads its input through a
+        template is served through that, as it trains."""
+        pattern = runs[-1].pattern
+        return encoding_metadata(PATTERN, pattern=pattern) if pattern and not uses_template(gm) else {}

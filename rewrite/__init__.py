@@ -7,7 +7,7 @@ captured by `torch.export`. The layers, each importing only from the ones below 
    graph queries (`graph`), graph building (`nodes`, `row_gather`, `prompt_table`, `modes`, `low_rank`: merging low-rank branches), the
    pass protocol, registry and pipeline (`pipeline`, `options`), training (`train`, its `losses`,
    `data`, `batches`, `checkpoint`, `distributed`, `params`), adapter files (`adapter`), archives
-   (`archive`, `atomic`), export and serving (`export`, `runtime`, `predict`), templates, label words
+   (`archive`, `atomic`), export and serving (`export`, `runtime`, `predict`, `encoding`), templates, label words
    and PVP files (`templates`, `labels`). It never names a pass: it asks the passes in a graph's
    history through the `Pass` hooks.
 2. passes (`rewrite.passes`, the `passes/` folder): one file per rewrite; each imports only the engine.
@@ -40,6 +40,7 @@ _API = {
     "save_adapter": "rewrite.adapter",
     "export_onnx": "rewrite.export",
     "generate": "rewrite.generate",
+    "verbose": "rewrite.quiet",
     "TrainConfig": "rewrite.train",
     "TrainResult": "rewrite.train",
     "evaluate": "rewrite.train",

@@ -20,6 +20,7 @@ from torch import fx
 from rewrite.errors import RewriteError
 from rewrite.atomic import atomic_dir_files
 from rewrite.ir import info, tensor_at
+from rewrite.params import non_finite
 from rewrite.pipeline import AdapterFiles, Pass, applied, registered
 from rewrite.transaction import all_or_nothing
 
@@ -97,10 +98,10 @@ def _read_adapter(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tens
     if config.get("peft_type") not in _loaders():
         raise RewriteError(f"adapter type {config.get('peft_type')!r} in {str(config_file)!r} is not supported; "
                            f"supported: {', '.join(_loaders())}")
-    for key, tensor in weights.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise RewriteError(f"adapter weight {key} in {str(weights_file)!r} holds NaN or infinite values; "
-                               "the adapter is corrupt")
+    bad = non_finite(weights.items())
+    if bad:
+        raise RewriteError(f"adapter weight {bad} in {str(weights_file)!r} holds NaN or infinite values; "
+                           "the adapter is corrupt")
     return config, weights
 
 

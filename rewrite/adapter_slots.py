@@ -84,8 +84,9 @@ def prepared(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[Slot]]:
     claimed = {s.name for s in found}
     found.extend(tensor_slot(gm, name) for name in info(gm).trainable if name not in claimed)
     if not found:
-        raise RewriteError("the graph has no adapter (no LoRA branch, prompt table or trained head) to make slots for; "
-                           "apply a pass that adds one first")
+        raise RewriteError("the graph has no adapter parameters (LoRA branches, a prompt table or a trained head) to "
+                           "expose as slots; adapter slots need a graph with an unfolded adapter (apply lora, prompt "
+                           "or ptuning first)")
     return gm, found
 
 

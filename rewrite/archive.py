@@ -138,7 +138,11 @@ def _read_tokenizer(archive: zipfile.ZipFile, source: str | None):
     with tempfile.TemporaryDirectory(prefix=".rewrite-tmp-") as tmpdir:
         for name in names:
             (Path(tmpdir) / Path(name).name).write_bytes(archive.read(name))
-        tokenizer = AutoTokenizer.from_pretrained(tmpdir, local_files_only=True, trust_remote_code=False)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(tmpdir, local_files_only=True, trust_remote_code=False)
+        except (OSError, ValueError) as error:  # its text names the temporary directory; shown with -v
+            raise UnsafeGraphError("its tokenizer files are not a tokenizer that transformers loads without custom "
+                                   "code") from error
     if source:
         tokenizer.name_or_path = source  # not the temporary directory it was read from
     return tokenizer

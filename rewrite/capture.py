@@ -18,6 +18,8 @@ from rewrite.errors import RewriteError
 from rewrite.synthetic_inputs import DEFAULT_INPUT_NAMES, example_inputs
 from rewrite.ir import RewriteGraph, wrap
 from rewrite.modes import in_mode
+from rewrite.params import non_finite
+from rewrite.quiet import quiet
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +68,7 @@ def drop_guards(gm: fx.GraphModule) -> None:
         delattr(gm, "_guards_fn")
 
 
+@quiet
 def capture(
     model: nn.Module,
     example_inputs: dict[str, Any],
@@ -79,6 +82,7 @@ def capture(
     `gm.train()` / `gm.eval()` like the module did.
     """
     config = getattr(model, "config", None)
+    _refuse_non_finite(model, (info or {}).get("source"))
     _no_cache(model)
     dynamic_shapes = _dynamic_shapes(example_inputs) if dynamic else None
     with in_mode(model, True) as was_training:  # so dropout probabilities are recorded (rewrite.modes)
@@ -90,6 +94,15 @@ def capture(
     base_info.update(info or {})
     _drop_full_slices(unlifted.graph)
     return wrap(unlifted, unlifted.graph, base_info, was_training)
+
+
+def _refuse_non_finite(model: nn.Module, source: str | None) -> None:
+    """A graph captured from NaN or infinite weights computes NaN wherever they reach: refused, named."""
+    bad = non_finite(model.named_parameters())
+    if bad:
+        origin = f"in {source!r}" if source else f"of {type(model).__name__}"
+        raise RewriteError(f"weight {bad} {origin} holds NaN or infinite values; the checkpoint is corrupt, "
+                           "and a graph of it would compute NaN")
 
 
 def _drop_full_slices(graph: fx.Graph) -> None:
@@ -144,6 +157,30 @@ def _refuse_custom_code(path: Path) -> None:
                 "use a model whose architecture transformers ships, or remove auto_map if it is one")
 
 
+def _config_problem(path: Path) -> str:
+    """Why transformers refused config.json, in our words (its own message lists every model type it knows)."""
+    import transformers
+
+    data = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    model_type = data.get("model_type") if isinstance(data, dict) else None
+    if not isinstance(model_type, str):
+        return "it names no model_type"
+    if model_type not in transformers.CONFIG_MAPPING:
+        return f"model type {model_type!r} is not one that transformers {transformers.__version__} ships"
+    return f"its settings are not ones transformers accepts for a {model_type} model"
+
+
+def _refuse_missing_head(config, task: str, path: Path) -> None:
+    """transformers has no `task` class for every architecture (and its refusal lists every config class)."""
+    def covers(candidate: str) -> bool:
+        return type(config) in _auto_class(candidate)._model_mapping
+
+    if not covers(task):
+        fits = [candidate for candidate in CAPTURE_TASKS if candidate != "auto" and covers(candidate)]
+        raise RewriteError(f"model directory {str(path)!r} holds a {config.model_type} model, which transformers has "
+                           f"no {task} class for; capture it with --task {' or '.join(fits) or 'feature-extraction'}")
+
+
 def _load_config(path: Path, num_labels: int | None):
     from transformers import AutoConfig
 
@@ -157,8 +194,9 @@ def _load_config(path: Path, num_labels: int | None):
     _refuse_custom_code(path)
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
-    except (OSError, ValueError, KeyError) as error:
-        raise RewriteError(f"config.json in {str(path)!r} could not be read: {error}") from error
+    except (OSError, ValueError, KeyError) as error:  # transformers' own text is the cause, shown with -v
+        raise RewriteError(f"config.json in {str(path)!r} could not be read: {_config_problem(path)}; use a model "
+                           "directory that transformers' from_pretrained loads") from error
     if num_labels is not None:
         if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 2:
             raise RewriteError(f"num_labels {num_labels!r} is not allowed; a classifier needs at least 2 classes")
@@ -197,6 +235,7 @@ def input_names(model: nn.Module, tokenizer=None) -> list[str]:
     return [name for name in wanted if name in accepted]
 
 
+@quiet
 def load_pretrained(
     path: str | Path,
     task: str = "auto",
@@ -218,6 +257,7 @@ def load_pretrained(
     task = _task_for(config, task)
     tokenizer = _load_tokenizer(path)
     auto_class = _auto_class(task)
+    _refuse_missing_head(config, task, path)
     config.use_cache = False
     if meta:
         with torch.device("meta"):
@@ -233,6 +273,19 @@ def load_pretrained(
     info = {"source": str(path), "task": task, "config": config, "tokenizer": tokenizer, "meta_device": meta,
             "untrained": [] if meta else _fresh_modules(loading)}
     return capture(model, inputs, info=info)
+
+
+def config_shapes(config, task: str | None) -> dict[str, tuple[int, ...]]:
+    """The shape the Hugging Face `config` gives each base tensor of a `task` model (built on the meta
+    device, nothing allocated); empty without a config of a class transformers ships."""
+    if config is None or task not in CAPTURE_TASKS[1:]:
+        return {}
+    try:
+        with torch.device("meta"):
+            model = _auto_class(task).from_config(config)
+    except (ValueError, KeyError, TypeError, AttributeError, ImportError):  # a config no auto class builds
+        return {}
+    return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
 
 
 def saved_tensor_names(source: str | None) -> set[str] | None:

@@ -5,27 +5,33 @@ key names (`adapter_model.safetensors`), the optimizer, scheduler and RNG states
 (`trainer_state.pt`) and `checkpoint.json`. It is written under a temporary name and renamed when
 complete, so every `step-*` directory is whole; leftovers of a killed write start with a dot and are
 swept on resume. The metrics log is cut back to the resumed step, so it reads like one unbroken run.
-`RunCheckpoints` is a training run's side of this: save, start fresh, resume (with every rank's RNG).
+`RunCheckpoints` is a training run's side of this: save, start fresh, resume (with every rank's RNG;
+from the newest checkpoint that reads whole, removing newer damaged ones), and an OS lock on the
+output directory that refuses a second run into it.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 import tempfile
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import safetensors.torch
 import torch
+from filelock import FileLock, Timeout
 from torch import fx
 
 from rewrite import distributed
 from rewrite.adapter import PREFIX, WEIGHTS_NAME
-from rewrite.atomic import atomic_path
+from rewrite.atomic import atomic_path, share
 from rewrite.errors import RewriteError
 from rewrite.ir import info
 
@@ -34,6 +40,7 @@ log = logging.getLogger(__name__)
 METRICS_NAME = "metrics.jsonl"
 STATE_NAME = "trainer_state.pt"
 INFO_NAME = "checkpoint.json"
+LOCK_NAME = ".rewrite-train.lock"  # held (flock) while a run writes into its output directory
 _STEP_DIR = re.compile(r"step-(\d+)")
 
 
@@ -74,6 +81,7 @@ def write(root: Path, step: int, weights: dict[str, torch.Tensor], state: dict[s
                                                  "settings": settings or {}}))
         if final.exists():
             _discard(final)
+        share(tmp)
         os.replace(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -82,24 +90,40 @@ def write(root: Path, step: int, weights: dict[str, torch.Tensor], state: dict[s
     return final
 
 
-def settings(directory: Path) -> dict[str, Any]:
-    """The hyperparameters the run that wrote checkpoint `directory` used (empty for older checkpoints)."""
-    try:
-        return json.loads((directory / INFO_NAME).read_text(encoding="utf-8")).get("settings") or {}
-    except (OSError, ValueError, AttributeError) as error:
-        raise RewriteError(f"checkpoint {str(directory)!r} has no readable {INFO_NAME} ({error}); delete it to resume "
-                           "from the one before") from error
+class Unreadable(RewriteError):
+    """A checkpoint directory that is not whole (damaged or cut short after it was written): resume
+    falls back to the one before."""
+
+    def __init__(self, directory: Path, reason: str):
+        super().__init__(f"checkpoint {str(directory)!r} is unreadable ({reason})")
+        self.directory = directory
 
 
-def read(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The weights and trainer state of one checkpoint directory."""
+_STATE_KEYS = ("world_size", "optimizer", "scheduler", "rng")
+_DAMAGED = (ValueError, RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile,
+            safetensors.SafetensorError)  # what loading a truncated or overwritten part raises (not a refused read)
+
+
+def _part(directory: Path, name: str, load: Callable[[Path], Any]) -> Any:
     try:
-        weights = safetensors.torch.load_file(directory / WEIGHTS_NAME)
-        state = torch.load(directory / STATE_NAME, weights_only=True)
-    except (OSError, RuntimeError, safetensors.SafetensorError) as error:
-        raise RewriteError(f"checkpoint {str(directory)!r} could not be read ({error}); delete it to resume "
-                           "from the one before") from error
-    return weights, state
+        return load(directory / name)
+    except FileNotFoundError as error:
+        raise Unreadable(directory, f"{name} is missing") from error
+    except _DAMAGED as error:
+        raise Unreadable(directory, f"{name} is damaged") from error
+
+
+def read(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
+    """The settings (the hyperparameters of the run that wrote it; empty for older checkpoints), the
+    weights and the trainer state of one checkpoint directory."""
+    header = _part(directory, INFO_NAME, lambda path: json.loads(path.read_text(encoding="utf-8")))
+    weights = _part(directory, WEIGHTS_NAME, safetensors.torch.load_file)
+    state = _part(directory, STATE_NAME, lambda path: torch.load(path, weights_only=True))
+    if not isinstance(header, dict) or not isinstance(header.get("settings") or {}, dict):
+        raise Unreadable(directory, f"{INFO_NAME} is damaged")
+    if not isinstance(state, dict) or any(key not in state for key in _STATE_KEYS):
+        raise Unreadable(directory, f"{STATE_NAME} is damaged")
+    return header.get("settings") or {}, weights, state
 
 
 class MetricsLog:
@@ -189,9 +213,8 @@ class RunCheckpoints:
             if self.ctx.main:
                 cut_log(self.out / METRICS_NAME, 0)
             return None
-        step, directory = found[-1]
-        _check_same_settings(settings(directory), self.settings, directory)
-        weights, state = read(directory)
+        step, directory, (saved, weights, state), unreadable = self._newest_readable(found)
+        _check_same_settings(saved, self.settings, directory)
         distributed.load_trainable(gm, _trainable_weights(gm, weights, directory))
         distributed.load_optimizer(gm, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -201,16 +224,63 @@ class RunCheckpoints:
             log.warning("checkpoint %s was written by %d ranks, resuming on %d: data order and dropout differ "
                         "from an uninterrupted run", directory, state["world_size"], self.ctx.world)
         if self.ctx.main:
+            for skipped in unreadable:  # a later save at its step, or the pruning of older ones, would trip on it
+                _discard(skipped.directory)
             cut_log(self.out / METRICS_NAME, step)
+            if unreadable:
+                log.warning("%s; removed it and resuming from step %d (checkpoint %s)",
+                            "; ".join(map(str, unreadable)), step, directory)
+            else:
+                log.info("resuming from step %d (checkpoint %s)", step, directory)
         return step
+
+    def _newest_readable(self, found: list[tuple[int, Path]]) -> tuple[int, Path, tuple, list[Unreadable]]:
+        """The newest checkpoint that reads whole (step, directory, what `read` gives), and the
+        errors of the newer ones that do not."""
+        unreadable: list[Unreadable] = []
+        for step, directory in reversed(found):
+            try:
+                return step, directory, read(directory), unreadable
+            except Unreadable as error:
+                unreadable.append(error)
+        raise RewriteError(f"no checkpoint in {str(self.root)!r} can be read (the newest: {unreadable[0]}); "
+                           f"delete {str(self.root)!r} to train from step 0")
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Holds an OS lock on the output directory for the run (rank 0 takes it for all ranks), so a
+        second run into it is refused; the OS drops the lock with the process, so a killed run's lock
+        file never blocks a later run. Leftovers of an interrupted write are swept on the way out."""
+        lock = _lock(self.out) if self.ctx.main else None
+        if not self.ctx.gather(lock is not None)[0]:
+            raise RewriteError(f"output directory {str(self.out)!r} is in use by another training run; wait for it "
+                               "to end, or train into another --output-dir")
+        try:
+            yield
+        finally:
+            if lock is not None:
+                sweep(self.root)
+                lock.release()
+
+
+def _lock(out: Path) -> FileLock | None:
+    """The output directory's lock, held; None when another process holds it."""
+    out.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(out / LOCK_NAME, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        return None
+    return lock
 
 
 def _check_same_settings(saved: dict[str, Any], current: dict[str, Any], directory: Path) -> None:
     changed = [f"{name} {saved[name]!r} -> {current[name]!r}" for name in current
                if name in saved and saved[name] != current[name]]
     if changed:
-        raise RewriteError(f"--resume with other hyperparameters than checkpoint {str(directory)!r} was written with "
-                           f"({'; '.join(changed)}); resume with the same ones, or train into a new --output-dir")
+        raise RewriteError(f"--resume with other data or hyperparameters than checkpoint {str(directory)!r} was "
+                           f"written with ({'; '.join(changed)}); resume with the same ones, or train into a new "
+                           "--output-dir")
 
 
 def _rng_state() -> dict[str, Any]:

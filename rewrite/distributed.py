@@ -68,12 +68,24 @@ class Context:
             dist.destroy_process_group()
 
 
+def _available() -> list[str]:
+    """The devices this machine can train on, as `--device` spells them."""
+    return ["cpu", *(["cuda"] if torch.cuda.is_available() else []),
+            *(f"cuda:{index}" for index in range(torch.cuda.device_count()))]
+
+
 def _device(requested: str | None, local_rank: int) -> torch.device:
+    """The requested device, checked to exist here; by default (or plain `cuda`) this rank's GPU, else the CPU."""
     if requested:
         try:
-            return torch.device(requested)
+            device = torch.device(requested)
         except RuntimeError as error:
             raise RewriteError(f"device {requested!r} is not a torch device; use cpu, cuda or cuda:N") from error
+        if device.type == "cuda" and torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count():
+            return device if device.index is not None else torch.device("cuda", local_rank % torch.cuda.device_count())
+        if device.type != "cpu":
+            raise RewriteError(f"device {requested!r} is not available on this machine; use {', '.join(_available())}")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device("cpu")

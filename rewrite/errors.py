@@ -6,3 +6,13 @@ class RewriteError(ValueError):
 
     The CLI prints it without a traceback and exits with status 2.
     """
+
+
+def causes(error: BaseException) -> list[BaseException]:
+    """The errors behind `error` (`raise ... from`), nearest first: a RewriteError says it in our words,
+    and the third-party text it replaced (ONNX Runtime's, transformers') stays here, for `-v`."""
+    found: list[BaseException] = []
+    while error.__cause__ is not None and error.__cause__ not in found:
+        error = error.__cause__
+        found.append(error)
+    return found

@@ -18,10 +18,11 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from rewrite import runtime
+from rewrite.encoding import encode_texts
 from rewrite.errors import RewriteError
-from rewrite.kv_cache import CacheLayout, empty_past, feed
+from rewrite.kv_cache import CacheLayout, empty_past, feed, positions
 from rewrite.onnx_adapters import METADATA, Adapters
-from rewrite.predict import _encode, _model_props, _tokenizer
+from rewrite.predict import _check_texts, _model_props, _tokenizer
 from rewrite.signature import POSITIONS_KEY
 
 
@@ -109,7 +110,7 @@ class CachedModel:
 
     def encode(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Left-padded ids and mask (through the P-tuning template when the model has one)."""
-        encoded = _encode(list(texts), self.tokenizer, self.props)
+        encoded = encode_texts(self.props, self.tokenizer, list(texts), str(self.path))
         return encoded["input_ids"].astype(np.int64), encoded["attention_mask"].astype(np.int64)
 
     def check_length(self, prompt: int, max_new_tokens: int) -> None:
@@ -139,7 +140,19 @@ def stream(model: CachedModel, texts: Sequence[str], **options) -> Iterator[tupl
     """Yields `(tokens [batch], logits [batch, vocab])` per step as they are produced (options: `stream_ids`')."""
     if not texts:
         raise RewriteError("no texts to generate from; pass at least one text")
+    _check_texts(list(texts))
     return stream_ids(model, *model.encode(texts), **options)
+
+
+def _refuse_empty_prompts(model: CachedModel, mask: np.ndarray) -> None:
+    """A prompt of no tokens has nothing to prefill (ONNX Runtime would fail inside the model)."""
+    empty = np.flatnonzero(mask.sum(-1) == 0)
+    if empty.size:
+        raise RewriteError(
+            f"text {empty[0] + 1} of {len(mask)} encodes to no tokens with the model's tokenizer "
+            f"({type(model.tokenizer).__name__}, as transformers loads it); generation needs at least one prompt "
+            "token: pass text in that tokenizer's vocabulary"
+        )
 
 
 def stream_ids(model: CachedModel, ids: np.ndarray, mask: np.ndarray, *, max_new_tokens: int = 20,
@@ -150,20 +163,21 @@ def stream_ids(model: CachedModel, ids: np.ndarray, mask: np.ndarray, *, max_new
         raise RewriteError(f"max_new_tokens {max_new_tokens!r} is not allowed; use a whole number of at least 1")
     stops = np.asarray(model.special["eos_token_id"] if eos is None else ([eos] if isinstance(eos, int) else list(eos)))
     pad = model.special["pad_token_id"] if model.special["pad_token_id"] is not None else 0
+    _refuse_empty_prompts(model, mask)
     model.check_length(ids.shape[1], max_new_tokens)
-    positions = np.where(mask == 0, 0, mask.cumsum(-1) - 1)
+    position_ids = positions(mask)
     past = empty_past(model.layout, ids.shape[0])
     adapter_feeds = model.adapter_feeds(ids.shape[0])
     rng = np.random.default_rng(sampling.seed)
     running = np.ones(ids.shape[0], dtype=bool)
     for _ in range(max_new_tokens):
-        logits, past = model.step(ids, mask, positions, past, adapter_feeds)
+        logits, past = model.step(ids, mask, position_ids, past, adapter_feeds)
         tokens = np.where(running, sampling.pick(logits, rng), pad)
         yield tokens, logits
         running &= ~np.isin(tokens, stops)
         if not running.any():
             return
-        ids, positions = tokens[:, None], positions[:, -1:] + 1
+        ids, position_ids = tokens[:, None], position_ids[:, -1:] + 1
         mask = np.concatenate([mask, np.ones_like(mask[:, :1])], 1)
 
 

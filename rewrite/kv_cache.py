@@ -15,6 +15,12 @@ keys and values depend on nothing but the trained table, so they are computed on
 constant prefix of every layer's cache inside the model (attended on every step, as PEFT's cache
 holds them after prefill; the cache the caller passes around holds only real tokens).
 
+Every layer's cache keeps every position, sliding-window layers (Mistral, Gemma 2/3, Qwen2 with
+`use_sliding_window`) included: Hugging Face's sliding cache layer keeps only the window and branches on the
+cache's length, which a dynamic past length cannot capture, while the model's own mask builder applies the
+window to a full cache by absolute position; tokens outside the window are masked, as `generate`'s cache
+drops them.
+
 One model serves prefill (past length 0) and decoding, as Optimum's merged decoder does. Adapter slots
 (`rewrite.onnx_adapters`) go on the cached graph after the replay, named and checked as the plain export's;
 a prompt table cannot be one, since its prefix is computed here, at export.
@@ -107,7 +113,8 @@ def _cached_class(base: type, layers: int, cache_kwarg: str) -> type:
     """`base` with a forward over flat cache tensors: a DynamicCache goes in, logits and presents come out.
 
     The prefix buffer (virtual tokens' keys and values), when present, is put in front of every layer's
-    past and its positions in front of the mask, then cut from the presents.
+    past and its positions in front of the mask, then cut from the presents. The cache is built without the
+    config, so every layer is a full one (see the module's docstring on sliding windows).
     """
     from transformers import DynamicCache
 
@@ -121,7 +128,7 @@ def _cached_class(base: type, layers: int, cache_kwarg: str) -> type:
                 attention_mask = torch.cat([attention_mask.new_ones(batch, count), attention_mask], 1)
                 pairs = [tuple(torch.cat([prefix[i, j].expand(batch, -1, -1, -1), pair[j]], 2) for j in (0, 1))
                          for i, pair in enumerate(pairs)]
-            cache = DynamicCache(ddp_cache_data=pairs, config=self.config)
+            cache = DynamicCache(ddp_cache_data=pairs)
             extra = {} if position_ids is None else {"position_ids": position_ids}
             out = base.forward(self, input_ids=input_ids, attention_mask=attention_mask, use_cache=True,
                                **{cache_kwarg: cache}, **extra)
@@ -306,30 +313,50 @@ def metadata(gm: fx.GraphModule, layout: CacheLayout) -> dict[str, str]:
             PREPENDED_KEY: "0"}
 
 
-def _logits(gm: fx.GraphModule, ids: torch.Tensor) -> torch.Tensor:
+def positions(mask: np.ndarray) -> np.ndarray:
+    """Position ids of left-padded rows as Hugging Face's `generate` counts them: `cumsum(mask) - 1`, 0 at padding."""
+    return np.where(mask == 0, 0, mask.cumsum(-1) - 1)
+
+
+def _decode(sess, layout: CacheLayout, ids: np.ndarray, mask: np.ndarray, prompt: int, extra: dict) -> np.ndarray:
+    """Generation's steps over known tokens: a prefill of `prompt` tokens (past length 0), then one token per
+    step on the growing cache; the logits of every position, `[batch, sequence, vocab]`."""
+    past, logits, position_ids = empty_past(layout, ids.shape[0]), [], positions(mask)
+    for start, end in [(0, prompt), *((t, t + 1) for t in range(prompt, ids.shape[1]))]:
+        out = runtime.run(sess, feed(layout, ids[:, start:end], mask[:, :end], position_ids[:, start:end], past) | extra)
+        logits.append(out["logits"])
+        past = [out[name] for name in layout.present_names()]
+    return np.concatenate(logits, 1)
+
+
+def _reference(gm: fx.GraphModule, layout: CacheLayout, row: np.ndarray, keep: np.ndarray) -> torch.Tensor:
+    """`gm`'s logits at a left-padded row's real tokens, without a cache. Where the cached graph takes position
+    ids, generation numbers positions from the row's first real token, as the row alone does; elsewhere the
+    model numbers them itself, padding included (as `generate` runs it), so the padded row runs."""
+    ids, mask = (row[keep], keep[keep]) if layout.position_ids else (row, keep)
+    ids, mask = torch.from_numpy(ids)[None], torch.from_numpy(mask).long()[None]
     with torch.no_grad():
-        return pytree.tree_leaves(gm(input_ids=ids, attention_mask=torch.ones_like(ids)))[0]
+        logits = pytree.tree_leaves(gm(input_ids=ids, attention_mask=mask))[0][0, -ids.shape[1]:]
+    return logits[mask[0].bool()]
 
 
 def _verify(gm: fx.GraphModule, layout: CacheLayout, path: Path, vocab: int, compare: Compare,
             slots: SlotExport | None) -> tuple[float, float, str]:
-    """A prefill (past length 0) and one decoding step in ONNX Runtime against `gm` on the whole sequence
-    (a slotted model fed `gm`'s own adapter through its slots)."""
-    prompt, batch = 7, 2
-    extra = slots.verify_feeds(batch) if slots else {}
-    ids = torch.randint(0, vocab, (batch, prompt + 1), generator=torch.Generator().manual_seed(1))
-    reference = _logits(gm, ids)
-    sess = runtime.session(path)
-    positions = np.arange(prompt + 1)[None].repeat(batch, 0)
-    mask = np.ones((batch, prompt + 1), dtype=np.int64)
-    ids = ids.numpy()
-    first = runtime.run(sess, feed(layout, ids[:, :prompt], mask[:, :prompt], positions[:, :prompt],
-                                   empty_past(layout, batch)) | extra)
-    diff, tolerance = compare("logits", reference[:, -prompt - 1:-1], torch.from_numpy(first["logits"]))
-    past = [first[name] for name in layout.present_names()]
-    second = runtime.run(sess, feed(layout, ids[:, prompt:], mask, positions[:, prompt:], past) | extra)
-    diff = max(diff, compare("logits", reference[:, -1:], torch.from_numpy(second["logits"]))[0])
-    return diff, tolerance, sess.get_providers()[0]
+    """What generation runs, in ONNX Runtime, against `gm` on each row without a cache: a left-padded batch
+    of 2 and a batch of 1, each prefilled and then decoded token by token at batch sizes and past lengths
+    the capture never saw (a slotted model fed `gm`'s own adapter through its slots)."""
+    prompt, steps, pad = 7, 3, 3
+    ids = torch.randint(0, vocab, (2, prompt + steps), generator=torch.Generator().manual_seed(1)).numpy()
+    mask = np.ones_like(ids)
+    mask[0, :pad] = 0
+    sess, worst, tolerance = runtime.session(path), 0.0, 0.0
+    for rows in (slice(0, 2), slice(1, 2)):
+        extra = slots.verify_feeds(rows.stop - rows.start) if slots else {}
+        decoded = _decode(sess, layout, ids[rows], mask[rows], prompt, extra)
+        for row, keep, logits in zip(ids[rows], mask[rows].astype(bool), decoded):
+            diff, tolerance = compare("logits", _reference(gm, layout, row, keep), torch.from_numpy(logits[keep]))
+            worst = max(worst, diff)
+    return worst, tolerance, sess.get_providers()[0]
 
 
 def _refuse_prefix_slots(gm: fx.GraphModule) -> None:

@@ -11,7 +11,8 @@ from torch import fx
 
 from rewrite.errors import RewriteError
 from rewrite.ir import remove_submodule, tag, tensor_at
-from rewrite.params import forget_trainable
+from rewrite.transaction import overwrite
+from rewrite.params import forget_trainable, non_finite
 
 
 def _merged_weight(gm: fx.GraphModule, path: str, weight: str, scale: float, transposed: bool) -> torch.Tensor:
@@ -20,7 +21,7 @@ def _merged_weight(gm: fx.GraphModule, path: str, weight: str, scale: float, tra
     lora_b = tensor_at(gm, f"{path}.lora_B.weight").detach().float()
     delta = scale * (lora_b @ lora_a)
     merged = base.detach().float() + (delta.T if transposed else delta)
-    if merged.device.type != "meta" and not torch.isfinite(merged).all():
+    if non_finite([(path, merged)]):
         raise RewriteError(f"folding the LoRA branch of {path} gives non-finite weights; the adapter is corrupt")
     return merged.to(base.dtype)
 
@@ -43,8 +44,7 @@ def merge_branches(gm: fx.GraphModule, pass_name: str) -> list[str]:
     merged = {path: _merged_weight(gm, path, tag(add)["weight"], tag(add)["scale"], tag(add)["transposed"])
               for path, add in sites.items()}
     for path, weight in merged.items():
-        with torch.no_grad():
-            tensor_at(gm, tag(sites[path])["weight"]).copy_(weight)
+        overwrite(tensor_at(gm, tag(sites[path])["weight"]), weight)
     _erase_branches(gm, adds, pass_name)
     for path in sites:
         remove_submodule(gm, f"{path}.lora_A")

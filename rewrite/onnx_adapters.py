@@ -85,6 +85,10 @@ class SlotExport:
         """The slot inputs' keywords in the traced graph, in order (`finish` gives them their real names)."""
         return [python_name(s.name) for s in self.layout.slots] + ([INDEX] if self.layout.mixed else [])
 
+    def onnx_input_names(self) -> list[str]:
+        """The slot inputs as the written model names them: each slot's tensor name, then `adapter_index`."""
+        return [s.name for s in self.layout.slots] + ([INDEX] if self.layout.mixed else [])
+
     def _stack(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.unsqueeze(0) if self.layout.mixed else tensor
 
@@ -198,8 +202,9 @@ def read_adapter(path: str | Path, layout: SlotLayout) -> dict[str, np.ndarray]:
         raise RewriteError(f"adapter file {str(path)!r} does not exist; make one with rewrite adapter export")
     try:
         adapter = ort.AdapterFormat.read_adapter(str(path))
-    except Exception as error:  # ORT raises its own Fail/RuntimeError types
-        raise RewriteError(f"{str(path)!r} is not an ONNX Runtime adapter file ({error})") from error
+    except Exception as error:  # ORT raises its own Fail/RuntimeError types; its text (a C++ source path) shows with -v
+        raise RewriteError(f"{str(path)!r} is not an ONNX Runtime adapter file (ONNX Runtime cannot read it); make one "
+                           "with `rewrite adapter export`") from error
     if adapter.get_model_version() != layout.fingerprint:
         raise RewriteError(f"adapter {str(path)!r} was made for another base model (its base fingerprint "
                            f"{adapter.get_model_version()} is not this model's {layout.fingerprint})")
@@ -264,6 +269,15 @@ class Adapters:
         if len(picks) != rows:
             raise RewriteError(f"--adapter-index gives {len(picks)} indices for {rows} texts; give one per text")
         return cls(active, files, picks)
+
+    def carried_modules(self, model: str | Path) -> set[str]:
+        """The modules every adapter file of this run carries tensors of (a trained head): every row runs
+        their trained values rather than the model's defaults."""
+        files = [self.active] if self.active else self.stacked
+        if not files:
+            return set()
+        layout = SlotLayout.of_model(model)
+        return set.intersection(*({name.rpartition(".")[0] for name in read_adapter(f, layout)} for f in files))
 
     def run_inputs(self, model: str | Path, rows: int) -> tuple[dict[str, np.ndarray], ort.RunOptions | None, object]:
         """Extra feeds, run options and the loaded adapter to keep alive while they are in use."""

@@ -1,11 +1,21 @@
-"""Which parameters train, and PEFT's trainable-parameter line."""
+"""Which parameters train, PEFT's trainable-parameter line, and the check that weights are finite."""
 from __future__ import annotations
 
+from typing import Iterable
+
+import torch
 from torch import fx, nn
 
 from rewrite.errors import RewriteError
 from rewrite.graph import GraphQuery
 from rewrite.ir import info
+
+
+def non_finite(tensors: Iterable[tuple[str, torch.Tensor]]) -> str | None:
+    """The name of the first floating-point tensor that holds NaN or infinity, or None (meta tensors hold
+    no values): a model computed from such weights gives NaN, so capture, fold and export refuse them."""
+    return next((name for name, tensor in tensors if tensor.is_floating_point() and tensor.device.type != "meta"
+                 and not torch.isfinite(tensor).all()), None)
 
 
 def _parameter(gm: fx.GraphModule, name: str) -> nn.Parameter | None:

@@ -11,8 +11,8 @@ pass. Every hook has a default that does nothing, so a new pass overrides only w
 
 - `adapter_files(gm, runs)`: the PEFT adapter (config + tensors) its runs amount to, or None;
   `peft_types` + `from_adapter(gm, config, weights, origin)`: the way back, from a PEFT adapter.
-- `serving_metadata(gm, runs)`: what export writes into the ONNX model's metadata;
-  `serving_inputs(props, tokenizer, texts)`: how `rewrite run` encodes text for such a model.
+- `serving_metadata(gm, runs)`: what export writes into the ONNX model's metadata, such as how serving
+  encodes its text (`rewrite.encoding`: data the runtime reads without asking any pass).
 - `fold(gm, runs) -> Folded`: merge what the pass added into constants (the fold pass asks every pass).
 - `adapter_slots(gm, runs)`, `prepare_slots(gm, runs)`, `slot_values(config, weights)`: the tensors an
   ONNX export exposes as inputs that adapter files fill, how the exported copy reads them, and a PEFT
@@ -126,11 +126,6 @@ class Pass(PassBase):
     def serving_metadata(cls, gm: fx.GraphModule, runs: Sequence["Pass"]) -> dict[str, str]:
         """ONNX metadata a caller needs to feed the exported model (keys `rewrite.*`)."""
         return {}
-
-    @classmethod
-    def serving_inputs(cls, props: dict[str, str], tokenizer, texts: list[str]) -> dict[str, Any] | None:
-        """The model inputs for `texts` when this pass's metadata is in `props`, else None (plain tokenization)."""
-        return None
 
     @classmethod
     def fold(cls, gm: fx.GraphModule, runs: Sequence["Pass"]) -> Folded | None:

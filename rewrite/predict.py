@@ -9,10 +9,10 @@ import numpy as np
 import onnx
 
 from rewrite import runtime
+from rewrite.encoding import encode_texts
 from rewrite.errors import RewriteError
 from rewrite.export import LABELS_KEY, POSITIONS_KEY, PREPENDED_KEY, TASK_KEY, UNTRAINED_KEY
 from rewrite.onnx_adapters import Adapters
-from rewrite.pipeline import registered
 
 log = logging.getLogger(__name__)
 
@@ -81,16 +81,6 @@ def _top(scores: np.ndarray, names, k: int) -> list[tuple[str, float]]:
     return [(names(int(i)), float(scores[i])) for i in order]
 
 
-def _encode(texts: list[str], tokenizer, props: dict[str, str]) -> dict[str, np.ndarray]:
-    """The model's inputs for `texts`: as a pass whose metadata the model carries encodes them (a
-    template), else tokenized as they are."""
-    for cls in registered():
-        inputs = cls.serving_inputs(props, tokenizer, texts)
-        if inputs is not None:
-            return inputs
-    return {k: v.astype(np.int64) for k, v in tokenizer(texts, padding=True, return_tensors="np").items()}
-
-
 def predict(model_path: str | Path, texts: list[str], *, tokenizer_dir: str | None = None, top_k: int = 5,
             truncate: bool = True, adapters: Adapters | None = None):
     """Per text, the top predictions as (label, probability): classes, masked tokens or next tokens.
@@ -101,13 +91,16 @@ def predict(model_path: str | Path, texts: list[str], *, tokenizer_dir: str | No
     _check_texts(texts)
     props = _model_props(path)
     task = props.get(TASK_KEY, "")
-    if props.get(UNTRAINED_KEY):
+    adapters = adapters or Adapters()
+    untrained = set(filter(None, props.get(UNTRAINED_KEY, "").split(", ")))
+    untrained -= adapters.carried_modules(path) if untrained else set()
+    if untrained:
         log.warning("%s: the classification head %s was never trained (fresh random weights); its predictions "
-                    "mean nothing until `rewrite train`", path, props[UNTRAINED_KEY])
+                    "mean nothing until `rewrite train`", path, ", ".join(sorted(untrained)))
     tokenizer = _tokenizer(path, tokenizer_dir)
-    feeds, options, _loaded = (adapters or Adapters()).run_inputs(path, len(texts))
+    feeds, options, _loaded = adapters.run_inputs(path, len(texts))
     sess = runtime.session(path)
-    encoded = _fit(_encode(texts, tokenizer, props), texts, _limit(props, tokenizer), truncate)
+    encoded = _fit(encode_texts(props, tokenizer, texts, str(path)), texts, _limit(props, tokenizer), truncate)
     outputs = runtime.run(sess, encoded | feeds, options)
     first = next(iter(outputs.values()))
     if task != "seq-cls":  # per-position outputs: drop the positions prompt tuning put before the input's

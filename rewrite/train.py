@@ -35,11 +35,13 @@
 - With `output_dir`: `metrics.jsonl` (a record per step and per evaluation), atomic checkpoints every
   `save_every` steps and at the end (see `rewrite.checkpoint`), then the trained graph (`model.pt2`)
   and the PEFT adapter (`adapter/`). `resume=True` continues from the newest complete checkpoint and
-  ends with the same weights an uninterrupted run would have.
+  ends with the same weights an uninterrupted run would have; other training examples, precision or
+  hyperparameters than the checkpoint's are refused. The run holds an OS lock on `output_dir`, so a
+  second run into it is refused.
 - Under `torchrun`, each rank trains on its share of every global batch (DistributedDataParallel,
-  gloo on CPU, NCCL on GPU); rank 0 writes files. With `fsdp=True` the graph is sharded in place
-  with FSDP2 instead; it is gathered whole again at the end but stays an FSDP module in train mode
-  (use it inside the process group, or load `model.pt2`).
+  gloo on CPU, NCCL on GPU); rank 0 writes files. With `fsdp=True` (refused in a single process) the
+  graph is sharded in place with FSDP2 instead; it is gathered whole again at the end but stays an
+  FSDP module in train mode (use it inside the process group, or load `model.pt2`).
 - `train` seeds torch's global RNG with `seed + rank` (dropout draws from it); the data order and
   masked-LM masks come from generators seeded by `(seed, epoch)` and `(seed, step)`.
 """
@@ -47,6 +49,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
+import json
 import logging
 import math
 import time
@@ -165,6 +169,7 @@ class _Data:
     tokenizer: Any
     task: str
     input_names: list[str]
+    fingerprint: str  # of the examples: a resumed run must train on the same ones
 
     def batch(self, indices: Sequence[int], mask_seed: int) -> dict[str, torch.Tensor]:
         """A padded batch; `mask_seed` fixes the masked-LM masks, so a resumed run draws the same ones."""
@@ -190,7 +195,13 @@ def _load_data(gm: fx.GraphModule, source, config: TrainConfig, task: str) -> _D
                                       label_names=_label_names(gm, config, task))
     encoded = (templates.encode_examples(gm, examples, config.max_length) if templates.uses_template(gm)
                else data.encode(examples, tokenizer, config.max_length))
-    return _Data(encoded, tokenizer, task, input_names(gm))
+    return _Data(encoded, tokenizer, task, input_names(gm), _fingerprint(examples))
+
+
+def _fingerprint(examples: Sequence[Example]) -> str:
+    """A short sha256 of the examples' texts and labels (not of where they were read from)."""
+    rows = json.dumps([(e.text, e.pair, e.label) for e in examples]).encode()
+    return hashlib.sha256(rows).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------- optimization
@@ -322,7 +333,8 @@ class _Run:
         self.scheduler = _scheduler(self.optimizer, config, self.total)
         self.out = Path(config.output_dir) if config.output_dir is not None else None
         self.log = checkpoint.MetricsLog(self.out / checkpoint.METRICS_NAME if self.out and ctx.main else None)
-        self.checkpoints = (checkpoint.RunCheckpoints(self.out, ctx, config.keep_checkpoints, _settings(config))
+        self.checkpoints = (checkpoint.RunCheckpoints(self.out, ctx, config.keep_checkpoints,
+                                                      _settings(config, self.objective.bf16, self.train))
                             if self.out is not None else None)
         self.last_eval: dict[str, float] | None = None
         self.eval_graph: fx.GraphModule | None = None
@@ -411,9 +423,10 @@ _RESUME_SETTINGS = ("task", "epochs", "max_steps", "batch_size", "grad_accum", "
                     "warmup_ratio", "schedule", "max_grad_norm", "max_length", "group_by_length", "seed")
 
 
-def _settings(config: TrainConfig) -> dict[str, Any]:
-    """The hyperparameters that decide a run's trajectory: a resumed run must use the same ones."""
-    return {name: getattr(config, name) for name in _RESUME_SETTINGS}
+def _settings(config: TrainConfig, bf16: bool, train_set: _Data) -> dict[str, Any]:
+    """The hyperparameters, precision and data that decide a run's trajectory: a resumed run must use the same."""
+    return {**{name: getattr(config, name) for name in _RESUME_SETTINGS}, "bf16": bf16,
+            "data_sha256": train_set.fingerprint}
 
 
 def _mark_trained(gm: fx.GraphModule) -> None:
@@ -500,6 +513,23 @@ def _task(gm: fx.GraphModule, config: TrainConfig) -> str:
     return task
 
 
+def _check_world(config: TrainConfig, ctx: distributed.Context) -> None:
+    if config.fsdp and ctx.world == 1:
+        raise RewriteError("fsdp (--fsdp) shards the graph over torchrun's processes, but this run is a single "
+                           "process; run it under torchrun --nproc_per_node N with N of at least 2, or drop --fsdp")
+
+
+def _start(run: _Run) -> int | None:
+    """Resumes from the newest checkpoint (returns its step), or starts a fresh run (None)."""
+    if run.config.resume:
+        resumed = run.checkpoints.restore(run.gm, run.optimizer, run.scheduler)
+        run.step = resumed or 0
+        return resumed
+    if run.checkpoints is not None:
+        run.checkpoints.start_fresh()
+    return None
+
+
 def train(
     gm: fx.GraphModule,
     train_data: DataSource,
@@ -512,27 +542,24 @@ def train(
     task = _task(gm, config)
     ctx = distributed.setup(config.device)
     try:
+        _check_world(config, ctx)
         torch.manual_seed(config.seed + ctx.rank)
         objective = _objective(gm, config, task, loss_fn, ctx.device)
         train_set = _load_data(gm, train_data, config, task)
         eval_set = _load_data(gm, eval_data, config, task) if eval_data is not None else None
         gm.train()
         run = _Run(gm, config, ctx, objective, train_set, eval_set)
-        resumed = None
-        if config.resume:
-            resumed = run.checkpoints.restore(gm, run.optimizer, run.scheduler)
-            run.step = resumed or 0
-        elif run.checkpoints is not None:
-            run.checkpoints.start_fresh()
-        try:
-            _fit(run)
-        finally:
-            if not run.sharded:
-                gm.eval()
-            run.log.close()
-        _mark_trained(gm)
-        run.write_outputs()
-        ctx.barrier()
+        with run.checkpoints.locked() if run.checkpoints is not None else contextlib.nullcontext():
+            resumed = _start(run)
+            try:
+                _fit(run)
+            finally:
+                if not run.sharded:
+                    gm.eval()
+                run.log.close()
+            _mark_trained(gm)
+            run.write_outputs()
+            ctx.barrier()
         tokens_per_s = run.tokens / run.seconds if run.seconds else None
         return TrainResult(run.step, run.last_loss, run.last_eval, run.history, run.out, resumed, tokens_per_s)
     finally:

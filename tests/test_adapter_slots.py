@@ -259,6 +259,18 @@ def test_index_out_of_range_and_missing_file_are_one_sentence(llama):
         stacked_feeds(llama.files[:1], llama.path("slots.onnx"), [0])
 
 
+def test_a_graph_without_unfolded_adapter_parameters_has_no_slots_to_expose(make_tiny, tmp_path):
+    gm = capture_tiny(make_tiny("llama"))
+    with pytest.raises(rewrite.RewriteError, match="^the graph has no adapter parameters .* to expose as slots"):
+        adapter_slots.prepared(gm)
+    rewrite.apply(gm, "lora", rank=4)
+    rewrite.apply(gm, "fold")
+    with pytest.raises(rewrite.RewriteError, match=r"^the graph's LoRA branches \(model\.layers\.0\.self_attn\.q_proj, "
+                                                   r"\.\.\.\) were folded into its weights, so it has no adapter "
+                                                   r"parameters to expose as slots"):
+        rewrite.export_onnx(gm, tmp_path / "model.onnx", adapter_slots=True)
+    assert list(tmp_path.iterdir()) == []
+
 def test_ptuning_encoder_output_rides_a_slot(tiny_bert_dir, tmp_path):
     from rewrite.templates import graph_template
 

@@ -14,8 +14,11 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
+import transformers
+from filelock import FileLock
 
 import rewrite
+from rewrite.checkpoint import LOCK_NAME
 from rewrite.cli.main import main
 from rewrite.train import TrainConfig
 
@@ -53,7 +56,7 @@ def _adapter(directory: Path, config, weights: dict[str, torch.Tensor] | None, r
 
 
 @pytest.fixture(scope="module")
-def w(tmp_path_factory, tiny_bert_dir):
+def w(tmp_path_factory, tiny_bert_dir, request):
     """Inputs shared by the cases: archives, an ONNX model, data files, adapters, a finished run."""
     root = tmp_path_factory.mktemp("world")
     base = rewrite.load_pretrained(tiny_bert_dir)
@@ -90,6 +93,11 @@ def w(tmp_path_factory, tiny_bert_dir):
     _rewrite_part(lora, root / "no-graph.pt2", "graph.json", None)
     _rewrite_part(lora, root / "graph-types.pt2", "graph.json", json.dumps({"codegen": None, "nodes": [7]}).encode())
     _rewrite_part(lora, root / "bad-weights.pt2", "weights.safetensors", b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
+    graph = json.loads(zipfile.ZipFile(lora).read("graph.json"))  # a gadget's first link: attrgetter on a weight
+    graph["nodes"][-1:-1] = [{"op": "call_function", "name": "g1", "target": {"$fn": "operator.attrgetter"},
+                              "args": {"$tuple": ["__class__.__repr__.__globals__"]}, "kwargs": {"$dict": []},
+                              "meta": {"$dict": []}}]
+    _rewrite_part(lora, root / "gadget.pt2", "graph.json", json.dumps(graph).encode())
     bert = root / "truncated-bert"
     shutil.copytree(tiny_bert_dir, bert)
     weights = bert / "model.safetensors"
@@ -107,6 +115,40 @@ def w(tmp_path_factory, tiny_bert_dir):
     }
     cut = adapters["truncated"] / "adapter_model.safetensors"
     cut.write_bytes(cut.read_bytes()[:100])
+    # capture, export, run, generate and adapter files: a folded graph, a weight of the wrong shape, NaN weights,
+    # and a tiny causal LM exported with its cache
+    rewrite.save(folded, root / "folded.pt2")
+    query = "bert.encoder.layer.0.attention.self.query.weight"
+    with zipfile.ZipFile(lora) as archive:
+        tensors = safetensors.torch.load(archive.read("weights.safetensors"))
+    tensors[query] = torch.zeros(33, 32)
+    _rewrite_part(lora, root / "wrong-shape.pt2", "weights.safetensors", safetensors.torch.save(tensors))
+    nan_base = rewrite.load(root / "base.pt2")
+    with torch.no_grad():
+        nan_base.get_parameter(query).fill_(math.nan)
+    rewrite.save(nan_base, root / "nan-base.pt2")
+    shutil.copytree(tiny_bert_dir, root / "nan-bert")
+    weights = safetensors.torch.load_file(root / "nan-bert" / "model.safetensors")
+    weights["bert.embeddings.word_embeddings.weight"][0] = math.inf
+    safetensors.torch.save_file(weights, root / "nan-bert" / "model.safetensors", metadata={"format": "pt"})
+    torch.manual_seed(0)
+    lm = root / "lm"
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=30522, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=64)).save_pretrained(lm)
+    transformers.AutoTokenizer.from_pretrained(tiny_bert_dir, model_input_names=["input_ids", "attention_mask"]
+                                               ).save_pretrained(lm)
+    rewrite.export_onnx(rewrite.load_pretrained(lm), lm / "onnx" / "model.onnx", cache=True)
+    # Training: other training rows, and an output directory a run in progress holds (its lock, while `w` lives).
+    _write_rows(root / "other-train.tsv", sentiment_rows(16, 1))
+    (root / "busy-run").mkdir()
+    busy = FileLock(root / "busy-run" / LOCK_NAME, timeout=0)
+    busy.acquire()
+    request.addfinalizer(busy.release)
+    # PET, mlm-head and messages: a model directory whose model type transformers does not know
+    shutil.copytree(tiny_bert_dir, root / "unknown-type")
+    (root / "unknown-type" / "config.json").write_text(json.dumps(
+        {**json.loads((tiny_bert_dir / "config.json").read_text()), "model_type": "nope"}))
     return {"root": root, "model": tiny_bert_dir, "adapters": adapters, **{p.stem: p for p in root.iterdir()}}
 
 
@@ -150,6 +192,10 @@ CLI_CASES = [
      "not a readable rewrite graph archive"),
     ("apply-pt2-graph-types", lambda w, o: ["apply", w["graph-types"], "--pass", "lora", "-o", o / "g.pt2"],
      "not a readable rewrite graph archive"),
+    ("inspect-pt2-gadget", lambda w, o: ["inspect", w["gadget"]], "'operator.attrgetter' is not on the allow-list"),
+    ("export-pt2-gadget", lambda w, o: ["export", w["gadget"], "--onnx", o / "m.onnx"], "is not on the allow-list"),
+    ("train-pt2-gadget", lambda w, o: ["train", w["gadget"], "--data", w["train"], "--output-dir", o / "r"],
+     "is not on the allow-list"),
     ("apply-pt2-bad-weights", lambda w, o: ["apply", w["bad-weights"], "--pass", "lora", "-o", o / "g.pt2"],
      "not a readable rewrite graph archive"),
     ("apply-output-under-file", lambda w, o: ["apply", w["base"], "--pass", "lora", "-o", w["afile"] / "x" / "g.pt2"],
@@ -208,14 +254,74 @@ CLI_CASES = [
 
 # Training, resuming and interruption.
 TRAIN_CASES = [
+    ("train-device-not-here", lambda w, o: ["train", w["lora"], "--data", w["train"], "--device", "cuda:99",
+                                            "--output-dir", o / "r"], "device 'cuda:99' is not available on this "
+     "machine; use cpu"),
+    ("train-fsdp-one-process", lambda w, o: ["train", w["lora"], "--data", w["train"], "--fsdp", "--output-dir", o / "r"],
+     "run it under torchrun --nproc_per_node N"),
+    ("train-output-dir-in-use", lambda w, o: ["train", w["lora"], "--data", w["train"], "--output-dir", w["busy-run"]],
+     "is in use by another training run; wait for it to end, or train into another --output-dir"),
+    ("train-resume-other-data", lambda w, o: ["train", w["lora"], "--data", w["other-train"], "--output-dir", w["run"],
+                                              "--resume", "--max-steps", "1", "--batch-size", "4"], "data_sha256 '"),
+    ("train-resume-bf16", lambda w, o: ["train", w["lora"], "--data", w["train"], "--output-dir", w["run"], "--resume",
+                                        "--max-steps", "1", "--batch-size", "4", "--bf16"], "(bf16 False -> True)"),
 ]
 
 # Capture, export, run, generate and adapter files.
+LM = ("lm", "onnx", "model.onnx")
 EXPORT_CASES = [
+    ("export-wrong-weight-shape", lambda w, o: ["export", w["wrong-shape"], "--onnx", o / "m.onnx"],
+     "weight bert.encoder.layer.0.attention.self.query.weight has shape (33, 32) but the model's config gives it "
+     "(32, 32)"),
+    ("run-generate-not-utf8-text", lambda w, o: ["run", w["root"].joinpath(*LM), "--generate", "--text",
+                                                 "\udcff\udcfe bad"], "is not valid UTF-8"),
+    ("export-folded-adapter-slots", lambda w, o: ["export", w["folded"], "--onnx", o / "m.onnx", "--adapter-slots"],
+     "no adapter parameters to expose as slots; adapter slots need the unfolded graph"),
+    ("export-base-adapter-slots", lambda w, o: ["export", w["base"], "--onnx", o / "m.onnx", "--mixed-adapters"],
+     "no adapter parameters (LoRA branches, a prompt table or a trained head) to expose as slots"),
+    ("adapter-export-existing-output", lambda w, o: ["adapter", "export", w["adapter"], "-o", w["afile"], "--model",
+                                                     w["onnx"] / "model.onnx"], "already exists; pass --overwrite"),
+    ("export-max-rank-without-slots", lambda w, o: ["export", w["lora"], "--onnx", o / "m.onnx", "--max-rank", "8"],
+     "--max-rank does nothing without --adapter-slots or --mixed-adapters"),
+    ("export-slots-and-mixed", lambda w, o: ["export", w["lora"], "--onnx", o / "m.onnx", "--adapter-slots",
+                                             "--mixed-adapters"], "--adapter-slots adds nothing to --mixed-adapters"),
+    ("run-temperature-without-sample", lambda w, o: ["run", w["root"].joinpath(*LM), "--generate", "--text", "hi",
+                                                     "--temperature", "0.5"], "--temperature does nothing without --sample"),
+    ("run-top-p-without-sample", lambda w, o: ["run", w["root"].joinpath(*LM), "--generate", "--text", "hi",
+                                               "--top-p", "0.5"], "--top-p does nothing without --sample"),
+    ("run-seed-without-sample", lambda w, o: ["run", w["root"].joinpath(*LM), "--generate", "--text", "hi",
+                                              "--seed", "1"], "--seed does nothing without --sample"),
+    ("run-top-k-generate-without-sample", lambda w, o: ["run", w["root"].joinpath(*LM), "--generate", "--text", "hi",
+                                                        "--top-k", "3"], "--top-k does nothing without --sample"),
+    ("run-sample-without-generate", lambda w, o: ["run", w["onnx"] / "model.onnx", "--text", "hi", "--sample"],
+     "--sample does nothing without --generate"),
+    ("run-max-new-tokens-without-generate", lambda w, o: ["run", w["onnx"] / "model.onnx", "--text", "hi",
+                                                          "--max-new-tokens", "5"],
+     "--max-new-tokens does nothing without --generate"),
+    ("capture-non-finite-weights", lambda w, o: ["capture", w["nan-bert"], "-o", o / "g.pt2"],
+     "weight bert.embeddings.word_embeddings.weight in"),
+    ("export-non-finite-weights", lambda w, o: ["export", w["nan-base"], "--onnx", o / "m.onnx", "--no-verify"],
+     "weight bert.encoder.layer.0.attention.self.query.weight holds NaN or infinite values"),
 ]
 
 # PET, mlm-head and output files.
 PET_CASES = [
+    ("pet-output-dir-has-files", lambda w, o: ["pet", "--model", w["model"], "--pvp", w["pvps"], "--train", w["train"],
+                                               "--unlabeled", w["train"], "--output-dir", w["run"]],
+     "already holds adapter and"),
+    ("mlm-head-output-has-files", lambda w, o: ["mlm-head", w["model"], "--data", w["train"], "-o", w["run"]],
+     "already holds adapter"),
+    ("mlm-head-held-out-0", lambda w, o: ["mlm-head", w["model"], "--data", w["train"], "--held-out", "0",
+                                          "-o", o / "m"], "--held-out 0 leaves no held-out text"),
+    ("capture-unknown-model-type", lambda w, o: ["capture", w["unknown-type"], "-o", o / "g.pt2"],
+     "model type 'nope' is not one that transformers"),
+    ("capture-no-class-for-task", lambda w, o: ["capture", w["lm"], "--task", "masked-lm", "-o", o / "g.pt2"],
+     "holds a llama model, which transformers has no masked-lm class for; capture it with --task causal-lm"),
+    ("pet-model-not-masked-lm", lambda w, o: ["pet", "--model", w["lm"], "--pvp", w["pvps"], "--train", w["train"],
+                                              "--unlabeled", w["train"], "--output-dir", o / "p"],
+     "no masked-lm class for"),
+    ("mlm-head-held-out-all", lambda w, o: ["mlm-head", w["model"], "--data", w["train"], "--held-out", "16",
+                                            "-o", o / "m"], "--held-out 16 needs more than 16 texts"),
 ]
 
 CLI_CASES += TRAIN_CASES + EXPORT_CASES + PET_CASES

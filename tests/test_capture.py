@@ -107,3 +107,18 @@ def test_an_encoder_decoder_directory_is_refused_in_one_sentence(tmp_path):
     config.save_pretrained(tmp_path)
     with pytest.raises(rewrite.RewriteError, match="capturing bart from .* is not supported: it is an encoder-decoder"):
         rewrite.load_pretrained(tmp_path)
+
+
+def test_non_finite_weights_are_refused_at_capture_naming_the_tensor(make_tiny, tiny_bert_dir, tmp_path):
+    model = make_tiny("llama")
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[0, 0] = float("inf")
+    with pytest.raises(rewrite.RewriteError, match="^weight model.layers.0.mlp.down_proj.weight of LlamaForCausalLM "
+                                                   "holds NaN or infinite values"):
+        rewrite.capture(model, example_inputs(["input_ids"], 128))
+    bert = transformers.BertForSequenceClassification.from_pretrained(tiny_bert_dir)
+    with torch.no_grad():
+        bert.classifier.bias[1] = float("nan")
+    bert.save_pretrained(tmp_path / "nan")
+    with pytest.raises(rewrite.RewriteError, match=f"^weight classifier.bias in '{tmp_path / 'nan'}' holds NaN"):
+        rewrite.load_pretrained(tmp_path / "nan")

@@ -69,3 +69,39 @@ def test_large_models_use_external_data(make_tiny, tmp_path, monkeypatch):
     assert report.max_abs_diff <= report.tolerance
     assert (tmp_path / "model.onnx.data").is_file()
     assert (tmp_path / "model.onnx").stat().st_size < (tmp_path / "model.onnx.data").stat().st_size
+
+
+def _replace(gm, name: str, value: torch.Tensor) -> None:
+    module, _, leaf = name.rpartition(".")
+    setattr(gm.get_submodule(module), leaf, torch.nn.Parameter(value))
+
+
+def test_a_weight_of_another_shape_is_named_with_the_shape_its_config_gives(make_tiny, tmp_path):
+    gm = capture_tiny(make_tiny("llama"))
+    _replace(gm, "model.layers.0.self_attn.q_proj.weight", torch.zeros(65, 64))
+    with pytest.raises(rewrite.RewriteError) as error:
+        rewrite.export_onnx(gm, tmp_path / "model.onnx")
+    assert str(error.value) == ("weight model.layers.0.self_attn.q_proj.weight has shape (65, 64) but the model's "
+                                "config gives it (64, 64); the weights do not match the graph (re-create the archive)")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_adapter_tensor_of_another_shape_is_named_with_the_op_that_cannot_use_it(make_tiny, tmp_path):
+    gm = capture_tiny(make_tiny("llama"))
+    rewrite.apply(gm, "lora", rank=4, roles=["q"])
+    _replace(gm, "model.layers.0.self_attn.q_proj.lora_A.weight", torch.zeros(5, 64))
+    with pytest.raises(rewrite.RewriteError, match=r"cannot use weight model\.layers\.0\.self_attn\.q_proj\.lora_B\."
+                                                   r"weight \(64, 4\) with inputs of shape \(2, 8, 5\); the weights do "
+                                                   r"not match the graph"):
+        rewrite.export_onnx(gm, tmp_path / "model.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_non_finite_weights_are_refused_even_without_verification(make_tiny, tmp_path):
+    gm = capture_tiny(make_tiny("llama"))
+    with torch.no_grad():
+        gm.get_parameter("model.layers.1.mlp.up_proj.weight")[3, 4] = float("nan")
+    with pytest.raises(rewrite.RewriteError, match="^weight model.layers.1.mlp.up_proj.weight holds NaN or infinite "
+                                                   "values, so the exported model would compute NaN"):
+        rewrite.export_onnx(gm, tmp_path / "model.onnx", verify=False)
+    assert list(tmp_path.iterdir()) == []

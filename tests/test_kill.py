@@ -14,15 +14,16 @@ import onnx
 import pytest
 
 import rewrite
+from rewrite.checkpoint import completed
 
 from helpers import run_cli, sentiment_rows
 
 LEFTOVERS = (".rewrite-tmp-", ".step-", ".trash-")
 
 
-def _start(*args) -> subprocess.Popen:
+def _start(*args, stderr=subprocess.DEVNULL) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", "from rewrite.cli.main import main; main()", *map(str, args)],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
 
 
 def _kill_at(process: subprocess.Popen, seconds: float) -> None:
@@ -95,3 +96,42 @@ def test_kill_during_train_then_resume(lora_archive, tmp_path, seed):
     assert not (run / "model.pt2").exists() or rewrite.load(run / "model.pt2")
     _ok(run_cli(*args, "--resume"))
     assert rewrite.load(run / "model.pt2") and _leftovers(tmp_path) == []
+
+
+def _interrupt_when(process: subprocess.Popen, ready) -> str:
+    """Sends Ctrl-C's SIGINT as soon as `ready()` holds (the process still running then); its stderr."""
+    deadline = time.monotonic() + 300
+    while not ready():
+        assert process.poll() is None, f"it ended before it could be interrupted: {process.stderr.read()}"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    err = process.stderr.read()
+    assert process.wait() == 130, err
+    return err
+
+
+@pytest.mark.parametrize("save_every", [2, 100000])
+def test_ctrl_c_during_train_names_the_step_resume_continues_from(lora_archive, tmp_path, save_every):
+    data = tmp_path / "train.tsv"
+    data.write_text("label\ttext\n" + "".join(f"{r['label']}\t{r['text']}\n" for r in sentiment_rows(16, 0)))
+    run = tmp_path / "run"
+    log = run / "metrics.jsonl"
+    err = _interrupt_when(_start("train", lora_archive, "--data", data, "--output-dir", run, "--batch-size", "4",
+                                 "--max-steps", "100000", "--save-every", save_every, stderr=subprocess.PIPE),
+                          lambda: log.exists() and log.read_text().count("\n") >= 3)
+    saved = [step for step, _ in completed(run / "checkpoints")]
+    if save_every == 2:
+        assert saved and err.splitlines()[-1] == f"interrupted; `--resume` continues from step {saved[-1]}"
+    else:
+        assert saved == [] and err.splitlines()[-1] == ("interrupted before the first checkpoint was saved; run the "
+                                                        "command again to start over")
+    assert "Traceback" not in err and _leftovers(tmp_path) == []
+
+
+def test_ctrl_c_during_export_leaves_nothing(lora_archive, tmp_path):
+    out = tmp_path / "out"
+    err = _interrupt_when(_start("export", lora_archive, "--onnx", out / "model.onnx", stderr=subprocess.PIPE),
+                          lambda: out.is_dir() and any(out.iterdir()))  # while its files are being written
+    assert err.strip().splitlines() == ["interrupted; nothing was written"]
+    assert not out.exists() or list(out.iterdir()) == []

@@ -10,8 +10,10 @@ from peft import PromptTuningConfig, get_peft_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 import rewrite
+from rewrite import kv_cache, runtime
 from rewrite.cli.main import cli, main
 from rewrite.errors import RewriteError
+from rewrite.export import compare
 from rewrite.generate import Sampling, generate
 from rewrite.templates import encode_batch
 
@@ -35,11 +37,39 @@ def byte_tokenizer() -> transformers.PreTrainedTokenizerFast:
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>", pad_token="<eos>")
 
 
-def tiny_lm(arch: str):
+GQA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+
+# A second config per architecture: other head counts, head sizes, widths and depths.
+SECOND = {
+    "llama": lambda: transformers.LlamaConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=3,
+                                              num_attention_heads=6, num_key_value_heads=3, initializer_range=0.2),
+    "gpt2": lambda: transformers.GPT2Config(n_embd=48, n_layer=3, n_head=3, n_positions=64, initializer_range=0.2),
+    "opt": lambda: transformers.OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=3, num_attention_heads=2,
+                                          max_position_embeddings=64, word_embed_proj_dim=32, init_std=0.2),
+    "qwen2": lambda: transformers.Qwen2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                              num_attention_heads=8, num_key_value_heads=1, initializer_range=0.2),
+    "bloom": lambda: transformers.BloomConfig(hidden_size=48, n_layer=3, n_head=6, initializer_range=0.3),
+}
+
+# Sliding windows of 4 positions, so generation runs far past them (Gemma's weights at its default range:
+# wider ones collapse its text into one token).
+SLIDING = {
+    "mistral": lambda: transformers.MistralConfig(**GQA, sliding_window=4, initializer_range=0.2),
+    "qwen2-window": lambda: transformers.Qwen2Config(**GQA, use_sliding_window=True, sliding_window=4,
+                                                     max_window_layers=1, initializer_range=0.2),
+    "phi3": lambda: transformers.Phi3Config(**GQA, sliding_window=4, pad_token_id=0, initializer_range=0.2),
+    "gemma2": lambda: transformers.Gemma2Config(**GQA, head_dim=16, sliding_window=4),
+    "gemma3": lambda: transformers.Gemma3TextConfig(**GQA, head_dim=16, sliding_window=4, sliding_window_pattern=2),
+}
+
+
+def tiny_lm(arch: str, config=None):
     """Weights drawn wider than the default (and BLOOM's from another seed) so greedy text does not
-    collapse into one repeated token."""
-    config = tiny_config(arch)
-    config.vocab_size, config.initializer_range = VOCAB, 0.3 if arch == "bloom" else 0.2
+    collapse into one repeated token; `config`, when given, brings its own range."""
+    if config is None:
+        config = tiny_config(arch)
+        config.initializer_range = 0.3 if arch == "bloom" else 0.2
+    config.vocab_size = VOCAB
     config.bos_token_id = config.eos_token_id = None  # the tokenizer's <eos>; generation here never stops early
     torch.manual_seed(1 if arch == "bloom" else 0)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
@@ -49,10 +79,10 @@ def tiny_lm(arch: str):
 
 @pytest.fixture(scope="module")
 def lm_dir(tmp_path_factory):
-    """A saved tiny causal LM with the byte tokenizer, per architecture."""
-    def make(arch: str):
+    """A saved tiny causal LM with the byte tokenizer, per architecture (or named `config`)."""
+    def make(arch: str, config=None):
         directory = tmp_path_factory.mktemp(arch)
-        tiny_lm(arch).save_pretrained(directory)
+        tiny_lm(arch, config).save_pretrained(directory)
         byte_tokenizer().save_pretrained(directory)
         return directory
     return make
@@ -84,9 +114,9 @@ def hf_generate(model, texts=TEXTS, **options):
     return out.sequences[:, encoded["input_ids"].shape[1]:].numpy(), torch.stack(out.logits, 1).numpy()
 
 
-def assert_same_generation(onnx_path, reference):
+def assert_same_generation(onnx_path, reference, texts=TEXTS):
     tokens, logits = reference
-    ours = generate(onnx_path, TEXTS, max_new_tokens=NEW_TOKENS, eos=[], keep_logits=True)
+    ours = generate(onnx_path, texts, max_new_tokens=NEW_TOKENS, eos=[], keep_logits=True)
     np.testing.assert_array_equal(ours.token_ids, tokens)
     assert np.abs(np.stack(ours.logits, 1) - logits).max() <= 1e-4
     assert len(set(tokens[0].tolist())) > 3  # the text is not one repeated token
@@ -100,6 +130,40 @@ def test_greedy_generation_matches_hf_generate_with_left_padding(arch, exported)
     directory = exported(arch)
     reference = transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
     assert_same_generation(directory / "onnx" / "model.onnx", hf_generate(reference))
+
+
+@SLOW
+@pytest.mark.parametrize("arch", SECOND)
+def test_a_second_config_per_architecture_generates_as_hf_generate_at_batch_1(arch, lm_dir, tmp_path):
+    directory = lm_dir(f"{arch}-second", SECOND[arch]())
+    rewrite.export_onnx(rewrite.load_pretrained(directory), tmp_path / "model.onnx", cache=True)
+    byte_tokenizer().save_pretrained(tmp_path)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
+    assert_same_generation(tmp_path / "model.onnx", hf_generate(reference, TEXTS[1:]), TEXTS[1:])
+
+
+@pytest.mark.parametrize("name", [n if n == "mistral" else pytest.param(n, marks=SLOW) for n in SLIDING])
+def test_sliding_window_models_generate_as_hf_generate_far_past_their_window(name, lm_dir, tmp_path):
+    directory = lm_dir(name, SLIDING[name]())
+    reference = transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
+    assert reference.config.sliding_window == 4
+    rewrite.export_onnx(rewrite.load_pretrained(directory), tmp_path / "model.onnx", cache=True)
+    byte_tokenizer().save_pretrained(tmp_path)
+    assert_same_generation(tmp_path / "model.onnx", hf_generate(reference))
+
+
+@SLOW
+def test_cli_exports_mistral_with_its_default_window_and_generates_as_hf_generate(lm_dir, tmp_path):
+    """Mistral's default window (4096 positions) once stopped the capture with torch.export's constraint error."""
+    directory = lm_dir("mistral-default", transformers.MistralConfig(**GQA, initializer_range=0.2))
+    runner, model = CliRunner(), tmp_path / "out" / "model.onnx"
+    for args in (["capture", directory, "--task", "causal-lm", "-o", tmp_path / "base.pt2"],
+                 ["export", tmp_path / "base.pt2", "--onnx", model, "--with-cache"]):
+        result = runner.invoke(cli, list(map(str, args)))
+        assert result.exit_code == 0, result.output
+    reference = transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
+    assert reference.config.sliding_window == 4096
+    assert_same_generation(model, hf_generate(reference))
 
 
 @pytest.mark.parametrize("arch, fold", [("gpt2", True), pytest.param("llama", False, marks=SLOW)])
@@ -184,10 +248,20 @@ def test_cli_streams_the_generated_text(exported):
     assert result.output == expected + "\n"
 
 
+def test_cli_prints_each_continuation_as_for_one_text(exported):
+    """Several texts: each one's continuation on its own line, in order, as one text's (no prompt)."""
+    path = exported("gpt2") / "onnx" / "model.onnx"
+    result = CliRunner().invoke(cli, ["run", str(path), "--generate", "--max-new-tokens", "6",
+                                      "--text", TEXTS[0], "--text", TEXTS[1]])
+    assert result.exit_code == 0, result.output
+    assert result.output == "".join(text + "\n" for text in generate(path, TEXTS, max_new_tokens=6).texts)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--max-new-tokens", "60"], "more than the model's 64"),
     (["--sample", "--top-p", "1.5"], "top_p 1.5 is not allowed"),
     (["--sample", "--temperature", "0"], "temperature 0.0 is not allowed"),
+    (["--text", ""], "text 2 of 2 encodes to no tokens"),
 ])
 def test_bad_generation_input_is_one_sentence_and_exit_2(exported, args, message, monkeypatch, capsys):
     path = exported("gpt2") / "onnx" / "model.onnx"
@@ -196,6 +270,33 @@ def test_bad_generation_input_is_one_sentence_and_exit_2(exported, args, message
         main()
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err.replace("\n", "")
+
+
+def test_a_text_the_tokenizer_finds_no_token_in_is_refused_in_one_sentence(exported, tmp_path):
+    """transformers 5 loads a word-level tokenizer saved beside a Qwen2 config as Qwen2's own tokenizer, which
+    finds none of its words: generation once fed that empty prompt to ONNX Runtime (a Reshape error)."""
+    path = exported("llama") / "onnx" / "model.onnx"
+    words = Tokenizer(models.WordLevel({f"w{i}": i for i in range(300)}, unk_token="w0"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    transformers.Qwen2Config(vocab_size=300, **GQA).save_pretrained(tmp_path)
+    transformers.PreTrainedTokenizerFast(tokenizer_object=words, unk_token="w0").save_pretrained(tmp_path)
+    with pytest.raises(RewriteError, match=r"^text 1 of 1 encodes to no tokens with the model's tokenizer "
+                                           r"\(Qwen2Tokenizer, as transformers loads it\); [^;]*$"):
+        generate(path, ["w17 w4 w99"], max_new_tokens=4, tokenizer_dir=tmp_path)
+
+
+def test_export_verification_runs_what_generation_runs(lm_dir, exported, monkeypatch):
+    """Left padding, batch 1 and 2, and decoding steps on pasts of other lengths than the capture's (4)."""
+    gm = rewrite.load_pretrained(lm_dir("llama"))
+    signature = kv_cache.signature(gm)
+    seen, run = [], runtime.run
+    monkeypatch.setattr(runtime, "run", lambda sess, inputs, *rest: seen.append(inputs) or run(sess, inputs, *rest))
+    diff, tolerance, _ = signature.verify(exported("llama") / "onnx" / "model.onnx", compare)
+    assert diff <= tolerance
+    assert {f["input_ids"].shape[0] for f in seen} == {1, 2}
+    assert any((f["attention_mask"] == 0).any() for f in seen)
+    pasts = {f["past_key_values.0.key"].shape[2] for f in seen}
+    assert 0 in pasts and len(pasts - {0, 4}) >= 2
 
 
 def test_generate_on_a_model_without_cache_or_not_causal_says_so(tiny_bert_dir, tmp_path):

@@ -247,3 +247,19 @@ def test_fold_refuses_non_finite_weights(make_tiny):
     with pytest.raises(rewrite.RewriteError, match="non-finite weights"):
         rewrite.apply(gm, "fold")
     assert torch.isfinite(gm.get_parameter("model.layers.0.self_attn.q_proj.weight")).all()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_pipeline_failing_after_fold_leaves_the_weights_as_they_were(make_tiny, arch):
+    """Fold writes into `W0`; when a later pass fails, the restored branch must sit on the unmerged `W0`."""
+    gm = capture_tiny(make_tiny(arch))
+    rewrite.apply(gm, "lora", rank=4, alpha=8)
+    randomize_lora(gm)
+    inputs = fresh_inputs()
+    before = logits(gm, inputs)
+    with pytest.raises(rewrite.RewriteError, match="match no module"):
+        rewrite.Pipeline(["fold", ("lora", {"targets": ["nothing"]})]).run(gm)
+    assert [n for n, _ in gm.named_parameters() if "lora_" in n]
+    torch.testing.assert_close(logits(gm, inputs), before, atol=0, rtol=0)
+    rewrite.apply(gm, "fold")
+    torch.testing.assert_close(logits(gm, inputs), before, atol=1e-5, rtol=0)

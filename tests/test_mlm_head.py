@@ -93,3 +93,16 @@ def test_bad_inputs_are_one_sentence(headless_dir, tmp_path):
     with pytest.raises(RewriteError, match="safetensors"):
         mlm_head.write_model_dir(fit, tmp_path, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_held_out_errors_name_the_flag_and_small_data_trains_by_default(headless_dir, tmp_path):
+    data = tmp_path / "small.tsv"
+    data.write_text("sentence\n" + "".join(f"{row['text']}\n" for row in sentiment_rows(30, 4)))
+    args = ["mlm-head", headless_dir, "--data", data, "--text-field", "sentence", "--max-steps", "2", "--no-progress"]
+    for held_out, words in (("0", "--held-out 0 leaves no held-out text"), ("30", "--held-out 30 needs more than 30")):
+        done = run_cli(*args, "--held-out", held_out, "-o", tmp_path / f"out-{held_out}")
+        assert done.returncode == 2 and words in done.stderr and "'text'" not in done.stderr, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / f"out-{held_out}").exists()
+    done = run_cli(*args, "-o", tmp_path / "out")
+    assert done.returncode == 0, done.stderr
+    assert "on 3 held-out texts before" in done.stdout  # a tenth of 30 rows, not 1000

@@ -254,6 +254,9 @@ def test_cli_pet_trains_distills_and_exports(headless_dir, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "generation 0 it-was: train accuracy before training" in done.stdout
     assert "final classifier: eval accuracy" in done.stdout
+    results_shown = [line for line in (done.stdout + done.stderr).splitlines() if not line.startswith("wrote")]
+    for result in ("it-was", "ensemble", "classifier"):  # each result once, not also as a log line
+        assert sum(result in line for line in results_shown) == 1, results_shown
     results = json.loads((tmp_path / "results.json").read_text())
     assert [m["pvp"] for m in results["generations"][0]] == ["it-was", "just"]
     assert results["final_steps"] == 3  # a step budget, not epochs of --unlabeled
@@ -271,6 +274,17 @@ def test_cli_pet_zero_shot_and_ipet(tiny_mlm_dir, tmp_path):
     results = json.loads((tmp_path / "zs" / "results.json").read_text())
     assert set(results["zero_shot"]["patterns"]) == {"it-was", "just"}
     assert "zero-shot ensemble: accuracy" in done.stdout
+    assert (done.stdout + done.stderr).count("zero-shot it-was") == 1
+    written = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "zs").iterdir()}
+    again = _rewrite("pet", *common, "--eval", str(DATA / "eval.tsv"), "--output-dir", str(tmp_path / "zs"),
+                     "--zero-shot")
+    assert again.returncode == 2 and len(again.stderr.strip().splitlines()) == 1, again.stderr
+    assert f"output directory {str(tmp_path / 'zs')!r} already holds results.json" in again.stderr
+    assert "--overwrite" in again.stderr and "zero-shot" not in again.stdout  # refused before any work
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "zs").iterdir()} == written
+    again = _rewrite("pet", *common, "--eval", str(DATA / "eval.tsv"), "--output-dir", str(tmp_path / "zs"),
+                     "--zero-shot", "--overwrite")
+    assert again.returncode == 0, again.stderr
     done = _rewrite("pet", *common, "--train", str(DATA / "train.tsv"), "--unlabeled", str(DATA / "unlabeled.tsv"),
                     "--output-dir", str(tmp_path / "ipet"), "--ipet", "--generations", "2", "--epochs", "1",
                     "--final-epochs", "1")

@@ -136,7 +136,7 @@ def test_exported_model_carries_its_template_and_rewrite_run_applies_it(tiny_ber
     rewrite.apply(gm, "fold")
     rewrite.export_onnx(gm, tmp_path / "ptuned.onnx")
     props = {p.key: p.value for p in onnx.load(str(tmp_path / "ptuned.onnx")).metadata_props}
-    assert props["rewrite.template"] == TEMPLATE and json.loads(props["rewrite.placeholder_ids"]) == [2, 3, 4]
+    assert json.loads(props["rewrite.encoding"]) == {"kind": "template", "template": TEMPLATE, "placeholder_ids": [2, 3, 4]}
     texts = ["a good movie", "bad, and far too long for what it has to say"]
     with torch.no_grad():
         expected = gm(**templates.encode_batch(gm, texts)).logits.softmax(-1)

@@ -180,6 +180,7 @@ def test_cli_train_writes_graph_adapter_checkpoints_and_log(tiny_bert_dir, tmp_p
                                      "--output-dir", str(out), "--resume"])
     assert again.exit_code == 0, again.output
     assert "resumed at step 3; trained 0 steps to step 3" in again.output  # honest: this process trained none
+    assert f"resuming from step 3 (checkpoint {out / 'checkpoints' / 'step-00000003'})" in again.output
 
 
 def test_errors_are_one_sentence(tiny_bert_dir, tmp_path):
@@ -197,6 +198,12 @@ def test_errors_are_one_sentence(tiny_bert_dir, tmp_path):
     train(gm, rows, config=TrainConfig(output_dir=tmp_path, max_steps=1, progress=False))
     with pytest.raises(RewriteError, match="already holds a run's checkpoints; continue it with resume"):
         train(gm, rows, config=TrainConfig(output_dir=tmp_path, max_steps=1, progress=False))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_without_a_gpu_is_one_sentence(tiny_bert_dir):
+    with pytest.raises(RewriteError, match="^device 'cuda' is not available on this machine; use cpu$"):
+        train(lora_graph(tiny_bert_dir), sentiment_rows(8, seed=0), config=TrainConfig(device="cuda", progress=False))
 
 
 @pytest.mark.slow

@@ -23,7 +23,7 @@ from typing import Sequence
 import safetensors.torch
 from torch import nn
 
-from rewrite.atomic import atomic_dir_files, check_directory
+from rewrite.atomic import atomic_dir_files
 from rewrite.capture import load_pretrained
 from rewrite.data import Example
 from rewrite.errors import RewriteError
@@ -35,6 +35,7 @@ from rewrite.train import TrainConfig, evaluate, train
 TASK = "masked-lm"
 INDEX = "model.safetensors.index.json"
 HEAD_SHARD = "model-mlm-head.safetensors"
+HELD_OUT = 1000  # texts kept out of training by default
 
 
 @dataclass
@@ -73,11 +74,20 @@ def head_parameters(gm: RewriteGraph) -> list[str]:
     return canonical_names(gm, [node.target for node in reads if isinstance(tensor_at(gm, node.target), nn.Parameter)])
 
 
-def split_held_out(texts: Sequence[Example], size: int, seed: int) -> tuple[list[Example], list[Example]]:
-    """(training, held-out): `size` examples drawn at random are kept out of training."""
+def held_out_size(count: int) -> int:
+    """The default held-out set: 1000 texts, but never more than a tenth of the data (small data still trains)."""
+    return max(1, min(HELD_OUT, count // 10))
+
+
+def split_held_out(texts: Sequence[Example], size: int | None, seed: int) -> tuple[list[Example], list[Example]]:
+    """(training, held-out): `size` examples drawn at random (default `held_out_size`) are kept out of training."""
+    size = held_out_size(len(texts)) if size is None else size
+    if size < 1:
+        raise RewriteError(f"--held-out {size} leaves no held-out text to score the head on; hold out at least 1 "
+                           "text, or give held-out text with --eval")
     if size >= len(texts):
-        raise RewriteError(f"{len(texts)} texts cannot give {size} held-out ones and still leave some to train on; "
-                           "hold out fewer or give more text")
+        raise RewriteError(f"--held-out {size} needs more than {size} texts, and the data holds {len(texts)}; hold out "
+                           "fewer, give more text, or give held-out text with --eval")
     chosen = set(random.Random(seed).sample(range(len(texts)), size))
     return ([e for i, e in enumerate(texts) if i not in chosen], [e for i, e in enumerate(texts) if i in chosen])
 
@@ -116,15 +126,6 @@ def _config(gm: RewriteGraph, model_dir: Path) -> dict:
     config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     config["architectures"] = [info(gm).model_class]
     return config
-
-
-def check_output_dir(output: str | Path, *, overwrite: bool) -> Path:
-    """Refuses, before any work, an output that is a file, or a directory with files in it unless `overwrite`."""
-    output = check_directory(output, "output directory")
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise RewriteError(f"output directory {str(output)!r} already has files in it; pass --overwrite to replace "
-                           "them, or write elsewhere")
-    return output
 
 
 def write_model_dir(fit: HeadFit, model_dir: str | Path, output: str | Path, *, overwrite: bool = False,

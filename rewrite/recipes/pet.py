@@ -258,9 +258,9 @@ def zero_shot(base: RewriteGraph, pvps: Sequence[PVP], eval_set: Sequence[Exampl
     all_logits = zero_shot_logits(base, pvps, eval_set, config)
     per_pattern = {name: accuracy(logits, eval_set) for name, logits in all_logits.items()}
     for name, score in per_pattern.items():
-        log.info("zero-shot %s: accuracy %.4f", name, score)
+        log.debug("zero-shot %s: accuracy %.4f", name, score)
     ensemble = accuracy(merge_logits(list(all_logits.values()), [1.0] * len(pvps), "mean"), eval_set)
-    log.info("zero-shot ensemble of %d PVPs: accuracy %.4f", len(pvps), ensemble)
+    log.debug("zero-shot ensemble of %d PVPs: accuracy %.4f", len(pvps), ensemble)
     return {"patterns": per_pattern, "ensemble": ensemble}
 
 
@@ -337,9 +337,9 @@ def train_ensemble(base: RewriteGraph, pvps: Sequence[PVP], labeled: Sequence[Ex
                 model.eval_logits = predict_logits(model.graph, patterned(pvp, eval_set, tokenizer, max_length),
                                                    config.eval_batch_size)
                 model.eval_accuracy = accuracy(model.eval_logits, eval_set)
-            log.info("generation %d, PVP %s: accuracy on the training set before training %.4f, eval accuracy %s",
-                     generation, pvp.name, model.weight,
-                     "-" if model.eval_accuracy is None else f"{model.eval_accuracy:.4f}")
+            log.debug("generation %d, PVP %s: accuracy on the training set before training %.4f, eval accuracy %s",
+                      generation, pvp.name, model.weight,
+                      "-" if model.eval_accuracy is None else f"{model.eval_accuracy:.4f}")
             models.append(model)
             unlabeled_logits.append(predict_logits(model.graph, patterned(pvp, unlabeled, tokenizer, max_length),
                                                    config.eval_batch_size))
@@ -383,11 +383,11 @@ def run_pet(model_dir: str | Path, pvps: Sequence[PVP], labeled: Sequence[Exampl
     generations, merged = train_ensemble(base, pvps, labeled, unlabeled, config, eval_set)
     ensemble = ensemble_accuracy(generations[-1], eval_set, config) if eval_set is not None else None
     if ensemble is not None:
-        log.info("ensemble of %d PVP models: eval accuracy %.4f", len(pvps), ensemble)
+        log.debug("ensemble of %d PVP models: eval accuracy %.4f", len(pvps), ensemble)
     final, steps = distill(model_dir, unlabeled, merged, pvps[0].label_names, config)
     final_accuracy = accuracy(predict_logits(final, eval_set, config.eval_batch_size), eval_set) if eval_set else None
     if final_accuracy is not None:
-        log.info("distilled classifier: eval accuracy %.4f", final_accuracy)
+        log.debug("distilled classifier: eval accuracy %.4f", final_accuracy)
     return PetResult(generations, ensemble, final, final_accuracy, steps)
 
 

@@ -1,0 +1,98 @@
+"""Outputs are written as other tools write them: modes follow the umask, and a write the file system
+refuses (a read-only directory, a full disk) is one sentence naming the output, never a temporary."""
+from __future__ import annotations
+
+import errno
+import io
+import os
+import sys
+import tempfile
+import zipfile
+
+import pytest
+import torch
+
+import rewrite
+from rewrite import checkpoint
+from rewrite.atomic import TMP_PREFIX
+from rewrite.cli.main import main
+from rewrite.errors import RewriteError
+
+
+@pytest.fixture(scope="module")
+def graph(tiny_bert_dir):
+    gm = rewrite.load_pretrained(tiny_bert_dir)
+    torch.manual_seed(0)
+    rewrite.apply(gm, "lora", rank=2, alpha=4, roles=["q"])
+    return gm
+
+
+@pytest.fixture
+def umask():
+    """Lets a test set the process umask, and restores it."""
+    previous = os.umask(0o022)
+    yield os.umask
+    os.umask(previous)
+
+
+def _mode(path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027])
+def test_outputs_follow_the_umask(graph, tmp_path, umask, mask):
+    umask(mask)
+    rewrite.save(graph, tmp_path / "g.pt2")
+    rewrite.save_adapter(graph, tmp_path / "adapter")
+    step = checkpoint.write(tmp_path / "checkpoints", 1, {"w": torch.zeros(2)}, {"world_size": 1}, keep=1)
+    assert _mode(tmp_path / "g.pt2") == 0o666 & ~mask
+    assert _mode(tmp_path / "adapter" / "adapter_model.safetensors") == 0o666 & ~mask
+    assert _mode(step) == 0o777 & ~mask
+    assert _mode(step / checkpoint.WEIGHTS_NAME) == 0o666 & ~mask
+
+
+def _leftovers(directory) -> list[str]:
+    return [p.name for p in directory.iterdir() if p.name.startswith(TMP_PREFIX)]
+
+
+def test_full_disk_names_the_output(graph, tmp_path, monkeypatch):
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(zipfile.ZipFile, "writestr", full)
+    target = tmp_path / "g.pt2"
+    with pytest.raises(RewriteError) as error:
+        rewrite.save(graph, target)
+    assert str(error.value) == (f"output {str(target)!r} could not be written (no space left on device); free some "
+                                "space or write elsewhere")
+    assert not target.exists() and not _leftovers(tmp_path)
+
+
+def test_read_only_directory_names_the_output_not_the_temporary(tiny_bert_dir, tmp_path, monkeypatch, capsys):
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    mkstemp = tempfile.mkstemp
+
+    def refused(*args, dir=None, **kwargs):  # what a directory without write permission does (we run as root)
+        if dir is not None and os.path.samefile(dir, read_only):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.path.join(dir, TMP_PREFIX + "1-x"))
+        return mkstemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", refused)
+    monkeypatch.setattr(sys, "argv", ["rewrite", "capture", str(tiny_bert_dir), "-o", str(read_only / "g.pt2")])
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    with pytest.raises(SystemExit) as exit:
+        main()
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and "Traceback" not in err and err.strip().splitlines()[-1:] == [
+        f"error: output {str(read_only / 'g.pt2')!r} could not be written (permission denied); write to a directory "
+        "you may write to"], err
+    assert TMP_PREFIX not in err and not list(read_only.iterdir())
+
+
+def test_unwritable_directory_is_refused_before_any_work(tmp_path, monkeypatch):
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if str(path) == str(tmp_path) else access(path, mode))
+    with pytest.raises(RewriteError, match=rf"output directory '{tmp_path}/out' cannot be written: '{tmp_path}' is "
+                                           "not writable"):
+        rewrite.atomic.check_output_dir(tmp_path / "out", overwrite=False)
