@@ -16,11 +16,11 @@ from rewrite import kv_cache, runtime
 from rewrite.errors import RewriteError
 from rewrite.atomic import atomic_dir_files
 from rewrite.synthetic_inputs import DEFAULT_INPUT_NAMES, example_inputs
-from rewrite.ir import info, tensor_at
+from rewrite.ir import info
 from rewrite.params import non_finite
 from rewrite.pipeline import applied
 from rewrite.quiet import quiet
-from rewrite.capture import config_shapes
+from rewrite.weight_shapes import check_weight_shapes
 from rewrite.adapter_slots import DEFAULT_MAX_RANK
 from rewrite.onnx_adapters import SlotExport
 from rewrite.signature import (LABELS_KEY, POSITIONS_KEY, PREPENDED_KEY, TASK_KEY, UNTRAINED_KEY, Signature,
@@ -94,55 +94,6 @@ def _verify(gm: fx.GraphModule, model_path: Path, input_names: list[str], output
         diff, tolerance = compare(name, *real_positions(reference, torch.from_numpy(got[name]), inputs))
         worst = max(worst, diff)
     return worst, tolerance, sess.get_providers()[0]
-
-
-def _shape(value) -> str:
-    return str(tuple(value.shape)) if isinstance(value, torch.Tensor) else repr(value)
-
-
-def _weights_near(node: fx.Node) -> list[fx.Node]:
-    """The weights an op reads: directly, else those its inputs' ops read (a wrong weight and bias pass a
-    linear and fail at the residual add after it)."""
-    direct = [n for n in node.all_input_nodes if n.op == "get_attr"]
-    return direct or [w for n in node.all_input_nodes for w in n.all_input_nodes if w.op == "get_attr"]
-
-
-class _WeightCheck(fx.Interpreter):
-    """Runs the graph node by node: an op that cannot use a weight's shape is named, with the weight and
-    the shape the model's config gives it (archives store no shapes; the graph's ops are what need them)."""
-
-    def __init__(self, gm: fx.GraphModule):
-        super().__init__(gm)
-        self.extra_traceback = False  # the message names the node; fx would append the graph's source
-
-    def run_node(self, node: fx.Node):
-        try:
-            return super().run_node(node)
-        except (RuntimeError, IndexError) as error:
-            weights = _weights_near(node)
-            if not weights:
-                raise
-            raise RewriteError(self._mismatch(node, weights)) from error
-
-    def _mismatch(self, node: fx.Node, weights: list[fx.Node]) -> str:
-        graph_info = info(self.module)
-        expected = config_shapes(graph_info.config, graph_info.task)
-        for weight in weights:
-            shape = tuple(tensor_at(self.module, weight.target).shape)
-            if weight.target in expected and expected[weight.target] != shape:
-                return (f"weight {weight.target} has shape {shape} but the model's config gives it "
-                        f"{expected[weight.target]}; the weights do not match the graph (re-create the archive)")
-        others = [_shape(self.env[n]) for n in node.all_input_nodes if n not in weights]
-        read = ", ".join(f"{w.target} {_shape(tensor_at(self.module, w.target))}" for w in weights)
-        return (f"the graph's {node.target} at node {node.name} cannot use weight {read} with inputs of shape "
-                f"{', '.join(others) or 'none'}; the weights do not match the graph (re-create the archive)")
-
-
-def _check_weight_shapes(gm: fx.GraphModule) -> None:
-    """A tensor of another shape than the graph expects is refused before the exporter meets it."""
-    names = [n.target for n in gm.graph.find_nodes(op="placeholder")]
-    with torch.no_grad():
-        _WeightCheck(gm).run(*example_inputs(names, vocab_size(gm)).values())
 
 
 def _plain_signature(gm: fx.GraphModule, slot_options: dict | None) -> Signature:
@@ -234,7 +185,7 @@ def export_onnx(gm: fx.GraphModule, path: str | Path, *, verify: bool = True, op
     was_training = gm.training
     gm.eval()
     try:
-        _check_weight_shapes(gm)
+        check_weight_shapes(gm)
         slot_options = dict(mixed=mixed_adapters, max_rank=max_rank) if adapter_slots or mixed_adapters else None
         signature = (kv_cache.signature if cache else _plain_signature)(gm, slot_options)
         program = torch.onnx.export(

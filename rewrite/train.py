@@ -74,6 +74,7 @@ from rewrite.atomic import check_directory
 from rewrite.ir import info, require_tokenizer, wrap
 from rewrite.losses import accuracy_counts, item_count, loss_sum, task_loss  # noqa: F401  (task_loss: to mix with)
 from rewrite.head_loss import Head, head_of
+from rewrite.weight_shapes import check_weight_shapes
 from rewrite.params import apply_trainable
 
 log = logging.getLogger(__name__)
@@ -543,6 +544,7 @@ def train(
     ctx = distributed.setup(config.device)
     try:
         _check_world(config, ctx)
+        check_weight_shapes(gm)
         torch.manual_seed(config.seed + ctx.rank)
         objective = _objective(gm, config, task, loss_fn, ctx.device)
         train_set = _load_data(gm, train_data, config, task)

@@ -270,6 +270,8 @@ TRAIN_CASES = [
 # Capture, export, run, generate and adapter files.
 LM = ("lm", "onnx", "model.onnx")
 EXPORT_CASES = [
+    ("train-wrong-weight-shape", lambda w, o: ["train", w["wrong-shape"], "--data", w["train"], "--output-dir",
+                                               o / "r"], "has shape (33, 32) but the model's config gives it (32, 32)"),
     ("export-wrong-weight-shape", lambda w, o: ["export", w["wrong-shape"], "--onnx", o / "m.onnx"],
      "weight bert.encoder.layer.0.attention.self.query.weight has shape (33, 32) but the model's config gives it "
      "(32, 32)"),
