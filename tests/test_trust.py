@@ -206,8 +206,9 @@ def _fuzzed_records(draw_names):
 
 def test_fuzzed_graph_records_run_no_code(gpt2_archive, tmp_path):
     """Random records over node kinds, targets (admitted, gadget and code strings) and arguments, in front of a
-    real graph: each archive is refused, or loads and runs or fails; no marker file ever appears."""
-    from hypothesis import HealthCheck, given, settings
+    real graph: each archive is refused, or loads and runs or fails; no marker file ever appears. Two explicit
+    examples make sure both a refusal and a run that fails are among them, whatever Hypothesis draws."""
+    from hypothesis import HealthCheck, example, given, settings
 
     marker = tmp_path / "marker"
     clean = gpt2_archive
@@ -216,6 +217,8 @@ def test_fuzzed_graph_records_run_no_code(gpt2_archive, tmp_path):
 
     @settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
     @given(_fuzzed_records(["g1", "g2", "input_ids", "transformer_wte_weight", "nowhere"]))
+    @example([_record("g1", {"$fn": "operator.getitem"}, {"$node": "transformer_wte_weight"}, "__globals__")])
+    @example([_record("g1", {"$fn": "operator.attrgetter"}, "__class__.__repr__.__globals__")])
     def check(records):
         path = tmp_path / "fuzzed.pt2"
         shutil.copy(clean, path)
