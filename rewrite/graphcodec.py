@@ -66,12 +66,17 @@ def _admitted_op(op: torch._ops.OpOverload) -> bool:
     return namespace in OP_NAMESPACES and name not in _REFUSED_OPS
 
 
+def _tagged(data: Any, refusal: str) -> tuple[str, Any]:
+    """The one `{tag: body}` pair of a tagged record; anything else is refused with `refusal`."""
+    if not isinstance(data, dict) or len(data) != 1:
+        raise UnsafeGraphError(refusal)
+    return next(iter(data.items()))
+
+
 def decode_target(data: Any) -> Any:
     if isinstance(data, str):
         return data
-    if not isinstance(data, dict) or len(data) != 1:
-        raise UnsafeGraphError(f"operator record {data!r} is neither a name, an $op nor an $fn")
-    (tag, name), = data.items()
+    tag, name = _tagged(data, f"operator record {data!r} is neither a name, an $op nor an $fn")
     if tag == "$fn":
         if not isinstance(name, str) or name not in PYTHON_FUNCTIONS:
             raise UnsafeGraphError(f"function {name!r} is not on the allow-list ({', '.join(PYTHON_FUNCTIONS)})")
@@ -120,9 +125,7 @@ def decode_value(data: Any, nodes: dict[str, fx.Node]) -> Any:
         return data
     if isinstance(data, list):
         return [decode_value(v, nodes) for v in data]
-    if not isinstance(data, dict) or len(data) != 1:
-        raise UnsafeGraphError(f"value {data!r} is not a tagged value")
-    (tag, body), = data.items()
+    tag, body = _tagged(data, f"value {data!r} is not a tagged value")
     if tag == "$node":
         if not isinstance(body, str) or body not in nodes:
             raise UnsafeGraphError(f"node reference {body!r} names no earlier node")
