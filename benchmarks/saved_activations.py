@@ -2,7 +2,7 @@
 
     python benchmarks/saved_activations.py     # LLaMA-shaped 105M causal LM, batch 1 x 512, LoRA r=8 on q,v
 
-Counted by `rewrite.speed.saved_bytes` (`torch.autograd.graph.saved_tensors_hooks`): distinct
+Counted by `rewrite.training.speed.saved_bytes` (`torch.autograd.graph.saved_tensors_hooks`): distinct
 storages, parameters left out, loss included. Load-independent, and per token, so it scales with the
 batch. Ours is listed with no speed pass, with the default ones before the lean-activation passes,
 then adding those one at a time.
@@ -27,16 +27,16 @@ def peft(directory: Path, inputs: dict) -> float:
 
     model = get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(directory), LoraConfig(
         task_type="CAUSAL_LM", r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])).train()
-    from rewrite.speed import saved_bytes
+    from rewrite.training.speed import saved_bytes
 
     return saved_bytes(lambda: model(**inputs, labels=inputs["input_ids"]).loss, model) / 2 ** 20
 
 
 def ours(directory: Path, inputs: dict, names: list[str]) -> float:
     import rewrite
-    from rewrite import speed
-    from rewrite.head_loss import head_of
-    from rewrite.losses import loss_sum
+    from rewrite.training import speed
+    from rewrite.training.head_loss import head_of
+    from rewrite.training.losses import loss_sum
 
     gm = rewrite.load_pretrained(directory, task="causal-lm")
     rewrite.apply(gm, "lora", roles=["q", "v"], **bench.LORA)
@@ -48,7 +48,7 @@ def ours(directory: Path, inputs: dict, names: list[str]) -> float:
 
 
 def main() -> None:
-    from rewrite.speed import speed_passes
+    from rewrite.training.speed import speed_passes
 
     with tempfile.TemporaryDirectory() as workdir:
         directory = bench.model_dir("llama-100m", Path(workdir))

@@ -1,4 +1,4 @@
-"""Training throughput and peak memory: `rewrite.train` vs PEFT + Hugging Face eager, same model, batch and length.
+"""Training throughput and peak memory: `rewrite.training.train` vs PEFT + Hugging Face eager, same model, batch and length.
 
     python benchmarks/train_throughput.py          # MiniLM seq-cls 32x128, LLaMA-shaped 100M causal LM 4x512; eager, compiled
     python benchmarks/train_throughput.py --models minilm --modes eager --steps 10
@@ -10,7 +10,7 @@
 Each (model, implementation, mode) runs in its own process, so compilation caches and memory peaks
 do not leak between them; with `--repeats N` the two implementations alternate N times and the
 medians are reported, so a machine shared with other work slows both alike. A step is forward, loss, backward, gradient clipping, AdamW and the LR
-schedule; ours is `rewrite.train` itself (data collation included), PEFT's is the equivalent loop
+schedule; ours is `rewrite.training.train` itself (data collation included), PEFT's is the equivalent loop
 over pre-tokenized tensors. Throughput is the median of the steps after the warm-up ones; peak memory
 is the process's peak RSS during those steps above its RSS before training (CPU; on CUDA, the peak of
 allocated memory), with bf16 autocast on CUDA (and with `--bf16` on CPU) for both.
@@ -113,7 +113,7 @@ def rows(count: int, seq: int) -> list[dict]:
 def speed_passes(implementation: str) -> list[str] | None:
     """`rewrite`: the default speed passes; `rewrite=none`: none; `rewrite=a+b`: those; `rewrite=-a`: the
     default ones but a."""
-    from rewrite.speed import speed_passes as defaults
+    from rewrite.training.speed import speed_passes as defaults
 
     _, _, names = implementation.partition("=")
     if names.startswith("-"):
@@ -126,7 +126,7 @@ def run_rewrite(directory: Path, spec: dict, mode: str, steps: int, warmup: int,
     import torch
 
     import rewrite
-    from rewrite.train import TrainConfig
+    from rewrite.training.train import TrainConfig
 
     gm = rewrite.load_pretrained(directory, task=spec["task"], num_labels=2 if spec["task"] == "seq-cls" else None)
     rewrite.apply(gm, "lora", roles=["q", "v"], **LORA)
@@ -219,7 +219,7 @@ def implementations(args, mode: str) -> list[str]:
     """Ours with the default speed passes and PEFT; with --ablate (eager) ours without any, and without
     each in turn (what each buys on top of the others: some only act after another, such as
     grouped_attention after dense_attention); with --progress ours with the progress display on."""
-    from rewrite.speed import speed_passes
+    from rewrite.training.speed import speed_passes
 
     names = ["rewrite", "peft"]
     if args.ablate and mode == "eager":

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 import rewrite
-from rewrite.params import mark_trainable
+from rewrite.graph.params import mark_trainable
 
 LABELS = {"negative": ["terrible", "bad"], "positive": ["great", "good"]}
 MMAP_THRESHOLD = "131072"

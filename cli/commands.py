@@ -5,11 +5,11 @@ import click
 from rich.markup import escape
 
 import rewrite
-from rewrite.adapter_slots import DEFAULT_MAX_RANK
+from rewrite.adapters.slots import DEFAULT_MAX_RANK
 from rewrite.errors import RewriteError
 from rewrite.atomic import check_output
-from rewrite.params import trainable_parameters_line
-from rewrite.pipeline import Pipeline, available, create, pass_class
+from rewrite.graph.params import trainable_parameters_line
+from rewrite.graph.pipeline import Pipeline, available, create, pass_class
 
 from rewrite.cli.common import (console, out, output_option, overwrite_option, read_graph, refuse_idle_options,
                                 seed_all, seed_option, task_option, write_graph)
@@ -164,8 +164,8 @@ def run(model: str, texts: tuple[str, ...], tokenizer_dir: str | None, top_k: in
         max_new_tokens: int, sample: bool, temperature: float, top_p: float, seed: int | None) -> None:
     """Tokenize text, run an exported model in ONNX Runtime and print the top predictions (or, with
     --generate, the generated text, streamed)."""
-    from rewrite.onnx_adapters import Adapters
-    from rewrite.predict import predict
+    from rewrite.export.onnx_adapters import Adapters
+    from rewrite.serve.predict import predict
 
     if not generating:
         refuse_idle_options({"sample": "--generate", "max_new_tokens": "--generate"})
@@ -175,7 +175,7 @@ def run(model: str, texts: tuple[str, ...], tokenizer_dir: str | None, top_k: in
     adapters = Adapters.parse(adapter_file, adapter_files, adapter_index, len(texts))
     if generating:
         from rewrite.cli.generate import print_generation
-        from rewrite.generate import Sampling
+        from rewrite.serve.generate import Sampling
 
         print_generation(model, list(texts), tokenizer_dir, max_new_tokens,
                          Sampling(sample, temperature, top_k or 0, top_p, seed), adapters)

@@ -8,7 +8,7 @@ import torch
 from click.core import ParameterSource
 
 import rewrite
-from rewrite.capture import CAPTURE_TASKS
+from rewrite.graph.capture import CAPTURE_TASKS
 from rewrite.errors import RewriteError
 from rewrite.atomic import check_output
 from rewrite.cli.console import console, out  # noqa: F401  (what commands print with)

@@ -7,9 +7,9 @@ import click
 
 from rewrite.atomic import check_output_dir
 from rewrite.cli.common import columns_option, console, out
-from rewrite.data import Fields, read_examples
+from rewrite.training.data import Fields, read_examples
 from rewrite.recipes import mlm_head
-from rewrite.train import check_config
+from rewrite.training.train import check_config
 
 
 @click.command(name="mlm-head")

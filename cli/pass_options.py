@@ -15,8 +15,8 @@ import click
 
 import rewrite.passes  # noqa: F401  (registers the built-in passes, whose options become flags)
 from rewrite.errors import RewriteError
-from rewrite.options import choices
-from rewrite.pipeline import available, pass_class
+from rewrite.graph.options import choices
+from rewrite.graph.pipeline import available, pass_class
 
 
 def _kinds(annotation) -> set:

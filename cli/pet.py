@@ -8,15 +8,15 @@ from pathlib import Path
 import click
 
 from rewrite.cli.common import columns_option, console, out
-from rewrite.data import CLASSIFICATION, Fields
+from rewrite.training.data import CLASSIFICATION, Fields
 from rewrite.errors import RewriteError
-from rewrite.export import export_onnx
+from rewrite.export.onnx import export_onnx
 from rewrite.atomic import atomic_path, check_output_dir
-from rewrite.labels import AGGREGATIONS
-from rewrite.pipeline import apply
-from rewrite import labels
+from rewrite.text.labels import AGGREGATIONS
+from rewrite.graph.pipeline import apply
+from rewrite.text import labels
 from rewrite.recipes import pet
-from rewrite.train import check_config
+from rewrite.training.train import check_config
 
 
 def _write_results(output_dir: Path, results: dict) -> Path:

@@ -1,4 +1,4 @@
-"""`rewrite train` and `rewrite demo`: thin wrappers over `rewrite.train` and `rewrite.recipes.demo`."""
+"""`rewrite train` and `rewrite demo`: thin wrappers over `rewrite.training.train` and `rewrite.recipes.demo`."""
 from __future__ import annotations
 
 import os
@@ -7,11 +7,11 @@ from pathlib import Path
 import click
 
 import rewrite
-from rewrite.checkpoint import completed
+from rewrite.training.checkpoint import completed
 from rewrite.cli.common import columns_option, console, out, read_graph
 from rewrite.cli.main import on_interrupt
-from rewrite.data import Fields
-from rewrite.train import SCHEDULES, TRAINING_TASKS, TrainConfig
+from rewrite.training.data import Fields
+from rewrite.training.train import SCHEDULES, TRAINING_TASKS, TrainConfig
 
 
 @click.command()

@@ -37,9 +37,9 @@ import torch
 
 import rewrite
 import sst2
-from rewrite import labels
+from rewrite.text import labels
 from rewrite.recipes import pet
-from rewrite.data import Fields
+from rewrite.training.data import Fields
 
 FIELDS = Fields(text="sentence")
 METHODS = {

@@ -30,10 +30,10 @@ import torch
 
 import rewrite
 import sst2
-from rewrite.data import Fields
-from rewrite.params import forget_trainable, mark_trainable
+from rewrite.training.data import Fields
+from rewrite.graph.params import forget_trainable, mark_trainable
 from rewrite.recipes.mlm_head import head_parameters
-from rewrite.train import TrainConfig, evaluate, train
+from rewrite.training.train import TrainConfig, evaluate, train
 
 FIELDS = Fields(text="sentence")
 TEMPLATE = "[P] [P] [P] {text} [P] [P] [P] [MASK] ."

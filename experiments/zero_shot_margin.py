@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 
 import sst2
-from rewrite.data import Fields
-from rewrite import labels
+from rewrite.training.data import Fields
+from rewrite.text import labels
 from rewrite.recipes import pet
 
 

@@ -3,7 +3,7 @@ registers its pass by name: a new pass needs only its own file."""
 import importlib
 import pkgutil
 
-from rewrite.pipeline import available, create, option_names
+from rewrite.graph.pipeline import available, create, option_names
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")

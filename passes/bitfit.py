@@ -16,12 +16,12 @@ import torch
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
-from rewrite.adapter import PREFIX, adapter_base, peft_task_type
+from rewrite.adapters.peft_files import PREFIX, adapter_base, peft_task_type
 from rewrite.errors import RewriteError
-from rewrite.graph import GraphQuery, matches_module
-from rewrite.ir import info
-from rewrite.params import apply_trainable, forget_trainable, mark_trainable, trainable_heads
-from rewrite.pipeline import AdapterFiles, Folded, Pass, Pipeline, option, register
+from rewrite.graph.query import GraphQuery, matches_module
+from rewrite.graph.ir import info
+from rewrite.graph.params import apply_trainable, forget_trainable, mark_trainable, trainable_heads
+from rewrite.graph.pipeline import AdapterFiles, Folded, Pass, Pipeline, option, register
 
 
 @register

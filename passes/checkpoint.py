@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
-from rewrite.graph import layer_index, module_path
-from rewrite.outline import outline
-from rewrite.pipeline import Pass, register
+from rewrite.graph.query import layer_index, module_path
+from rewrite.graph.outline import outline
+from rewrite.graph.pipeline import Pass, register
 
 
 def _layer(node: fx.Node) -> int | None:

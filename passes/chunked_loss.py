@@ -1,12 +1,12 @@
 """Chunked loss: a language model's graph stops at the hidden states; the loss applies the head.
 
 The graph's `logits` output becomes the hidden states the output head reads, and the head (weight,
-bias, layout) is recorded in the graph's metadata, so `rewrite.train` computes head and
-cross-entropy together on the labelled positions only, chunk by chunk (`rewrite.losses`): the
+bias, layout) is recorded in the graph's metadata, so `rewrite.training.train` computes head and
+cross-entropy together on the labelled positions only, chunk by chunk (`rewrite.training.losses`): the
 `[batch, seq, vocab]` logits never exist. The loss and every gradient are those of the plain loss.
 
-A training-graph pass: the rewritten graph's `logits` output holds hidden states. `rewrite.train`
-applies it to its own training copy of the graph (`rewrite.speed`); the user's graph, its
+A training-graph pass: the rewritten graph's `logits` output holds hidden states. `rewrite.training.train`
+applies it to its own training copy of the graph (`rewrite.training.speed`); the user's graph, its
 evaluation, fold and export keep the logits.
 """
 from __future__ import annotations
@@ -18,10 +18,10 @@ import torch
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
-from rewrite.graph import GraphQuery
-from rewrite.ir import info
-from rewrite.head_loss import HEAD_KEY
-from rewrite.pipeline import Pass, register
+from rewrite.graph.query import GraphQuery
+from rewrite.graph.ir import info
+from rewrite.training.head_loss import HEAD_KEY
+from rewrite.graph.pipeline import Pass, register
 
 log = logging.getLogger(__name__)
 LM_TASKS = ("causal-lm", "masked-lm")

@@ -8,7 +8,7 @@ the two a mask is, is not guessed from names: the pass runs the mask's own subgr
 inputs of two shapes and compares; a mask that is neither (sliding windows, custom masks) stays.
 
 The rewritten graph ignores `attention_mask`, so it is exact only for batches without padding;
-`rewrite.train` (`rewrite.speed`) sends padded batches to the general graph.
+`rewrite.training.train` (`rewrite.training.speed`) sends padded batches to the general graph.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import torch
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
-from rewrite.pipeline import Pass, register
+from rewrite.graph.pipeline import Pass, register
 
 aten = torch.ops.aten
 _SDPA = aten.scaled_dot_product_attention.default

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
-from rewrite.pipeline import Pass, applied, register
+from rewrite.graph.pipeline import Pass, applied, register
 
 log = logging.getLogger(__name__)
 

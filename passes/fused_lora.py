@@ -15,19 +15,18 @@ import torch
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
-from rewrite.ir import tag
-from rewrite.pipeline import Pass, register
-from rewrite.nodes import NodeBuilder
+from rewrite.adapters.branches import is_down, mark_down
+from rewrite.graph.pipeline import Pass, register
+from rewrite.graph.nodes import NodeBuilder
 
 aten = torch.ops.aten
 
 
 def _a_projections(gm: fx.GraphModule) -> dict[fx.Node, list[fx.Node]]:
-    """LoRA A matmuls (`linear(x, A)`) by the node they read, in graph order."""
+    """Low-rank down projections (`linear(x, A)`) by the node they read, in graph order."""
     groups: dict[fx.Node, list[fx.Node]] = {}
     for node in gm.graph.find_nodes(op="call_function", target=aten.linear.default):
-        weight = node.args[1]
-        if tag(node).get("pass") == "lora" and weight.op == "get_attr" and weight.target.endswith(".lora_A.weight"):
+        if is_down(node) and node.args[1].op == "get_attr":
             groups.setdefault(node.args[0], []).append(node)
     return groups
 
@@ -37,6 +36,7 @@ def _fuse(gm: fx.GraphModule, projections: list[fx.Node]) -> None:
     weights = [p.args[1] for p in projections]
     fused = build(aten.cat.default, [build.attr(w.target) for w in weights], 0)
     h = build(aten.linear.default, projections[0].args[0], fused)
+    mark_down(h)
     start = 0
     for projection in projections:
         rank = gm.get_parameter(projection.args[1].target).shape[0]

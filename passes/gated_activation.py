@@ -15,8 +15,8 @@ import torch
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
-from rewrite.ir import copy_meta
-from rewrite.pipeline import Pass, register
+from rewrite.graph.ir import copy_meta
+from rewrite.graph.pipeline import Pass, register
 
 aten = torch.ops.aten
 _ACTIVATIONS = {aten.silu.default: "silu", aten.gelu.default: "gelu", aten.relu.default: "relu"}

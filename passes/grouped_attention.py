@@ -18,7 +18,7 @@ import torch
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
-from rewrite.pipeline import Pass, register
+from rewrite.graph.pipeline import Pass, register
 
 aten = torch.ops.aten
 _SDPA = aten.scaled_dot_product_attention.default

@@ -2,9 +2,9 @@
 
 BERT-style sequence classifiers pool `hidden[:, 0]` (`[CLS]`); everything after the last block's
 attention, and the last block's query and attention for that one row, only matters for that row.
-This pass moves the read up through those nodes (`rewrite.row_gather`), so the last block runs on one row
-per example, with the same outputs in eval mode. `rewrite.train` applies it to its training graph
-by default (`rewrite.speed`), unless the run asks for Hugging Face's dropout masks bit for bit.
+This pass moves the read up through those nodes (`rewrite.adapters.row_gather`), so the last block runs on one row
+per example, with the same outputs in eval mode. `rewrite.training.train` applies it to its training graph
+by default (`rewrite.training.speed`), unless the run asks for Hugging Face's dropout masks bit for bit.
 
 It is a pass, not part of capture, because in train mode the moved dropouts draw fewer random
 numbers, so a seeded run no longer reproduces Hugging Face's dropout masks bit for bit (the
@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
-from rewrite.pipeline import Pass, register
-from rewrite.row_gather import select_rows
+from rewrite.graph.pipeline import Pass, register
+from rewrite.adapters.row_gather import select_rows
 
 log = logging.getLogger(__name__)
 

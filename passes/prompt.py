@@ -25,16 +25,16 @@ from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassResult
 from torch.utils import _pytree as pytree
 
-from rewrite.adapter import PROMPT_KEY, adapter_base, peft_task_type, saved_modules
-from rewrite.adapter_slots import Slot, tensor_slot
-from rewrite.data import IGNORE_INDEX
+from rewrite.adapters.peft_files import PROMPT_KEY, adapter_base, peft_task_type, saved_modules
+from rewrite.adapters.slots import Slot, tensor_slot
+from rewrite.training.data import IGNORE_INDEX
 from rewrite.errors import RewriteError
-from rewrite.graph import embedding_output, placeholders, word_embedding
-from rewrite.ir import add_submodule, info, require_tokenizer, tensor_at
-from rewrite.nodes import NodeBuilder
-from rewrite.params import mark_trainable, trainable_heads
-from rewrite.pipeline import AdapterFiles, Pass, Pipeline, option, register
-from rewrite.prompt_table import (
+from rewrite.graph.query import embedding_output, placeholders, word_embedding
+from rewrite.graph.ir import add_submodule, info, require_tokenizer, tensor_at
+from rewrite.graph.nodes import NodeBuilder
+from rewrite.graph.params import mark_trainable, trainable_heads
+from rewrite.graph.pipeline import AdapterFiles, Pass, Pipeline, option, register
+from rewrite.adapters.prompt_table import (
     ENCODER, TABLE, TOKENS, check_no_prompt, check_not_seq2seq, initial_table, register_tokens, sampled_rows,
 )
 

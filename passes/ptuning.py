@@ -1,7 +1,7 @@
 """P-tuning: continuous prompt vectors at a template's placeholder positions; the sequence length stays.
 
 Placeholders are token ids in the input: tokens the user names (BERT's `[unused1]`..., the seed's
-variant) or reserved ids the pass adds after the vocabulary. `rewrite.templates` turns
+variant) or reserved ids the pass adds after the vocabulary. `rewrite.text.templates` turns
 `"[P] [P] [P] {text} [P] [MASK] ."` into such ids. The word-embedding lookup is routed: at a
 placeholder the model reads row `slot` of the prompt table, elsewhere its own embedding.
 
@@ -27,17 +27,17 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassResult
 
-from rewrite.adapter_slots import Slot, tensor_slot
-from rewrite.capture import capture
-from rewrite.encoding import TEMPLATE, encoding_metadata
+from rewrite.adapters.slots import Slot, tensor_slot
+from rewrite.graph.capture import capture
+from rewrite.serve.encoding import TEMPLATE, encoding_metadata
 from rewrite.errors import RewriteError
-from rewrite.graph import GraphQuery, embedding_output, word_embedding
-from rewrite.ir import InputTemplate, add_submodule, copy_meta, info, remove_submodule, require_tokenizer, tag, tensor_at
-from rewrite.nodes import NodeBuilder
-from rewrite.params import forget_trainable, mark_trainable, non_finite, trainable_heads
-from rewrite.pipeline import AdapterFiles, Folded, Pass, option, register
-from rewrite.prompt_table import ENCODER, TABLE, TOKENS, check_no_prompt, initial_table, register_tokens, sampled_rows
-from rewrite.templates import Template
+from rewrite.graph.query import GraphQuery, embedding_output, word_embedding
+from rewrite.graph.ir import InputTemplate, add_submodule, copy_meta, info, remove_submodule, require_tokenizer, tag, tensor_at
+from rewrite.graph.nodes import NodeBuilder
+from rewrite.graph.params import forget_trainable, mark_trainable, non_finite, trainable_heads
+from rewrite.graph.pipeline import AdapterFiles, Folded, Pass, option, register
+from rewrite.adapters.prompt_table import ENCODER, TABLE, TOKENS, check_no_prompt, initial_table, register_tokens, sampled_rows
+from rewrite.text.templates import Template
 
 aten = torch.ops.aten
 

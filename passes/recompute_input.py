@@ -6,7 +6,7 @@ activation's (BERT's `output.dense` reads a GELU), the norm or activation has al
 input, so autograd keeps two tensors where one would do. This pass outlines the cheap nodes that
 make the branch input from that one tensor (an RMSNorm's pow/mean/rsqrt/mul chain, a `layer_norm`,
 a GELU; views and casts) together with the A projections that read it into a checkpointed sub-graph
-(`rewrite.outline`): only the one tensor is kept, and the cheap nodes and the rank-r projections
+(`rewrite.graph.outline`): only the one tensor is kept, and the cheap nodes and the rank-r projections
 run again in the backward, with the same kernels, so the numbers are the plain graph's. The frozen
 projections that read the same tensor save nothing of it (their weights need no gradient), so they
 read the sub-graph's output as before.
@@ -19,8 +19,9 @@ import torch
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
-from rewrite.outline import outline
-from rewrite.pipeline import Pass, register
+from rewrite.adapters.branches import is_down
+from rewrite.graph.outline import outline
+from rewrite.graph.pipeline import Pass, register
 
 aten = torch.ops.aten
 _ASSERT = aten._assert_tensor_metadata.default
@@ -31,20 +32,11 @@ _CHEAP = _SAVING | {aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.to.d
                     aten.view.default, aten.reshape.default, aten._unsafe_view.default, _ASSERT}
 
 
-def _is_lora_a(weight) -> bool:
-    """A LoRA A weight, or the concatenation of several (`fused_lora`)."""
-    if not isinstance(weight, fx.Node):
-        return False
-    if weight.op == "get_attr":
-        return weight.target.endswith(".lora_A.weight")
-    return weight.target is aten.cat.default and all(_is_lora_a(w) for w in weight.args[0])
-
-
 def _a_projections(graph: fx.Graph) -> dict[fx.Node, list[fx.Node]]:
-    """LoRA A projections by the tensor they read."""
+    """Low-rank down projections (LoRA's A, or several fused by `fused_lora`) by the tensor they read."""
     found: dict[fx.Node, list[fx.Node]] = {}
     for node in graph.find_nodes(op="call_function", target=aten.linear.default):
-        if _is_lora_a(node.args[1]):
+        if is_down(node):
             found.setdefault(node.args[0], []).append(node)
     return found
 

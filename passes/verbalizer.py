@@ -13,7 +13,7 @@ at the mask and averaging each label's words:
   labels (a word listed under two labels counts twice, as there), `log(p + 1e-15)`, then the mean
   over each label's words.
 
-The gather then moves up as far as the arithmetic allows (`rewrite.row_gather`): every node before the
+The gather then moves up as far as the arithmetic allows (`rewrite.adapters.row_gather`): every node before the
 head that only the mask row needs (in a transformer, the last block's query projection, attention for
 the one query row, output projection, residuals, norms, feed-forward, and their LoRA branches) is
 recomputed on the gathered rows and its full-length version is dropped; the last block's keys and
@@ -44,18 +44,18 @@ from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassResult
 from transformers.utils import ModelOutput
 
-from rewrite.capture import saved_tensor_names
-from rewrite.encoding import PATTERN, encoding_metadata
+from rewrite.graph.capture import saved_tensor_names
+from rewrite.serve.encoding import PATTERN, encoding_metadata
 from rewrite.errors import RewriteError
-from rewrite.graph import MlmHead, find_mlm_head
-from rewrite.ir import add_submodule, info, require_tokenizer, tensor_at
-from rewrite.labels import Aggregation, averaging_matrix, label_word_ids, read_label_words
-from rewrite.nodes import NodeBuilder, set_output
-from rewrite.params import canonical_names, mark_trainable
-from rewrite.pipeline import Pass, option, register
-from rewrite.row_gather import rows_at
-from rewrite.templates import uses_template
-from rewrite.transaction import overwrite
+from rewrite.graph.query import MlmHead, find_mlm_head
+from rewrite.graph.ir import add_submodule, info, require_tokenizer, tensor_at
+from rewrite.text.labels import Aggregation, averaging_matrix, label_word_ids, read_label_words
+from rewrite.graph.nodes import NodeBuilder, set_output
+from rewrite.graph.params import canonical_names, mark_trainable
+from rewrite.graph.pipeline import Pass, option, register
+from rewrite.adapters.row_gather import rows_at
+from rewrite.text.templates import uses_template
+from rewrite.graph.transaction import overwrite
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -158,7 +158,7 @@ def _mask_index(build: NodeBuilder, head: MlmHead, mask_id: int, length: fx.Node
 def _rows_at_mask(build: NodeBuilder, gm: fx.GraphModule, head: MlmHead, mask_id: int,
                   move: bool) -> tuple[fx.Node, list[fx.Node]]:
     """The hidden state at each row's mask, [batch, hidden], and the full-length nodes it replaces
-    (`rewrite.row_gather`: with `move`, the nodes before the head that only the mask row needs run on it alone)."""
+    (`rewrite.adapters.row_gather`: with `move`, the nodes before the head that only the mask row needs run on it alone)."""
     def index_for(hidden: fx.Node, axis: int) -> fx.Node:
         return _mask_index(build, head, mask_id, build(aten.sym_size.int, hidden, axis))
 

@@ -3,13 +3,12 @@
 capture -> passes (LoRA, prompts, verbalizer, ...) -> train -> fold -> ONNX, on `torch.fx` graphs
 captured by `torch.export`. The layers, each importing only from the ones below it:
 
-1. engine (`rewrite/`): the IR and its typed info (`ir`), capture (`capture`, `synthetic_inputs`),
-   graph queries (`graph`), graph building (`nodes`, `row_gather`, `prompt_table`, `modes`, `low_rank`: merging low-rank branches), the
-   pass protocol, registry and pipeline (`pipeline`, `options`), training (`train`, its `losses`,
-   `data`, `batches`, `checkpoint`, `distributed`, `params`), adapter files (`adapter`), archives
-   (`archive`, `atomic`), export and serving (`export`, `runtime`, `predict`, `encoding`), templates, label words
-   and PVP files (`templates`, `labels`). It never names a pass: it asks the passes in a graph's
-   history through the `Pass` hooks.
+1. engine (`rewrite/`), by what it serves: `graph/` (the IR, capture, graph queries, node building, the
+   pass protocol and pipeline, archives), `adapters/` (the layer adapter methods build on: target
+   selection, branch sites, slot kinds, merges, PEFT files), `training/` (loop, data, losses, checkpoints,
+   devices, the speed pipeline), `export/` (ONNX, the KV cache, adapter slots), `serve/` (encoding,
+   prediction, generation), `text/` (templates, label words), and the shared `errors`, `atomic`, `quiet`.
+   It never names a pass: it asks the passes in a graph's history through the `Pass` hooks.
 2. passes (`rewrite.passes`, the `passes/` folder): one file per rewrite; each imports only the engine.
 3. recipes (`rewrite.recipes`): applications on top (PET, the demo).
 4. the command line (`rewrite.cli`, the `cli/` folder), and this module, which gathers the public API.
@@ -20,48 +19,37 @@ load torch; `rewrite.apply(...)` and friends behave as if imported eagerly.
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 
 _API = {
     "RewriteError": "rewrite.errors",
-    "capture": "rewrite.capture",
-    "load_pretrained": "rewrite.capture",
-    "load": "rewrite.archive",
-    "save": "rewrite.archive",
-    "Pass": "rewrite.pipeline",
-    "Pipeline": "rewrite.pipeline",
-    "apply": "rewrite.pipeline",
-    "register": "rewrite.pipeline",
-    "print_trainable_parameters": "rewrite.params",
-    "GraphInfo": "rewrite.ir",
-    "RewriteGraph": "rewrite.ir",
-    "load_adapter": "rewrite.adapter",
-    "save_adapter": "rewrite.adapter",
-    "export_onnx": "rewrite.export",
-    "generate": "rewrite.generate",
+    "capture": "rewrite.graph.capture",
+    "load_pretrained": "rewrite.graph.capture",
+    "load": "rewrite.graph.archive",
+    "save": "rewrite.graph.archive",
+    "Pass": "rewrite.graph.pipeline",
+    "Pipeline": "rewrite.graph.pipeline",
+    "apply": "rewrite.graph.pipeline",
+    "register": "rewrite.graph.pipeline",
+    "print_trainable_parameters": "rewrite.graph.params",
+    "GraphInfo": "rewrite.graph.ir",
+    "RewriteGraph": "rewrite.graph.ir",
+    "load_adapter": "rewrite.adapters.peft_files",
+    "save_adapter": "rewrite.adapters.peft_files",
+    "merge_adapters": "rewrite.adapters.merge",
+    "export_onnx": "rewrite.export.onnx",
+    "generate": "rewrite.serve.generate",
     "verbose": "rewrite.quiet",
-    "TrainConfig": "rewrite.train",
-    "TrainResult": "rewrite.train",
-    "evaluate": "rewrite.train",
-    "train": "rewrite.train",
-    "PVP": "rewrite.labels",
+    "TrainConfig": "rewrite.training.train",
+    "TrainResult": "rewrite.training.train",
+    "evaluate": "rewrite.training.train",
+    "train": "rewrite.training.train",
+    "PVP": "rewrite.text.labels",
     "PetConfig": "rewrite.recipes.pet",
-    "load_pvps": "rewrite.labels",
+    "load_pvps": "rewrite.text.labels",
     "run_pet": "rewrite.recipes.pet",
     "zero_shot": "rewrite.recipes.pet",
 }
 __all__ = sorted(_API)
-
-
-class _Package(types.ModuleType):
-    """`rewrite.capture` and `rewrite.train` are functions, although submodules of the same names exist:
-    loading such a submodule must not replace the function on the package."""
-
-    def __setattr__(self, name: str, value) -> None:
-        if name in _API and isinstance(value, types.ModuleType) and value.__name__ == f"{__name__}.{name}":
-            return
-        super().__setattr__(name, value)
 
 
 def __getattr__(name: str):
@@ -81,5 +69,3 @@ def __getattr__(name: str):
 def __dir__() -> list[str]:
     return sorted({*globals(), *_API})
 
-
-sys.modules[__name__].__class__ = _Package

@@ -8,7 +8,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 import rewrite
-from rewrite.synthetic_inputs import example_inputs
+from rewrite.graph.synthetic_inputs import example_inputs
 
 INPUTS = ["input_ids", "attention_mask"]
 TASK_TYPES = {"causal-lm": "CAUSAL_LM", "seq-cls": "SEQ_CLS"}

@@ -15,11 +15,12 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 import rewrite
-from rewrite import adapter_slots, runtime
-from rewrite.export import real_positions
-from rewrite.synthetic_inputs import example_inputs
-from rewrite.onnx_adapters import Adapters, SlotLayout, export_adapter, stacked_feeds
-from rewrite.prompt_table import TABLE
+from rewrite.adapters import slots as adapter_slots
+from rewrite.serve import runtime
+from rewrite.export.onnx import real_positions
+from rewrite.graph.synthetic_inputs import example_inputs
+from rewrite.export.onnx_adapters import Adapters, SlotLayout, export_adapter, stacked_feeds
+from rewrite.adapters.prompt_table import TABLE
 
 from helpers import TASK_TYPES, capture_tiny, fresh_inputs, randomize_lora
 
@@ -272,7 +273,7 @@ def test_a_graph_without_unfolded_adapter_parameters_has_no_slots_to_expose(make
     assert list(tmp_path.iterdir()) == []
 
 def test_ptuning_encoder_output_rides_a_slot(tiny_bert_dir, tmp_path):
-    from rewrite.templates import graph_template
+    from rewrite.text.templates import graph_template
 
     gm = rewrite.load_pretrained(tiny_bert_dir)
     rewrite.apply(gm, "ptuning", template="[P] [P] {text}", placeholders=["[unused1]", "[unused2]"], encoder="mlp")
@@ -335,7 +336,7 @@ def test_mixed_prompt_tables_rows_equal_their_own_exports(tmp_path):
 
 
 def test_mixed_ptuning_tables_rows_equal_their_own_exports(tiny_bert_dir, tmp_path):
-    from rewrite.templates import graph_template
+    from rewrite.text.templates import graph_template
 
     gm = rewrite.load_pretrained(tiny_bert_dir)
     rewrite.apply(gm, "ptuning", template="[P] [P] {text}", placeholders=["[unused1]", "[unused2]"], encoder="mlp")

@@ -37,7 +37,7 @@ def _layer(module: str) -> str:
 
 
 def _imports(module: str) -> set[str]:
-    """The project modules `module` imports (`from rewrite import data` imports `rewrite.data`)."""
+    """The project modules `module` imports (`from rewrite import data` imports `rewrite.training.data`)."""
     found = set()
     for node in ast.walk(ast.parse(MODULES[module].read_text())):
         if isinstance(node, ast.Import):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import rewrite
-from rewrite import checkpoint
+from rewrite.training import checkpoint
 from rewrite.atomic import TMP_PREFIX
 from rewrite.cli.main import main
 from rewrite.errors import RewriteError

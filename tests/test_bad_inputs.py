@@ -18,9 +18,9 @@ import transformers
 from filelock import FileLock
 
 import rewrite
-from rewrite.checkpoint import LOCK_NAME
+from rewrite.training.checkpoint import LOCK_NAME
 from rewrite.cli.main import main
-from rewrite.train import TrainConfig
+from rewrite.training.train import TrainConfig
 
 from helpers import sentiment_rows
 
@@ -326,7 +326,26 @@ PET_CASES = [
                                             "-o", o / "m"], "--held-out 16 needs more than 16 texts"),
 ]
 
-CLI_CASES += TRAIN_CASES + EXPORT_CASES + PET_CASES
+# Adapter merging (`rewrite adapter merge`); the shared adapter is a sequence classifier's, so it holds its head.
+MERGE_CASES = [
+    ("adapter-merge-modules-to-save", lambda w, o: ["adapter", "merge", w["adapter"], w["adapter"], "--weights",
+                                                    "0.5,0.5", "-o", o / "m"],
+     "sets modules_to_save (['classifier']), which a merge cannot take"),
+    ("adapter-merge-one-adapter", lambda w, o: ["adapter", "merge", w["adapter"], "--weights", "1", "-o", o / "m"],
+     "a merge takes at least two adapters, not 1"),
+    ("adapter-merge-weights-count", lambda w, o: ["adapter", "merge", w["adapter"], w["adapter"], "--weights",
+                                                  "0.2,0.3,0.5", "-o", o / "m"], "3 weights for 2 adapters"),
+    ("adapter-merge-unknown-method", lambda w, o: ["adapter", "merge", w["adapter"], w["adapter"], "--weights", "1,1",
+                                                   "--method", "mean", "-o", o / "m"], "merge method 'mean' is not known"),
+    ("adapter-merge-ties-no-density", lambda w, o: ["adapter", "merge", w["adapter"], w["adapter"], "--weights", "1,1",
+                                                    "--method", "ties", "-o", o / "m"], "needs a density in (0, 1]"),
+    ("adapter-merge-output-has-files", lambda w, o: ["adapter", "merge", w["adapter"], w["adapter"], "--weights", "1,1",
+                                                     "-o", w["run"]], "already holds adapter"),
+    ("adapter-merge-not-an-adapter", lambda w, o: ["adapter", "merge", w["adapter"], w["model"], "--weights", "1,1",
+                                                   "-o", o / "m"], "has no adapter_config.json"),
+]
+
+CLI_CASES += TRAIN_CASES + EXPORT_CASES + PET_CASES + MERGE_CASES
 
 
 @pytest.mark.parametrize("make, words", [c[1:] for c in CLI_CASES], ids=[c[0] for c in CLI_CASES])
@@ -400,7 +419,7 @@ def test_api_bad_input_is_one_sentence_and_changes_nothing(w, call, words):
 
 
 def test_data_files_with_bom_long_fields_and_named_columns(tmp_path):
-    from rewrite.data import Fields, read_examples
+    from rewrite.training.data import Fields, read_examples
 
     long_text = "x" * 200_000
     bom = tmp_path / "bom.tsv"

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 import rewrite
 from rewrite.cli.main import cli
 from rewrite.errors import RewriteError
-from rewrite.train import TrainConfig
+from rewrite.training.train import TrainConfig
 
 from helpers import fresh_inputs, logits, sentiment_rows
 

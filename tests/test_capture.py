@@ -6,7 +6,7 @@ import torch
 import transformers
 
 import rewrite
-from rewrite.synthetic_inputs import example_inputs
+from rewrite.graph.synthetic_inputs import example_inputs
 
 from helpers import capture_tiny, fresh_inputs, logits
 

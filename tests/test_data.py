@@ -9,8 +9,8 @@ import pytest
 import torch
 import transformers
 
-from rewrite import data
-from rewrite.data import Fields, collate, encode, epoch_order, read_examples, shard
+from rewrite.training import data
+from rewrite.training.data import Fields, collate, encode, epoch_order, read_examples, shard
 from rewrite.errors import RewriteError
 
 NAMES = ["negative", "positive"]
@@ -102,7 +102,7 @@ def test_language_modeling_needs_text_only():
 
 def test_truncation_is_counted_and_logged(tokenizer, caplog):
     examples = read_examples([{"text": "word " * 50}, {"text": "short"}], task="causal-lm")
-    with caplog.at_level(logging.WARNING, logger="rewrite.data"):
+    with caplog.at_level(logging.WARNING, logger="rewrite.training.data"):
         encoded = encode(examples, tokenizer, max_length=16)
     assert encoded.truncated == 1
     assert [len(f["input_ids"]) for f in encoded.features] == [16, 3]

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import rewrite
-from rewrite import runtime
-from rewrite.export import real_positions
+from rewrite.serve import runtime
+from rewrite.export.onnx import real_positions
 
 from helpers import capture_tiny, fresh_inputs, logits, randomize_lora
 
@@ -54,7 +54,7 @@ def test_export_writes_tokenizer_and_task_beside_the_model(tiny_bert_dir, tmp_pa
 
 def test_verification_failure_is_loud_and_leaves_no_file(make_tiny, tmp_path, monkeypatch):
     gm = capture_tiny(make_tiny("llama"))
-    monkeypatch.setattr("rewrite.export.TOLERANCE", 0.0)
+    monkeypatch.setattr("rewrite.export.onnx.TOLERANCE", 0.0)
     real_run = runtime.run
     monkeypatch.setattr(runtime, "run", lambda sess, inputs: {k: v + 1e-3 for k, v in real_run(sess, inputs).items()})
     with pytest.raises(rewrite.RewriteError, match="ONNX verification failed for output 'logits'"):
@@ -63,7 +63,7 @@ def test_verification_failure_is_loud_and_leaves_no_file(make_tiny, tmp_path, mo
 
 
 def test_large_models_use_external_data(make_tiny, tmp_path, monkeypatch):
-    monkeypatch.setattr("rewrite.export.PROTOBUF_LIMIT", 0)
+    monkeypatch.setattr("rewrite.export.onnx.PROTOBUF_LIMIT", 0)
     gm = capture_tiny(make_tiny("llama"))
     report = rewrite.export_onnx(gm, tmp_path / "model.onnx")
     assert report.max_abs_diff <= report.tolerance

@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 
 import rewrite
-from rewrite import dropout, speed
-from rewrite.head_loss import head_of
-from rewrite.losses import loss_sum
-from rewrite.synthetic_inputs import example_inputs
+from rewrite.training import dropout, speed
+from rewrite.training.head_loss import head_of
+from rewrite.training.losses import loss_sum
+from rewrite.graph.synthetic_inputs import example_inputs
 
 from helpers import fresh_inputs, randomize_lora
 from test_speed import MODELS, ROLES, _adapted, _labels

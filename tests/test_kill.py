@@ -14,7 +14,7 @@ import onnx
 import pytest
 
 import rewrite
-from rewrite.checkpoint import completed
+from rewrite.training.checkpoint import completed
 
 from helpers import run_cli, sentiment_rows
 

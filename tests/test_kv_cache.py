@@ -10,12 +10,13 @@ from peft import PromptTuningConfig, get_peft_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 import rewrite
-from rewrite import kv_cache, runtime
+from rewrite.export import kv_cache
+from rewrite.serve import runtime
 from rewrite.cli.main import cli, main
 from rewrite.errors import RewriteError
-from rewrite.export import compare
-from rewrite.generate import Sampling, generate
-from rewrite.templates import encode_batch
+from rewrite.export.onnx import compare
+from rewrite.serve.generate import Sampling, generate
+from rewrite.text.templates import encode_batch
 
 from conftest import tiny_config
 from helpers import peft_twin, randomize_lora

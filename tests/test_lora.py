@@ -7,8 +7,8 @@ from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPP
 from torch.fx.passes.infra.pass_manager import PassManager
 
 import rewrite
-from rewrite.graph import GraphQuery
-from rewrite.params import count_parameters
+from rewrite.graph.query import GraphQuery
+from rewrite.graph.params import count_parameters
 from rewrite.passes import lora
 
 from helpers import capture_tiny, fresh_inputs, logits, peft_twin, randomize_lora
@@ -96,7 +96,7 @@ def test_roles_are_read_from_the_graph_not_names():
     for i in range(2):
         assert roles[f"blocks.{i}.a"] == {"q"} and roles[f"blocks.{i}.b"] == {"k"}
         assert roles[f"blocks.{i}.c"] == {"v"} and roles[f"blocks.{i}.d"] == {"o"}
-        assert roles[f"blocks.{i}.e"] == roles[f"blocks.{i}.f"] == {"mlp"}
+        assert roles[f"blocks.{i}.e"] == {"mlp"} and roles[f"blocks.{i}.f"] == {"mlp", "down"}  # f reads e
     assert "head" not in roles
     rewrite.apply(gm, "lora", rank=2, alpha=4)
     assert gm.info["history"][-1]["report"]["targets"] == ["blocks.0.a", "blocks.0.c", "blocks.1.a", "blocks.1.c"]

@@ -19,9 +19,9 @@ from torch.nn import functional as F
 
 import rewrite
 from rewrite.errors import RewriteError
-from rewrite.graph import word_embedding
-from rewrite.synthetic_inputs import example_inputs
-from rewrite.params import count_parameters
+from rewrite.graph.query import word_embedding
+from rewrite.graph.synthetic_inputs import example_inputs
+from rewrite.graph.params import count_parameters
 from rewrite.passes.prompt import TABLE
 
 from matrix import ARCHS, VOCAB, cell_id, cells, render

@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModel
 
 import rewrite
-from rewrite.params import trainable_parameters_line
+from rewrite.graph.params import trainable_parameters_line
 
 from helpers import peft_twin, randomize_lora
 

@@ -16,12 +16,12 @@ import torch.nn.functional as F
 import transformers
 
 import rewrite
-from rewrite import runtime
-from rewrite import labels
+from rewrite.serve import runtime
+from rewrite.text import labels
 from rewrite.recipes import pet
-from rewrite.data import Example, Fields
+from rewrite.training.data import Example, Fields
 from rewrite.errors import RewriteError
-from rewrite.ir import info
+from rewrite.graph.ir import info
 
 DATA = Path(__file__).parent / "data" / "pet"
 FIELDS = Fields(text="sentence")
@@ -225,7 +225,7 @@ def test_export_choice_takes_the_best_pvp_model_only_when_it_beats_distillation(
 
 
 def test_exported_pvp_model_serves_raw_text_through_its_pattern(headless_dir, pvps, tmp_path):
-    from rewrite.predict import predict
+    from rewrite.serve.predict import predict
 
     labeled = pet.read_data(DATA / "train.tsv", pvps, FIELDS, labeled=True)
     best = pet.train_pattern_model(pet.capture_masked_lm(headless_dir), pvps[1], labeled, _quick(), seed=1)

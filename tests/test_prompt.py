@@ -15,10 +15,10 @@ from peft import PromptTuningConfig, get_peft_model
 
 import rewrite
 from rewrite.errors import RewriteError
-from rewrite.synthetic_inputs import example_inputs
-from rewrite.graph import model_input
-from rewrite.prompt_table import TABLE
-from rewrite.train import TrainConfig, evaluate, prepended_positions, task_loss, train
+from rewrite.graph.synthetic_inputs import example_inputs
+from rewrite.graph.query import model_input
+from rewrite.adapters.prompt_table import TABLE
+from rewrite.training.train import TrainConfig, evaluate, prepended_positions, task_loss, train
 
 BERT_INPUTS = ["input_ids", "attention_mask", "token_type_ids"]
 LLAMA_INPUTS = ["input_ids", "attention_mask"]
@@ -154,7 +154,7 @@ def test_vocab_init_samples_rows_of_the_word_embeddings(make_tiny):
 
 
 def test_onnx_keeps_the_base_inputs_and_matches_torch(make_tiny, tmp_path):
-    from rewrite import runtime
+    from rewrite.serve import runtime
 
     for arch, task, names in (("llama", "causal-lm", LLAMA_INPUTS), ("bert", "seq-cls", BERT_INPUTS)):
         gm = capture(make_tiny(arch, task), names)
@@ -169,7 +169,7 @@ def test_onnx_keeps_the_base_inputs_and_matches_torch(make_tiny, tmp_path):
 
 
 def test_rewrite_run_reads_a_prompt_tuned_masked_lm_at_the_users_mask(tiny_mlm_dir, tmp_path):
-    from rewrite.predict import predict
+    from rewrite.serve.predict import predict
 
     gm = rewrite.load_pretrained(tiny_mlm_dir, task="masked-lm")
     rewrite.apply(gm, "prompt", num_virtual_tokens=3)

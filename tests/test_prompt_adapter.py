@@ -12,8 +12,8 @@ from peft import PeftModel, PromptEncoderConfig, PromptTuningConfig, get_peft_mo
 
 import rewrite
 from rewrite.errors import RewriteError
-from rewrite.synthetic_inputs import example_inputs
-from rewrite.prompt_table import TABLE
+from rewrite.graph.synthetic_inputs import example_inputs
+from rewrite.adapters.prompt_table import TABLE
 
 BERT_INPUTS = ["input_ids", "attention_mask", "token_type_ids"]
 LLAMA_INPUTS = ["input_ids", "attention_mask"]

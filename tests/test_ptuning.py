@@ -16,12 +16,14 @@ from click.testing import CliRunner
 from torch import nn
 
 import rewrite
-from rewrite import data, runtime, templates
+from rewrite.training import data
+from rewrite.serve import runtime
+from rewrite.text import templates
 from rewrite.cli.main import cli
 from rewrite.errors import RewriteError
-from rewrite.synthetic_inputs import example_inputs
-from rewrite.prompt_table import TABLE
-from rewrite.train import TrainConfig, evaluate, train
+from rewrite.graph.synthetic_inputs import example_inputs
+from rewrite.adapters.prompt_table import TABLE
+from rewrite.training.train import TrainConfig, evaluate, train
 
 from helpers import randomize_lora
 
@@ -128,7 +130,7 @@ def test_fold_leaves_the_encoders_output_as_a_table_and_onnx_has_no_lstm(make_ti
 
 
 def test_exported_model_carries_its_template_and_rewrite_run_applies_it(tiny_bert_dir, tmp_path):
-    from rewrite.predict import predict
+    from rewrite.serve.predict import predict
 
     gm = rewrite.load_pretrained(tiny_bert_dir, task="seq-cls")
     torch.manual_seed(0)

@@ -16,9 +16,9 @@ import safetensors.torch
 import torch
 
 import rewrite
-from rewrite.checkpoint import LOCK_NAME, completed
+from rewrite.training.checkpoint import LOCK_NAME, completed
 from rewrite.errors import RewriteError
-from rewrite.train import TrainConfig
+from rewrite.training.train import TrainConfig
 
 from helpers import lora_graph, sentiment_rows
 
@@ -115,7 +115,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(no_dropout_dir
         result = rewrite.train(gm, rows, config=replace(config, resume=True))
 
     assert result.resumed_from == 3 and result.steps == 4
-    assert [r.getMessage() for r in caplog.records if r.name == "rewrite.checkpoint"] == [
+    assert [r.getMessage() for r in caplog.records if r.name == "rewrite.training.checkpoint"] == [
         f"checkpoint {str(newest)!r} is unreadable ({part}); removed it and resuming from step 3 (checkpoint {before})"]
     got = safetensors.torch.load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     for key in uninterrupted:

@@ -1,5 +1,5 @@
 """Training-speed passes: every one gives the unoptimized graph's loss and LoRA gradients (1e-5), in
-train and eval mode, on several architectures; `rewrite.train` with them trains the same weights."""
+train and eval mode, on several architectures; `rewrite.training.train` with them trains the same weights."""
 from __future__ import annotations
 
 import pytest
@@ -7,12 +7,13 @@ import torch
 import torch.nn.functional as F
 
 import rewrite
-from rewrite import head_loss, passes, speed  # noqa: F401  (passes: registers what pass_class reads)
-from rewrite.synthetic_inputs import example_inputs
-from rewrite.head_loss import head_loss_sum, head_of
-from rewrite.losses import loss_sum
-from rewrite.pipeline import pass_class
-from rewrite.train import TrainConfig, train
+from rewrite import passes  # noqa: F401  (passes: registers what pass_class reads)
+from rewrite.training import head_loss, speed
+from rewrite.graph.synthetic_inputs import example_inputs
+from rewrite.training.head_loss import head_loss_sum, head_of
+from rewrite.training.losses import loss_sum
+from rewrite.graph.pipeline import pass_class
+from rewrite.training.train import TrainConfig, train
 
 from conftest import TASK_CLASSES, tiny_config, tiny_model
 from helpers import capture_tiny, fresh_inputs, lora_graph, randomize_lora, sentiment_rows
@@ -122,7 +123,7 @@ def test_graphs_send_padded_batches_to_the_general_graph():
 
 
 def test_head_loss_equals_the_plain_loss_with_gradients_of_weight_and_bias(monkeypatch):
-    monkeypatch.setattr("rewrite.head_loss.CHUNK_ELEMENTS", 7 * 50)  # several chunks, the last one short
+    monkeypatch.setattr("rewrite.training.head_loss.CHUNK_ELEMENTS", 7 * 50)  # several chunks, the last one short
     generator = torch.Generator().manual_seed(0)
     hidden = torch.randn(23, 16, generator=generator, requires_grad=True)
     weight = torch.randn(50, 16, generator=generator, requires_grad=True)

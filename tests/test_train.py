@@ -11,10 +11,10 @@ import transformers
 from click.testing import CliRunner
 
 import rewrite
-from rewrite.adapter import PREFIX
+from rewrite.adapters.peft_files import PREFIX
 from rewrite.cli.main import cli
 from rewrite.errors import RewriteError
-from rewrite.train import TrainConfig, evaluate, task_loss, train
+from rewrite.training.train import TrainConfig, evaluate, task_loss, train
 
 from helpers import capture_tiny, first_moments, fresh_inputs, lora_graph, peft_twin, randomize_lora, sentiment_rows
 

@@ -12,7 +12,7 @@ import pytest
 import rewrite
 
 from helpers import capture_tiny, fresh_inputs, run_cli
-from rewrite.graphcodec import PYTHON_FUNCTIONS
+from rewrite.graph.codec import PYTHON_FUNCTIONS
 
 
 class _Payload:

@@ -12,9 +12,9 @@ import torch
 import transformers
 
 import rewrite
-from rewrite import runtime
+from rewrite.serve import runtime
 from rewrite.errors import RewriteError
-from rewrite.ir import tensor_at
+from rewrite.graph.ir import tensor_at
 
 from helpers import randomize_lora
 
@@ -79,7 +79,7 @@ def test_the_last_block_runs_on_the_mask_rows_except_keys_and_values(tiny_mlm_di
     the bare encoder without any head."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from rewrite.graph import module_path
+    from rewrite.graph.query import module_path
 
     encoder = transformers.BertModel.from_pretrained(tiny_mlm_dir, add_pooling_layer=False).eval()
     gm = rewrite.load_pretrained(tiny_mlm_dir, task="masked-lm")
@@ -175,7 +175,7 @@ def test_composes_with_prompt_tuning_in_either_order(tiny_mlm_dir, order):
 
 
 def test_a_tied_tensor_marked_under_any_of_its_names_trains_once(tiny_mlm_dir):
-    from rewrite.params import mark_trainable
+    from rewrite.graph.params import mark_trainable
 
     gm = rewrite.load_pretrained(tiny_mlm_dir, task="masked-lm")
     assert gm.get_parameter("cls.predictions.decoder.weight") is gm.get_parameter("bert.embeddings.word_embeddings.weight")

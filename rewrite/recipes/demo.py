@@ -18,15 +18,17 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from rewrite import data, runtime
-from rewrite.capture import load_pretrained
-from rewrite.data import Fields
+from rewrite.training import data
+
+from rewrite.serve import runtime
+from rewrite.graph.capture import load_pretrained
+from rewrite.training.data import Fields
 from rewrite.errors import RewriteError
-from rewrite.export import export_onnx
-from rewrite.ir import RewriteGraph
-from rewrite.params import trainable_parameters_line
-from rewrite.pipeline import apply
-from rewrite.train import TrainConfig, train
+from rewrite.export.onnx import export_onnx
+from rewrite.graph.ir import RewriteGraph
+from rewrite.graph.params import trainable_parameters_line
+from rewrite.graph.pipeline import apply
+from rewrite.training.train import TrainConfig, train
 
 DATA_DIR = Path(__file__).parent.parent / "data"
 TRAIN_FILE = DATA_DIR / "sst2_train_2000.tsv"

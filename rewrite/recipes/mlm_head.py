@@ -4,7 +4,7 @@ Checkpoints saved from a bare encoder (sentence-embedding models such as MiniLM)
 transformers builds one at random and every cloze (PET's patterns, P-tuning's `[MASK]`) reads noise.
 This recipe trains only the head's own weights: the token-wise transform between the encoder and the
 vocabulary projection (BERT: dense, GELU, LayerNorm), found in the graph, and the projection's bias; a
-decoder tied to the word embeddings stays tied. Training is `rewrite.train`'s masked-LM task (BERT's
+decoder tied to the word embeddings stays tied. Training is `rewrite.training.train`'s masked-LM task (BERT's
 15% masking), so the head is fitted exactly as the encoder was pre-trained to be read.
 
 The output directory is the checkpoint's own files with the head's tensors added to its safetensors
@@ -24,13 +24,13 @@ import safetensors.torch
 from torch import nn
 
 from rewrite.atomic import atomic_dir_files
-from rewrite.capture import load_pretrained
-from rewrite.data import Example
+from rewrite.graph.capture import load_pretrained
+from rewrite.training.data import Example
 from rewrite.errors import RewriteError
-from rewrite.graph import find_mlm_head
-from rewrite.ir import RewriteGraph, info, tensor_at
-from rewrite.params import canonical_names, mark_trainable
-from rewrite.train import TrainConfig, evaluate, train
+from rewrite.graph.query import find_mlm_head
+from rewrite.graph.ir import RewriteGraph, info, tensor_at
+from rewrite.graph.params import canonical_names, mark_trainable
+from rewrite.training.train import TrainConfig, evaluate, train
 
 TASK = "masked-lm"
 INDEX = "model.safetensors.index.json"

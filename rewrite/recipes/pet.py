@@ -28,7 +28,7 @@ set growing by `scale_factor` per generation, balanced like the labeled set and 
 probability proportional to the labeling confidence.
 
 Inputs are rendered as text ("the movie ... It was [MASK] ."), so training goes through
-`rewrite.train` and serving through the exported model unchanged. Truncation shortens only the
+`rewrite.training.train` and serving through the exported model unchanged. Truncation shortens only the
 text slots (PET's rule: one token at a time from the longer slot), never the pattern or the mask.
 """
 from __future__ import annotations
@@ -46,17 +46,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rewrite import data
-from rewrite.batches import eval_mode, graph_inputs, input_names, predict_batches, to_device
-from rewrite.capture import load_pretrained
-from rewrite.data import CLASSIFICATION, IGNORE_INDEX, Example, Fields
+from rewrite.training import data
+from rewrite.training.batches import eval_mode, graph_inputs, input_names, predict_batches, to_device
+from rewrite.graph.capture import load_pretrained
+from rewrite.training.data import CLASSIFICATION, IGNORE_INDEX, Example, Fields
 from rewrite.errors import RewriteError
-from rewrite.ir import RewriteGraph, info
-from rewrite.labels import PVP, Aggregation, check_label_words
-from rewrite.nodes import drop_outputs
-from rewrite.options import check_choices
-from rewrite.pipeline import apply
-from rewrite.train import TrainConfig, train
+from rewrite.graph.ir import RewriteGraph, info
+from rewrite.text.labels import PVP, Aggregation, check_label_words
+from rewrite.graph.nodes import drop_outputs
+from rewrite.graph.options import check_choices
+from rewrite.graph.pipeline import apply
+from rewrite.training.train import TrainConfig, train
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,290 @@
+"""Adapter slots: a graph's adapter tensors as named inputs, so one base model serves many adapters.
+
+A slot is a tensor an adapter replaces. Each pass names its own (`Pass.adapter_slots`: LoRA its A
+`[rank, in]` and B `[out, rank]`, B carrying the branch's scale; prompt tuning and P-tuning the prompt
+table) and makes a copy of the graph read them directly (`Pass.prepare_slots`); every other trained
+tensor (a seq-cls head PEFT saves in full) is a slot too. Slot names are the tensors' names in the graph
+(PEFT's module paths), so an adapter file matches by construction. LoRA slots default to rank 0 (no
+adapter); the others default to the graph's current values.
+
+`slotted` reads every slot from a new input; `mixed` makes every slot per-row instead: the input holds N
+stacked adapters `[N, ...]` (ranks zero-padded to the largest, see `stack`) and an `adapter_index` input
+picks one per row, so one call serves rows of different adapters. Both are plain graph rewrites: the
+results run in PyTorch and export to ONNX.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import fx
+from torch.fx.passes.shape_prop import ShapeProp
+from torch.utils import _pytree as pytree
+
+from rewrite.errors import RewriteError
+from rewrite.graph.synthetic_inputs import example_inputs
+from rewrite.graph.ir import info, tensor_at
+from rewrite.graph.pipeline import applied
+
+aten = torch.ops.aten
+INDEX = "adapter_index"
+DEFAULT_MAX_RANK = 64
+RANK = None  # a slot shape's dynamic rank axis
+
+
+EMPTY = ("zeros", "ones", "current")
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One named adapter tensor, as the method that owns it declares it: its shape (None marks the rank axis),
+    dtype, its value when no adapter fills it (`empty`: zeros, at rank 0 on a rank axis; ones, for a
+    multiplier; or the graph's current value, e.g. a head's), the scale the graph applies to it, which the
+    slot's value carries instead, and its group: the slots one adapter fills together (a branch's A and B),
+    whose ranks agree."""
+
+    name: str
+    shape: tuple[int | None, ...]
+    dtype: str
+    empty: str = "current"
+    scale: float = 1.0
+    group: str | None = None
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Slot":
+        """A slot from model metadata; models exported before slots declared `empty` and `group` name a `kind`."""
+        data = {**data, "shape": tuple(data["shape"])}
+        kind = data.pop("kind", None)
+        if kind in ("lora_A", "lora_B"):
+            data.update(empty="zeros", group=data["name"].rsplit(".", 2)[0])
+        return cls(**data)
+
+    def fits(self, shape: tuple[int, ...], max_rank: int) -> str | None:
+        """Why a tensor of `shape` cannot fill this slot, or None when it can."""
+        if len(shape) != len(self.shape) or any(want is not None and want != got for want, got in zip(self.shape, shape)):
+            wanted = "x".join("rank" if d is None else str(d) for d in self.shape)
+            return f"has shape {tuple(shape)} but the model's slot is [{wanted}]"
+        rank = self.rank(shape)
+        if rank is not None and rank > max_rank:
+            return f"has rank {rank}, above the model's slot limit of {max_rank}"
+        return None
+
+    def rank(self, shape: tuple[int, ...]) -> int | None:
+        return next((got for want, got in zip(self.shape, shape) if want is None), None)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def dtype_name(tensor: torch.Tensor) -> str:
+    return str(tensor.dtype).removeprefix("torch.")
+
+
+def tensor_slot(gm: fx.GraphModule, name: str) -> Slot:
+    """A fixed-shape slot for the graph tensor `name` (a head, a prompt table)."""
+    value = tensor_at(gm, name)
+    return Slot(name, tuple(value.shape), dtype_name(value))
+
+
+def prepared(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[Slot]]:
+    """A copy in which every pass has made its slots directly replaceable, and the slots: each pass's, then
+    every other trained tensor (a seq-cls head PEFT saves in full)."""
+    gm = copy.deepcopy(gm)
+    found: list[Slot] = []
+    for cls, runs in applied(gm):
+        cls.prepare_slots(gm, runs)
+    for cls, runs in applied(gm):
+        found.extend(cls.adapter_slots(gm, runs))
+    claimed = {s.name for s in found}
+    found.extend(tensor_slot(gm, name) for name in info(gm).trainable if name not in claimed)
+    if not found:
+        raise RewriteError("the graph has no adapter parameters (LoRA branches, a prompt table or a trained head) to "
+                           "expose as slots; adapter slots need a graph with an unfolded adapter (apply lora, prompt "
+                           "or ptuning first)")
+    return gm, found
+
+
+def values(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
+    """What fills the slots for this graph's adapter: its tensors, each times the scale its slot carries."""
+    gm, slot_list = prepared(gm)
+    return {s.name: (tensor_at(gm, s.name).detach() * s.scale).contiguous().cpu() for s in slot_list}
+
+
+def defaults(gm: fx.GraphModule, slot_list: list[Slot], rank: int = 0) -> dict[str, torch.Tensor]:
+    """No adapter: each slot's `empty` value (a rank axis at `rank`; 0: no branch at all), current values read
+    from `gm`, a prepared copy."""
+    result = {}
+    for slot in slot_list:
+        shape = [rank if d is None else d for d in slot.shape]
+        if slot.empty == "current":
+            result[slot.name] = tensor_at(gm, slot.name).detach().contiguous().cpu()
+        else:
+            result[slot.name] = getattr(torch, slot.empty)(shape, dtype=getattr(torch, slot.dtype))
+    return result
+
+
+def fingerprint(gm: fx.GraphModule, slot_list: list[Slot]) -> int:
+    """A 31-bit digest of the base weights of a prepared copy (every tensor that neither is a slot nor trains):
+    adapter files carry it as their model version, so an adapter made for another base model is refused."""
+    skip = {s.name for s in slot_list} | set(info(gm).trainable)
+    digest = hashlib.blake2b(digest_size=4)
+    for name, tensor in sorted(gm.state_dict().items()):
+        if name not in skip:
+            digest.update(name.encode())
+            digest.update(tensor.detach().contiguous().cpu().numpy().tobytes())
+    return int.from_bytes(digest.digest(), "little") & 0x7FFFFFFF
+
+
+def _add_inputs(gm: fx.GraphModule, names: list[str]) -> dict[str, fx.Node]:
+    """New graph inputs after the existing ones; the pytree signature learns them as keyword arguments after
+    the existing ones (whose structure, such as a cache's tuple, stays)."""
+    existing = list(gm.graph.find_nodes(op="placeholder"))
+    created = {}
+    with gm.graph.inserting_after(existing[-1]):
+        for name in reversed(names):
+            created[name] = gm.graph.placeholder(python_name(name))
+    tree = gm.graph._codegen.pytree_info
+    args, kwargs = pytree.tree_unflatten([n.target for n in existing], tree.in_spec)
+    added = [python_name(name) for name in names]
+    spec = pytree.tree_flatten((args, {**kwargs, **{key: key for key in added}}))[1]
+    gm.graph._codegen.pytree_info = tree._replace(orig_args=[*tree.orig_args, *added], in_spec=spec)
+    return {name: created[name] for name in names}
+
+
+def python_name(name: str) -> str:
+    """The keyword a slot's input has in the graph's Python signature (ONNX gets the real name back)."""
+    return name if name == INDEX else "slot__" + name.replace(".", "__")
+
+
+def _replace_reads(gm: fx.GraphModule, name: str, new: fx.Node) -> None:
+    for node in list(gm.graph.find_nodes(op="get_attr", target=name)):
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+
+
+def _finish(gm: fx.GraphModule) -> fx.GraphModule:
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def slotted(gm: fx.GraphModule, slot_list: list[Slot]) -> fx.GraphModule:
+    """`gm` (a prepared copy) reading every slot from an input named `python_name(slot)`."""
+    inputs = _add_inputs(gm, [s.name for s in slot_list])
+    for slot in slot_list:
+        _replace_reads(gm, slot.name, inputs[slot.name])
+    return _finish(gm)
+
+
+def _record_shapes(gm: fx.GraphModule, example: dict | None) -> None:
+    """Runs `example` (keyword inputs; default two tokens) through the graph so every node knows its shape
+    (archives keep none)."""
+    if example is None:
+        names = [n.target for n in gm.graph.find_nodes(op="placeholder")]
+        example = example_inputs(names, vocab_size=2, device=next(iter(gm.parameters())).device)
+    with torch.no_grad():
+        ShapeProp(gm).propagate(*pytree.tree_leaves(example))
+
+
+def _ndim(node: fx.Node) -> int:
+    return len(node.meta["tensor_meta"].shape)
+
+
+def _per_row_linear(gm: fx.GraphModule, linear: fx.Node, rows: dict[str, fx.Node], index: fx.Node) -> None:
+    """`linear(x, W, b)` with W (and b) gathered per row: `[B, in, out]` weights, one matmul per row. A 2-D
+    input holds a row's positions one after another (`[B, in]` from a head, `[B * seq, in]` from GPT-2's
+    flattened Conv1D): it runs as `[B, positions, in]`."""
+    graph = gm.graph
+    x, weight, bias = [*linear.args, None][:3]
+    ndim = _ndim(x)
+    if ndim not in (2, 3):
+        raise RewriteError(f"a per-row adapter needs a 2-D or 3-D input to {linear.name}, not {ndim}-D")
+
+    def fetch(node):
+        return rows[node.target] if node is not None and node.op == "get_attr" and node.target in rows else None
+
+    with graph.inserting_before(linear):
+        w = fetch(weight)
+        w = graph.call_function(aten.transpose.int, (w, 1, 2)) if w is not None else \
+            graph.call_function(aten.t.default, (weight,))
+        if ndim == 2:
+            batch = graph.call_function(aten.sym_size.int, (index, 0))
+            x = graph.call_function(aten.unflatten.int, (x, 0, [batch, -1]))
+        y = graph.call_function(aten.matmul.default, (x, w))
+        if bias is not None:
+            b = fetch(bias)
+            y = graph.call_function(aten.add.Tensor, (y, bias if b is None else
+                                                      graph.call_function(aten.unsqueeze.default, (b, 1))))
+        if ndim == 2:
+            y = graph.call_function(aten.flatten.using_ints, (y, 0, 1))
+    y.meta["tensor_meta"] = linear.meta["tensor_meta"]  # the replacement computes the same shape
+    linear.replace_all_uses_with(y)
+    graph.erase_node(linear)
+
+
+def _per_row_table(gm: fx.GraphModule, user: fx.Node, rows: fx.Node) -> bool:
+    """A prompt table read per row, `rows` `[B, n, hidden]`: prompt tuning's `unsqueeze(table, 0)`, broadcast
+    over the batch, becomes the rows; P-tuning's lookup `embedding(table, slots)` reads each row's own table.
+    False for any other reader."""
+    graph = gm.graph
+    if user.target is aten.unsqueeze.default and user.args[1] == 0 and all(
+            u.target is aten.expand.default for u in user.users):
+        user.replace_all_uses_with(rows)
+    elif user.target is aten.embedding.default and user.args[0].op == "get_attr":
+        with graph.inserting_before(user):
+            width = graph.call_function(aten.sym_size.int, (rows, 2))
+            ids = graph.call_function(aten.unsqueeze.default, (user.args[1], -1))
+            ids = graph.call_function(aten.expand.default, (ids, [-1, -1, width]))
+            user.replace_all_uses_with(graph.call_function(aten.gather.default, (rows, 1, ids)))
+    else:
+        return False
+    graph.erase_node(user)
+    return True
+
+
+def per_row(gm: fx.GraphModule, stacked: dict[str, fx.Node], index: fx.Node) -> None:
+    """Every read of a slot becomes the rows `stacked[slot][adapter_index]`; linears over them run per row,
+    prompt tables are read per row."""
+    graph = gm.graph
+    rows = {}
+    with graph.inserting_after(index):
+        for name, source in stacked.items():
+            rows[name] = graph.call_function(aten.index_select.default, (source, 0, index))
+    for name in stacked:
+        for read in list(graph.find_nodes(op="get_attr", target=name)):
+            for user in list(read.users):
+                if user.target is aten.linear.default:
+                    _per_row_linear(gm, user, rows, index)
+                elif not _per_row_table(gm, user, rows[name]):
+                    raise RewriteError(f"slot {name} is read by {user.target}, which has no per-row form; per-row "
+                                       "adapters cover linear weights (LoRA branches, heads) and prompt tables")
+            graph.erase_node(read)
+
+
+def stack(slot_list: list[Slot], adapters: list[dict[str, torch.Tensor]], fallback: dict[str, torch.Tensor],
+          ) -> dict[str, torch.Tensor]:
+    """The stacked slot inputs `[N, ...]` for `adapters` (each slot's ranks zero-padded to the largest; a slot
+    an adapter lacks takes `fallback`'s value), keyed by slot name."""
+    stacked = {}
+    for slot in slot_list:
+        rows = [a.get(slot.name, fallback[slot.name]) for a in adapters]
+        if RANK in slot.shape:
+            axis = slot.shape.index(RANK)
+            rank = max(r.shape[axis] for r in rows)
+            rows = [torch.nn.functional.pad(r, [0, rank - r.shape[axis]] if axis == 1 else [0, 0, 0, rank - r.shape[axis]])
+                    for r in rows]
+        stacked[slot.name] = torch.stack(rows)
+    return stacked
+
+
+def mixed(gm: fx.GraphModule, slot_list: list[Slot], example: dict | None = None) -> fx.GraphModule:
+    """`gm` (a prepared copy) with its slots as stacked inputs `[N, ...]`, each row picking one by `adapter_index`
+    (`example`: keyword inputs `gm` runs on, for graphs whose inputs are not token ids and masks)."""
+    _record_shapes(gm, example)
+    inputs = _add_inputs(gm, [s.name for s in slot_list] + [INDEX])
+    index = inputs.pop(INDEX)
+    per_row(gm, inputs, index)
+    return _finish(gm)

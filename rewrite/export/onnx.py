@@ -1,0 +1,218 @@
+"""ONNX export with named inputs/outputs, dynamic batch and sequence axes, and ONNX Runtime verification."""
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+import torch
+from torch import fx
+from torch.utils import _pytree as pytree
+
+from rewrite.export import kv_cache
+
+from rewrite.serve import runtime
+from rewrite.errors import RewriteError
+from rewrite.atomic import atomic_dir_files
+from rewrite.graph.synthetic_inputs import DEFAULT_INPUT_NAMES, example_inputs
+from rewrite.graph.ir import info
+from rewrite.graph.params import non_finite
+from rewrite.graph.pipeline import applied
+from rewrite.quiet import quiet
+from rewrite.graph.weight_shapes import check_weight_shapes
+from rewrite.adapters.slots import DEFAULT_MAX_RANK
+from rewrite.export.onnx_adapters import SlotExport
+from rewrite.graph.signature import (LABELS_KEY, POSITIONS_KEY, PREPENDED_KEY, TASK_KEY, UNTRAINED_KEY, Signature,
+                               vocab_size)
+
+log = logging.getLogger(__name__)
+
+PROTOBUF_LIMIT = 2 * 1024**3
+TOLERANCE = 1e-4
+MIN_OPSET = 18  # the dynamo exporter's lowest
+
+
+@dataclass
+class ExportReport:
+    path: Path
+    input_names: list[str]
+    output_names: list[str]
+    max_abs_diff: float | None
+    tolerance: float | None
+    provider: str | None
+    adapter_inputs: list[str] = field(default_factory=list)  # the adapter slots' inputs (and `adapter_index`)
+
+
+def _output_names(outputs) -> list[str]:
+    """`logits` for model outputs and dicts; `output_0`... for tuples."""
+    leaves, _ = pytree.tree_flatten_with_path(outputs)
+    names = []
+    for index, (path, _) in enumerate(leaves):
+        keys = [str(getattr(k, "key", getattr(k, "name", ""))) for k in path if not hasattr(k, "idx")]
+        names.append("_".join(keys) if keys else f"output_{index}")
+    return names
+
+
+def _flat(outputs) -> list[torch.Tensor]:
+    return [t for t in pytree.tree_leaves(outputs) if isinstance(t, torch.Tensor)]
+
+
+def real_positions(reference: torch.Tensor, actual: torch.Tensor, inputs: dict[str, torch.Tensor]):
+    """Per-token outputs at padded positions are undefined (fully masked attention rows): compare the rest."""
+    mask = inputs.get("attention_mask")
+    if mask is not None and reference.dim() >= 2 and tuple(reference.shape[:2]) == tuple(mask.shape):
+        keep = mask.bool()
+        return reference[keep], actual[keep]
+    return reference, actual
+
+
+def compare(name: str, reference: torch.Tensor, actual: torch.Tensor) -> tuple[float, float]:
+    """Max abs difference of an output and its tolerance (1e-4 of its scale); raises beyond it."""
+    reference, actual = reference.float(), actual.float()
+    scale = max(1.0, reference.abs().max().item())
+    diff, tolerance = (actual - reference).abs().max().item(), TOLERANCE * scale
+    if not diff <= tolerance:
+        raise RewriteError(
+            f"ONNX verification failed for output {name!r}: ONNX Runtime differs from torch by {diff:.3g} "
+            f"(allowed {tolerance:.3g}, 1e-4 of the output scale); the model was not written"
+        )
+    return diff, tolerance
+
+
+def _verify(gm: fx.GraphModule, model_path: Path, input_names: list[str], output_names: list[str],
+            slots: SlotExport | None) -> tuple[float, float, str]:
+    """Runs fresh inputs of another shape through ONNX Runtime and torch; raises beyond tolerance.
+    A slotted model is fed the graph's own adapter through its slots."""
+    inputs = example_inputs(input_names, vocab_size(gm), batch=3, seq=11, seed=1, pad=True)
+    with torch.no_grad():
+        expected = _flat(gm(**inputs))
+    sess = runtime.session(model_path)
+    got = runtime.run(sess, inputs | (slots.verify_feeds(batch=3) if slots else {}))
+    worst, tolerance = 0.0, 0.0
+    for name, reference in zip(output_names, expected):
+        diff, tolerance = compare(name, *real_positions(reference, torch.from_numpy(got[name]), inputs))
+        worst = max(worst, diff)
+    return worst, tolerance, sess.get_providers()[0]
+
+
+def _plain_signature(gm: fx.GraphModule, slot_options: dict | None) -> Signature:
+    """The graph as it is (with its adapter slots as extra inputs when exported with them)."""
+    slots = SlotExport(gm, **slot_options) if slot_options is not None else None
+    input_names = list(info(gm).input_names or DEFAULT_INPUT_NAMES)
+    inputs = example_inputs(input_names, vocab_size(gm), batch=2, seq=8)
+    with torch.no_grad():
+        output_names = _output_names(gm(**inputs))
+    dynamic = {name: {0: "batch", 1: "sequence"} for name in input_names}
+    if slots:
+        inputs, dynamic = inputs | slots.example_inputs(batch=2), dynamic | slots.dynamic_shapes()
+    return Signature(slots.graph if slots else gm, inputs, dynamic, input_names, output_names, {},
+                     lambda path, _: _verify(gm, path, input_names, output_names, slots), slots=slots)
+
+
+def serving_metadata(gm: fx.GraphModule) -> dict[str, str]:
+    """What a caller needs to feed the model and read its outputs (`rewrite run` uses it): the task, label
+    names, how many positions the outputs hold before the input's own, and what each pass adds."""
+    graph_info = info(gm)
+    labels = getattr(graph_info.config, "id2label", None) or {}
+    props = {TASK_KEY: graph_info.task or "", LABELS_KEY: json.dumps({int(k): v for k, v in labels.items()}),
+             PREPENDED_KEY: str(graph_info.prepended_positions), POSITIONS_KEY: str(graph_info.position_limit or ""),
+             UNTRAINED_KEY: ", ".join(graph_info.get("untrained", []))}
+    for cls, runs in applied(gm):
+        props.update(cls.serving_metadata(gm, runs))
+    return props
+
+
+def _add_metadata(gm: fx.GraphModule, path: Path, extra: dict[str, str]) -> None:
+    """The serving metadata travels inside the model (with what the export's signature adds)."""
+    model = onnx.load(str(path), load_external_data=False)
+    onnx.helper.set_model_props(model, {**serving_metadata(gm), **extra})
+    onnx.save(model, str(path))
+
+
+def _check_opset(opset: int | None) -> None:
+    newest = onnx.defs.onnx_opset_version()
+    if opset is not None and not (isinstance(opset, int) and MIN_OPSET <= opset <= newest):
+        raise RewriteError(f"ONNX opset {opset!r} cannot be exported; torch's exporter writes opsets {MIN_OPSET} to {newest}")
+
+
+def _check_written_opset(path: Path, opset: int | None) -> None:
+    """The exporter may silently write another opset than asked for: refuse rather than mislabel."""
+    model = onnx.load(str(path), load_external_data=False)
+    written = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is not None and written != opset:
+        raise RewriteError(f"the exporter wrote ONNX opset {written}, not the requested {opset}; "
+                           "leave --opset out or choose that one")
+
+
+def _refuse_clashes(gm: fx.GraphModule, path: Path) -> None:
+    """Before any work: the model and tokenizer files this export writes must not replace files already there."""
+    names = {path.name}
+    tokenizer = info(gm).get("tokenizer")
+    if tokenizer is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            names |= {p.name for p in tokenizer.save_pretrained(tmp) and Path(tmp).iterdir()}
+    clashes = sorted(name for name in names if (path.parent / name).exists())
+    if clashes:
+        raise RewriteError(f"{str(path.parent)!r} already holds {', '.join(clashes)}, which this export would replace; "
+                           "pass --overwrite to replace them, or export elsewhere")
+
+
+@quiet
+def export_onnx(gm: fx.GraphModule, path: str | Path, *, verify: bool = True, opset: int | None = None,
+                adapter_slots: bool = False, mixed_adapters: bool = False, max_rank: int = DEFAULT_MAX_RANK,
+                cache: bool = False, overwrite: bool = True) -> ExportReport:
+    """Exports `gm` (in eval mode) to ONNX, checks it, and verifies it against torch in ONNX Runtime.
+
+    Inputs keep the graph's names (`input_ids`, `attention_mask`, ...), outputs are named from the
+    model output (`logits`); batch and sequence axes are dynamic. Models over 2 GB use external data.
+    The tokenizer is written beside the model (as Optimum does), the task and labels into its metadata.
+    `adapter_slots` keeps the adapter unfolded as named inputs that default to no adapter (see
+    `rewrite.export.onnx_adapters`); `mixed_adapters` stacks them and adds a per-row `adapter_index` input.
+    With `cache=True` a causal LM is exported for generation: past keys and values in, presents out
+    (see `rewrite.export.kv_cache`), with the slots too when asked for.
+    """
+    path = Path(path)
+    _check_opset(opset)
+    if any(p.device.type == "meta" for p in gm.parameters()):
+        raise RewriteError("the graph was captured on the meta device (no weights); capture it with weights to export")
+    bad = non_finite(gm.named_parameters())
+    if bad:
+        raise RewriteError(f"weight {bad} holds NaN or infinite values, so the exported model would compute NaN; "
+                           "export a graph with finite weights")
+    if not overwrite:
+        _refuse_clashes(gm, path)
+    was_training = gm.training
+    gm.eval()
+    try:
+        check_weight_shapes(gm)
+        slot_options = dict(mixed=mixed_adapters, max_rank=max_rank) if adapter_slots or mixed_adapters else None
+        signature = (kv_cache.signature if cache else _plain_signature)(gm, slot_options)
+        program = torch.onnx.export(
+            signature.module, (), kwargs=signature.inputs, dynamic_shapes=signature.dynamic,
+            input_names=signature.onnx_input_names, output_names=signature.output_names,
+            dynamo=True, opset_version=opset, verbose=False,
+        )
+        large = sum(p.numel() * p.element_size() for p in gm.parameters()) > PROTOBUF_LIMIT
+        with atomic_dir_files(path.parent, overwrite=overwrite) as tmp:
+            staged = tmp / path.name
+            program.save(staged, external_data=large)
+            del program
+            _check_written_opset(staged, opset)
+            _add_metadata(gm, staged, signature.metadata)
+            if signature.slots:
+                signature.slots.finish(staged)
+            onnx.checker.check_model(str(staged))
+            tokenizer = info(gm).tokenizer
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            diff = tolerance = provider = None
+            if verify:
+                diff, tolerance, provider = signature.verify(staged, compare)
+                log.debug("ONNX Runtime (%s) matches torch: max abs diff %.3g", provider, diff)
+    finally:
+        gm.train(was_training)
+    return ExportReport(path, signature.input_names, signature.output_names, diff, tolerance, provider,
+                        signature.slots.onnx_input_names() if signature.slots else [])

@@ -1,0 +1,193 @@
+"""`.pt2` archives of captured graphs: graph, weights, config, tokenizer and pass history in one zip.
+
+Everything in an archive is data, so loading one from anyone is as safe as loading a safetensors file:
+the graph is JSON node records whose operators resolve against an allow-list (`rewrite.graph.codec`),
+weights are safetensors, the config is JSON read by its built-in class, and only the tokenizer's data
+files are read (never custom code). Format 1 archives held a pickle and are refused unread.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+from torch import fx, nn
+
+from rewrite.errors import RewriteError
+from rewrite.atomic import atomic_path
+from rewrite.graph.codec import ATTRIBUTE_PATH, UnsafeGraphError, decode_graph, encode_graph
+from rewrite.graph.ir import GraphInfo, RewriteGraph, add_submodule, info, wrap
+from rewrite.graph.pipeline import available, pass_class
+
+FORMAT = 2
+_KEPT_META = ("nn_module_stack", "rewrite", "rewrite_train_dropout_p")
+_INFO_OBJECTS = GraphInfo.OBJECTS
+_TOKENIZER_FILES = (".json", ".txt", ".model")  # vocabularies, merges, sentencepiece protobufs: data only
+
+
+def _tensors(gm: fx.GraphModule) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Unique tensors by name, and the manifest: parameters, buffers, aliases, trainable flags."""
+    tensors: dict[str, torch.Tensor] = {}
+    manifest: dict[str, Any] = {"parameters": {}, "buffers": [], "aliases": {}}
+    seen: dict[int, str] = {}
+    named = [(n, t, True) for n, t in gm.named_parameters(remove_duplicate=False)]
+    named += [(n, t, False) for n, t in gm.named_buffers(remove_duplicate=False)]
+    for name, tensor, is_param in named:
+        if id(tensor) in seen:
+            manifest["aliases"][name] = seen[id(tensor)]
+            continue
+        seen[id(tensor)] = name
+        tensors[name] = tensor.detach()
+        if is_param:
+            manifest["parameters"][name] = tensor.requires_grad
+        else:
+            manifest["buffers"].append(name)
+    return tensors, manifest
+
+
+def _graph_json(gm: fx.GraphModule) -> str:
+    try:
+        return json.dumps(encode_graph(gm.graph, _KEPT_META))
+    except UnsafeGraphError as error:
+        speed = [entry["pass"] for entry in info(gm)["history"]
+                 if entry["pass"] in available() and pass_class(entry["pass"]).speed_rank is not None]
+        hint = (f"; the training-speed passes in its history ({', '.join(speed)}) make the graph `rewrite train` "
+                "steps through (it applies them itself), not one to save" if speed else "")
+        raise RewriteError(f"this graph cannot be saved as a .pt2 archive: {error}{hint}") from error
+
+
+def save(gm: fx.GraphModule, path: str | Path) -> Path:
+    """Writes `gm` with its weights, config, tokenizer and pass history to a `.pt2` archive (atomically)."""
+    path = Path(path)
+    meta = info(gm)
+    tensors, manifest = _tensors(gm)
+    on_meta = any(t.device.type == "meta" for t in tensors.values())
+    header = meta.to_dict()
+    header.update(format=FORMAT, training=gm.training, tensors=manifest, meta_device=on_meta)
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w") as archive:
+        archive.writestr("rewrite.json", json.dumps(header, indent=2, default=str))
+        archive.writestr("graph.json", _graph_json(gm))
+        if on_meta:
+            shapes = {n: [list(t.shape), str(t.dtype).removeprefix("torch.")] for n, t in tensors.items()}
+            archive.writestr("shapes.json", json.dumps(shapes))
+        else:
+            contiguous = {n: t.contiguous().cpu() for n, t in tensors.items()}
+            archive.writestr("weights.safetensors", safetensors.torch.save(contiguous))
+        for key in _INFO_OBJECTS:
+            if getattr(meta, key) is not None:
+                with tempfile.TemporaryDirectory() as tmpdir:
+                    getattr(meta, key).save_pretrained(tmpdir)
+                    for file in sorted(Path(tmpdir).iterdir()):
+                        archive.write(file, f"{key}/{file.name}")
+    return path
+
+
+def _read_tensors(archive: zipfile.ZipFile, header: dict) -> dict[str, torch.Tensor]:
+    if header.get("meta_device"):
+        shapes = json.loads(archive.read("shapes.json"))
+        return {n: torch.empty(s, dtype=getattr(torch, d), device="meta") for n, (s, d) in shapes.items()}
+    return safetensors.torch.load(archive.read("weights.safetensors"))
+
+
+def _build_root(tensors: dict[str, torch.Tensor], manifest: dict) -> nn.Module:
+    root = nn.Module()
+
+    def owner(name: str) -> tuple[nn.Module, str]:
+        parent_path, _, leaf = name.rpartition(".")
+        if parent_path:
+            try:
+                return root.get_submodule(parent_path), leaf
+            except AttributeError:
+                add_submodule(root, parent_path, nn.Module())
+                return root.get_submodule(parent_path), leaf
+        return root, leaf
+
+    for name, requires_grad in manifest["parameters"].items():
+        module, leaf = owner(name)
+        module.register_parameter(leaf, nn.Parameter(tensors[name], requires_grad=requires_grad))
+    for name in manifest["buffers"]:
+        module, leaf = owner(name)
+        module.register_buffer(leaf, tensors[name])
+    for alias, name in manifest["aliases"].items():
+        module, leaf = owner(alias)
+        source_module, source_leaf = owner(name)
+        setattr(module, leaf, getattr(source_module, source_leaf))
+    return root
+
+
+def _read_config(archive: zipfile.ZipFile, source: str | None):
+    """The config's JSON through its built-in class (`auto_map` and custom classes are never followed)."""
+    from transformers import AutoConfig
+
+    data = json.loads(archive.read("config/config.json"))
+    config = AutoConfig.for_model(data.pop("model_type"), **data)
+    config.name_or_path = source or ""
+    return config
+
+
+def _read_tokenizer(archive: zipfile.ZipFile, source: str | None):
+    names = [n for n in archive.namelist() if n.startswith("tokenizer/") and n.endswith(_TOKENIZER_FILES)]
+    if not names:
+        return None
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory(prefix=".rewrite-tmp-") as tmpdir:
+        for name in names:
+            (Path(tmpdir) / Path(name).name).write_bytes(archive.read(name))
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(tmpdir, local_files_only=True, trust_remote_code=False)
+        except (OSError, ValueError) as error:  # its text names the temporary directory; shown with -v
+            raise UnsafeGraphError("its tokenizer files are not a tokenizer that transformers loads without custom "
+                                   "code") from error
+    if source:
+        tokenizer.name_or_path = source  # not the temporary directory it was read from
+    return tokenizer
+
+
+def _check_names(manifest: dict) -> None:
+    names = [*manifest["parameters"], *manifest["buffers"], *manifest["aliases"], *manifest["aliases"].values()]
+    bad = [n for n in names if not (isinstance(n, str) and ATTRIBUTE_PATH.fullmatch(n))]
+    if bad:
+        raise UnsafeGraphError(f"tensor name {bad[0]!r} is not a dotted attribute path")
+
+
+def _read(archive: zipfile.ZipFile) -> RewriteGraph:
+    header = json.loads(archive.read("rewrite.json"))
+    if header.get("format") != FORMAT:
+        raise UnsafeGraphError(
+            f"it has archive format {header.get('format')!r}, not {FORMAT} (format 1 held a pickle, which could run "
+            "code, so it is not read)")
+    manifest = header.pop("tensors")
+    _check_names(manifest)
+    graph = decode_graph(json.loads(archive.read("graph.json")),
+                         {*manifest["parameters"], *manifest["buffers"], *manifest["aliases"]})
+    root = _build_root(_read_tensors(archive, header), manifest)
+    training = bool(header.pop("training"))
+    header.pop("format")
+    if "config/config.json" in archive.namelist():
+        header["config"] = _read_config(archive, header.get("source"))
+    header["tokenizer"] = _read_tokenizer(archive, header.get("source"))
+    return wrap(root, graph, header, training)
+
+
+def load(path: str | Path) -> RewriteGraph:
+    """Reads a `.pt2` archive written by `save`; nothing in the file is executed, whoever made it."""
+    path = Path(path)
+    if not path.is_file():
+        raise RewriteError(f"graph archive {str(path)!r} does not exist; create one with `rewrite capture`")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return _read(archive)
+    except RewriteError:
+        raise
+    except (zipfile.BadZipFile, UnsafeGraphError, KeyError, IndexError, EOFError, json.JSONDecodeError,
+            UnicodeDecodeError, safetensors.SafetensorError, OSError, AttributeError, TypeError, ValueError,
+            RuntimeError) as error:
+        raise RewriteError(
+            f"{str(path)!r} is not a readable rewrite graph archive ({type(error).__name__}: {error}); "
+            "it may be truncated, corrupt or from an older version: re-create it with `rewrite capture`"
+        ) from error

@@ -1,0 +1,304 @@
+"""Training checkpoints and the metrics log, both safe against a kill at any moment.
+
+A checkpoint is a directory `checkpoints/step-00000120/` holding the trainable weights under PEFT's
+key names (`adapter_model.safetensors`), the optimizer, scheduler and RNG states
+(`trainer_state.pt`) and `checkpoint.json`. It is written under a temporary name and renamed when
+complete, so every `step-*` directory is whole; leftovers of a killed write start with a dot and are
+swept on resume. The metrics log is cut back to the resumed step, so it reads like one unbroken run.
+`RunCheckpoints` is a training run's side of this: save, start fresh, resume (with every rank's RNG;
+from the newest checkpoint that reads whole, removing newer damaged ones), and an OS lock on the
+output directory that refuses a second run into it.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import pickle
+import re
+import shutil
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import safetensors.torch
+import torch
+from filelock import FileLock, Timeout
+from torch import fx
+
+from rewrite.training import distributed
+from rewrite.adapters.peft_files import PREFIX, WEIGHTS_NAME
+from rewrite.atomic import atomic_path, share
+from rewrite.errors import RewriteError
+from rewrite.graph.ir import info
+
+log = logging.getLogger(__name__)
+
+METRICS_NAME = "metrics.jsonl"
+STATE_NAME = "trainer_state.pt"
+INFO_NAME = "checkpoint.json"
+LOCK_NAME = ".rewrite-train.lock"  # held (flock) while a run writes into its output directory
+_STEP_DIR = re.compile(r"step-(\d+)")
+
+
+def _discard(path: Path) -> None:
+    """Renames first, so a kill during deletion never leaves a half-deleted `step-*` directory."""
+    trash = path.with_name(f".trash-{path.name}-{os.getpid()}")
+    os.replace(path, trash)
+    shutil.rmtree(trash)
+
+
+def completed(root: Path) -> list[tuple[int, Path]]:
+    """(step, directory) of every complete checkpoint under `root`, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.fullmatch(p.name)) and p.is_dir()]
+    return sorted(found)
+
+
+def sweep(root: Path) -> None:
+    """Removes the dot-named leftovers of writes or deletions that a kill interrupted."""
+    if root.is_dir():
+        for path in root.iterdir():
+            if path.name.startswith((".step-", ".trash-")):
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def write(root: Path, step: int, weights: dict[str, torch.Tensor], state: dict[str, Any], keep: int,
+          settings: dict[str, Any] | None = None) -> Path:
+    """Writes checkpoint `step` atomically and keeps only the newest `keep` checkpoints; `settings` are the
+    hyperparameters a resumed run must share."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:08d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+    try:
+        safetensors.torch.save_file(weights, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+        torch.save(state, tmp / STATE_NAME)
+        (tmp / INFO_NAME).write_text(json.dumps({"step": step, "world_size": state["world_size"],
+                                                 "settings": settings or {}}))
+        if final.exists():
+            _discard(final)
+        share(tmp)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for _, old in completed(root)[:-keep]:
+        _discard(old)
+    return final
+
+
+class Unreadable(RewriteError):
+    """A checkpoint directory that is not whole (damaged or cut short after it was written): resume
+    falls back to the one before."""
+
+    def __init__(self, directory: Path, reason: str):
+        super().__init__(f"checkpoint {str(directory)!r} is unreadable ({reason})")
+        self.directory = directory
+
+
+_STATE_KEYS = ("world_size", "optimizer", "scheduler", "rng")
+_DAMAGED = (ValueError, RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile,
+            safetensors.SafetensorError)  # what loading a truncated or overwritten part raises (not a refused read)
+
+
+def _part(directory: Path, name: str, load: Callable[[Path], Any]) -> Any:
+    try:
+        return load(directory / name)
+    except FileNotFoundError as error:
+        raise Unreadable(directory, f"{name} is missing") from error
+    except _DAMAGED as error:
+        raise Unreadable(directory, f"{name} is damaged") from error
+
+
+def read(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
+    """The settings (the hyperparameters of the run that wrote it; empty for older checkpoints), the
+    weights and the trainer state of one checkpoint directory."""
+    header = _part(directory, INFO_NAME, lambda path: json.loads(path.read_text(encoding="utf-8")))
+    weights = _part(directory, WEIGHTS_NAME, safetensors.torch.load_file)
+    state = _part(directory, STATE_NAME, lambda path: torch.load(path, weights_only=True))
+    if not isinstance(header, dict) or not isinstance(header.get("settings") or {}, dict):
+        raise Unreadable(directory, f"{INFO_NAME} is damaged")
+    if not isinstance(state, dict) or any(key not in state for key in _STATE_KEYS):
+        raise Unreadable(directory, f"{STATE_NAME} is damaged")
+    return header.get("settings") or {}, weights, state
+
+
+class MetricsLog:
+    """Appends one JSON object per line, flushed at once; `path=None` (ranks other than 0) writes nothing.
+
+    The file is opened at the first record, after a resume has cut it back (`cut_log` replaces it).
+    """
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self._handle = None
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.path is None:
+            return
+        if self._handle is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._handle = self.path.open("a", encoding="utf-8")
+        self._handle.write(json.dumps(record) + "\n")
+        self._handle.flush()
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+
+
+def cut_log(path: Path, step: int) -> None:
+    """Keeps the records up to `step` (dropping a torn last line): what a resumed run will not redo."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("step", 0) <= step:
+            kept.append(line)
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+@dataclass
+class RunCheckpoints:
+    """A training run's checkpoints under `<out>/checkpoints`: writing them (every rank takes part, rank 0
+    writes), refusing to start a fresh run over an old one's, and resuming from the newest."""
+
+    out: Path
+    ctx: distributed.Context
+    keep: int
+    settings: dict[str, Any] = field(default_factory=dict)  # hyperparameters a resumed run must share
+
+    @property
+    def root(self) -> Path:
+        return self.out / "checkpoints"
+
+    def save(self, gm: fx.GraphModule, optimizer, scheduler, step: int) -> None:
+        """Gathers shards and every rank's RNG state; rank 0 writes checkpoint `step`."""
+        weights = distributed.trainable_state(gm)
+        optimizer_state = distributed.optimizer_state(gm, optimizer)
+        states = self.ctx.gather(_rng_state())
+        if not self.ctx.main:
+            return
+        state = {"step": step, "world_size": self.ctx.world, "optimizer": optimizer_state,
+                 "scheduler": scheduler.state_dict(), "rng": states}
+        weights = {PREFIX + name: weights[name].contiguous() for name in info(gm).trainable}
+        write(self.root, step, weights, state, self.keep, self.settings)
+
+    def start_fresh(self) -> None:
+        """A new run must not mix with an old one's checkpoints (a later resume would pick them up)."""
+        sweep(self.root)
+        if completed(self.root):
+            raise RewriteError(f"output directory {str(self.out)!r} already holds a run's checkpoints; continue it "
+                               "with resume (--resume), or train into an empty directory")
+        if self.ctx.main:
+            cut_log(self.out / METRICS_NAME, 0)
+
+    def restore(self, gm: fx.GraphModule, optimizer, scheduler) -> int | None:
+        """Loads the newest complete checkpoint, if any, into the graph, optimizer, scheduler and RNGs;
+        returns its step."""
+        if self.ctx.main:
+            sweep(self.root)
+        self.ctx.barrier()
+        found = completed(self.root)
+        if not found:
+            log.warning("no complete checkpoint in %s; starting from step 0", self.root)
+            if self.ctx.main:
+                cut_log(self.out / METRICS_NAME, 0)
+            return None
+        step, directory, (saved, weights, state), unreadable = self._newest_readable(found)
+        _check_same_settings(saved, self.settings, directory)
+        distributed.load_trainable(gm, _trainable_weights(gm, weights, directory))
+        distributed.load_optimizer(gm, optimizer, state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if state["world_size"] == self.ctx.world:
+            _set_rng_state(state["rng"][self.ctx.rank])
+        else:
+            log.warning("checkpoint %s was written by %d ranks, resuming on %d: data order and dropout differ "
+                        "from an uninterrupted run", directory, state["world_size"], self.ctx.world)
+        if self.ctx.main:
+            for skipped in unreadable:  # a later save at its step, or the pruning of older ones, would trip on it
+                _discard(skipped.directory)
+            cut_log(self.out / METRICS_NAME, step)
+            if unreadable:
+                log.warning("%s; removed it and resuming from step %d (checkpoint %s)",
+                            "; ".join(map(str, unreadable)), step, directory)
+            else:
+                log.info("resuming from step %d (checkpoint %s)", step, directory)
+        return step
+
+    def _newest_readable(self, found: list[tuple[int, Path]]) -> tuple[int, Path, tuple, list[Unreadable]]:
+        """The newest checkpoint that reads whole (step, directory, what `read` gives), and the
+        errors of the newer ones that do not."""
+        unreadable: list[Unreadable] = []
+        for step, directory in reversed(found):
+            try:
+                return step, directory, read(directory), unreadable
+            except Unreadable as error:
+                unreadable.append(error)
+        raise RewriteError(f"no checkpoint in {str(self.root)!r} can be read (the newest: {unreadable[0]}); "
+                           f"delete {str(self.root)!r} to train from step 0")
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Holds an OS lock on the output directory for the run (rank 0 takes it for all ranks), so a
+        second run into it is refused; the OS drops the lock with the process, so a killed run's lock
+        file never blocks a later run. Leftovers of an interrupted write are swept on the way out."""
+        lock = _lock(self.out) if self.ctx.main else None
+        if not self.ctx.gather(lock is not None)[0]:
+            raise RewriteError(f"output directory {str(self.out)!r} is in use by another training run; wait for it "
+                               "to end, or train into another --output-dir")
+        try:
+            yield
+        finally:
+            if lock is not None:
+                sweep(self.root)
+                lock.release()
+
+
+def _lock(out: Path) -> FileLock | None:
+    """The output directory's lock, held; None when another process holds it."""
+    out.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(out / LOCK_NAME, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        return None
+    return lock
+
+
+def _check_same_settings(saved: dict[str, Any], current: dict[str, Any], directory: Path) -> None:
+    changed = [f"{name} {saved[name]!r} -> {current[name]!r}" for name in current
+               if name in saved and saved[name] != current[name]]
+    if changed:
+        raise RewriteError(f"--resume with other data or hyperparameters than checkpoint {str(directory)!r} was "
+                           f"written with ({'; '.join(changed)}); resume with the same ones, or train into a new "
+                           "--output-dir")
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _trainable_weights(gm: fx.GraphModule, weights: dict[str, torch.Tensor], source: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's weights by parameter name; every trainable parameter must be there."""
+    missing = [PREFIX + name for name in info(gm).trainable if PREFIX + name not in weights]
+    if missing:
+        raise RewriteError(f"checkpoint {str(source)!r} has no weight {missing[0]}; it was written for another graph")
+    return {name: weights[PREFIX + name] for name in info(gm).trainable}

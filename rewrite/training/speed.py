@@ -1,0 +1,139 @@
+"""The graph `rewrite.training.train` steps through: a copy of the user's graph rewritten for training speed.
+
+The speed passes run on a twin of the graph that shares its parameters, so the user's graph (its
+evaluation, saved archive, fold and export) is untouched. `SPEED_PASSES` are the exact ones, applied
+by default; each says so, and how it may be used, on its class (`Pass.speed_rank` and the flags beside
+it): the loss without full logits, LoRA A projections fused, `[CLS]`-row classifiers and cheaper CPU
+dropout masks (both not when the run keeps Hugging Face's dropout masks bit for bit), per-block
+activation checkpointing (opt-in).
+A pass that is exact only for batches without padding (attention without a materialized mask)
+makes a second twin for those; `Graphs` picks one per batch.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib
+import logging
+import warnings
+from typing import Callable, Sequence
+
+import torch
+from torch import fx, nn
+
+from rewrite.graph.ir import info, wrap
+from rewrite.errors import RewriteError
+from rewrite.graph.pipeline import Pipeline, available, pass_class
+
+_COMPILE_BACKEND = "inductor"
+
+
+def _compiled(gm: fx.GraphModule | None, compile: bool):
+    """`gm` under `torch.compile` with dynamic shapes from the first step: batches of every length run
+    the one compiled graph (without, the second length recompiles)."""
+    return torch.compile(gm, backend=_COMPILE_BACKEND, dynamic=True) if compile and gm is not None else gm
+
+
+class Graphs(nn.Module):
+    """The training graph, and where exact a variant for batches without padding, sharing parameters."""
+
+    def __init__(self, general: fx.GraphModule, unpadded: fx.GraphModule | None, compile: bool):
+        super().__init__()
+        self.general = general
+        self.unpadded = unpadded
+        self._general = _compiled(general, compile)
+        self._unpadded = _compiled(unpadded, compile)
+
+    def forward(self, **inputs: torch.Tensor):
+        mask = inputs.get("attention_mask")
+        padded = self.unpadded is None or mask is None or not bool(mask.all())
+        return (self._general if padded else self._unpadded)(**inputs)
+
+
+def saved_bytes(run: Callable[[], object], module: nn.Module) -> int:
+    """What autograd keeps for the backward while `run()` runs: distinct storages, `module`'s parameters
+    left out (the measure the lean-activation passes lower; load-independent)."""
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    storages = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        run()
+    return sum(storages.values())
+
+
+def speed_passes(default: bool = True) -> list[str]:
+    """The registered training-speed passes `rewrite.training.train` applies by default (or the opt-in ones), in order."""
+    importlib.import_module("rewrite.passes")  # registers the built-in passes
+    found = [name for name in available() if pass_class(name).speed_rank is not None
+             and pass_class(name).speed_default == default]
+    return sorted(found, key=lambda name: pass_class(name).speed_rank)
+
+
+def resolve(names: Sequence[str] | None, *, dropout_parity: bool, custom_loss: bool,
+            checkpoint: bool = False) -> list[str]:
+    """The speed passes a run applies, in order: `names`, or by default every exact one (and the opt-in
+    ones with `checkpoint`), less those that would change Hugging Face's dropout masks when
+    `dropout_parity` is asked for, and those that leave the head to the built-in loss when the caller
+    brings a loss."""
+    chosen = list(speed_passes() if names is None else names)
+    chosen += [name for name in speed_passes(default=False) if checkpoint and name not in chosen]
+    for name in chosen:
+        if pass_class(name).speed_rank is None:
+            raise RewriteError(f"pass {name!r} is not a training-speed pass; use some of "
+                               f"{', '.join(speed_passes() + speed_passes(default=False))}")
+    chosen = [name for name in chosen
+              if not (dropout_parity and pass_class(name).changes_dropout)
+              and not (custom_loss and pass_class(name).replaces_logits)]
+    return sorted(chosen, key=lambda name: pass_class(name).speed_rank)
+
+
+def twin(gm: fx.GraphModule, names: Sequence[str]) -> fx.GraphModule:
+    """A train-mode copy of `gm` (same parameters, own metadata) rewritten by the passes `names`."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)  # pytree's LeafSpec deprecation on copy
+        graph = copy.deepcopy(gm.graph)
+    meta = dataclasses.replace(info(gm), history=list(info(gm).history), extra=dict(info(gm).extra))
+    copied = wrap(gm, graph, meta, training=True)
+    if names:
+        with _quiet():
+            copied = Pipeline(list(names)).run(copied)
+    return copied
+
+
+def graphs(gm: fx.GraphModule, names: Sequence[str], compile: bool = False) -> Graphs:
+    """The training graphs for `gm`: the general twin, and the unpadded twin when `dense_attention`
+    changes anything."""
+    general = twin(gm, [n for n in names if not pass_class(n).unpadded_only])
+    unpadded = None
+    if any(pass_class(n).unpadded_only for n in names):
+        candidate = twin(gm, names)
+        if _changed(candidate, since=len(info(gm)["history"])):
+            unpadded = candidate
+    return Graphs(general, unpadded, compile)
+
+
+def _changed(candidate: fx.GraphModule, since: int) -> bool:
+    """Whether an unpadded-only pass changed the candidate graph (else the general graph serves all)."""
+    return any(pass_class(entry["pass"]).unpadded_only and entry["modified"]
+               for entry in info(candidate)["history"][since:])
+
+
+class _quiet:
+    """Speed passes are applied wherever they might help: neither their warnings nor their summaries are news."""
+
+    NAMES = ("rewrite.passes", "rewrite.graph.pipeline")
+
+    def __enter__(self):
+        self.levels = {name: logging.getLogger(name).level for name in self.NAMES}
+        for name in self.NAMES:
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+    def __exit__(self, *exc):
+        for name, level in self.levels.items():
+            logging.getLogger(name).setLevel(level)
