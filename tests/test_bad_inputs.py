@@ -341,7 +341,7 @@ MERGE_CASES = [
                                                     "--method", "ties", "-o", o / "m"], "needs a density in (0, 1]"),
     ("adapter-merge-output-has-files", lambda w, o: ["adapter", "merge", w["adapter"], w["adapter"], "--weights", "1,1",
                                                      "-o", w["run"]], "already holds adapter"),
-    ("adapter-merge-not-an-adapter", lambda w, o: ["adapter", "merge", w["adapter"], w["model"], "--weights", "1,1",
+    ("adapter-merge-not-an-adapter", lambda w, o: ["adapter", "merge", w["model"], w["adapter"], "--weights", "1,1",
                                                    "-o", o / "m"], "has no adapter_config.json"),
 ]
 

@@ -34,16 +34,14 @@ DEFAULT_MAX_RANK = 64
 RANK = None  # a slot shape's dynamic rank axis
 
 
-EMPTY = ("zeros", "ones", "current")
-
-
 @dataclass(frozen=True)
 class Slot:
     """One named adapter tensor, as the method that owns it declares it: its shape (None marks the rank axis),
     dtype, its value when no adapter fills it (`empty`: zeros, at rank 0 on a rank axis; ones, for a
-    multiplier; or the graph's current value, e.g. a head's), the scale the graph applies to it, which the
-    slot's value carries instead, and its group: the slots one adapter fills together (a branch's A and B),
-    whose ranks agree."""
+    multiplier; the graph's current value, e.g. a head's; or the name of another tensor of the prepared copy
+    that holds it, e.g. DoRA's base-weight norms), the scale the graph applies to it, which the slot's value
+    carries instead, and its group: the slots one adapter fills together (a branch's A and B), whose ranks
+    agree."""
 
     name: str
     shape: tuple[int | None, ...]
@@ -118,10 +116,11 @@ def defaults(gm: fx.GraphModule, slot_list: list[Slot], rank: int = 0) -> dict[s
     result = {}
     for slot in slot_list:
         shape = [rank if d is None else d for d in slot.shape]
-        if slot.empty == "current":
-            result[slot.name] = tensor_at(gm, slot.name).detach().contiguous().cpu()
-        else:
+        if slot.empty in ("zeros", "ones"):
             result[slot.name] = getattr(torch, slot.empty)(shape, dtype=getattr(torch, slot.dtype))
+        else:
+            source = slot.name if slot.empty == "current" else slot.empty
+            result[slot.name] = tensor_at(gm, source).detach().contiguous().cpu()
     return result
 
 
