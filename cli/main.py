@@ -42,7 +42,6 @@ class LazyGroup(click.Group):
         if name not in COMMANDS:
             return None
         module, function, _ = COMMANDS[name]
-        importlib.import_module("rewrite.passes")  # every command may meet a graph or model made by any pass
         return getattr(importlib.import_module(module), function)
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:

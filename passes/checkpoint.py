@@ -17,6 +17,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from rewrite.graph.query import layer_index, module_path
 from rewrite.graph.outline import outline
+from rewrite.training.speed import SpeedPass
 from rewrite.graph.pipeline import Pass, register
 
 
@@ -51,8 +52,7 @@ def _blocks(graph: fx.Graph) -> dict[int, list[fx.Node]]:
 @dataclass
 class CheckpointPass(Pass):
     name = "checkpoint"
-    speed_rank = 50
-    speed_default = False
+    speed = SpeedPass(default=False, last=True)  # it outlines whole blocks as the others left them
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         gm = graph_module

@@ -21,6 +21,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from rewrite.graph.query import GraphQuery
 from rewrite.graph.ir import info
 from rewrite.training.head_loss import HEAD_KEY
+from rewrite.training.speed import SpeedPass
 from rewrite.graph.pipeline import Pass, register
 
 log = logging.getLogger(__name__)
@@ -39,8 +40,7 @@ def _logits_node(gm: fx.GraphModule) -> fx.Node | None:
 @dataclass
 class ChunkedLossPass(Pass):
     name = "chunked_loss"
-    speed_rank = 10
-    replaces_logits = True
+    speed = SpeedPass(replaces_logits=True)
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         gm = graph_module

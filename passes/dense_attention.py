@@ -18,6 +18,7 @@ import torch
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
+from rewrite.training.speed import SpeedPass
 from rewrite.graph.pipeline import Pass, register
 
 aten = torch.ops.aten
@@ -101,8 +102,7 @@ def _drop_dead(graph: fx.Graph, nodes: list[fx.Node]) -> None:
 @dataclass
 class DenseAttentionPass(Pass):
     name = "dense_attention"
-    speed_rank = 20
-    unpadded_only = True
+    speed = SpeedPass(unpadded_only=True)
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         gm = graph_module

@@ -18,6 +18,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from rewrite.training import dropout
 from rewrite.graph.modes import train_dropout_p
+from rewrite.training.speed import SpeedPass
 from rewrite.graph.pipeline import Pass, register
 
 aten = torch.ops.aten
@@ -30,8 +31,7 @@ _STAND_INS = {aten.dropout.default: ("dropout", dropout.dropout),
 @dataclass
 class FastDropoutPass(Pass):
     name = "fast_dropout"
-    speed_rank = 32  # after `rows`, which moves aten.dropout and SDPA nodes
-    changes_dropout = True
+    speed = SpeedPass(after=("rows",), changes_dropout=True)  # `rows` moves aten.dropout and SDPA nodes
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         swapped = {"dropout": 0, "attention": 0}

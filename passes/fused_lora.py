@@ -16,6 +16,7 @@ from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from rewrite.adapters.branches import is_down, mark_down
+from rewrite.training.speed import SpeedPass
 from rewrite.graph.pipeline import Pass, register
 from rewrite.graph.nodes import NodeBuilder
 
@@ -51,7 +52,7 @@ def _fuse(gm: fx.GraphModule, projections: list[fx.Node]) -> None:
 @dataclass
 class FusedLoraPass(Pass):
     name = "fused_lora"
-    speed_rank = 40
+    speed = SpeedPass(after=("rows", "gated_activation"))
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         groups = [g for g in _a_projections(graph_module).values() if len(g) > 1]

@@ -16,6 +16,7 @@ from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from rewrite.graph.ir import copy_meta
+from rewrite.training.speed import SpeedPass
 from rewrite.graph.pipeline import Pass, register
 
 aten = torch.ops.aten
@@ -73,7 +74,7 @@ def _gated_product(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
 @dataclass
 class GatedActivationPass(Pass):
     name = "gated_activation"
-    speed_rank = 35
+    speed = SpeedPass(after=("rows", "fast_dropout"))  # `rows` moves nodes through the MLP it fuses
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         graph = graph_module.graph

@@ -18,6 +18,7 @@ import torch
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
+from rewrite.training.speed import SpeedPass
 from rewrite.graph.pipeline import Pass, register
 
 aten = torch.ops.aten
@@ -67,7 +68,7 @@ def _group(node: fx.Node) -> bool:
 @dataclass
 class GroupedAttentionPass(Pass):
     name = "grouped_attention"
-    speed_rank = 25
+    speed = SpeedPass(needs=("dense_attention",))  # it rewrites the attention dense_attention leaves without a mask
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         calls = [n for n in graph_module.graph.find_nodes(op="call_function", target=_SDPA) if _maskless(n)]

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
+from rewrite.training.speed import SpeedPass
 from rewrite.graph.pipeline import Pass, register
 from rewrite.adapters.row_gather import select_rows
 
@@ -28,8 +29,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class PooledRowPass(Pass):
     name = "rows"
-    speed_rank = 30
-    changes_dropout = True
+    speed = SpeedPass(after=("chunked_loss", "grouped_attention"), changes_dropout=True)
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         moved = select_rows(graph_module)

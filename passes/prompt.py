@@ -29,7 +29,7 @@ from rewrite.adapters.peft_files import PROMPT_KEY, adapter_base, peft_task_type
 from rewrite.adapters.slots import Slot, tensor_slot
 from rewrite.training.data import IGNORE_INDEX
 from rewrite.errors import RewriteError
-from rewrite.graph.query import embedding_output, placeholders, word_embedding
+from rewrite.graph.query import embedding_output, mark_extended, placeholders, word_embedding
 from rewrite.graph.ir import add_submodule, info, require_tokenizer, tensor_at
 from rewrite.graph.nodes import NodeBuilder
 from rewrite.graph.params import mark_trainable, trainable_heads
@@ -78,7 +78,7 @@ def _extension(emit: NodeBuilder, name: str, user_input: fx.Node, count: int, ta
         fill = IGNORE_INDEX if name == "labels" else _PREFIX_FILL[name]
         prefix = emit(aten.new_full.default, user_input, [batch, count], fill)
     extended = emit(aten.cat.default, [prefix, user_input], 1)
-    extended.meta["rewrite"]["extends"] = name  # found by `model_input`
+    mark_extended(extended, name)  # found by `model_input`
     return extended
 
 

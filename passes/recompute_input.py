@@ -21,6 +21,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from rewrite.adapters.branches import is_down
 from rewrite.graph.outline import outline
+from rewrite.training.speed import SpeedPass
 from rewrite.graph.pipeline import Pass, register
 
 aten = torch.ops.aten
@@ -107,7 +108,7 @@ def _outline_recipe(gm: fx.GraphModule, recipe: list[fx.Node], projections: list
 @dataclass
 class RecomputeInputPass(Pass):
     name = "recompute_input"
-    speed_rank = 45
+    speed = SpeedPass(after=("fused_lora",))  # it recomputes fused A projections too
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         gm = graph_module

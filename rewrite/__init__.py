@@ -61,7 +61,6 @@ def __getattr__(name: str):
                 raise
             raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
     value = getattr(importlib.import_module(_API[name]), name)
-    importlib.import_module("rewrite.passes")  # registers the built-in passes
     globals()[name] = value
     return value
 

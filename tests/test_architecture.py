@@ -1,5 +1,6 @@
-"""The layering rules, read from the source: the engine never imports a pass, the CLI or a recipe, and
-never names a pass; no pass imports another; nothing imports in a cycle."""
+"""The layering rules, read from the source: the engine never imports a pass, the CLI or a recipe (also not
+through `importlib`), and never names a pass, its tensors or its node tags; no pass imports another; nothing
+imports in a cycle."""
 from __future__ import annotations
 
 import ast
@@ -37,7 +38,7 @@ def _layer(module: str) -> str:
 
 
 def _imports(module: str) -> set[str]:
-    """The project modules `module` imports (`from rewrite import data` imports `rewrite.training.data`)."""
+    """The project modules `module` imports (`from rewrite.training import data` imports `rewrite.training.data`)."""
     found = set()
     for node in ast.walk(ast.parse(MODULES[module].read_text())):
         if isinstance(node, ast.Import):
@@ -69,6 +70,83 @@ def test_the_engine_imports_no_pass_cli_recipe_or_facade(module):
 def test_the_engine_names_no_pass(module):
     named = _strings(module) & set(rewrite.passes.available())
     assert not named, f"{module} names pass {sorted(named)}: ask the pass through a hook instead"
+
+
+GENERIC_NAMES = {"weight", "bias"}  # tensor names every module has
+
+
+def _tensor_names(tree: ast.AST) -> set[str]:
+    """Names a pass gives tensors it creates: the dotted parts of `f"{path}.name"` strings (`ia3_l`)."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.JoinedStr):
+            for part in node.values:
+                if isinstance(part, ast.Constant) and part.value.startswith("."):
+                    found.update(p for p in part.value.split(".") if p.isidentifier())
+    return found - GENERIC_NAMES
+
+
+def _is_tags(node: ast.AST) -> bool:
+    """`x.meta["rewrite"]` or `tag(x)`."""
+    if isinstance(node, ast.Call):
+        return getattr(node.func, "id", None) == "tag"
+    return (isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant) and node.slice.value == "rewrite"
+            and getattr(node.value, "attr", None) == "meta")
+
+
+def _tag_keys(tree: ast.AST, written_only: bool = False) -> set[str]:
+    """Node tag keys a module writes (`x.meta["rewrite"]["key"] = ...`, `.update(key=...)`, `NodeBuilder(...,
+    **{"key": ...})`) and, unless `written_only`, reads (`tag(x).get("key")`, `tag(x)["key"]`)."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Subscript) and _is_tags(node.value) and isinstance(node.slice, ast.Constant):
+            if not written_only or isinstance(node.ctx, ast.Store):
+                found.add(node.slice.value)
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and _is_tags(node.func.value):
+            if node.func.attr == "update" or (node.func.attr == "get" and not written_only):
+                found.update(a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str))
+                found.update(k.arg for k in node.keywords if k.arg)
+        elif isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) in (
+                "NodeBuilder", "builder"):
+            for keyword in node.keywords:
+                if keyword.arg is None and isinstance(keyword.value, ast.Dict):
+                    found.update(k.value for k in keyword.value.keys if isinstance(k, ast.Constant))
+                elif keyword.arg:
+                    found.add(keyword.arg)
+    return found
+
+
+def _owned_by_passes() -> dict[str, str]:
+    """Tensor names and tag keys a pass module spells itself and the engine does not make (its `pass` and
+    `target` tags, PEFT's `lora_A` in the adapter layer) -> the pass module. What the engine only reads is
+    still the pass's: the engine must not know it."""
+    made = set()
+    for module in MODULES:
+        if _layer(module) == "engine":
+            tree = ast.parse(MODULES[module].read_text())
+            made |= _tensor_names(tree) | _tag_keys(tree, written_only=True)
+    owned = {}
+    for module in MODULES:
+        if _layer(module) == "passes" and module != "rewrite.passes":
+            tree = ast.parse(MODULES[module].read_text())
+            owned.update({name: module for name in (_tensor_names(tree) | _tag_keys(tree)) - made})
+    return owned
+
+
+def _spelled(module: str) -> set[str]:
+    """The identifiers in a module's strings (dotted parts too), docstrings left out."""
+    tree = ast.parse(MODULES[module].read_text())
+    parts = {node.value for node in ast.walk(tree) if isinstance(node, ast.Constant) and isinstance(node.value, str)}
+    parts &= _strings(module) | {p.value for n in ast.walk(tree) if isinstance(n, ast.JoinedStr) for p in n.values
+                                 if isinstance(p, ast.Constant)}
+    return {piece for part in parts for piece in part.split(".") if piece.isidentifier()}
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if _layer(m) == "engine"))
+def test_the_engine_spells_no_tensor_name_or_tag_of_a_pass(module):
+    owned = _owned_by_passes()
+    spelled = {name: owned[name] for name in _spelled(module) & set(owned)}
+    assert not spelled, f"{module} spells {spelled}: a pass's own names; give the engine a typed API for them instead"
 
 
 @pytest.mark.parametrize("module", sorted(m for m in MODULES if _layer(m) == "passes" and m != "rewrite.passes"))

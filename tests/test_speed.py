@@ -21,7 +21,6 @@ from helpers import capture_tiny, fresh_inputs, lora_graph, randomize_lora, sent
 MODELS = [("llama", "causal-lm"), ("gpt2", "causal-lm"), ("bert", "masked-lm"), ("bert", "seq-cls")]
 PASSES = ["chunked_loss", "fused_lora", "dense_attention", "grouped_attention", "rows", "fast_dropout",
           "gated_activation", "recompute_input", "checkpoint"]
-AFTER = {"grouped_attention": ["dense_attention"]}  # it rewrites the attention dense_attention leaves without a mask
 ROLES = ["q", "k", "v", "o", "mlp"]
 
 
@@ -63,12 +62,12 @@ def _loss_and_grads(graph, lora, inputs, labels, task):
 @pytest.mark.parametrize("arch,task", MODELS)
 def test_pass_keeps_loss_and_lora_gradients(arch, task, name, training):
     # a pass that changes train-mode dropout draws is compared without dropout
-    gm = _adapted(arch, task, dropout=0.0 if training and pass_class(name).changes_dropout else None)
-    names = [*AFTER.get(name, []), name]
+    gm = _adapted(arch, task, dropout=0.0 if training and speed.speed_of(pass_class(name)).changes_dropout else None)
+    names = speed.resolve([name], dropout_parity=False, custom_loss=False)  # with what it needs
     fast = speed.twin(gm, names)
     fast.train(training)
     gm.train(training)
-    padded = not any(pass_class(n).unpadded_only for n in names)
+    padded = not any(speed.speed_of(pass_class(n)).unpadded_only for n in names)
     inputs = fresh_inputs() if padded else example_inputs(["input_ids", "attention_mask"], 128, batch=3, seq=11)
     labels = _labels(inputs, task)
     lora = [p for n, p in gm.named_parameters() if ".lora_" in n]
@@ -194,10 +193,18 @@ def test_a_custom_loss_gets_logits_and_dropout_parity_drops_rows():
         "dense_attention", "grouped_attention", "rows", "fast_dropout", "gated_activation", "fused_lora",
         "recompute_input"]
     assert speed.resolve(None, dropout_parity=True, custom_loss=False, checkpoint=True) == [
-        "chunked_loss", "dense_attention", "grouped_attention", "gated_activation", "fused_lora", "recompute_input",
-        "checkpoint"]
+        "chunked_loss", "dense_attention", "gated_activation", "fused_lora", "grouped_attention", "recompute_input",
+        "checkpoint"]  # without rows, the MLP and LoRA passes do not wait for the attention ones: by name
     with pytest.raises(rewrite.RewriteError, match="not a training-speed pass"):
         speed.resolve(["lora"], dropout_parity=False, custom_loss=False)
+
+
+def test_the_speed_pipeline_is_the_passes_declarations():
+    """A chosen pass brings what it needs, and every declared order holds, whatever order the run names them in."""
+    assert speed.resolve(["grouped_attention"], dropout_parity=False, custom_loss=False) == [
+        "dense_attention", "grouped_attention"]
+    assert speed.resolve(["checkpoint", "recompute_input", "fused_lora", "rows"], dropout_parity=False,
+                         custom_loss=False) == ["rows", "fused_lora", "recompute_input", "checkpoint"]
 
 
 @pytest.mark.slow
@@ -206,7 +213,7 @@ def test_minilm_passes_keep_loss_and_gradients(minilm_dir, training):
     gm = rewrite.load_pretrained(minilm_dir, task="seq-cls", num_labels=2)
     rewrite.apply(gm, "lora", rank=8, alpha=16, roles=ROLES)
     randomize_lora(gm)
-    names = [n for n in PASSES if not (training and pass_class(n).changes_dropout)]
+    names = [n for n in PASSES if not (training and speed.speed_of(pass_class(n)).changes_dropout)]
     fast = speed.twin(gm, names)
     gm.train(training)
     fast.train(training)

@@ -54,7 +54,7 @@ def _graph_json(gm: fx.GraphModule) -> str:
         return json.dumps(encode_graph(gm.graph, _KEPT_META))
     except UnsafeGraphError as error:
         speed = [entry["pass"] for entry in info(gm)["history"]
-                 if entry["pass"] in available() and pass_class(entry["pass"]).speed_rank is not None]
+                 if entry["pass"] in available() and getattr(pass_class(entry["pass"]), "speed", None) is not None]
         hint = (f"; the training-speed passes in its history ({', '.join(speed)}) make the graph `rewrite train` "
                 "steps through (it applies them itself), not one to save" if speed else "")
         raise RewriteError(f"this graph cannot be saved as a .pt2 archive: {error}{hint}") from error
@@ -93,18 +93,23 @@ def _read_tensors(archive: zipfile.ZipFile, header: dict) -> dict[str, torch.Ten
     return safetensors.torch.load(archive.read("weights.safetensors"))
 
 
+def _owner(root: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """The module that holds tensor `name` (created empty if missing) and the tensor's attribute name."""
+    parent_path, _, leaf = name.rpartition(".")
+    if parent_path:
+        try:
+            return root.get_submodule(parent_path), leaf
+        except AttributeError:
+            add_submodule(root, parent_path, nn.Module())
+            return root.get_submodule(parent_path), leaf
+    return root, leaf
+
+
 def _build_root(tensors: dict[str, torch.Tensor], manifest: dict) -> nn.Module:
     root = nn.Module()
 
     def owner(name: str) -> tuple[nn.Module, str]:
-        parent_path, _, leaf = name.rpartition(".")
-        if parent_path:
-            try:
-                return root.get_submodule(parent_path), leaf
-            except AttributeError:
-                add_submodule(root, parent_path, nn.Module())
-                return root.get_submodule(parent_path), leaf
-        return root, leaf
+        return _owner(root, name)
 
     for name, requires_grad in manifest["parameters"].items():
         module, leaf = owner(name)
@@ -171,7 +176,23 @@ def _read(archive: zipfile.ZipFile) -> RewriteGraph:
     if "config/config.json" in archive.namelist():
         header["config"] = _read_config(archive, header.get("source"))
     header["tokenizer"] = _read_tokenizer(archive, header.get("source"))
-    return wrap(root, graph, header, training)
+    gm = wrap(root, graph, header, training)
+    _keep_unread(gm, root)
+    return gm
+
+
+def _keep_unread(gm: fx.GraphModule, root: nn.Module) -> None:
+    """Tensors no node reads stay with the graph (`fx.GraphModule` copies only what its nodes read): a method's
+    bookkeeping, such as the initial factors a PiSSA branch converts its adapter file with."""
+    held = {name for name, _ in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]}
+    for name, tensor in root.named_parameters(remove_duplicate=False):
+        if name not in held:
+            module, leaf = _owner(gm, name)
+            module.register_parameter(leaf, tensor)
+    for name, tensor in root.named_buffers(remove_duplicate=False):
+        if name not in held:
+            module, leaf = _owner(gm, name)
+            module.register_buffer(leaf, tensor)
 
 
 def load(path: str | Path) -> RewriteGraph:

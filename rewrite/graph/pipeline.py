@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from importlib.metadata import entry_points
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Iterable, Sequence
@@ -44,6 +45,8 @@ from rewrite.graph.options import check_choices, option  # noqa: F401  (`option`
 log = logging.getLogger(__name__)
 
 _REGISTRY: dict[str, type["Pass"]] = {}
+PLUGIN_GROUP = "rewrite.passes"  # packages whose import registers passes (the built-in ones: `passes/`)
+_plugins_loaded = False
 
 
 @dataclass(frozen=True)
@@ -72,17 +75,6 @@ class Pass(PassBase):
     name: ClassVar[str]
     title: ClassVar[str] = ""
     peft_types: ClassVar[tuple[str, ...]] = ()  # PEFT adapter types `from_adapter` applies
-    # Training-graph passes (`rewrite.training.speed`): `speed_rank` orders them (None: not one), `speed_default`
-    # says whether `rewrite.training.train` applies it unless told otherwise. Flags say how one may be used: it
-    # changes train-mode dropout draws (not bit-exact with Hugging Face's masks), its graph returns what
-    # the loss must finish (not logits, so a custom loss cannot read it), or it is exact only for
-    # batches without padding.
-    speed_rank: ClassVar[int | None] = None
-    speed_default: ClassVar[bool] = True
-    changes_dropout: ClassVar[bool] = False
-    replaces_logits: ClassVar[bool] = False
-    unpadded_only: ClassVar[bool] = False
-
     def __post_init__(self) -> None:
         self.report: dict[str, Any] = {}
         check_choices(self)  # once, when the pass is created
@@ -172,13 +164,25 @@ def register(cls: type[Pass]) -> type[Pass]:
     return cls
 
 
+def _load_plugins() -> None:
+    """Imports every package the `rewrite.passes` entry points name, once, so its passes register: the engine
+    finds the built-in passes, and any installed package's, without naming them."""
+    global _plugins_loaded
+    if not _plugins_loaded:
+        _plugins_loaded = True
+        for plugin in entry_points(group=PLUGIN_GROUP):
+            plugin.load()
+
+
 def available() -> list[str]:
     """Names of the registered passes."""
+    _load_plugins()
     return sorted(_REGISTRY)
 
 
 def registered() -> list[type[Pass]]:
     """The registered pass classes, in registration order."""
+    _load_plugins()
     return list(_REGISTRY.values())
 
 
@@ -187,6 +191,7 @@ def option_names(name: str) -> list[str]:
 
 
 def pass_class(name: str) -> type[Pass]:
+    _load_plugins()
     if name not in _REGISTRY:
         raise RewriteError(f"unknown pass {name!r}; available passes: {', '.join(available())}")
     return _REGISTRY[name]

@@ -256,15 +256,23 @@ def placeholders(gm: fx.GraphModule) -> dict[str, fx.Node]:
     return {node.target: node for node in gm.graph.find_nodes(op="placeholder")}
 
 
+_EXTENDS = "extends"
+
+
+def mark_extended(node: fx.Node, name: str) -> None:
+    """Marks `node` (made by a pass's builder) as graph input `name` extended, e.g. with prepended positions."""
+    node.meta["rewrite"][_EXTENDS] = name
+
+
 def model_input(gm: fx.GraphModule, name: str) -> fx.Node | None:
     """Input `name` as the model sees it: the extended tensor when a pass extended it (prompt tuning
-    prepends virtual positions; its node is tagged `extends=name`), else the placeholder.
+    prepends virtual positions: `mark_extended`), else the placeholder.
 
     A pass that runs later and reads `input_ids` or `attention_mask` (e.g. to find the `[MASK]`
     position) must read this node, or its positions are off by the prepended positions.
     """
     for node in gm.graph.nodes:
-        if tag(node).get("extends") == name:
+        if tag(node).get(_EXTENDS) == name:
             return node
     return placeholders(gm).get(name)
 
@@ -294,7 +302,7 @@ def word_embedding(gm: fx.GraphModule, needed_for: str) -> fx.Node:
         node = queue.popleft()
         for user in node.users:
             passes_on = user.target in _ID_CARRIERS and user.args[0] is node
-            if user not in carriers and (passes_on or tag(user).get("extends") == "input_ids"):
+            if user not in carriers and (passes_on or tag(user).get(_EXTENDS) == "input_ids"):
                 carriers.add(user)
                 queue.append(user)
     for node in gm.graph.find_nodes(op="call_function", target=aten.embedding.default):

@@ -1,11 +1,12 @@
 """The graph `rewrite.training.train` steps through: a copy of the user's graph rewritten for training speed.
 
 The speed passes run on a twin of the graph that shares its parameters, so the user's graph (its
-evaluation, saved archive, fold and export) is untouched. `SPEED_PASSES` are the exact ones, applied
-by default; each says so, and how it may be used, on its class (`Pass.speed_rank` and the flags beside
-it): the loss without full logits, LoRA A projections fused, `[CLS]`-row classifiers and cheaper CPU
-dropout masks (both not when the run keeps Hugging Face's dropout masks bit for bit), per-block
-activation checkpointing (opt-in).
+evaluation, saved archive, fold and export) is untouched. A pass is a training-speed pass by declaring
+`speed = SpeedPass(...)` on its class: whether it applies by default (the exact ones: the loss without
+full logits, LoRA A projections fused, `[CLS]`-row classifiers and cheaper CPU dropout masks, both not
+when the run keeps Hugging Face's dropout masks bit for bit) or on request (per-block activation
+checkpointing), what it needs and must run after, and how it may be used. The pipeline is those
+declarations: the chosen passes, what they need, in an order that keeps every constraint.
 A pass that is exact only for batches without padding (attention without a materialized mask)
 makes a second twin for those; `Graphs` picks one per batch.
 """
@@ -13,19 +14,59 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib
 import logging
 import warnings
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
+import networkx as nx
 import torch
 from torch import fx, nn
 
 from rewrite.graph.ir import info, wrap
 from rewrite.errors import RewriteError
-from rewrite.graph.pipeline import Pipeline, available, pass_class
+from rewrite.graph.pipeline import Pipeline, Pass, available, pass_class
 
 _COMPILE_BACKEND = "inductor"
+
+
+@dataclass(frozen=True)
+class SpeedPass:
+    """A training-speed pass's place in the pipeline and how it may be used.
+
+    `needs`: passes whose output it rewrites (added to a run that chooses it, and run first); `after`:
+    passes that run first when both run; `last`: after every other; `default`: applied unless the run says
+    otherwise. Flags: it changes train-mode dropout draws (not bit-exact with Hugging Face's masks), its graph
+    returns what the loss must finish (not logits, so a custom loss cannot read it), it is exact only for
+    batches without padding."""
+
+    default: bool = True
+    needs: tuple[str, ...] = ()
+    after: tuple[str, ...] = ()
+    last: bool = False
+    changes_dropout: bool = False
+    replaces_logits: bool = False
+    unpadded_only: bool = False
+
+
+def speed_of(cls: type[Pass]) -> SpeedPass | None:
+    """The pass's speed declaration, or None when it is not a training-speed pass."""
+    declared = getattr(cls, "speed", None)
+    return declared if isinstance(declared, SpeedPass) else None
+
+
+def ordered(names: Sequence[str]) -> list[str]:
+    """`names` in an order that keeps every pass's `needs`, `after` and `last`; ties by name."""
+    graph = nx.DiGraph()
+    graph.add_nodes_from(names)
+    for name in names:
+        declared = speed_of(pass_class(name))
+        before = [n for n in names if n != name] if declared.last else [*declared.needs, *declared.after]
+        graph.add_edges_from((first, name) for first in before if first in graph)
+    try:
+        return list(nx.lexicographical_topological_sort(graph))
+    except nx.NetworkXUnfeasible:
+        raise RewriteError(f"the training-speed passes {', '.join(names)} declare a cycle in their order") from None
 
 
 def _compiled(gm: fx.GraphModule | None, compile: bool):
@@ -69,10 +110,15 @@ def saved_bytes(run: Callable[[], object], module: nn.Module) -> int:
 
 def speed_passes(default: bool = True) -> list[str]:
     """The registered training-speed passes `rewrite.training.train` applies by default (or the opt-in ones), in order."""
-    importlib.import_module("rewrite.passes")  # registers the built-in passes
-    found = [name for name in available() if pass_class(name).speed_rank is not None
-             and pass_class(name).speed_default == default]
-    return sorted(found, key=lambda name: pass_class(name).speed_rank)
+    return ordered([name for name in available()
+                    if speed_of(pass_class(name)) is not None and speed_of(pass_class(name)).default == default])
+
+
+def _with_needs(names: Sequence[str]) -> list[str]:
+    chosen = list(dict.fromkeys(names))
+    for name in chosen:  # grows while it is walked: what a needed pass needs is added too
+        chosen += [n for n in speed_of(pass_class(name)).needs if n not in chosen]
+    return chosen
 
 
 def resolve(names: Sequence[str] | None, *, dropout_parity: bool, custom_loss: bool,
@@ -84,13 +130,13 @@ def resolve(names: Sequence[str] | None, *, dropout_parity: bool, custom_loss: b
     chosen = list(speed_passes() if names is None else names)
     chosen += [name for name in speed_passes(default=False) if checkpoint and name not in chosen]
     for name in chosen:
-        if pass_class(name).speed_rank is None:
+        if speed_of(pass_class(name)) is None:
             raise RewriteError(f"pass {name!r} is not a training-speed pass; use some of "
                                f"{', '.join(speed_passes() + speed_passes(default=False))}")
-    chosen = [name for name in chosen
-              if not (dropout_parity and pass_class(name).changes_dropout)
-              and not (custom_loss and pass_class(name).replaces_logits)]
-    return sorted(chosen, key=lambda name: pass_class(name).speed_rank)
+    chosen = [name for name in _with_needs(chosen)
+              if not (dropout_parity and speed_of(pass_class(name)).changes_dropout)
+              and not (custom_loss and speed_of(pass_class(name)).replaces_logits)]
+    return ordered(chosen)
 
 
 def twin(gm: fx.GraphModule, names: Sequence[str]) -> fx.GraphModule:
@@ -109,9 +155,9 @@ def twin(gm: fx.GraphModule, names: Sequence[str]) -> fx.GraphModule:
 def graphs(gm: fx.GraphModule, names: Sequence[str], compile: bool = False) -> Graphs:
     """The training graphs for `gm`: the general twin, and the unpadded twin when `dense_attention`
     changes anything."""
-    general = twin(gm, [n for n in names if not pass_class(n).unpadded_only])
+    general = twin(gm, [n for n in names if not _unpadded_only(n) and not any(map(_unpadded_only, _needs(n)))])
     unpadded = None
-    if any(pass_class(n).unpadded_only for n in names):
+    if any(_unpadded_only(n) for n in names):
         candidate = twin(gm, names)
         if _changed(candidate, since=len(info(gm)["history"])):
             unpadded = candidate
@@ -120,8 +166,15 @@ def graphs(gm: fx.GraphModule, names: Sequence[str], compile: bool = False) -> G
 
 def _changed(candidate: fx.GraphModule, since: int) -> bool:
     """Whether an unpadded-only pass changed the candidate graph (else the general graph serves all)."""
-    return any(pass_class(entry["pass"]).unpadded_only and entry["modified"]
-               for entry in info(candidate)["history"][since:])
+    return any(_unpadded_only(entry["pass"]) and entry["modified"] for entry in info(candidate)["history"][since:])
+
+
+def _unpadded_only(name: str) -> bool:
+    return speed_of(pass_class(name)).unpadded_only
+
+
+def _needs(name: str) -> tuple[str, ...]:
+    return speed_of(pass_class(name)).needs
 
 
 class _quiet:
