@@ -29,7 +29,7 @@ import torch
 import transformers
 
 import rewrite
-from rewrite.serve import runtime
+from rewrite.export import runtime
 from rewrite.graph.synthetic_inputs import example_inputs
 from rewrite.export.onnx_adapters import Adapters, export_adapter, stacked_feeds
 
@@ -172,7 +172,7 @@ def main() -> None:
     models = {"minilm": ("MiniLM seq-cls", minilm), "llama": ("tiny LLaMA causal LM", tiny_llama)}
     for name, make in [models[key] for key in args.models.split(",")]:
         base, vocab = make()
-        inputs = example_inputs(base.info["input_names"], vocab, batch=8, seq=128)
+        inputs = example_inputs(base.info.input_names, vocab, batch=8, seq=128)
         with tempfile.TemporaryDirectory() as tmp:
             paths = build(base, Path(tmp))
             for clock, label in [(time.perf_counter, "wall-clock"), (time.process_time, "CPU-time")]:

@@ -21,7 +21,7 @@ import torch
 import transformers
 
 import rewrite
-from rewrite.serve import runtime
+from rewrite.export import runtime
 from rewrite.serve.generate import CachedModel, stream_ids
 
 

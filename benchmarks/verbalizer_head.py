@@ -60,7 +60,7 @@ def build(model_dir: str) -> dict[str, rewrite.RewriteGraph]:
 
 def make_batch(gm: rewrite.RewriteGraph, batch: int, seq: int) -> dict[str, torch.Tensor]:
     """Random word ids with one [MASK] per row at a random position, and class labels."""
-    tokenizer = gm.info["tokenizer"]
+    tokenizer = gm.info.tokenizer
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(1000, tokenizer.vocab_size, (batch, seq), generator=generator)
     ids[:, 0], ids[:, -1] = tokenizer.cls_token_id, tokenizer.sep_token_id
@@ -74,7 +74,7 @@ def label_scores(name: str, gm: rewrite.RewriteGraph, batch: dict[str, torch.Ten
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     if name == "pruned":
         return gm(**inputs).logits
-    tokenizer = gm.info["tokenizer"]
+    tokenizer = gm.info.tokenizer
     full = gm(**inputs).logits
     at_mask = full[torch.arange(full.shape[0]), (batch["input_ids"] == tokenizer.mask_token_id).int().argmax(1)]
     ids = [tokenizer.convert_tokens_to_ids(words) for words in LABELS.values()]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from rewrite.atomic import check_output
-from rewrite.cli.common import console, overwrite_option, refuse_idle_options, seed_option
+from rewrite.cli.common import console, overwrite_option, refuse_idle_options
 from rewrite.errors import RewriteError
 
 
@@ -63,7 +63,8 @@ def _idle_merge_options(method: str) -> dict[str, str]:
               help="ties, dare_ties: how the sign of each value is elected.")
 @click.option("--svd-rank", type=int, default=None, help="svd methods: rank of the merged adapter (default: the largest).")
 @click.option("--svd-clamp", type=float, default=None, help="svd methods: clamp A and B at this quantile.")
-@seed_option
+@click.option("--seed", type=int, default=None,
+              help="dare methods: seeds the random masks; PEFT's masks after torch.manual_seed(SEED).")
 @overwrite_option
 def merge(sources: tuple[str, ...], output: str, weights: list[float], method: str, density: float | None,
           majority_sign: str, svd_rank: int | None, svd_clamp: float | None, seed: int | None, overwrite: bool) -> None:

@@ -29,7 +29,7 @@ def capture(model_dir: str, output: str, task: str, meta: bool, num_labels: int 
     """Capture a local Hugging Face model directory as a graph archive (.pt2)."""
     seed_all(seed)
     gm = rewrite.load_pretrained(model_dir, task=task, meta=meta, num_labels=num_labels)
-    console.print(f"captured {len(gm.graph.nodes)} nodes ({gm.info['task']})")
+    console.print(f"captured {len(gm.graph.nodes)} nodes ({gm.info.task})")
     write_graph(gm, output)
 
 
@@ -123,23 +123,23 @@ def inspect(source: str) -> None:
     """Show how a graph archive was made: passes, matched targets, trainable parameters."""
     gm = read_graph(source)
     meta = gm.info
-    out.print(f"source: {meta.get('source', '-')}  task: {meta.get('task', '-')}  nodes: {len(gm.graph.nodes)}")
-    if not meta["history"]:
+    out.print(f"source: {meta.source or '-'}  task: {meta.task or '-'}  nodes: {len(gm.graph.nodes)}")
+    if not meta.history:
         out.print("passes: none (base capture)")
-    for index, entry in enumerate(meta["history"], 1):
+    for index, entry in enumerate(meta.history, 1):
         options = ", ".join(f"{k}={v}" for k, v in entry["options"].items() if v not in (None, {}, []))
         out.print(f"{index}. {entry['pass']}({options}): {entry['report'].get('summary', '')}", markup=False)
         for target in entry["report"].get("targets", []):
             out.print(f"     {target}", markup=False)
     out.print(trainable_parameters_line(gm))
-    trainable = meta.get("trainable") or []
+    trainable = meta.trainable
     if not trainable:
         out.print("rewrite train would train nothing: no pass made parameters trainable (apply lora, prompt or ptuning)")
     else:
         modules = sorted({name.rpartition(".")[0] for name in trainable})
         out.print(f"rewrite train would train {len(trainable)} tensors in {len(modules)} modules", markup=False)
-    if meta.get("untrained"):
-        out.print(f"never trained (fresh random weights): {', '.join(meta['untrained'])}", markup=False)
+    if meta.untrained:
+        out.print(f"never trained (fresh random weights): {', '.join(meta.untrained)}", markup=False)
 
 
 @click.command()

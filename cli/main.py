@@ -28,7 +28,7 @@ COMMANDS = {
     "demo": ("rewrite.cli.train", "demo", "MiniLM + LoRA on shipped SST-2 data, end to end to ONNX."),
     "pet": ("rewrite.cli.pet", "pet_command", "Pattern-Exploiting Training: PVP models, distillation, ONNX."),
     "mlm-head": ("rewrite.cli.mlm_head", "mlm_head_command", "Fit a checkpoint's missing masked-LM head on unlabeled text."),
-    "adapter": ("rewrite.cli.adapter", "adapter", "Adapter files for models exported with adapter slots."),
+    "adapter": ("rewrite.cli.adapter", "adapter", "Adapter files: merge LoRA adapters, export one for adapter slots."),
 }
 
 

@@ -13,7 +13,6 @@ import typing
 
 import click
 
-import rewrite.passes  # noqa: F401  (registers the built-in passes, whose options become flags)
 from rewrite.errors import RewriteError
 from rewrite.graph.options import choices
 from rewrite.graph.pipeline import available, pass_class
@@ -51,6 +50,15 @@ def _convert(name: str, annotation, raw: str):
     raise RewriteError(f"--{name.replace('_', '-')} has a type the command line cannot express; use --pipeline")
 
 
+def _widened(first, second):
+    """The flag's type when two passes type one option differently: their choices together, if both are
+    `Literal`s (each pass checks its own), else the first's."""
+    a, b = choices(first), choices(second)
+    if a and b and not a[1] and not b[1]:
+        return typing.Literal[tuple(dict.fromkeys(a[0] + b[0]))]
+    return first
+
+
 def _option_specs() -> dict[str, tuple[object, str]]:
     """Option name -> (annotation, help naming the passes that take it), over every registered pass."""
     found: dict[str, tuple[object, str]] = {}
@@ -59,7 +67,7 @@ def _option_specs() -> dict[str, tuple[object, str]]:
         for field in dataclasses.fields(pass_class(name)):
             if field.name in found:
                 annotation, help_text = found[field.name]
-                found[field.name] = (annotation, help_text.replace("]", f", {name}]", 1))
+                found[field.name] = (_widened(annotation, hints[field.name]), help_text.replace("]", f", {name}]", 1))
             else:
                 found[field.name] = (hints[field.name], f"[{name}] {field.metadata.get('help', '')}")
     return found

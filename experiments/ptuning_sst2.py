@@ -61,7 +61,7 @@ def build(model_dir: str, method: str, seed: int) -> rewrite.RewriteGraph:
         rewrite.apply(gm, "lora", rank=8, alpha=16, roles=["q", "v"])
     rewrite.apply(gm, "verbalizer", labels=LABELS)
     if method == "head_only":
-        forget_trainable(gm, [n for n in gm.info["trainable"] if n.startswith("prompt_encoder.")])
+        forget_trainable(gm, [n for n in gm.info.trainable if n.startswith("prompt_encoder.")])
         mark_trainable(gm, head)  # a fitted (pretrained) head is frozen by the verbalizer: this row trains it
     return gm
 

@@ -19,8 +19,7 @@ from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from rewrite.graph.query import GraphQuery
-from rewrite.graph.ir import info
-from rewrite.training.head_loss import HEAD_KEY
+from rewrite.graph.ir import LossHead, info
 from rewrite.training.speed import SpeedPass
 from rewrite.graph.pipeline import Pass, register
 
@@ -46,12 +45,12 @@ class ChunkedLossPass(Pass):
         gm = graph_module
         logits = _logits_node(gm)
         head = next((p for p in GraphQuery(gm).output_heads if p.node is logits), None)
-        cut = (info(gm).get("task") in LM_TASKS and HEAD_KEY not in info(gm) and head is not None
+        cut = (info(gm).task in LM_TASKS and info(gm).loss_head is None and head is not None
                and logits.target is torch.ops.aten.linear.default and len(logits.users) == 1)
         if cut:
             bias = logits.args[2] if len(logits.args) > 2 else None
-            info(gm)[HEAD_KEY] = {"weight": head.weight, "bias": bias.target if bias is not None else None,
-                                  "transposed": head.transposed, "path": head.path}
+            info(gm).loss_head = LossHead(head.weight, bias.target if bias is not None else None, head.transposed,
+                                          head.path)
             logits.replace_all_uses_with(head.input)
             gm.graph.erase_node(logits)
         self.report = {"head": head.path if cut else None,

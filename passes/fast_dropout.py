@@ -1,9 +1,9 @@
-"""Fast dropout: the graph's dropouts draw their CPU masks from 16-bit random lanes (`rewrite.training.dropout`).
+"""Fast dropout: the graph's dropouts draw their CPU masks from 16-bit random lanes (`rewrite.graph.dropout`).
 
 Dropout is 38% of MiniLM's CPU training step (`benchmarks/dropout_cost.py`): torch draws each mask
 element by element, and attention with dropout leaves SDPA's fused kernel for the math path. This
 pass swaps every `aten.dropout` and every `scaled_dot_product_attention` with a train-mode dropout
-probability for `rewrite.training.dropout.dropout` / `attention`: the same distribution (each probability
+probability for `rewrite.graph.dropout.dropout` / `attention`: the same distribution (each probability
 rounded to a multiple of 2**-16), the same scaling, the same ops in eval mode and off the CPU. The
 masks are not Hugging Face's, so `rewrite.training.train` leaves it out when a run asks for dropout parity.
 """
@@ -16,7 +16,7 @@ import torch
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
-from rewrite.training import dropout
+from rewrite.graph import dropout
 from rewrite.graph.modes import train_dropout_p
 from rewrite.training.speed import SpeedPass
 from rewrite.graph.pipeline import Pass, register

@@ -2,7 +2,8 @@
 
 Targets are chosen like PEFT (`targets`: a regex that fullmatches the module path, a list of names
 matched exactly or as a `.suffix`, or `"all-linear"`) or structurally (`roles`: q, k, v, o, mlp, down, read
-off the graph by `rewrite.graph.query`). With neither, the default is roles q and v. The branch's weights
+off the graph by `rewrite.graph.query`). With neither, the default is roles q and v. Targets may also name
+embeddings (`embed_tokens`, `wte`), which get PEFT's `lora.Embedding` branch (`rewrite.adapters.embedding`). The branch's weights
 live at `<module path>.lora_A.weight` / `.lora_B.weight`, PEFT's names, and adapter files are PEFT's
 LORA (`adapter_config.json` + `base_model.model.<path>.lora_A.weight` ...), in both directions.
 
@@ -23,3 +24,4 @@ from rewrite.graph.pipeline import register
 class LoraPass(LowRank):
     name = "lora"
     title = "LoRA"
+    adapts_lookups = True

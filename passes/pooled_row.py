@@ -2,7 +2,7 @@
 
 BERT-style sequence classifiers pool `hidden[:, 0]` (`[CLS]`); everything after the last block's
 attention, and the last block's query and attention for that one row, only matters for that row.
-This pass moves the read up through those nodes (`rewrite.adapters.row_gather`), so the last block runs on one row
+This pass moves the read up through those nodes (`rewrite.graph.row_gather`), so the last block runs on one row
 per example, with the same outputs in eval mode. `rewrite.training.train` applies it to its training graph
 by default (`rewrite.training.speed`), unless the run asks for Hugging Face's dropout masks bit for bit.
 
@@ -20,7 +20,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from rewrite.training.speed import SpeedPass
 from rewrite.graph.pipeline import Pass, register
-from rewrite.adapters.row_gather import select_rows
+from rewrite.graph.row_gather import select_rows
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ at the mask and averaging each label's words:
   labels (a word listed under two labels counts twice, as there), `log(p + 1e-15)`, then the mean
   over each label's words.
 
-The gather then moves up as far as the arithmetic allows (`rewrite.adapters.row_gather`): every node before the
+The gather then moves up as far as the arithmetic allows (`rewrite.graph.row_gather`): every node before the
 head that only the mask row needs (in a transformer, the last block's query projection, attention for
 the one query row, output projection, residuals, norms, feed-forward, and their LoRA branches) is
 recomputed on the gathered rows and its full-length version is dropped; the last block's keys and
@@ -53,7 +53,7 @@ from rewrite.text.labels import Aggregation, averaging_matrix, label_word_ids, r
 from rewrite.graph.nodes import NodeBuilder, set_output
 from rewrite.graph.params import canonical_names, mark_trainable
 from rewrite.graph.pipeline import Pass, option, register
-from rewrite.adapters.row_gather import rows_at
+from rewrite.graph.row_gather import rows_at
 from rewrite.text.templates import uses_template
 from rewrite.graph.transaction import overwrite
 
@@ -158,7 +158,7 @@ def _mask_index(build: NodeBuilder, head: MlmHead, mask_id: int, length: fx.Node
 def _rows_at_mask(build: NodeBuilder, gm: fx.GraphModule, head: MlmHead, mask_id: int,
                   move: bool) -> tuple[fx.Node, list[fx.Node]]:
     """The hidden state at each row's mask, [batch, hidden], and the full-length nodes it replaces
-    (`rewrite.adapters.row_gather`: with `move`, the nodes before the head that only the mask row needs run on it alone)."""
+    (`rewrite.graph.row_gather`: with `move`, the nodes before the head that only the mask row needs run on it alone)."""
     def index_for(hidden: fx.Node, axis: int) -> fx.Node:
         return _mask_index(build, head, mask_id, build(aten.sym_size.int, hidden, axis))
 
@@ -237,7 +237,7 @@ class VerbalizerPass(Pass):
         gm = graph_module
         if info(gm).task not in (None, "masked-lm"):
             raise RewriteError(
-                f"the verbalizer needs a masked-LM graph, but this graph's task is {info(gm)['task']!r}; "
+                f"the verbalizer needs a masked-LM graph, but this graph's task is {info(gm).task!r}; "
                 "capture the model with --task masked-lm"
             )
         tokenizer = require_tokenizer(gm, "to map label words to token ids")

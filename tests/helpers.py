@@ -32,6 +32,17 @@ def randomize_lora(gm, seed: int = 1) -> None:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
 
 
+def randomize_trainable(module, seed: int, scale: float = 0.5, around_current: bool = False) -> None:
+    """Trained-looking values for every trainable tensor (LoRA's B starts at zero; IA3's vectors at one, which
+    `around_current` keeps as the centre)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in module.parameters():
+            if param.requires_grad:
+                noise = torch.randn(param.shape, generator=generator) * scale
+                param.copy_(param + noise if around_current else noise)
+
+
 def peft_twin(model, gm, task: str, **config):
     """A PEFT model over a copy of `model` carrying `gm`'s LoRA (and trainable head) weights."""
     peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(task_type=TASK_TYPES.get(task), **config))
@@ -41,6 +52,17 @@ def peft_twin(model, gm, task: str, **config):
             if ".lora_" in name:
                 params["base_model.model." + name.replace(".weight", ".default.weight")].copy_(param)
     return peft_model.eval()
+
+
+def assert_folds_to(gm, merged, base) -> None:
+    """Folds `gm`: its logits equal the reference `merged` model's, and it is node for node `base` again (the
+    branch and its tensors gone)."""
+    rewrite.apply(gm, "fold")
+    inputs = fresh_inputs()
+    torch.testing.assert_close(logits(gm, inputs), logits(merged, inputs), atol=1e-5, rtol=0)
+    ops = lambda g: [(n.op, str(n.target)) for n in g.graph.nodes if n.op != "get_attr"]  # noqa: E731
+    assert ops(gm) == ops(base)
+    assert not [n for n, _ in gm.named_parameters() if "lora_" in n]
 
 
 def logits(module, inputs):

@@ -66,6 +66,10 @@ ARCHS = [
 
 PASSES = {
     "lora": "LoRA",
+    "lora_embedding": "LoRA on embeddings + LM head",
+    "dora": "DoRA",
+    "ia3": "IA³",
+    "pissa": "PiSSA",
     "prompt": "prompt tuning",
     "p_tuning_adapter": "PEFT P-tuning adapter",
     "ptuning": "P-tuning (template)",

@@ -128,8 +128,9 @@ def test_merge_equals_peft(worlds, tmp_path, arch, method, options):
     _assert_same_adapter(ours, theirs)
 
 
-@pytest.mark.parametrize("method,options", [c for c in CASES if c[0] in ("linear", "svd", "cat", "dare_ties")][:4],
-                         ids=["linear", "svd", "cat", "dare_ties"])
+@pytest.mark.parametrize("method,options", [("linear", {}), ("svd", {}), ("cat", {}), ("ties", dict(density=0.5)),
+                                            ("dare_ties", dict(density=0.5, seed=7))],
+                         ids=["linear", "svd", "cat", "ties", "dare_ties"])
 def test_three_adapters_equal_peft(worlds, tmp_path, method, options):
     world = worlds("llama", 3)
     theirs = world.peft_merge(_name(method, options), method, options)
@@ -264,6 +265,9 @@ def odd(worlds, tmp_path_factory):
         "stray": _write_adapter(root / "stray", config, {**tensors, key.format("A").replace("weight", "bias"):
                                                          torch.zeros(4)}),
         "no-b": _write_adapter(root / "no-b", config, {k: v for k, v in tensors.items() if k != key.format("B")}),
+        "rank-text": _write_adapter(root / "rank-text", {**config, "r": "4"}, tensors),
+        "no-r": _write_adapter(root / "no-r", {k: v for k, v in config.items() if k != "r"}, tensors),
+        "empty": _write_adapter(root / "empty", config, {}),
     }
 
 
@@ -292,6 +296,9 @@ BAD = [
     ("regex-and-list-targets", lambda o: ([o["good"][0], o["regex"]], o["weights"], {}), "a regex in one and a list"),
     ("stray-tensor", lambda o: ([o["good"][0], o["stray"]], o["weights"], {}), "is not a LoRA factor"),
     ("missing-b", lambda o: ([o["good"][0], o["no-b"]], o["weights"], {}), "has no lora_B for"),
+    ("rank-not-a-number", lambda o: ([o["good"][0], o["rank-text"]], o["weights"], {}), "positive whole ranks"),
+    ("config-without-r", lambda o: ([o["good"][0], o["no-r"]], o["weights"], {}), "lacks r, which a LoRA adapter"),
+    ("no-tensors", lambda o: ([o["good"][0], o["empty"]], o["weights"], {}), "holds no LoRA tensors"),
 ]
 
 

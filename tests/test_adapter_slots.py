@@ -16,7 +16,7 @@ from peft import LoraConfig, get_peft_model
 
 import rewrite
 from rewrite.adapters import slots as adapter_slots
-from rewrite.serve import runtime
+from rewrite.export import runtime
 from rewrite.export.onnx import real_positions
 from rewrite.graph.synthetic_inputs import example_inputs
 from rewrite.export.onnx_adapters import Adapters, SlotLayout, export_adapter, stacked_feeds
@@ -33,7 +33,7 @@ def perturb_heads(gm, seed: int) -> None:
     """A trained seq-cls adapter carries its own head (PEFT's modules_to_save): give it other values."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name in gm.info.get("trainable", []):
+        for name in gm.info.trainable:
             if ".lora_" not in name:
                 param = gm.get_parameter(name)
                 param.add_(torch.randn(param.shape, generator=generator) * 0.5)
@@ -63,7 +63,7 @@ class Family:
 
     def inputs(self, batch: int = 3):
         """Another shape than the capture's, with a padded row; every input the model takes (token types too)."""
-        return example_inputs(self.base.info["input_names"], self.vocab, batch=batch, seq=11, seed=5, pad=True)
+        return example_inputs(self.base.info.input_names, self.vocab, batch=batch, seq=11, seed=5, pad=True)
 
     def lora(self, rank: int, alpha: float, seed: int):
         gm = copy.deepcopy(self.base)
@@ -73,7 +73,7 @@ class Family:
 
 
 def build_family(model, base, vocab, directory: Path) -> Family:
-    family = Family(model, base, vocab, directory, base.info["task"])
+    family = Family(model, base, vocab, directory, base.info.task)
     rewrite.export_onnx(base, family.path("base.onnx"))
     untrained = family.lora(4, 8, seed=0)
     rewrite.export_onnx(untrained, family.path("slots.onnx"), adapter_slots=True)
@@ -284,7 +284,7 @@ def test_ptuning_encoder_output_rides_a_slot(tiny_bert_dir, tmp_path):
                 param.add_(torch.randn(param.shape) * 5)
     rewrite.save(gm, tmp_path / "trained.pt2")
     file = export_adapter(tmp_path / "trained.pt2", tmp_path / "p.onnx_adapter", tmp_path / "slots.onnx")
-    inputs = example_inputs(gm.info["input_names"], 1000, batch=3, seq=9, seed=5)
+    inputs = example_inputs(gm.info.input_names, 1000, batch=3, seq=9, seed=5)
     inputs["input_ids"][:, 1:3] = torch.tensor(graph_template(gm)[1])  # the template's placeholders after [CLS]
     with torch.no_grad():
         expected = gm(**inputs).logits
@@ -341,7 +341,7 @@ def test_mixed_ptuning_tables_rows_equal_their_own_exports(tiny_bert_dir, tmp_pa
     gm = rewrite.load_pretrained(tiny_bert_dir)
     rewrite.apply(gm, "ptuning", template="[P] [P] {text}", placeholders=["[unused1]", "[unused2]"], encoder="mlp")
     files, own = prompt_family(gm, tmp_path, 2, scale=5.0)
-    inputs = example_inputs(gm.info["input_names"], 1000, batch=3, seq=9, seed=5)
+    inputs = example_inputs(gm.info.input_names, 1000, batch=3, seq=9, seed=5)
     inputs["input_ids"][:, 1:3] = torch.tensor(graph_template(gm)[1])  # the template's placeholders after [CLS]
     assert_rows_match_own_exports(tmp_path, files, own, inputs, [1, 0, 1], atol=1e-6)  # logits about 0.01
     assert np.abs(run_onnx(own[0], inputs) - run_onnx(own[1], inputs)).max() > 1e-5, "the prompts differ"

@@ -17,7 +17,7 @@ def test_round_trip_keeps_outputs_history_and_trainable_flags(make_tiny, tmp_pat
     loaded = rewrite.load(tmp_path / "g.pt2")
     inputs = fresh_inputs()
     torch.testing.assert_close(logits(loaded, inputs), logits(gm, inputs), atol=0, rtol=0)
-    assert loaded.info["history"] == gm.info["history"]
+    assert loaded.info.history == gm.info.history
     assert {n for n, p in loaded.named_parameters() if p.requires_grad} == {
         n for n, p in gm.named_parameters() if p.requires_grad}
     loaded.train()
@@ -39,9 +39,9 @@ def test_config_and_tokenizer_travel(tiny_bert_dir, tmp_path):
     gm = rewrite.load_pretrained(tiny_bert_dir)
     rewrite.save(gm, tmp_path / "g.pt2")
     loaded = rewrite.load(tmp_path / "g.pt2")
-    assert loaded.info["config"].to_dict() == gm.info["config"].to_dict()
-    assert loaded.info["tokenizer"]("hello world")["input_ids"] == gm.info["tokenizer"]("hello world")["input_ids"]
-    assert loaded.info["task"] == "seq-cls" and loaded.info["source"] == str(tiny_bert_dir)
+    assert loaded.info.config.to_dict() == gm.info.config.to_dict()
+    assert loaded.info.tokenizer("hello world")["input_ids"] == gm.info.tokenizer("hello world")["input_ids"]
+    assert loaded.info.task == "seq-cls" and loaded.info.source == str(tiny_bert_dir)
 
 
 def test_meta_graphs_round_trip_as_shapes(tiny_bert_dir, tmp_path):
@@ -73,7 +73,7 @@ def test_a_failed_save_leaves_no_file(make_tiny, tmp_path, monkeypatch):
 def test_a_training_speed_graph_says_why_it_cannot_be_saved(make_tiny, tmp_path):
     gm = capture_tiny(make_tiny("bert"))
     rewrite.apply(gm, "fast_dropout")
-    with pytest.raises(rewrite.RewriteError, match=r"operator rewrite\.training\.dropout\.dropout cannot be stored as data .*"
+    with pytest.raises(rewrite.RewriteError, match=r"operator rewrite\.graph\.dropout\.dropout cannot be stored as data .*"
                        r"training-speed passes in its history \(fast_dropout\)"):
         rewrite.save(gm, tmp_path / "g.pt2")
     assert list(tmp_path.iterdir()) == []

@@ -369,11 +369,11 @@ def test_cli_bad_input_is_one_sentence(w, tmp_path, capsys, monkeypatch, make, w
 def _load_adapter(name):
     def call(w):
         gm = rewrite.load(w["base"])
-        before = (len(gm.graph.nodes), sorted(n for n, _ in gm.named_parameters()), len(gm.info["history"]))
+        before = (len(gm.graph.nodes), sorted(n for n, _ in gm.named_parameters()), len(gm.info.history))
         try:
             rewrite.load_adapter(gm, w["adapters"][name])
         finally:
-            after = (len(gm.graph.nodes), sorted(n for n, _ in gm.named_parameters()), len(gm.info["history"]))
+            after = (len(gm.graph.nodes), sorted(n for n, _ in gm.named_parameters()), len(gm.info.history))
             assert after == before, "a refused adapter changed the graph"
             rewrite.load_adapter(gm, w["adapter"])  # and the right one still loads
     return call
@@ -382,11 +382,11 @@ def _load_adapter(name):
 def _apply(**options):
     def call(w):
         gm = rewrite.load(w["base"])
-        nodes, history = len(gm.graph.nodes), list(gm.info["history"])
+        nodes, history = len(gm.graph.nodes), list(gm.info.history)
         try:
             rewrite.apply(gm, "lora", **options)
         finally:
-            assert (len(gm.graph.nodes), gm.info["history"]) == (nodes, history)
+            assert (len(gm.graph.nodes), gm.info.history) == (nodes, history)
     return call
 
 

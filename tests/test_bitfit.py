@@ -9,6 +9,7 @@ import torch
 from click.testing import CliRunner
 
 import rewrite
+from rewrite.graph.params import trainable_parameters_line
 from rewrite.cli.main import cli
 from rewrite.errors import RewriteError
 from rewrite.training.train import TrainConfig
@@ -30,7 +31,7 @@ def test_only_the_biases_and_the_head_train(no_dropout_dir):
     trainable = {n for n, p in gm.named_parameters() if p.requires_grad}
     assert trainable == biases | HEAD
     count = sum(p.numel() for n, p in gm.named_parameters() if n in trainable)
-    assert rewrite.params.trainable_parameters_line(gm).startswith(f"trainable params: {count:,d} ||")
+    assert trainable_parameters_line(gm).startswith(f"trainable params: {count:,d} ||")
     before = {n: p.detach().clone() for n, p in gm.named_parameters()}
     rewrite.train(gm, sentiment_rows(32, seed=0), config=TrainConfig(max_steps=3, batch_size=8, lr=1e-2, progress=False))
     changed = {n for n, p in gm.named_parameters() if not torch.equal(p.detach().cpu(), before[n])}

@@ -18,7 +18,7 @@ def test_capture_equals_eager_with_dynamic_batch_and_sequence(make_tiny, arch, t
     for batch, seq in [(1, 5), (4, 17)]:
         inputs = fresh_inputs(batch=batch, seq=seq)
         torch.testing.assert_close(logits(gm, inputs), logits(model, inputs), atol=1e-6, rtol=0)
-    assert gm.info["task"] == task
+    assert gm.info.task == task
 
 
 def test_train_and_eval_rewrite_dropout_like_pytorch(make_tiny):
@@ -56,11 +56,11 @@ def test_tiny_batch_examples_are_refused(make_tiny):
 
 def test_load_pretrained_keeps_config_tokenizer_and_task(tiny_bert_dir):
     gm = rewrite.load_pretrained(tiny_bert_dir)
-    assert gm.info["task"] == "seq-cls"
-    assert gm.info["config"].hidden_size == 32
-    assert gm.info["tokenizer"]("hello")["input_ids"][0] == gm.info["tokenizer"].cls_token_id
-    assert gm.info["input_names"] == ["input_ids", "token_type_ids", "attention_mask"]
-    encoded = gm.info["tokenizer"](["a fine day", "rain"], padding=True, return_tensors="pt")
+    assert gm.info.task == "seq-cls"
+    assert gm.info.config.hidden_size == 32
+    assert gm.info.tokenizer("hello")["input_ids"][0] == gm.info.tokenizer.cls_token_id
+    assert gm.info.input_names == ["input_ids", "token_type_ids", "attention_mask"]
+    encoded = gm.info.tokenizer(["a fine day", "rain"], padding=True, return_tensors="pt")
     assert gm(**encoded).logits.shape == (2, 2)
 
 
@@ -97,7 +97,7 @@ def test_a_directory_without_tokenizer_is_captured_with_the_inputs_its_forward_t
     torch.manual_seed(0)
     transformers.AutoModelForSequenceClassification.from_config(config).save_pretrained(tmp_path)
     gm = rewrite.load_pretrained(tmp_path, task="seq-cls")
-    assert gm.info["input_names"] == names and gm.info["tokenizer"] is None
+    assert gm.info.input_names == names and gm.info.tokenizer is None
 
 
 def test_an_encoder_decoder_directory_is_refused_in_one_sentence(tmp_path):

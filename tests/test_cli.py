@@ -46,7 +46,7 @@ def test_apply_takes_a_model_directory_and_a_pipeline_file(tiny_bert_dir, tmp_pa
     pipeline = tmp_path / "pipeline.yaml"
     pipeline.write_text("passes:\n  - lora: {targets: [query, key], rank: 2, alpha: 4}\n")
     ok("apply", tiny_bert_dir, "--pipeline", pipeline, "-o", tmp_path / "out.pt2")
-    history = rewrite.load(tmp_path / "out.pt2").info["history"]
+    history = rewrite.load(tmp_path / "out.pt2").info.history
     assert history[0]["options"]["targets"] == ["query", "key"] and len(history[0]["report"]["targets"]) == 4
 
 
@@ -54,7 +54,7 @@ def test_pipeline_files_can_be_json(tiny_bert_dir, tmp_path):
     pipeline = tmp_path / "pipeline.json"
     pipeline.write_text(json.dumps([{"lora": {"roles": ["o"], "rank": 2}}, "fold"]))
     ok("apply", tiny_bert_dir, "--pipeline", pipeline, "-o", tmp_path / "out.pt2")
-    assert [h["pass"] for h in rewrite.load(tmp_path / "out.pt2").info["history"]] == ["lora", "fold"]
+    assert [h["pass"] for h in rewrite.load(tmp_path / "out.pt2").info.history] == ["lora", "fold"]
 
 
 @pytest.mark.parametrize("args,message", [

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 import rewrite
-from rewrite.training import dropout, speed
+from rewrite.graph import dropout
+from rewrite.training import speed
 from rewrite.training.head_loss import head_of
 from rewrite.training.losses import loss_sum
 from rewrite.graph.synthetic_inputs import example_inputs
@@ -53,7 +54,7 @@ def test_with_torch_masks_it_is_the_plain_minilm_train_graph(minilm_dir, monkeyp
 
 def _compare_with_torch_masks(gm, task, inputs, monkeypatch, attention=2):
     fast = speed.twin(gm, ["fast_dropout"])
-    assert fast.info["history"][-1]["report"]["attention"] == attention
+    assert fast.info.history[-1]["report"]["attention"] == attention
     gm.train()
     labels = _labels(inputs, task)
     lora = [p for n, p in gm.named_parameters() if ".lora_" in n]

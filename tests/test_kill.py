@@ -63,7 +63,7 @@ def test_kill_during_apply(lora_archive, tmp_path, seed):
     before = _digest(output)
     _kill_at(_start("apply", lora_archive, "--pass", "fold", "-o", output, "--overwrite"),
              random.Random(seed).uniform(1.0, 8.0))
-    assert _digest(output) == before or rewrite.load(output).info["history"][-1]["pass"] == "fold"
+    assert _digest(output) == before or rewrite.load(output).info.history[-1]["pass"] == "fold"
     assert {p.name for p in tmp_path.iterdir() if not p.name.startswith(".")} == {"g.pt2"}
     _ok(run_cli("apply", lora_archive, "--pass", "fold", "-o", tmp_path / "again.pt2"))
     assert _leftovers(tmp_path) == []

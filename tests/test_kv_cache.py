@@ -11,7 +11,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 import rewrite
 from rewrite.export import kv_cache
-from rewrite.serve import runtime
+from rewrite.export import runtime
 from rewrite.cli.main import cli, main
 from rewrite.errors import RewriteError
 from rewrite.export.onnx import compare

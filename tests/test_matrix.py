@@ -11,7 +11,7 @@ import pytest
 import torch
 import transformers
 from peft import (
-    LoraConfig, PeftModel, PromptEncoderConfig, PromptTuningConfig, get_peft_model,
+    IA3Config, LoraConfig, PeftModel, PromptEncoderConfig, PromptTuningConfig, get_peft_model,
 )
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_LORA_TARGETS
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -19,11 +19,12 @@ from torch.nn import functional as F
 
 import rewrite
 from rewrite.errors import RewriteError
-from rewrite.graph.query import word_embedding
+from rewrite.graph.query import GraphQuery, module_path, word_embedding
 from rewrite.graph.synthetic_inputs import example_inputs
 from rewrite.graph.params import count_parameters
 from rewrite.passes.prompt import TABLE
 
+from helpers import randomize_trainable
 from matrix import ARCHS, VOCAB, cell_id, cells, render
 
 MODEL_CLASSES = {
@@ -64,15 +65,6 @@ def fresh(arch, pad: bool = True) -> dict[str, torch.Tensor]:
     return inputs
 
 
-def randomize(module, seed: int) -> None:
-    """Trained-looking values for every trainable tensor (LoRA's B starts at zero)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in module.parameters():
-            if param.requires_grad:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
-
-
 def assert_same(ours, theirs, arch, inputs) -> None:
     """Equal logits; with right padding, token-level logits are compared at the real positions (PEFT feeds
     `inputs_embeds`, so RoBERTa numbers pad positions differently there; pads are masked everywhere)."""
@@ -99,28 +91,85 @@ def peft_count(peft_model) -> int:
 def both_directions(arch, task, model, gm, peft_model, reload, tmp_path) -> None:
     """What we save, PEFT loads with our outputs; what PEFT saves, we load with PEFT's outputs."""
     inputs = fresh(arch)
-    randomize(gm, seed=1)
+    randomize_trainable(gm, 1)
     rewrite.save_adapter(gm, tmp_path / "ours")
     assert_same(gm, PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "ours").eval(), arch, inputs)
-    randomize(peft_model, seed=2)
+    randomize_trainable(peft_model, 2)
     peft_model.save_pretrained(tmp_path / "peft")
     rewrite.load_adapter(reload, tmp_path / "peft")
     assert_same(reload, peft_model.eval(), arch, inputs)
 
 
-def check_lora(arch, task, base, tmp_path):
+def check_lora(arch, task, base, tmp_path, name="lora", **flags):
+    """PEFT's targets and counts, then both adapter directions; returns the graph that loaded PEFT's adapter
+    and PEFT's model (`flags`: the LoraConfig fields of a LoRA variant)."""
     model, gm = base(arch, task)
-    rewrite.apply(gm, "lora", rank=4, alpha=8)
-    ours = gm.info["history"][-1]["report"]["targets"]
-    known = gm.info["config"].model_type in PEFT_LORA_TARGETS  # else PEFT has no default: name ours
+    rewrite.apply(gm, name, rank=4, alpha=8)
+    ours = gm.info.history[-1]["report"]["targets"]
+    known = gm.info.config.model_type in PEFT_LORA_TARGETS  # else PEFT has no default: name ours
     targets = None if known else sorted({path.rpartition(".")[2] for path in ours})
     peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(task_type=LORA_TASK[task], r=4, lora_alpha=8,
-                                                                 target_modules=targets))
-    adapted = {name.removeprefix("base_model.model.") for name, module in peft_model.named_modules()
-               if hasattr(module, "lora_A") and name.startswith("base_model.model.")}
+                                                                 target_modules=targets, **flags))
+    adapted = {path.removeprefix("base_model.model.") for path, module in peft_model.named_modules()
+               if hasattr(module, "lora_A") and path.startswith("base_model.model.")}
     assert sorted(adapted) == sorted(ours)
     assert count_parameters(gm)[0] == peft_count(peft_model)
+    reload = base(arch, task)[1]
+    both_directions(arch, task, model, gm, peft_model, reload, tmp_path)
+    return reload, peft_model
+
+
+def check_lora_embedding(arch, task, base, tmp_path):
+    """LoRA on the word embedding and on an LM head (a head onto the vocabulary, tied to the embedding on most
+    archs): PEFT's counts, both adapter directions, and the fold equal to PEFT's unmerged forward (its
+    merge_and_unload writes into the tied weight, which changes the other module too)."""
+    model, gm = base(arch, task)
+    heads = [p.path for p in GraphQuery(gm).output_heads if p.out_features == VOCAB]
+    targets = [module_path(word_embedding(gm, "LoRA targets it")), *heads]
+    rewrite.apply(gm, "lora", targets=targets, rank=4, alpha=8)
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(task_type=LORA_TASK[task], r=4, lora_alpha=8,
+                                                                 target_modules=targets))
+    assert count_parameters(gm)[0] == peft_count(peft_model)
+    reload = base(arch, task)[1]
+    both_directions(arch, task, model, gm, peft_model, reload, tmp_path)
+    rewrite.apply(reload, "fold")
+    assert_same(reload, peft_model, arch, fresh(arch))
+
+
+def check_dora(arch, task, base, tmp_path):
+    """LoRA's checks with PEFT's `use_dora`; then PEFT's adapter, loaded, folds to PEFT's `merge_and_unload`."""
+    reload, peft_model = check_lora(arch, task, base, tmp_path, "dora", use_dora=True)
+    rewrite.apply(reload, "fold")
+    assert_same(reload, peft_model.merge_and_unload(), arch, fresh(arch))
+
+
+def check_pissa(arch, task, base, tmp_path):
+    """LoRA's checks with PEFT's PiSSA init: we save PEFT's converted adapter, which loads on the original base;
+    PEFT's own (unconverted) one we apply as PEFT does, the init run again; then it folds to `merge_and_unload`."""
+    reload, peft_model = check_lora(arch, task, base, tmp_path, "pissa", init_lora_weights="pissa")
+    rewrite.apply(reload, "fold")
+    assert_same(reload, peft_model.merge_and_unload(), arch, fresh(arch))
+
+
+def check_ia3(arch, task, base, tmp_path):
+    """PEFT's counts for our targets (the structural default: k, v, down), both adapter directions, and fold
+    equal to PEFT's `merge_and_unload` of our adapter (`merge_adapter`, the same merge left wrapped, where PEFT's
+    IA3 cannot unload: a saved head module without a weight of its own, RoBERTa's `classifier`)."""
+    model, gm = base(arch, task)
+    rewrite.apply(gm, "ia3")
+    report = gm.info.history[-1]["report"]
+    config = IA3Config(task_type=LORA_TASK[task], target_modules=report["targets"],
+                       feedforward_modules=report["feedforward"])
+    peft_model = get_peft_model(copy.deepcopy(model), config)
+    assert count_parameters(gm)[0] == peft_count(peft_model)
     both_directions(arch, task, model, gm, peft_model, base(arch, task)[1], tmp_path)
+    merged = PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "ours")
+    if all(hasattr(model.get_submodule(m), "weight") for m in gm.info.modules_to_save or []):
+        merged = merged.merge_and_unload()
+    else:
+        merged.merge_adapter()
+    rewrite.apply(gm, "fold")
+    assert_same(gm, merged, arch, fresh(arch))
 
 
 def check_prompt(arch, task, base, tmp_path):
@@ -137,7 +186,7 @@ def check_p_tuning_adapter(arch, task, base, tmp_path):
     config = PromptEncoderConfig(task_type=PROMPT_TASK[task], num_virtual_tokens=COUNT, encoder_hidden_size=16,
                                  encoder_reparameterization_type="MLP", **dims(gm))
     peft_model = get_peft_model(copy.deepcopy(model), config)
-    randomize(peft_model, seed=3)
+    randomize_trainable(peft_model, 3)
     peft_model.save_pretrained(tmp_path / "peft")
     rewrite.load_adapter(gm, tmp_path / "peft")
     assert_same(gm, peft_model.eval(), arch, fresh(arch))
@@ -179,7 +228,7 @@ def word_tokenizer(arch):
 def check_verbalizer(arch, task, base, tmp_path):
     model, gm = base(arch, task)
     tokenizer = word_tokenizer(arch)
-    gm.info["tokenizer"] = tokenizer
+    gm.info.tokenizer = tokenizer
     rewrite.apply(gm, "verbalizer", labels=LABELS)
     inputs = fresh(arch, pad=False)
     positions = torch.tensor([3, 0, 10])
@@ -192,7 +241,7 @@ def check_verbalizer(arch, task, base, tmp_path):
         torch.testing.assert_close(gm(**inputs).logits, expected, rtol=0, atol=1e-5)
 
 
-CHECKS = {"lora": check_lora, "prompt": check_prompt, "p_tuning_adapter": check_p_tuning_adapter,
+CHECKS = {"lora": check_lora, "lora_embedding": check_lora_embedding, "dora": check_dora, "ia3": check_ia3, "pissa": check_pissa, "prompt": check_prompt, "p_tuning_adapter": check_p_tuning_adapter,
           "ptuning": check_ptuning, "verbalizer": check_verbalizer}
 
 
@@ -217,7 +266,7 @@ def test_roberta_heads_train_and_save_whole_with_peft_counts(tmp_path):
         gm = rewrite.capture(copy.deepcopy(model), example_inputs(["input_ids", "attention_mask"], VOCAB))
         rewrite.apply(gm, name, **options)
         assert count_parameters(gm)[0] == expected
-        assert gm.info["modules_to_save"] == ["classifier"]
+        assert gm.info.modules_to_save == ["classifier"]
 
 
 def test_the_readme_support_table_is_the_matrix_with_every_cell_passing():

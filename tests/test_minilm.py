@@ -15,13 +15,13 @@ pytestmark = pytest.mark.slow
 
 def test_minilm_lora_fold_and_onnx_match_peft(minilm_dir, tmp_path):
     gm = rewrite.load_pretrained(minilm_dir)
-    assert gm.info["task"] == "feature-extraction"
+    assert gm.info.task == "feature-extraction"
     rewrite.apply(gm, "lora", rank=8, alpha=16)
     randomize_lora(gm)
     model = AutoModel.from_pretrained(minilm_dir).eval()
     reference = peft_twin(model, gm, "feature-extraction", r=8, lora_alpha=16, target_modules=["query", "value"])
     assert trainable_parameters_line(gm).startswith("trainable params: 73,728 || all params: 22,786,944")
-    encoded = gm.info["tokenizer"](["a charming and often affecting journey", "bad"], padding=True, return_tensors="pt")
+    encoded = gm.info.tokenizer(["a charming and often affecting journey", "bad"], padding=True, return_tensors="pt")
     hidden = lambda module: module(**encoded).last_hidden_state  # noqa: E731
     with torch.no_grad():
         torch.testing.assert_close(hidden(gm.eval()), hidden(reference), atol=1e-5, rtol=0)

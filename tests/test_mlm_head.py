@@ -10,7 +10,7 @@ import torch
 import transformers
 
 import rewrite
-from rewrite.training.data import Example
+from rewrite.text.examples import Example
 from rewrite.errors import RewriteError
 from rewrite.recipes import mlm_head
 from helpers import run_cli, sentiment_rows

@@ -16,10 +16,11 @@ import torch.nn.functional as F
 import transformers
 
 import rewrite
-from rewrite.serve import runtime
+from rewrite.export import runtime
 from rewrite.text import labels
 from rewrite.recipes import pet
-from rewrite.training.data import Example, Fields
+from rewrite.text.examples import Example
+from rewrite.training.data import Fields
 from rewrite.errors import RewriteError
 from rewrite.graph.ir import info
 
@@ -140,7 +141,7 @@ def test_pattern_model_weight_is_training_accuracy_before_training_and_it_learns
     labeled = pet.read_data(DATA / "train.tsv", pvps, FIELDS, labeled=True)
     config = _quick()
     base = pet.capture_masked_lm(headless_dir)
-    tokenizer = info(base)["tokenizer"]
+    tokenizer = info(base).tokenizer
     train_set = pet.patterned(pvps[0], labeled, tokenizer, 128)
     untrained = pet.pattern_graph(base, pvps[0], config, lora=True)
     before = pet.accuracy(pet.predict_logits(untrained, train_set, 8), labeled)
@@ -153,7 +154,7 @@ def test_auxiliary_mlm_loss_mixes_ce_and_mlm_and_is_dropped_after_training(headl
     labeled = pet.read_data(DATA / "train.tsv", pvps, FIELDS, labeled=True)
     unlabeled = pet.read_data(DATA / "unlabeled.tsv", pvps, FIELDS, labeled=False)
     base = pet.capture_masked_lm(headless_dir)
-    tokenizer = info(base)["tokenizer"]
+    tokenizer = info(base).tokenizer
     gm = pet.pattern_graph(base, pvps[0], _quick(), lora=True, mlm_logits=True)
     text = pet.patterned(pvps[0], unlabeled[:1], tokenizer, 128)[0].text
     pattern_mask = tokenizer(text)["input_ids"].index(tokenizer.mask_token_id)
@@ -200,8 +201,8 @@ def test_pet_recipe_end_to_end(headless_dir, pvps):
     result = pet.run_pet(headless_dir, pvps, labeled, unlabeled, _quick(generations=2, scale_factor=2.0), eval_set)
     assert [[m.pvp.name for m in models] for models in result.generations] == [["it-was", "just"]] * 2
     assert all(0.0 <= m.eval_accuracy <= 1.0 for models in result.generations for m in models)
-    assert result.final.info["task"] == "seq-cls"
-    assert result.final.info["config"].id2label == {0: "0", 1: "1"}
+    assert result.final.info.task == "seq-cls"
+    assert result.final.info.config.id2label == {0: "0", 1: "1"}
     logits = pet.predict_logits(result.final, eval_set, 16)
     assert logits.shape == (len(eval_set), 2)
     assert result.final_accuracy == pet.accuracy(logits, eval_set)
@@ -312,7 +313,7 @@ def test_minilm_zero_shot_verbalizer_matches_tied_embedding_cloze(minilm_dir, pv
     LayerNorm of the mask's hidden state times the label words' embeddings; ONNX agrees."""
     eval_set = pet.read_data(DATA / "eval.tsv", pvps, FIELDS, labeled=True)
     base = pet.capture_masked_lm(minilm_dir)
-    tokenizer = info(base)["tokenizer"]
+    tokenizer = info(base).tokenizer
     gm = pet.pattern_graph(base, pvps[0], pet.PetConfig(), lora=False)
     texts = [e.text for e in pet.patterned(pvps[0], eval_set, tokenizer, 128)]
     inputs = tokenizer(texts, padding=True, return_tensors="pt")

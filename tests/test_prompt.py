@@ -129,16 +129,16 @@ def test_stripped_causal_lm_keeps_the_in_graph_loss_and_aligns_logits(make_tiny)
 
 def test_text_init_copies_the_texts_token_rows_repeated_to_fill(tiny_bert_dir):
     gm = rewrite.load_pretrained(tiny_bert_dir, task="seq-cls")
-    ids = gm.info["tokenizer"]("classify the sentiment")["input_ids"]  # [CLS] ... [SEP], as PEFT tokenizes
+    ids = gm.info.tokenizer("classify the sentiment")["input_ids"]  # [CLS] ... [SEP], as PEFT tokenizes
     rewrite.apply(gm, "prompt", num_virtual_tokens=len(ids) + 2, init_text="classify the sentiment")
     words = gm.get_parameter("bert.embeddings.word_embeddings.weight")
     torch.testing.assert_close(gm.get_parameter(TABLE), words[ids + ids[:2]], rtol=0, atol=0)
-    assert gm.info["history"][-1]["report"]["init"] == "text"
+    assert gm.info.history[-1]["report"]["init"] == "text"
 
 
 def test_init_text_longer_than_the_prompt_is_cut_and_said(tiny_bert_dir, caplog):
     gm = rewrite.load_pretrained(tiny_bert_dir, task="seq-cls")
-    ids = gm.info["tokenizer"]("classify the sentiment of this review")["input_ids"]
+    ids = gm.info.tokenizer("classify the sentiment of this review")["input_ids"]
     with caplog.at_level(logging.WARNING, logger="rewrite"):
         rewrite.apply(gm, "prompt", num_virtual_tokens=3, init_text="classify the sentiment of this review")
     words = gm.get_parameter("bert.embeddings.word_embeddings.weight")
@@ -154,7 +154,7 @@ def test_vocab_init_samples_rows_of_the_word_embeddings(make_tiny):
 
 
 def test_onnx_keeps_the_base_inputs_and_matches_torch(make_tiny, tmp_path):
-    from rewrite.serve import runtime
+    from rewrite.export import runtime
 
     for arch, task, names in (("llama", "causal-lm", LLAMA_INPUTS), ("bert", "seq-cls", BERT_INPUTS)):
         gm = capture(make_tiny(arch, task), names)
@@ -176,7 +176,7 @@ def test_rewrite_run_reads_a_prompt_tuned_masked_lm_at_the_users_mask(tiny_mlm_d
     randomize_table(gm)
     rewrite.export_onnx(gm, tmp_path / "mlm.onnx")
     texts = ["the movie was [MASK] .", "[MASK] is what it was , and long"]
-    tokenizer = gm.info["tokenizer"]
+    tokenizer = gm.info.tokenizer
     inputs = tokenizer(texts, padding=True, return_tensors="pt")
     with torch.no_grad():
         logits = gm(**inputs).logits[:, 3:]  # the user's positions follow the 3 virtual ones

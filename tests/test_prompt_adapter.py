@@ -63,7 +63,7 @@ def test_a_peft_p_tuning_adapter_loads_as_prepended_prompts(make_tiny, tmp_path,
     peft_model.save_pretrained(tmp_path)
     gm = capture(model, BERT_INPUTS)
     rewrite.load_adapter(gm, tmp_path)
-    assert gm.info["history"][-1]["pass"] == "prompt"
+    assert gm.info.history[-1]["pass"] == "prompt"
     loaded = PeftModel.from_pretrained(copy.deepcopy(model), tmp_path).eval()
     torch.testing.assert_close(logits(gm, fresh(BERT_INPUTS)), logits(peft_model.eval(), fresh(BERT_INPUTS)),
                                rtol=0, atol=1e-5)
@@ -112,4 +112,4 @@ def test_a_prompt_adapter_for_another_model_is_refused_before_the_graph_changes(
     safetensors.torch.save_file({"other": weights["prompt_embeddings"]}, tmp_path / "adapter_model.safetensors")
     with pytest.raises(RewriteError, match="has no prompt_embeddings tensor"):
         rewrite.load_adapter(target, tmp_path)
-    assert target.info["history"] == [] and TABLE not in dict(target.named_parameters())
+    assert target.info.history == [] and TABLE not in dict(target.named_parameters())

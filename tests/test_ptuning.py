@@ -17,8 +17,9 @@ from torch import nn
 
 import rewrite
 from rewrite.training import data
-from rewrite.serve import runtime
+from rewrite.export import runtime
 from rewrite.text import templates
+from rewrite.text.examples import pad_rows
 from rewrite.cli.main import cli
 from rewrite.errors import RewriteError
 from rewrite.graph.synthetic_inputs import example_inputs
@@ -110,11 +111,11 @@ def test_fold_leaves_the_encoders_output_as_a_table_and_onnx_has_no_lstm(make_ti
     with torch.no_grad():
         unfolded = gm(**inputs).logits
     rewrite.apply(gm, "fold")
-    assert gm.info["history"][-1]["report"]["prompt_encoders"] == ["prompt_encoder"]
+    assert gm.info.history[-1]["report"]["prompt_encoders"] == ["prompt_encoder"]
     torch.testing.assert_close(gm.get_parameter(TABLE), table, rtol=0, atol=1e-6)
     assert not any(n.target is torch.ops.aten.lstm.input for n in gm.graph.nodes)
     assert [n for n, _ in gm.named_parameters() if n.startswith("prompt_encoder.")] == [TABLE]
-    assert gm.info["trainable"] == []
+    assert gm.info.trainable == []
     with torch.no_grad():
         torch.testing.assert_close(gm(**inputs).logits, unfolded, rtol=0, atol=1e-6)
 
@@ -200,7 +201,7 @@ def test_lora_composes_with_ptuning_and_both_fold(make_tiny):
     with torch.no_grad():
         before = gm(**inputs).logits
     rewrite.apply(gm, "fold")
-    assert gm.info["history"][-1]["report"]["summary"] == "folded 4 LoRA branches and 1 prompt encoder into a constant table"
+    assert gm.info.history[-1]["report"]["summary"] == "folded 4 LoRA branches and 1 prompt encoder into a constant table"
     assert not any(".lora_" in n or "mlp_head" in n for n, _ in gm.named_parameters())
     with torch.no_grad():
         torch.testing.assert_close(gm(**inputs).logits, before, rtol=0, atol=1e-5)
@@ -214,7 +215,7 @@ def test_rewrite_train_encodes_text_through_the_template_and_lowers_the_loss(pro
     texts = ["the cat sat on the mat", "the dog sat on the log and slept"]
     rows = [{"text": t} for t in texts] * 8
     batch = templates.encode_batch(gm, texts)
-    prompt_ids = torch.tensor(gm.info["history"][-1]["report"]["placeholder_ids"])
+    prompt_ids = torch.tensor(gm.info.history[-1]["report"]["placeholder_ids"])
     ignored = torch.isin(batch["input_ids"], prompt_ids) | (batch["attention_mask"] == 0)
     labels = batch["input_ids"].masked_fill(ignored, -100)
 
@@ -234,7 +235,7 @@ def test_rewrite_train_encodes_text_through_the_template_and_lowers_the_loss(pro
 def test_training_data_keeps_placeholders_out_of_lm_targets_and_fills_pairs(tiny_bert_dir):
     gm = rewrite.load_pretrained(tiny_bert_dir, task="masked-lm")
     rewrite.apply(gm, "ptuning", template="[P] {text} [P] {text_b} [P] [MASK] .", placeholders=UNUSED, encoder="none")
-    tokenizer = gm.info["tokenizer"]
+    tokenizer = gm.info.tokenizer
     placeholder_ids = tokenizer.convert_tokens_to_ids(UNUSED)
     rows = [{"text": "a quiet day at the sea", "pair": "calm"}, {"text": "tiger", "pair": "a loud night"}] * 4
     examples = data.read_examples(rows, task="masked-lm", fields=data.Fields(pair="pair"))
@@ -245,7 +246,7 @@ def test_training_data_keeps_placeholders_out_of_lm_targets_and_fills_pairs(tiny
     masked = 0
     for seed in range(20):
         batch = data.collate(encoded, range(len(rows)), tokenizer, "masked-lm", names, torch.Generator().manual_seed(seed))
-        originally = data.pad_rows([f["input_ids"] for f in encoded.features], 0, left=False)
+        originally = pad_rows([f["input_ids"] for f in encoded.features], 0, left=False)
         at_placeholders = torch.isin(originally, torch.tensor(placeholder_ids))
         assert (batch["labels"][at_placeholders] == -100).all()
         assert torch.equal(batch["input_ids"][at_placeholders], originally[at_placeholders])

@@ -23,7 +23,7 @@ def test_cls_pooled_classifier_keeps_its_outputs_and_costs_less(make_tiny, tmp_p
     inputs = fresh_inputs()
     before, cost = logits(gm, inputs), _flops(gm, inputs)
     rewrite.apply(gm, "rows")
-    assert gm.info["history"][-1]["report"]["moved"] > 10
+    assert gm.info.history[-1]["report"]["moved"] > 10
     torch.testing.assert_close(logits(gm, inputs), before, atol=1e-6, rtol=0)
     torch.testing.assert_close(logits(gm, inputs), logits(model, inputs), atol=1e-6, rtol=0)
     assert _flops(gm, inputs) < cost

@@ -13,7 +13,7 @@ import torch
 
 import rewrite
 from rewrite.text import templates
-from rewrite.training.data import Example
+from rewrite.text.examples import Example
 from rewrite.errors import RewriteError
 from rewrite.text.labels import PVP
 from rewrite.serve.predict import predict
@@ -67,7 +67,7 @@ def ptuned_model(tiny_bert_dir, tmp_path_factory):
 def pvp_model(headless_dir, tmp_path_factory):
     gm = rewrite.load_pretrained(headless_dir, task="masked-lm")
     rewrite.apply(gm, "verbalizer", labels=WORDS, pattern=PATTERN)
-    tokenizer = gm.info["tokenizer"]
+    tokenizer = gm.info.tokenizer
     rendered = [PVP("p", PATTERN, WORDS).render(Example(text, None, None, "row"), tokenizer, 128) for text in TEXTS]
     with torch.no_grad():
         expected = gm(**tokenizer(rendered, padding=True, return_tensors="pt")).logits.softmax(-1)

@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 
 import rewrite
-from rewrite import passes  # noqa: F401  (passes: registers what pass_class reads)
 from rewrite.training import head_loss, speed
 from rewrite.graph.synthetic_inputs import example_inputs
 from rewrite.training.head_loss import head_loss_sum, head_of
@@ -44,7 +43,7 @@ def _adapted(arch: str, task: str, dropout: float | None = None, lora_dropout: f
         torch.manual_seed(0)
         model = TASK_CLASSES[task].from_config(config).eval()
     gm = capture_tiny(model)
-    gm.info["task"] = task
+    gm.info.task = task
     rewrite.apply(gm, "lora", rank=4, roles=ROLES, dropout=lora_dropout)
     randomize_lora(gm)
     return gm
@@ -82,7 +81,7 @@ def test_each_pass_changes_what_it_should():
     reports = {}
     for arch, task in MODELS:
         fast = speed.twin(_adapted(arch, task), PASSES)
-        reports[arch, task] = {h["pass"]: h["report"] for h in fast.info["history"][-len(PASSES):]}
+        reports[arch, task] = {h["pass"]: h["report"] for h in fast.info.history[-len(PASSES):]}
     assert reports["llama", "causal-lm"]["chunked_loss"]["head"] == "lm_head"
     assert reports["bert", "masked-lm"]["chunked_loss"]["head"] == "cls.predictions.decoder"
     assert reports["bert", "seq-cls"]["chunked_loss"]["head"] is None
@@ -176,7 +175,7 @@ def test_training_with_speed_passes_trains_the_same_weights_and_leaves_the_graph
         code = fast_gm.code
         plain = _train_weights(plain_gm, rows, speed_passes=[])
         fast = _train_weights(fast_gm, rows)
-        assert fast_gm.code == code and len(fast_gm.info["history"]) == 1
+        assert fast_gm.code == code and len(fast_gm.info.history) == 1
         for name in plain:
             torch.testing.assert_close(fast[name], plain[name], atol=1e-5, rtol=0)
 

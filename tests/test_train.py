@@ -37,7 +37,7 @@ def test_training_loss_gradients_match_peft(make_tiny, arch, task):
     rewrite.apply(gm, "lora", rank=8, alpha=16)
     randomize_lora(gm)
     reference = peft_twin(model, gm, task, r=8, lora_alpha=16,
-                          target_modules=gm.info["history"][-1]["report"]["targets"])
+                          target_modules=gm.info.history[-1]["report"]["targets"])
     inputs = fresh_inputs()
     if task == "seq-cls":
         labels = torch.tensor([1, 0, 1])
@@ -49,7 +49,7 @@ def test_training_loss_gradients_match_peft(make_tiny, arch, task):
     task_loss(gm.eval()(**inputs), {"labels": labels}, task).backward()
     reference(**inputs, labels=labels).loss.backward()
 
-    saved = gm.info.get("modules_to_save") or []
+    saved = gm.info.modules_to_save or []
     theirs = dict(reference.named_parameters())
     for name, param in gm.named_parameters():
         if param.requires_grad:
@@ -112,8 +112,8 @@ def test_outputs_checkpoints_and_metrics_log(tiny_bert_dir, tmp_path):
     steps = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert steps == ["step-00000004", "step-00000005"]
     weights = safetensors.torch.load_file(tmp_path / "checkpoints" / steps[-1] / "adapter_model.safetensors")
-    assert set(weights) == {PREFIX + name for name in gm.info["trainable"]}
-    for name in gm.info["trainable"]:
+    assert set(weights) == {PREFIX + name for name in gm.info.trainable}
+    for name in gm.info.trainable:
         torch.testing.assert_close(weights[PREFIX + name], gm.get_parameter(name).detach(), atol=0, rtol=0)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["split"]) for r in records] == [
@@ -134,7 +134,7 @@ def test_the_saved_adapter_reproduces_the_trained_graph_in_peft(tiny_bert_dir, t
                                                             lr=1e-2, progress=False))
     base = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir)
     peft_model = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
-    tokenizer = gm.info["tokenizer"]
+    tokenizer = gm.info.tokenizer
     inputs = dict(tokenizer(["a good day", "the movie was very sad indeed"], padding=True, return_tensors="pt"))
     with torch.no_grad():
         torch.testing.assert_close(peft_model(**inputs).logits, gm(**inputs).logits, atol=1e-5, rtol=0)

@@ -12,7 +12,7 @@ import torch
 import transformers
 
 import rewrite
-from rewrite.serve import runtime
+from rewrite.export import runtime
 from rewrite.errors import RewriteError
 from rewrite.graph.ir import tensor_at
 
@@ -68,9 +68,9 @@ def test_head_is_pruned_to_mask_position_and_label_rows(tiny_mlm_dir):
     assert vocab_rows == []
     selects = gm.graph.find_nodes(op="call_function", target=aten.index_select.default)
     assert {n.args[0].target for n in selects} == {"cls.predictions.decoder.weight", "cls.predictions.decoder.bias"}
-    assert gm.info["task"] == "seq-cls"
-    assert gm.info["config"].id2label == {0: "negative", 1: "positive"}
-    assert gm.info["history"][-1]["report"]["mlm_head"] == "pretrained"
+    assert gm.info.task == "seq-cls"
+    assert gm.info.config.id2label == {0: "negative", 1: "positive"}
+    assert gm.info.history[-1]["report"]["mlm_head"] == "pretrained"
 
 
 def test_the_last_block_runs_on_the_mask_rows_except_keys_and_values(tiny_mlm_dir):
@@ -143,7 +143,7 @@ def test_head_without_checkpoint_weights_is_built_from_tied_embeddings(headless_
     head = ["cls.predictions.transform.dense.weight", "cls.predictions.transform.dense.bias",
             "cls.predictions.transform.LayerNorm.weight", "cls.predictions.transform.LayerNorm.bias",
             "cls.predictions.bias"]  # the decoder's bias, under the name named_parameters() lists
-    assert sorted(gm.info["trainable"]) == sorted(head)
+    assert sorted(gm.info.trainable) == sorted(head)
     assert sorted(n for n, p in gm.named_parameters() if p.requires_grad) == sorted(head)
 
     inputs, tokenizer = _inputs(headless_dir)
@@ -180,7 +180,7 @@ def test_a_tied_tensor_marked_under_any_of_its_names_trains_once(tiny_mlm_dir):
     gm = rewrite.load_pretrained(tiny_mlm_dir, task="masked-lm")
     assert gm.get_parameter("cls.predictions.decoder.weight") is gm.get_parameter("bert.embeddings.word_embeddings.weight")
     mark_trainable(gm, ["cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight"])
-    assert gm.info["trainable"] == ["bert.embeddings.word_embeddings.weight"]
+    assert gm.info.trainable == ["bert.embeddings.word_embeddings.weight"]
     assert gm.get_parameter("cls.predictions.decoder.weight").requires_grad
 
 
@@ -191,7 +191,7 @@ def test_lora_after_the_verbalizer_trains_the_head_not_an_encoder_layer(tiny_mlm
     gm = rewrite.load_pretrained(tiny_mlm_dir, task="masked-lm")
     rewrite.apply(gm, "verbalizer", labels=SINGLE, mlm_logits=mlm_logits)
     rewrite.apply(gm, "lora", rank=4)
-    assert gm.info["history"][-1]["report"]["modules_to_save"] == ["cls"]
+    assert gm.info.history[-1]["report"]["modules_to_save"] == ["cls"]
     trainable = [name for name, param in gm.named_parameters() if param.requires_grad and ".lora_" not in name]
     assert trainable == ["cls.predictions.bias", "cls.predictions.transform.dense.weight",
                          "cls.predictions.transform.dense.bias", "cls.predictions.transform.LayerNorm.weight",

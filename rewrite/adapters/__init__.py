@@ -1,2 +1,2 @@
-"""The adapter layer passes build on: PEFT adapter files, adapter slots, low-rank branches and their
-merges, prompt tables and per-row gathers."""
+"""The adapter layer methods build on: target selection, branch sites and their fold, low-rank branches
+(PEFT's LORA family) and embedding lookups, slots, prompt tables, PEFT adapter files and their arithmetic."""

@@ -13,12 +13,13 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from torch import fx
+from torch import fx, nn
 
 from rewrite.errors import RewriteError
 from rewrite.graph.ir import remove_tensor, tag, tensor_at
 from rewrite.graph.nodes import NodeBuilder
 from rewrite.graph.params import forget_trainable, non_finite
+from rewrite.graph.query import module_path
 from rewrite.graph.transaction import overwrite
 
 _OUTPUT = "branch_output"
@@ -106,17 +107,49 @@ def fold(gm: fx.GraphModule, method: str, merge: Merge, tensors: Callable[[str],
     (computed in fp32 by the method; cast back here), all checked before any is written; then each branch is
     erased and its tensors (`tensors(path)`) removed. Returns the module paths folded."""
     first = by_path(sites(gm, method))
-    merged = {}
+    merged = []
     for path, site in first.items():
         for name, value in merge(gm, site).items():
             if non_finite([(name, value)]):
                 raise RewriteError(f"folding the branch of {path} gives non-finite weights; the adapter is corrupt")
-            merged[name] = value.to(tensor_at(gm, name).dtype)
-    for name, value in merged.items():
-        overwrite(tensor_at(gm, name), value)
+            tensor = tensor_at(gm, name)
+            merged.append((path, tensor, value.to(tensor.dtype)))
+    for path, tensor, value in merged:  # by tensor: an untied write renames what a later site's name means
+        _write(gm, path, tensor, value)
     _erase(gm, sites(gm, method))
     names = [name for path in first for name in tensors(path)]
     for name in names:
         remove_tensor(gm, name)
     forget_trainable(gm, names)
     return list(first)
+
+
+def _write(gm: fx.GraphModule, path: str, tensor: torch.Tensor, value: torch.Tensor) -> None:
+    """Writes a merged value where the module at `path` reads `tensor`. A tensor other modules read too (a tied
+    word embedding and LM head: GPT-2, Gemma, OPT, BERT's MLM decoder) is not written: the module gets its own
+    copy, `<path>.weight`, and the others keep the base, so the folded graph computes what the branch did
+    (PEFT's merge_and_unload writes into the shared tensor, which changes the other module too)."""
+    aliases = {name for name, t in [*gm.named_parameters(remove_duplicate=False),
+                                    *gm.named_buffers(remove_duplicate=False)] if t is tensor}
+    uses = [(read, user) for read in gm.graph.find_nodes(op="get_attr") if read.target in aliases
+            for user in read.users]
+    ours = [(read, user) for read, user in uses if _inside(user, path)]
+    if len(ours) == len(uses):
+        overwrite(tensor, value)
+        return
+    own = f"{path}.weight"
+    keep = next((name for name in sorted(aliases) if name != own), None)
+    if keep is None:
+        raise RewriteError(f"folding {path} would write into {own}, which other modules read too under the same "
+                           "name; fold is refused for such a shared weight (export the graph unfolded)")
+    gm.get_submodule(path).register_parameter("weight", nn.Parameter(value, requires_grad=tensor.requires_grad))
+    for read, user in uses:
+        target = own if (read, user) in ours else (keep if read.target == own else None)
+        if target is not None:
+            with gm.graph.inserting_after(read):
+                user.replace_input_with(read, gm.graph.get_attr(target))
+
+
+def _inside(node: fx.Node, path: str) -> bool:
+    module = module_path(node) or ""
+    return module == path or module.startswith(path + ".")

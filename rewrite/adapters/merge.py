@@ -28,7 +28,7 @@ import safetensors.torch
 import torch
 
 from rewrite.adapters.peft_files import CONFIG_NAME, PREFIX, WEIGHTS_NAME, read_adapter_files
-from rewrite.adapters.targets import pattern_value
+from rewrite.adapters.targets import check_regex, pattern_value
 from rewrite.atomic import atomic_dir_files, check_output_dir
 from rewrite.errors import RewriteError
 
@@ -69,6 +69,8 @@ class Branch:
 
 @dataclass
 class Source:
+    """One adapter directory as a merge reads it."""
+
     directory: str
     config: dict[str, Any]
     branches: dict[str, Branch]  # by module path
@@ -102,6 +104,29 @@ def _check_plain_lora(directory: str, config: dict[str, Any]) -> None:
     if init not in (True, False, "gaussian"):
         raise RewriteError(f"adapter {directory!r} has init_lora_weights {init!r}, which changes the base weights; "
                            "convert it to a plain LoRA adapter first (PEFT's path_initial_model_for_weight_conversion)")
+    missing = [key for key in ("r", "lora_alpha", "target_modules") if key not in config]
+    if missing:
+        raise RewriteError(f"{str(Path(directory) / CONFIG_NAME)!r} lacks {missing[0]}, which a LoRA adapter config needs")
+    ranks = [config["r"], *_pattern(directory, config, "rank_pattern").values()]
+    alphas = [config["lora_alpha"], *_pattern(directory, config, "alpha_pattern").values()]
+    if not all(type(r) is int and r > 0 for r in ranks) or not all(
+            type(a) in (int, float) and math.isfinite(a) for a in alphas):
+        raise RewriteError(f"adapter {directory!r} gives ranks {ranks} and alphas {alphas}; a LoRA config needs "
+                           "positive whole ranks and finite alphas")
+    if not isinstance(config["target_modules"], (str, list)):
+        raise RewriteError(f"adapter {directory!r} gives target_modules {config['target_modules']!r}; PEFT writes a "
+                           "regex or a list of module names")
+
+
+def _pattern(directory: str, config: dict[str, Any], key: str) -> dict[str, Any]:
+    """A rank or alpha pattern: a JSON object whose keys are regexes (PEFT's pattern lookup)."""
+    pattern = config.get(key) or {}
+    if not isinstance(pattern, dict):
+        raise RewriteError(f"adapter {directory!r} gives {key} {pattern!r}; PEFT writes a JSON object of "
+                           "module names or regexes")
+    for name in pattern:
+        check_regex(name, f"adapter {directory!r} {key}")
+    return pattern
 
 
 def _branch(directory: str, config: dict[str, Any], path: str, factors: dict[str, Any]) -> Branch:
@@ -110,11 +135,11 @@ def _branch(directory: str, config: dict[str, Any], path: str, factors: dict[str
         missing = "lora_B" if "a" in factors else "lora_A"
         raise RewriteError(f"adapter {directory!r} has no {missing} for {path}; each LoRA module needs A and B")
     a, b = factors["a"], factors["b"]
-    rank = pattern_value(path, config.get("rank_pattern") or {}, config["r"])
+    rank = pattern_value(path, _pattern(directory, config, "rank_pattern"), config["r"])
     if a.dim() != 2 or b.dim() != 2 or a.shape[0] != rank or b.shape[1] != rank:
         raise RewriteError(f"adapter {directory!r} holds A {tuple(a.shape)} and B {tuple(b.shape)} for {path}, "
                            f"which do not make a rank-{rank} branch as its config says")
-    alpha = pattern_value(path, config.get("alpha_pattern") or {}, config["lora_alpha"])
+    alpha = pattern_value(path, _pattern(directory, config, "alpha_pattern"), config["lora_alpha"])
     scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
     return Branch(a, b, scale, factors["embedding"], bool(config.get("fan_in_fan_out")))
 
@@ -130,12 +155,10 @@ def read_source(directory: str | Path) -> Source:
         if key not in base_layers:
             path, factor, embedding = _split_key(directory, key)
             factors.setdefault(path, {"embedding": embedding})[factor] = tensor
-    try:
-        branches = {path: _branch(directory, config, path, parts) for path, parts in factors.items()}
-        return Source(directory, config, branches, base_layers)
-    except KeyError as error:
-        raise RewriteError(f"{str(Path(directory) / CONFIG_NAME)!r} lacks {error.args[0]}, which a LoRA adapter "
-                           "config needs") from None
+    if not factors:
+        raise RewriteError(f"adapter {directory!r} holds no LoRA tensors; there is nothing to merge")
+    branches = {path: _branch(directory, config, path, parts) for path, parts in factors.items()}
+    return Source(directory, config, branches, base_layers)
 
 
 def _prune(tensor: torch.Tensor, density: float, how: str, generator) -> torch.Tensor:
@@ -152,8 +175,8 @@ def _prune(tensor: torch.Tensor, density: float, how: str, generator) -> torch.T
 
 def combine(method: str, tensors: list[torch.Tensor], weights: torch.Tensor, density: float | None,
             majority_sign: str, generator=None) -> torch.Tensor:
-    """PEFT's merge_utils for a factor method: prune each tensor, then the weighted sum or, for TIES, the
-    majority sign (of the unweighted pruned tensors) and the mean over the tensors that agree with it."""
+    """PEFT's merge_utils on one list (the A's, the B's, or the deltas): prune each tensor, then the weighted sum
+    or, for TIES, the majority sign (of the unweighted pruned tensors) and the mean over those that agree with it."""
     if method in PRUNED:
         tensors = [_prune(t, density, PRUNED[method], generator) for t in tensors]
     stacked = torch.stack(tensors)
@@ -167,6 +190,8 @@ def combine(method: str, tensors: list[torch.Tensor], weights: torch.Tensor, den
 
 @dataclass
 class MergeSpec:
+    """What every module's merge needs: the checked options and the merged adapter's rank."""
+
     method: str
     rank: int
     density: float | None
@@ -305,24 +330,24 @@ def _check_same_model(sources: list[Source]) -> None:
                                    "different base models")
 
 
-def _merge_module(spec: MergeSpec, parts: list[tuple[Branch, float]]) -> tuple[torch.Tensor, torch.Tensor]:
+def _merge_module(spec: MergeSpec, path: str, parts: list[tuple[Branch, float]]) -> tuple[torch.Tensor, torch.Tensor]:
     if spec.method == "cat":
         return _cat_merge(spec, parts)
     if spec.method.endswith("svd"):
         smallest = min(parts[0][0].a.shape[1], parts[0][0].b.shape[0])
         if spec.rank > smallest:
-            raise RewriteError(f"svd rank {spec.rank} is more than a module with {smallest} rows or columns allows; "
-                               f"give --svd-rank {smallest} or less")
+            raise RewriteError(f"svd rank {spec.rank} is more than {path}, with {smallest} rows or columns, allows; "
+                               f"give an svd rank of {smallest} or less")
         return _svd_merge(spec, parts)
     return _factor_merge(spec, parts)
 
 
-def merged_tensors(method: str, sources: list[Source], weights: Sequence[float], *, density: float | None = None,
-                   majority_sign: str = "total", svd_rank: int | None = None, svd_clamp: float | None = None,
-                   seed: int | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """The merged adapter's config and tensors (PEFT keys). DARE draws from torch's global generator as PEFT
-    does, or from a generator seeded with `seed` (the same stream as `torch.manual_seed(seed)`)."""
-    _check_options(method, sources, weights, density, majority_sign, svd_rank, svd_clamp)
+def merged_tensors(method: str, sources: list[Source], weights: Sequence[float], *, density: float | None,
+                   majority_sign: str, svd_rank: int | None, svd_clamp: float | None,
+                   seed: int | None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The merged adapter's config and tensors (PEFT keys), from options `_check_options` passed. DARE draws
+    from torch's global generator as PEFT does, or from a generator seeded with `seed` (the same stream as
+    `torch.manual_seed(seed)`)."""
     _check_same_model(sources)
     rank = _new_rank(method, sources, svd_rank)
     config = {**sources[0].config, "r": rank, "lora_alpha": rank, "target_modules": _union_targets(sources),
@@ -336,7 +361,7 @@ def merged_tensors(method: str, sources: list[Source], weights: Sequence[float],
             _replay_injection(parts[0][0], rank, config.get("init_lora_weights", True), generator)
     tensors = {key: tensor for source in sources for key, tensor in source.base_layers.items()}
     for path, parts in modules.items():
-        a, b = _merge_module(spec, parts)
+        a, b = _merge_module(spec, path, parts)
         names = ("lora_embedding_A", "lora_embedding_B") if parts[0][0].embedding else ("lora_A.weight", "lora_B.weight")
         tensors[f"{PREFIX}{path}.{names[0]}"] = a.contiguous()
         tensors[f"{PREFIX}{path}.{names[1]}"] = b.contiguous()

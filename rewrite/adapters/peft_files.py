@@ -3,14 +3,14 @@
 What goes into the files is each pass's business (`Pass.adapter_files`; LoRA writes PEFT's keys
 `base_model.model.<module path>.lora_A.weight`, so `peft.PeftModel.from_pretrained` loads what we
 save). This module asks the passes in the graph's history, writes atomically, and on the way back
-reads and checks the files, lets the pass whose `peft_types` holds the adapter's type rebuild
+reads and checks the files, lets the pass (`PeftReader`) whose `peft_types` holds the adapter's type rebuild
 itself from the config (`Pass.from_adapter`), and copies the weights in after checking each fits.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Protocol, Sequence
 
 import safetensors
 import safetensors.torch
@@ -21,8 +21,29 @@ from rewrite.errors import RewriteError
 from rewrite.atomic import atomic_dir_files
 from rewrite.graph.ir import info, tensor_at
 from rewrite.graph.params import non_finite
-from rewrite.graph.pipeline import AdapterFiles, Pass, applied, registered
+from rewrite.graph.pipeline import AdapterFiles, Pass, capable, implements, registered
 from rewrite.graph.transaction import all_or_nothing
+
+class PeftWriter(Protocol):
+    """A pass whose runs amount to (part of) a PEFT adapter."""
+
+    @classmethod
+    def adapter_files(cls, gm: fx.GraphModule, runs: Sequence[Pass]) -> AdapterFiles | None:
+        """The PEFT adapter these runs amount to; raise RewriteError if PEFT cannot express them."""
+
+
+class PeftReader(Protocol):
+    """A pass that applies PEFT adapters of `peft_types`. Variants of one type (LoRA and DoRA are PEFT's LORA)
+    tell theirs apart with a classmethod `accepts(config) -> bool`."""
+
+    peft_types: ClassVar[tuple[str, ...]]
+
+    @classmethod
+    def from_adapter(cls, gm: fx.GraphModule, config: dict[str, Any], weights: dict[str, torch.Tensor],
+                     origin: str) -> dict[str, str]:
+        """Runs this pass as the adapter's config describes; returns, per graph tensor name, the adapter key whose
+        weight the engine copies into it."""
+
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -51,9 +72,9 @@ def adapter_base(gm: fx.GraphModule, prefix: str = PREFIX, skip: tuple[str, ...]
 
 def adapter_files(gm: fx.GraphModule) -> AdapterFiles:
     """The one PEFT adapter the graph's passes amount to; each pass says what its part is."""
-    parts = [(cls, files) for cls, runs in applied(gm) if (files := cls.adapter_files(gm, runs)) is not None]
+    parts = [(cls, files) for cls, runs in capable(gm, PeftWriter) if (files := cls.adapter_files(gm, runs)) is not None]
     if not parts:
-        makers = [cls.name for cls in registered() if cls.peft_types]
+        makers = [cls.name for cls in _readers()]
         raise RewriteError(f"the graph has no adapter to save; run a pass that adds one first ({', '.join(makers)}; "
                            "a folded adapter is part of the base weights)")
     if len(parts) > 1:
@@ -74,13 +95,21 @@ def save_adapter(gm: fx.GraphModule, directory: str | Path) -> Path:
 
 
 def _types() -> list[str]:
-    return list(dict.fromkeys(t for cls in registered() for t in cls.peft_types))
+    return list(dict.fromkeys(t for cls in _readers() for t in cls.peft_types))
+
+
+def _readers() -> list[type[PeftReader]]:
+    return [cls for cls in registered() if implements(cls, PeftReader)]
+
+
+def _accepts(cls: type[PeftReader], config: dict[str, Any]) -> bool:
+    return config.get("peft_type") in cls.peft_types and (not hasattr(cls, "accepts") or cls.accepts(config))
 
 
 def _loader(config: dict[str, Any]) -> type[Pass]:
     """The pass that applies a PEFT adapter of this config: one of its type's passes that accepts it (PEFT's
     LORA type is LoRA, or DoRA with `use_dora`)."""
-    return next(cls for cls in registered() if config["peft_type"] in cls.peft_types and cls.accepts(config))
+    return next(cls for cls in _readers() if _accepts(cls, config))
 
 
 def read_adapter_files(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -111,8 +140,7 @@ def read_adapter_files(directory: Path) -> tuple[dict[str, Any], dict[str, torch
 
 def _read_adapter(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     config, weights = read_adapter_files(directory)
-    if config.get("peft_type") not in _types() or not any(
-            config["peft_type"] in cls.peft_types and cls.accepts(config) for cls in registered()):
+    if not any(_accepts(cls, config) for cls in _readers()):
         raise RewriteError(f"adapter type {config.get('peft_type')!r} in {str(directory / CONFIG_NAME)!r} is not "
                            f"supported with these settings; supported: {', '.join(_types())}")
     return config, weights

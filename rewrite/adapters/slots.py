@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import hashlib
 from dataclasses import asdict, dataclass
+from typing import Any, Protocol, Sequence
 
 import torch
 from torch import fx
@@ -26,9 +27,36 @@ from torch.utils import _pytree as pytree
 from rewrite.errors import RewriteError
 from rewrite.graph.synthetic_inputs import example_inputs
 from rewrite.graph.ir import info, tensor_at
-from rewrite.graph.pipeline import applied
+from rewrite.graph.pipeline import capable
 
 aten = torch.ops.aten
+
+
+class SlotProvider(Protocol):
+    """A pass whose tensors an export exposes as slots (trained tensors no pass claims become slots too)."""
+
+    @classmethod
+    def adapter_slots(cls, gm: fx.GraphModule, runs: Sequence[Any]) -> list["Slot"]:
+        """The graph tensors an ONNX export exposes as named inputs that adapter files fill."""
+
+
+class SlotPreparer(Protocol):
+    """A pass whose slots need the exported copy rewritten first."""
+
+    @classmethod
+    def prepare_slots(cls, gm: fx.GraphModule, runs: Sequence[Any]) -> None:
+        """Rewrites `gm`, a copy the slot export owns, so each slot's tensor is all its input replaces (LoRA drops
+        the multiplier its B slot carries; a prompt encoder becomes its table)."""
+
+
+class SlotValues(Protocol):
+    """A PEFT reader whose adapters fill slots: a PEFT adapter's tensors as slot values."""
+
+    @classmethod
+    def slot_values(cls, config: dict[str, Any], weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A PEFT adapter of one of `peft_types` as the tensors that fill this pass's slots (and its head's)."""
+
+
 INDEX = "adapter_index"
 DEFAULT_MAX_RANK = 64
 RANK = None  # a slot shape's dynamic rank axis
@@ -40,8 +68,8 @@ class Slot:
     dtype, its value when no adapter fills it (`empty`: zeros, at rank 0 on a rank axis; ones, for a
     multiplier; the graph's current value, e.g. a head's; or the name of another tensor of the prepared copy
     that holds it, e.g. DoRA's base-weight norms), the scale the graph applies to it, which the slot's value
-    carries instead, and its group: the slots one adapter fills together (a branch's A and B), whose ranks
-    agree."""
+    carries instead, its group: the slots one adapter fills together (a branch's A and B), whose ranks
+    agree, and, for a slot whose method has no per-row form, the one sentence a mixed export refuses with."""
 
     name: str
     shape: tuple[int | None, ...]
@@ -49,6 +77,7 @@ class Slot:
     empty: str = "current"
     scale: float = 1.0
     group: str | None = None
+    no_per_row: str | None = None
 
     @classmethod
     def from_json(cls, data: dict) -> "Slot":
@@ -91,9 +120,9 @@ def prepared(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[Slot]]:
     every other trained tensor (a seq-cls head PEFT saves in full)."""
     gm = copy.deepcopy(gm)
     found: list[Slot] = []
-    for cls, runs in applied(gm):
+    for cls, runs in capable(gm, SlotPreparer):
         cls.prepare_slots(gm, runs)
-    for cls, runs in applied(gm):
+    for cls, runs in capable(gm, SlotProvider):
         found.extend(cls.adapter_slots(gm, runs))
     claimed = {s.name for s in found}
     found.extend(tensor_slot(gm, name) for name in info(gm).trainable if name not in claimed)
@@ -224,29 +253,70 @@ def _per_row_linear(gm: fx.GraphModule, linear: fx.Node, rows: dict[str, fx.Node
     graph.erase_node(linear)
 
 
+def _per_row_lookup(graph: fx.Graph, lookup: fx.Node, rows: fx.Node) -> None:
+    """`embedding(table, ids)` `[B, seq]` reading each row's own table, `rows` `[B, n, width]`."""
+    with graph.inserting_before(lookup):
+        width = graph.call_function(aten.sym_size.int, (rows, 2))
+        ids = graph.call_function(aten.unsqueeze.default, (lookup.args[1], -1))
+        ids = graph.call_function(aten.expand.default, (ids, [-1, -1, width]))
+        gathered = graph.call_function(aten.gather.default, (rows, 1, ids))
+    if "tensor_meta" in lookup.meta:
+        gathered.meta["tensor_meta"] = lookup.meta["tensor_meta"]  # a per-row linear may read it next
+    lookup.replace_all_uses_with(gathered)
+
+
 def _per_row_table(gm: fx.GraphModule, user: fx.Node, rows: fx.Node) -> bool:
-    """A prompt table read per row, `rows` `[B, n, hidden]`: prompt tuning's `unsqueeze(table, 0)`, broadcast
-    over the batch, becomes the rows; P-tuning's lookup `embedding(table, slots)` reads each row's own table.
-    False for any other reader."""
+    """A table read per row, `rows` `[B, n, hidden]`: prompt tuning's `unsqueeze(table, 0)`, broadcast over the
+    batch, becomes the rows; P-tuning's lookup `embedding(table, slots)` reads each row's own table, and so does an
+    embedding LoRA's `embedding(A.T, ids)` (A `[rank, vocab]`, its rows transposed). False for any other reader."""
     graph = gm.graph
     if user.target is aten.unsqueeze.default and user.args[1] == 0 and all(
             u.target is aten.expand.default for u in user.users):
         user.replace_all_uses_with(rows)
     elif user.target is aten.embedding.default and user.args[0].op == "get_attr":
+        _per_row_lookup(graph, user, rows)
+    elif user.target is aten.t.default and all(u.target is aten.embedding.default for u in user.users):
         with graph.inserting_before(user):
-            width = graph.call_function(aten.sym_size.int, (rows, 2))
-            ids = graph.call_function(aten.unsqueeze.default, (user.args[1], -1))
-            ids = graph.call_function(aten.expand.default, (ids, [-1, -1, width]))
-            user.replace_all_uses_with(graph.call_function(aten.gather.default, (rows, 1, ids)))
+            table = graph.call_function(aten.transpose.int, (rows, 1, 2))
+        for lookup in list(user.users):
+            _per_row_lookup(graph, lookup, table)
+            graph.erase_node(lookup)
     else:
         return False
     graph.erase_node(user)
     return True
 
 
+def _per_row_scale(gm: fx.GraphModule, user: fx.Node, rows: fx.Node, index: fx.Node) -> bool:
+    """An elementwise multiplier read flat, `v * view(l, [-1])` (IA3's vectors; `rows` `[B, *l.shape]`): each row's
+    positions times its own vector, `[B, 1, n]` (a 2-D `v` holds a row's positions one after another, GPT-2's
+    flattened Conv1D). False for any other reader."""
+    graph = gm.graph
+    if not (user.target is aten.view.default and list(user.args[1]) == [-1]
+            and all(mul.target is aten.mul.Tensor and mul.args[1] is user for mul in user.users)):
+        return False
+    for mul in list(user.users):
+        v, ndim = mul.args[0], _ndim(mul.args[0])
+        if ndim not in (2, 3):
+            raise RewriteError(f"a per-row adapter needs a 2-D or 3-D input to {mul.name}, not {ndim}-D")
+        with graph.inserting_before(mul):
+            batch = graph.call_function(aten.sym_size.int, (index, 0))
+            vector = graph.call_function(aten.view.default, (rows, [batch, 1, -1]))
+            if ndim == 2:
+                v = graph.call_function(aten.unflatten.int, (v, 0, [batch, -1]))
+            y = graph.call_function(aten.mul.Tensor, (v, vector))
+            if ndim == 2:
+                y = graph.call_function(aten.flatten.using_ints, (y, 0, 1))
+        y.meta["tensor_meta"] = mul.meta["tensor_meta"]
+        mul.replace_all_uses_with(y)
+        graph.erase_node(mul)
+    graph.erase_node(user)
+    return True
+
+
 def per_row(gm: fx.GraphModule, stacked: dict[str, fx.Node], index: fx.Node) -> None:
     """Every read of a slot becomes the rows `stacked[slot][adapter_index]`; linears over them run per row,
-    prompt tables are read per row."""
+    prompt tables are read per row, scaling vectors multiply per row."""
     graph = gm.graph
     rows = {}
     with graph.inserting_after(index):
@@ -257,9 +327,10 @@ def per_row(gm: fx.GraphModule, stacked: dict[str, fx.Node], index: fx.Node) -> 
             for user in list(read.users):
                 if user.target is aten.linear.default:
                     _per_row_linear(gm, user, rows, index)
-                elif not _per_row_table(gm, user, rows[name]):
+                elif not (_per_row_table(gm, user, rows[name]) or _per_row_scale(gm, user, rows[name], index)):
                     raise RewriteError(f"slot {name} is read by {user.target}, which has no per-row form; per-row "
-                                       "adapters cover linear weights (LoRA branches, heads) and prompt tables")
+                                       "adapters cover linear weights (LoRA branches, heads), prompt tables and "
+                                       "scaling vectors")
             graph.erase_node(read)
 
 
@@ -282,6 +353,9 @@ def stack(slot_list: list[Slot], adapters: list[dict[str, torch.Tensor]], fallba
 def mixed(gm: fx.GraphModule, slot_list: list[Slot], example: dict | None = None) -> fx.GraphModule:
     """`gm` (a prepared copy) with its slots as stacked inputs `[N, ...]`, each row picking one by `adapter_index`
     (`example`: keyword inputs `gm` runs on, for graphs whose inputs are not token ids and masks)."""
+    refusal = next((s.no_per_row for s in slot_list if s.no_per_row), None)
+    if refusal:
+        raise RewriteError(refusal)
     _record_shapes(gm, example)
     inputs = _add_inputs(gm, [s.name for s in slot_list] + [INDEX])
     index = inputs.pop(INDEX)

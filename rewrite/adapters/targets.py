@@ -49,8 +49,8 @@ class Targeting:
 
     targets: str | list[str] | None = option(
         None, "module names (exact or .suffix), a regex (re:...), or all-linear; like PEFT's target_modules")
-    roles: list[Role] | None = option(None, "structural roles to adapt: q, k, v, o, mlp, down (default q,v)",
-                                      label="role")
+    roles: list[Role] | None = option(
+        None, "structural roles to adapt: q, k, v, o, mlp, down (default q,v; IA³: k,v,down)", label="role")
     exclude: str | list[str] | None = option(None, "module names or regex to leave alone")
     layers: list[int] | None = option(None, "only these layer indices (PEFT's layers_to_transform)")
 
@@ -63,6 +63,10 @@ class Targeting:
         for spec in (self.targets, self.exclude):
             check_regex(spec, self.title)
 
+    def candidates(self, query: GraphQuery) -> list[Projection]:
+        """What `targets` may name: the projections (LoRA adds embedding lookups)."""
+        return query.projections
+
     def select(self, query: GraphQuery) -> list[Projection]:
         """The projections this method adapts (every call site of each matched module)."""
         projections = query.projections
@@ -74,10 +78,13 @@ class Targeting:
             heads = {p.path for p in query.output_heads}
             chosen = [p for p in chosen if p.path not in heads]
         elif self.targets is not None:
-            chosen = [p for p in chosen if matches_module(p.path, self.targets)]
+            candidates = self.candidates(query)
+            chosen = [p for p in candidates if matches_module(p.path, self.targets)]
             if not chosen:
+                others = [p for p in candidates if p not in projections]
                 raise RewriteError(f"{self.title} targets {self.targets!r} match no module; linear modules in this "
-                                   f"graph: {short_names(projections)}")
+                                   f"graph: {short_names(projections)}"
+                                   + (f"; embeddings: {short_names(others)}" if others else ""))
         roles = self.roles if self.roles is not None else (self.default_roles if self.targets is None else None)
         if roles is not None:
             found = query.roles

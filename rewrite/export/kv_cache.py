@@ -33,20 +33,20 @@ import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from rewrite.serve import runtime
+from rewrite.export import runtime
 from rewrite.graph.capture import drop_guards
 from rewrite.errors import RewriteError
 from rewrite.graph.query import word_embedding
 from rewrite.graph.ir import RewriteGraph, info, wrap
 from rewrite.export.onnx_adapters import SlotExport
-from rewrite.graph.pipeline import Pipeline, applied, create
+from rewrite.graph.pipeline import Pipeline, capable, create
 from rewrite.graph.signature import PREPENDED_KEY, Compare, Signature, vocab_size
 
 aten = torch.ops.aten
@@ -197,16 +197,24 @@ def _capture(model: nn.Module, gm: fx.GraphModule, prefix: torch.Tensor | None) 
     unlifted = exported.module()
     drop_guards(unlifted)
     meta = dataclasses.replace(info(gm), history=[], input_names=[k for k in inputs if k != "past"],
-                               trainable=list(info(gm).trainable), extra={**info(gm).extra, "cache": layout})
+                               trainable=list(info(gm).trainable), cache=layout)
     cached = wrap(unlifted, unlifted.graph, meta, False)
     cached.graph.lint()
     cached.recompile()
     return cached
 
 
+class CachePrefix(Protocol):
+    """A pass whose tokens an export with a cache turns into a constant cache prefix instead of replaying it."""
+
+    @classmethod
+    def cache_prefix(cls, gm: fx.GraphModule, runs: Sequence[Any]) -> torch.Tensor | None:
+        """Embeddings `[n, hidden]` the runs put in front of every input of `gm`, or None."""
+
+
 def _prefixes(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
     """Pass name -> the embeddings it puts in front of every input (those passes are not replayed)."""
-    found = {cls.name: cls.cache_prefix(gm, runs) for cls, runs in applied(gm)}
+    found = {cls.name: cls.cache_prefix(gm, runs) for cls, runs in capable(gm, CachePrefix)}
     return {name: prefix for name, prefix in found.items() if prefix is not None}
 
 
@@ -247,7 +255,7 @@ def _prefix_cache(cached: RewriteGraph, embeddings: torch.Tensor) -> torch.Tenso
         rows = cached.graph.get_attr("rewrite_prompt_rows")
     embed.update_arg(0, rows)
     cached.recompile()
-    layout: CacheLayout = info(cached).extra["cache"]
+    layout: CacheLayout = info(cached).cache
     count = embeddings.shape[0]
     inputs = example_inputs(layout, 1, batch=1, seq=count, past=0)
     inputs["input_ids"] = torch.arange(count).unsqueeze(0)
@@ -376,7 +384,7 @@ def signature(gm: fx.GraphModule, slot_options: dict | None = None) -> Signature
     if slot_options is not None:
         _refuse_prefix_slots(gm)
     cached = cached_graph(gm)
-    layout: CacheLayout = info(cached).extra["cache"]
+    layout: CacheLayout = info(cached).cache
     vocab = vocab_size(gm)
     inputs = example_inputs(layout, vocab, **_PROBE)
     input_names = [*[k for k in inputs if k != "past"], *layout.past_names()]

@@ -6,6 +6,7 @@ import logging
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol, Sequence
 
 import onnx
 import torch
@@ -14,13 +15,13 @@ from torch.utils import _pytree as pytree
 
 from rewrite.export import kv_cache
 
-from rewrite.serve import runtime
+from rewrite.export import runtime
 from rewrite.errors import RewriteError
 from rewrite.atomic import atomic_dir_files
 from rewrite.graph.synthetic_inputs import DEFAULT_INPUT_NAMES, example_inputs
 from rewrite.graph.ir import info
 from rewrite.graph.params import non_finite
-from rewrite.graph.pipeline import applied
+from rewrite.graph.pipeline import capable
 from rewrite.quiet import quiet
 from rewrite.graph.weight_shapes import check_weight_shapes
 from rewrite.adapters.slots import DEFAULT_MAX_RANK
@@ -112,6 +113,14 @@ def _plain_signature(gm: fx.GraphModule, slot_options: dict | None) -> Signature
                      lambda path, _: _verify(gm, path, input_names, output_names, slots), slots=slots)
 
 
+class ServingMetadata(Protocol):
+    """A pass that tells serving something about the exported model."""
+
+    @classmethod
+    def serving_metadata(cls, gm: fx.GraphModule, runs: Sequence[Any]) -> dict[str, str]:
+        """ONNX metadata a caller needs to feed the exported model (keys `rewrite.*`)."""
+
+
 def serving_metadata(gm: fx.GraphModule) -> dict[str, str]:
     """What a caller needs to feed the model and read its outputs (`rewrite run` uses it): the task, label
     names, how many positions the outputs hold before the input's own, and what each pass adds."""
@@ -119,8 +128,8 @@ def serving_metadata(gm: fx.GraphModule) -> dict[str, str]:
     labels = getattr(graph_info.config, "id2label", None) or {}
     props = {TASK_KEY: graph_info.task or "", LABELS_KEY: json.dumps({int(k): v for k, v in labels.items()}),
              PREPENDED_KEY: str(graph_info.prepended_positions), POSITIONS_KEY: str(graph_info.position_limit or ""),
-             UNTRAINED_KEY: ", ".join(graph_info.get("untrained", []))}
-    for cls, runs in applied(gm):
+             UNTRAINED_KEY: ", ".join(graph_info.untrained)}
+    for cls, runs in capable(gm, ServingMetadata):
         props.update(cls.serving_metadata(gm, runs))
     return props
 
@@ -150,7 +159,7 @@ def _check_written_opset(path: Path, opset: int | None) -> None:
 def _refuse_clashes(gm: fx.GraphModule, path: Path) -> None:
     """Before any work: the model and tokenizer files this export writes must not replace files already there."""
     names = {path.name}
-    tokenizer = info(gm).get("tokenizer")
+    tokenizer = info(gm).tokenizer
     if tokenizer is not None:
         with tempfile.TemporaryDirectory() as tmp:
             names |= {p.name for p in tokenizer.save_pretrained(tmp) and Path(tmp).iterdir()}

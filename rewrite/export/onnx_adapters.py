@@ -21,8 +21,9 @@ from torch import fx
 
 from rewrite.adapters import slots as adapter_slots
 from rewrite.adapters.peft_files import read_adapter_dir
-from rewrite.adapters.slots import INDEX, RANK, Slot, python_name
+from rewrite.adapters.slots import INDEX, RANK, Slot, SlotValues, python_name
 from rewrite.errors import RewriteError
+from rewrite.graph.pipeline import implements
 from rewrite.atomic import atomic_path
 
 METADATA = "rewrite.adapter_slots"
@@ -138,6 +139,9 @@ class SlotExport:
 def _peft_values(directory: Path) -> dict[str, torch.Tensor]:
     """A PEFT adapter directory's tensors under slot names, as the pass for its type converts them."""
     loader, config, weights = read_adapter_dir(directory)
+    if not implements(loader, SlotValues):
+        raise RewriteError(f"adapter {str(directory)!r} is a {loader.title} adapter, whose tensors fill no adapter "
+                           "slots; export its graph with the adapter instead")
     return loader.slot_values(config, weights)
 
 

@@ -53,7 +53,7 @@ def _graph_json(gm: fx.GraphModule) -> str:
     try:
         return json.dumps(encode_graph(gm.graph, _KEPT_META))
     except UnsafeGraphError as error:
-        speed = [entry["pass"] for entry in info(gm)["history"]
+        speed = [entry["pass"] for entry in info(gm).history
                  if entry["pass"] in available() and getattr(pass_class(entry["pass"]), "speed", None) is not None]
         hint = (f"; the training-speed passes in its history ({', '.join(speed)}) make the graph `rewrite train` "
                 "steps through (it applies them itself), not one to save" if speed else "")
@@ -184,7 +184,8 @@ def _read(archive: zipfile.ZipFile) -> RewriteGraph:
 def _keep_unread(gm: fx.GraphModule, root: nn.Module) -> None:
     """Tensors no node reads stay with the graph (`fx.GraphModule` copies only what its nodes read): a method's
     bookkeeping, such as the initial factors a PiSSA branch converts its adapter file with."""
-    held = {name for name, _ in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]}
+    held = {name for name, _ in gm.named_parameters(remove_duplicate=False)}
+    held |= {name for name, _ in gm.named_buffers(remove_duplicate=False)}
     for name, tensor in root.named_parameters(remove_duplicate=False):
         if name not in held:
             module, leaf = _owner(gm, name)

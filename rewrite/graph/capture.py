@@ -1,7 +1,6 @@
 """Capture: any `nn.Module` or a local Hugging Face directory -> RewriteGraph, through `torch.export`."""
 from __future__ import annotations
 
-import contextlib
 import glob
 import inspect
 import json

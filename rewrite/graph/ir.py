@@ -26,13 +26,23 @@ class InputTemplate:
     placeholder_ids: tuple[int, ...]
 
 
+@dataclass(frozen=True)
+class LossHead:
+    """The output head `chunked_loss` cut from the logits: the loss applies it (tensor names; `[in, out]` when
+    transposed)."""
+
+    weight: str
+    bias: str | None
+    transposed: bool
+    path: str
+
+
 @dataclass(slots=True)
 class GraphInfo:
     """What a graph is and what its passes made of it. Passes write it; training, adapters, export and
     archives read it, so none of them needs to know which pass did what.
 
     `history` holds one record per pass run: `{"pass": name, "options": {...}, "report": {...}}`.
-    Mapping access (`info["task"]`) is kept for code written against the dict this replaced.
     """
 
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -48,9 +58,11 @@ class GraphInfo:
     prepended_positions: int = 0  # positions sequence outputs hold before the input's own
     template: InputTemplate | None = None  # text is encoded through this template
     label_words: dict[str, Any] | None = None  # a verbalizer head's labels, words, token ids and mask id
-    extra: dict[str, Any] = field(default_factory=dict)  # keys this dataclass does not name
+    untrained: list[str] = field(default_factory=list)  # modules initialized fresh at capture (a new head), until trained
+    loss_head: LossHead | None = None  # the head `chunked_loss` cut from the logits
+    cache: Any = None  # a graph over a KV cache: its layout (`rewrite.export.kv_cache.CacheLayout`)
 
-    OBJECTS = ("config", "tokenizer")  # not JSON: archives store them as Hugging Face directories
+    OBJECTS = ("config", "tokenizer", "cache")  # not JSON: archives store the first two as Hugging Face directories
 
     @property
     def position_limit(self) -> int | None:
@@ -63,47 +75,27 @@ class GraphInfo:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "GraphInfo":
-        """From an archive header or a plain dict; unknown keys are kept in `extra`."""
+        """From an archive header or a plain dict (other keys are not the graph's info)."""
         names = {f.name for f in dataclasses.fields(cls)}
-        known = {k: v for k, v in values.items() if k in names and k != "extra"}
+        values = {**(values.get("extra") or {}), **values}  # archives from before a field was typed kept it in extra
+        known = {k: v for k, v in values.items() if k in names}
         if isinstance(known.get("template"), dict):
             template = known["template"]
             known["template"] = InputTemplate(template["source"], tuple(template["placeholder_ids"]))
+        if isinstance(known.get("loss_head"), dict):
+            known["loss_head"] = LossHead(**known["loss_head"])
         known["trainable"] = list(known.get("trainable") or [])
-        return cls(**known, extra={**values.get("extra", {}), **{k: v for k, v in values.items() if k not in names}})
+        known["untrained"] = list(known.get("untrained") or [])
+        return cls(**known)
 
     def to_dict(self) -> dict[str, Any]:
         """Every field but the Hugging Face objects, as JSON-able values (the archive header)."""
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in self.OBJECTS}
         if self.template is not None:
             values["template"] = {"source": self.template.source, "placeholder_ids": list(self.template.placeholder_ids)}
+        if self.loss_head is not None:
+            values["loss_head"] = dataclasses.asdict(self.loss_head)
         return values
-
-    def _field(self, key: str) -> bool:
-        return key in {f.name for f in dataclasses.fields(self)} and key != "extra"
-
-    def __getitem__(self, key: str) -> Any:
-        if self._field(key):
-            return getattr(self, key)
-        return self.extra[key]
-
-    def __setitem__(self, key: str, value: Any) -> None:
-        if self._field(key):
-            setattr(self, key, value)
-        else:
-            self.extra[key] = value
-
-    def __contains__(self, key: str) -> bool:
-        return (self._field(key) and getattr(self, key) is not None) or key in self.extra
-
-    def get(self, key: str, default: Any = None) -> Any:
-        value = self[key] if key in self else None
-        return default if value is None else value
-
-    def setdefault(self, key: str, default: Any) -> Any:
-        if key not in self:
-            self[key] = default
-        return self[key]
 
 
 class RewriteGraph(fx.GraphModule):

@@ -1,7 +1,7 @@
 """Train/eval switching for captured graphs.
 
 `torch.export` bakes the module mode into the graph as literal flags (`aten.dropout(x, p, train)`,
-`aten.batch_norm(..., training, ...)`, SDPA's `dropout_p`; the same in `rewrite.training.dropout`'s stand-ins
+`aten.batch_norm(..., training, ...)`, SDPA's `dropout_p`; the same in `rewrite.graph.dropout`'s stand-ins
 for dropout and SDPA). Capture traces in train mode so every probability is recorded; switching
 modes rewrites those literals (torchao's `move_exported_model_to_train` is the same idea).
 """
@@ -12,7 +12,7 @@ import contextlib
 import torch
 from torch import fx, nn
 
-from rewrite.training import dropout
+from rewrite.graph import dropout
 
 aten = torch.ops.aten
 

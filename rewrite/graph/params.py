@@ -57,7 +57,7 @@ def apply_trainable(gm: fx.GraphModule) -> None:
 def count_parameters(gm: fx.GraphModule) -> tuple[int, int]:
     """(trainable, all) parameter counts, shared tensors counted once. Trainable is what `train` would
     optimize (the passes' trainable set), so a base capture counts 0."""
-    chosen = {id(p) for p in (_parameter(gm, n) for n in info(gm).get("trainable", [])) if p is not None}
+    chosen = {id(p) for p in (_parameter(gm, n) for n in info(gm).trainable) if p is not None}
     trainable = total = 0
     for param in gm.parameters():
         total += param.numel()

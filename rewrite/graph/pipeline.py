@@ -5,20 +5,21 @@ A pass is a dataclass of options that follows `torch.fx.passes.infra`'s `PassBas
 and recompiles after each pass and records the pass, its options and its report in the graph's
 history (`info(gm).history`), so a saved graph says how it was made.
 
-A pass is also the only place that knows what it did. The engine (adapter files, export, `run`,
-fold) walks the graph's history and asks each pass class through the hooks below; it never names a
-pass. Every hook has a default that does nothing, so a new pass overrides only what it needs:
+A pass is also the only place that knows what it did. The engine walks the graph's history and asks
+each pass class that has a capability; it never names a pass. A capability is a `typing.Protocol`
+defined beside the code that consumes it, and a pass opts in by defining its methods (`implements`):
 
-- `adapter_files(gm, runs)`: the PEFT adapter (config + tensors) its runs amount to, or None;
-  `peft_types` + `from_adapter(gm, config, weights, origin)`: the way back, from a PEFT adapter.
-- `serving_metadata(gm, runs)`: what export writes into the ONNX model's metadata, such as how serving
+- PEFT adapter files (`rewrite.adapters.peft_files`): `PeftWriter.adapter_files`, `PeftReader`'s
+  `peft_types` + `from_adapter` (and `accepts`, for variants of one PEFT type).
+- fold (`passes/fold.py`): `Foldable.fold(gm, runs) -> Folded`: merge what the pass added into constants.
+- ONNX adapter slots (`rewrite.adapters.slots`): `SlotProvider.adapter_slots`, `SlotPreparer.prepare_slots`,
+  `SlotValues.slot_values`: the tensors an export exposes as inputs that adapter files fill, how the
+  exported copy reads them, and a PEFT adapter's tensors as slot values.
+- serving metadata (`rewrite.export.onnx`): `ServingMetadata.serving_metadata`, such as how serving
   encodes its text (`rewrite.serve.encoding`: data the runtime reads without asking any pass).
-- `fold(gm, runs) -> Folded`: merge what the pass added into constants (the fold pass asks every pass).
-- `adapter_slots(gm, runs)`, `prepare_slots(gm, runs)`, `slot_values(config, weights)`: the tensors an
-  ONNX export exposes as inputs that adapter files fill, how the exported copy reads them, and a PEFT
-  adapter's tensors as slot values (`rewrite.adapters.slots`).
-- `cache_prefix(gm, runs)`: embeddings the pass put in front of every input, which an export with a KV
-  cache turns into a constant cache prefix instead of replaying the pass (`rewrite.export.kv_cache`).
+- cache prefix (`rewrite.export.kv_cache`): `CachePrefix.cache_prefix`, embeddings the pass put in front
+  of every input, which an export with a KV cache turns into a constant cache prefix.
+- training speed (`rewrite.training.speed`): a `speed = SpeedPass(...)` declaration.
 
 How text becomes input ids, and what else the graph now is (task, trainable parameters,
 prepended positions, an input template), a pass writes into the typed `GraphInfo`.
@@ -31,7 +32,7 @@ import logging
 from importlib.metadata import entry_points
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Sequence
+from typing import Any, ClassVar, Iterable
 
 import yaml
 from torch import fx
@@ -74,7 +75,6 @@ class Pass(PassBase):
 
     name: ClassVar[str]
     title: ClassVar[str] = ""
-    peft_types: ClassVar[tuple[str, ...]] = ()  # PEFT adapter types `from_adapter` applies
     def __post_init__(self) -> None:
         self.report: dict[str, Any] = {}
         check_choices(self)  # once, when the pass is created
@@ -87,73 +87,12 @@ class Pass(PassBase):
 
     @classmethod
     def restore(cls, record: dict[str, Any]) -> "Pass":
-        """The pass as it ran, from its history record (options and report); not checked or run again."""
-        restored = cls.__new__(cls)
-        for f in dataclasses.fields(cls):
-            if f.name in record["options"]:
-                value = record["options"][f.name]
-            elif f.default is not dataclasses.MISSING:
-                value = f.default
-            else:
-                value = f.default_factory()
-            setattr(restored, f.name, value)
+        """The pass as it ran, from its history record: created from its options (checked and normalized as when it
+        ran; not run again), with its report."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        restored = cls(**{key: value for key, value in record["options"].items() if key in names})
         restored.report = dict(record.get("report") or {})
         return restored
-
-    # ---- what the pass means to the rest of the system (hooks; the defaults do nothing)
-
-    @classmethod
-    def adapter_files(cls, gm: fx.GraphModule, runs: Sequence["Pass"]) -> AdapterFiles | None:
-        """The PEFT adapter these runs amount to; raise RewriteError if PEFT cannot express them."""
-        return None
-
-    @classmethod
-    def accepts(cls, config: dict[str, Any]) -> bool:
-        """Whether this pass applies a PEFT adapter `config` of one of its `peft_types` (variants of one type
-        tell theirs apart by config fields)."""
-        return True
-
-    @classmethod
-    def from_adapter(cls, gm: fx.GraphModule, config: dict[str, Any], weights: dict[str, Any],
-                     origin: str) -> dict[str, str]:
-        """Runs this pass as a PEFT adapter of one of `peft_types` describes; returns, per graph tensor
-        name, the adapter key whose weight the engine copies into it."""
-        raise RewriteError(f"pass {cls.name!r} does not load PEFT adapters")
-
-    @classmethod
-    def serving_metadata(cls, gm: fx.GraphModule, runs: Sequence["Pass"]) -> dict[str, str]:
-        """ONNX metadata a caller needs to feed the exported model (keys `rewrite.*`)."""
-        return {}
-
-    @classmethod
-    def fold(cls, gm: fx.GraphModule, runs: Sequence["Pass"]) -> Folded | None:
-        """Merges what the runs added into the base graph's constants; None when there was nothing to fold."""
-        return None
-
-    @classmethod
-    def adapter_slots(cls, gm: fx.GraphModule, runs: Sequence["Pass"]) -> list[Any]:
-        """The graph tensors an ONNX export exposes as named inputs that adapter files fill, as
-        `rewrite.adapters.slots.Slot`s (none by default; trained tensors no pass claims become slots too)."""
-        return []
-
-    @classmethod
-    def prepare_slots(cls, gm: fx.GraphModule, runs: Sequence["Pass"]) -> None:
-        """Rewrites `gm`, a copy the slot export owns, so each slot's tensor is all its input replaces (LoRA
-        drops the multiplier its B slot carries; a prompt encoder becomes its table). Nothing by default."""
-
-    @classmethod
-    def slot_values(cls, config: dict[str, Any], weights: dict[str, Any]) -> dict[str, Any]:
-        """A PEFT adapter of one of `peft_types` as the tensors that fill this pass's slots (and its head's)."""
-        raise RewriteError(f"pass {cls.name!r} does not convert PEFT adapters for adapter slots")
-
-    @classmethod
-    def cache_prefix(cls, gm: fx.GraphModule, runs: Sequence["Pass"]) -> Any:
-        """Embeddings `[n, hidden]` the runs put in front of every input of `gm`, or None.
-
-        A KV-cache export replays every pass on the model re-captured with a cache, except one that
-        returns a prefix here: its tokens enter the cache once, as a constant prefix.
-        """
-        return None
 
 
 def register(cls: type[Pass]) -> type[Pass]:
@@ -197,6 +136,18 @@ def pass_class(name: str) -> type[Pass]:
     return _REGISTRY[name]
 
 
+def implements(cls: type, capability: type) -> bool:
+    """Whether `cls` has every method and class attribute the capability protocol declares."""
+    members = [name for name in vars(capability) if not name.startswith("_")]
+    members += list(getattr(capability, "__annotations__", {}))
+    return all(hasattr(cls, name) for name in members)
+
+
+def capable(gm: fx.GraphModule, capability: type) -> list[tuple[type[Pass], list[Pass]]]:
+    """`applied(gm)`, only the pass classes that implement `capability`."""
+    return [(cls, runs) for cls, runs in applied(gm) if implements(cls, capability)]
+
+
 def applied(gm: fx.GraphModule) -> list[tuple[type[Pass], list[Pass]]]:
     """Each pass class in the graph's history with its runs (restored from the records, in order).
     Classes come in registration order, so what the engine builds from them does not depend on the
@@ -219,13 +170,18 @@ def create(name: str, **options: Any) -> Pass:
     return cls(**options)
 
 
-def _jsonable(value: Any) -> Any:
+def _jsonable(value: Any, where: str | None = None) -> Any:
+    """`value` as JSON data. Options may hold other values (a path), recorded as text; a report is what hooks
+    read back, so anything but JSON data there (`where` names it) is the pass's bug, raised, never turned to
+    text."""
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): _jsonable(v, where) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [_jsonable(v, where) for v in value]
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
+    if where is not None:
+        raise TypeError(f"{where} holds {type(value).__name__} {value!r}, which is not JSON data")
     return str(value)
 
 
@@ -276,7 +232,7 @@ class Pipeline:
             gm.graph.lint()
             gm.recompile()
             info(gm).history.append(
-                {"pass": pass_.name, "options": _jsonable(pass_.options()), "report": _jsonable(pass_.report),
+                {"pass": pass_.name, "options": _jsonable(pass_.options()), "report": _jsonable(pass_.report, f"the report of pass {pass_.name!r}"),
                  "modified": result is None or bool(result.modified)}
             )
             log.info("pass %s: %s", pass_.name, pass_.report.get("summary", "done"))

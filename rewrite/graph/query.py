@@ -19,7 +19,7 @@ from torch import fx
 
 from rewrite.errors import RewriteError
 from rewrite.graph.ir import info, tag, tensor_at
-from rewrite.adapters.row_gather import is_tokenwise
+from rewrite.graph.row_gather import is_tokenwise
 
 aten = torch.ops.aten
 

@@ -4,5 +4,3 @@
 whole flow on MiniLM and SST-2 behind `rewrite demo`. Recipes may use anything below them; nothing
 in the engine or the passes imports a recipe.
 """
-
-import rewrite.passes  # noqa: F401,E402  (recipes run the built-in passes by name)

@@ -25,7 +25,7 @@ from torch import nn
 
 from rewrite.atomic import atomic_dir_files
 from rewrite.graph.capture import load_pretrained
-from rewrite.training.data import Example
+from rewrite.text.examples import Example
 from rewrite.errors import RewriteError
 from rewrite.graph.query import find_mlm_head
 from rewrite.graph.ir import RewriteGraph, info, tensor_at

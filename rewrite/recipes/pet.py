@@ -49,7 +49,8 @@ import torch.nn.functional as F
 from rewrite.training import data
 from rewrite.training.batches import eval_mode, graph_inputs, input_names, predict_batches, to_device
 from rewrite.graph.capture import load_pretrained
-from rewrite.training.data import CLASSIFICATION, IGNORE_INDEX, Example, Fields
+from rewrite.text.examples import Example
+from rewrite.training.data import CLASSIFICATION, IGNORE_INDEX, Fields
 from rewrite.errors import RewriteError
 from rewrite.graph.ir import RewriteGraph, info
 from rewrite.text.labels import PVP, Aggregation, check_label_words

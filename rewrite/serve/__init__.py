@@ -1,2 +1,2 @@
-"""Serving an exported model: its text encoding read from metadata, prediction, generation with the cache,
-and the ONNX Runtime session."""
+"""Serving an exported model: its text encoding read from metadata, prediction, and generation with the
+cache."""

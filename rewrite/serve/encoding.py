@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from rewrite.training.data import Example
+from rewrite.text.examples import Example
 from rewrite.errors import RewriteError
 from rewrite.text.labels import PVP
 from rewrite.graph.signature import POSITIONS_KEY

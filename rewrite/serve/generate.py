@@ -17,7 +17,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from rewrite.serve import runtime
+from rewrite.export import runtime
 from rewrite.serve.encoding import encode_texts
 from rewrite.errors import RewriteError
 from rewrite.export.kv_cache import CacheLayout, empty_past, feed, positions

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from rewrite.serve import runtime
+from rewrite.export import runtime
 from rewrite.serve.encoding import encode_texts
 from rewrite.errors import RewriteError
 from rewrite.export.onnx import LABELS_KEY, POSITIONS_KEY, PREPENDED_KEY, TASK_KEY, UNTRAINED_KEY

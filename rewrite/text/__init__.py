@@ -1,1 +1,2 @@
-"""Text shared by training and serving: input templates, and PET's label words and pattern files."""
+"""Text shared by training and serving: examples and their padding, input templates, and PET's label
+words and pattern files."""

@@ -16,7 +16,7 @@ from typing import Any, Literal, Sequence
 import torch
 import yaml
 
-from rewrite.training.data import Example
+from rewrite.text.examples import Example
 from rewrite.errors import RewriteError
 from rewrite.text.templates import Template
 

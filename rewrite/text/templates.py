@@ -19,7 +19,7 @@ from typing import Literal, Mapping, NamedTuple, Sequence
 import torch
 from torch import fx
 
-from rewrite.training.data import TokenizedExamples, Example, pad_ids  # training's padding, so batches agree
+from rewrite.text.examples import Example, TokenizedExamples, pad_ids  # training's padding, so batches agree
 from rewrite.errors import RewriteError
 from rewrite.graph.ir import info, require_tokenizer
 

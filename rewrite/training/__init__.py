@@ -1,2 +1,2 @@
 """Training a rewritten graph: the loop, data and batches, losses, checkpoints, several devices, and the
-speed pipeline with its dropout kernels."""
+speed pipeline."""

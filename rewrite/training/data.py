@@ -25,6 +25,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 
 from rewrite.errors import RewriteError
+from rewrite.text.examples import Example, TokenizedExamples, pad_ids, pad_rows
 
 log = logging.getLogger(__name__)
 
@@ -44,37 +45,6 @@ class Fields:
     pair: str | None = None
     label: str = "label"
     columns: tuple[str, ...] | None = None  # a CSV/TSV without a header: its columns' names, in order
-
-
-@dataclass(frozen=True)
-class Example:
-    """One validated row; `where` is `file:line` (or `row N` for in-memory rows), for messages."""
-
-    text: str
-    pair: str | None
-    label: int | tuple[float, ...] | None
-    where: str
-
-
-@dataclass
-class TokenizedExamples:
-    """Tokenized examples: token ids per example (unpadded) and the labels, ready to batch.
-
-    `reserved` are ids that stand for something other than a token (P-tuning's placeholders): they
-    are never language-modeling targets and never masked.
-    """
-
-    features: list[dict[str, list[int]]]
-    labels: list[int | tuple[float, ...]] | None
-    truncated: int
-    reserved: tuple[int, ...] = ()
-
-    def __len__(self) -> int:
-        return len(self.features)
-
-    @property
-    def lengths(self) -> list[int]:
-        return [len(f["input_ids"]) for f in self.features]
 
 
 def _rows(path: Path, columns: Sequence[str] | None = None) -> Iterator[tuple[int, dict[str, Any] | str]]:
@@ -228,27 +198,6 @@ def encode(examples: Sequence[Example], tokenizer, max_length: int) -> Tokenized
                     len(long), len(examples), max_length, examples[long[0]].where)
     labels = [e.label for e in examples] if examples[0].label is not None else None
     return TokenizedExamples(features, labels, len(long))
-
-
-def pad_token_id(tokenizer) -> int:
-    """The pad token, else EOS (LLaMA and GPT-2 tokenizers have no pad token); the mask hides it anyway."""
-    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if token_id is not None:
-            return token_id
-    return 0
-
-
-def pad_rows(rows: list[list[int]], value: int, left: bool) -> torch.Tensor:
-    width = max(len(r) for r in rows)
-    padded = [([value] * (width - len(r)) + r) if left else (r + [value] * (width - len(r))) for r in rows]
-    return torch.tensor(padded, dtype=torch.long)
-
-
-def pad_ids(rows: Sequence[Sequence[int]], tokenizer) -> dict[str, torch.Tensor]:
-    """`input_ids` (pad token, on the tokenizer's padding side) and `attention_mask` for unpadded id rows."""
-    left = getattr(tokenizer, "padding_side", "right") == "left"
-    return {"input_ids": pad_rows([list(r) for r in rows], pad_token_id(tokenizer), left),
-            "attention_mask": pad_rows([[1] * len(r) for r in rows], 0, left)}
 
 
 def _label_tensor(labels: list[int | tuple[float, ...]]) -> torch.Tensor:

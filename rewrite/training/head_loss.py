@@ -20,7 +20,6 @@ from rewrite.training.data import IGNORE_INDEX
 from rewrite.graph.ir import info, tensor_at
 
 CHUNK_ELEMENTS = 2 ** 22  # logits per chunk (16 MiB in fp32; a logsumexp temporary as large)
-HEAD_KEY = "loss_head"
 
 
 def next_token_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -47,11 +46,11 @@ class Head:
 
 def head_of(gm: fx.GraphModule) -> Head | None:
     """The head a `chunked_loss` pass cut from `gm`'s logits output, if any."""
-    record = info(gm).get(HEAD_KEY)
+    record = info(gm).loss_head
     if record is None:
         return None
-    bias = tensor_at(gm, record["bias"]) if record["bias"] else None
-    return Head(tensor_at(gm, record["weight"]), bias, record["transposed"])
+    bias = tensor_at(gm, record.bias) if record.bias else None
+    return Head(tensor_at(gm, record.weight), bias, record.transposed)
 
 
 def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:

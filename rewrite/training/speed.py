@@ -144,7 +144,7 @@ def twin(gm: fx.GraphModule, names: Sequence[str]) -> fx.GraphModule:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning)  # pytree's LeafSpec deprecation on copy
         graph = copy.deepcopy(gm.graph)
-    meta = dataclasses.replace(info(gm), history=list(info(gm).history), extra=dict(info(gm).extra))
+    meta = dataclasses.replace(info(gm), history=list(info(gm).history))
     copied = wrap(gm, graph, meta, training=True)
     if names:
         with _quiet():
@@ -159,14 +159,14 @@ def graphs(gm: fx.GraphModule, names: Sequence[str], compile: bool = False) -> G
     unpadded = None
     if any(_unpadded_only(n) for n in names):
         candidate = twin(gm, names)
-        if _changed(candidate, since=len(info(gm)["history"])):
+        if _changed(candidate, since=len(info(gm).history)):
             unpadded = candidate
     return Graphs(general, unpadded, compile)
 
 
 def _changed(candidate: fx.GraphModule, since: int) -> bool:
     """Whether an unpadded-only pass changed the candidate graph (else the general graph serves all)."""
-    return any(_unpadded_only(entry["pass"]) and entry["modified"] for entry in info(candidate)["history"][since:])
+    return any(_unpadded_only(entry["pass"]) and entry["modified"] for entry in info(candidate).history[since:])
 
 
 def _unpadded_only(name: str) -> bool:

@@ -15,7 +15,7 @@
   optimized (AdamW; weight decay on matrices only, as Hugging Face's Trainer does). It is trained in
   place and left in eval mode on the training device.
 - `train_data` / `eval_data`: a `.jsonl`, `.csv` or `.tsv` file, an iterable of row dicts, or
-  already validated `rewrite.training.data.Example`s. Classification rows hold `config.fields.text` (and
+  already validated `rewrite.text.examples.Example`s. Classification rows hold `config.fields.text` (and
   `.pair`) and `.label`: a class id, a label name (`config.label_names`, default the model's
   `id2label`) or a probability vector (soft targets). LM rows hold the text only.
 - `loss_fn(outputs, batch) -> scalar tensor` replaces the task loss (the mean over the batch);
@@ -70,7 +70,8 @@ from rewrite.text import templates
 from rewrite.adapters.peft_files import save_adapter
 from rewrite.training.batches import eval_mode, graph_inputs, input_names, predict_batches, to_device
 from rewrite.graph.archive import save
-from rewrite.training.data import CLASSIFICATION, LM_TASKS, TokenizedExamples, Example, Fields
+from rewrite.text.examples import Example, TokenizedExamples
+from rewrite.training.data import CLASSIFICATION, LM_TASKS, Fields
 from rewrite.errors import RewriteError
 from rewrite.atomic import check_directory
 from rewrite.graph.ir import info, require_tokenizer, wrap
@@ -434,8 +435,8 @@ def _settings(config: TrainConfig, bf16: bool, train_set: _Data) -> dict[str, An
 
 def _mark_trained(gm: fx.GraphModule) -> None:
     """Fresh modules (a new head) stop being "untrained" once training has optimized them."""
-    trained = info(gm).get("trainable", [])
-    info(gm)["untrained"] = [m for m in info(gm).get("untrained", [])
+    trained = info(gm).trainable
+    info(gm).untrained = [m for m in info(gm).untrained
                              if not any(name.startswith(m + ".") for name in trained)]
 
 
