@@ -9,6 +9,7 @@ import pytest
 import torch
 import transformers
 
+import rewrite
 from rewrite.training import data
 from rewrite.training.data import Fields, collate, encode, epoch_order, read_examples, shard
 from rewrite.errors import RewriteError
@@ -40,7 +41,7 @@ def test_jsonl_csv_and_tsv_read_the_same_rows(tmp_path):
 
 
 def test_shipped_sst2_sample_and_dev_set():
-    folder = Path(data.__file__).parent / "data"
+    folder = Path(rewrite.__file__).parent / "data"
     train = read_examples(folder / "sst2_train_2000.tsv", task="seq-cls", fields=Fields(text="sentence"),
                           label_names=NAMES)
     dev = read_examples(folder / "sst2_dev.tsv", task="seq-cls", fields=Fields(text="sentence"), label_names=NAMES)

@@ -191,7 +191,7 @@ def test_lora_after_the_verbalizer_trains_the_head_not_an_encoder_layer(tiny_mlm
     gm = rewrite.load_pretrained(tiny_mlm_dir, task="masked-lm")
     rewrite.apply(gm, "verbalizer", labels=SINGLE, mlm_logits=mlm_logits)
     rewrite.apply(gm, "lora", rank=4)
-    assert gm.info.history[-1]["report"]["modules_to_save"] == ["cls"]
+    assert gm.info.modules_to_save == ["cls"]
     trainable = [name for name, param in gm.named_parameters() if param.requires_grad and ".lora_" not in name]
     assert trainable == ["cls.predictions.bias", "cls.predictions.transform.dense.weight",
                          "cls.predictions.transform.dense.bias", "cls.predictions.transform.LayerNorm.weight",
