@@ -37,6 +37,7 @@ def lora_names(path: str) -> tuple[str, str]:
     return f"{path}.lora_A.weight", f"{path}.lora_B.weight"
 
 
+A_SUFFIXES, B_SUFFIXES = zip(lora_names(""), embedding.factor_names(""))  # A's and B's name ends: linear, lookup
 BASE_COPY = ".base_layer."  # PEFT saves a targeted embed_tokens/lm_head's base tensors as `<module>.base_layer.<name>`
 
 
@@ -212,8 +213,8 @@ class LowRank(Targeting, Pass):
             embedding.register(gm, proj.path, *embedding.initialize(tensor_at(gm, proj.weight), proj, rank))
             return
         a, b = self.initialize(gm, proj, rank, self.scale_of(rank, alpha))
-        add_submodule(gm, f"{proj.path}.lora_A", _weight_holder(a))
-        add_submodule(gm, f"{proj.path}.lora_B", _weight_holder(b))
+        for name, weight in zip(lora_names(proj.path), (a, b)):
+            add_submodule(gm, name.removesuffix(".weight"), _weight_holder(weight))
 
     def _check_fits(self, gm: fx.GraphModule, projections: list[Projection], plan: dict[str, tuple[int, float]]) -> None:
         """Every error is raised before the graph changes."""
@@ -363,7 +364,7 @@ class LowRank(Targeting, Pass):
             name = graph_name(key).replace(".modules_to_save.", ".")
             if BASE_COPY in name:
                 continue
-            for b_suffix in (".lora_B.weight", ".lora_embedding_B"):
+            for b_suffix in B_SUFFIXES:
                 if name.endswith(b_suffix):
                     value = value.float() * run.scale_for(name.removesuffix(b_suffix))
             values[name] = value
@@ -383,7 +384,7 @@ def _claims(prefixes: tuple[str, ...], init: Any) -> bool:
 def run_paths(names) -> list[str]:
     """The module paths an adapter's tensor names hold branches for."""
     return list(dict.fromkeys(name.removesuffix(suffix) for name in names
-                              for suffix in (".lora_A.weight", ".lora_embedding_A") if name.endswith(suffix)))
+                              for suffix in A_SUFFIXES if name.endswith(suffix)))
 
 
 def _looks_up(site: branches.BranchSite) -> bool:

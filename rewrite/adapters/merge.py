@@ -27,6 +27,7 @@ from typing import Any, Sequence
 import safetensors.torch
 import torch
 
+from rewrite.adapters.low_rank import A_SUFFIXES, B_SUFFIXES
 from rewrite.adapters.peft_files import CONFIG_NAME, PREFIX, WEIGHTS_NAME, read_adapter_files
 from rewrite.adapters.targets import check_regex, pattern_value
 from rewrite.atomic import atomic_dir_files, check_output_dir
@@ -37,8 +38,8 @@ METHODS = (*FACTOR_METHODS, "cat", "svd", *(f"{m}_svd" for m in FACTOR_METHODS[1
 PRUNED = {"ties": "magnitude", "magnitude_prune": "magnitude", "dare_linear": "random", "dare_ties": "random"}
 SIGN_METHODS = ("total", "frequency")
 _TIES = ("ties", "dare_ties")
-_FACTOR_KEYS = {".lora_A.weight": ("a", False), ".lora_B.weight": ("b", False),
-                ".lora_embedding_A": ("a", True), ".lora_embedding_B": ("b", True)}
+_FACTOR_KEYS = {suffix: (factor, lookup) for factor, suffixes in (("a", A_SUFFIXES), ("b", B_SUFFIXES))
+                for suffix, lookup in zip(suffixes, (False, True))}
 _UNMERGEABLE = {  # config key -> why an adapter that sets it cannot be merged from its files
     "use_dora": "DoRA's magnitudes need the base model's weights",
     "lora_bias": "PEFT does not merge LoRA biases",
@@ -132,7 +133,7 @@ def _pattern(directory: str, config: dict[str, Any], key: str) -> dict[str, Any]
 def _branch(directory: str, config: dict[str, Any], path: str, factors: dict[str, Any]) -> Branch:
     """The module's branch, after checking its tensors against each other and the config's rank."""
     if set(factors) != {"a", "b", "embedding"}:
-        missing = "lora_B" if "a" in factors else "lora_A"
+        missing = (B_SUFFIXES if "a" in factors else A_SUFFIXES)[0].split(".")[1]  # lora_B, lora_A
         raise RewriteError(f"adapter {directory!r} has no {missing} for {path}; each LoRA module needs A and B")
     a, b = factors["a"], factors["b"]
     rank = pattern_value(path, _pattern(directory, config, "rank_pattern"), config["r"])
@@ -362,9 +363,9 @@ def merged_tensors(method: str, sources: list[Source], weights: Sequence[float],
     tensors = {key: tensor for source in sources for key, tensor in source.base_layers.items()}
     for path, parts in modules.items():
         a, b = _merge_module(spec, path, parts)
-        names = ("lora_embedding_A", "lora_embedding_B") if parts[0][0].embedding else ("lora_A.weight", "lora_B.weight")
-        tensors[f"{PREFIX}{path}.{names[0]}"] = a.contiguous()
-        tensors[f"{PREFIX}{path}.{names[1]}"] = b.contiguous()
+        kind = 1 if parts[0][0].embedding else 0
+        tensors[f"{PREFIX}{path}{A_SUFFIXES[kind]}"] = a.contiguous()
+        tensors[f"{PREFIX}{path}{B_SUFFIXES[kind]}"] = b.contiguous()
     return config, tensors
 
 

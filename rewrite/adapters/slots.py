@@ -84,7 +84,7 @@ class Slot:
         """A slot from model metadata; models exported before slots declared `empty` and `group` name a `kind`."""
         data = {**data, "shape": tuple(data["shape"])}
         kind = data.pop("kind", None)
-        if kind in ("lora_A", "lora_B"):
+        if kind not in (None, "tensor"):  # a branch's factor
             data.update(empty="zeros", group=data["name"].rsplit(".", 2)[0])
         return cls(**data)
 
