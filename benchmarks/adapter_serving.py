@@ -29,9 +29,10 @@ import torch
 import transformers
 
 import rewrite
-from rewrite.export import runtime
+from rewrite import runtime
 from rewrite.graph.synthetic_inputs import example_inputs
-from rewrite.export.onnx_adapters import Adapters, export_adapter, stacked_feeds
+from rewrite.export.onnx_adapters import export_adapter
+from rewrite.runtime.adapters import Adapters, stacked_feeds
 
 MIXED = 4
 ROWS = [0, 1, 2, 3, 0, 1, 2, 3]

@@ -21,8 +21,8 @@ import torch
 import transformers
 
 import rewrite
-from rewrite.export import runtime
-from rewrite.serve.generate import CachedModel, stream_ids
+from rewrite import runtime
+from rewrite.runtime.generate import CachedModel, stream_ids
 
 
 def llama_100m() -> transformers.LlamaForCausalLM:

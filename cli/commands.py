@@ -164,8 +164,8 @@ def run(model: str, texts: tuple[str, ...], tokenizer_dir: str | None, top_k: in
         max_new_tokens: int, sample: bool, temperature: float, top_p: float, seed: int | None) -> None:
     """Tokenize text, run an exported model in ONNX Runtime and print the top predictions (or, with
     --generate, the generated text, streamed)."""
-    from rewrite.export.onnx_adapters import Adapters
-    from rewrite.serve.predict import predict
+    from rewrite.runtime.adapters import Adapters
+    from rewrite.runtime.predict import predict
 
     if not generating:
         refuse_idle_options({"sample": "--generate", "max_new_tokens": "--generate"})
@@ -175,7 +175,7 @@ def run(model: str, texts: tuple[str, ...], tokenizer_dir: str | None, top_k: in
     adapters = Adapters.parse(adapter_file, adapter_files, adapter_index, len(texts))
     if generating:
         from rewrite.cli.generate import print_generation
-        from rewrite.serve.generate import Sampling
+        from rewrite.runtime.generate import Sampling
 
         print_generation(model, list(texts), tokenizer_dir, max_new_tokens,
                          Sampling(sample, temperature, top_k or 0, top_p, seed), adapters)

@@ -4,13 +4,13 @@ from __future__ import annotations
 import numpy as np
 
 from rewrite.cli.common import out
-from rewrite.serve.generate import CachedModel, Sampling, stream
-from rewrite.export.onnx_adapters import Adapters
+from rewrite.runtime.generate import CachedModel, Sampling, stream
+from rewrite.runtime.adapters import Adapters
 
 
 def print_generation(model_path: str, texts: list[str], tokenizer_dir: str | None, max_new_tokens: int,
                      sampling: Sampling, adapters: Adapters) -> None:
-    """Each text's continuation (as `rewrite.serve.generate` returns it: without the prompt), one line per text
+    """Each text's continuation (as `rewrite.runtime.generate` returns it: without the prompt), one line per text
     in the order given; a single text's is streamed token by token as it comes."""
     model = CachedModel(model_path, tokenizer_dir, adapters=adapters)
     steps = []

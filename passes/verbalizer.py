@@ -45,7 +45,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from transformers.utils import ModelOutput
 
 from rewrite.graph.capture import saved_tensor_names
-from rewrite.serve.encoding import PATTERN, encoding_metadata
+from rewrite.runtime.encoding import PATTERN, encoding_metadata
 from rewrite.errors import RewriteError
 from rewrite.graph.query import MlmHead, find_mlm_head
 from rewrite.graph.ir import add_submodule, info, require_tokenizer, tensor_at

@@ -37,7 +37,7 @@ _API = {
     "save_adapter": "rewrite.adapters.peft_files",
     "merge_adapters": "rewrite.adapters.merge",
     "export_onnx": "rewrite.export.onnx",
-    "generate": "rewrite.serve.generate",
+    "generate": "rewrite.runtime.generate",
     "verbose": "rewrite.quiet",
     "TrainConfig": "rewrite.training.train",
     "TrainResult": "rewrite.training.train",

@@ -14,8 +14,9 @@ import transformers
 import rewrite
 from rewrite.cli.main import main
 from rewrite.errors import RewriteError
-from rewrite.serve.generate import generate
-from rewrite.export.onnx_adapters import Adapters, export_adapter
+from rewrite.runtime.generate import generate
+from rewrite.export.onnx_adapters import export_adapter
+from rewrite.runtime.adapters import Adapters
 
 from helpers import peft_twin, randomize_lora
 from test_adapter_cli import run

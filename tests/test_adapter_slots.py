@@ -16,10 +16,11 @@ from peft import LoraConfig, get_peft_model
 
 import rewrite
 from rewrite.adapters import slots as adapter_slots
-from rewrite.export import runtime
+from rewrite import runtime
 from rewrite.export.onnx import real_positions
 from rewrite.graph.synthetic_inputs import example_inputs
-from rewrite.export.onnx_adapters import Adapters, SlotLayout, export_adapter, stacked_feeds
+from rewrite.export.onnx_adapters import export_adapter
+from rewrite.runtime.adapters import Adapters, SlotLayout, stacked_feeds
 from rewrite.adapters.prompt_table import TABLE
 
 from helpers import TASK_TYPES, capture_tiny, fresh_inputs, randomize_lora

@@ -13,9 +13,10 @@ import transformers
 from peft import LoraConfig, PeftModel, get_peft_model
 
 import rewrite
-from rewrite.export import runtime
+from rewrite import runtime
 from rewrite.export.onnx import real_positions
-from rewrite.export.onnx_adapters import Adapters, export_adapter
+from rewrite.export.onnx_adapters import export_adapter
+from rewrite.runtime.adapters import Adapters
 from rewrite.graph.params import count_parameters
 from rewrite.graph.synthetic_inputs import example_inputs
 

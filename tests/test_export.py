@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import rewrite
-from rewrite.export import runtime
+from rewrite import runtime
 from rewrite.export.onnx import real_positions
 
 from helpers import capture_tiny, fresh_inputs, logits, randomize_lora

@@ -17,9 +17,10 @@ from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPI
 import rewrite
 from rewrite.adapters import slots as adapter_slots
 from rewrite.export.onnx import real_positions
-from rewrite.export.onnx_adapters import Adapters, export_adapter
+from rewrite.export.onnx_adapters import export_adapter
+from rewrite.runtime.adapters import Adapters
 from rewrite.graph.params import count_parameters
-from rewrite.export import runtime
+from rewrite import runtime
 
 from conftest import TASK_CLASSES, tiny_config
 from helpers import TASK_TYPES, capture_tiny, fresh_inputs, logits, randomize_trainable

@@ -11,11 +11,11 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 import rewrite
 from rewrite.export import kv_cache
-from rewrite.export import runtime
+from rewrite import runtime
 from rewrite.cli.main import cli, main
 from rewrite.errors import RewriteError
 from rewrite.export.onnx import compare
-from rewrite.serve.generate import Sampling, generate
+from rewrite.runtime.generate import Sampling, generate
 from rewrite.text.templates import encode_batch
 
 from conftest import tiny_config

@@ -19,13 +19,14 @@ import rewrite
 from rewrite.adapters import slots as adapter_slots
 from rewrite.adapters.low_rank import LowRank
 from rewrite.export.onnx import real_positions
-from rewrite.export.onnx_adapters import Adapters, export_adapter, stacked_feeds
+from rewrite.export.onnx_adapters import export_adapter
+from rewrite.runtime.adapters import Adapters, stacked_feeds
 from rewrite.graph.params import count_parameters
 from rewrite.graph.synthetic_inputs import example_inputs
 from rewrite.training import speed
 from rewrite.training.head_loss import head_of
 from rewrite.training.losses import loss_sum
-from rewrite.export import runtime
+from rewrite import runtime
 
 from conftest import tiny_model
 from helpers import assert_folds_to, capture_tiny, fresh_inputs, logits, randomize_trainable

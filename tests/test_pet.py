@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import transformers
 
 import rewrite
-from rewrite.export import runtime
+from rewrite import runtime
 from rewrite.text import labels
 from rewrite.recipes import pet
 from rewrite.text.examples import Example
@@ -226,7 +226,7 @@ def test_export_choice_takes_the_best_pvp_model_only_when_it_beats_distillation(
 
 
 def test_exported_pvp_model_serves_raw_text_through_its_pattern(headless_dir, pvps, tmp_path):
-    from rewrite.serve.predict import predict
+    from rewrite.runtime.predict import predict
 
     labeled = pet.read_data(DATA / "train.tsv", pvps, FIELDS, labeled=True)
     best = pet.train_pattern_model(pet.capture_masked_lm(headless_dir), pvps[1], labeled, _quick(), seed=1)

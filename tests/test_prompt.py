@@ -154,7 +154,7 @@ def test_vocab_init_samples_rows_of_the_word_embeddings(make_tiny):
 
 
 def test_onnx_keeps_the_base_inputs_and_matches_torch(make_tiny, tmp_path):
-    from rewrite.export import runtime
+    from rewrite import runtime
 
     for arch, task, names in (("llama", "causal-lm", LLAMA_INPUTS), ("bert", "seq-cls", BERT_INPUTS)):
         gm = capture(make_tiny(arch, task), names)
@@ -169,7 +169,7 @@ def test_onnx_keeps_the_base_inputs_and_matches_torch(make_tiny, tmp_path):
 
 
 def test_rewrite_run_reads_a_prompt_tuned_masked_lm_at_the_users_mask(tiny_mlm_dir, tmp_path):
-    from rewrite.serve.predict import predict
+    from rewrite.runtime.predict import predict
 
     gm = rewrite.load_pretrained(tiny_mlm_dir, task="masked-lm")
     rewrite.apply(gm, "prompt", num_virtual_tokens=3)

@@ -17,7 +17,7 @@ from torch import nn
 
 import rewrite
 from rewrite.training import data
-from rewrite.export import runtime
+from rewrite import runtime
 from rewrite.text import templates
 from rewrite.text.examples import pad_rows
 from rewrite.cli.main import cli
@@ -131,7 +131,7 @@ def test_fold_leaves_the_encoders_output_as_a_table_and_onnx_has_no_lstm(make_ti
 
 
 def test_exported_model_carries_its_template_and_rewrite_run_applies_it(tiny_bert_dir, tmp_path):
-    from rewrite.serve.predict import predict
+    from rewrite.runtime.predict import predict
 
     gm = rewrite.load_pretrained(tiny_bert_dir, task="seq-cls")
     torch.manual_seed(0)

@@ -16,7 +16,7 @@ from rewrite.text import templates
 from rewrite.text.examples import Example
 from rewrite.errors import RewriteError
 from rewrite.text.labels import PVP
-from rewrite.serve.predict import predict
+from rewrite.runtime.predict import predict
 
 TEXTS = ["a gorgeous , witty film", "dull and tedious, and far too long for what it has to say"]
 TEMPLATE = "[P] [P] {text} [P] [MASK] ."
@@ -24,14 +24,14 @@ PATTERN = "Just [MASK] ! {text_a}"
 WORDS = {"0": ["terrible"], "1": ["great"]}
 FRESH = """
 import json, sys
-from rewrite.serve.predict import predict
+from rewrite.runtime.predict import predict
 scores = predict(sys.argv[1], json.loads(sys.argv[2]), tokenizer_dir=sys.argv[3], top_k=2)
 print(json.dumps({"scores": scores, "passes": any(m.startswith("rewrite.passes") for m in sys.modules)}))
 """
 
 
 def _fresh_predict(model, tokenizer_dir) -> list[list[tuple[str, float]]]:
-    """`predict` in a new interpreter that imports only `rewrite.serve.predict`."""
+    """`predict` in a new interpreter that imports only `rewrite.runtime.predict`."""
     done = subprocess.run([sys.executable, "-c", FRESH, str(model), json.dumps(TEXTS), str(tokenizer_dir)],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

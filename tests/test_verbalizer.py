@@ -12,7 +12,7 @@ import torch
 import transformers
 
 import rewrite
-from rewrite.export import runtime
+from rewrite import runtime
 from rewrite.errors import RewriteError
 from rewrite.graph.ir import tensor_at
 

@@ -31,7 +31,7 @@ import copy
 import dataclasses
 import inspect
 import json
-from dataclasses import dataclass
+
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
@@ -40,7 +40,7 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from rewrite.export import runtime
+from rewrite import runtime
 from rewrite.graph.capture import drop_guards
 from rewrite.errors import RewriteError
 from rewrite.graph.query import word_embedding
@@ -48,29 +48,12 @@ from rewrite.graph.ir import RewriteGraph, info, wrap
 from rewrite.export.onnx_adapters import SlotExport
 from rewrite.graph.pipeline import Pipeline, capable, create
 from rewrite.graph.signature import PREPENDED_KEY, Compare, Signature, vocab_size
+from rewrite.runtime.cache import CacheLayout, empty_past, feed, positions
 
 aten = torch.ops.aten
 
 PREFIX = "rewrite_cache_prefix"
 _PROBE = dict(batch=2, seq=3, past=4)
-
-
-@dataclass(frozen=True)
-class CacheLayout:
-    """What a caller needs to run the cached model: written into the ONNX metadata."""
-
-    layers: int
-    kv_heads: int
-    head_dim: int
-    dtype: str
-    position_ids: bool
-    prefix: int
-
-    def past_names(self) -> list[str]:
-        return [f"past_key_values.{i}.{kind}" for i in range(self.layers) for kind in ("key", "value")]
-
-    def present_names(self) -> list[str]:
-        return [f"present.{i}.{kind}" for i in range(self.layers) for kind in ("key", "value")]
 
 
 def _causal_model(gm: fx.GraphModule) -> nn.Module:
@@ -285,21 +268,6 @@ def cached_graph(gm: fx.GraphModule) -> RewriteGraph:
     return cached.eval()
 
 
-def feed(layout: CacheLayout, input_ids, attention_mask, position_ids, past) -> dict:
-    """ONNX Runtime's inputs for one step: the cache's tensors under their input names."""
-    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
-    if layout.position_ids:
-        inputs["position_ids"] = position_ids
-    inputs.update(zip(layout.past_names(), past))
-    return inputs
-
-
-def empty_past(layout: CacheLayout, batch: int) -> list[np.ndarray]:
-    """Past length 0: the prefill step of the merged model."""
-    shape = (batch, layout.kv_heads, 0, layout.head_dim)
-    return [np.zeros(shape, dtype=layout.dtype) for _ in layout.past_names()]
-
-
 def _special_ids(gm: fx.GraphModule) -> dict[str, Any]:
     """End-of-sequence, padding and start ids, as Hugging Face's `generate` reads them (padding falls back
     to the end-of-sequence id)."""
@@ -319,11 +287,6 @@ def metadata(gm: fx.GraphModule, layout: CacheLayout) -> dict[str, str]:
     position limit is the plain export's (`rewrite.graph.signature.POSITIONS_KEY`)."""
     return {"rewrite.cache": json.dumps(dataclasses.asdict(layout)), "rewrite.special_ids": json.dumps(_special_ids(gm)),
             PREPENDED_KEY: "0"}
-
-
-def positions(mask: np.ndarray) -> np.ndarray:
-    """Position ids of left-padded rows as Hugging Face's `generate` counts them: `cumsum(mask) - 1`, 0 at padding."""
-    return np.where(mask == 0, 0, mask.cumsum(-1) - 1)
 
 
 def _decode(sess, layout: CacheLayout, ids: np.ndarray, mask: np.ndarray, prompt: int, extra: dict) -> np.ndarray:

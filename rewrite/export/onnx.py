@@ -15,7 +15,7 @@ from torch.utils import _pytree as pytree
 
 from rewrite.export import kv_cache
 
-from rewrite.export import runtime
+from rewrite import runtime
 from rewrite.errors import RewriteError
 from rewrite.atomic import atomic_dir_files
 from rewrite.graph.synthetic_inputs import DEFAULT_INPUT_NAMES, example_inputs

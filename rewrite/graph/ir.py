@@ -60,7 +60,7 @@ class GraphInfo:
     label_words: dict[str, Any] | None = None  # a verbalizer head's labels, words, token ids and mask id
     untrained: list[str] = field(default_factory=list)  # modules initialized fresh at capture (a new head), until trained
     loss_head: LossHead | None = None  # the head `chunked_loss` cut from the logits
-    cache: Any = None  # a graph over a KV cache: its layout (`rewrite.export.kv_cache.CacheLayout`)
+    cache: Any = None  # a graph over a KV cache: its layout (`rewrite.runtime.cache.CacheLayout`)
 
     OBJECTS = ("config", "tokenizer", "cache")  # not JSON: archives store the first two as Hugging Face directories
 

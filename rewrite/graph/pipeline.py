@@ -16,7 +16,7 @@ defined beside the code that consumes it, and a pass opts in by defining its met
   `SlotValues.slot_values`: the tensors an export exposes as inputs that adapter files fill, how the
   exported copy reads them, and a PEFT adapter's tensors as slot values.
 - serving metadata (`rewrite.export.onnx`): `ServingMetadata.serving_metadata`, such as how serving
-  encodes its text (`rewrite.serve.encoding`: data the runtime reads without asking any pass).
+  encodes its text (`rewrite.runtime.encoding`: data the runtime reads without asking any pass).
 - cache prefix (`rewrite.export.kv_cache`): `CachePrefix.cache_prefix`, embeddings the pass put in front
   of every input, which an export with a KV cache turns into a constant cache prefix.
 - training speed (`rewrite.training.speed`): a `speed = SpeedPass(...)` declaration.

@@ -20,7 +20,7 @@ from rich.table import Table
 
 from rewrite.training import data
 
-from rewrite.export import runtime
+from rewrite import runtime
 from rewrite.graph.capture import load_pretrained
 from rewrite.training.data import Fields
 from rewrite.errors import RewriteError

@@ -1,2 +1,2 @@
-"""Serving an exported model: its text encoding read from metadata, prediction, and generation with the
-cache."""
+"""`rewrite serve`: an OpenAI-style HTTP server over the runtime (`rewrite.runtime`), batching requests across
+adapters."""

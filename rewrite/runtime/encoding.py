@@ -1,6 +1,6 @@
 """How an exported model's text becomes its inputs, written as data into its ONNX metadata.
 
-The exporter writes one key, `rewrite.serve.encoding`: a JSON object that names the encoding and holds its
+The exporter writes one key, `rewrite.runtime.encoding`: a JSON object that names the encoding and holds its
 data (a pass returns it from its `serving_metadata` hook through `encoding_metadata`):
 
 - `{"kind": "template", "template": "[P] [P] {text} [P] [MASK] .", "placeholder_ids": [2, 3, 4]}`:

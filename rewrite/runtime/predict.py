@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from rewrite.export import runtime
-from rewrite.serve.encoding import encode_texts
+from rewrite import runtime
+from rewrite.runtime.encoding import encode_texts
 from rewrite.errors import RewriteError
 from rewrite.export.onnx import LABELS_KEY, POSITIONS_KEY, PREPENDED_KEY, TASK_KEY, UNTRAINED_KEY
-from rewrite.export.onnx_adapters import Adapters
+from rewrite.runtime.adapters import Adapters
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,6 @@
-"""ONNX Runtime sessions: the CUDA provider when a GPU is present, else CPU."""
+"""Running an exported model without the training stack: ONNX Runtime sessions (here; the CUDA provider when a GPU
+is present, else CPU), the model's metadata, its text encoding, prediction, generation with the cache, and
+adapter files."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -17,12 +17,12 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from rewrite.export import runtime
-from rewrite.serve.encoding import encode_texts
+from rewrite import runtime
+from rewrite.runtime.encoding import encode_texts
 from rewrite.errors import RewriteError
-from rewrite.export.kv_cache import CacheLayout, empty_past, feed, positions
-from rewrite.export.onnx_adapters import METADATA, Adapters
-from rewrite.serve.predict import _check_texts, _model_props, _tokenizer
+from rewrite.runtime.cache import CacheLayout, empty_past, feed, positions
+from rewrite.runtime.adapters import METADATA, Adapters
+from rewrite.runtime.predict import _check_texts, _model_props, _tokenizer
 from rewrite.graph.signature import POSITIONS_KEY
 
 
