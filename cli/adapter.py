@@ -5,7 +5,8 @@ from __future__ import annotations
 import click
 
 from rewrite.atomic import check_output
-from rewrite.cli.common import console, overwrite_option, refuse_idle_options
+from rewrite.cli.common import console, overwrite_option
+from rewrite.cli.options import refuse_idle_options
 from rewrite.errors import RewriteError
 
 

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import click
 import torch
-from click.core import ParameterSource
 
 import rewrite
 from rewrite.graph.capture import CAPTURE_TASKS
@@ -26,16 +25,6 @@ def read_graph(source: str, task: str = "auto") -> rewrite.RewriteGraph:
 def write_graph(gm: rewrite.RewriteGraph, output: str) -> None:
     rewrite.save(gm, output)
     console.print(f"wrote {output}")
-
-
-def refuse_idle_options(needs: dict[str, str]) -> None:
-    """Options given where they would do nothing are refused, not ignored: `needs` maps each option
-    (by parameter name) that is idle in this call to what it needs."""
-    ctx = click.get_current_context()
-    for name, needed in needs.items():
-        if ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT):
-            flag = next(p.opts[-1] for p in ctx.command.params if p.name == name)
-            raise RewriteError(f"{flag} does nothing without {needed}; add {needed}, or leave {flag} out")
 
 
 def seed_all(seed: int | None) -> None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from rewrite.cli.common import out
+from rewrite.cli.console import out
 from rewrite.runtime.generate import CachedModel, Sampling, stream
 from rewrite.runtime.adapters import Adapters
 

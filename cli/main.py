@@ -23,13 +23,16 @@ COMMANDS = {
     "fold": ("rewrite.cli.commands", "fold", "Merge LoRA branches and prompt encoders into constants."),
     "export": ("rewrite.cli.commands", "export", "Export a graph archive to ONNX."),
     "inspect": ("rewrite.cli.commands", "inspect", "Show how a graph archive was made and what train would train."),
-    "run": ("rewrite.cli.commands", "run", "Run an exported model in ONNX Runtime on text."),
+    "run": ("rewrite.cli.run", "run", "Run an exported model in ONNX Runtime on text."),
     "train": ("rewrite.cli.train", "train", "Train a graph's adapter on a data file."),
     "demo": ("rewrite.cli.train", "demo", "MiniLM + LoRA on shipped SST-2 data, end to end to ONNX."),
     "pet": ("rewrite.cli.pet", "pet_command", "Pattern-Exploiting Training: PVP models, distillation, ONNX."),
     "mlm-head": ("rewrite.cli.mlm_head", "mlm_head_command", "Fit a checkpoint's missing masked-LM head on unlabeled text."),
     "adapter": ("rewrite.cli.adapter", "adapter", "Adapter files: merge LoRA adapters, export one for adapter slots."),
+    "serve": ("rewrite.cli.serve", "serve", "Serve an exported model over HTTP (OpenAI-style, adapters batched)."),
 }
+
+EXTRAS = {"serve": "serve"}  # the install extra that brings a command's packages (else: compiler)
 
 
 class LazyGroup(click.Group):
@@ -42,7 +45,12 @@ class LazyGroup(click.Group):
         if name not in COMMANDS:
             return None
         module, function, _ = COMMANDS[name]
-        return getattr(importlib.import_module(module), function)
+        try:
+            return getattr(importlib.import_module(module), function)
+        except ModuleNotFoundError as error:  # a serving install has no torch; a compiler one may lack the server
+            extra = EXTRAS.get(name, "compiler")
+            raise RewriteError(f"rewrite {name} needs {error.name!r}, which this install lacks; install rewrite with "
+                               f"it: pip install 'rewrite[{extra}]'") from error
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         with formatter.section("Commands"):

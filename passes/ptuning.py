@@ -29,7 +29,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from rewrite.adapters.slots import Slot, tensor_slot
 from rewrite.graph.capture import capture
-from rewrite.runtime.encoding import TEMPLATE, encoding_metadata
+from rewrite.runtime.schema import TEMPLATE, encoding_metadata
 from rewrite.errors import RewriteError
 from rewrite.graph.query import GraphQuery, embedding_output, word_embedding
 from rewrite.graph.ir import InputTemplate, add_submodule, copy_meta, info, remove_submodule, require_tokenizer, tag, tensor_at

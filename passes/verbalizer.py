@@ -45,7 +45,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from transformers.utils import ModelOutput
 
 from rewrite.graph.capture import saved_tensor_names
-from rewrite.runtime.encoding import PATTERN, encoding_metadata
+from rewrite.runtime.schema import PATTERN, encoding_metadata
 from rewrite.errors import RewriteError
 from rewrite.graph.query import MlmHead, find_mlm_head
 from rewrite.graph.ir import add_submodule, info, require_tokenizer, tensor_at
@@ -54,7 +54,7 @@ from rewrite.graph.nodes import NodeBuilder, set_output
 from rewrite.graph.params import canonical_names, mark_trainable
 from rewrite.graph.pipeline import Pass, option, register
 from rewrite.graph.row_gather import rows_at
-from rewrite.text.templates import uses_template
+from rewrite.training.templates import uses_template
 from rewrite.graph.transaction import overwrite
 
 log = logging.getLogger(__name__)
@@ -257,7 +257,8 @@ class VerbalizerPass(Pass):
         flat_ids = [i for label_ids in ids.values() for i in label_ids]
         buffers = nn.Module()
         buffers.register_buffer("word_ids", torch.tensor(flat_ids, dtype=torch.long))
-        buffers.register_buffer("average", averaging_matrix(ids).to(tensor_at(gm, head.embedding_weight.target).dtype))
+        average = torch.from_numpy(averaging_matrix(ids))
+        buffers.register_buffer("average", average.to(tensor_at(gm, head.embedding_weight.target).dtype))
         add_submodule(gm, LABEL_BUFFERS, buffers)
 
         first = head.transform[0] if head.transform else head.decoder.node

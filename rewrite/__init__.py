@@ -3,11 +3,13 @@
 capture -> passes (LoRA, prompts, verbalizer, ...) -> train -> fold -> ONNX, on `torch.fx` graphs
 captured by `torch.export`. The layers, each importing only from the ones below it:
 
-1. engine (`rewrite/`), by what it serves: `graph/` (the IR, capture, graph queries, node building, the
+1. engine (`rewrite/`), bottom-up: `text/` (templates, label words, padding; no torch), `runtime/` (the
+   serving runtime: model metadata, tokenizer, encoding, prediction, generation, adapter files; numpy,
+   ONNX Runtime and tokenizers only), then `graph/` (the IR, capture, graph queries, node building, the
    pass protocol and pipeline, archives), `adapters/` (the layer adapter methods build on: target
    selection, branch sites, slot kinds, merges, PEFT files), `training/` (loop, data, losses, checkpoints,
-   devices, the speed pipeline), `export/` (ONNX, the KV cache, adapter slots), `serve/` (encoding,
-   prediction, generation), `text/` (templates, label words), and the shared `errors`, `atomic`, `quiet`.
+   devices, the speed pipeline, graph templates), `export/` (ONNX, the KV cache, adapter slots), then
+   `serve/` (the HTTP server), and the shared `errors`, `atomic`, `quiet`.
    It never names a pass: it asks the passes in a graph's history through the `Pass` hooks.
 2. passes (`rewrite.passes`, the `passes/` folder): one file per rewrite; each imports only the engine.
 3. recipes (`rewrite.recipes`): applications on top (PET, the demo).

@@ -136,3 +136,20 @@ def headless_dir(tmp_path_factory, minilm_dir):
     transformers.BertModel(_tiny_bert_config("BertModel"), add_pooling_layer=False).save_pretrained(directory)
     transformers.AutoTokenizer.from_pretrained(minilm_dir).save_pretrained(directory)
     return directory
+
+
+@pytest.fixture(scope="session")
+def ptuned_model(tiny_bert_dir, tmp_path_factory):
+    """A P-tuned classifier export and torch's probabilities (`test_serving_encoding.build_ptuned`), built once
+    for the serving tests."""
+    from test_serving_encoding import build_ptuned
+
+    return build_ptuned(tiny_bert_dir, tmp_path_factory.mktemp("ptuned"))
+
+
+@pytest.fixture(scope="session")
+def pvp_model(headless_dir, tmp_path_factory):
+    """A PVP model export and torch's probabilities (`test_serving_encoding.build_pvp`)."""
+    from test_serving_encoding import build_pvp
+
+    return build_pvp(headless_dir, tmp_path_factory.mktemp("pvp"))

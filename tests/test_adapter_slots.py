@@ -274,7 +274,7 @@ def test_a_graph_without_unfolded_adapter_parameters_has_no_slots_to_expose(make
     assert list(tmp_path.iterdir()) == []
 
 def test_ptuning_encoder_output_rides_a_slot(tiny_bert_dir, tmp_path):
-    from rewrite.text.templates import graph_template
+    from rewrite.training.templates import graph_template
 
     gm = rewrite.load_pretrained(tiny_bert_dir)
     rewrite.apply(gm, "ptuning", template="[P] [P] {text}", placeholders=["[unused1]", "[unused2]"], encoder="mlp")
@@ -337,7 +337,7 @@ def test_mixed_prompt_tables_rows_equal_their_own_exports(tmp_path):
 
 
 def test_mixed_ptuning_tables_rows_equal_their_own_exports(tiny_bert_dir, tmp_path):
-    from rewrite.text.templates import graph_template
+    from rewrite.training.templates import graph_template
 
     gm = rewrite.load_pretrained(tiny_bert_dir)
     rewrite.apply(gm, "ptuning", template="[P] [P] {text}", placeholders=["[unused1]", "[unused2]"], encoder="mlp")

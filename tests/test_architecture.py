@@ -4,12 +4,16 @@ imports in a cycle."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import networkx as nx
 import pytest
 
 import rewrite
+
+from no_torch import NO_TORCH
 
 ROOT = Path(__file__).resolve().parent.parent
 FOLDERS = {"rewrite": ROOT / "rewrite", "rewrite.passes": ROOT / "passes", "rewrite.cli": ROOT / "cli"}
@@ -31,7 +35,8 @@ MODULES = _modules()
 
 
 def _layer(module: str) -> str:
-    for prefix, layer in (("rewrite.passes", "passes"), ("rewrite.cli", "cli"), ("rewrite.recipes", "recipes")):
+    for prefix, layer in (("rewrite.passes", "passes"), ("rewrite.cli", "cli"), ("rewrite.recipes", "recipes"),
+                          ("rewrite.serve", "serve")):  # the HTTP server: an application of the runtime, as the CLI is
         if module == prefix or module.startswith(prefix + "."):
             return layer
     return "facade" if module == "rewrite" else "engine"
@@ -169,3 +174,47 @@ def test_no_import_cycles():
 def test_every_module_says_what_it_is_for():
     missing = sorted(m for m, path in MODULES.items() if ast.get_docstring(ast.parse(path.read_text())) is None)
     assert not missing
+
+
+# Folders bottom-up: a module imports only from its own folder or one below it (the shared modules at the top
+# of `rewrite/`, such as `errors`, sit at the bottom). The runtime serves without the training stack.
+FOLDER_ORDER = [("rewrite.text",), ("rewrite.runtime",),
+                ("rewrite.graph", "rewrite.adapters", "rewrite.training", "rewrite.export", "rewrite.recipes",
+                 "rewrite.passes"),
+                ("rewrite.serve", "rewrite.cli", "rewrite")]
+TORCH_FREE = ("rewrite.text", "rewrite.runtime", "rewrite.serve")
+
+
+def _rank(module: str) -> int:
+    for rank, folders in enumerate(FOLDER_ORDER):
+        if any(module == f or module.startswith(f + ".") for f in folders if f != "rewrite"):
+            return rank
+    return len(FOLDER_ORDER) - 1 if module == "rewrite" else 0
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_no_folder_imports_back_up(module):
+    above = sorted(m for m in _imports(module) if _rank(m) > _rank(module))
+    assert not above, f"{module} imports {above}, from a folder above its own"
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if m.startswith("rewrite.text")))
+def test_text_imports_nothing_of_rewrite_but_errors(module):
+    others = sorted(m for m in _imports(module) if not m.startswith("rewrite.text") and m != "rewrite.errors")
+    assert not others, f"{module} imports {others}"
+
+
+BLOCKED = NO_TORCH + """
+import importlib, pkgutil
+for package in sys.argv[1:]:
+    module = importlib.import_module(package)
+    for found in pkgutil.walk_packages(module.__path__, package + "."):
+        importlib.import_module(found.name)
+print(sorted(m for m in sys.modules if m.partition(".")[0] in ("torch", "transformers")))
+"""
+
+
+def test_the_runtime_and_text_import_without_torch_or_transformers():
+    done = subprocess.run([sys.executable, "-c", BLOCKED, *TORCH_FREE], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["[]"]

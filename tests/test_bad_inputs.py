@@ -345,7 +345,20 @@ MERGE_CASES = [
                                                    "-o", o / "m"], "has no adapter_config.json"),
 ]
 
-CLI_CASES += TRAIN_CASES + EXPORT_CASES + PET_CASES + MERGE_CASES
+# `rewrite serve`: refused before it listens (the shared causal LM has a cache but no adapter slots)
+SERVE_CASES = [
+    ("serve-not-an-onnx-model", lambda w, o: ["serve", w["fake"]], "is not an ONNX model"),
+    ("serve-adapter-not-name-file", lambda w, o: ["serve", w["lm"] / "onnx" / "model.onnx", "--adapter", w["afile"]],
+     "is not NAME=FILE"),
+    ("serve-adapter-without-slots", lambda w, o: ["serve", w["lm"] / "onnx" / "model.onnx", "--adapter",
+                                                  f"a={w['afile']}"], "serves the base model only"),
+    ("serve-classifier-adapter-without-slots", lambda w, o: ["serve", w["onnx"] / "model.onnx", "--adapter",
+                                                             f"a={w['afile']}"], "has no adapter slots"),
+    ("serve-empty-adapter-dir", lambda w, o: ["serve", w["lm"] / "onnx" / "model.onnx", "--adapter-dir", o],
+     "holds no .onnx_adapter files"),
+]
+
+CLI_CASES += TRAIN_CASES + EXPORT_CASES + PET_CASES + MERGE_CASES + SERVE_CASES
 
 
 @pytest.mark.parametrize("make, words", [c[1:] for c in CLI_CASES], ids=[c[0] for c in CLI_CASES])

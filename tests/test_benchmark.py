@@ -48,3 +48,26 @@ def test_the_driver_prints_a_table():
                            "--steps", "1", "--warmup", "1"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "tiny-llama" in done.stdout and "ours" in done.stdout
+
+
+@pytest.mark.slow
+def test_the_serving_benchmark_reports_every_arm(tmp_path):
+    import json
+
+    script = BENCHMARK.parent / "serve_throughput.py"
+    done = subprocess.run([sys.executable, str(script), "--models", "tiny", "--concurrency", "2", "--requests", "2",
+                           "--max-tokens", "4", "--prompt-tokens", "8", "--threads", "1", "--json", str(tmp_path / "out.json")],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [result] = json.loads((tmp_path / "out.json").read_text())
+    arms = ["library 1 adapter", "library 8 adapters", "mixed 1 adapter c=2", "mixed 8 adapters c=2", "folded c=2"]
+    assert list(result["arms"]) == arms
+    for arm in result["arms"].values():
+        assert arm["requests"] == 2 and 2 <= arm["tokens"] <= 8 and arm["tokens_per_s"] > 0
+        assert 0 < arm["ttft_p50"] <= arm["latency_p50"] and len(arm["texts"]) == 2
+    assert set(result["ratios"]) == {"1 adapter c=2 / library", "8 adapters c=2 / library", "8 adapters c=2 / folded"}
+    assert result["agreement"] == {arm: 2 for arm in arms[2:]}  # greedy: the server answers as the library does
+    for process in ("serve_mixed", "serve_folded", "cli_run"):
+        assert result[process]["cold_start_s"] > 0 and result[process]["peak_rss_bytes"] > 0
+    assert result["serve_mixed"]["peak_rss_bytes"] >= result["serve_mixed"]["rss_bytes"]
+    assert "| mixed 8 adapters | 2 |" in done.stdout

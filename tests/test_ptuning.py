@@ -18,7 +18,7 @@ from torch import nn
 import rewrite
 from rewrite.training import data
 from rewrite import runtime
-from rewrite.text import templates
+from rewrite.training import templates
 from rewrite.text.examples import pad_rows
 from rewrite.cli.main import cli
 from rewrite.errors import RewriteError
@@ -246,7 +246,7 @@ def test_training_data_keeps_placeholders_out_of_lm_targets_and_fills_pairs(tiny
     masked = 0
     for seed in range(20):
         batch = data.collate(encoded, range(len(rows)), tokenizer, "masked-lm", names, torch.Generator().manual_seed(seed))
-        originally = pad_rows([f["input_ids"] for f in encoded.features], 0, left=False)
+        originally = torch.from_numpy(pad_rows([f["input_ids"] for f in encoded.features], 0, left=False))
         at_placeholders = torch.isin(originally, torch.tensor(placeholder_ids))
         assert (batch["labels"][at_placeholders] == -100).all()
         assert torch.equal(batch["input_ids"][at_placeholders], originally[at_placeholders])

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import rewrite
-from rewrite.text import templates
+from rewrite.training import templates
 from rewrite.text.examples import Example
 from rewrite.errors import RewriteError
 from rewrite.text.labels import PVP
@@ -49,8 +49,8 @@ def _check_served(model, tokenizer_dir, expected: torch.Tensor) -> None:
             assert probability == pytest.approx(float(probabilities[int(label.removeprefix("LABEL_"))]), abs=1e-5)
 
 
-@pytest.fixture(scope="module")
-def ptuned_model(tiny_bert_dir, tmp_path_factory):
+def build_ptuned(tiny_bert_dir, directory):
+    """A P-tuned classifier exported to `directory`, and torch's probabilities for TEXTS."""
     gm = rewrite.load_pretrained(tiny_bert_dir, task="seq-cls")
     torch.manual_seed(0)
     rewrite.apply(gm, "ptuning", template=TEMPLATE, placeholders=["[unused1]", "[unused2]", "[unused3]"],
@@ -58,20 +58,20 @@ def ptuned_model(tiny_bert_dir, tmp_path_factory):
     rewrite.apply(gm, "fold")
     with torch.no_grad():
         expected = gm(**templates.encode_batch(gm, TEXTS)).logits.softmax(-1)
-    path = tmp_path_factory.mktemp("ptuned") / "model.onnx"
+    path = directory / "model.onnx"
     rewrite.export_onnx(gm, path)
     return path, expected
 
 
-@pytest.fixture(scope="module")
-def pvp_model(headless_dir, tmp_path_factory):
+def build_pvp(headless_dir, directory):
+    """A PVP model (pattern and label words on a masked LM) exported to `directory`, and torch's probabilities."""
     gm = rewrite.load_pretrained(headless_dir, task="masked-lm")
     rewrite.apply(gm, "verbalizer", labels=WORDS, pattern=PATTERN)
     tokenizer = gm.info.tokenizer
     rendered = [PVP("p", PATTERN, WORDS).render(Example(text, None, None, "row"), tokenizer, 128) for text in TEXTS]
     with torch.no_grad():
         expected = gm(**tokenizer(rendered, padding=True, return_tensors="pt")).logits.softmax(-1)
-    path = tmp_path_factory.mktemp("pvp") / "model.onnx"
+    path = directory / "model.onnx"
     rewrite.export_onnx(gm, path)
     return path, expected
 

@@ -21,7 +21,8 @@ from torch.fx.passes.infra.pass_base import PassResult
 from rewrite.adapters import branches, embedding
 from rewrite.adapters.embedding import Lookup
 from rewrite.adapters.peft_files import PREFIX, adapter_base, peft_task_type, saved_modules
-from rewrite.adapters.slots import RANK, Slot, dtype_name
+from rewrite.adapters.slots import Slot, dtype_name
+from rewrite.runtime.slots import RANK
 from rewrite.adapters.targets import Targeting, check_regex, pattern_value, short_names
 from rewrite.errors import RewriteError
 from rewrite.graph.ir import add_submodule, info, tensor_at

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-from dataclasses import asdict, dataclass
 from typing import Any, Protocol, Sequence
 
 import torch
@@ -28,6 +27,8 @@ from rewrite.errors import RewriteError
 from rewrite.graph.synthetic_inputs import example_inputs
 from rewrite.graph.ir import info, tensor_at
 from rewrite.graph.pipeline import capable
+from rewrite.runtime import slots as runtime_slots
+from rewrite.runtime.slots import INDEX, Slot, python_name
 
 aten = torch.ops.aten
 
@@ -57,52 +58,7 @@ class SlotValues(Protocol):
         """A PEFT adapter of one of `peft_types` as the tensors that fill this pass's slots (and its head's)."""
 
 
-INDEX = "adapter_index"
 DEFAULT_MAX_RANK = 64
-RANK = None  # a slot shape's dynamic rank axis
-
-
-@dataclass(frozen=True)
-class Slot:
-    """One named adapter tensor, as the method that owns it declares it: its shape (None marks the rank axis),
-    dtype, its value when no adapter fills it (`empty`: zeros, at rank 0 on a rank axis; ones, for a
-    multiplier; the graph's current value, e.g. a head's; or the name of another tensor of the prepared copy
-    that holds it, e.g. DoRA's base-weight norms), the scale the graph applies to it, which the slot's value
-    carries instead, its group: the slots one adapter fills together (a branch's A and B), whose ranks
-    agree, and, for a slot whose method has no per-row form, the one sentence a mixed export refuses with."""
-
-    name: str
-    shape: tuple[int | None, ...]
-    dtype: str
-    empty: str = "current"
-    scale: float = 1.0
-    group: str | None = None
-    no_per_row: str | None = None
-
-    @classmethod
-    def from_json(cls, data: dict) -> "Slot":
-        """A slot from model metadata; models exported before slots declared `empty` and `group` name a `kind`."""
-        data = {**data, "shape": tuple(data["shape"])}
-        kind = data.pop("kind", None)
-        if kind not in (None, "tensor"):  # a branch's factor
-            data.update(empty="zeros", group=data["name"].rsplit(".", 2)[0])
-        return cls(**data)
-
-    def fits(self, shape: tuple[int, ...], max_rank: int) -> str | None:
-        """Why a tensor of `shape` cannot fill this slot, or None when it can."""
-        if len(shape) != len(self.shape) or any(want is not None and want != got for want, got in zip(self.shape, shape)):
-            wanted = "x".join("rank" if d is None else str(d) for d in self.shape)
-            return f"has shape {tuple(shape)} but the model's slot is [{wanted}]"
-        rank = self.rank(shape)
-        if rank is not None and rank > max_rank:
-            return f"has rank {rank}, above the model's slot limit of {max_rank}"
-        return None
-
-    def rank(self, shape: tuple[int, ...]) -> int | None:
-        return next((got for want, got in zip(self.shape, shape) if want is None), None)
-
-    def to_json(self) -> dict:
-        return asdict(self)
 
 
 def dtype_name(tensor: torch.Tensor) -> str:
@@ -179,11 +135,6 @@ def _add_inputs(gm: fx.GraphModule, names: list[str]) -> dict[str, fx.Node]:
     spec = pytree.tree_flatten((args, {**kwargs, **{key: key for key in added}}))[1]
     gm.graph._codegen.pytree_info = tree._replace(orig_args=[*tree.orig_args, *added], in_spec=spec)
     return {name: created[name] for name in names}
-
-
-def python_name(name: str) -> str:
-    """The keyword a slot's input has in the graph's Python signature (ONNX gets the real name back)."""
-    return name if name == INDEX else "slot__" + name.replace(".", "__")
 
 
 def _replace_reads(gm: fx.GraphModule, name: str, new: fx.Node) -> None:
@@ -336,18 +287,11 @@ def per_row(gm: fx.GraphModule, stacked: dict[str, fx.Node], index: fx.Node) -> 
 
 def stack(slot_list: list[Slot], adapters: list[dict[str, torch.Tensor]], fallback: dict[str, torch.Tensor],
           ) -> dict[str, torch.Tensor]:
-    """The stacked slot inputs `[N, ...]` for `adapters` (each slot's ranks zero-padded to the largest; a slot
-    an adapter lacks takes `fallback`'s value), keyed by slot name."""
-    stacked = {}
-    for slot in slot_list:
-        rows = [a.get(slot.name, fallback[slot.name]) for a in adapters]
-        if RANK in slot.shape:
-            axis = slot.shape.index(RANK)
-            rank = max(r.shape[axis] for r in rows)
-            rows = [torch.nn.functional.pad(r, [0, rank - r.shape[axis]] if axis == 1 else [0, 0, 0, rank - r.shape[axis]])
-                    for r in rows]
-        stacked[slot.name] = torch.stack(rows)
-    return stacked
+    """The runtime's `stack` (`rewrite.runtime.slots`) for tensors: stacked slot inputs `[N, ...]`, ranks
+    zero-padded to the largest."""
+    arrays = [{name: value.numpy() for name, value in adapter.items()} for adapter in adapters]
+    stacked = runtime_slots.stack(slot_list, arrays, {name: value.numpy() for name, value in fallback.items()})
+    return {name: torch.from_numpy(value) for name, value in stacked.items()}
 
 
 def mixed(gm: fx.GraphModule, slot_list: list[Slot], example: dict | None = None) -> fx.GraphModule:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
-import json
 
 from pathlib import Path
 from typing import Any, Protocol, Sequence
@@ -47,8 +46,9 @@ from rewrite.graph.query import word_embedding
 from rewrite.graph.ir import RewriteGraph, info, wrap
 from rewrite.export.onnx_adapters import SlotExport
 from rewrite.graph.pipeline import Pipeline, capable, create
-from rewrite.graph.signature import PREPENDED_KEY, Compare, Signature, vocab_size
+from rewrite.graph.signature import Compare, Signature, vocab_size
 from rewrite.runtime.cache import CacheLayout, empty_past, feed, positions
+from rewrite.runtime.schema import cache_metadata
 
 aten = torch.ops.aten
 
@@ -283,10 +283,9 @@ def _special_ids(gm: fx.GraphModule) -> dict[str, Any]:
 
 
 def metadata(gm: fx.GraphModule, layout: CacheLayout) -> dict[str, str]:
-    """The cache layout and special ids; outputs hold no virtual positions (they are in the cache). The
-    position limit is the plain export's (`rewrite.graph.signature.POSITIONS_KEY`)."""
-    return {"rewrite.cache": json.dumps(dataclasses.asdict(layout)), "rewrite.special_ids": json.dumps(_special_ids(gm)),
-            PREPENDED_KEY: "0"}
+    """The cache layout and special ids (`rewrite.runtime.schema.cache_metadata`); the position limit is the plain
+    export's."""
+    return cache_metadata(layout, _special_ids(gm))
 
 
 def _decode(sess, layout: CacheLayout, ids: np.ndarray, mask: np.ndarray, prompt: int, extra: dict) -> np.ndarray:

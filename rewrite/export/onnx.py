@@ -1,7 +1,6 @@
 """ONNX export with named inputs/outputs, dynamic batch and sequence axes, and ONNX Runtime verification."""
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 from dataclasses import dataclass, field
@@ -26,8 +25,8 @@ from rewrite.quiet import quiet
 from rewrite.graph.weight_shapes import check_weight_shapes
 from rewrite.adapters.slots import DEFAULT_MAX_RANK
 from rewrite.export.onnx_adapters import SlotExport
-from rewrite.graph.signature import (LABELS_KEY, POSITIONS_KEY, PREPENDED_KEY, TASK_KEY, UNTRAINED_KEY, Signature,
-                               vocab_size)
+from rewrite.graph.signature import Signature, vocab_size
+from rewrite.runtime.schema import base_metadata
 
 log = logging.getLogger(__name__)
 
@@ -126,9 +125,8 @@ def serving_metadata(gm: fx.GraphModule) -> dict[str, str]:
     names, how many positions the outputs hold before the input's own, and what each pass adds."""
     graph_info = info(gm)
     labels = getattr(graph_info.config, "id2label", None) or {}
-    props = {TASK_KEY: graph_info.task or "", LABELS_KEY: json.dumps({int(k): v for k, v in labels.items()}),
-             PREPENDED_KEY: str(graph_info.prepended_positions), POSITIONS_KEY: str(graph_info.position_limit or ""),
-             UNTRAINED_KEY: ", ".join(graph_info.untrained)}
+    props = base_metadata(graph_info.task or "", labels, graph_info.prepended_positions, graph_info.position_limit,
+                          list(graph_info.untrained))
     for cls, runs in capable(gm, ServingMetadata):
         props.update(cls.serving_metadata(gm, runs))
     return props

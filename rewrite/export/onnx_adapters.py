@@ -23,7 +23,8 @@ from rewrite.adapters.slots import INDEX, SlotValues, python_name
 from rewrite.errors import RewriteError
 from rewrite.graph.pipeline import implements
 from rewrite.atomic import atomic_path
-from rewrite.runtime.adapters import METADATA, SlotLayout, check
+from rewrite.runtime.adapters import check
+from rewrite.runtime.schema import SlotLayout, slots_metadata
 
 EXAMPLE_RANK = 2
 
@@ -100,7 +101,8 @@ class SlotExport:
         for slot in self.layout.slots:
             default = self._stack(self.defaults[slot.name]).numpy()
             model.graph.initializer.append(onnx.numpy_helper.from_array(default, slot.name))
-        model.metadata_props.add(key=METADATA, value=self.layout.to_json())
+        for key, value in slots_metadata(self.layout).items():
+            model.metadata_props.add(key=key, value=value)
         onnx.save(model, str(path))
 
 

@@ -1,5 +1,5 @@
 """What an ONNX export is made of (`Signature`), shared by the plain export and its options (the KV
-cache), and the metadata keys every export writes."""
+cache). The metadata keys it writes are `rewrite.runtime.schema`'s."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,8 +11,6 @@ from torch import fx
 
 from rewrite.graph.ir import info, tensor_at
 
-TASK_KEY, LABELS_KEY, PREPENDED_KEY = "rewrite.task", "rewrite.id2label", "rewrite.prepended_positions"
-POSITIONS_KEY, UNTRAINED_KEY = "rewrite.max_positions", "rewrite.untrained_head"
 Compare = Callable[[str, torch.Tensor, torch.Tensor], tuple[float, float]]  # (name, reference, actual) -> (diff, tolerance)
 
 

@@ -1,18 +1,20 @@
-"""Running an exported model without the training stack: ONNX Runtime sessions (here; the CUDA provider when a GPU
-is present, else CPU), the model's metadata, its text encoding, prediction, generation with the cache, and
-adapter files."""
+"""Running an exported model without the training stack (numpy, ONNX Runtime, tokenizers; never torch or
+transformers): ONNX Runtime sessions (here; the CUDA provider when it can load, else CPU), the model's metadata
+(`schema`), its tokenizer and text encoding, prediction, generation with the cache, and adapter files."""
 from __future__ import annotations
 
+import ctypes.util
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
-import torch
 
 
 def providers() -> list[str]:
-    """CUDA first only when it can actually load (onnxruntime-gpu lists it even on machines without CUDA)."""
-    if torch.cuda.is_available() and "CUDAExecutionProvider" in ort.get_available_providers():
+    """CUDA first only when it can actually load: onnxruntime-gpu lists it even on machines without a GPU, so
+    the CUDA driver library must be present too."""
+    if "CUDAExecutionProvider" in ort.get_available_providers() and ctypes.util.find_library("cuda"):
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
 
@@ -25,11 +27,11 @@ def session(path: str | Path, threads: int | None = None) -> ort.InferenceSessio
     return ort.InferenceSession(str(path), sess_options=options, providers=providers())
 
 
-def run(sess: ort.InferenceSession, inputs: dict[str, torch.Tensor | np.ndarray],
+def run(sess: ort.InferenceSession, inputs: dict[str, Any],
         options: ort.RunOptions | None = None) -> dict[str, np.ndarray]:
     """Feeds the inputs the model declares, adapter slots included (extra keys are ignored), and returns
-    outputs by name."""
+    outputs by name. Inputs are arrays or anything numpy reads as one (a CPU tensor)."""
     wanted = {i.name for i in [*sess.get_inputs(), *sess.get_overridable_initializers()]}
-    feed = {k: (v.numpy() if isinstance(v, torch.Tensor) else v) for k, v in inputs.items() if k in wanted}
+    feed = {k: np.asarray(v) for k, v in inputs.items() if k in wanted}
     names = [o.name for o in sess.get_outputs()]
     return dict(zip(names, sess.run(names, feed, options)))

@@ -3,51 +3,15 @@ ONNX Runtime adapter files (`.onnx_adapter`) checked against them, one file acti
 `LoraAdapter`, or several stacked for a mixed model with one `adapter_index` per row (`Adapters`)."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
-import torch
 
-from rewrite.adapters import slots as adapter_slots
-from rewrite.adapters.slots import INDEX, RANK, Slot
 from rewrite.errors import RewriteError
-
-METADATA = "rewrite.adapter_slots"
-
-
-@dataclass
-class SlotLayout:
-    """What a slotted model promises: its slots, whether they are stacked per row, the rank limit, the base."""
-
-    slots: list[Slot]
-    mixed: bool
-    max_rank: int
-    fingerprint: int
-
-    def to_json(self) -> str:
-        return json.dumps({"slots": [s.to_json() for s in self.slots], "mixed": self.mixed,
-                           "max_rank": self.max_rank, "fingerprint": self.fingerprint})
-
-    @classmethod
-    def of_model(cls, path: str | Path) -> "SlotLayout":
-        if not Path(path).is_file():
-            raise RewriteError(f"model {str(path)!r} does not exist; pass a model exported with --adapter-slots")
-        model = onnx.load(str(path), load_external_data=False)
-        props = {p.key: p.value for p in model.metadata_props}
-        if METADATA not in props:
-            raise RewriteError(f"model {str(path)!r} has no adapter slots; export it with --adapter-slots "
-                               "(rewrite export X.pt2 --onnx base.onnx --adapter-slots)")
-        data = json.loads(props[METADATA])
-        slots = [Slot.from_json(s) for s in data["slots"]]
-        return cls(slots, data["mixed"], data["max_rank"], data["fingerprint"])
-
-    def by_name(self) -> dict[str, Slot]:
-        return {s.name: s for s in self.slots}
-
+from rewrite.runtime.schema import ModelSchema, SlotLayout, slot_defaults
+from rewrite.runtime.slots import INDEX, RANK, stack
 
 def check(values: dict[str, np.ndarray], layout: SlotLayout, source: str) -> None:
     """Raises naming the first tensor that does not fit the model's slots (name, shape, rank limit, dtype)."""
@@ -105,12 +69,9 @@ def stacked_feeds(files: list[str | Path], model: str | Path, index: list[int]) 
     bad = [i for i in index if not 0 <= i < len(files)]
     if bad:
         raise RewriteError(f"adapter index {bad[0]} is out of range for {len(files)} adapters; use 0 to {len(files) - 1}")
-    adapters = [{k: torch.from_numpy(v) for k, v in read_adapter(f, layout).items()} for f in files]
-    graph = onnx.load(str(model), load_external_data=False).graph
-    defaults = {t.name: torch.tensor(onnx.numpy_helper.to_array(t)[0])
-                for t in graph.initializer if t.name in layout.by_name()}
-    feeds = {k: v.numpy() for k, v in adapter_slots.stack(layout.slots, adapters, defaults).items()}
-    return feeds | {INDEX: np.asarray(index, dtype=np.int64)}
+    adapters = [read_adapter(f, layout) for f in files]
+    defaults = {name: value[0] for name, value in slot_defaults(model).items()}
+    return stack(layout.slots, adapters, defaults) | {INDEX: np.asarray(index, dtype=np.int64)}
 
 
 def active(path: str | Path, model: str | Path) -> tuple[ort.RunOptions, ort.LoraAdapter]:
@@ -169,7 +130,7 @@ class Adapters:
             return {}, options, adapter
         if self.stacked:
             return stacked_feeds(self.stacked, model, self.index), None, None
-        props = {p.key: p.value for p in onnx.load(str(model), load_external_data=False).metadata_props}
-        if METADATA in props and json.loads(props[METADATA])["mixed"]:
+        slots = ModelSchema.read(model).slots
+        if slots is not None and slots.mixed:
             return {INDEX: np.zeros(rows, dtype=np.int64)}, None, None  # every row on the defaults: the base
         return {}, None, None

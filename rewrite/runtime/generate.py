@@ -9,7 +9,6 @@ files given (`Adapters`: one active, or stacked with one index per row), the sam
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -18,12 +17,13 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from rewrite import runtime
-from rewrite.runtime.encoding import encode_texts
 from rewrite.errors import RewriteError
-from rewrite.runtime.cache import CacheLayout, empty_past, feed, positions
-from rewrite.runtime.adapters import METADATA, Adapters
-from rewrite.runtime.predict import _check_texts, _model_props, _tokenizer
-from rewrite.graph.signature import POSITIONS_KEY
+from rewrite.runtime.adapters import Adapters
+from rewrite.runtime.cache import empty_past, feed, positions
+from rewrite.runtime.encoding import encode_texts
+from rewrite.runtime.predict import _check_texts, _tokenizer
+from rewrite.runtime.schema import ModelSchema
+from rewrite.runtime.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)
@@ -83,24 +83,17 @@ class CachedModel:
     def __init__(self, model_path: str | Path, tokenizer_dir: str | None = None, threads: int | None = None,
                  adapters: Adapters | None = None):
         path = Path(model_path)
-        self.props = _model_props(path)
-        if "rewrite.cache" not in self.props:
-            task = self.props.get("rewrite.task") or "unknown"
-            raise RewriteError(
-                f"model {str(path)!r} (task {task}) was not exported with a KV cache; generation needs a causal "
-                "language model exported with `rewrite export X.pt2 --onnx model.onnx --with-cache`"
-            )
-        self.layout = CacheLayout(**json.loads(self.props["rewrite.cache"]))
-        self.special = json.loads(self.props["rewrite.special_ids"])
-        limit = self.props.get(POSITIONS_KEY)
-        self.limit = int(limit) if limit else None
+        self.schema = ModelSchema.read(path)
+        self.layout = self.schema.require_cache()
+        self.special = self.schema.special_ids
+        self.limit = self.schema.max_positions
         self.path, self.tokenizer_dir = path, tokenizer_dir
         self.session = runtime.session(path, threads)
         self.outputs = [o.name for o in self.session.get_outputs()]
         self.adapters = adapters or Adapters()
 
     @cached_property
-    def tokenizer(self):
+    def tokenizer(self) -> Tokenizer:
         """The tokenizer beside the model, padding on the left."""
         tokenizer = _tokenizer(self.path, self.tokenizer_dir)
         tokenizer.padding_side = "left"
@@ -110,7 +103,7 @@ class CachedModel:
 
     def encode(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Left-padded ids and mask (through the P-tuning template when the model has one)."""
-        encoded = encode_texts(self.props, self.tokenizer, list(texts), str(self.path))
+        encoded = encode_texts(self.schema, self.tokenizer, list(texts))
         return encoded["input_ids"].astype(np.int64), encoded["attention_mask"].astype(np.int64)
 
     def check_length(self, prompt: int, max_new_tokens: int) -> None:
@@ -124,7 +117,7 @@ class CachedModel:
 
     def adapter_feeds(self, rows: int) -> tuple:
         """What `Adapters.run_inputs` gives for `rows` (a model without slots and no adapter files: nothing)."""
-        if METADATA not in self.props and self.adapters == Adapters():
+        if self.schema.slots is None and self.adapters == Adapters():
             return {}, None, None
         return self.adapters.run_inputs(self.path, rows)
 
@@ -150,8 +143,8 @@ def _refuse_empty_prompts(model: CachedModel, mask: np.ndarray) -> None:
     if empty.size:
         raise RewriteError(
             f"text {empty[0] + 1} of {len(mask)} encodes to no tokens with the model's tokenizer "
-            f"({type(model.tokenizer).__name__}, as transformers loads it); generation needs at least one prompt "
-            "token: pass text in that tokenizer's vocabulary"
+            f"({model.tokenizer.origin}/tokenizer.json); generation needs at least one prompt token: pass text in "
+            "that tokenizer's vocabulary"
         )
 
 

@@ -1,11 +1,11 @@
 """Examples as text and as token ids, and how id rows are padded: what reading data, training, templates and
-serving share, so a batch is padded one way everywhere."""
+serving share, so a batch is padded one way everywhere (as numpy arrays; training makes tensors of them)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Sequence
 
-import torch
+import numpy as np
 
 
 @dataclass(frozen=True)
@@ -47,13 +47,13 @@ def pad_token_id(tokenizer) -> int:
     return 0
 
 
-def pad_rows(rows: list[list[int]], value: int, left: bool) -> torch.Tensor:
+def pad_rows(rows: list[list[int]], value: int, left: bool) -> np.ndarray:
     width = max(len(r) for r in rows)
     padded = [([value] * (width - len(r)) + r) if left else (r + [value] * (width - len(r))) for r in rows]
-    return torch.tensor(padded, dtype=torch.long)
+    return np.asarray(padded, dtype=np.int64)
 
 
-def pad_ids(rows: Sequence[Sequence[int]], tokenizer) -> dict[str, torch.Tensor]:
+def pad_ids(rows: Sequence[Sequence[int]], tokenizer) -> dict[str, np.ndarray]:
     """`input_ids` (pad token, on the tokenizer's padding side) and `attention_mask` for unpadded id rows."""
     left = getattr(tokenizer, "padding_side", "right") == "left"
     return {"input_ids": pad_rows([list(r) for r in rows], pad_token_id(tokenizer), left),

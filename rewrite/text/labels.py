@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
-import torch
+import numpy as np
 import yaml
 
 from rewrite.text.examples import Example
@@ -128,10 +128,10 @@ def label_word_ids(tokenizer, words: dict[str, list[str]], origin: str = "") -> 
     return {label: [word_id(tokenizer, w, label, origin) for w in ws] for label, ws in words.items()}
 
 
-def averaging_matrix(words: dict[str, list[Any]]) -> torch.Tensor:
+def averaging_matrix(words: dict[str, list[Any]]) -> np.ndarray:
     """`[labels, all words]`: row l holds `1/n_l` at label l's words, so `scores = word_logits @ M.T`."""
     sizes = [len(ws) for ws in words.values()]
-    matrix = torch.zeros(len(sizes), sum(sizes))
+    matrix = np.zeros((len(sizes), sum(sizes)), dtype=np.float32)
     start = 0
     for row, size in enumerate(sizes):
         matrix[row, start:start + size] = 1.0 / size

@@ -233,10 +233,11 @@ def collate(encoded: TokenizedExamples, indices: Sequence[int], tokenizer, task:
     """
     left = getattr(tokenizer, "padding_side", "right") == "left"
     features = [encoded.features[i] for i in indices]
-    batch = pad_ids([f["input_ids"] for f in features], tokenizer)
+    batch = {k: torch.from_numpy(v) for k, v in pad_ids([f["input_ids"] for f in features], tokenizer).items()}
     for name in input_names:
         if name not in batch:
-            batch[name] = pad_rows([f.get(name, [0] * len(f["input_ids"])) for f in features], 0, left)
+            rows = pad_rows([f.get(name, [0] * len(f["input_ids"])) for f in features], 0, left)
+            batch[name] = torch.from_numpy(rows)
     if task == CLASSIFICATION:
         batch["labels"] = _label_tensor([encoded.labels[i] for i in indices])
         return batch
@@ -246,7 +247,8 @@ def collate(encoded: TokenizedExamples, indices: Sequence[int], tokenizer, task:
         batch["labels"] = batch["input_ids"].masked_fill(no_target, IGNORE_INDEX)
     else:
         special = pad_rows([tokenizer.get_special_tokens_mask(f["input_ids"], already_has_special_tokens=True)
-                            for f in features], 1, left).bool() | no_target
+                            for f in features], 1, left)
+        special = torch.from_numpy(special).bool() | no_target
         batch["input_ids"], batch["labels"] = mask_tokens(batch["input_ids"], special, tokenizer, generator)
     return batch
 

@@ -66,7 +66,7 @@ from torch import fx, nn
 
 from rewrite.training import checkpoint, data, distributed, speed
 
-from rewrite.text import templates
+from rewrite.training import templates
 from rewrite.adapters.peft_files import save_adapter
 from rewrite.training.batches import eval_mode, graph_inputs, input_names, predict_batches, to_device
 from rewrite.graph.archive import save
