@@ -5,10 +5,12 @@ give. The generation tests are slow: their models take five exports with a cache
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
 import numpy as np
+import onnx
 import pytest
 import torch
 import transformers
@@ -17,7 +19,7 @@ import rewrite
 from rewrite.errors import RewriteError
 from rewrite.runtime.adapters import Adapters
 from rewrite.runtime.predict import predict
-from rewrite.runtime.schema import ModelSchema
+from rewrite.runtime.schema import ModelSchema, slot_defaults
 from rewrite.runtime.slots import Slot
 
 from no_torch import NO_TORCH
@@ -161,6 +163,23 @@ def test_a_file_that_is_not_an_onnx_model_is_one_sentence(tmp_path):
     with pytest.raises(RewriteError, match=r"^'[^']*model\.onnx' is not an ONNX model \(\w+\); give the \.onnx file "
                                            r"that `rewrite export` wrote$"):
         ModelSchema.read(tmp_path / "model.onnx")
+
+
+def test_a_model_file_is_parsed_once_until_it_changes(classifier, tmp_path, monkeypatch):
+    """Parsing reads every inline weight (seconds and the model's size in memory on a large model), and serving
+    asks for the metadata several times: once per version of the file."""
+    path = tmp_path / "model.onnx"
+    shutil.copy(classifier[0], path)
+    parses = []
+    real = onnx.load
+    monkeypatch.setattr(onnx, "load", lambda *args, **kwargs: parses.append(args[0]) or real(*args, **kwargs))
+    for _ in range(3):
+        assert ModelSchema.read(path).task == "seq-cls" and slot_defaults(path) == {}
+    assert len(parses) == 1
+    model = real(str(path))
+    model.metadata_props.add(key="rewrite.task", value="masked-lm")
+    onnx.save(model, str(path))
+    assert ModelSchema.read(path).task == "masked-lm" and len(parses) == 2
 
 
 @pytest.mark.slow
