@@ -153,11 +153,11 @@ def _parsed(path: Path) -> _Parsed:
     """The model at `path`, parsed once per version of the file: a model with inline weights costs a parse of
     all of them (seconds and the model's size in memory on a large one), and serving asks several times."""
     stat = path.stat() if path.is_file() else None
-    return _parse(str(path), stat and stat.st_mtime_ns, stat and stat.st_size)
+    return _parse(str(path), stat and (stat.st_ino, stat.st_mtime_ns, stat.st_size))
 
 
 @functools.lru_cache(maxsize=4)
-def _parse(path: str, _mtime: int | None, _size: int | None) -> _Parsed:
+def _parse(path: str, _version: tuple[int, int, int] | None) -> _Parsed:
     try:
         model = onnx.load(path, load_external_data=False)
     except Exception as error:  # protobuf's DecodeError and friends: the file is not an ONNX model
