@@ -17,6 +17,7 @@ from torch import fx, nn
 
 from rewrite.errors import RewriteError
 from rewrite.graph.ir import remove_tensor, tag, tensor_at
+from rewrite.graph.quantized import is_quantized_module
 from rewrite.graph.nodes import NodeBuilder
 from rewrite.graph.params import forget_trainable, non_finite
 from rewrite.graph.query import module_path
@@ -107,6 +108,10 @@ def fold(gm: fx.GraphModule, method: str, merge: Merge, tensors: Callable[[str],
     (computed in fp32 by the method; cast back here), all checked before any is written; then each branch is
     erased and its tensors (`tensors(path)`) removed. Returns the module paths folded."""
     first = by_path(sites(gm, method))
+    lossy = [path for path in first if is_quantized_module(gm, path)]
+    if lossy:
+        raise RewriteError(f"folding the {method} branch of {lossy[0]} would merge it into quantized weights, which "
+                           f"is lossy ({len(lossy)} such modules); export the graph unfolded or with adapter slots")
     merged = []
     for path, site in first.items():
         for name, value in merge(gm, site).items():

@@ -20,6 +20,7 @@ from rewrite.errors import RewriteError
 from rewrite.atomic import atomic_dir_files
 from rewrite.graph.synthetic_inputs import DEFAULT_INPUT_NAMES, example_inputs
 from rewrite.graph.ir import info
+from rewrite.graph.quantized import is_quantized
 from rewrite.graph.params import non_finite
 from rewrite.graph.pipeline import capable
 from rewrite.quiet import quiet
@@ -193,6 +194,9 @@ def export_onnx(gm: fx.GraphModule, path: str | Path, *, verify: bool = True, op
     path = Path(path)
     _check_opset(opset)
     check_accuracy_level(accuracy_level)
+    if accuracy_level and not any(map(is_quantized, gm.graph.nodes)):
+        raise RewriteError(f"accuracy level {accuracy_level} applies to MatMulNBits, and this graph has no quantized "
+                           "projection; apply quantize first, or leave the accuracy level out")
     if any(p.device.type == "meta" for p in gm.parameters()):
         raise RewriteError("the graph was captured on the meta device (no weights); capture it with weights to export")
     bad = non_finite(gm.named_parameters())

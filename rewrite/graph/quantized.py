@@ -140,6 +140,14 @@ def is_quantized(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target is OP
 
 
+def is_quantized_module(gm: fx.GraphModule, path: str) -> bool:
+    """Whether the module at `path` holds packed weights (the quantize pass put them there)."""
+    try:
+        return isinstance(getattr(gm.get_submodule(path), TENSORS[0], None), torch.Tensor)
+    except AttributeError:
+        return False
+
+
 def dequantized_weight(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
     """The `[N, K]` weight a quantized node multiplies by."""
     _, qweight, scales, qzeros, _, k, _, bits, _ = node.args
