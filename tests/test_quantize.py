@@ -13,9 +13,11 @@ from onnxruntime.quantization import matmul_nbits_quantizer as mnq
 
 import rewrite
 from rewrite.errors import RewriteError
+from rewrite.export.onnx import real_positions
 from rewrite.graph import quantized
 from rewrite.graph.query import GraphQuery
 
+from conftest import tiny_model
 from helpers import capture_tiny, fresh_inputs, logits
 
 
@@ -71,3 +73,134 @@ def test_packing_is_onnx_runtimes_byte_for_byte_and_dequant_its_kernel_bit_for_b
     assert qzeros is None or np.array_equal(packed.qzeros.numpy(), qzeros)
     ours = quantized.dequantize(packed.qweight, packed.scales, packed.qzeros, k, bits).numpy()
     assert same_bits(ours, ort_weight(model, k))
+
+
+def quantized_graph(arch: str, task: str = "causal-lm", **options):
+    gm = capture_tiny(tiny_model(arch, task))
+    rewrite.apply(gm, "quantize", **options)
+    return gm
+
+
+def onnx_tensors(path) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    model = onnx.load(str(path))
+    return model, {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+
+
+SLOW = pytest.mark.slow  # an export takes 5-10 s on a loaded 2-core machine
+GRAPHS = [("llama", "causal-lm", {}), ("gpt2", "causal-lm", {"bits": 8}), ("bert", "seq-cls", {"symmetric": True}),
+          ("qwen2", "causal-lm", {"block_size": 16, "bits_pattern": {"down_proj": 8}})]
+
+
+@pytest.mark.parametrize("arch,task,options", [pytest.param(*g, id=g[0], marks=() if g[0] == "llama" else SLOW)
+                                               for g in GRAPHS])
+def test_the_quantized_graph_exports_one_matmulnbits_per_projection_holding_its_buffers(arch, task, options, tmp_path):
+    gm = quantized_graph(arch, task, **options)
+    nodes = [n for n in gm.graph.nodes if quantized.is_quantized(n)]
+    report = rewrite.export_onnx(gm, tmp_path / "model.onnx")
+    model, tensors = onnx_tensors(tmp_path / "model.onnx")
+    written = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+
+    assert report.max_abs_diff <= 1e-4 and len(written) == len(nodes) == len(gm.info.history[-1]["report"]["modules"])
+    buffers = dict(gm.named_buffers())
+    for node in written:
+        for name in node.input[1:4]:
+            if name:
+                assert np.array_equal(tensors[name].view(np.uint8), buffers[name].numpy().view(np.uint8)), name
+    inputs = fresh_inputs(seed=9)
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    feeds = {i.name: inputs[i.name].numpy() for i in session.get_inputs()}
+    expected, got = real_positions(logits(gm.eval(), inputs), torch.from_numpy(session.run(None, feeds)[0]), inputs)
+    assert (got - expected).abs().max() <= 1e-4 * max(1.0, expected.abs().max())
+
+
+def test_gpt2_conv1d_in_out_weights_are_quantized_transposed_and_heads_and_embeddings_stay_float():
+    model = tiny_model("gpt2")
+    gm = quantized_graph("gpt2")
+    report = gm.info.history[-1]["report"]
+    weight = model.transformer.h[0].attn.c_attn.weight.detach()  # [in, out]
+    node = next(n for n in gm.graph.nodes if quantized.is_quantized(n))
+    packed = quantized.quantize(weight.T, 4, 32, False)
+    expected = quantized.dequantize(packed.qweight, packed.scales, packed.qzeros, weight.shape[0], 4)
+
+    assert torch.equal(quantized.dequantized_weight(gm, node), expected)
+    assert (expected - weight.T).abs().max() <= packed.scales.abs().max() / 2 + 1e-7
+    assert not any(path.startswith("lm_head") for path in report["modules"]) and len(report["modules"]) == 8
+    assert "transformer.wte.weight" in dict(gm.named_parameters())
+    assert all(p.quantized for p in GraphQuery(gm).projections if p.path.startswith("transformer.h."))
+
+
+def train_steps(gm, steps: int = 4) -> list[float]:
+    inputs = fresh_inputs()
+    ids = inputs["input_ids"]
+    trained = [p for p in gm.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=1e-2)
+    gm.train()
+    losses = []
+    for _ in range(steps):
+        out = gm(**inputs).logits
+        loss = torch.nn.functional.cross_entropy(out[:, :-1].reshape(-1, out.shape[-1]), ids[:, 1:].reshape(-1))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("lora_first", [pytest.param(False, id="quantize-then-lora"),
+                                        pytest.param(True, id="lora-then-quantize", marks=SLOW)])
+def test_lora_over_a_quantized_base_trains_only_its_branches_and_round_trips_the_archive(lora_first, tmp_path):
+    gm = capture_tiny(tiny_model("llama"))
+    steps = [("lora", {"rank": 4}), ("quantize", {})]
+    for name, options in reversed(steps) if not lora_first else steps:
+        rewrite.apply(gm, name, **options)
+    lora = next(h for h in gm.info.history if h["pass"] == "lora")
+    buffers = {name: b.clone() for name, b in gm.named_buffers()}
+    losses = train_steps(gm)
+
+    assert lora["report"]["targets"] == [f"model.layers.{i}.self_attn.{m}" for i in (0, 1) for m in ("q_proj", "v_proj")]
+    assert losses[-1] < losses[0]
+    assert {n for n, p in gm.named_parameters() if p.requires_grad} == {
+        f"{path}.lora_{f}.weight" for path in lora["report"]["targets"] for f in "AB"}
+    assert all(torch.equal(b, buffers[name]) for name, b in gm.named_buffers())
+    rewrite.save(gm, tmp_path / "graph.pt2")
+    loaded = rewrite.load(tmp_path / "graph.pt2")
+    inputs = fresh_inputs(seed=3)
+    torch.testing.assert_close(logits(loaded.eval(), inputs), logits(gm.eval(), inputs), rtol=0, atol=0)
+    report = rewrite.export_onnx(loaded, tmp_path / "slots.onnx", adapter_slots=True)
+    assert report.max_abs_diff <= 1e-4 and any("lora_A" in name for name in report.adapter_inputs)
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"bits": 3}, "quantize bits 3 is not supported; use 4 or 8"),
+    ({"block_size": 48}, "quantize block size 48 is not supported"),
+    ({"block_size": 512}, "quantize block size 512 is not supported"),
+    ({"block_pattern": {"q_proj": 8}}, "quantize block size 8 for 'q_proj' is not supported"),
+    ({"targets": ["nothing_here"]}, "Quantize targets ['nothing_here'] match no module"),
+])
+def test_bad_quantize_options_are_one_sentence(options, message):
+    gm = capture_tiny(tiny_model("llama"))
+    with pytest.raises(RewriteError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        rewrite.apply(gm, "quantize", **options)
+
+
+def test_quantizing_twice_and_a_lossy_fold_are_refused(tmp_path):
+    gm = quantized_graph("llama")
+    with pytest.raises(RewriteError, match="is already quantized"):
+        rewrite.apply(gm, "quantize")
+    rewrite.apply(gm, "lora", rank=4)
+    with pytest.raises(RewriteError, match="would merge it into quantized weights, which is lossy"):
+        rewrite.apply(gm, "fold")
+    with pytest.raises(RewriteError, match="accuracy level 7 is not one of"):
+        rewrite.export_onnx(gm, tmp_path / "model.onnx", accuracy_level=7)
+    with pytest.raises(RewriteError, match="has no quantized projection"):
+        rewrite.export_onnx(capture_tiny(tiny_model("llama")), tmp_path / "model.onnx", accuracy_level=4)
+    assert not (tmp_path / "model.onnx").exists()
+
+
+@SLOW
+def test_accuracy_level_is_written_after_verifying_at_level_0(tmp_path):
+    gm = quantized_graph("llama")
+    report = rewrite.export_onnx(gm, tmp_path / "model.onnx", accuracy_level=4)
+    model, _ = onnx_tensors(tmp_path / "model.onnx")
+    levels = {a.i for n in model.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"}
+    assert report.max_abs_diff <= 1e-4 and levels == {4}
