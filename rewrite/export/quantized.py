@@ -21,13 +21,14 @@ _INPUT, _ATTRIBUTE, _OPTIONAL = OpSchema.FormalParameter, OpSchema.Attribute, Op
 
 
 def _register_schema() -> None:
-    """MatMulNBits' inputs and attributes as ONNX Runtime 1.31 declares them."""
+    """MatMulNBits' inputs and attributes as ONNX Runtime 1.31 declares them (its inputs A and B named here
+    `input` and `packed`: only their order reaches the model)."""
     if onnx.defs.has("MatMulNBits", DOMAIN):
         return
     floats = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
     onnx.defs.register_schema(OpSchema(
         "MatMulNBits", DOMAIN, 1,
-        inputs=[_INPUT("A", "T1"), _INPUT("B", "T2"), _INPUT("scales", "T1"),
+        inputs=[_INPUT("input", "T1"), _INPUT("packed", "T2"), _INPUT("scales", "T1"),
                 _INPUT("zero_points", "T3", param_option=_OPTIONAL),
                 _INPUT("g_idx", "T4", param_option=_OPTIONAL), _INPUT("bias", "T1", param_option=_OPTIONAL)],
         outputs=[_INPUT("Y", "T1")],
