@@ -204,3 +204,27 @@ def test_accuracy_level_is_written_after_verifying_at_level_0(tmp_path):
     model, _ = onnx_tensors(tmp_path / "model.onnx")
     levels = {a.i for n in model.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"}
     assert report.max_abs_diff <= 1e-4 and levels == {4}
+
+
+@SLOW
+def test_greedy_generation_with_the_cache_on_int4_llama_is_the_quantized_graphs(tmp_path):
+    """The reference is the quantized torch graph without a cache, one greedy step at a time."""
+    from test_kv_cache import TEXTS, byte_tokenizer, tiny_lm
+    from rewrite.runtime.generate import generate
+
+    tiny_lm("llama").save_pretrained(tmp_path)
+    tokenizer = byte_tokenizer()
+    tokenizer.save_pretrained(tmp_path)
+    gm = rewrite.load_pretrained(tmp_path)
+    rewrite.apply(gm, "quantize", bits=4, block_size=32)
+    rewrite.export_onnx(gm, tmp_path / "onnx" / "model.onnx", cache=True)
+    ours = generate(tmp_path / "onnx" / "model.onnx", TEXTS, max_new_tokens=12, eos=[], keep_logits=True)
+    for row, text in enumerate(TEXTS):
+        ids = torch.tensor([tokenizer(text)["input_ids"]])
+        for step in range(12):
+            with torch.no_grad():
+                step_logits = gm.eval()(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1]
+            assert np.abs(ours.logits[step][row] - step_logits.numpy()).max() <= 1e-4
+            assert ours.token_ids[row, step] == int(step_logits.argmax())
+            ids = torch.cat([ids, step_logits.argmax().view(1, 1)], 1)
+    assert len(set(ours.token_ids[0].tolist())) > 3
