@@ -9,9 +9,11 @@ import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
+from click.testing import CliRunner
 from onnxruntime.quantization import matmul_nbits_quantizer as mnq
 
 import rewrite
+from rewrite.cli.main import cli, main
 from rewrite.errors import RewriteError
 from rewrite.export.onnx import real_positions
 from rewrite.graph import quantized
@@ -228,3 +230,22 @@ def test_greedy_generation_with_the_cache_on_int4_llama_is_the_quantized_graphs(
             assert ours.token_ids[row, step] == int(step_logits.argmax())
             ids = torch.cat([ids, step_logits.argmax().view(1, 1)], 1)
     assert len(set(ours.token_ids[0].tolist())) > 3
+
+
+@SLOW
+def test_cli_quantizes_under_lora_and_refuses_a_lossy_fold_and_bad_bits_with_exit_2(tiny_bert_dir, tmp_path,
+                                                                                     monkeypatch, capsys):
+    graph = tmp_path / "graph.pt2"
+    made = CliRunner().invoke(cli, ["apply", str(tiny_bert_dir), "--pass", "quantize", "--pass", "lora", "--bits", "8",
+                                    "--block-size", "16", "-o", str(graph)])
+    assert made.exit_code == 0, made.output
+    history = rewrite.load(graph).info.history
+    assert [h["pass"] for h in history] == ["quantize", "lora"] and set(history[0]["report"]["bits"].values()) == {8}
+    for args, message in [(["fold", str(graph), "-o", str(tmp_path / "folded.pt2")], "which is lossy"),
+                          (["apply", str(graph), "--pass", "quantize", "--bits", "3", "-o", str(tmp_path / "b.pt2")],
+                           "quantize bits 3 is not supported")]:
+        monkeypatch.setattr("sys.argv", ["rewrite", *args])
+        with pytest.raises(SystemExit) as exit_info:
+            main()
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err.replace("\n", "")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["graph.pt2"]
