@@ -3,6 +3,8 @@ MatMulNBits kernel, quantized graphs equal to ONNX Runtime on four architectures
 archives, and the refusals."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -13,6 +15,7 @@ from click.testing import CliRunner
 from onnxruntime.quantization import matmul_nbits_quantizer as mnq
 
 import rewrite
+import rewrite.passes
 from rewrite.cli.main import cli, main
 from rewrite.errors import RewriteError
 from rewrite.export.onnx import real_positions
@@ -174,15 +177,19 @@ def test_lora_over_a_quantized_base_trains_only_its_branches_and_round_trips_the
 
 @pytest.mark.parametrize("options,message", [
     ({"bits": 3}, "quantize bits 3 is not supported; use 4 or 8"),
-    ({"block_size": 48}, "quantize block size 48 is not supported"),
+    ({"block_size": 48}, "quantize block size 48 is not supported; use a power of two from 16 to 256"),
     ({"block_size": 512}, "quantize block size 512 is not supported"),
     ({"block_pattern": {"q_proj": 8}}, "quantize block size 8 for 'q_proj' is not supported"),
-    ({"targets": ["nothing_here"]}, "Quantize targets ['nothing_here'] match no module"),
+    ({"bits_pattern": [8]}, "quantize bits_pattern [8] is not a mapping"),
 ])
 def test_bad_quantize_options_are_one_sentence(options, message):
-    gm = capture_tiny(tiny_model("llama"))
-    with pytest.raises(RewriteError, match=message.replace("[", r"\[").replace("]", r"\]")):
-        rewrite.apply(gm, "quantize", **options)
+    with pytest.raises(RewriteError, match=re.escape(message)):
+        rewrite.passes.create("quantize", **options)
+
+
+def test_an_unknown_target_is_one_sentence():
+    with pytest.raises(RewriteError, match=re.escape("Quantize targets ['nothing_here'] match no module; linear")):
+        quantized_graph("llama", targets=["nothing_here"])
 
 
 def test_quantizing_twice_and_a_lossy_fold_are_refused(tmp_path):
@@ -197,6 +204,22 @@ def test_quantizing_twice_and_a_lossy_fold_are_refused(tmp_path):
     with pytest.raises(RewriteError, match="has no quantized projection"):
         rewrite.export_onnx(capture_tiny(tiny_model("llama")), tmp_path / "model.onnx", accuracy_level=4)
     assert not (tmp_path / "model.onnx").exists()
+
+
+@pytest.mark.parametrize("method", ["dora", "pissa"])
+def test_methods_that_compute_from_the_float_weight_refuse_a_quantized_one(method):
+    gm = quantized_graph("llama")
+    with pytest.raises(RewriteError, match="computes from the float weight of model.layers.0.self_attn.q_proj, which "
+                                           "is quantized; put LoRA or IA³ on a quantized base"):
+        rewrite.apply(gm, method)
+
+
+def test_ia3_over_a_quantized_base_keeps_float_vectors_and_trains():
+    gm = quantized_graph("llama")
+    rewrite.apply(gm, "ia3")
+    assert {p.dtype for p in gm.parameters() if p.requires_grad} == {torch.float32}
+    losses = train_steps(gm)
+    assert losses[-1] < losses[0]
 
 
 @SLOW
