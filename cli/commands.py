@@ -76,11 +76,15 @@ def apply(source: str, output: str, task: str, pass_names: tuple[str, ...], pipe
 @click.command()
 @click.argument("source", type=click.Path())
 @output_option
+@click.option("--requantize", is_flag=True, help="Quantized bases: merge into the dequantized weights and quantize "
+                                                 "again (lossy; prints the weight error and output difference).")
 @overwrite_option
-def fold(source: str, output: str, overwrite: bool) -> None:
+def fold(source: str, output: str, requantize: bool, overwrite: bool) -> None:
     """Merge LoRA branches into their base weights and prompt encoders into constant tables."""
     gm = read_graph(source)
-    rewrite.apply(gm, "fold")
+    rewrite.apply(gm, "fold", requantize=requantize)
+    if "requantized" in gm.info.history[-1]["report"]:
+        console.print(gm.info.history[-1]["report"]["summary"])
     write_graph(gm, output)
 
 

@@ -21,11 +21,10 @@ from torch.fx.passes.infra.pass_base import PassResult
 from rewrite.adapters.targets import Targeting, check_regex, pattern_value, short_names
 from rewrite.errors import RewriteError
 from rewrite.graph import quantized
-from rewrite.graph.ir import copy_meta, remove_tensor, tensor_at
+from rewrite.graph.ir import remove_tensor, tensor_at
 from rewrite.graph.pipeline import Pass, option, register
 from rewrite.graph.query import GraphQuery, Projection
 
-aten = torch.ops.aten
 
 
 def _check(bits, block_size, where: str) -> None:
@@ -34,17 +33,6 @@ def _check(bits, block_size, where: str) -> None:
     if block_size not in quantized.BLOCK_SIZES or isinstance(block_size, bool):
         raise RewriteError(f"quantize block size {block_size!r}{where} is not supported; use a power of two from "
                            f"16 to 256 ({', '.join(map(str, quantized.BLOCK_SIZES))}), what ONNX Runtime runs")
-
-
-def _bias(node: fx.Node) -> fx.Node | None:
-    """The bias the projection adds itself: `linear(x, W, b)`, Conv1D's `addmm(b, x, W)`."""
-    if node.target is aten.linear.default:
-        return node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-    return node.args[0] if node.target is aten.addmm.default else None
-
-
-def _owner(name: str) -> torch.nn.Module:
-    return name.rpartition(".")[0]
 
 
 @register
@@ -128,28 +116,8 @@ class QuantizePass(Targeting, Pass):
         return PassResult(gm, True)
 
     def pack(self, gm: fx.GraphModule, proj: Projection) -> quantized.Packed:
-        """Quantizes the projection's `[out, in]` weight and registers the buffers beside it."""
-        weight = tensor_at(gm, proj.weight).detach()
-        bits, block = self.plan(proj.path)
-        packed = quantized.quantize(weight.T if proj.transposed else weight, bits, block, self.symmetric)
-        owner = gm.get_submodule(_owner(proj.weight))
-        for name in quantized.TENSORS:
-            if getattr(packed, name) is not None:
-                owner.register_buffer(name, getattr(packed, name))
-        return packed
+        return quantized.pack(gm, proj.weight, proj.transposed, *self.plan(proj.path), self.symmetric)
 
     def replace(self, gm: fx.GraphModule, proj: Projection, packed: quantized.Packed) -> None:
-        """The projection's node becomes one `matmul_nbits` on the same input and bias."""
-        node, owner = proj.node, _owner(proj.weight)
-        bits, block = self.plan(proj.path)
-        with gm.graph.inserting_before(node):
-            reads = [gm.graph.get_attr(f"{owner}.{name}") if getattr(packed, name) is not None else None
-                     for name in quantized.TENSORS]
-            new = gm.graph.call_function(quantized.OP, (proj.input, *reads, _bias(node), proj.in_features,
-                                                        proj.out_features, bits, block))
-        for made in [*filter(None, reads), new]:
-            copy_meta(node, made)
-        if "val" in node.meta:
-            new.meta["val"] = node.meta["val"]
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
+        quantized.call(gm, proj.node, proj.input, quantized.projection_bias(proj.node), proj.weight.rpartition(".")[0], packed,
+                       proj.in_features, *self.plan(proj.path))

@@ -23,7 +23,7 @@ from rewrite.graph import quantized
 from rewrite.graph.query import GraphQuery
 
 from conftest import tiny_model
-from helpers import capture_tiny, fresh_inputs, logits
+from helpers import capture_tiny, fresh_inputs, logits, randomize_lora
 
 
 def ort_quantizer(weight: torch.Tensor, bits: int, block: int, symmetric: bool):
@@ -272,3 +272,31 @@ def test_cli_quantizes_under_lora_and_refuses_a_lossy_fold_and_bad_bits_with_exi
             main()
         assert exit_info.value.code == 2 and message in capsys.readouterr().err.replace("\n", "")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["graph.pt2"]
+    folded = CliRunner().invoke(cli, ["fold", str(graph), "--requantize", "-o", str(tmp_path / "folded.pt2")])
+    assert folded.exit_code == 0 and "requantized 4 modules" in folded.output, folded.output
+    assert not any("lora" in name for name, _ in rewrite.load(tmp_path / "folded.pt2").named_parameters())
+
+
+@pytest.mark.parametrize("arch", ["llama", pytest.param("gpt2", marks=SLOW)])
+def test_fold_requantize_quantizes_the_merged_weights_again_and_reports_the_loss(arch):
+    gm = quantized_graph(arch)
+    rewrite.apply(gm, "lora", rank=4)
+    randomize_lora(gm)
+    node = next(n for n in gm.graph.nodes if quantized.is_quantized(n) and n.args[1].target.startswith(
+        "model.layers.0.self_attn.q_proj" if arch == "llama" else "transformer.h.0.attn.c_attn"))
+    path = node.args[1].target.rpartition(".")[0]
+    a, b = (dict(gm.named_parameters())[f"{path}.lora_{f}.weight"].detach() for f in "AB")
+    merged = quantized.dequantized_weight(gm, node) + 2.0 * b @ a  # alpha 8 / rank 4
+    expected = quantized.quantize(merged, 4, 32, False)
+    inputs = fresh_inputs()
+    unfolded = logits(gm.eval(), inputs)
+    rewrite.apply(gm, "fold", requantize=True)
+    report = gm.info.history[-1]["report"]["requantized"]
+    node = next(n for n in gm.graph.nodes if quantized.is_quantized(n) and n.args[1].target == f"{path}.qweight")
+
+    assert torch.equal(dict(gm.named_buffers())[f"{path}.qweight"], expected.qweight)
+    assert torch.equal(quantized.dequantized_weight(gm, node), quantized.dequantize(
+        expected.qweight, expected.scales, expected.qzeros, merged.shape[1], 4))
+    assert not any("lora" in name for name, _ in gm.named_parameters()) and path in report["modules"]
+    assert 0 < report["weight_error"] <= expected.scales.abs().max() and 0 < report["output_difference"]
+    assert (logits(gm.eval(), inputs) - unfolded).abs().max() > 0

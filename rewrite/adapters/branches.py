@@ -60,6 +60,13 @@ def mark_output(output: fx.Node, weight: str, transposed: bool, scale: float, **
                                    "record": record})
 
 
+def retarget(gm: fx.GraphModule, path: str, weight: str) -> None:
+    """The branches at `path` merge into `weight`, a float `[out, in]` weight (a quantized base made float again)."""
+    for site in sites(gm):
+        if site.path == path:
+            site.output.meta["rewrite"].update(weight=weight, transposed=False)
+
+
 def mark_down(node: fx.Node) -> None:
     """Marks a low-rank down projection `linear(x, A)`: speed passes fuse and recompute these."""
     node.meta["rewrite"][_DOWN] = True
@@ -111,7 +118,7 @@ def fold(gm: fx.GraphModule, method: str, merge: Merge, tensors: Callable[[str],
     lossy = [path for path in first if is_quantized_module(gm, path)]
     if lossy:
         raise RewriteError(f"folding the {method} branch of {lossy[0]} would merge it into quantized weights, which "
-                           f"is lossy ({len(lossy)} such modules); export the graph unfolded or with adapter slots")
+                           f"is lossy ({len(lossy)} such modules); export the graph unfolded or with adapter slots, or fold with requantize")
     merged = []
     for path, site in first.items():
         for name, value in merge(gm, site).items():

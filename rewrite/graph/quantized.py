@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 from torch import fx
 
-from rewrite.graph.ir import tensor_at
+from rewrite.graph.ir import copy_meta, remove_tensor, tensor_at
 
 OP_NAME = "rewrite::matmul_nbits"
 BITS = (4, 8)
@@ -138,6 +138,70 @@ OP = torch.ops.rewrite.matmul_nbits.default
 
 def is_quantized(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target is OP
+
+
+def projection_bias(node: fx.Node) -> fx.Node | None:
+    """The bias a projection adds itself: `linear(x, W, b)`, Conv1D's `addmm(b, x, W)`."""
+    if node.target is torch.ops.aten.linear.default:
+        return node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    return node.args[0] if node.target is torch.ops.aten.addmm.default else None
+
+
+def pack(gm: fx.GraphModule, weight: str, transposed: bool, bits: int, block_size: int,
+         symmetric: bool) -> Packed:
+    """Quantizes the weight `weight` names (`[out, in]`, or `[in, out]` when `transposed`) and registers the
+    buffers beside it, on the module that holds it."""
+    tensor = tensor_at(gm, weight).detach()
+    packed = quantize(tensor.T if transposed else tensor, bits, block_size, symmetric)
+    owner = gm.get_submodule(weight.rpartition(".")[0])
+    for name in TENSORS:
+        if getattr(packed, name) is not None:
+            owner.register_buffer(name, getattr(packed, name))
+    return packed
+
+
+def call(gm: fx.GraphModule, node: fx.Node, x: fx.Node, bias: fx.Node | None, owner: str, packed: Packed, k: int,
+         bits: int, block_size: int) -> fx.Node:
+    """Replaces the projection `node` (input `x` with `k` features, `bias`) by one `matmul_nbits` over `owner`'s
+    buffers."""
+    with gm.graph.inserting_before(node):
+        reads = [gm.graph.get_attr(f"{owner}.{name}") if getattr(packed, name) is not None else None
+                 for name in TENSORS]
+        new = gm.graph.call_function(OP, (x, *reads, bias, k, packed.scales.shape[0], bits, block_size))
+    for made in [*filter(None, reads), new]:
+        copy_meta(node, made)
+    if "val" in node.meta:
+        new.meta["val"] = node.meta["val"]
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    return new
+
+
+def unpack(gm: fx.GraphModule, node: fx.Node) -> str:
+    """The inverse of `pack` and `call` on one node: `linear(x, <owner>.weight, bias)` over the dequantized weight
+    (registered once), the buffers removed once no node reads them. Returns the weight's name."""
+    x, qweight, *_, bias, k, n, bits, block_size = node.args
+    owner = qweight.target.rpartition(".")[0]
+    weight = f"{owner}.weight"
+    module = gm.get_submodule(owner)
+    if not isinstance(getattr(module, "weight", None), torch.Tensor):
+        module.register_parameter("weight", torch.nn.Parameter(dequantized_weight(gm, node), requires_grad=False))
+    with gm.graph.inserting_before(node):
+        read = gm.graph.get_attr(weight)
+        linear = gm.graph.call_function(torch.ops.aten.linear.default, (x, read, bias))
+    for made in (read, linear):
+        copy_meta(node, made)
+    if "val" in node.meta:
+        linear.meta["val"] = node.meta["val"]
+    node.replace_all_uses_with(linear)
+    gm.graph.erase_node(node)
+    gm.graph.eliminate_dead_code()
+    if not any(is_quantized(user) for read in gm.graph.find_nodes(op="get_attr") if read.target == qweight.target
+               for user in read.users):
+        for name in TENSORS:
+            if isinstance(getattr(module, name, None), torch.Tensor):
+                remove_tensor(gm, f"{owner}.{name}")
+    return weight
 
 
 def is_quantized_module(gm: fx.GraphModule, path: str) -> bool:
