@@ -7,14 +7,14 @@ and calls `rewrite::matmul_nbits`: the graph computes with the dequantized weigh
 (adapter branches added before or after stay float, on the projection's input), saves as data and exports as
 one MatMulNBits per projection. The default targets every projection but the output heads (the LM head, a
 classifier); embeddings are lookups, never quantized. `bits_pattern` and `block_pattern` override per module,
-as LoRA's `rank_pattern` does. Folding an adapter into the quantized weights is lossy, so fold refuses it.
+as LoRA's `rank_pattern` does. Folding an adapter into the quantized weights is lossy, so fold refuses it
+unless asked to requantize.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
@@ -24,7 +24,6 @@ from rewrite.graph import quantized
 from rewrite.graph.ir import remove_tensor, tensor_at
 from rewrite.graph.pipeline import Pass, option, register
 from rewrite.graph.query import GraphQuery, Projection
-
 
 
 def _check(bits, block_size, where: str) -> None:

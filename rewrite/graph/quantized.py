@@ -180,7 +180,7 @@ def call(gm: fx.GraphModule, node: fx.Node, x: fx.Node, bias: fx.Node | None, ow
 def unpack(gm: fx.GraphModule, node: fx.Node) -> str:
     """The inverse of `pack` and `call` on one node: `linear(x, <owner>.weight, bias)` over the dequantized weight
     (registered once), the buffers removed once no node reads them. Returns the weight's name."""
-    x, qweight, *_, bias, k, n, bits, block_size = node.args
+    x, qweight, *_, bias = node.args[:5]
     owner = qweight.target.rpartition(".")[0]
     weight = f"{owner}.weight"
     module = gm.get_submodule(owner)
@@ -205,7 +205,7 @@ def unpack(gm: fx.GraphModule, node: fx.Node) -> str:
 
 
 def is_quantized_module(gm: fx.GraphModule, path: str) -> bool:
-    """Whether the module at `path` holds packed weights (the quantize pass put them there)."""
+    """Whether the module at `path` holds packed weights (`pack` registered them)."""
     try:
         return isinstance(getattr(gm.get_submodule(path), TENSORS[0], None), torch.Tensor)
     except AttributeError:
