@@ -134,6 +134,18 @@ def test_gpt2_conv1d_in_out_weights_are_quantized_transposed_and_heads_and_embed
     assert all(p.quantized for p in GraphQuery(gm).projections if p.path.startswith("transformer.h."))
 
 
+def test_per_module_bits_and_block_sizes_follow_their_patterns():
+    gm = quantized_graph("llama", bits_pattern={"down_proj": 8}, block_pattern={r"layers\.1\..*": 16})
+    report, buffers = gm.info.history[-1]["report"], dict(gm.named_buffers())
+
+    assert {p: report["bits"][p] for p in report["modules"] if p.endswith("down_proj")} == {
+        "model.layers.0.mlp.down_proj": 8, "model.layers.1.mlp.down_proj": 8}
+    assert buffers["model.layers.0.mlp.down_proj.qweight"].shape == (64, 128 // 32, 32)  # int8: a byte a weight
+    assert buffers["model.layers.1.mlp.down_proj.qweight"].shape == (64, 128 // 16, 16)
+    assert buffers["model.layers.1.self_attn.q_proj.qweight"].shape == (64, 64 // 16, 8)  # int4: two a byte
+    assert buffers["model.layers.0.self_attn.q_proj.qweight"].shape == (64, 64 // 32, 16)
+
+
 def train_steps(gm, steps: int = 4) -> list[float]:
     inputs = fresh_inputs()
     ids = inputs["input_ids"]
