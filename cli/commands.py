@@ -76,11 +76,15 @@ def apply(source: str, output: str, task: str, pass_names: tuple[str, ...], pipe
 @click.command()
 @click.argument("source", type=click.Path())
 @output_option
+@click.option("--requantize", is_flag=True, help="Quantized bases: merge into the dequantized weights and quantize "
+                                                 "again (lossy; prints the weight error and output difference).")
 @overwrite_option
-def fold(source: str, output: str, overwrite: bool) -> None:
+def fold(source: str, output: str, requantize: bool, overwrite: bool) -> None:
     """Merge LoRA branches into their base weights and prompt encoders into constant tables."""
     gm = read_graph(source)
-    rewrite.apply(gm, "fold")
+    rewrite.apply(gm, "fold", requantize=requantize)
+    if "requantized" in gm.info.history[-1]["report"]:
+        console.print(gm.info.history[-1]["report"]["summary"])
     write_graph(gm, output)
 
 
@@ -94,9 +98,12 @@ def fold(source: str, output: str, overwrite: bool) -> None:
 @click.option("--max-rank", type=int, default=DEFAULT_MAX_RANK, show_default=True,
               help="With --adapter-slots or --mixed-adapters: the largest LoRA rank the slots accept.")
 @click.option("--with-cache", is_flag=True, help="Causal LMs: past keys/values in, presents out, for `run --generate`.")
+@click.option("--accuracy-level", type=int, default=0, show_default=True,
+              help="Quantized graphs: MatMulNBits' accuracy_level written into the model (0: fp32, as verified; "
+                   "4: int8 activations, fastest on CPU).")
 @overwrite_option
 def export(source: str, onnx_path: str, verify: bool, opset: int | None, adapter_slots: bool, mixed_adapters: bool,
-           max_rank: int, with_cache: bool, overwrite: bool) -> None:
+           max_rank: int, with_cache: bool, accuracy_level: int, overwrite: bool) -> None:
     """Export a graph archive (fold it first for zero-overhead deployment) to ONNX.
 
     The tokenizer's files are written beside the model; files already there are not replaced
@@ -110,7 +117,7 @@ def export(source: str, onnx_path: str, verify: bool, opset: int | None, adapter
     gm = read_graph(source)
     report = rewrite.export_onnx(gm, onnx_path, verify=verify, opset=opset, adapter_slots=adapter_slots,
                                  mixed_adapters=mixed_adapters, max_rank=max_rank, cache=with_cache,
-                                 overwrite=overwrite)
+                                 overwrite=overwrite, accuracy_level=accuracy_level)
     inputs = [*report.input_names, *report.adapter_inputs]
     console.print(f"wrote {report.path}: inputs {', '.join(inputs)} -> {', '.join(report.output_names)}")
     if report.max_abs_diff is not None:

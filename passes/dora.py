@@ -56,6 +56,7 @@ def _rows(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
 class DoraPass(LowRank):
     name = "dora"
     title = "DoRA"
+    reads_base_weight = True
     peft_flags = {"use_dora": True}
 
     def initialize(self, gm: fx.GraphModule, proj: Projection, rank: int,

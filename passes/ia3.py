@@ -26,7 +26,7 @@ from rewrite.errors import RewriteError
 from rewrite.graph.ir import add_submodule, info, tensor_at
 from rewrite.graph.params import mark_trainable, trainable_heads
 from rewrite.graph.pipeline import AdapterFiles, Folded, Pass, Pipeline, option, pass_class, register
-from rewrite.graph.query import GraphQuery, Projection
+from rewrite.graph.query import GraphQuery, Projection, weight_dtype
 
 aten = torch.ops.aten
 
@@ -96,9 +96,10 @@ class IA3Pass(Targeting, Pass):
         heads = trainable_heads(gm, self.modules_to_save)
         first = {p.path: p for p in reversed(chosen)}
         for path in paths:
-            proj, weight = first[path], tensor_at(gm, first[path].weight)
+            proj = first[path]
+            dtype, device = weight_dtype(gm, proj)
             shape = (1, proj.in_features) if path in feedforward else (proj.out_features, 1)
-            _register(gm, path, torch.ones(shape, dtype=weight.dtype, device=weight.device))
+            _register(gm, path, torch.ones(shape, dtype=dtype, device=device))
         for proj in chosen:
             self.insert(gm, proj, proj.path in feedforward)
         mark_trainable(gm, [vector_name(path) for path in paths] + heads)

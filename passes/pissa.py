@@ -45,6 +45,7 @@ def initial_names(path: str) -> tuple[str, str]:
 class PissaPass(LowRank):
     name = "pissa"
     title = "PiSSA/OLoRA"
+    reads_base_weight = True
     peft_inits = ("pissa", "olora")
 
     init: Literal["pissa", "olora"] = option("pissa", "pissa: SVD of W0; olora: QR of W0", label="PiSSA init")

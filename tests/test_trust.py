@@ -152,6 +152,8 @@ def test_gadget_chains_through_every_admitted_callable_run_no_code(gpt2_archive,
     (lambda g: _first(g, "call_function").update(args={"$tuple": [{"$code": CODE}]}), "not known"),
     (lambda g: _first(g, "call_function").update(target={"$fn": "os.system"}), "not on the allow-list"),
     (lambda g: _first(g, "call_function").update(target={"$op": "builtins::eval.default"}), "namespace 'builtins'"),
+    (lambda g: _first(g, "call_function").update(target={"$op": "rewrite::matmul_nbits_v2.default"}),
+     "namespace 'rewrite'"),  # the project's one custom operator is admitted by its exact name, not its namespace
     (lambda g: _first(g, "placeholder").update(target="x=__import__('os').system('touch MARK')"), "placeholder"),
     (lambda g: _first(g, "get_attr").update(target='a"); __import__("os").system("touch MARK"); ("'), "get_attr"),
     (lambda g: g["codegen"].update(orig_args=["x=__import__('os').system('touch MARK')"]), "not a Python identifier"),

@@ -17,6 +17,7 @@ from torch import fx, nn
 
 from rewrite.errors import RewriteError
 from rewrite.graph.ir import remove_tensor, tag, tensor_at
+from rewrite.graph.quantized import is_quantized_module
 from rewrite.graph.nodes import NodeBuilder
 from rewrite.graph.params import forget_trainable, non_finite
 from rewrite.graph.query import module_path
@@ -57,6 +58,13 @@ def mark_output(output: fx.Node, weight: str, transposed: bool, scale: float, **
     JSON values the method reads back from `BranchSite.record`."""
     output.meta["rewrite"].update({_OUTPUT: True, "weight": weight, "transposed": transposed, "scale": scale,
                                    "record": record})
+
+
+def retarget(gm: fx.GraphModule, path: str, weight: str) -> None:
+    """The branches at `path` merge into `weight`, a float `[out, in]` weight (a quantized base made float again)."""
+    for site in sites(gm):
+        if site.path == path:
+            site.output.meta["rewrite"].update(weight=weight, transposed=False)
 
 
 def mark_down(node: fx.Node) -> None:
@@ -107,6 +115,10 @@ def fold(gm: fx.GraphModule, method: str, merge: Merge, tensors: Callable[[str],
     (computed in fp32 by the method; cast back here), all checked before any is written; then each branch is
     erased and its tensors (`tensors(path)`) removed. Returns the module paths folded."""
     first = by_path(sites(gm, method))
+    lossy = [path for path in first if is_quantized_module(gm, path)]
+    if lossy:
+        raise RewriteError(f"folding the {method} branch of {lossy[0]} would merge it into quantized weights, which "
+                           f"is lossy ({len(lossy)} such modules); export the graph unfolded or with adapter slots, or fold with requantize")
     merged = []
     for path, site in first.items():
         for name, value in merge(gm, site).items():

@@ -28,7 +28,7 @@ from rewrite.errors import RewriteError
 from rewrite.graph.ir import add_submodule, info, tensor_at
 from rewrite.graph.params import mark_trainable, trainable_heads
 from rewrite.graph.pipeline import AdapterFiles, Folded, Pass, Pipeline, option, pass_class, registered
-from rewrite.graph.query import GraphQuery, Projection
+from rewrite.graph.query import GraphQuery, Projection, weight_dtype
 
 aten = torch.ops.aten
 
@@ -107,10 +107,10 @@ class LowRank(Targeting, Pass):
     def initialize(self, gm: fx.GraphModule, proj: Projection, rank: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         """A `[rank, in]` and B `[out, rank]` (PEFT's init: A kaiming-uniform or gaussian, B zero); float32 on
         a half-precision base. A variant that changes the base (PiSSA) writes it here too."""
-        base = tensor_at(gm, proj.weight)
-        dtype = torch.float32 if base.dtype in (torch.float16, torch.bfloat16) else base.dtype
-        lora_a = nn.Linear(proj.in_features, rank, bias=False, device=base.device, dtype=dtype)
-        lora_b = nn.Linear(rank, proj.out_features, bias=False, device=base.device, dtype=dtype)
+        base_dtype, device = weight_dtype(gm, proj)
+        dtype = torch.float32 if base_dtype in (torch.float16, torch.bfloat16) else base_dtype
+        lora_a = nn.Linear(proj.in_features, rank, bias=False, device=device, dtype=dtype)
+        lora_b = nn.Linear(rank, proj.out_features, bias=False, device=device, dtype=dtype)
         if self.init == "gaussian":
             nn.init.normal_(lora_a.weight, std=1 / rank)
         else:
@@ -150,7 +150,7 @@ class LowRank(Targeting, Pass):
         if isinstance(proj, Lookup):
             return embedding.branch(node, proj, scale, tensor_at(gm, proj.weight).dtype)
         a_name, b_name = lora_names(proj.path)
-        lora_dtype, base_dtype = tensor_at(gm, a_name).dtype, tensor_at(gm, proj.weight).dtype
+        lora_dtype, base_dtype = tensor_at(gm, a_name).dtype, weight_dtype(gm, proj)[0]
         x = self.branch_input(gm, node, proj) if x is None else x
         x = node.to_dtype(x, base_dtype, lora_dtype)
         h = node(aten.linear.default, x, node.attr(a_name))

@@ -46,6 +46,7 @@ class Targeting:
     """The target options of an adapter method (mixed into its pass before `Pass`)."""
 
     default_roles: ClassVar[tuple[str, ...]] = ("q", "v")
+    reads_base_weight: ClassVar[bool] = False  # the method computes from the float weight (a norm, an SVD)
 
     targets: str | list[str] | None = option(
         None, "module names (exact or .suffix), a regex (re:...), or all-linear; like PEFT's target_modules")
@@ -99,4 +100,8 @@ class Targeting:
             chosen = [p for p in chosen if p.layer in set(self.layers)]
         if not chosen:
             raise RewriteError(f"{self.title}'s exclude/layers filters leave no module to adapt; loosen them")
+        packed = next((p.path for p in chosen if p.quantized), None)
+        if self.reads_base_weight and packed is not None:
+            raise RewriteError(f"{self.title} computes from the float weight of {packed}, which is quantized; put "
+                               "LoRA or IA³ on a quantized base, or leave that module out of quantize")
         return chosen

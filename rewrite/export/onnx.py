@@ -13,12 +13,14 @@ from torch import fx
 from torch.utils import _pytree as pytree
 
 from rewrite.export import kv_cache
+from rewrite.export.quantized import check_accuracy_level, set_accuracy_level, translations
 
 from rewrite import runtime
 from rewrite.errors import RewriteError
 from rewrite.atomic import atomic_dir_files
 from rewrite.graph.synthetic_inputs import DEFAULT_INPUT_NAMES, example_inputs
 from rewrite.graph.ir import info
+from rewrite.graph.quantized import is_quantized
 from rewrite.graph.params import non_finite
 from rewrite.graph.pipeline import capable
 from rewrite.quiet import quiet
@@ -139,6 +141,12 @@ def _add_metadata(gm: fx.GraphModule, path: Path, extra: dict[str, str]) -> None
     onnx.save(model, str(path))
 
 
+def _set_level(path: Path, level: int) -> None:
+    model = onnx.load(str(path), load_external_data=False)
+    if set_accuracy_level(model, level):
+        onnx.save(model, str(path))
+
+
 def _check_opset(opset: int | None) -> None:
     newest = onnx.defs.onnx_opset_version()
     if opset is not None and not (isinstance(opset, int) and MIN_OPSET <= opset <= newest):
@@ -170,7 +178,7 @@ def _refuse_clashes(gm: fx.GraphModule, path: Path) -> None:
 @quiet
 def export_onnx(gm: fx.GraphModule, path: str | Path, *, verify: bool = True, opset: int | None = None,
                 adapter_slots: bool = False, mixed_adapters: bool = False, max_rank: int = DEFAULT_MAX_RANK,
-                cache: bool = False, overwrite: bool = True) -> ExportReport:
+                cache: bool = False, overwrite: bool = True, accuracy_level: int = 0) -> ExportReport:
     """Exports `gm` (in eval mode) to ONNX, checks it, and verifies it against torch in ONNX Runtime.
 
     Inputs keep the graph's names (`input_ids`, `attention_mask`, ...), outputs are named from the
@@ -179,10 +187,16 @@ def export_onnx(gm: fx.GraphModule, path: str | Path, *, verify: bool = True, op
     `adapter_slots` keeps the adapter unfolded as named inputs that default to no adapter (see
     `rewrite.export.onnx_adapters`); `mixed_adapters` stacks them and adds a per-row `adapter_index` input.
     With `cache=True` a causal LM is exported for generation: past keys and values in, presents out
-    (see `rewrite.export.kv_cache`), with the slots too when asked for.
+    (see `rewrite.export.kv_cache`), with the slots too when asked for. Quantized projections become ONNX
+    Runtime's MatMulNBits (`rewrite.export.quantized`), verified at accuracy level 0 and written with
+    `accuracy_level`.
     """
     path = Path(path)
     _check_opset(opset)
+    check_accuracy_level(accuracy_level)
+    if accuracy_level and not any(map(is_quantized, gm.graph.nodes)):
+        raise RewriteError(f"accuracy level {accuracy_level} applies to MatMulNBits, and this graph has no quantized "
+                           "projection; apply quantize first, or leave the accuracy level out")
     if any(p.device.type == "meta" for p in gm.parameters()):
         raise RewriteError("the graph was captured on the meta device (no weights); capture it with weights to export")
     bad = non_finite(gm.named_parameters())
@@ -200,7 +214,7 @@ def export_onnx(gm: fx.GraphModule, path: str | Path, *, verify: bool = True, op
         program = torch.onnx.export(
             signature.module, (), kwargs=signature.inputs, dynamic_shapes=signature.dynamic,
             input_names=signature.onnx_input_names, output_names=signature.output_names,
-            dynamo=True, opset_version=opset, verbose=False,
+            dynamo=True, opset_version=opset, verbose=False, custom_translation_table=translations(),
         )
         large = sum(p.numel() * p.element_size() for p in gm.parameters()) > PROTOBUF_LIMIT
         with atomic_dir_files(path.parent, overwrite=overwrite) as tmp:
@@ -219,6 +233,8 @@ def export_onnx(gm: fx.GraphModule, path: str | Path, *, verify: bool = True, op
             if verify:
                 diff, tolerance, provider = signature.verify(staged, compare)
                 log.debug("ONNX Runtime (%s) matches torch: max abs diff %.3g", provider, diff)
+            if accuracy_level:
+                _set_level(staged, accuracy_level)
     finally:
         gm.train(was_training)
     return ExportReport(path, signature.input_names, signature.output_names, diff, tolerance, provider,

@@ -21,10 +21,15 @@ import torch
 import torch.utils._pytree as pytree
 from torch import fx
 
+from rewrite.graph import quantized
+
 OP_NAMESPACES = ("aten", "prims")
 # Registered operators that a captured model never holds and that act outside their tensor arguments:
 # `from_file` maps a named file (writable when shared), `set_`/`set` rebind a tensor to other storage.
 _REFUSED_OPS = frozenset({"from_file", "set_", "set", "set_data"})
+# The project's own operators, by qualified name, registered by importing their module here (never looked up
+# from a file's namespace): the quantized matmul of `rewrite.graph.quantized`.
+CUSTOM_OPS = {f"{quantized.OP._schema.name}.{quantized.OP._overloadname}": quantized.OP}
 PYTHON_FUNCTIONS = {
     f"{prefix}.{name}": function for prefix, name, function in [
         *(("operator", f.__name__, f) for f in (
@@ -62,6 +67,8 @@ def encode_target(target: Any) -> Any:
 
 
 def _admitted_op(op: torch._ops.OpOverload) -> bool:
+    if op in CUSTOM_OPS.values():
+        return True
     namespace, _, name = op._schema.name.partition("::")
     return namespace in OP_NAMESPACES and name not in _REFUSED_OPS
 
@@ -83,9 +90,12 @@ def decode_target(data: Any) -> Any:
         return PYTHON_FUNCTIONS[name]
     if tag != "$op" or not isinstance(name, str):
         raise UnsafeGraphError(f"operator record {data!r} is neither a name, an $op nor an $fn")
+    if name in CUSTOM_OPS:
+        return CUSTOM_OPS[name]
     namespace = name.partition("::")[0]
     if namespace not in OP_NAMESPACES:
-        raise UnsafeGraphError(f"operator namespace {namespace!r} is not one of {', '.join(OP_NAMESPACES)}")
+        raise UnsafeGraphError(f"operator namespace {namespace!r} is not one of {', '.join(OP_NAMESPACES)} "
+                               f"(nor is {name!r} one of {', '.join(CUSTOM_OPS)})")
     if not _OP_NAME.fullmatch(name):
         raise UnsafeGraphError(f"{name!r} is not an operator name of the form namespace::name.overload")
     qualified, _, overload = name.rpartition(".")

@@ -18,6 +18,7 @@ import torch
 from torch import fx
 
 from rewrite.errors import RewriteError
+from rewrite.graph import quantized
 from rewrite.graph.ir import info, tag, tensor_at
 from rewrite.graph.row_gather import is_tokenwise
 
@@ -42,7 +43,8 @@ def _block(path: str) -> str | None:
 
 @dataclass(frozen=True)
 class Projection:
-    """A matrix multiply by a 2-D parameter: `y = x @ W.T (+ b)`, or `x @ W` when `transposed`."""
+    """A matrix multiply by a 2-D parameter: `y = x @ W.T (+ b)`, or `x @ W` when `transposed`. On a quantized
+    projection (`rewrite.graph.quantized`) `weight` names the packed weights."""
 
     node: fx.Node
     input: fx.Node
@@ -55,6 +57,16 @@ class Projection:
     @property
     def layer(self) -> int | None:
         return layer_index(self.path)
+
+    @property
+    def quantized(self) -> bool:
+        return quantized.is_quantized(self.node)
+
+
+def weight_dtype(gm: fx.GraphModule, proj: Projection) -> tuple[torch.dtype, torch.device]:
+    """The dtype and device the projection computes in (its scales', when quantized)."""
+    weight = tensor_at(gm, proj.node.args[2].target if proj.quantized else proj.weight)
+    return weight.dtype, weight.device
 
 
 def layer_index(path: str) -> int | None:
@@ -95,6 +107,9 @@ def _param_target(node) -> tuple[str, bool] | None:
 def _as_projection(gm: fx.GraphModule, node: fx.Node) -> Projection | None:
     if node.op != "call_function" or tag(node):
         return None
+    if quantized.is_quantized(node):
+        x, qweight, *_, k, n, _, _ = node.args
+        return Projection(node, x, qweight.target, module_path(node) or qweight.target.rpartition(".")[0], False, k, n)
     if node.target is aten.linear.default:
         x, weight_node, stored_in_out = node.args[0], node.args[1], False
     elif node.target is aten.addmm.default:

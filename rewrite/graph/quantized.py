@@ -1,0 +1,219 @@
+"""Weight-only int4/int8 quantization exactly as ONNX Runtime's `com.microsoft.MatMulNBits` stores and computes it.
+
+A projection `y = x @ W.T (+ b)` with `W [N=out, K=in]` keeps, per output row and per block of `block_size`
+inputs, a scale and (unless symmetric) a zero point, and its weights packed as MatMulNBits' input B:
+
+- `qweight` uint8 `[N, n_blocks, block_size * bits / 8]`; 4-bit element `2j` in the low nibble, `2j+1` in the
+  high one; a K that is no multiple of the block is zero-padded (MLAS leaves a stale value in the one nibble
+  after an odd K, which the kernel never reads; ours is zero).
+- `scales` `[N, n_blocks]` in the weight's dtype.
+- `qzeros` uint8 `[N, ceil(n_blocks * bits / 8)]` (4-bit: block `2i` low nibble, an odd count padded with 8);
+  none when symmetric, where MatMulNBits uses `2^(bits-1)`.
+
+`quantize` is MLAS' blockwise quantizer (what `onnxruntime.quantization.matmul_nbits_quantizer`'s default config
+calls), byte for byte; `dequantize` is the kernel's `(q - zp) * scale`, bit for bit. So the weights a quantized
+graph trains over are the weights ONNX Runtime serves. The graph calls one operator, `rewrite::matmul_nbits`,
+which torch.export keeps as one node, the ONNX exporter writes as one MatMulNBits node, and the archive decoder
+admits by name.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import fx
+
+from rewrite.graph.ir import copy_meta, remove_tensor, tensor_at
+
+OP_NAME = "rewrite::matmul_nbits"
+BITS = (4, 8)
+BLOCK_SIZES = (16, 32, 64, 128, 256)  # what ONNX Runtime's CPU kernel and quantizer accept
+DEFAULT_BLOCK_SIZE = 32
+TENSORS = ("qweight", "scales", "qzeros")  # a quantized module's buffers, `<module path>.<name>`
+
+
+@dataclass(frozen=True)
+class Packed:
+    """A weight as MatMulNBits holds it."""
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    qzeros: torch.Tensor | None
+
+
+def _roundf(x: torch.Tensor) -> torch.Tensor:
+    """C's `roundf`, half away from zero (MLAS rounds so; torch.round rounds half to even)."""
+    whole = torch.trunc(x)
+    return torch.where((x - whole).abs() >= 0.5, whole + torch.sign(x), whole)
+
+
+def _blocks(w: torch.Tensor, block: int, fill: float) -> torch.Tensor:
+    """`[N, K]` as `[N, n_blocks, block]`, the tail padded with `fill`."""
+    n, k = w.shape
+    return torch.nn.functional.pad(w, (0, -k % block), value=fill).view(n, -1, block)
+
+
+def _nibbles(low_high: torch.Tensor) -> torch.Tensor:
+    """Pairs along the last axis packed into bytes, the first of each pair in the low nibble."""
+    return low_high[..., 0::2] | (low_high[..., 1::2] << 4)
+
+
+def quantize(weight: torch.Tensor, bits: int, block_size: int, symmetric: bool) -> Packed:
+    """`weight [N, K]` quantized along K as MLAS does: asymmetric blocks span `[min(w, 0), max(w, 0)]` with a
+    rounded zero point; symmetric ones map the signed value of largest magnitude to `-2^(bits-1)` (so the scale is
+    negative when it is positive); values are rounded with the stored scale's reciprocal."""
+    n, k = weight.shape
+    qmax, mid = 2**bits - 1, 2 ** (bits - 1)
+    w = weight.detach().float()
+    low, high = _blocks(w, block_size, float("inf")).amin(-1), _blocks(w, block_size, float("-inf")).amax(-1)
+    if symmetric:
+        signed = torch.where(high.abs() > low.abs(), high, low)
+        scales = (-signed / mid).to(weight.dtype)
+        zeros = torch.full_like(low, mid, dtype=torch.uint8)
+    else:
+        low, high = low.clamp(max=0), high.clamp(min=0)
+        step = (high - low) / qmax
+        zeros = _roundf(torch.where(step != 0, 0 - low / step, low)).clamp(0, qmax).to(torch.uint8)
+        scales = step.to(weight.dtype)
+    stored = scales.float()
+    inverse = torch.where(stored != 0, 1.0 / stored, torch.zeros_like(stored))
+    q = _roundf(_blocks(w, block_size, 0.0) * inverse[..., None] + zeros[..., None].float()).clamp(0, qmax)
+    q = q.to(torch.uint8).view(n, -1)
+    q[:, k:] = 0
+    n_blocks = scales.shape[1]
+    if bits == 8:
+        return Packed(q.view(n, n_blocks, block_size), scales, None if symmetric else zeros)
+    packed_zeros = None if symmetric else _nibbles(torch.nn.functional.pad(zeros, (0, n_blocks % 2), value=mid))
+    return Packed(_nibbles(q).view(n, n_blocks, block_size // 2), scales, packed_zeros)
+
+
+def dequantize(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor | None, k: int,
+               bits: int) -> torch.Tensor:
+    """MatMulNBits' weight `[N, K]`: `(q - zp) * scale` in the scales' dtype (not `q*s - zp*s`, which rounds twice).
+    Bytes are widened to int32 before the bit operations, which export cleanly."""
+    n, n_blocks, _ = qweight.shape
+    q = qweight.to(torch.int32)
+    if bits == 4:
+        q = torch.stack([q & 0xF, q >> 4], -1).view(n, n_blocks, -1)
+    if qzeros is None:
+        zeros = torch.full((n, n_blocks), 2 ** (bits - 1), dtype=torch.int32, device=qweight.device)
+    else:
+        zeros = qzeros.to(torch.int32)
+        zeros = torch.stack([zeros & 0xF, zeros >> 4], -1).view(n, -1)[:, :n_blocks] if bits == 4 else zeros
+    dtype = scales.dtype
+    w = (q.to(dtype) - zeros.to(dtype)[..., None]) * scales.view(n, n_blocks)[..., None]
+    return w.view(n, -1)[:, :k]
+
+
+@torch.library.custom_op(OP_NAME, mutates_args=())
+def matmul_nbits(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: Optional[torch.Tensor],
+                 bias: Optional[torch.Tensor], k: int, n: int, bits: int, block_size: int) -> torch.Tensor:
+    """`x @ dequantize(...).T (+ bias)`: one MatMulNBits."""
+    return torch.nn.functional.linear(x, dequantize(qweight, scales, qzeros, k, bits), bias)
+
+
+@matmul_nbits.register_fake
+def _(x, qweight, scales, qzeros, bias, k, n, bits, block_size):
+    return x.new_empty(*x.shape[:-1], n)
+
+
+def _setup(ctx, inputs, output) -> None:
+    x, qweight, scales, qzeros, bias, k, n, bits, block_size = inputs
+    ctx.save_for_backward(qweight, scales, qzeros)
+    ctx.k, ctx.bits, ctx.bias_grad = k, bits, bias is not None and bias.requires_grad
+
+
+def _backward(ctx, grad: torch.Tensor):
+    """The packed weights are constants: the gradient flows to the input (and a trained bias) only."""
+    qweight, scales, qzeros = ctx.saved_tensors
+    grad_x = grad @ dequantize(qweight, scales, qzeros, ctx.k, ctx.bits)
+    grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.bias_grad else None
+    return grad_x, None, None, None, grad_bias, None, None, None, None
+
+
+matmul_nbits.register_autograd(_backward, setup_context=_setup)
+OP = torch.ops.rewrite.matmul_nbits.default
+
+
+def is_quantized(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target is OP
+
+
+def projection_bias(node: fx.Node) -> fx.Node | None:
+    """The bias a projection adds itself: `linear(x, W, b)`, Conv1D's `addmm(b, x, W)`."""
+    if node.target is torch.ops.aten.linear.default:
+        return node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    return node.args[0] if node.target is torch.ops.aten.addmm.default else None
+
+
+def pack(gm: fx.GraphModule, weight: str, transposed: bool, bits: int, block_size: int,
+         symmetric: bool) -> Packed:
+    """Quantizes the weight `weight` names (`[out, in]`, or `[in, out]` when `transposed`) and registers the
+    buffers beside it, on the module that holds it."""
+    tensor = tensor_at(gm, weight).detach()
+    packed = quantize(tensor.T if transposed else tensor, bits, block_size, symmetric)
+    owner = gm.get_submodule(weight.rpartition(".")[0])
+    for name in TENSORS:
+        if getattr(packed, name) is not None:
+            owner.register_buffer(name, getattr(packed, name))
+    return packed
+
+
+def call(gm: fx.GraphModule, node: fx.Node, x: fx.Node, bias: fx.Node | None, owner: str, packed: Packed, k: int,
+         bits: int, block_size: int) -> fx.Node:
+    """Replaces the projection `node` (input `x` with `k` features, `bias`) by one `matmul_nbits` over `owner`'s
+    buffers."""
+    with gm.graph.inserting_before(node):
+        reads = [gm.graph.get_attr(f"{owner}.{name}") if getattr(packed, name) is not None else None
+                 for name in TENSORS]
+        new = gm.graph.call_function(OP, (x, *reads, bias, k, packed.scales.shape[0], bits, block_size))
+    for made in [*filter(None, reads), new]:
+        copy_meta(node, made)
+    if "val" in node.meta:
+        new.meta["val"] = node.meta["val"]
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    return new
+
+
+def unpack(gm: fx.GraphModule, node: fx.Node) -> str:
+    """The inverse of `pack` and `call` on one node: `linear(x, <owner>.weight, bias)` over the dequantized weight
+    (registered once), the buffers removed once no node reads them. Returns the weight's name."""
+    x, qweight, *_, bias = node.args[:5]
+    owner = qweight.target.rpartition(".")[0]
+    weight = f"{owner}.weight"
+    module = gm.get_submodule(owner)
+    if not isinstance(getattr(module, "weight", None), torch.Tensor):
+        module.register_parameter("weight", torch.nn.Parameter(dequantized_weight(gm, node), requires_grad=False))
+    with gm.graph.inserting_before(node):
+        read = gm.graph.get_attr(weight)
+        linear = gm.graph.call_function(torch.ops.aten.linear.default, (x, read, bias))
+    for made in (read, linear):
+        copy_meta(node, made)
+    if "val" in node.meta:
+        linear.meta["val"] = node.meta["val"]
+    node.replace_all_uses_with(linear)
+    gm.graph.erase_node(node)
+    gm.graph.eliminate_dead_code()
+    if not any(is_quantized(user) for read in gm.graph.find_nodes(op="get_attr") if read.target == qweight.target
+               for user in read.users):
+        for name in TENSORS:
+            if isinstance(getattr(module, name, None), torch.Tensor):
+                remove_tensor(gm, f"{owner}.{name}")
+    return weight
+
+
+def is_quantized_module(gm: fx.GraphModule, path: str) -> bool:
+    """Whether the module at `path` holds packed weights (`pack` registered them)."""
+    try:
+        return isinstance(getattr(gm.get_submodule(path), TENSORS[0], None), torch.Tensor)
+    except AttributeError:
+        return False
+
+
+def dequantized_weight(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
+    """The `[N, K]` weight a quantized node multiplies by."""
+    _, qweight, scales, qzeros, _, k, _, bits, _ = node.args
+    read = (lambda arg: None if arg is None else tensor_at(gm, arg.target))
+    return dequantize(read(qweight), read(scales), read(qzeros), k, bits)
