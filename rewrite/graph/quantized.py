@@ -177,6 +177,18 @@ def call(gm: fx.GraphModule, node: fx.Node, x: fx.Node, bias: fx.Node | None, ow
     return new
 
 
+def fill(gm: fx.GraphModule, node: fx.Node, weight: torch.Tensor) -> None:
+    """Quantizes a float `[N, K]` weight into the buffers the quantized `node` reads, with the node's bits, block
+    size and zero-point convention: how a graph quantized on the meta device receives its weights one at a time."""
+    _, *reads = node.args[:4]
+    bits, block_size = node.args[7], node.args[8]
+    packed = quantize(weight, bits, block_size, reads[2] is None)
+    for name, read in zip(TENSORS, reads):
+        if read is not None:
+            owner, _, attr = read.target.rpartition(".")
+            gm.get_submodule(owner).register_buffer(attr, getattr(packed, name))
+
+
 def unpack(gm: fx.GraphModule, node: fx.Node) -> str:
     """The inverse of `pack` and `call` on one node: `linear(x, <owner>.weight, bias)` over the dequantized weight
     (registered once), the buffers removed once no node reads them. Returns the weight's name."""
