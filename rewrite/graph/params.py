@@ -77,17 +77,20 @@ def print_trainable_parameters(gm: fx.GraphModule) -> None:
     print(trainable_parameters_line(gm))
 
 
+def saved_heads(gm: fx.GraphModule) -> list[str]:
+    """The modules a sequence classifier trains whole by default, as PEFT's SEQ_CLS matches them (none for other
+    tasks); a head whose weights are all another module's (an MLM decoder tied to the word embeddings) is not one."""
+    if info(gm).task != "seq-cls":
+        return []
+    names = [name for name, _ in gm.named_parameters()]
+    return _peft_suffix_matches([m for m in GraphQuery(gm).head_modules if _holds_parameters(m, names)], names)
+
+
 def trainable_heads(gm: fx.GraphModule, requested: list[str] | None) -> list[str]:
     """Parameter names of the modules that train beside the adapter: PEFT's SEQ_CLS also trains its fresh head,
     the whole head module (`classifier`, `score`) with everything inside it."""
     names = [name for name, _ in gm.named_parameters()]
-    if requested is not None:
-        modules = list(requested)
-    elif info(gm).task == "seq-cls":
-        # a head whose weights are all another module's (an MLM decoder tied to the word embeddings) is skipped
-        modules = _peft_suffix_matches([m for m in GraphQuery(gm).head_modules if _holds_parameters(m, names)], names)
-    else:
-        modules = []
+    modules = list(requested) if requested is not None else saved_heads(gm)
     missing = [m for m in modules if not _holds_parameters(m, names)]
     if missing:
         raise RewriteError(f"modules_to_save {', '.join(missing)} name no module with parameters in this graph")
