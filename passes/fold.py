@@ -25,7 +25,7 @@ from rewrite.adapters import branches
 from rewrite.graph import quantized
 from rewrite.graph.ir import info, remove_tensor
 from rewrite.graph.pipeline import Folded, Pass, capable, option, register
-from rewrite.graph.query import GraphQuery
+from rewrite.graph.query import GraphQuery, later_first
 from rewrite.graph.signature import vocab_size
 from rewrite.graph.synthetic_inputs import DEFAULT_INPUT_NAMES, example_inputs
 
@@ -66,34 +66,34 @@ class FoldPass(Pass):
         return PassResult(graph_module, bool(folded))
 
 
-def _dequantize_adapted(gm: fx.GraphModule) -> dict[str, tuple[int, int, bool]]:
+def _dequantize_adapted(gm: fx.GraphModule) -> dict[str, quantized.Format]:
     """Makes every quantized projection that carries a branch float, and points its branches at that weight;
-    returns each one's module and (bits, block size, symmetric)."""
+    returns each one's module and format."""
     adapted = {site.path for site in branches.sites(gm)}
     plan = {}
     for node in [n for n in gm.graph.nodes if quantized.is_quantized(n)]:
         owner = node.args[1].target.rpartition(".")[0]
         if owner in adapted:
-            plan[owner] = (node.args[7], node.args[8], node.args[3] is None)
+            plan[owner] = quantized.format_of(node)
             branches.retarget(gm, owner, quantized.unpack(gm, node))
     gm.recompile()
     return plan
 
 
-def _quantize_again(gm: fx.GraphModule, plan: dict[str, tuple[int, int, bool]]) -> float:
+def _quantize_again(gm: fx.GraphModule, plan: dict[str, quantized.Format]) -> float:
     """Quantizes the folded float weights as they were; returns the largest weight error."""
-    error = 0.0
-    projections = GraphQuery(gm).projections
-    for owner, (bits, block_size, symmetric) in plan.items():
-        weight = f"{owner}.weight"
+    weights = {f"{owner}.weight": fmt for owner, fmt in plan.items()}
+    packed, error = {}, 0.0
+    for weight, fmt in weights.items():
         merged = gm.get_parameter(weight).detach()
-        packed = quantized.pack(gm, weight, False, bits, block_size, symmetric)
-        restored = quantized.dequantize(packed.qweight, packed.scales, packed.qzeros, merged.shape[1], bits)
+        packed[weight] = quantized.store(gm, weight, False, fmt)
+        restored = quantized.restore(packed[weight], fmt, merged.shape[1], merged.shape[0])
         error = max(error, (restored - merged).abs().max().item())
-        for proj in (p for p in projections if p.weight == weight):
-            quantized.call(gm, proj.node, proj.input, quantized.projection_bias(proj.node), owner, packed,
-                           proj.in_features, bits, block_size)
-        gm.graph.eliminate_dead_code()
+    for proj in later_first(gm, [p for p in GraphQuery(gm).projections if p.weight in weights]):
+        quantized.replace(gm, proj.node, proj.input, quantized.projection_bias(proj.node), proj.weight.rpartition(".")[0],
+                          packed[proj.weight], proj.in_features, proj.out_features, weights[proj.weight])
+    gm.graph.eliminate_dead_code()
+    for weight in weights:
         remove_tensor(gm, weight)
     gm.recompile()
     return error

@@ -1,5 +1,6 @@
 """Weight-only quantization of the frozen base: int4 or int8, block-wise along each projection's input, exactly as
-ONNX Runtime's `MatMulNBits` stores and computes it (`rewrite.graph.quantized`).
+ONNX Runtime's `MatMulNBits` stores and computes it (`rewrite.graph.quantized`), or NF4, QLoRA's format, exactly as
+bitsandbytes stores and computes it (`rewrite.graph.nf4`; `dtype="nf4"`, double quantization by default).
 
 Each targeted projection (`nn.Linear`, GPT-2's Conv1D `[in, out]`, quantized as `W.T`) keeps its packed weights,
 scales and zero points as frozen buffers, `<module>.qweight` / `.scales` / `.qzeros`, in place of its float weight,
@@ -15,20 +16,31 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from rewrite.adapters.targets import Targeting, check_regex, pattern_value, short_names
 from rewrite.errors import RewriteError
-from rewrite.graph import quantized
+from rewrite.graph import nf4, quantized
 from rewrite.graph.ir import remove_tensor, tensor_at
+from rewrite.graph.params import saved_heads
 from rewrite.graph.pipeline import Pass, option, register
-from rewrite.graph.query import GraphQuery, Projection
+from rewrite.graph.query import GraphQuery, Projection, later_first, module_path
 
 
-def _check(bits, block_size, where: str) -> None:
+def _check_bits(bits, where: str) -> None:
     if bits not in quantized.BITS or isinstance(bits, bool):
         raise RewriteError(f"quantize bits {bits!r}{where} is not supported; use 4 or 8")
+
+
+def _check(bits, block_size, where: str, dtype: str = "int") -> None:
+    if dtype == "nf4":
+        if block_size not in nf4.BLOCK_SIZES or isinstance(block_size, bool):
+            raise RewriteError(f"quantize block size {block_size!r}{where} is not supported for nf4; use a power of two "
+                               f"from 32 to 4096 ({', '.join(map(str, nf4.BLOCK_SIZES))}), what bitsandbytes accepts")
+        return
+    _check_bits(bits, where)
     if block_size not in quantized.BLOCK_SIZES or isinstance(block_size, bool):
         raise RewriteError(f"quantize block size {block_size!r}{where} is not supported; use a power of two from "
                            f"16 to 256 ({', '.join(map(str, quantized.BLOCK_SIZES))}), what ONNX Runtime runs")
@@ -37,15 +49,20 @@ def _check(bits, block_size, where: str) -> None:
 @register
 @dataclass
 class QuantizePass(Targeting, Pass):
-    """Int4/int8 weights as ONNX Runtime's MatMulNBits holds them, on every projection but the output heads."""
+    """Int4/int8 weights as ONNX Runtime's MatMulNBits holds them, or NF4 as bitsandbytes does, on every projection
+    but the output heads."""
 
     name = "quantize"
     title = "Quantize"
     default_roles: ClassVar[tuple[str, ...]] = ()
 
-    bits: int = option(4, "bits per weight: 4 or 8")
-    block_size: int = option(quantized.DEFAULT_BLOCK_SIZE, "weights per scale along the input: 16, 32, 64, 128 "
-                                                           "or 256 (a shorter last block is zero-padded)")
+    dtype: str | None = option(None, "int4, int8 or nf4 (QLoRA's 4-bit NormalFloat, bitsandbytes' layout); default: "
+                                     "int<bits>")
+    bits: int = option(4, "bits per weight when dtype is left out: 4 or 8")
+    block_size: int | None = option(None, "weights per scale: int4/int8 along the input, 16, 32, 64, 128 or 256 "
+                                          "(default 32; a shorter last block is zero-padded); nf4 over the flattened "
+                                          "weight, 32 to 4096 (default 64)")
+    double_quant: bool = option(True, "nf4: quantize the block absmaxes too (8-bit, blocks of 256), as QLoRA does")
     symmetric: bool = option(False, "no zero points (the weight of largest magnitude maps to -2^(bits-1)); default: "
                                     "zero points, ONNX Runtime's quantizer's default and the closer fit")
     bits_pattern: dict[str, int] = option({}, "per-module bits, JSON {name or regex: bits}")
@@ -59,14 +76,30 @@ class QuantizePass(Targeting, Pass):
                                    '{"down_proj": 8}')
             for spec in getattr(self, name):
                 check_regex(spec, self.title)
-        _check(self.bits, self.block_size, "")
+        if self.dtype is None:
+            _check_bits(self.bits, "")
+            self.dtype = f"int{self.bits}"
+        if self.dtype not in quantized.DTYPES:
+            raise RewriteError(f"quantize dtype {self.dtype!r} is not supported; use {', '.join(quantized.DTYPES)}")
+        if self.dtype != "nf4":
+            self.bits = int(self.dtype[3:])
+        elif self.bits_pattern:
+            raise RewriteError("quantize bits_pattern applies to int4/int8, and dtype is nf4 (4 bits everywhere); "
+                               "drop bits_pattern, or quantize as int4/int8")
+        if self.block_size is None:
+            self.block_size = nf4.DEFAULT_BLOCK_SIZE if self.dtype == "nf4" else quantized.DEFAULT_BLOCK_SIZE
+        _check(self.bits, self.block_size, "", self.dtype)
         for key, bits in self.bits_pattern.items():
             _check(bits, self.block_size, f" for {key!r}")
         for key, block in self.block_pattern.items():
-            _check(self.bits, block, f" for {key!r}")
+            _check(self.bits, block, f" for {key!r}", self.dtype)
 
-    def plan(self, path: str) -> tuple[int, int]:
-        return pattern_value(path, self.bits_pattern, self.bits), pattern_value(path, self.block_pattern, self.block_size)
+    def plan(self, path: str) -> quantized.Format:
+        """The format of the module at `path`."""
+        block = pattern_value(path, self.block_pattern, self.block_size)
+        if self.dtype == "nf4":
+            return quantized.Format("nf4", block, double_quant=self.double_quant)
+        return quantized.Format(f"int{pattern_value(path, self.bits_pattern, self.bits)}", block, self.symmetric)
 
     def chosen(self, query: GraphQuery) -> list[Projection]:
         """The selection; by default every projection outside the output heads' modules."""
@@ -79,7 +112,7 @@ class QuantizePass(Targeting, Pass):
             if default:
                 self.targets = None
         if default:
-            heads = query.head_modules
+            heads = [*query.head_modules, *saved_heads(query.gm)]
             chosen = [p for p in chosen if not any(p.path == h or p.path.startswith(h + ".") for h in heads)]
         done = [p for p in chosen if p.quantized]
         if done:
@@ -87,6 +120,7 @@ class QuantizePass(Targeting, Pass):
                                "projections); quantize the float graph once, or target modules still in float")
         if not chosen:
             raise RewriteError("quantize finds no projection outside the output heads; name modules with targets")
+        _refuse_tied(query.gm, chosen)
         return chosen
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
@@ -95,7 +129,7 @@ class QuantizePass(Targeting, Pass):
         weights = {p.weight: p for p in chosen}
         before = sum(tensor_at(gm, name).nbytes for name in weights)
         packed = {name: self.pack(gm, proj) for name, proj in weights.items()}
-        for proj in chosen:
+        for proj in later_first(gm, chosen):
             self.replace(gm, proj, packed[proj.weight])
         gm.graph.eliminate_dead_code()
         read = {node.target for node in gm.graph.find_nodes(op="get_attr")}
@@ -103,20 +137,39 @@ class QuantizePass(Targeting, Pass):
             if name not in read:
                 remove_tensor(gm, name)
         gm.recompile()
-        after = sum(t.nbytes for p in packed.values() for t in (p.qweight, p.scales, p.qzeros) if t is not None)
+        after = sum(t.nbytes for p in packed.values() for t in quantized.stored(p).values())
         paths = list(dict.fromkeys(p.path for p in chosen))
         self.report = {
-            "modules": paths, "bits": {path: self.plan(path)[0] for path in paths},
-            "block_size": {path: self.plan(path)[1] for path in paths}, "symmetric": self.symmetric,
-            "summary": f"int{self.bits} weights (block {self.block_size}, "
-                       f"{'symmetric' if self.symmetric else 'zero points'}) on {len(paths)} modules "
+            "modules": paths, "dtype": self.dtype, "bits": {path: self.plan(path).bits for path in paths},
+            "block_size": {path: self.plan(path).block_size for path in paths}, "symmetric": self.symmetric,
+            "double_quant": self.double_quant if self.dtype == "nf4" else None,
+            "summary": f"{self.dtype} weights (block {self.block_size}, {self._layout()}) on {len(paths)} modules "
                        f"({short_names(chosen)}): {before / 2**20:.2f} MiB of weights stored in {after / 2**20:.2f} MiB",
         }
         return PassResult(gm, True)
 
-    def pack(self, gm: fx.GraphModule, proj: Projection) -> quantized.Packed:
-        return quantized.pack(gm, proj.weight, proj.transposed, *self.plan(proj.path), self.symmetric)
+    def _layout(self) -> str:
+        if self.dtype == "nf4":
+            return "double quantization" if self.double_quant else "fp32 absmax"
+        return "symmetric" if self.symmetric else "zero points"
 
-    def replace(self, gm: fx.GraphModule, proj: Projection, packed: quantized.Packed) -> None:
-        quantized.call(gm, proj.node, proj.input, quantized.projection_bias(proj.node), proj.weight.rpartition(".")[0], packed,
-                       proj.in_features, *self.plan(proj.path))
+    def pack(self, gm: fx.GraphModule, proj: Projection) -> quantized.Packed | nf4.Packed:
+        return quantized.store(gm, proj.weight, proj.transposed, self.plan(proj.path))
+
+    def replace(self, gm: fx.GraphModule, proj: Projection, packed: quantized.Packed | nf4.Packed) -> None:
+        quantized.replace(gm, proj.node, proj.input, quantized.projection_bias(proj.node), proj.weight.rpartition(".")[0],
+                          packed, proj.in_features, proj.out_features, self.plan(proj.path))
+
+
+def _refuse_tied(gm: fx.GraphModule, chosen: list[Projection]) -> None:
+    """A projection whose weight is an embedding table (a LM head tied to the input embeddings) stays float."""
+    tables = {node.args[0].target: (module_path(node) or node.args[0].target, tensor_at(gm, node.args[0].target))
+              for node in gm.graph.find_nodes(op="call_function", target=torch.ops.aten.embedding.default)
+              if node.args[0].op == "get_attr"}
+    for proj in chosen:
+        weight = tensor_at(gm, proj.weight)
+        tied = next((path for name, (path, table) in tables.items() if name == proj.weight or table is weight), None)
+        if tied is not None:
+            raise RewriteError(f"{proj.path} shares its weight with the input embeddings {tied} (tied), so quantizing "
+                               "it would quantize the embeddings too or keep a float and a quantized copy of one matrix; "
+                               "leave it float (the default targets skip the output heads) or untie it first")

@@ -67,6 +67,7 @@ ARCHS = [
 PASSES = {
     "lora": "LoRA",
     "lora_embedding": "LoRA on embeddings + LM head",
+    "lora_int4": "LoRA over an int4 base",
     "dora": "DoRA",
     "ia3": "IA³",
     "pissa": "PiSSA",

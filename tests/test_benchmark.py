@@ -71,3 +71,20 @@ def test_the_serving_benchmark_reports_every_arm(tmp_path):
         assert result[process]["cold_start_s"] > 0 and result[process]["peak_rss_bytes"] > 0
     assert result["serve_mixed"]["peak_rss_bytes"] >= result["serve_mixed"]["rss_bytes"]
     assert "| mixed 8 adapters | 2 |" in done.stdout
+
+
+@pytest.mark.slow
+def test_the_quantized_load_benchmark_measures_every_load_and_plans_7b(tmp_path):
+    import json
+
+    script = BENCHMARK.parent / "quantized_load.py"
+    done = subprocess.run([sys.executable, str(script), "--model", "tiny", "--kinds", "float,int4",
+                           "--json", str(tmp_path / "out.json")], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "out.json").read_text())
+    assert list(result["loads"]) == ["float", "int4"] and result["float_weights_bytes"] > 0
+    assert all(row["peak_bytes"] >= row["baseline_bytes"] > 0 for row in result["loads"].values())
+    plan = result["plans_7b"]["int4"]
+    assert plan["modules"] == 224 and plan["quantized_bytes"] < plan["quantized_float_bytes"] / 5
+    assert plan["predicted_peak_bytes"] == plan["model_quantized_bytes"] + plan["largest_float_bytes"]
+    assert "| int4 | 224 |" in done.stdout

@@ -16,9 +16,11 @@ from peft import (
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_LORA_TARGETS
 from tokenizers import Tokenizer, models, pre_tokenizers
 from torch.nn import functional as F
+from transformers.pytorch_utils import Conv1D
 
 import rewrite
 from rewrite.errors import RewriteError
+from rewrite.graph import quantized
 from rewrite.graph.query import GraphQuery, module_path, word_embedding
 from rewrite.graph.synthetic_inputs import example_inputs
 from rewrite.graph.params import count_parameters
@@ -172,6 +174,30 @@ def check_ia3(arch, task, base, tmp_path):
     assert_same(gm, merged, arch, fresh(arch))
 
 
+def dequantized_base(base):
+    """`base` with the graph's projections quantized (int4, block 16) and the eager model holding the dequantized
+    weights the graph computes with (Conv1D's `[in, out]` transposed back): PEFT over that model is the reference
+    for LoRA over a quantized base."""
+    def get(arch, task):
+        model, gm = base(arch, task)
+        rewrite.apply(gm, "quantize", bits=4, block_size=16)
+        model = copy.deepcopy(model)
+        with torch.no_grad():
+            for node in filter(quantized.is_quantized, gm.graph.nodes):
+                read = next(arg for arg in node.args if getattr(arg, "op", None) == "get_attr")
+                module = model.get_submodule(read.target.rpartition(".")[0])
+                weight = quantized.dequantized_weight(gm, node)
+                module.weight.copy_(weight.T if isinstance(module, Conv1D) else weight)
+        return model, gm
+    return get
+
+
+def check_lora_quantized(arch, task, base, tmp_path):
+    """LoRA over an int4 base: PEFT's targets, counts and outputs (both adapter directions) over the same
+    dequantized weights."""
+    check_lora(arch, task, dequantized_base(base), tmp_path)
+
+
 def check_prompt(arch, task, base, tmp_path):
     model, gm = base(arch, task)
     rewrite.apply(gm, "prompt", num_virtual_tokens=COUNT)
@@ -241,7 +267,7 @@ def check_verbalizer(arch, task, base, tmp_path):
         torch.testing.assert_close(gm(**inputs).logits, expected, rtol=0, atol=1e-5)
 
 
-CHECKS = {"lora": check_lora, "lora_embedding": check_lora_embedding, "dora": check_dora, "ia3": check_ia3, "pissa": check_pissa, "prompt": check_prompt, "p_tuning_adapter": check_p_tuning_adapter,
+CHECKS = {"lora": check_lora, "lora_embedding": check_lora_embedding, "lora_int4": check_lora_quantized, "dora": check_dora, "ia3": check_ia3, "pissa": check_pissa, "prompt": check_prompt, "p_tuning_adapter": check_p_tuning_adapter,
           "ptuning": check_ptuning, "verbalizer": check_verbalizer}
 
 

@@ -3,6 +3,7 @@ MatMulNBits kernel, quantized graphs equal to ONNX Runtime on four architectures
 archives, and the refusals."""
 from __future__ import annotations
 
+import copy
 import re
 
 import numpy as np
@@ -244,8 +245,10 @@ def test_accuracy_level_is_written_after_verifying_at_level_0(tmp_path):
 
 
 @SLOW
-def test_greedy_generation_with_the_cache_on_int4_llama_is_the_quantized_graphs(tmp_path):
-    """The reference is the quantized torch graph without a cache, one greedy step at a time."""
+@pytest.mark.parametrize("post_training", [False, True], ids=["quantized-graph", "export-quantize"])
+def test_greedy_generation_with_the_cache_on_int4_llama_is_the_quantized_graphs(tmp_path, post_training):
+    """The reference is the quantized torch graph without a cache, one greedy step at a time; the export quantizes
+    a float graph itself with `quantize="int4"`."""
     from test_kv_cache import TEXTS, byte_tokenizer, tiny_lm
     from rewrite.runtime.generate import generate
 
@@ -253,14 +256,14 @@ def test_greedy_generation_with_the_cache_on_int4_llama_is_the_quantized_graphs(
     tokenizer = byte_tokenizer()
     tokenizer.save_pretrained(tmp_path)
     gm = rewrite.load_pretrained(tmp_path)
-    rewrite.apply(gm, "quantize", bits=4, block_size=32)
-    rewrite.export_onnx(gm, tmp_path / "onnx" / "model.onnx", cache=True)
+    reference = rewrite.apply(copy.deepcopy(gm) if post_training else gm, "quantize", bits=4, block_size=32).eval()
+    rewrite.export_onnx(gm, tmp_path / "onnx" / "model.onnx", cache=True, **({"quantize": "int4"} if post_training else {}))
     ours = generate(tmp_path / "onnx" / "model.onnx", TEXTS, max_new_tokens=12, eos=[], keep_logits=True)
     for row, text in enumerate(TEXTS):
         ids = torch.tensor([tokenizer(text)["input_ids"]])
         for step in range(12):
             with torch.no_grad():
-                step_logits = gm.eval()(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1]
+                step_logits = reference(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1]
             assert np.abs(ours.logits[step][row] - step_logits.numpy()).max() <= 1e-4
             assert ours.token_ids[row, step] == int(step_logits.argmax())
             ids = torch.cat([ids, step_logits.argmax().view(1, 1)], 1)

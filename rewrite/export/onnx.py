@@ -1,6 +1,7 @@
 """ONNX export with named inputs/outputs, dynamic batch and sequence axes, and ONNX Runtime verification."""
 from __future__ import annotations
 
+import copy
 import logging
 import tempfile
 from dataclasses import dataclass, field
@@ -19,21 +20,25 @@ from rewrite import runtime
 from rewrite.errors import RewriteError
 from rewrite.atomic import atomic_dir_files
 from rewrite.graph.synthetic_inputs import DEFAULT_INPUT_NAMES, example_inputs
-from rewrite.graph.ir import info
+from rewrite.graph.ir import copy_meta, info, tensor_at
+from rewrite.graph import quantized
 from rewrite.graph.quantized import is_quantized
 from rewrite.graph.params import non_finite
-from rewrite.graph.pipeline import capable
+from rewrite.graph.pipeline import Pass, Pipeline, capable
 from rewrite.quiet import quiet
 from rewrite.graph.weight_shapes import check_weight_shapes
 from rewrite.adapters.slots import DEFAULT_MAX_RANK
 from rewrite.export.onnx_adapters import SlotExport
-from rewrite.graph.signature import Signature, vocab_size
+from rewrite.graph.signature import Compare, Signature, vocab_size
 from rewrite.runtime.schema import base_metadata
 
 log = logging.getLogger(__name__)
 
 PROTOBUF_LIMIT = 2 * 1024**3
 TOLERANCE = 1e-4
+FP16_TOLERANCE = 1e-2  # fp16 carries 11 bits: torch and ONNX Runtime round its products and sums differently
+QUANTIZE = ("int4", "int8")
+DTYPES = ("fp32", "fp16")
 MIN_OPSET = 18  # the dynamo exporter's lowest
 
 
@@ -71,21 +76,96 @@ def real_positions(reference: torch.Tensor, actual: torch.Tensor, inputs: dict[s
     return reference, actual
 
 
-def compare(name: str, reference: torch.Tensor, actual: torch.Tensor) -> tuple[float, float]:
-    """Max abs difference of an output and its tolerance (1e-4 of its scale); raises beyond it."""
+def compare(name: str, reference: torch.Tensor, actual: torch.Tensor,
+            relative: float | None = None) -> tuple[float, float]:
+    """Max abs difference of an output and its tolerance (`relative`, default 1e-4, of its scale); raises beyond it."""
+    relative = TOLERANCE if relative is None else relative
     reference, actual = reference.float(), actual.float()
     scale = max(1.0, reference.abs().max().item())
-    diff, tolerance = (actual - reference).abs().max().item(), TOLERANCE * scale
+    diff, tolerance = (actual - reference).abs().max().item(), relative * scale
     if not diff <= tolerance:
         raise RewriteError(
             f"ONNX verification failed for output {name!r}: ONNX Runtime differs from torch by {diff:.3g} "
-            f"(allowed {tolerance:.3g}, 1e-4 of the output scale); the model was not written"
+            f"(allowed {tolerance:.3g}, {relative:g} of the output scale); the model was not written"
         )
     return diff, tolerance
 
 
+def compare_fp16(name: str, reference: torch.Tensor, actual: torch.Tensor) -> tuple[float, float]:
+    return compare(name, reference, actual, FP16_TOLERANCE)
+
+
+def _quantizer(gm: fx.GraphModule, quantize: str | None, block_size: int | None, symmetric: bool) -> Pass | None:
+    """The quantize pass post-training quantization runs, created (its options checked) before any work."""
+    if quantize is not None and any(map(is_quantized, gm.graph.nodes)):
+        raise RewriteError("the graph is already quantized, so export cannot quantize it again; export it without "
+                           "quantize, or quantize its float graph once")
+    if quantize is None:
+        if block_size is not None or symmetric:
+            raise RewriteError("a block size and symmetric apply to post-training quantization; add quantize "
+                               "int4 or int8, or leave them out")
+        return None
+    if quantize not in QUANTIZE:
+        raise RewriteError(f"export quantize {quantize!r} is not supported; use {' or '.join(QUANTIZE)} "
+                           "(MatMulNBits' weight formats)")
+    return quantized.weight_quantizer({"dtype": quantize, "symmetric": symmetric,
+                                       **({} if block_size is None else {"block_size": block_size})})
+
+
+def _check_dtype(dtype: str, cache: bool) -> None:
+    if dtype not in DTYPES:
+        raise RewriteError(f"export dtype {dtype!r} is not supported; use {' or '.join(DTYPES)}")
+    if dtype == "fp16" and cache:
+        raise RewriteError("an fp16 export with the cache is not supported yet (its cache would stay fp32); export "
+                           "fp16 without the cache, or the cache in fp32")
+
+
+_FP16_INPUTS = {torch.ops.aten.linear.default: (0,), torch.ops.aten.addmm.default: (1,), quantized.OP: (0,),
+                torch.ops.aten.scaled_dot_product_attention.default: (0, 1, 2), torch.ops.aten.layer_norm.default: (0,)}
+
+
+def _to_half(gm: fx.GraphModule) -> None:
+    """fp16 for GPU execution providers: the weights (and MatMulNBits' scales, whose type is its input's) in fp16
+    and the inputs of every projection, attention and layer norm (whose weights are fp16) cast to fp16, so the
+    products are fp16; what the capture casts to fp32 itself (RMS norm statistics, rotary angles from fp32 buffers,
+    GPT-2's residual stream: the fp32 capture cannot tell an upcast from a cast to the model's dtype) stays fp32
+    and is cast back at the next of those."""
+    scales = {node.args[2].target for node in gm.graph.nodes if is_quantized(node)}
+    with torch.no_grad():
+        for _, parameter in gm.named_parameters():
+            if parameter.is_floating_point():
+                parameter.data = parameter.data.half()
+        for name in scales:
+            owner, _, attr = name.rpartition(".")
+            gm.get_submodule(owner).register_buffer(attr, tensor_at(gm, name).half())
+    for node in list(gm.graph.nodes):
+        if node.target is torch.ops.aten._assert_tensor_metadata.default and node.kwargs.get("dtype") == torch.float32:
+            gm.graph.erase_node(node)  # it checked the capture's fp32
+        for index in _FP16_INPUTS.get(node.target, ()):
+            with gm.graph.inserting_before(node):
+                cast = gm.graph.call_function(torch.ops.aten.to.dtype, (node.args[index], torch.float16))
+            copy_meta(node, cast)
+            node.update_arg(index, cast)
+    gm.graph.lint()
+    gm.recompile()
+
+
+def _converted(gm: fx.GraphModule, dtype: str, quantizer: Pass | None) -> fx.GraphModule:
+    """The graph to export: `gm` itself, or a copy in fp16 and/or quantized post-training (the pass recorded in the
+    copy's history, which a cache export replays); fp16 first, so the quantizer rounds with fp16 scales, as ONNX
+    Runtime's does for an fp16 model."""
+    if dtype == "fp32" and quantizer is None:
+        return gm
+    gm = copy.deepcopy(gm)
+    if dtype == "fp16":
+        _to_half(gm)
+    if quantizer is not None:
+        Pipeline([quantizer]).run(gm)
+    return gm
+
+
 def _verify(gm: fx.GraphModule, model_path: Path, input_names: list[str], output_names: list[str],
-            slots: SlotExport | None) -> tuple[float, float, str]:
+            slots: SlotExport | None, compare: Compare) -> tuple[float, float, str]:
     """Runs fresh inputs of another shape through ONNX Runtime and torch; raises beyond tolerance.
     A slotted model is fed the graph's own adapter through its slots."""
     inputs = example_inputs(input_names, vocab_size(gm), batch=3, seq=11, seed=1, pad=True)
@@ -111,7 +191,7 @@ def _plain_signature(gm: fx.GraphModule, slot_options: dict | None) -> Signature
     if slots:
         inputs, dynamic = inputs | slots.example_inputs(batch=2), dynamic | slots.dynamic_shapes()
     return Signature(slots.graph if slots else gm, inputs, dynamic, input_names, output_names, {},
-                     lambda path, _: _verify(gm, path, input_names, output_names, slots), slots=slots)
+                     lambda path, compare: _verify(gm, path, input_names, output_names, slots, compare), slots=slots)
 
 
 class ServingMetadata(Protocol):
@@ -178,7 +258,8 @@ def _refuse_clashes(gm: fx.GraphModule, path: Path) -> None:
 @quiet
 def export_onnx(gm: fx.GraphModule, path: str | Path, *, verify: bool = True, opset: int | None = None,
                 adapter_slots: bool = False, mixed_adapters: bool = False, max_rank: int = DEFAULT_MAX_RANK,
-                cache: bool = False, overwrite: bool = True, accuracy_level: int = 0) -> ExportReport:
+                cache: bool = False, overwrite: bool = True, accuracy_level: int = 0, quantize: str | None = None,
+                block_size: int | None = None, symmetric: bool = False, dtype: str = "fp32") -> ExportReport:
     """Exports `gm` (in eval mode) to ONNX, checks it, and verifies it against torch in ONNX Runtime.
 
     Inputs keep the graph's names (`input_ids`, `attention_mask`, ...), outputs are named from the
@@ -189,14 +270,20 @@ def export_onnx(gm: fx.GraphModule, path: str | Path, *, verify: bool = True, op
     With `cache=True` a causal LM is exported for generation: past keys and values in, presents out
     (see `rewrite.export.kv_cache`), with the slots too when asked for. Quantized projections become ONNX
     Runtime's MatMulNBits (`rewrite.export.quantized`), verified at accuracy level 0 and written with
-    `accuracy_level`.
+    `accuracy_level`. `quantize` (`int4`, `int8`; `block_size`, `symmetric`) quantizes a float graph's projections
+    post-training, as the quantize pass would, on a copy: the graph passed in is untouched, and the export is
+    verified against the quantized copy. `dtype="fp16"` (for GPU execution providers) converts a copy as `_to_half`
+    says, verified within 1e-2 of the output scale; the logits stay fp16, as ONNX Runtime GenAI's fp16 models give
+    them.
     """
     path = Path(path)
     _check_opset(opset)
     check_accuracy_level(accuracy_level)
-    if accuracy_level and not any(map(is_quantized, gm.graph.nodes)):
+    quantizer = _quantizer(gm, quantize, block_size, symmetric)
+    _check_dtype(dtype, cache)
+    if accuracy_level and quantizer is None and not any(map(is_quantized, gm.graph.nodes)):
         raise RewriteError(f"accuracy level {accuracy_level} applies to MatMulNBits, and this graph has no quantized "
-                           "projection; apply quantize first, or leave the accuracy level out")
+                           "projection; apply quantize first, export with quantize int4 or int8, or leave the accuracy level out")
     if any(p.device.type == "meta" for p in gm.parameters()):
         raise RewriteError("the graph was captured on the meta device (no weights); capture it with weights to export")
     bad = non_finite(gm.named_parameters())
@@ -205,18 +292,21 @@ def export_onnx(gm: fx.GraphModule, path: str | Path, *, verify: bool = True, op
                            "export a graph with finite weights")
     if not overwrite:
         _refuse_clashes(gm, path)
-    was_training = gm.training
+    was_training, source = gm.training, gm
     gm.eval()
     try:
         check_weight_shapes(gm)
         slot_options = dict(mixed=mixed_adapters, max_rank=max_rank) if adapter_slots or mixed_adapters else None
+        gm = _converted(source, dtype, quantizer)
+        if gm is not source and slot_options is not None:
+            slot_options["base"] = source
         signature = (kv_cache.signature if cache else _plain_signature)(gm, slot_options)
         program = torch.onnx.export(
             signature.module, (), kwargs=signature.inputs, dynamic_shapes=signature.dynamic,
             input_names=signature.onnx_input_names, output_names=signature.output_names,
             dynamo=True, opset_version=opset, verbose=False, custom_translation_table=translations(),
         )
-        large = sum(p.numel() * p.element_size() for p in gm.parameters()) > PROTOBUF_LIMIT
+        large = sum(t.numel() * t.element_size() for t in [*gm.parameters(), *gm.buffers()]) > PROTOBUF_LIMIT
         with atomic_dir_files(path.parent, overwrite=overwrite) as tmp:
             staged = tmp / path.name
             program.save(staged, external_data=large)
@@ -231,11 +321,11 @@ def export_onnx(gm: fx.GraphModule, path: str | Path, *, verify: bool = True, op
                 tokenizer.save_pretrained(tmp)
             diff = tolerance = provider = None
             if verify:
-                diff, tolerance, provider = signature.verify(staged, compare)
+                diff, tolerance, provider = signature.verify(staged, compare_fp16 if dtype == "fp16" else compare)
                 log.debug("ONNX Runtime (%s) matches torch: max abs diff %.3g", provider, diff)
             if accuracy_level:
                 _set_level(staged, accuracy_level)
     finally:
-        gm.train(was_training)
+        source.train(was_training)
     return ExportReport(path, signature.input_names, signature.output_names, diff, tolerance, provider,
                         signature.slots.onnx_input_names() if signature.slots else [])

@@ -33,14 +33,16 @@ class SlotExport:
     """The graph `export_onnx` traces instead of the model, its extra inputs, and the ONNX fix-up after."""
 
     def __init__(self, gm: fx.GraphModule, *, mixed: bool, max_rank: int, traced: fx.GraphModule | None = None,
-                 example: dict | None = None):
+                 example: dict | None = None, base: fx.GraphModule | None = None):
         """`traced`: a graph built from `gm` by the same passes (the KV-cache graph) that gets the slots instead,
         and `example` its keyword inputs; the slots, defaults and base fingerprint stay `gm`'s, so one adapter
-        file serves both exports."""
+        file serves both exports. `base`: the graph `gm` was converted from at export (quantized, fp16), whose
+        fingerprint the model carries, so the adapter files made for its float export fill these slots too."""
         if not isinstance(max_rank, int) or max_rank < 1:
             raise RewriteError(f"max rank {max_rank!r} is not allowed; use a whole number of at least 1")
         prepared, slots = adapter_slots.prepared(gm)
-        self.layout = SlotLayout(slots, mixed, max_rank, adapter_slots.fingerprint(prepared, slots))
+        self.layout = SlotLayout(slots, mixed, max_rank, adapter_slots.fingerprint(*(
+            adapter_slots.prepared(base) if base is not None else (prepared, slots))))
         # ONNX Runtime's batched MatMul leaves rank-0 products unset, so stacked slots default to a zero rank-1 branch
         self.defaults = adapter_slots.defaults(prepared, slots, rank=1 if mixed else 0)
         self.values = adapter_slots.values(gm)

@@ -1,5 +1,8 @@
 """Quantized projections (`rewrite.graph.quantized`) written as ONNX Runtime's `com.microsoft.MatMulNBits`: one node
-whose B, scales and zero points are the graph's own buffers, byte for byte.
+whose B, scales and zero points are the graph's own buffers, byte for byte. NF4 projections become
+`com.microsoft.MatMulBnb4` (NF4, `quant_type` 1) over the same packed bytes; a double-quantized absmax is undone in
+the graph, `dynamic[qabsmax] * absmax2 + offset` in fp32 as bitsandbytes computes it, which ONNX Runtime folds into a
+constant (the kernel is bit-equal to bitsandbytes' dequantization, and about 10x slower than fp32 on CPU).
 
 onnx ships no schema for Microsoft's operators and the exporter's tracer needs one, so MatMulNBits' is registered
 here once. `accuracy_level` 0 (the default) multiplies in fp32 with exactly the dequantized weights torch
@@ -8,12 +11,14 @@ activations to int8 per block (several times faster on CPU, about 1e-2 relative 
 """
 from __future__ import annotations
 
+import numpy as np
 import onnx
 import onnxscript
 from onnx.defs import OpSchema
+from onnxscript import opset18 as op
 
 from rewrite.errors import RewriteError
-from rewrite.graph import quantized
+from rewrite.graph import nf4, quantized
 
 DOMAIN = "com.microsoft"
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
@@ -38,6 +43,20 @@ def _register_schema() -> None:
                     for name in ("K", "N", "bits", "block_size", "accuracy_level")]))
 
 
+def _register_bnb4_schema() -> None:
+    """MatMulBnb4's inputs and attributes as ONNX Runtime 1.31 declares them."""
+    if onnx.defs.has("MatMulBnb4", DOMAIN):
+        return
+    floats = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
+    onnx.defs.register_schema(OpSchema(
+        "MatMulBnb4", DOMAIN, 1,
+        inputs=[_INPUT("input", "T1"), _INPUT("packed", "T2"), _INPUT("absmax", "T1")],
+        outputs=[_INPUT("Y", "T1")],
+        type_constraints=[("T1", floats, ""), ("T2", ["tensor(uint8)"], "")],
+        attributes=[_ATTRIBUTE(name, OpSchema.AttrType.INT, "", required=name not in ("transB", "training_mode"))
+                    for name in ("K", "N", "block_size", "quant_type", "transB", "training_mode")]))
+
+
 def check_accuracy_level(level: int) -> None:
     if level not in ACCURACY_LEVELS or isinstance(level, bool):
         raise RewriteError(f"accuracy level {level!r} is not one of MatMulNBits' "
@@ -45,16 +64,34 @@ def check_accuracy_level(level: int) -> None:
 
 
 def translations() -> dict:
-    """The exporter's `custom_translation_table` entry for the quantized matmul (accuracy level 0: the exported
-    model is verified against torch as written; `set_accuracy_level` changes it afterwards)."""
+    """The exporter's `custom_translation_table` entries for the quantized matmuls (MatMulNBits at accuracy level
+    0: the exported model is verified against torch as written; `set_accuracy_level` changes it afterwards)."""
     _register_schema()
+    _register_bnb4_schema()
     microsoft = onnxscript.values.Opset(DOMAIN, 1)
 
     def matmul_nbits(x, qweight, scales, qzeros, bias, k: int, n: int, bits: int, block_size: int):
         return microsoft.MatMulNBits(x, qweight, scales, qzeros, None, bias, K=k, N=n, bits=bits,
                                      block_size=block_size)
 
-    return {quantized.OP: matmul_nbits}
+    def matmul_nf4(x, qweight, absmax, qabsmax, offset, bias, k: int, n: int, block_size: int,
+                   statistics_block: int):
+        if qabsmax is not None:
+            absmax = op.Add(op.Mul(op.Gather(_constant(nf4.DYNAMIC.numpy()), op.Cast(qabsmax, to=onnx.TensorProto.INT64)),
+                                   op.Gather(absmax, _constant(_groups(n * k, block_size, statistics_block)))), offset)
+        y = microsoft.MatMulBnb4(x, qweight, absmax, K=k, N=n, block_size=block_size, quant_type=1)
+        return y if bias is None else op.Add(y, bias)
+
+    return {quantized.OP: matmul_nbits, nf4.OP: matmul_nf4}
+
+
+def _constant(array: np.ndarray):
+    return op.Constant(value=onnx.numpy_helper.from_array(array))
+
+
+def _groups(weights: int, block_size: int, statistics_block: int) -> np.ndarray:
+    """Each block's index into the double quantization's absmaxes."""
+    return np.arange(-(-weights // block_size), dtype=np.int64) // statistics_block
 
 
 def set_accuracy_level(model: onnx.ModelProto, level: int) -> int:

@@ -15,9 +15,13 @@ from torch import fx, nn
 
 from rewrite.errors import RewriteError
 from rewrite.graph.synthetic_inputs import DEFAULT_INPUT_NAMES, example_inputs
+from rewrite.graph import quantized
 from rewrite.graph.ir import RewriteGraph, wrap
+from rewrite.graph.materialize import Checkpoint, Loader, empty_model, on_cpu
 from rewrite.graph.modes import in_mode
 from rewrite.graph.params import non_finite
+from rewrite.graph.pipeline import Pass, Pipeline
+from rewrite.graph.query import GraphQuery
 from rewrite.quiet import quiet
 
 log = logging.getLogger(__name__)
@@ -241,11 +245,15 @@ def load_pretrained(
     *,
     meta: bool = False,
     num_labels: int | None = None,
+    quantize: str | dict[str, Any] | Pass | None = None,
 ) -> RewriteGraph:
     """Captures a local Hugging Face directory, fully offline.
 
     `gm.meta["rewrite"]` holds `config`, `tokenizer`, `task` and `source`. With `meta=True` the model
     is built from its config on the meta device (no weights read), for planning rewrites of big models.
+    `quantize` (a dtype, `"int4"`, `"int8"` or `"nf4"`, or the quantize pass's options, `{"dtype": "nf4",
+    "block_size": 128}`) quantizes while loading: the pass runs on the meta graph, then each tensor is read from the
+    safetensors files alone, so the float model is never held; the graph equals loading then quantizing.
     """
     path = Path(path)
     config = _load_config(path, num_labels)
@@ -258,7 +266,12 @@ def load_pretrained(
     auto_class = _auto_class(task)
     _refuse_missing_head(config, task, path)
     config.use_cache = False
-    if meta:
+    built: dict[str, torch.Tensor] = {}
+    if quantize is not None and meta:
+        raise RewriteError("quantize reads the weights, which meta=True never does; load with one of them")
+    if quantize is not None:
+        model, built = empty_model(auto_class, config)
+    elif meta:
         with torch.device("meta"):
             model = auto_class.from_config(config)
     else:
@@ -268,10 +281,27 @@ def load_pretrained(
         except (OSError, ValueError, RuntimeError, safetensors.SafetensorError) as error:
             raise RewriteError(f"weights in {str(path)!r} could not be loaded: {error}") from error
     model.eval()
-    inputs = example_inputs(input_names(model, tokenizer), config.vocab_size, device="meta" if meta else "cpu")
+    on_meta = meta or quantize is not None
+    inputs = example_inputs(input_names(model, tokenizer), config.vocab_size, device="meta" if on_meta else "cpu")
     info = {"source": str(path), "task": task, "config": config, "tokenizer": tokenizer, "meta_device": meta,
-            "untrained": [] if meta else _fresh_modules(loading)}
-    return capture(model, inputs, info=info)
+            "untrained": [] if on_meta else _fresh_modules(loading)}
+    gm = capture(model, inputs, info=info)
+    if quantize is not None:
+        _quantize_while_loading(gm, path, quantize, built, model.base_model_prefix)
+    return gm
+
+
+def _quantize_while_loading(gm: RewriteGraph, path: Path, spec, built: dict[str, torch.Tensor], prefix: str) -> None:
+    """Runs the quantizing pass `spec` on the meta graph `gm`, then reads its tensors from `path` one at a time."""
+    checkpoint = Checkpoint(path)
+    loader = Loader(gm, checkpoint, prefix, built, GraphQuery(gm).projections)
+    pipeline = Pipeline([quantized.weight_quantizer(spec)])
+    pipeline.run(gm)
+    if not any(quantized.is_quantized(node) for node in gm.graph.nodes):
+        raise RewriteError(f"pass {pipeline.passes[0].name!r} quantized no projection of {str(path)!r}; quantizing "
+                           "while loading takes a pass that quantizes weights")
+    loader.load()
+    on_cpu(gm)
 
 
 def config_shapes(config, task: str | None) -> dict[str, tuple[int, ...]]:

@@ -28,8 +28,9 @@ OP_NAMESPACES = ("aten", "prims")
 # `from_file` maps a named file (writable when shared), `set_`/`set` rebind a tensor to other storage.
 _REFUSED_OPS = frozenset({"from_file", "set_", "set", "set_data"})
 # The project's own operators, by qualified name, registered by importing their module here (never looked up
-# from a file's namespace): the quantized matmul of `rewrite.graph.quantized`.
-CUSTOM_OPS = {f"{quantized.OP._schema.name}.{quantized.OP._overloadname}": quantized.OP}
+# from a file's namespace): the quantized matmuls of `rewrite.graph.quantized`, `rewrite::matmul_nbits` and
+# `rewrite::matmul_nf4`.
+CUSTOM_OPS = {f"{op._schema.name}.{op._overloadname}": op for op in quantized.OPS}
 PYTHON_FUNCTIONS = {
     f"{prefix}.{name}": function for prefix, name, function in [
         *(("operator", f.__name__, f) for f in (

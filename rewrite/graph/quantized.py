@@ -14,23 +14,49 @@ inputs, a scale and (unless symmetric) a zero point, and its weights packed as M
 calls), byte for byte; `dequantize` is the kernel's `(q - zp) * scale`, bit for bit. So the weights a quantized
 graph trains over are the weights ONNX Runtime serves. The graph calls one operator, `rewrite::matmul_nbits`,
 which torch.export keeps as one node, the ONNX exporter writes as one MatMulNBits node, and the archive decoder
-admits by name.
+admits by name. NF4 (QLoRA's format, `rewrite.graph.nf4`) is the third `Format`: the functions below that take a
+node or a `Format` serve all three, so callers never read a quantized node's arguments by position.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional, Protocol
 
 import torch
 from torch import fx
 
+from rewrite.graph import nf4
+from rewrite.errors import RewriteError
 from rewrite.graph.ir import copy_meta, remove_tensor, tensor_at
+from rewrite.graph.pipeline import Pass, create, implements, registered
 
 OP_NAME = "rewrite::matmul_nbits"
 BITS = (4, 8)
 BLOCK_SIZES = (16, 32, 64, 128, 256)  # what ONNX Runtime's CPU kernel and quantizer accept
 DEFAULT_BLOCK_SIZE = 32
 TENSORS = ("qweight", "scales", "qzeros")  # a quantized module's buffers, `<module path>.<name>`
+DTYPES = ("int4", "int8", "nf4")
+
+
+@dataclass(frozen=True)
+class Format:
+    """How a quantized projection stores its weight: `int4`/`int8` as MatMulNBits (`symmetric`: no zero points) or
+    `nf4` as bitsandbytes (`double_quant`: the block absmaxes quantized too)."""
+
+    dtype: str
+    block_size: int
+    symmetric: bool = False
+    double_quant: bool = False
+
+    @property
+    def bits(self) -> int:
+        return 8 if self.dtype == "int8" else 4
+
+    @property
+    def tensors(self) -> tuple[str, ...]:
+        """The buffers' names, in the order the node reads them."""
+        return nf4.TENSORS if self.dtype == "nf4" else TENSORS
 
 
 @dataclass(frozen=True)
@@ -134,10 +160,47 @@ def _backward(ctx, grad: torch.Tensor):
 
 matmul_nbits.register_autograd(_backward, setup_context=_setup)
 OP = torch.ops.rewrite.matmul_nbits.default
+OPS = (OP, nf4.OP)
 
 
 def is_quantized(node: fx.Node) -> bool:
-    return node.op == "call_function" and node.target is OP
+    return node.op == "call_function" and node.target in OPS
+
+
+def format_of(node: fx.Node) -> Format:
+    """The format a quantized node computes with."""
+    if node.target is nf4.OP:
+        return Format("nf4", node.args[8], double_quant=node.args[3] is not None)
+    return Format(f"int{node.args[7]}", node.args[8], symmetric=node.args[3] is None)
+
+
+def quantize_as(weight: torch.Tensor, fmt: Format) -> Packed | nf4.Packed:
+    """A float `[N, K]` weight in `fmt`."""
+    if fmt.dtype == "nf4":
+        return nf4.quantize(weight, fmt.block_size, fmt.double_quant)
+    return quantize(weight, fmt.bits, fmt.block_size, fmt.symmetric)
+
+
+def restore(packed: Packed | nf4.Packed, fmt: Format, k: int, n: int) -> torch.Tensor:
+    """The `[N, K]` weight a packed one stands for."""
+    if fmt.dtype == "nf4":
+        return nf4.dequantize(packed.qweight, packed.absmax, packed.qabsmax, packed.offset, k, n, fmt.block_size)
+    return dequantize(packed.qweight, packed.scales, packed.qzeros, k, fmt.bits)
+
+
+def stored(packed: Packed | nf4.Packed) -> dict[str, torch.Tensor]:
+    """A packed weight's tensors by buffer name (absent ones left out)."""
+    return {f.name: getattr(packed, f.name) for f in dataclasses.fields(packed) if getattr(packed, f.name) is not None}
+
+
+def _reads(node: fx.Node) -> dict[str, fx.Node | None]:
+    """A quantized node's buffer reads by name."""
+    names = format_of(node).tensors
+    return dict(zip(names, node.args[1:1 + len(names)]))
+
+
+def _bias(node: fx.Node) -> fx.Node | None:
+    return node.args[1 + len(format_of(node).tensors)]
 
 
 def projection_bias(node: fx.Node) -> fx.Node | None:
@@ -147,27 +210,29 @@ def projection_bias(node: fx.Node) -> fx.Node | None:
     return node.args[0] if node.target is torch.ops.aten.addmm.default else None
 
 
-def pack(gm: fx.GraphModule, weight: str, transposed: bool, bits: int, block_size: int,
-         symmetric: bool) -> Packed:
-    """Quantizes the weight `weight` names (`[out, in]`, or `[in, out]` when `transposed`) and registers the
-    buffers beside it, on the module that holds it."""
+def store(gm: fx.GraphModule, weight: str, transposed: bool, fmt: Format) -> Packed | nf4.Packed:
+    """Quantizes the weight `weight` names (`[out, in]`, or `[in, out]` when `transposed`) in `fmt` and registers
+    the buffers beside it, on the module that holds it."""
     tensor = tensor_at(gm, weight).detach()
-    packed = quantize(tensor.T if transposed else tensor, bits, block_size, symmetric)
+    packed = quantize_as(tensor.T if transposed else tensor, fmt)
     owner = gm.get_submodule(weight.rpartition(".")[0])
-    for name in TENSORS:
-        if getattr(packed, name) is not None:
-            owner.register_buffer(name, getattr(packed, name))
+    for name, tensor in stored(packed).items():
+        owner.register_buffer(name, tensor)
     return packed
 
 
-def call(gm: fx.GraphModule, node: fx.Node, x: fx.Node, bias: fx.Node | None, owner: str, packed: Packed, k: int,
-         bits: int, block_size: int) -> fx.Node:
-    """Replaces the projection `node` (input `x` with `k` features, `bias`) by one `matmul_nbits` over `owner`'s
-    buffers."""
+def replace(gm: fx.GraphModule, node: fx.Node, x: fx.Node, bias: fx.Node | None, owner: str,
+            packed: Packed | nf4.Packed, k: int, n: int, fmt: Format) -> fx.Node:
+    """Replaces the projection `node` (input `x` with `k` features, `n` outputs, `bias`) by one quantized matmul
+    over `owner`'s buffers."""
+    present = stored(packed)
     with gm.graph.inserting_before(node):
-        reads = [gm.graph.get_attr(f"{owner}.{name}") if getattr(packed, name) is not None else None
-                 for name in TENSORS]
-        new = gm.graph.call_function(OP, (x, *reads, bias, k, packed.scales.shape[0], bits, block_size))
+        reads = [gm.graph.get_attr(f"{owner}.{name}") if name in present else None for name in fmt.tensors]
+        if fmt.dtype == "nf4":
+            statistics = nf4.STATISTICS_BLOCK if fmt.double_quant else 0
+            new = gm.graph.call_function(nf4.OP, (x, *reads, bias, k, n, fmt.block_size, statistics))
+        else:
+            new = gm.graph.call_function(OP, (x, *reads, bias, k, n, fmt.bits, fmt.block_size))
     for made in [*filter(None, reads), new]:
         copy_meta(node, made)
     if "val" in node.meta:
@@ -178,21 +243,19 @@ def call(gm: fx.GraphModule, node: fx.Node, x: fx.Node, bias: fx.Node | None, ow
 
 
 def fill(gm: fx.GraphModule, node: fx.Node, weight: torch.Tensor) -> None:
-    """Quantizes a float `[N, K]` weight into the buffers the quantized `node` reads, with the node's bits, block
-    size and zero-point convention: how a graph quantized on the meta device receives its weights one at a time."""
-    _, *reads = node.args[:4]
-    bits, block_size = node.args[7], node.args[8]
-    packed = quantize(weight, bits, block_size, reads[2] is None)
-    for name, read in zip(TENSORS, reads):
+    """Quantizes a float `[N, K]` weight into the buffers the quantized `node` reads, in the node's format: how a
+    graph quantized on the meta device receives its weights one at a time."""
+    packed = stored(quantize_as(weight, format_of(node)))
+    for name, read in _reads(node).items():
         if read is not None:
             owner, _, attr = read.target.rpartition(".")
-            gm.get_submodule(owner).register_buffer(attr, getattr(packed, name))
+            gm.get_submodule(owner).register_buffer(attr, packed[name])
 
 
 def unpack(gm: fx.GraphModule, node: fx.Node) -> str:
     """The inverse of `pack` and `call` on one node: `linear(x, <owner>.weight, bias)` over the dequantized weight
     (registered once), the buffers removed once no node reads them. Returns the weight's name."""
-    x, qweight, *_, bias = node.args[:5]
+    x, qweight, bias, fmt = node.args[0], node.args[1], _bias(node), format_of(node)
     owner = qweight.target.rpartition(".")[0]
     weight = f"{owner}.weight"
     module = gm.get_submodule(owner)
@@ -210,7 +273,7 @@ def unpack(gm: fx.GraphModule, node: fx.Node) -> str:
     gm.graph.eliminate_dead_code()
     if not any(is_quantized(user) for read in gm.graph.find_nodes(op="get_attr") if read.target == qweight.target
                for user in read.users):
-        for name in TENSORS:
+        for name in fmt.tensors:
             if isinstance(getattr(module, name, None), torch.Tensor):
                 remove_tensor(gm, f"{owner}.{name}")
     return weight
@@ -226,6 +289,33 @@ def is_quantized_module(gm: fx.GraphModule, path: str) -> bool:
 
 def dequantized_weight(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
     """The `[N, K]` weight a quantized node multiplies by."""
-    _, qweight, scales, qzeros, _, k, _, bits, _ = node.args
-    read = (lambda arg: None if arg is None else tensor_at(gm, arg.target))
-    return dequantize(read(qweight), read(scales), read(qzeros), k, bits)
+    fmt, k, n = format_of(node), *features(node)
+    tensors = {name: None if read is None else tensor_at(gm, read.target) for name, read in _reads(node).items()}
+    packed = (nf4.Packed if fmt.dtype == "nf4" else Packed)(**tensors)
+    return restore(packed, fmt, k, n)
+
+
+def features(node: fx.Node) -> tuple[int, int]:
+    """A quantized node's input and output features."""
+    at = 2 + len(format_of(node).tensors)
+    return node.args[at], node.args[at + 1]
+
+
+class WeightQuantizer(Protocol):
+    """A pass that stores projections in these formats; the engine finds it by these options, naming no pass."""
+
+    dtype: str | None
+    block_size: int | None
+    symmetric: bool
+    double_quant: bool
+
+
+def weight_quantizer(spec: str | dict[str, Any] | Pass) -> Pass:
+    """The registered weight-quantizing pass for `spec`: a dtype (`"int4"`, `"int8"`, `"nf4"`) or the pass's options
+    (`{"dtype": "nf4", "block_size": 128}`); a pass is used as given."""
+    if isinstance(spec, Pass):
+        return spec
+    found = [cls for cls in registered() if implements(cls, WeightQuantizer)]
+    if not found:
+        raise RewriteError("no installed pass quantizes weights; install rewrite with its built-in passes")
+    return create(found[0].name, **({"dtype": spec} if isinstance(spec, str) else spec))

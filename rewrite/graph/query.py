@@ -69,6 +69,14 @@ def weight_dtype(gm: fx.GraphModule, proj: Projection) -> tuple[torch.dtype, tor
     return weight.dtype, weight.device
 
 
+def later_first(gm: fx.GraphModule, projections: list[Projection]) -> list[Projection]:
+    """Projections in reverse graph order, for replacing their nodes one by one: a projection whose input is an
+    earlier projection's output (ALBERT's embedding mapping feeds the attention) still reads a live node, which
+    the earlier one's replacement then rewires."""
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    return sorted(projections, key=lambda p: order[p.node], reverse=True)
+
+
 def layer_index(path: str) -> int | None:
     """The layer number in a module path (`model.layers.3.self_attn.q_proj` -> 3), read as PEFT reads it."""
     match = _LAYER_INDEX.match(path)
