@@ -1,15 +1,17 @@
 """What a quantized base buys, as ratios measured in one run on the LLaMA-shaped 105M model (random weights from
 its config, MiniLM's tokenizer; 2 threads):
 
-- ONNX file size of the cached export, int4 / int8 / fp32 (LM head and embeddings stay float);
-- decoding ms/token with the cache in ONNX Runtime, int4 and int8 (MatMulNBits, accuracy level 4) vs fp32, at
-  batch 1 and 8 (prompt 128, 32 new tokens; the prefill step is not counted);
+- ONNX file size of the cached export, int4 / int8 / fp32 (LM head and embeddings stay float, our default and
+  bitsandbytes'), and int4 with the LM head quantized too (ONNX Runtime GenAI's default);
+- decoding ms/token with the cache in ONNX Runtime, those (MatMulNBits, accuracy level 4) vs fp32, at batch 1
+  and 8 (prompt 128, 32 new tokens; the prefill step is not counted);
 - the int4 base with an active rank-16 LoRA adapter file (adapter slots on every projection) vs the int4 base
   alone;
 - QLoRA training (LoRA q,v r=8 over an NF4 base quantized while loading) vs fp32 LoRA: the process's peak RSS
   above its import baseline from loading to the last step, and tokens/s.
 
     python benchmarks/quantized.py [--threads 2] [--prompt 128] [--new 32] [--train-steps 4] [--json out.json]
+    python benchmarks/quantized.py --parts train --train-model llama-1b --train-seq 128   # QLoRA where layers dominate
     python benchmarks/quantized.py --model tiny-llama      # the benchmark's own smoke test
 
 Each training arm runs in its own process, so peaks do not leak between them.
@@ -28,7 +30,11 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).parent
-QUANTIZE = {"int4": {"bits": 4, "block_size": 32}, "int8": {"bits": 8, "block_size": 32}}
+LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+QUANTIZE = {"int4": {"bits": 4, "block_size": 32}, "int8": {"bits": 8, "block_size": 32},
+            # ONNX Runtime GenAI's int4 default quantizes the LM head too (its embeddings stay float)
+            "int4+head": {"bits": 4, "block_size": 32, "targets": [*LLAMA_LINEAR, "lm_head"]}}
+SIZED = ("fp32", "int8", "int4", "int4+head")
 QLORA = "nf4"  # load_pretrained(quantize=...): quantized while loading
 LORA_TRAIN = {"rank": 8, "alpha": 16, "roles": ["q", "v"]}
 ADAPTER_RANK = 16
@@ -60,7 +66,7 @@ def export_arms(directory: Path, out: Path) -> dict[str, Path]:
     for name, options in QUANTIZE.items():
         quantized = copy.deepcopy(base)
         rewrite.apply(quantized, "quantize", **options)
-        paths[name] = out / name / "model.onnx"
+        paths[name] = out / name.replace("+", "-") / "model.onnx"
         rewrite.export_onnx(quantized, paths[name], cache=True, accuracy_level=4)
         if name == "int4":
             rewrite.apply(quantized, "lora", rank=ADAPTER_RANK, alpha=2 * ADAPTER_RANK, targets="all-linear")
@@ -97,7 +103,7 @@ def per_token(model_path: Path, batch: int, prompt: int, new: int, threads: int,
 def decode(paths: dict[str, Path], args) -> dict:
     """ms/token for every arm and batch, arms interleaved per batch so a noisy machine slows them alike."""
     arms = {"fp32": (paths["fp32"], None), "int8": (paths["int8"], None), "int4": (paths["int4"], None),
-            "int4+adapter": (paths["int4+slots"], paths["adapter"])}
+            "int4+head": (paths["int4+head"], None), "int4+adapter": (paths["int4+slots"], paths["adapter"])}
     result = {}
     for batch in (1, 8):
         times = {name: [] for name in arms}
@@ -144,21 +150,23 @@ def train_arm(arm: str, directory: Path, args) -> dict:
 # ---------------------------------------------------------------- report
 
 
-def table(sizes: dict[str, int], speed: dict, training: dict) -> str:
-    lines = [f"ONNX file: fp32 {sizes['fp32'] / 2**20:.0f} MiB; int8 {sizes['int8'] / 2**20:.0f} MiB "
-             f"({sizes['int8'] / sizes['fp32']:.2f}x); int4 {sizes['int4'] / 2**20:.0f} MiB "
-             f"({sizes['int4'] / sizes['fp32']:.2f}x)"]
-    for batch, ms in speed.items():
-        lines.append(f"decode batch {batch}: fp32 {ms['fp32']:.1f} ms/token; int8 {ms['int8']:.1f} "
-                     f"({ms['fp32'] / ms['int8']:.2f}x faster); int4 {ms['int4']:.1f} ({ms['fp32'] / ms['int4']:.2f}x "
-                     f"faster); int4 + rank-{ADAPTER_RANK} adapter {ms['int4+adapter']:.1f} "
-                     f"({ms['int4+adapter'] / ms['int4']:.2f}x the int4 base)")
-    fp32, qlora = training["fp32"], training["qlora"]
-    lines.append(f"training (LoRA q,v r=8): fp32 base peak {fp32['peak_bytes'] / 2**20:.0f} MiB, "
-                 f"{fp32['tokens_per_s']:.0f} tokens/s; QLoRA (NF4 base) peak {qlora['peak_bytes'] / 2**20:.0f} MiB "
-                 f"({qlora['peak_bytes'] / fp32['peak_bytes']:.2f}x), {qlora['tokens_per_s']:.0f} tokens/s "
-                 f"({qlora['tokens_per_s'] / fp32['tokens_per_s']:.2f}x); trainable parameters "
-                 f"{fp32['trainable']} and {qlora['trainable']}")
+def table(result: dict) -> str:
+    lines = []
+    if "sizes" in result:
+        sizes = result["sizes"]
+        lines.append("ONNX file: " + "; ".join(f"{name} {size / 2**20:.0f} MiB ({size / sizes['fp32']:.2f}x)"
+                                                for name, size in sizes.items()))
+    for batch, ms in result.get("decode_ms", {}).items():
+        lines.append(f"decode batch {batch}: " + "; ".join(
+            f"{name} {value:.1f} ms/token ({ms['fp32'] / value:.2f}x fp32's speed)" for name, value in ms.items())
+            + f"; the adapter costs {ms['int4+adapter'] / ms['int4']:.2f}x the int4 base")
+    if "training" in result:
+        fp32, qlora = result["training"]["fp32"], result["training"]["qlora"]
+        lines.append(f"training (LoRA q,v r=8): fp32 base peak {fp32['peak_bytes'] / 2**20:.0f} MiB, "
+                     f"{fp32['tokens_per_s']:.0f} tokens/s; QLoRA (NF4 base) peak {qlora['peak_bytes'] / 2**20:.0f} MiB "
+                     f"({qlora['peak_bytes'] / fp32['peak_bytes']:.2f}x), {qlora['tokens_per_s']:.0f} tokens/s "
+                     f"({qlora['tokens_per_s'] / fp32['tokens_per_s']:.2f}x); trainable parameters "
+                     f"{fp32['trainable']} and {qlora['trainable']}")
     return "\n".join(lines)
 
 
@@ -172,6 +180,9 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=4)
     parser.add_argument("--train-batch", type=int, default=2)
     parser.add_argument("--train-seq", type=int, default=256)
+    parser.add_argument("--train-model", default=None, choices=["llama-100m", "llama-1b", "tiny-llama"],
+                        help="the training arms' model (default: --model); llama-1b is TinyLlama-1.1B's shape")
+    parser.add_argument("--parts", default="export,train", help="export (file sizes and decoding), train, or both")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
@@ -179,17 +190,21 @@ def main() -> None:
     if args.child:
         print(json.dumps(train_child(args.child, args.model_dir, args.train_steps, 1, args.train_batch, args.train_seq)))
         return
+    parts = set(args.parts.split(","))
+    result = {}
     with tempfile.TemporaryDirectory() as tmp:
-        directory = train_throughput.model_dir(args.model, Path(tmp))
-        paths = export_arms(directory, Path(tmp) / "onnx")
-        sizes = {name: file_bytes(paths[name]) for name in ("fp32", "int8", "int4")}
-        speed = decode(paths, args)
-        training = {arm: train_arm(arm, directory, args) for arm in ("fp32", "qlora")}
-    print(f"{args.model}, ONNX Runtime CPU, {args.threads} threads (shared machine: ratios are measured in one run)")
-    print(table(sizes, speed, training))
+        if "export" in parts:
+            paths = export_arms(train_throughput.model_dir(args.model, Path(tmp)), Path(tmp) / "onnx")
+            result["sizes"] = {name: file_bytes(paths[name]) for name in SIZED}
+            result["decode_ms"] = decode(paths, args)
+        if "train" in parts:
+            directory = train_throughput.model_dir(args.train_model or args.model, Path(tmp))
+            result["training"] = {arm: train_arm(arm, directory, args) for arm in ("fp32", "qlora")}
+    print(f"{args.model} (training: {args.train_model or args.model}), ONNX Runtime CPU, {args.threads} threads "
+          "(shared machine: ratios are measured in one run)")
+    print(table(result))
     if args.json:
-        args.json.write_text(json.dumps({"sizes": sizes, "decode_ms": speed, "training": training}, indent=2))
-
+        args.json.write_text(json.dumps(result, indent=2))
 
 if __name__ == "__main__":
     main()
