@@ -121,8 +121,7 @@ def plan(kind: str, shape: dict) -> dict:
         transformers.LlamaConfig(**shape, architectures=["LlamaForCausalLM"]).save_pretrained(tmp)
         gm = rewrite.load_pretrained(tmp, meta=True)
     floats = {name: t for name, t in gm.named_parameters()}
-    (name, options), = pass_options(kind).items()
-    rewrite.apply(gm, name, **options)
+    rewrite.apply(gm, "quantize", dtype=kind)
     report = gm.info.history[-1]["report"]
     after = {name: t.nbytes for name, t in [*gm.named_parameters(), *gm.named_buffers()]}
     packed = sum(size for name, size in after.items() if name.rpartition(".")[0] in report["modules"])
