@@ -17,7 +17,9 @@ import warnings
 from typing import Any, Callable, Iterator, TypeVar
 
 ENV = "REWRITE_VERBOSE"
-NOISY_LOGGERS = ("torch.onnx", "onnxscript", "onnx_ir")  # the exporter's chatter; our own log says what matters
+# the exporter's chatter, and bitsandbytes' CPU backend, which warns at import (wherever transformers or peft load
+# it) that a hub kernel it tries is unavailable; our own log says what matters
+NOISY_LOGGERS = ("torch.onnx", "onnxscript", "onnx_ir", "bitsandbytes")
 
 _switch: bool | None = None  # set by verbose(); None: the environment decides
 F = TypeVar("F", bound=Callable[..., Any])
