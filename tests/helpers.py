@@ -46,12 +46,17 @@ def randomize_trainable(module, seed: int, scale: float = 0.5, around_current: b
 def peft_twin(model, gm, task: str, **config):
     """A PEFT model over a copy of `model` carrying `gm`'s LoRA (and trainable head) weights."""
     peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(task_type=TASK_TYPES.get(task), **config))
+    return copy_lora(gm, peft_model).eval()
+
+
+def copy_lora(gm, peft_model):
+    """`peft_model` with `gm`'s LoRA weights copied into its default adapter."""
     params = dict(peft_model.named_parameters())
     with torch.no_grad():
         for name, param in gm.named_parameters():
             if ".lora_" in name:
                 params["base_model.model." + name.replace(".weight", ".default.weight")].copy_(param)
-    return peft_model.eval()
+    return peft_model
 
 
 def assert_folds_to(gm, merged, base) -> None:

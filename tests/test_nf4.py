@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 
+import bitsandbytes as bnb
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -19,10 +20,9 @@ from rewrite.export.onnx import real_positions
 from rewrite.graph import nf4, quantized
 
 from conftest import tiny_model
-from helpers import capture_tiny, fresh_inputs, logits, randomize_lora
+from helpers import capture_tiny, copy_lora, fresh_inputs, logits, randomize_lora
 from test_quantize import SLOW, onnx_tensors, train_steps
 
-bnb = pytest.importorskip("bitsandbytes")
 F = bnb.functional
 
 
@@ -113,12 +113,7 @@ def peft_linear4bit(directory, gm):
                                                              dtype=torch.float32)
     model = peft.get_peft_model(base, peft.LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                                                       lora_dropout=0.0))
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, param in gm.named_parameters():
-            if ".lora_" in name:
-                params["base_model.model." + name.replace(".weight", ".default.weight")].copy_(param)
-    return model.train()
+    return copy_lora(gm, model).train()
 
 
 def test_lora_over_an_nf4_llama_equals_peft_over_bitsandbytes_linear4bit(tiny_llama_dir):
