@@ -123,12 +123,15 @@ def fold(source: str, output: str, requantize: bool, overwrite: bool) -> None:
               help="Post-training quantization of a float graph's projections (the quantize pass, in memory).")
 @click.option("--block-size", type=int, default=None, help="With --quantize: weights per scale, 16 to 256 (default 32).")
 @click.option("--symmetric", is_flag=True, help="With --quantize: no zero points.")
+@click.option("--quantize-embeddings", is_flag=True,
+              help="With --quantize: the word embeddings too (GatherBlockQuantized; a tied LM head quantized with "
+                   "them shares the table).")
 @click.option("--dtype", default="fp32", show_default=True, metavar="fp32|fp16",
               help="fp16: weights and products in float16, for GPU execution providers (logits fp16).")
 @overwrite_option
 def export(source: str, onnx_path: str, verify: bool, opset: int | None, adapter_slots: bool, mixed_adapters: bool,
            max_rank: int, with_cache: bool, accuracy_level: int, quantize: str | None, block_size: int | None,
-           symmetric: bool, dtype: str, overwrite: bool) -> None:
+           symmetric: bool, quantize_embeddings: bool, dtype: str, overwrite: bool) -> None:
     """Export a graph archive (fold it first for zero-overhead deployment) to ONNX.
 
     The tokenizer's files are written beside the model; files already there are not replaced
@@ -139,13 +142,14 @@ def export(source: str, onnx_path: str, verify: bool, opset: int | None, adapter
     if not (adapter_slots or mixed_adapters):
         refuse_idle_options({"max_rank": "--adapter-slots or --mixed-adapters"})
     if quantize is None:
-        refuse_idle_options({"block_size": "--quantize", "symmetric": "--quantize"})
+        refuse_idle_options({"block_size": "--quantize", "symmetric": "--quantize", "quantize_embeddings": "--quantize"})
     check_output(onnx_path, what="ONNX file")
     gm = read_graph(source)
     report = rewrite.export_onnx(gm, onnx_path, verify=verify, opset=opset, adapter_slots=adapter_slots,
                                  mixed_adapters=mixed_adapters, max_rank=max_rank, cache=with_cache,
                                  overwrite=overwrite, accuracy_level=accuracy_level, quantize=quantize,
-                                 block_size=block_size, symmetric=symmetric, dtype=dtype)
+                                 block_size=block_size, symmetric=symmetric,
+                                 quantize_embeddings=quantize_embeddings, dtype=dtype)
     inputs = [*report.input_names, *report.adapter_inputs]
     console.print(f"wrote {report.path}: inputs {', '.join(inputs)} -> {', '.join(report.output_names)}")
     if report.max_abs_diff is not None:

@@ -136,17 +136,19 @@ class QuantizePass(Targeting, Pass):
         chosen = self.chosen(GraphQuery(gm))
         shared = self._shared(gm, chosen, lookup)
         weights = {p.weight: p for p in chosen}
-        floats = list(dict.fromkeys([*weights, *([table] if table else [])]))  # a tied head's may be the table's
+        floats = list(dict.fromkeys([*weights, *(_names_of(gm, table) if table else [])]))
         before = sum({id(t): t.nbytes for t in (tensor_at(gm, name) for name in floats)}.values())
         packed = {name: self.pack(gm, proj) for name, proj in weights.items() if name not in shared}
         if lookup is not None:
             vocab, hidden = tensor_at(gm, table).shape
-            fmt = self.plan(_lookup_path(lookup))
-            packed[table] = quantized.store(gm, table, False, fmt)
-            quantized.replace_lookup(gm, lookup, table.rpartition(".")[0], packed[table], hidden, fmt)
+            path = _lookup_path(lookup)
+            fmt = self.plan(path)
+            packed[table] = quantized.store(gm, table, False, fmt, path)
+            quantized.replace_lookup(gm, lookup, path, packed[table], hidden, fmt)
         for proj in later_first(gm, chosen):
             source = shared.get(proj.weight, proj.weight)
-            self.replace(gm, proj, source.rpartition(".")[0], packed[source])
+            owner = _lookup_path(lookup) if proj.weight in shared else proj.weight.rpartition(".")[0]
+            self.replace(gm, proj, owner, packed[source])
         gm.graph.eliminate_dead_code()
         read = {node.target for node in gm.graph.find_nodes(op="get_attr")}
         for name in floats:
@@ -203,6 +205,12 @@ class QuantizePass(Targeting, Pass):
                                    "the head float")
             shared[proj.weight] = tied
         return shared
+
+
+def _names_of(gm: fx.GraphModule, table: str) -> list[str]:
+    """Every name the table goes by (a tied head's weight, and an alias the capture kept that nothing reads)."""
+    tensor = tensor_at(gm, table)
+    return [table, *(name for name, t in gm.named_parameters(remove_duplicate=False) if t is tensor)]
 
 
 def _lookup_path(lookup: fx.Node) -> str:

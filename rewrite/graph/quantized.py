@@ -244,12 +244,14 @@ def projection_bias(node: fx.Node) -> fx.Node | None:
     return node.args[0] if node.target is torch.ops.aten.addmm.default else None
 
 
-def store(gm: fx.GraphModule, weight: str, transposed: bool, fmt: Format) -> Packed | nf4.Packed:
+def store(gm: fx.GraphModule, weight: str, transposed: bool, fmt: Format, owner: str | None = None
+          ) -> Packed | nf4.Packed:
     """Quantizes the weight `weight` names (`[out, in]`, or `[in, out]` when `transposed`) in `fmt` and registers
-    the buffers beside it, on the module that holds it."""
+    the buffers on `owner`, by default the module that holds it (a table tied under two names goes to its
+    embedding module)."""
     tensor = tensor_at(gm, weight).detach()
     packed = quantize_as(tensor.T if transposed else tensor, fmt)
-    owner = gm.get_submodule(weight.rpartition(".")[0])
+    owner = gm.get_submodule(weight.rpartition(".")[0] if owner is None else owner)
     for name, tensor in stored(packed).items():
         owner.register_buffer(name, tensor)
     return packed
