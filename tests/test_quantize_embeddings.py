@@ -11,15 +11,18 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
+from transformers import AutoModelForCausalLM
 
 import rewrite
 import rewrite.passes
+from rewrite.cli.main import cli
 from rewrite.errors import RewriteError
 from rewrite.export.onnx import real_positions
 from rewrite.graph import quantized
 
-from conftest import tiny_model
+from conftest import tiny_config, tiny_model
 from helpers import capture_tiny, fresh_inputs, logits
 from test_quantize import onnx_tensors, same_bits, train_steps
 from test_quantized_load import assert_same_graph, loaded_then_quantized
@@ -98,17 +101,26 @@ def test_llama_embeddings_export_as_one_gather_block_quantized_over_the_packed_t
 
 @SLOW
 def test_a_tied_gpt2_head_and_its_embeddings_share_one_packed_table_and_export(tmp_path):
-    gm = quantized_graph("gpt2", targets=[*GPT2_LINEAR, "lm_head"], bits=8, symmetric=True)
+    """A vocabulary of 1024 keeps the table above the size the exporter folds constants at, as a real one is."""
+    config = tiny_config("gpt2")
+    config.vocab_size = 1024
+    torch.manual_seed(0)
+    gm = capture_tiny(AutoModelForCausalLM.from_config(config).eval())
+    rewrite.apply(gm, "quantize", embeddings=True, targets=[*GPT2_LINEAR, "lm_head"], bits=8, symmetric=True)
     head = next(n for n in gm.graph.nodes if quantized.is_quantized(n) and n.args[1].target.startswith("transformer.wte"))
     lookup = next(n for n in gm.graph.nodes if quantized.is_quantized_lookup(n))
-    model, _ = exported(gm, tmp_path / "model.onnx")
-    matmuls = {n.input[1] for n in model.graph.node if n.op_type == "MatMulNBits"}
+    model, tensors = exported(gm, tmp_path / "model.onnx")
+    (gather,) = gathers(model)
+    view = next(n for n in model.graph.node if gather.input[0] in n.output)
 
     assert head.args[1].target == lookup.args[0].target == "transformer.wte.qweight"
     assert {n for n, _ in gm.named_buffers() if n.startswith(("transformer.wte", "lm_head"))} == {
         "transformer.wte.qweight", "transformer.wte.scales"}
     assert not [n for n, _ in gm.named_parameters(remove_duplicate=False) if n.startswith(("transformer.wte", "lm_head"))]
-    assert len(gathers(model)) == 1 and "transformer.wte.qweight" in matmuls
+    assert view.op_type == "Reshape" and view.input[0] == "transformer.wte.qweight"
+    assert "transformer.wte.qweight" in {n.input[1] for n in model.graph.node if n.op_type == "MatMulNBits"}
+    assert [name for name, t in tensors.items() if t.shape[:1] == (1024,) and t.dtype == np.uint8] == [
+        "transformer.wte.qweight"]  # one packed copy of the matrix in the file
 
 
 def test_lora_trains_its_branches_over_quantized_embeddings_and_the_archive_round_trips(tmp_path):
@@ -178,3 +190,14 @@ def test_a_tied_head_quantized_without_its_embeddings_is_refused():
     with pytest.raises(RewriteError, match=re.escape("lm_head shares its weight with the input embeddings "
                                                      "transformer.wte (tied), so quantizing it alone")):
         rewrite.apply(capture_tiny(tiny_model("gpt2")), "quantize", targets=[*GPT2_LINEAR, "lm_head"])
+
+
+@SLOW
+def test_cli_export_quantizes_the_embeddings_when_asked(tmp_path):
+    rewrite.save(capture_tiny(tiny_model("llama")), tmp_path / "float.pt2")
+    output = tmp_path / "model.onnx"
+    result = CliRunner().invoke(cli, ["export", str(tmp_path / "float.pt2"), "--onnx", str(output), "--quantize", "int8",
+                                      "--block-size", "16", "--quantize-embeddings"])
+    assert result.exit_code == 0 and "max abs diff" in result.output, result.output
+    (gather,) = gathers(onnx.load(str(output)))
+    assert {a.name: a.i for a in gather.attribute} == {"bits": 8, "block_size": 16, "gather_axis": 0, "quantize_axis": 1}
