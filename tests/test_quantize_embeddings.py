@@ -24,6 +24,7 @@ from rewrite.graph import quantized
 
 from conftest import tiny_config, tiny_model
 from helpers import capture_tiny, fresh_inputs, logits
+from test_kv_cache import byte_tokenizer, tiny_lm
 from test_quantize import onnx_tensors, same_bits, train_steps
 from test_quantized_load import assert_same_graph, loaded_then_quantized
 
@@ -201,3 +202,18 @@ def test_cli_export_quantizes_the_embeddings_when_asked(tmp_path):
     assert result.exit_code == 0 and "max abs diff" in result.output, result.output
     (gather,) = gathers(onnx.load(str(output)))
     assert {a.name: a.i for a in gather.attribute} == {"bits": 8, "block_size": 16, "gather_axis": 0, "quantize_axis": 1}
+
+
+@SLOW
+@pytest.mark.parametrize("method,options", [("prompt", {"num_virtual_tokens": 4}),
+                                            ("ptuning", {"template": "[P] [P] {text} [P]", "encoder": "mlp"})])
+def test_prompts_over_quantized_embeddings_export_with_the_cache(method, options, tmp_path):
+    """Prompt tuning's cached prefix is computed through a float lookup of its own rows; P-tuning's routing reads
+    the quantized lookup's output."""
+    tiny_lm("llama").save_pretrained(tmp_path)
+    byte_tokenizer().save_pretrained(tmp_path)
+    gm = rewrite.load_pretrained(tmp_path)
+    rewrite.apply(gm, "quantize", embeddings=True)
+    rewrite.apply(gm, method, **options)
+    report = rewrite.export_onnx(gm, tmp_path / "out" / "model.onnx", cache=True)
+    assert report.max_abs_diff <= 1e-4 and len(gathers(onnx.load(str(tmp_path / "out" / "model.onnx")))) == 1
