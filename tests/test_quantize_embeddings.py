@@ -178,6 +178,10 @@ def test_quantizing_while_loading_fills_the_quantized_table(tmp_path):
     ("gpt2", lambda gm: rewrite.apply(gm, "quantize", embeddings=True, targets=[*GPT2_LINEAR, "lm_head"],
                                       bits_pattern={"lm_head": 8}),
      "lm_head is tied to the embeddings transformer.wte but would be stored in another format"),
+    ("gpt2", lambda gm: (rewrite.apply(gm, "quantize", embeddings=True, targets=[*GPT2_LINEAR, "lm_head"]),
+                         rewrite.apply(gm, "lora", rank=4, targets=["lm_head"]),
+                         rewrite.apply(gm, "fold", requantize=True)),
+     "fold cannot requantize lm_head: its packed weights are the quantized embeddings' table too"),
     ("llama", lambda gm: rewrite.export_onnx(gm, "never.onnx", quantize_embeddings=True),
      "a block size, symmetric and quantized embeddings apply to post-training quantization"),
 ])

@@ -327,12 +327,19 @@ def unpack(gm: fx.GraphModule, node: fx.Node) -> str:
     node.replace_all_uses_with(linear)
     gm.graph.erase_node(node)
     gm.graph.eliminate_dead_code()
-    if not any(is_quantized(user) for read in gm.graph.find_nodes(op="get_attr") if read.target == qweight.target
+    if not any(is_quantized(user) or is_quantized_lookup(user)
+               for read in gm.graph.find_nodes(op="get_attr") if read.target == qweight.target
                for user in read.users):
         for name in fmt.tensors:
             if isinstance(getattr(module, name, None), torch.Tensor):
                 remove_tensor(gm, f"{owner}.{name}")
     return weight
+
+
+def reads_a_table(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether a quantized projection's packed weights are a quantized lookup's table too (a tied LM head)."""
+    return any(is_quantized_lookup(user) for read in gm.graph.find_nodes(op="get_attr")
+               if read.target == node.args[1].target for user in read.users)
 
 
 def is_quantized_module(gm: fx.GraphModule, path: str) -> bool:
