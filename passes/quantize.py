@@ -9,8 +9,8 @@ and calls `rewrite::matmul_nbits`: the graph computes with the dequantized weigh
 one MatMulNBits per projection. The default targets every projection but the output heads (the LM head, a
 classifier). `embeddings` stores the word-embedding table too (int4/int8), looked up by `rewrite::gather_nbits`
 and exported as one GatherBlockQuantized, which reads MatMulNBits' packing as is: a LM head tied to the table and
-quantized with it multiplies by the same buffers, one packed copy of the matrix. `bits_pattern` and `block_pattern` override per module,
-as LoRA's `rank_pattern` does. Folding an adapter into the quantized weights is lossy, so fold refuses it
+quantized with it multiplies by the same buffers, one packed copy of the matrix. `bits_pattern` and
+`block_pattern` override per module, as LoRA's `rank_pattern` does. Folding an adapter into the quantized weights is lossy, so fold refuses it
 unless asked to requantize.
 """
 from __future__ import annotations
@@ -22,6 +22,7 @@ import torch
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
+from rewrite.adapters import branches
 from rewrite.adapters.targets import Targeting, check_regex, pattern_value, short_names
 from rewrite.errors import RewriteError
 from rewrite.graph import nf4, quantized
@@ -131,7 +132,7 @@ class QuantizePass(Targeting, Pass):
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         gm = graph_module
-        lookup = word_embedding(gm, "quantizing the embeddings needs it") if self.embeddings else None
+        lookup = _word_lookup(gm) if self.embeddings else None
         table = lookup.args[0].target if lookup is not None else None
         chosen = self.chosen(GraphQuery(gm))
         shared = self._shared(gm, chosen, lookup)
@@ -140,7 +141,7 @@ class QuantizePass(Targeting, Pass):
         before = sum({id(t): t.nbytes for t in (tensor_at(gm, name) for name in floats)}.values())
         packed = {name: self.pack(gm, proj) for name, proj in weights.items() if name not in shared}
         if lookup is not None:
-            vocab, hidden = tensor_at(gm, table).shape
+            hidden = tensor_at(gm, table).shape[1]
             path = _lookup_path(lookup)
             fmt = self.plan(path)
             packed[table] = quantized.store(gm, table, False, fmt, path)
@@ -158,11 +159,13 @@ class QuantizePass(Targeting, Pass):
         after = sum(t.nbytes for p in packed.values() for t in quantized.stored(p).values())
         paths = list(dict.fromkeys(p.path for p in chosen))
         self.report = {
-            "modules": paths, "embeddings": _lookup_path(lookup) if lookup is not None else None, "dtype": self.dtype, "bits": {path: self.plan(path).bits for path in paths},
+            "modules": paths, "embeddings": _lookup_path(lookup) if lookup is not None else None, "dtype": self.dtype,
+            "bits": {path: self.plan(path).bits for path in paths},
             "block_size": {path: self.plan(path).block_size for path in paths}, "symmetric": self.symmetric,
             "double_quant": self.double_quant if self.dtype == "nf4" else None,
             "summary": f"{self.dtype} weights (block {self.block_size}, {self._layout()}) on {len(paths)} modules "
-                       f"({short_names(chosen)}){' and the word embeddings' if lookup is not None else ''}: {before / 2**20:.2f} MiB of weights stored in {after / 2**20:.2f} MiB",
+                       f"({short_names(chosen)}){' and the word embeddings' if lookup is not None else ''}: "
+                       f"{before / 2**20:.2f} MiB of weights stored in {after / 2**20:.2f} MiB",
         }
         return PassResult(gm, True)
 
@@ -207,6 +210,19 @@ class QuantizePass(Targeting, Pass):
         return shared
 
 
+def _word_lookup(gm: fx.GraphModule) -> fx.Node:
+    """The word-embedding lookup to quantize, refused where its table is not the base's own or an adapter reads it."""
+    lookup = word_embedding(gm, "quantizing the embeddings needs it")
+    path = _lookup_path(lookup)
+    if lookup.args[0].op != "get_attr":
+        raise RewriteError(f"the word embeddings {path} look rows up in a computed table, not a stored one; quantize "
+                           "the embeddings before the pass that made it")
+    if any(site.path == path for site in branches.sites(gm)):
+        raise RewriteError(f"the word embeddings {path} carry an adapter, whose branch reads their float lookup; "
+                           "quantize the embeddings before adding the adapter")
+    return lookup
+
+
 def _names_of(gm: fx.GraphModule, table: str) -> list[str]:
     """Every name the table goes by (a tied head's weight, and an alias the capture kept that nothing reads)."""
     tensor = tensor_at(gm, table)
@@ -216,4 +232,3 @@ def _names_of(gm: fx.GraphModule, table: str) -> list[str]:
 def _lookup_path(lookup: fx.Node) -> str:
     """The embedding module a lookup belongs to (its table's owner when the capture recorded none)."""
     return module_path(lookup) or lookup.args[0].target.rpartition(".")[0]
-
