@@ -10,8 +10,8 @@ one MatMulNBits per projection. The default targets every projection but the out
 classifier). `embeddings` stores the word-embedding table too (int4/int8), looked up by `rewrite::gather_nbits`
 and exported as one GatherBlockQuantized, which reads MatMulNBits' packing as is: a LM head tied to the table and
 quantized with it multiplies by the same buffers, one packed copy of the matrix. `bits_pattern` and
-`block_pattern` override per module, as LoRA's `rank_pattern` does. Folding an adapter into the quantized weights is lossy, so fold refuses it
-unless asked to requantize.
+`block_pattern` override per module, as LoRA's `rank_pattern` does. Folding an adapter into the quantized weights
+is lossy, so fold refuses it unless asked to requantize.
 """
 from __future__ import annotations
 
@@ -197,10 +197,10 @@ class QuantizePass(Targeting, Pass):
                 continue
             path = tables[tied][0]
             if lookup is None or tied != lookup.args[0].target:
-                raise RewriteError(f"{proj.path} shares its weight with the input embeddings {path} (tied), so quantizing "
-                                   "it alone would keep a float and a quantized copy of one matrix; quantize the "
-                                   "embeddings too (embeddings), leave it float (the default targets skip the output "
-                                   "heads) or untie it first")
+                raise RewriteError(f"{proj.path} shares its weight with the input embeddings {path} (tied), so "
+                                   "quantizing it alone would keep a float and a quantized copy of one matrix; "
+                                   "quantize the embeddings too (embeddings), leave it float (the default targets "
+                                   "skip the output heads) or untie it first")
             if proj.transposed or self.plan(proj.path) != self.plan(path):
                 raise RewriteError(f"{proj.path} is tied to the embeddings {path} but would be stored "
                                    f"{'along the other axis' if proj.transposed else 'in another format'}, so one "

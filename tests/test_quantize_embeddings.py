@@ -42,7 +42,8 @@ def ort_gather(packed: quantized.Packed, ids: torch.Tensor, bits: int, block: in
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, None)],
                               [helper.make_tensor_value_info("rows", TensorProto.FLOAT, None)],
                               [numpy_helper.from_array(t.numpy(), name) for name, t in present.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
+                                                    helper.make_opsetid("com.microsoft", 1)])
     model.ir_version = 10
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return session.run(None, {"ids": ids.numpy()})[0]
@@ -108,7 +109,7 @@ def test_a_tied_gpt2_head_and_its_embeddings_share_one_packed_table_and_export(t
     torch.manual_seed(0)
     gm = capture_tiny(AutoModelForCausalLM.from_config(config).eval())
     rewrite.apply(gm, "quantize", embeddings=True, targets=[*GPT2_LINEAR, "lm_head"], bits=8, symmetric=True)
-    head = next(n for n in gm.graph.nodes if quantized.is_quantized(n) and n.args[1].target.startswith("transformer.wte"))
+    head = next(n for n in gm.graph.nodes if quantized.is_quantized(n) and quantized.reads_a_table(gm, n))
     lookup = next(n for n in gm.graph.nodes if quantized.is_quantized_lookup(n))
     model, tensors = exported(gm, tmp_path / "model.onnx")
     (gather,) = gathers(model)
@@ -117,7 +118,8 @@ def test_a_tied_gpt2_head_and_its_embeddings_share_one_packed_table_and_export(t
     assert head.args[1].target == lookup.args[0].target == "transformer.wte.qweight"
     assert {n for n, _ in gm.named_buffers() if n.startswith(("transformer.wte", "lm_head"))} == {
         "transformer.wte.qweight", "transformer.wte.scales"}
-    assert not [n for n, _ in gm.named_parameters(remove_duplicate=False) if n.startswith(("transformer.wte", "lm_head"))]
+    names = [n for n, _ in gm.named_parameters(remove_duplicate=False)]
+    assert not [n for n in names if n.startswith(("transformer.wte", "lm_head"))]
     assert view.op_type == "Reshape" and view.input[0] == "transformer.wte.qweight"
     assert "transformer.wte.qweight" in {n.input[1] for n in model.graph.node if n.op_type == "MatMulNBits"}
     assert [name for name, t in tensors.items() if t.shape[:1] == (1024,) and t.dtype == np.uint8] == [
@@ -204,11 +206,12 @@ def test_a_tied_head_quantized_without_its_embeddings_is_refused():
 def test_cli_export_quantizes_the_embeddings_when_asked(tmp_path):
     rewrite.save(capture_tiny(tiny_model("llama")), tmp_path / "float.pt2")
     output = tmp_path / "model.onnx"
-    result = CliRunner().invoke(cli, ["export", str(tmp_path / "float.pt2"), "--onnx", str(output), "--quantize", "int8",
-                                      "--block-size", "16", "--quantize-embeddings"])
+    result = CliRunner().invoke(cli, ["export", str(tmp_path / "float.pt2"), "--onnx", str(output),
+                                      "--quantize", "int8", "--block-size", "16", "--quantize-embeddings"])
     assert result.exit_code == 0 and "max abs diff" in result.output, result.output
     (gather,) = gathers(onnx.load(str(output)))
-    assert {a.name: a.i for a in gather.attribute} == {"bits": 8, "block_size": 16, "gather_axis": 0, "quantize_axis": 1}
+    attributes = {a.name: a.i for a in gather.attribute}
+    assert attributes == {"bits": 8, "block_size": 16, "gather_axis": 0, "quantize_axis": 1}
 
 
 @SLOW

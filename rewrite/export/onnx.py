@@ -272,11 +272,11 @@ def export_onnx(gm: fx.GraphModule, path: str | Path, *, verify: bool = True, op
     With `cache=True` a causal LM is exported for generation: past keys and values in, presents out
     (see `rewrite.export.kv_cache`), with the slots too when asked for. Quantized projections become ONNX
     Runtime's MatMulNBits (`rewrite.export.quantized`), verified at accuracy level 0 and written with
-    `accuracy_level`. `quantize` (`int4`, `int8`; `block_size`, `symmetric`, `quantize_embeddings`) quantizes a float graph's projections
-    post-training, as the quantize pass would, on a copy: the graph passed in is untouched, and the export is
-    verified against the quantized copy. `dtype="fp16"` (for GPU execution providers) converts a copy as `_to_half`
-    says, verified within 1e-2 of the output scale; the logits stay fp16, as ONNX Runtime GenAI's fp16 models give
-    them.
+    `accuracy_level`. `quantize` (`int4`, `int8`; `block_size`, `symmetric`, `quantize_embeddings`) quantizes a
+    float graph's projections (and its word embeddings) post-training, as the quantize pass would, on a copy: the
+    graph passed in is untouched, and the export is verified against the quantized copy. `dtype="fp16"` (for GPU
+    execution providers) converts a copy as `_to_half` says, verified within 1e-2 of the output scale; the logits
+    stay fp16, as ONNX Runtime GenAI's fp16 models give them.
     """
     path = Path(path)
     _check_opset(opset)

@@ -69,7 +69,8 @@ def _register_gather_schema() -> None:
         inputs=[_INPUT("data", "T1"), _INPUT("indices", "Tind"), _INPUT("scales", "T2"),
                 _INPUT("zero_points", "T1", param_option=_OPTIONAL)],
         outputs=[_INPUT("output", "T2")],
-        type_constraints=[("T1", ["tensor(uint8)"], ""), ("T2", floats, ""), ("Tind", ["tensor(int32)", "tensor(int64)"], "")],
+        type_constraints=[("T1", ["tensor(uint8)"], ""), ("T2", floats, ""),
+                          ("Tind", ["tensor(int32)", "tensor(int64)"], "")],
         attributes=[_ATTRIBUTE(name, OpSchema.AttrType.INT, "", required=False)
                     for name in ("bits", "block_size", "gather_axis", "quantize_axis")]))
 

@@ -5,9 +5,10 @@ The graph was captured from a model whose parameters lived on the meta device an
 real (`empty_model`), then quantized on the meta device (the packing runs on meta tensors and gives the buffers'
 shapes). Each tensor is then read from the safetensors files alone: float parameters and buffers are copied in,
 each quantized projection's float weight is read (transposed back to `[out, in]` for GPT-2's Conv1D), quantized
-into the buffers its node reads (`quantized.fill`) and dropped, as is a quantized embedding table. Names map to checkpoint keys as Hugging Face's
-loader maps them: the name itself or with the base model's prefix added or removed, any name a tied tensor
-also goes by, and buffers the file does not hold (rotary `inv_freq`) as the model built them.
+into the buffers its node reads (`quantized.fill`) and dropped, as is a quantized embedding table. Names map to
+checkpoint keys as Hugging Face's loader maps them: the name itself or with the base model's prefix added or
+removed, any name a tied tensor also goes by, and buffers the file does not hold (rotary `inv_freq`) as the model
+built them.
 """
 from __future__ import annotations
 

@@ -317,8 +317,8 @@ LOOKUPS = (aten.embedding.default, quantized.GATHER)  # `(table, ids, ...)` both
 
 
 def word_embedding(gm: fx.GraphModule, needed_for: str) -> fx.Node:
-    """The `aten.embedding` (or quantized lookup) that looks up `input_ids`, found by dataflow: the ids may reach it through
-    views, reshapes, casts and clamps (GPT-2 and OPT read `view(input_ids, [-1, seq])`), or through the
+    """The `aten.embedding` (or quantized lookup) that looks up `input_ids`, found by dataflow: the ids may reach
+    it through views, reshapes, casts and clamps (GPT-2 and OPT read `view(input_ids, [-1, seq])`), or through the
     prompt-extended ids a prompt pass made. The first such lookup in graph order is the word embedding:
     where prompt vectors enter the model, and the table a tied MLM decoder reads. `needed_for` ends the
     error message."""
