@@ -164,10 +164,12 @@ def test_prompt_tuning_reads_the_quantized_embeddings_output_and_trains():
     assert losses[-1] < losses[0] and [p.shape for p in trained] == [(4, table.shape[1])]
 
 
-def test_quantizing_while_loading_fills_the_quantized_table(tmp_path):
-    tiny_model("gpt2", seed=3).save_pretrained(tmp_path)
-    options = {"embeddings": True, "targets": [*GPT2_LINEAR, "lm_head"]}
+@pytest.mark.parametrize("arch,options", [("llama", {"symmetric": True}), ("gpt2", {"targets": [*GPT2_LINEAR, "lm_head"]})])
+def test_quantizing_while_loading_fills_the_quantized_table(arch, options, tmp_path):
+    tiny_model(arch, seed=3).save_pretrained(tmp_path)
+    options = {"embeddings": True, **options}
     loaded = rewrite.load_pretrained(tmp_path, quantize=options)
+    assert any(quantized.is_quantized_lookup(n) for n in loaded.graph.nodes)
     assert_same_graph(loaded, loaded_then_quantized(tmp_path, **options))
 
 
