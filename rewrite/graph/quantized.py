@@ -379,6 +379,7 @@ class WeightQuantizer(Protocol):
     block_size: int | None
     symmetric: bool
     double_quant: bool
+    embeddings: bool
 
 
 def weight_quantizer(spec: str | dict[str, Any] | Pass) -> Pass:
