@@ -2,7 +2,8 @@
 its config, MiniLM's tokenizer; 2 threads):
 
 - ONNX file size of the cached export, int4 / int8 / fp32 (LM head and embeddings stay float, our default and
-  bitsandbytes'), and int4 with the LM head quantized too (ONNX Runtime GenAI's default);
+  bitsandbytes'), int4 with the LM head quantized too (ONNX Runtime GenAI's default), and int4 with the head and
+  the word embeddings (GatherBlockQuantized) quantized;
 - decoding ms/token with the cache in ONNX Runtime, those (MatMulNBits, accuracy level 4) vs fp32, at batch 1
   and 8 (prompt 128, 32 new tokens; the prefill step is not counted);
 - the int4 base with an active rank-16 LoRA adapter file (adapter slots on every projection) vs the int4 base
@@ -33,8 +34,11 @@ HERE = Path(__file__).parent
 LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 QUANTIZE = {"int4": {"bits": 4, "block_size": 32}, "int8": {"bits": 8, "block_size": 32},
             # ONNX Runtime GenAI's int4 default quantizes the LM head too (its embeddings stay float)
-            "int4+head": {"bits": 4, "block_size": 32, "targets": [*LLAMA_LINEAR, "lm_head"]}}
-SIZED = ("fp32", "int8", "int4", "int4+head")
+            "int4+head": {"bits": 4, "block_size": 32, "targets": [*LLAMA_LINEAR, "lm_head"]},
+            # and the embedding table as GatherBlockQuantized reads it (GenAI's op_types_to_quantize with Gather)
+            "int4+head+embeddings": {"bits": 4, "block_size": 32, "targets": [*LLAMA_LINEAR, "lm_head"],
+                                     "embeddings": True}}
+SIZED = ("fp32", "int8", "int4", "int4+head", "int4+head+embeddings")
 QLORA = "nf4"  # load_pretrained(quantize=...): quantized while loading
 LORA_TRAIN = {"rank": 8, "alpha": 16, "roles": ["q", "v"]}
 ADAPTER_RANK = 16
@@ -102,8 +106,7 @@ def per_token(model_path: Path, batch: int, prompt: int, new: int, threads: int,
 
 def decode(paths: dict[str, Path], args) -> dict:
     """ms/token for every arm and batch, arms interleaved per batch so a noisy machine slows them alike."""
-    arms = {"fp32": (paths["fp32"], None), "int8": (paths["int8"], None), "int4": (paths["int4"], None),
-            "int4+head": (paths["int4+head"], None), "int4+adapter": (paths["int4+slots"], paths["adapter"])}
+    arms = {**{name: (paths[name], None) for name in SIZED}, "int4+adapter": (paths["int4+slots"], paths["adapter"])}
     result = {}
     for batch in (1, 8):
         times = {name: [] for name in arms}

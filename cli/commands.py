@@ -19,15 +19,16 @@ from rewrite.cli.pass_options import add_pass_options, options_for, unused_optio
 QUANTIZED_LOADS = ("int4", "int8", "nf4")  # the quantize pass's dtypes (named here: the CLI does not import torch)
 
 
-def _quantized_load(kind: str | None, block_size: int | None, meta: bool):
+def _quantized_load(kind: str | None, block_size: int | None, embeddings: bool, meta: bool):
     """`capture --quantize` as the quantize pass to load with (None: a float capture)."""
     if kind is None:
         if block_size is not None:
             raise RewriteError("--block-size sets the quantization block; give it with --quantize int4, int8 or nf4")
+        refuse_idle_options({"quantize_embeddings": "--quantize"})
         return None
     if meta:
         raise RewriteError("--quantize reads the weights, which --meta never does; capture with one of them")
-    return {"dtype": kind, **({} if block_size is None else {"block_size": block_size})}
+    return {"dtype": kind, "embeddings": embeddings, **({} if block_size is None else {"block_size": block_size})}
 
 
 @click.command()
@@ -39,14 +40,15 @@ def _quantized_load(kind: str | None, block_size: int | None, meta: bool):
 @click.option("--quantize", type=click.Choice(QUANTIZED_LOADS), default=None,
               help="Quantize while loading, one weight at a time from the safetensors files (the quantize pass).")
 @click.option("--block-size", type=int, default=None, help="With --quantize: weights per scale (the pass's default).")
+@click.option("--quantize-embeddings", is_flag=True, help="With --quantize int4|int8: the word embeddings too.")
 @seed_option
 @overwrite_option
 def capture(model_dir: str, output: str, task: str, meta: bool, num_labels: int | None, quantize: str | None,
-            block_size: int | None, seed: int | None, overwrite: bool) -> None:
+            block_size: int | None, quantize_embeddings: bool, seed: int | None, overwrite: bool) -> None:
     """Capture a local Hugging Face model directory as a graph archive (.pt2)."""
     seed_all(seed)
     gm = rewrite.load_pretrained(model_dir, task=task, meta=meta, num_labels=num_labels,
-                                 quantize=_quantized_load(quantize, block_size, meta))
+                                 quantize=_quantized_load(quantize, block_size, quantize_embeddings, meta))
     console.print(f"captured {len(gm.graph.nodes)} nodes ({gm.info.task})")
     write_graph(gm, output)
 
@@ -123,12 +125,15 @@ def fold(source: str, output: str, requantize: bool, overwrite: bool) -> None:
               help="Post-training quantization of a float graph's projections (the quantize pass, in memory).")
 @click.option("--block-size", type=int, default=None, help="With --quantize: weights per scale, 16 to 256 (default 32).")
 @click.option("--symmetric", is_flag=True, help="With --quantize: no zero points.")
+@click.option("--quantize-embeddings", is_flag=True,
+              help="With --quantize: the word embeddings too (GatherBlockQuantized; a tied LM head quantized with "
+                   "them shares the table).")
 @click.option("--dtype", default="fp32", show_default=True, metavar="fp32|fp16",
               help="fp16: weights and products in float16, for GPU execution providers (logits fp16).")
 @overwrite_option
 def export(source: str, onnx_path: str, verify: bool, opset: int | None, adapter_slots: bool, mixed_adapters: bool,
            max_rank: int, with_cache: bool, accuracy_level: int, quantize: str | None, block_size: int | None,
-           symmetric: bool, dtype: str, overwrite: bool) -> None:
+           symmetric: bool, quantize_embeddings: bool, dtype: str, overwrite: bool) -> None:
     """Export a graph archive (fold it first for zero-overhead deployment) to ONNX.
 
     The tokenizer's files are written beside the model; files already there are not replaced
@@ -139,13 +144,15 @@ def export(source: str, onnx_path: str, verify: bool, opset: int | None, adapter
     if not (adapter_slots or mixed_adapters):
         refuse_idle_options({"max_rank": "--adapter-slots or --mixed-adapters"})
     if quantize is None:
-        refuse_idle_options({"block_size": "--quantize", "symmetric": "--quantize"})
+        refuse_idle_options({"block_size": "--quantize", "symmetric": "--quantize",
+                             "quantize_embeddings": "--quantize"})
     check_output(onnx_path, what="ONNX file")
     gm = read_graph(source)
     report = rewrite.export_onnx(gm, onnx_path, verify=verify, opset=opset, adapter_slots=adapter_slots,
                                  mixed_adapters=mixed_adapters, max_rank=max_rank, cache=with_cache,
                                  overwrite=overwrite, accuracy_level=accuracy_level, quantize=quantize,
-                                 block_size=block_size, symmetric=symmetric, dtype=dtype)
+                                 block_size=block_size, symmetric=symmetric,
+                                 quantize_embeddings=quantize_embeddings, dtype=dtype)
     inputs = [*report.input_names, *report.adapter_inputs]
     console.print(f"wrote {report.path}: inputs {', '.join(inputs)} -> {', '.join(report.output_names)}")
     if report.max_abs_diff is not None:

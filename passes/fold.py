@@ -22,10 +22,11 @@ from torch.fx.passes.infra.pass_base import PassResult
 from torch.utils import _pytree as pytree
 
 from rewrite.adapters import branches
+from rewrite.errors import RewriteError
 from rewrite.graph import quantized
 from rewrite.graph.ir import info, remove_tensor
 from rewrite.graph.pipeline import Folded, Pass, capable, option, register
-from rewrite.graph.query import GraphQuery, later_first
+from rewrite.graph.query import GraphQuery, later_first, module_path
 from rewrite.graph.signature import vocab_size
 from rewrite.graph.synthetic_inputs import DEFAULT_INPUT_NAMES, example_inputs
 
@@ -71,7 +72,13 @@ def _dequantize_adapted(gm: fx.GraphModule) -> dict[str, quantized.Format]:
     returns each one's module and format."""
     adapted = {site.path for site in branches.sites(gm)}
     plan = {}
-    for node in [n for n in gm.graph.nodes if quantized.is_quantized(n)]:
+    nodes = [n for n in gm.graph.nodes if quantized.is_quantized(n)]
+    tied = next((module_path(n) for n in nodes if module_path(n) in adapted and quantized.reads_a_table(gm, n)), None)
+    if tied is not None:
+        raise RewriteError(f"fold cannot requantize {tied}: its packed weights are the quantized embeddings' table "
+                           "too, so merging its adapter would change the embeddings; keep the adapter unfolded "
+                           "(adapter slots), or quantize the head without the embeddings")
+    for node in nodes:
         owner = node.args[1].target.rpartition(".")[0]
         if owner in adapted:
             plan[owner] = quantized.format_of(node)

@@ -29,7 +29,7 @@ from rewrite.adapters.peft_files import PROMPT_KEY, adapter_base, peft_task_type
 from rewrite.adapters.slots import Slot, tensor_slot
 from rewrite.training.data import IGNORE_INDEX
 from rewrite.errors import RewriteError
-from rewrite.graph.query import embedding_output, mark_extended, placeholders, word_embedding
+from rewrite.graph.query import embedding_output, lookup_table, mark_extended, placeholders, word_embedding
 from rewrite.graph.ir import add_submodule, info, require_tokenizer, tensor_at
 from rewrite.graph.nodes import NodeBuilder
 from rewrite.graph.params import mark_trainable, trainable_heads
@@ -121,7 +121,7 @@ class PromptPass(Pass):
     @classmethod
     def cache_prefix(cls, gm: fx.GraphModule, runs) -> torch.Tensor:
         """The trained table: with a KV cache the virtual tokens enter once, as the cache's constant prefix."""
-        dtype = tensor_at(gm, word_embedding(gm, "prompt vectors enter the model there").args[0].target).dtype
+        dtype = lookup_table(gm, word_embedding(gm, "prompt vectors enter the model there")).dtype
         return tensor_at(gm, TABLE).detach().to(dtype)
 
     def _initial_rows(self, gm: fx.GraphModule, weight: torch.Tensor) -> torch.Tensor | list[int] | None:
@@ -181,7 +181,7 @@ class PromptPass(Pass):
             batch = emit(aten.sym_size.int, embed.args[1], 0)
             prompts = emit(aten.unsqueeze.default, emit.attr(TABLE), 0)
             prompts = emit(aten.expand.default, prompts, [batch, self.num_virtual_tokens, table.shape[1]])
-            prompts = emit.to_dtype(prompts, table.dtype, tensor_at(gm, embed.args[0].target).dtype)
+            prompts = emit.to_dtype(prompts, table.dtype, lookup_table(gm, embed).dtype)
             joined = emit(aten.cat.default, [prompts, words], 1)
         emit.redirect(words, joined)
 
@@ -202,7 +202,7 @@ class PromptPass(Pass):
         check_no_prompt(gm)
         embed = word_embedding(gm, "prompt vectors enter the model there")
         inputs = self._check_inputs(gm)
-        weight = tensor_at(gm, embed.args[0].target)
+        weight = lookup_table(gm, embed)
         vocab, count = weight.shape[0], self.num_virtual_tokens
         table = initial_table(weight, count, self._initial_rows(gm, weight))
         heads = trainable_heads(gm, self.modules_to_save)
@@ -268,7 +268,7 @@ class PromptPass(Pass):
         if PROMPT_KEY not in weights:
             raise RewriteError(f"adapter {origin!r} has no {PROMPT_KEY} tensor; it is not a prompt-learning adapter")
         embed = word_embedding(gm, "prompt vectors enter the model there")
-        hidden = tensor_at(gm, embed.args[0].target).shape[1]
+        hidden = lookup_table(gm, embed).shape[1]
         if weights[PROMPT_KEY].dim() != 2 or weights[PROMPT_KEY].shape[1] != hidden:
             raise RewriteError(f"adapter {origin!r} holds prompts of shape {tuple(weights[PROMPT_KEY].shape)} but "
                                f"this model's embeddings are {hidden} wide; the adapter was made for another model")

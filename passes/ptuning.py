@@ -31,8 +31,8 @@ from rewrite.adapters.slots import Slot, tensor_slot
 from rewrite.graph.capture import capture
 from rewrite.runtime.schema import TEMPLATE, encoding_metadata
 from rewrite.errors import RewriteError
-from rewrite.graph.query import GraphQuery, embedding_output, word_embedding
-from rewrite.graph.ir import InputTemplate, add_submodule, copy_meta, info, remove_submodule, require_tokenizer, tag, tensor_at
+from rewrite.graph.query import GraphQuery, embedding_output, lookup_table, word_embedding
+from rewrite.graph.ir import InputTemplate, add_submodule, copy_meta, info, remove_submodule, require_tokenizer, tag
 from rewrite.graph.nodes import NodeBuilder
 from rewrite.graph.params import forget_trainable, mark_trainable, non_finite, trainable_heads
 from rewrite.graph.pipeline import AdapterFiles, Folded, Pass, option, register
@@ -143,7 +143,7 @@ class PtuningPass(Pass):
     def _route(self, gm: fx.GraphModule, embed: fx.Node, encoder: PromptEncoder, reserved: bool) -> None:
         """`embed(ids)` becomes `where(ids is a placeholder, table[slot], embed(ids))`, at the embedding module's output."""
         graph, ids = gm.graph, embed.args[1]
-        weight = tensor_at(gm, embed.args[0].target)
+        weight = lookup_table(gm, embed)
         emit = NodeBuilder(graph, embed, **{"pass": self.name})
         if reserved:
             with graph.inserting_before(embed):
@@ -165,7 +165,7 @@ class PtuningPass(Pass):
         tokenizer = info(gm).tokenizer
         if tokenizer is not None:
             self.parsed.check(tokenizer)
-        weight = tensor_at(gm, embed.args[0].target)
+        weight = lookup_table(gm, embed)
         vocab, hidden = weight.shape
         if self.encoder == "lstm" and hidden % 2:
             raise RewriteError(f"the LSTM encoder needs an even hidden size (H/2 per direction); this model's is {hidden}")

@@ -195,7 +195,7 @@ def test_fp16_export_computes_in_fp16_and_matches_hugging_faces_fp16_model(arch,
 @pytest.mark.parametrize("options,message", [
     ({"quantize": "int3"}, "export quantize 'int3' is not supported; use int4 or int8"),
     ({"quantize": "int4", "block_size": 48}, "quantize block size 48 is not supported"),
-    ({"block_size": 64}, "a block size and symmetric apply to post-training quantization; add quantize"),
+    ({"block_size": 64}, "a block size, symmetric and quantized embeddings apply to post-training quantization"),
     ({"dtype": "bf16"}, "export dtype 'bf16' is not supported; use fp32 or fp16"),
     ({"dtype": "fp16", "cache": True}, "an fp16 export with the cache is not supported yet"),
 ])

@@ -16,6 +16,7 @@ import torch
 from torch import fx, nn
 
 from rewrite.errors import RewriteError
+from rewrite.graph import quantized
 from rewrite.graph.ir import tag, tensor_at
 from rewrite.graph.nodes import NodeBuilder
 from rewrite.graph.query import Projection, module_path
@@ -31,10 +32,19 @@ class Lookup(Projection):
     padding_idx: int = -1
     renorms: bool = False
 
+    @property
+    def quantized(self) -> bool:
+        return quantized.is_quantized_lookup(self.node)
+
 
 def lookups(gm: fx.GraphModule) -> list[Lookup]:
-    """Every embedding lookup of a 2-D parameter in the base model (not a table a pass added)."""
+    """Every embedding lookup of a 2-D parameter in the base model (not a table a pass added), and every quantized
+    lookup (which `check` refuses, so that targeting one says why)."""
     found = []
+    for node in gm.graph.find_nodes(op="call_function", target=quantized.GATHER):
+        table = node.args[0].target
+        found.append(Lookup(node, node.args[1], table, module_path(node) or table.rpartition(".")[0], True,
+                            int(tensor_at(gm, table).shape[0]), node.args[4]))
     for node in gm.graph.find_nodes(op="call_function", target=aten.embedding.default):
         table = node.args[0]
         if tag(node) or table.op != "get_attr":
@@ -56,6 +66,10 @@ def _renorms(table: fx.Node) -> bool:
 
 def check(lookup: Lookup) -> None:
     """Refuses a lookup whose branch would not be PEFT's or could not fold."""
+    if lookup.quantized:
+        raise RewriteError(f"LoRA on the embedding {lookup.path} is not supported: its table is quantized, and a "
+                           "quantized embedding has no float weight to adapt or fold into; leave it out of the "
+                           "targets, or quantize without embeddings")
     if lookup.renorms:
         raise RewriteError(f"LoRA on the embedding {lookup.path} is not supported: it renormalizes the rows it looks "
                            "up (max_norm), which PEFT does to A's columns too, in place, and no fold reproduces; "

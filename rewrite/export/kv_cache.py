@@ -236,7 +236,9 @@ def _prefix_cache(cached: RewriteGraph, embeddings: torch.Tensor) -> torch.Tenso
     cached.register_buffer("rewrite_prompt_rows", embeddings)
     with cached.graph.inserting_before(embed):
         rows = cached.graph.get_attr("rewrite_prompt_rows")
-    embed.update_arg(0, rows)
+        lookup = cached.graph.call_function(torch.ops.aten.embedding.default, (rows, embed.args[1]))
+    embed.replace_all_uses_with(lookup)  # a float lookup, whether the word embeddings are quantized or not
+    cached.graph.erase_node(embed)
     cached.recompile()
     layout: CacheLayout = info(cached).cache
     count = embeddings.shape[0]

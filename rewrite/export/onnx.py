@@ -95,20 +95,21 @@ def compare_fp16(name: str, reference: torch.Tensor, actual: torch.Tensor) -> tu
     return compare(name, reference, actual, FP16_TOLERANCE)
 
 
-def _quantizer(gm: fx.GraphModule, quantize: str | None, block_size: int | None, symmetric: bool) -> Pass | None:
+def _quantizer(gm: fx.GraphModule, quantize: str | None, block_size: int | None, symmetric: bool,
+               embeddings: bool = False) -> Pass | None:
     """The quantize pass post-training quantization runs, created (its options checked) before any work."""
     if quantize is not None and any(map(is_quantized, gm.graph.nodes)):
         raise RewriteError("the graph is already quantized, so export cannot quantize it again; export it without "
                            "quantize, or quantize its float graph once")
     if quantize is None:
-        if block_size is not None or symmetric:
-            raise RewriteError("a block size and symmetric apply to post-training quantization; add quantize "
-                               "int4 or int8, or leave them out")
+        if block_size is not None or symmetric or embeddings:
+            raise RewriteError("a block size, symmetric and quantized embeddings apply to post-training "
+                               "quantization; add quantize int4 or int8, or leave them out")
         return None
     if quantize not in QUANTIZE:
         raise RewriteError(f"export quantize {quantize!r} is not supported; use {' or '.join(QUANTIZE)} "
                            "(MatMulNBits' weight formats)")
-    return quantized.weight_quantizer({"dtype": quantize, "symmetric": symmetric,
+    return quantized.weight_quantizer({"dtype": quantize, "symmetric": symmetric, "embeddings": embeddings,
                                        **({} if block_size is None else {"block_size": block_size})})
 
 
@@ -259,7 +260,8 @@ def _refuse_clashes(gm: fx.GraphModule, path: Path) -> None:
 def export_onnx(gm: fx.GraphModule, path: str | Path, *, verify: bool = True, opset: int | None = None,
                 adapter_slots: bool = False, mixed_adapters: bool = False, max_rank: int = DEFAULT_MAX_RANK,
                 cache: bool = False, overwrite: bool = True, accuracy_level: int = 0, quantize: str | None = None,
-                block_size: int | None = None, symmetric: bool = False, dtype: str = "fp32") -> ExportReport:
+                block_size: int | None = None, symmetric: bool = False, quantize_embeddings: bool = False,
+                dtype: str = "fp32") -> ExportReport:
     """Exports `gm` (in eval mode) to ONNX, checks it, and verifies it against torch in ONNX Runtime.
 
     Inputs keep the graph's names (`input_ids`, `attention_mask`, ...), outputs are named from the
@@ -270,16 +272,16 @@ def export_onnx(gm: fx.GraphModule, path: str | Path, *, verify: bool = True, op
     With `cache=True` a causal LM is exported for generation: past keys and values in, presents out
     (see `rewrite.export.kv_cache`), with the slots too when asked for. Quantized projections become ONNX
     Runtime's MatMulNBits (`rewrite.export.quantized`), verified at accuracy level 0 and written with
-    `accuracy_level`. `quantize` (`int4`, `int8`; `block_size`, `symmetric`) quantizes a float graph's projections
-    post-training, as the quantize pass would, on a copy: the graph passed in is untouched, and the export is
-    verified against the quantized copy. `dtype="fp16"` (for GPU execution providers) converts a copy as `_to_half`
-    says, verified within 1e-2 of the output scale; the logits stay fp16, as ONNX Runtime GenAI's fp16 models give
-    them.
+    `accuracy_level`. `quantize` (`int4`, `int8`; `block_size`, `symmetric`, `quantize_embeddings`) quantizes a
+    float graph's projections (and its word embeddings) post-training, as the quantize pass would, on a copy: the
+    graph passed in is untouched, and the export is verified against the quantized copy. `dtype="fp16"` (for GPU
+    execution providers) converts a copy as `_to_half` says, verified within 1e-2 of the output scale; the logits
+    stay fp16, as ONNX Runtime GenAI's fp16 models give them.
     """
     path = Path(path)
     _check_opset(opset)
     check_accuracy_level(accuracy_level)
-    quantizer = _quantizer(gm, quantize, block_size, symmetric)
+    quantizer = _quantizer(gm, quantize, block_size, symmetric, quantize_embeddings)
     _check_dtype(dtype, cache)
     if accuracy_level and quantizer is None and not any(map(is_quantized, gm.graph.nodes)):
         raise RewriteError(f"accuracy level {accuracy_level} applies to MatMulNBits, and this graph has no quantized "

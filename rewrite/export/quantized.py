@@ -3,6 +3,8 @@ whose B, scales and zero points are the graph's own buffers, byte for byte. NF4 
 `com.microsoft.MatMulBnb4` (NF4, `quant_type` 1) over the same packed bytes; a double-quantized absmax is undone in
 the graph, `dynamic[qabsmax] * absmax2 + offset` in fp32 as bitsandbytes computes it, which ONNX Runtime folds into a
 constant (the kernel is bit-equal to bitsandbytes' dequantization, and about 10x slower than fp32 on CPU).
+A quantized lookup becomes `com.microsoft.GatherBlockQuantized` over MatMulNBits' packing viewed `[vocab, bytes]`
+(bit-equal to ours; a hidden size that is no multiple of the block comes back padded, and is sliced).
 
 onnx ships no schema for Microsoft's operators and the exporter's tracer needs one, so MatMulNBits' is registered
 here once. `accuracy_level` 0 (the default) multiplies in fp32 with exactly the dequantized weights torch
@@ -57,6 +59,22 @@ def _register_bnb4_schema() -> None:
                     for name in ("K", "N", "block_size", "quant_type", "transB", "training_mode")]))
 
 
+def _register_gather_schema() -> None:
+    """GatherBlockQuantized's inputs and attributes as ONNX Runtime 1.31 declares them (the integer formats only)."""
+    if onnx.defs.has("GatherBlockQuantized", DOMAIN):
+        return
+    floats = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
+    onnx.defs.register_schema(OpSchema(
+        "GatherBlockQuantized", DOMAIN, 1,
+        inputs=[_INPUT("data", "T1"), _INPUT("indices", "Tind"), _INPUT("scales", "T2"),
+                _INPUT("zero_points", "T1", param_option=_OPTIONAL)],
+        outputs=[_INPUT("output", "T2")],
+        type_constraints=[("T1", ["tensor(uint8)"], ""), ("T2", floats, ""),
+                          ("Tind", ["tensor(int32)", "tensor(int64)"], "")],
+        attributes=[_ATTRIBUTE(name, OpSchema.AttrType.INT, "", required=False)
+                    for name in ("bits", "block_size", "gather_axis", "quantize_axis")]))
+
+
 def check_accuracy_level(level: int) -> None:
     if level not in ACCURACY_LEVELS or isinstance(level, bool):
         raise RewriteError(f"accuracy level {level!r} is not one of MatMulNBits' "
@@ -68,6 +86,7 @@ def translations() -> dict:
     0: the exported model is verified against torch as written; `set_accuracy_level` changes it afterwards)."""
     _register_schema()
     _register_bnb4_schema()
+    _register_gather_schema()
     microsoft = onnxscript.values.Opset(DOMAIN, 1)
 
     def matmul_nbits(x, qweight, scales, qzeros, bias, k: int, n: int, bits: int, block_size: int):
@@ -82,7 +101,17 @@ def translations() -> dict:
         y = microsoft.MatMulBnb4(x, qweight, absmax, K=k, N=n, block_size=block_size, quant_type=1)
         return y if bias is None else op.Add(y, bias)
 
-    return {quantized.OP: matmul_nbits, nf4.OP: matmul_nf4}
+    def gather_nbits(qweight, indices, scales, qzeros, k: int, bits: int, block_size: int):
+        vocab, n_blocks = qweight.shape[0], scales.shape[1]
+        data = op.Reshape(qweight, _constant(np.array([vocab, n_blocks * block_size * bits // 8], dtype=np.int64)))
+        rows = microsoft.GatherBlockQuantized(data, indices, scales, qzeros, bits=bits, block_size=block_size,
+                                              gather_axis=0, quantize_axis=1)
+        if n_blocks * block_size == k:
+            return rows
+        return op.Slice(rows, _constant(np.array([0], dtype=np.int64)), _constant(np.array([k], dtype=np.int64)),
+                        _constant(np.array([-1], dtype=np.int64)))
+
+    return {quantized.OP: matmul_nbits, nf4.OP: matmul_nf4, quantized.GATHER: gather_nbits}
 
 
 def _constant(array: np.ndarray):

@@ -29,8 +29,8 @@ OP_NAMESPACES = ("aten", "prims")
 _REFUSED_OPS = frozenset({"from_file", "set_", "set", "set_data"})
 # The project's own operators, by qualified name, registered by importing their module here (never looked up
 # from a file's namespace): the quantized matmuls of `rewrite.graph.quantized`, `rewrite::matmul_nbits` and
-# `rewrite::matmul_nf4`.
-CUSTOM_OPS = {f"{op._schema.name}.{op._overloadname}": op for op in quantized.OPS}
+# `rewrite::matmul_nf4`, and its quantized lookup `rewrite::gather_nbits`.
+CUSTOM_OPS = {f"{op._schema.name}.{op._overloadname}": op for op in quantized.CUSTOM_OPS}
 PYTHON_FUNCTIONS = {
     f"{prefix}.{name}": function for prefix, name, function in [
         *(("operator", f.__name__, f) for f in (

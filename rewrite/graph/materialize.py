@@ -5,9 +5,10 @@ The graph was captured from a model whose parameters lived on the meta device an
 real (`empty_model`), then quantized on the meta device (the packing runs on meta tensors and gives the buffers'
 shapes). Each tensor is then read from the safetensors files alone: float parameters and buffers are copied in,
 each quantized projection's float weight is read (transposed back to `[out, in]` for GPT-2's Conv1D), quantized
-into the buffers its node reads (`quantized.fill`) and dropped. Names map to checkpoint keys as Hugging Face's
-loader maps them: the name itself or with the base model's prefix added or removed, any name a tied tensor
-also goes by, and buffers the file does not hold (rotary `inv_freq`) as the model built them.
+into the buffers its node reads (`quantized.fill`) and dropped, as is a quantized embedding table. Names map to
+checkpoint keys as Hugging Face's loader maps them: the name itself or with the base model's prefix added or
+removed, any name a tied tensor also goes by, and buffers the file does not hold (rotary `inv_freq`) as the model
+built them.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from rewrite.errors import RewriteError
 from rewrite.graph import quantized
 from rewrite.graph.ir import tensor_at
 from rewrite.graph.params import non_finite
-from rewrite.graph.query import Projection
+from rewrite.graph.query import Projection, module_path
 
 INDEX_FILE = "model.safetensors.index.json"
 CHECK_CHUNK = 1 << 22  # elements checked for NaN at a time: the check's temporaries stay small beside the tensor
@@ -115,6 +116,13 @@ def tied_names(gm: fx.GraphModule) -> dict[str, list[str]]:
     return {name: by_tensor[id(tensor)] for name, tensor in named}
 
 
+def _tables(gm: fx.GraphModule) -> dict[str, str]:
+    """The embedding tables by the module a quantized lookup's buffers go to (the lookup's, else the table's)."""
+    return {module_path(node) or node.args[0].target.rpartition(".")[0]: node.args[0].target
+            for node in gm.graph.find_nodes(op="call_function", target=torch.ops.aten.embedding.default)
+            if node.args[0].op == "get_attr"}
+
+
 class Loader:
     """Fills a meta graph from a checkpoint; `aliases` and the projections' weights are read before quantizing."""
 
@@ -122,11 +130,13 @@ class Loader:
                  projections: list[Projection]):
         self.gm, self.checkpoint, self.prefix, self.built = gm, checkpoint, prefix, built
         self.aliases = tied_names(gm)
-        self.weights = {p.weight.rpartition(".")[0]: (p, tensor_at(gm, p.weight)) for p in projections}
+        self.weights = {owner: (table, False, tensor_at(gm, table)) for owner, table in _tables(gm).items()}
+        self.weights.update({p.weight.rpartition(".")[0]: (p.weight, p.transposed, tensor_at(gm, p.weight))
+                             for p in projections})
 
     def load(self) -> None:
         for node in self.gm.graph.nodes:
-            if quantized.is_quantized(node):
+            if quantized.is_quantized(node) or quantized.is_quantized_lookup(node):
                 self.fill(node)
         done: dict[int, torch.Tensor] = {}
         for name, tensor in [*self.gm.named_parameters(remove_duplicate=False),
@@ -137,11 +147,12 @@ class Loader:
                 self.place(name, done[id(tensor)])
 
     def fill(self, node: fx.Node) -> None:
-        """Quantizes one projection's float weight, read from the checkpoint, into the buffers `node` reads."""
+        """Quantizes one projection's (or embedding table's) float weight, read from the checkpoint, into the
+        buffers `node` reads: a tied head's are the table's, on the embedding module."""
         packed = next(arg for arg in node.args if isinstance(arg, fx.Node) and arg.op == "get_attr")
-        proj, like = self.weights[packed.target.rpartition(".")[0]]
-        weight = self.read(proj.weight, like)
-        quantized.fill(self.gm, node, weight.T if proj.transposed else weight)
+        name, transposed, like = self.weights[packed.target.rpartition(".")[0]]
+        weight = self.read(name, like)
+        quantized.fill(self.gm, node, weight.T if transposed else weight)
 
     def tensor(self, name: str, like: torch.Tensor) -> torch.Tensor:
         """The value of the meta tensor `name`: the checkpoint's, else (for a buffer the file lacks) the built one."""

@@ -16,6 +16,10 @@ graph trains over are the weights ONNX Runtime serves. The graph calls one opera
 which torch.export keeps as one node, the ONNX exporter writes as one MatMulNBits node, and the archive decoder
 admits by name. NF4 (QLoRA's format, `rewrite.graph.nf4`) is the third `Format`: the functions below that take a
 node or a `Format` serve all three, so callers never read a quantized node's arguments by position.
+
+A word-embedding table `[vocab, hidden]` is packed the same way and looked up by `rewrite::gather_nbits`, written
+as ONNX Runtime's `com.microsoft.GatherBlockQuantized`, which reads MatMulNBits' packing as is (verified bit-equal):
+so a LM head tied to the embeddings multiplies by the very buffers the lookup reads.
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ from rewrite.graph.ir import copy_meta, remove_tensor, tensor_at
 from rewrite.graph.pipeline import Pass, create, implements, registered
 
 OP_NAME = "rewrite::matmul_nbits"
+GATHER_NAME = "rewrite::gather_nbits"
 BITS = (4, 8)
 BLOCK_SIZES = (16, 32, 64, 128, 256)  # what ONNX Runtime's CPU kernel and quantizer accept
 DEFAULT_BLOCK_SIZE = 32
@@ -163,12 +168,39 @@ OP = torch.ops.rewrite.matmul_nbits.default
 OPS = (OP, nf4.OP)
 
 
+@torch.library.custom_op(GATHER_NAME, mutates_args=())
+def gather_nbits(qweight: torch.Tensor, indices: torch.Tensor, scales: torch.Tensor, qzeros: Optional[torch.Tensor],
+                 k: int, bits: int, block_size: int) -> torch.Tensor:
+    """Rows `indices` of the `[vocab, k]` table `dequantize(...)`: one GatherBlockQuantized. Only the rows looked
+    up are dequantized, so the float table never exists (its arguments in `aten.embedding`'s order: table, ids)."""
+    flat = indices.reshape(-1)
+    rows = dequantize(qweight[flat], scales[flat], None if qzeros is None else qzeros[flat], k, bits)
+    return rows.reshape(*indices.shape, k)
+
+
+@gather_nbits.register_fake
+def _(qweight, indices, scales, qzeros, k, bits, block_size):
+    return scales.new_empty(*indices.shape, k)
+
+
+GATHER = torch.ops.rewrite.gather_nbits.default
+CUSTOM_OPS = (*OPS, GATHER)
+
+
 def is_quantized(node: fx.Node) -> bool:
+    """Whether `node` is a quantized projection."""
     return node.op == "call_function" and node.target in OPS
 
 
+def is_quantized_lookup(node: fx.Node) -> bool:
+    """Whether `node` looks rows up in a quantized table."""
+    return node.op == "call_function" and node.target is GATHER
+
+
 def format_of(node: fx.Node) -> Format:
-    """The format a quantized node computes with."""
+    """The format a quantized projection or lookup computes with."""
+    if node.target is GATHER:
+        return Format(f"int{node.args[5]}", node.args[6], symmetric=node.args[3] is None)
     if node.target is nf4.OP:
         return Format("nf4", node.args[8], double_quant=node.args[3] is not None)
     return Format(f"int{node.args[7]}", node.args[8], symmetric=node.args[3] is None)
@@ -196,6 +228,8 @@ def stored(packed: Packed | nf4.Packed) -> dict[str, torch.Tensor]:
 def _reads(node: fx.Node) -> dict[str, fx.Node | None]:
     """A quantized node's buffer reads by name."""
     names = format_of(node).tensors
+    if node.target is GATHER:
+        return dict(zip(names, (node.args[0], *node.args[2:4])))
     return dict(zip(names, node.args[1:1 + len(names)]))
 
 
@@ -210,12 +244,14 @@ def projection_bias(node: fx.Node) -> fx.Node | None:
     return node.args[0] if node.target is torch.ops.aten.addmm.default else None
 
 
-def store(gm: fx.GraphModule, weight: str, transposed: bool, fmt: Format) -> Packed | nf4.Packed:
+def store(gm: fx.GraphModule, weight: str, transposed: bool, fmt: Format, owner: str | None = None
+          ) -> Packed | nf4.Packed:
     """Quantizes the weight `weight` names (`[out, in]`, or `[in, out]` when `transposed`) in `fmt` and registers
-    the buffers beside it, on the module that holds it."""
+    the buffers on `owner`, by default the module that holds it (a table tied under two names goes to its
+    embedding module)."""
     tensor = tensor_at(gm, weight).detach()
     packed = quantize_as(tensor.T if transposed else tensor, fmt)
-    owner = gm.get_submodule(weight.rpartition(".")[0])
+    owner = gm.get_submodule(weight.rpartition(".")[0] if owner is None else owner)
     for name, tensor in stored(packed).items():
         owner.register_buffer(name, tensor)
     return packed
@@ -225,14 +261,34 @@ def replace(gm: fx.GraphModule, node: fx.Node, x: fx.Node, bias: fx.Node | None,
             packed: Packed | nf4.Packed, k: int, n: int, fmt: Format) -> fx.Node:
     """Replaces the projection `node` (input `x` with `k` features, `n` outputs, `bias`) by one quantized matmul
     over `owner`'s buffers."""
-    present = stored(packed)
     with gm.graph.inserting_before(node):
-        reads = [gm.graph.get_attr(f"{owner}.{name}") if name in present else None for name in fmt.tensors]
+        reads = _read_buffers(gm, owner, packed, fmt)
         if fmt.dtype == "nf4":
             statistics = nf4.STATISTICS_BLOCK if fmt.double_quant else 0
             new = gm.graph.call_function(nf4.OP, (x, *reads, bias, k, n, fmt.block_size, statistics))
         else:
             new = gm.graph.call_function(OP, (x, *reads, bias, k, n, fmt.bits, fmt.block_size))
+    return _substitute(gm, node, new, reads)
+
+
+def replace_lookup(gm: fx.GraphModule, node: fx.Node, owner: str, packed: Packed, k: int, fmt: Format) -> fx.Node:
+    """Replaces the lookup `aten.embedding(table, ids, ...)` of a `k`-wide table by one quantized lookup over
+    `owner`'s buffers (the padding index and sparse flag only shape the table's gradient, and the packed table has
+    none)."""
+    with gm.graph.inserting_before(node):
+        qweight, scales, qzeros = _read_buffers(gm, owner, packed, fmt)
+        new = gm.graph.call_function(GATHER, (qweight, node.args[1], scales, qzeros, k, fmt.bits, fmt.block_size))
+    return _substitute(gm, node, new, [qweight, scales, qzeros])
+
+
+def _read_buffers(gm: fx.GraphModule, owner: str, packed: Packed | nf4.Packed, fmt: Format) -> list[fx.Node | None]:
+    """Reads of `owner`'s packed buffers in the order a quantized node takes them (None for an absent one)."""
+    present = stored(packed)
+    return [gm.graph.get_attr(f"{owner}.{name}") if name in present else None for name in fmt.tensors]
+
+
+def _substitute(gm: fx.GraphModule, node: fx.Node, new: fx.Node, reads: list[fx.Node | None]) -> fx.Node:
+    """`new` (and the buffer reads it takes) in place of `node`, with its source metadata and value."""
     for made in [*filter(None, reads), new]:
         copy_meta(node, made)
     if "val" in node.meta:
@@ -271,12 +327,19 @@ def unpack(gm: fx.GraphModule, node: fx.Node) -> str:
     node.replace_all_uses_with(linear)
     gm.graph.erase_node(node)
     gm.graph.eliminate_dead_code()
-    if not any(is_quantized(user) for read in gm.graph.find_nodes(op="get_attr") if read.target == qweight.target
+    if not any(is_quantized(user) or is_quantized_lookup(user)
+               for read in gm.graph.find_nodes(op="get_attr") if read.target == qweight.target
                for user in read.users):
         for name in fmt.tensors:
             if isinstance(getattr(module, name, None), torch.Tensor):
                 remove_tensor(gm, f"{owner}.{name}")
     return weight
+
+
+def reads_a_table(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether a quantized projection's packed weights are a quantized lookup's table too (a tied LM head)."""
+    return any(is_quantized_lookup(user) for read in gm.graph.find_nodes(op="get_attr")
+               if read.target == node.args[1].target for user in read.users)
 
 
 def is_quantized_module(gm: fx.GraphModule, path: str) -> bool:
@@ -295,6 +358,14 @@ def dequantized_weight(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
     return restore(packed, fmt, k, n)
 
 
+def dequantized_table(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
+    """The `[vocab, hidden]` table a quantized lookup reads rows of."""
+    reads = _reads(node)
+    qzeros = reads["qzeros"]
+    return dequantize(tensor_at(gm, reads["qweight"].target), tensor_at(gm, reads["scales"].target),
+                      None if qzeros is None else tensor_at(gm, qzeros.target), node.args[4], node.args[5])
+
+
 def features(node: fx.Node) -> tuple[int, int]:
     """A quantized node's input and output features."""
     at = 2 + len(format_of(node).tensors)
@@ -308,6 +379,7 @@ class WeightQuantizer(Protocol):
     block_size: int | None
     symmetric: bool
     double_quant: bool
+    embeddings: bool
 
 
 def weight_quantizer(spec: str | dict[str, Any] | Pass) -> Pass:

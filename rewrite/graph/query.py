@@ -313,9 +313,12 @@ def architecture(gm: fx.GraphModule) -> str:
     return getattr(info(gm).config, "model_type", None) or info(gm).model_class or "captured"
 
 
+LOOKUPS = (aten.embedding.default, quantized.GATHER)  # `(table, ids, ...)` both
+
+
 def word_embedding(gm: fx.GraphModule, needed_for: str) -> fx.Node:
-    """The `aten.embedding` that looks up `input_ids`, found by dataflow: the ids may reach it through
-    views, reshapes, casts and clamps (GPT-2 and OPT read `view(input_ids, [-1, seq])`), or through the
+    """The `aten.embedding` (or quantized lookup) that looks up `input_ids`, found by dataflow: the ids may reach
+    it through views, reshapes, casts and clamps (GPT-2 and OPT read `view(input_ids, [-1, seq])`), or through the
     prompt-extended ids a prompt pass made. The first such lookup in graph order is the word embedding:
     where prompt vectors enter the model, and the table a tied MLM decoder reads. `needed_for` ends the
     error message."""
@@ -328,11 +331,18 @@ def word_embedding(gm: fx.GraphModule, needed_for: str) -> fx.Node:
             if user not in carriers and (passes_on or tag(user).get(_EXTENDS) == "input_ids"):
                 carriers.add(user)
                 queue.append(user)
-    for node in gm.graph.find_nodes(op="call_function", target=aten.embedding.default):
-        if ids is not None and node.args[1] in carriers:
+    for node in gm.graph.nodes:
+        if node.target in LOOKUPS and ids is not None and node.args[1] in carriers:
             return node
     raise RewriteError(f"the {architecture(gm)} graph has no word-embedding lookup fed by an `input_ids` input "
                        f"(through views, reshapes, casts or clamps); {needed_for}")
+
+
+def lookup_table(gm: fx.GraphModule, lookup: fx.Node) -> torch.Tensor:
+    """The float `[vocab, hidden]` table a lookup reads: a quantized one's dequantized, the rows it computes with."""
+    if quantized.is_quantized_lookup(lookup):
+        return quantized.dequantized_table(gm, lookup)
+    return tensor_at(gm, lookup.args[0].target)
 
 
 def embedding_output(lookup: fx.Node) -> fx.Node:
