@@ -199,8 +199,8 @@ class QuantizePass(Targeting, Pass):
             if lookup is None or tied != lookup.args[0].target:
                 raise RewriteError(f"{proj.path} shares its weight with the input embeddings {path} (tied), so "
                                    "quantizing it alone would keep a float and a quantized copy of one matrix; "
-                                   "quantize the embeddings too (embeddings), leave it float (the default targets "
-                                   "skip the output heads) or untie it first")
+                                   f"{'' if self.dtype == 'nf4' else 'quantize the embeddings too (embeddings), '}"
+                                   "leave it float (the default targets skip the output heads) or untie it first")
             if proj.transposed or self.plan(proj.path) != self.plan(path):
                 raise RewriteError(f"{proj.path} is tied to the embeddings {path} but would be stored "
                                    f"{'along the other axis' if proj.transposed else 'in another format'}, so one "

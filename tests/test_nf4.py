@@ -42,8 +42,13 @@ CASES = [((48, 128), 64, False), ((64, 512), 64, True), ((32, 256), 128, True), 
          ((300, 520), 64, True), ((7, 9), 32, True), ((3, 50), 32, False), ((256, 1024), 32, True)]
 
 
+@pytest.mark.parametrize("chunked", [False, True], ids=["whole", "chunked"])
 @pytest.mark.parametrize("shape,block,double_quant", CASES)
-def test_packing_is_bitsandbytes_byte_for_byte_and_dequant_its_bit_for_bit(shape, block, double_quant):
+def test_packing_is_bitsandbytes_byte_for_byte_and_dequant_its_bit_for_bit(shape, block, double_quant, chunked,
+                                                                            monkeypatch):
+    """Chunked: a large weight is quantized a few blocks at a time (here three), with the same bytes."""
+    if chunked:
+        monkeypatch.setattr(nf4, "CHUNK", 3 * block)
     torch.manual_seed(shape[0] + block)
     weight = torch.randn(*shape) * 0.05
     packed_ref, state = F.quantize_4bit(weight, blocksize=block, quant_type="nf4", compress_statistics=double_quant)
@@ -203,8 +208,8 @@ def test_dtype_int8_is_bits_8_and_nf4_defaults_to_blocks_of_64():
 def test_a_head_tied_to_the_embeddings_and_quantizing_twice_are_refused():
     gm = capture_tiny(tiny_model("gpt2"))
     with pytest.raises(RewriteError, match=re.escape("lm_head shares its weight with the input embeddings "
-                                                     "transformer.wte (tied), so quantizing it would quantize the "
-                                                     "embeddings too")):
+                                                     "transformer.wte (tied), so quantizing it alone would keep a "
+                                                     "float and a quantized copy of one matrix; leave it float")):
         rewrite.apply(gm, "quantize", dtype="nf4", targets=["lm_head"])
     assert not any(map(quantized.is_quantized, gm.graph.nodes))
     rewrite.apply(gm, "quantize", dtype="nf4")

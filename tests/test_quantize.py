@@ -20,7 +20,7 @@ import rewrite.passes
 from rewrite.cli.main import cli, main
 from rewrite.errors import RewriteError
 from rewrite.export.onnx import real_positions
-from rewrite.graph import quantized
+from rewrite.graph import nf4, quantized
 from rewrite.graph.query import GraphQuery
 
 from conftest import tiny_model
@@ -62,8 +62,13 @@ CASES = [(bits, symmetric, block, k) for bits in (4, 8) for symmetric in (False,
          for block, k in ((32, 96), (16, 33), (64, 200), (128, 128), (256, 300))]
 
 
+@pytest.mark.parametrize("chunked", [False, True], ids=["whole", "chunked"])
 @pytest.mark.parametrize("bits,symmetric,block,k", CASES)
-def test_packing_is_onnx_runtimes_byte_for_byte_and_dequant_its_kernel_bit_for_bit(bits, symmetric, block, k):
+def test_packing_is_onnx_runtimes_byte_for_byte_and_dequant_its_kernel_bit_for_bit(bits, symmetric, block, k, chunked,
+                                                                                   monkeypatch):
+    """Chunked: a large weight is quantized a few rows at a time (here five), with the same bytes."""
+    if chunked:
+        monkeypatch.setattr(nf4, "CHUNK", 5 * k)
     torch.manual_seed(k + block)
     weight = torch.randn(24, k) * 0.05
     weight[0, :5] = 0.0  # an all-zero start and exact zeros

@@ -13,6 +13,8 @@ built them.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import json
 from pathlib import Path
 from typing import Iterator
@@ -123,6 +125,16 @@ def _tables(gm: fx.GraphModule) -> dict[str, str]:
             if node.args[0].op == "get_attr"}
 
 
+def release_freed_memory() -> None:
+    """Hands free heap pages back to the system (glibc's `malloc_trim`; elsewhere nothing). Each projection's float
+    weight and quantizer temporaries are freed between packed buffers that stay, and glibc keeps those holes:
+    170 MiB of them after loading the 105M LLaMA shape in NF4, more than its packed projections."""
+    libc = ctypes.util.find_library("c")
+    trim = getattr(ctypes.CDLL(libc), "malloc_trim", None) if libc else None
+    if trim is not None:
+        trim(0)
+
+
 class Loader:
     """Fills a meta graph from a checkpoint; `aliases` and the projections' weights are read before quantizing."""
 
@@ -145,6 +157,7 @@ class Loader:
                 if id(tensor) not in done:
                     done[id(tensor)] = self.tensor(name, tensor)
                 self.place(name, done[id(tensor)])
+        release_freed_memory()
 
     def fill(self, node: fx.Node) -> None:
         """Quantizes one projection's (or embedding table's) float weight, read from the checkpoint, into the

@@ -51,6 +51,9 @@ def _dynamic_map() -> torch.Tensor:
 
 DYNAMIC = _dynamic_map()
 ZERO = 7  # the index of 0.0, which pads an odd count of weights
+CHUNK = 1 << 22
+"""Elements quantized at a time, in both formats (whole NF4 blocks; whole int4/int8 rows): the quantizer's
+temporaries, several times its input, stay small beside the weight (a 7B model's 0.5 GiB embeddings included)."""
 LOOKUP = 65536
 
 
@@ -112,12 +115,18 @@ def _expand(values: torch.Tensor, scale: torch.Tensor, block: int) -> torch.Tens
     return (_rows(values, block) * scale[:, None]).view(-1)[: values.numel()]
 
 
+def _pairs(index: torch.Tensor) -> torch.Tensor:
+    """Indices two to a byte, the first in the high nibble (an odd count padded with the index of 0.0)."""
+    index = torch.nn.functional.pad(index, (0, index.numel() % 2), value=ZERO)
+    return (index[0::2] << 4) | index[1::2]
+
+
 def quantize(weight: torch.Tensor, block_size: int, double_quant: bool) -> Packed:
     """`weight [N, K]` as `bitsandbytes.functional.quantize_4bit(weight, blocksize=block_size, quant_type="nf4",
     compress_statistics=double_quant)` stores it."""
-    index, absmax = _nf4_indices(weight.detach().float().reshape(-1), block_size)
-    index = torch.nn.functional.pad(index, (0, index.numel() % 2), value=ZERO)
-    qweight = (index[0::2] << 4) | index[1::2]
+    chunks = [_nf4_indices(part.float(), block_size) for part in weight.detach().reshape(-1).split(CHUNK)]
+    qweight = torch.cat([_pairs(index) for index, _ in chunks])
+    absmax = torch.cat([absmax for _, absmax in chunks])
     if not double_quant:
         return Packed(qweight, absmax, None, None)
     offset = absmax.mean()

@@ -93,7 +93,15 @@ def _nibbles(low_high: torch.Tensor) -> torch.Tensor:
 def quantize(weight: torch.Tensor, bits: int, block_size: int, symmetric: bool) -> Packed:
     """`weight [N, K]` quantized along K as MLAS does: asymmetric blocks span `[min(w, 0), max(w, 0)]` with a
     rounded zero point; symmetric ones map the signed value of largest magnitude to `-2^(bits-1)` (so the scale is
-    negative when it is positive); values are rounded with the stored scale's reciprocal."""
+    negative when it is positive); values are rounded with the stored scale's reciprocal. Rows are independent, so
+    they are quantized `nf4.CHUNK` elements at a time."""
+    parts = [_quantize_rows(rows, bits, block_size, symmetric)
+             for rows in weight.detach().split(max(1, nf4.CHUNK // weight.shape[1]))]
+    joined = {f.name: [getattr(part, f.name) for part in parts] for f in dataclasses.fields(Packed)}
+    return Packed(**{name: None if tensors[0] is None else torch.cat(tensors) for name, tensors in joined.items()})
+
+
+def _quantize_rows(weight: torch.Tensor, bits: int, block_size: int, symmetric: bool) -> Packed:
     n, k = weight.shape
     qmax, mid = 2**bits - 1, 2 ** (bits - 1)
     w = weight.detach().float()
