@@ -129,7 +129,7 @@ def fold(source: str, output: str, requantize: bool, overwrite: bool) -> None:
               help="With --quantize: the word embeddings too (GatherBlockQuantized; a tied LM head quantized with "
                    "them shares the table).")
 @click.option("--dtype", default="fp32", show_default=True, metavar="fp32|fp16",
-              help="fp16: weights and products in float16, for GPU execution providers (logits fp16).")
+              help="fp16: weights and products in float16, for GPU execution providers (logits and cache fp16).")
 @overwrite_option
 def export(source: str, onnx_path: str, verify: bool, opset: int | None, adapter_slots: bool, mixed_adapters: bool,
            max_rank: int, with_cache: bool, accuracy_level: int, quantize: str | None, block_size: int | None,

@@ -19,10 +19,12 @@ from rewrite import runtime
 from rewrite.cli.main import cli, main
 from rewrite.errors import RewriteError
 from rewrite.export.onnx import FP16_TOLERANCE, real_positions
+from rewrite.export.kv_cache import _decode
 from rewrite.export.onnx_adapters import export_adapter
 from rewrite.export.quantized import set_accuracy_level
 from rewrite.graph import quantized
 from rewrite.runtime.adapters import Adapters, stacked_feeds
+from rewrite.runtime.schema import ModelSchema
 
 from conftest import tiny_model
 from helpers import capture_tiny, fresh_inputs, logits, randomize_lora
@@ -167,6 +169,7 @@ def hugging_face_fp16(arch: str, task: str, inputs):
     pytest.param("llama", "causal-lm", {}, id="llama"),
     pytest.param("bert", "seq-cls", {}, id="bert", marks=SLOW),
     pytest.param("gpt2", "causal-lm", {}, id="gpt2", marks=SLOW),  # its fp32 residual stream meets fp16 layer norms
+    pytest.param("bloom", "causal-lm", {}, id="bloom", marks=SLOW),  # alibi attention: baddbmm and bmm
     pytest.param("llama", "causal-lm", {"quantize": "int4"}, id="llama-int4", marks=SLOW),
 ])
 def test_fp16_export_computes_in_fp16_and_matches_hugging_faces_fp16_model(arch, task, options, tmp_path):
@@ -192,12 +195,32 @@ def test_fp16_export_computes_in_fp16_and_matches_hugging_faces_fp16_model(arch,
         assert_matches(logits(gm, inputs), got, inputs, tolerance=FP16_TOLERANCE)
 
 
+@pytest.mark.parametrize("arch", ["llama", pytest.param("gpt2", marks=SLOW), pytest.param("bloom", marks=SLOW),
+                                  pytest.param("qwen2", marks=SLOW)])
+def test_an_fp16_export_with_the_cache_keeps_it_in_fp16_and_decodes_as_hugging_faces_fp16_model(arch, tmp_path):
+    """Prefill and token-by-token decoding through ONNX Runtime against Hugging Face's fp16 model without a cache
+    (GPT-2: learned positions; BLOOM: alibi, no position ids)."""
+    gm = capture_tiny(tiny_model(arch))
+    path = tmp_path / "model.onnx"
+    report = rewrite.export_onnx(gm, path, cache=True, dtype="fp16")
+    model = onnx.load(str(path), load_external_data=False)
+    types = {i.name: i.type.tensor_type.elem_type for i in [*model.graph.input, *model.graph.output]}
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(3))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    layout = ModelSchema.read(path).require_cache()
+    decoded = _decode(runtime.session(path), layout, ids.numpy(), inputs["attention_mask"].numpy(), 5, {})
+
+    cache_and_logits = [name for name in types if name.startswith(("past_key_values", "present")) or name == "logits"]
+    assert len(cache_and_logits) == 9 and all(types[name] == TensorProto.FLOAT16 for name in cache_and_logits)
+    assert layout.dtype == "float16" and report.max_abs_diff <= report.tolerance
+    assert_matches(hugging_face_fp16(arch, "causal-lm", inputs), decoded, inputs, tolerance=FP16_TOLERANCE)
+
+
 @pytest.mark.parametrize("options,message", [
     ({"quantize": "int3"}, "export quantize 'int3' is not supported; use int4 or int8"),
     ({"quantize": "int4", "block_size": 48}, "quantize block size 48 is not supported"),
     ({"block_size": 64}, "a block size, symmetric and quantized embeddings apply to post-training quantization"),
     ({"dtype": "bf16"}, "export dtype 'bf16' is not supported; use fp32 or fp16"),
-    ({"dtype": "fp16", "cache": True}, "an fp16 export with the cache is not supported yet"),
 ])
 def test_bad_export_options_are_one_sentence_before_any_work(options, message, tmp_path):
     with pytest.raises(RewriteError, match=message):
@@ -218,7 +241,6 @@ def archives(tmp_path_factory):
     ("float.pt2", ["--quantize", "int4", "--block-size", "24"], "quantize block size 24 is not supported"),
     ("float.pt2", ["--block-size", "64"], "--block-size does nothing without --quantize"),
     ("int4.pt2", ["--quantize", "int8"], "the graph is already quantized, so export cannot quantize it again"),
-    ("float.pt2", ["--dtype", "fp16", "--with-cache"], "an fp16 export with the cache is not supported yet"),
 ])
 def test_cli_refuses_bad_quantize_options_with_exit_2_and_writes_nothing(archives, source, args, message, tmp_path,
                                                                           monkeypatch, capsys):

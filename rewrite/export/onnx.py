@@ -113,16 +113,14 @@ def _quantizer(gm: fx.GraphModule, quantize: str | None, block_size: int | None,
                                        **({} if block_size is None else {"block_size": block_size})})
 
 
-def _check_dtype(dtype: str, cache: bool) -> None:
+def _check_dtype(dtype: str) -> None:
     if dtype not in DTYPES:
         raise RewriteError(f"export dtype {dtype!r} is not supported; use {' or '.join(DTYPES)}")
-    if dtype == "fp16" and cache:
-        raise RewriteError("an fp16 export with the cache is not supported yet (its cache would stay fp32); export "
-                           "fp16 without the cache, or the cache in fp32")
 
 
 _FP16_INPUTS = {torch.ops.aten.linear.default: (0,), torch.ops.aten.addmm.default: (1,), quantized.OP: (0,),
-                torch.ops.aten.scaled_dot_product_attention.default: (0, 1, 2), torch.ops.aten.layer_norm.default: (0,)}
+                torch.ops.aten.scaled_dot_product_attention.default: (0, 1, 2), torch.ops.aten.layer_norm.default: (0,),
+                torch.ops.aten.baddbmm.default: (0, 1, 2), torch.ops.aten.bmm.default: (0, 1)}  # BLOOM's alibi attention
 
 
 def _to_half(gm: fx.GraphModule) -> None:
@@ -276,13 +274,14 @@ def export_onnx(gm: fx.GraphModule, path: str | Path, *, verify: bool = True, op
     float graph's projections (and its word embeddings) post-training, as the quantize pass would, on a copy: the
     graph passed in is untouched, and the export is verified against the quantized copy. `dtype="fp16"` (for GPU
     execution providers) converts a copy as `_to_half` says, verified within 1e-2 of the output scale; the logits
-    stay fp16, as ONNX Runtime GenAI's fp16 models give them.
+    stay fp16, as ONNX Runtime GenAI's fp16 models give them. With the cache, the model is recaptured in fp16
+    (Hugging Face's own fp16 code decides what stays fp32), so the past and present tensors are fp16 too.
     """
     path = Path(path)
     _check_opset(opset)
     check_accuracy_level(accuracy_level)
     quantizer = _quantizer(gm, quantize, block_size, symmetric, quantize_embeddings)
-    _check_dtype(dtype, cache)
+    _check_dtype(dtype)
     if accuracy_level and quantizer is None and not any(map(is_quantized, gm.graph.nodes)):
         raise RewriteError(f"accuracy level {accuracy_level} applies to MatMulNBits, and this graph has no quantized "
                            "projection; apply quantize first, export with quantize int4 or int8, or leave the accuracy level out")
