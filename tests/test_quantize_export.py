@@ -216,6 +216,23 @@ def test_an_fp16_export_with_the_cache_keeps_it_in_fp16_and_decodes_as_hugging_f
     assert_matches(hugging_face_fp16(arch, "causal-lm", inputs), decoded, inputs, tolerance=FP16_TOLERANCE)
 
 
+@SLOW
+@pytest.mark.parametrize("cache", [False, True], ids=["plain", "cache"])
+def test_an_nf4_graph_exports_in_fp16_with_its_absmax_cast_for_matmul_bnb4(cache, tmp_path):
+    gm = quantized_graph("llama", dtype="nf4", block_size=32)
+    report = rewrite.export_onnx(gm, tmp_path / "model.onnx", dtype="fp16", cache=cache)
+    model = onnx.load(str(tmp_path / "model.onnx"))
+    inputs = fresh_inputs(seed=5)
+
+    assert sum(n.op_type == "MatMulBnb4" for n in model.graph.node) == 14
+    assert report.max_abs_diff <= report.tolerance
+    if not cache:
+        session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+        got = session.run(["logits"], {name: inputs[name].numpy() for name in ("input_ids", "attention_mask")})[0]
+        assert got.dtype == np.float16
+        assert_matches(logits(gm, inputs), got, inputs, tolerance=2e-2)  # the fp32 NF4 graph: fp16 loses the rest
+
+
 @pytest.mark.parametrize("options,message", [
     ({"quantize": "int3"}, "export quantize 'int3' is not supported; use int4 or int8"),
     ({"quantize": "int4", "block_size": 48}, "quantize block size 48 is not supported"),

@@ -21,7 +21,7 @@ from rewrite.errors import RewriteError
 from rewrite.atomic import atomic_dir_files
 from rewrite.graph.synthetic_inputs import DEFAULT_INPUT_NAMES, example_inputs
 from rewrite.graph.ir import copy_meta, info, tensor_at
-from rewrite.graph import quantized
+from rewrite.graph import nf4, quantized
 from rewrite.graph.quantized import is_quantized
 from rewrite.graph.params import non_finite
 from rewrite.graph.pipeline import Pass, Pipeline, capable
@@ -118,18 +118,19 @@ def _check_dtype(dtype: str) -> None:
         raise RewriteError(f"export dtype {dtype!r} is not supported; use {' or '.join(DTYPES)}")
 
 
-_FP16_INPUTS = {torch.ops.aten.linear.default: (0,), torch.ops.aten.addmm.default: (1,), quantized.OP: (0,),
+_FP16_INPUTS = {torch.ops.aten.linear.default: (0,), torch.ops.aten.addmm.default: (1,), quantized.OP: (0,), nf4.OP: (0,),
                 torch.ops.aten.scaled_dot_product_attention.default: (0, 1, 2), torch.ops.aten.layer_norm.default: (0,),
                 torch.ops.aten.baddbmm.default: (0, 1, 2), torch.ops.aten.bmm.default: (0, 1)}  # BLOOM's alibi attention
 
 
 def _to_half(gm: fx.GraphModule) -> None:
-    """fp16 for GPU execution providers: the weights (and MatMulNBits' scales, whose type is its input's) in fp16
+    """fp16 for GPU execution providers: the weights (and MatMulNBits' scales, whose type is its input's; NF4's
+    absmax stays fp32, as bitsandbytes keeps it, and MatMulBnb4 gets it cast) in fp16
     and the inputs of every projection, attention and layer norm (whose weights are fp16) cast to fp16, so the
     products are fp16; what the capture casts to fp32 itself (RMS norm statistics, rotary angles from fp32 buffers,
     GPT-2's residual stream: the fp32 capture cannot tell an upcast from a cast to the model's dtype) stays fp32
     and is cast back at the next of those."""
-    scales = {node.args[2].target for node in gm.graph.nodes if is_quantized(node)}
+    scales = {node.args[2].target for node in gm.graph.find_nodes(op="call_function", target=quantized.OP)}
     with torch.no_grad():
         for _, parameter in gm.named_parameters():
             if parameter.is_floating_point():

@@ -2,7 +2,8 @@
 whose B, scales and zero points are the graph's own buffers, byte for byte. NF4 projections become
 `com.microsoft.MatMulBnb4` (NF4, `quant_type` 1) over the same packed bytes; a double-quantized absmax is undone in
 the graph, `dynamic[qabsmax] * absmax2 + offset` in fp32 as bitsandbytes computes it, which ONNX Runtime folds into a
-constant (the kernel is bit-equal to bitsandbytes' dequantization, and about 10x slower than fp32 on CPU).
+constant (the kernel is bit-equal to bitsandbytes' dequantization, and about 10x slower than fp32 on CPU); in an
+fp16 model the absmax is cast to fp16, the kernel's type for it.
 A quantized lookup becomes `com.microsoft.GatherBlockQuantized` over MatMulNBits' packing viewed `[vocab, bytes]`
 (bit-equal to ours; a hidden size that is no multiple of the block comes back padded, and is sliced).
 
@@ -98,7 +99,7 @@ def translations() -> dict:
         if qabsmax is not None:
             absmax = op.Add(op.Mul(op.Gather(_constant(nf4.DYNAMIC.numpy()), op.Cast(qabsmax, to=onnx.TensorProto.INT64)),
                                    op.Gather(absmax, _constant(_groups(n * k, block_size, statistics_block)))), offset)
-        y = microsoft.MatMulBnb4(x, qweight, absmax, K=k, N=n, block_size=block_size, quant_type=1)
+        y = microsoft.MatMulBnb4(x, qweight, op.CastLike(absmax, x), K=k, N=n, block_size=block_size, quant_type=1)
         return y if bias is None else op.Add(y, bias)
 
     def gather_nbits(qweight, indices, scales, qzeros, k: int, bits: int, block_size: int):
