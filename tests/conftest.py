@@ -85,6 +85,17 @@ def tiny_bert_dir(tmp_path_factory, minilm_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def readme_run(tmp_path_factory, prompt_lm_dir) -> Path:
+    """The README's shell examples, run once as a new user runs them (`test_readme`); the directory they ran in,
+    which holds `rewrite demo`'s output for `test_demo`."""
+    from test_readme import run_readme
+
+    directory = tmp_path_factory.mktemp("readme")
+    run_readme(directory, llama=prompt_lm_dir, timeout=3600)
+    return directory
+
+
+@pytest.fixture(scope="session")
 def prompt_lm_dir(tmp_path_factory, minilm_dir):
     """A tiny LLaMA that reads MiniLM's tokens, its weights drawn wide enough (std 0.2) that attention
     reads the context: a 0.02-init random model ignores its context, so no prompt could steer it."""

@@ -8,9 +8,10 @@ saw, so its accuracy can be checked against torch's.
 """
 from __future__ import annotations
 
+import json
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from rich.table import Table
 from rewrite.training import data
 
 from rewrite import runtime
+from rewrite.atomic import atomic_path
 from rewrite.graph.capture import load_pretrained
 from rewrite.training.data import Fields
 from rewrite.errors import RewriteError
@@ -45,6 +47,9 @@ def demo_config(output_dir: Path) -> TrainConfig:
     return TrainConfig(output_dir=output_dir, epochs=2, lr=2e-3, batch_size=32, max_length=64,
                        group_by_length=True, fields=Fields(text="sentence"), label_names=LABELS, save_every=50,
                        dropout_parity=True)
+
+
+REPORT_NAME = "report.json"
 
 
 @dataclass
@@ -144,8 +149,16 @@ def run_demo(output_dir: str | Path = "rewrite-demo", console: Console | None = 
         onnx_max_abs_diff=export.max_abs_diff, trainable=trainable, train_seconds=train_seconds,
         total_seconds=time.perf_counter() - started, onnx_path=onnx_path,
     )
+    _write_report(report, output_dir / REPORT_NAME)
     Console().print(summary_table(report))
     return report
+
+
+def _write_report(report: DemoReport, path: Path) -> None:
+    """The summary as JSON beside the model, for scripts and CI to read instead of the printed table."""
+    fields = {name: str(value) if isinstance(value, Path) else value for name, value in asdict(report).items()}
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(fields, indent=1) + "\n", encoding="utf-8")
 
 
 def summary_table(report: DemoReport) -> Table:
