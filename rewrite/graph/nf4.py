@@ -111,7 +111,11 @@ _DYNAMIC_LOOKUP = _dynamic_lookup()
 
 
 def _expand(values: torch.Tensor, scale: torch.Tensor, block: int) -> torch.Tensor:
-    """`values * scale[i // block]`, one fp32 product each."""
+    """`values * scale[i // block]`, one fp32 product each. `values` (a fresh tensor, which callers give) is
+    scaled in place where it fills whole blocks: dequantizing a projection in every QLoRA forward and backward then
+    allocates its weight once, not three times (padded copy, product)."""
+    if values.numel() % block == 0:
+        return values.view(-1, block).mul_(scale[:, None]).view(-1)
     return (_rows(values, block) * scale[:, None]).view(-1)[: values.numel()]
 
 
