@@ -35,7 +35,8 @@
 - With `output_dir`: `metrics.jsonl` (a record per step and per evaluation), atomic checkpoints every
   `save_every` steps and at the end (see `rewrite.training.checkpoint`), then the trained graph (`model.pt2`)
   and the PEFT adapter (`adapter/`). `resume=True` continues from the newest complete checkpoint and
-  ends with the same weights an uninterrupted run would have; other training examples, precision or
+  ends with the same weights an uninterrupted run would have, also on another number of ranks with the
+  same global batch (`batch_size` times the ranks); other training examples, precision or
   hyperparameters than the checkpoint's are refused. The run holds an OS lock on `output_dir`, so a
   second run into it is refused.
 - Under `torchrun`, each rank trains on its share of every global batch (DistributedDataParallel,
@@ -342,7 +343,7 @@ class _Run:
         self.out = Path(config.output_dir) if config.output_dir is not None else None
         self.log = checkpoint.MetricsLog(self.out / checkpoint.METRICS_NAME if self.out and ctx.main else None)
         self.checkpoints = (checkpoint.RunCheckpoints(self.out, ctx, config.keep_checkpoints,
-                                                      _settings(config, self.objective.bf16, self.train))
+                                                      _settings(config, ctx.world, self.objective.bf16, self.train))
                             if self.out is not None else None)
         self.last_eval: dict[str, float] | None = None
         self.eval_graph: fx.GraphModule | None = None
@@ -430,14 +431,16 @@ class _Run:
             log.warning("no PEFT adapter written (%s); the trained graph is in %s", error, self.out / "model.pt2")
 
 
-_RESUME_SETTINGS = ("task", "epochs", "max_steps", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_steps",
+_RESUME_SETTINGS = ("task", "epochs", "max_steps", "grad_accum", "lr", "weight_decay", "warmup_steps",
                     "warmup_ratio", "schedule", "max_grad_norm", "max_length", "group_by_length", "seed")
 
 
-def _settings(config: TrainConfig, bf16: bool, train_set: _Data) -> dict[str, Any]:
-    """The hyperparameters, precision and data that decide a run's trajectory: a resumed run must use the same."""
-    return {**{name: getattr(config, name) for name in _RESUME_SETTINGS}, "bf16": bf16,
-            "data_sha256": train_set.fingerprint}
+def _settings(config: TrainConfig, world: int, bf16: bool, train_set: _Data) -> dict[str, Any]:
+    """The hyperparameters, precision and data that decide a run's trajectory: a resumed run must use the same.
+    The batch is the global one (`batch_size` on each of `world` ranks): every micro-batch then holds the same
+    examples on any number of ranks."""
+    return {**{name: getattr(config, name) for name in _RESUME_SETTINGS},
+            checkpoint.GLOBAL_BATCH: world * config.batch_size, "bf16": bf16, "data_sha256": train_set.fingerprint}
 
 
 def _mark_trained(gm: fx.GraphModule) -> None:
