@@ -12,6 +12,8 @@ import safetensors.torch
 import torch
 
 import rewrite
+from rewrite.graph.synthetic_inputs import example_inputs
+from rewrite.training.batches import input_names
 
 from helpers import first_moments, lora_graph, sentiment_rows
 
@@ -50,6 +52,9 @@ def test_two_ranks_of_batch_b_equal_one_rank_of_batch_2b(no_dropout_dir, tmp_pat
         torch.testing.assert_close(weights[1][key], weights[0][key], atol=1e-6, rtol=0)
     state = json.loads((tmp_path / "two" / "checkpoints" / "step-00000002" / "checkpoint.json").read_text())
     assert state["world_size"] == 2
+    graphs = [rewrite.load(tmp_path / run_dir / "model.pt2") for run_dir in ("one", "two")]  # flat, sharded or not
+    inputs = example_inputs(input_names(graphs[0]), graphs[0].info.config.vocab_size, batch=3, seq=11, pad=True)
+    torch.testing.assert_close(graphs[1](**inputs).logits, graphs[0](**inputs).logits, atol=1e-5, rtol=0)
 
 
 @pytest.mark.slow
