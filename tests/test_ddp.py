@@ -1,7 +1,9 @@
-"""DDP and FSDP: `torchrun --nproc_per_node 2` (gloo, CPU) with batch b per rank updates like one process with batch 2b."""
+"""DDP and FSDP: `torchrun --nproc_per_node 2` (gloo, CPU) with batch b per rank updates like one process with batch 2b,
+and a run checkpointed on 2 ranks resumes on 1 with the same global batch."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -10,6 +12,8 @@ import safetensors.torch
 import torch
 
 import rewrite
+from rewrite.graph.synthetic_inputs import example_inputs
+from rewrite.training.batches import input_names
 
 from helpers import first_moments, lora_graph, sentiment_rows
 
@@ -37,7 +41,7 @@ def test_two_ranks_of_batch_b_equal_one_rank_of_batch_2b(no_dropout_dir, tmp_pat
 
     run([*CLI, *train_args(tmp_path / "in.pt2", data, tmp_path / "one", batch_size=8)])
     run([*TORCHRUN, *CLI, *train_args(tmp_path / "in.pt2", data, tmp_path / "two", batch_size=4), *sharding,
-         "--eval", str(data)])
+         "--eval", str(data), "--eval-every", "1"])  # gathered for evaluation after step 1, sharded again for step 2
 
     for single, ranks in zip(first_moments(tmp_path / "one", 1), first_moments(tmp_path / "two", 1)):
         torch.testing.assert_close(ranks, single, atol=1e-8, rtol=1e-5)
@@ -48,3 +52,29 @@ def test_two_ranks_of_batch_b_equal_one_rank_of_batch_2b(no_dropout_dir, tmp_pat
         torch.testing.assert_close(weights[1][key], weights[0][key], atol=1e-6, rtol=0)
     state = json.loads((tmp_path / "two" / "checkpoints" / "step-00000002" / "checkpoint.json").read_text())
     assert state["world_size"] == 2
+    graphs = [rewrite.load(tmp_path / run_dir / "model.pt2") for run_dir in ("one", "two")]  # flat, sharded or not
+    inputs = example_inputs(input_names(graphs[0]), graphs[0].info.config.vocab_size, batch=3, seq=11, pad=True)
+    torch.testing.assert_close(graphs[1](**inputs).logits, graphs[0](**inputs).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_a_run_checkpointed_on_two_ranks_resumes_on_one_with_the_same_global_batch(no_dropout_dir, tmp_path):
+    rewrite.save(lora_graph(no_dropout_dir), tmp_path / "in.pt2")
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in sentiment_rows(16, seed=0)))
+    two, resumed = tmp_path / "two", tmp_path / "resumed"
+    run([*TORCHRUN, *CLI, *train_args(tmp_path / "in.pt2", data, two, batch_size=4), "--fsdp"])
+    shutil.copytree(two / "checkpoints" / "step-00000001", resumed / "checkpoints" / "step-00000001")
+
+    refused = subprocess.run([*CLI, *train_args(tmp_path / "in.pt2", data, resumed, batch_size=4), "--resume"],
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "(global_batch_size 8 -> 4)" in refused.stderr, refused.stderr
+    run([*CLI, *train_args(tmp_path / "in.pt2", data, resumed, batch_size=8), "--resume"])
+
+    records = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["split"] == "train"] == [2]  # step 1 came from the checkpoint
+    weights = [safetensors.torch.load_file(run_dir / "adapter" / "adapter_model.safetensors")
+               for run_dir in (two, resumed)]
+    assert weights[0].keys() == weights[1].keys()
+    for key in weights[0]:
+        torch.testing.assert_close(weights[1][key], weights[0][key], atol=1e-6, rtol=0)

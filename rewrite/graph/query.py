@@ -36,7 +36,8 @@ _IN_BLOCK = re.compile(r"(^|\.)\d+(\.|$)")
 _BLOCK = re.compile(r"^(.*?(?:^|\.)\d+)(?:\.|$)")  # a module's repeated block: `model.layers.3` of `model.layers.3.mlp.up`
 
 
-def _block(path: str) -> str | None:
+def block_of(path: str) -> str | None:
+    """The repeated block a module path lies in (`model.layers.3` of `model.layers.3.mlp.up`), if any."""
     match = _BLOCK.match(path)
     return match.group(1) if match else None
 
@@ -245,7 +246,8 @@ class GraphQuery:
                 roles[p.path] = {"mlp"}
         for p in self.projections:
             if "mlp" in roles.get(p.path, ()) and any(
-                    "mlp" in roles.get(self._by_node[n].path, ()) and _block(self._by_node[n].path) == _block(p.path)
+                    "mlp" in roles.get(self._by_node[n].path, ())
+                    and block_of(self._by_node[n].path) == block_of(p.path)
                     for n in self._nearest(p.input, forward=False)):
                 roles[p.path].add("down")
         return roles

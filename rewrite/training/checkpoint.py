@@ -41,6 +41,7 @@ METRICS_NAME = "metrics.jsonl"
 STATE_NAME = "trainer_state.pt"
 INFO_NAME = "checkpoint.json"
 LOCK_NAME = ".rewrite-train.lock"  # held (flock) while a run writes into its output directory
+GLOBAL_BATCH = "global_batch_size"  # the setting: examples per micro-batch over all ranks
 _STEP_DIR = re.compile(r"step-(\d+)")
 
 
@@ -123,7 +124,16 @@ def read(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict
         raise Unreadable(directory, f"{INFO_NAME} is damaged")
     if not isinstance(state, dict) or any(key not in state for key in _STATE_KEYS):
         raise Unreadable(directory, f"{STATE_NAME} is damaged")
-    return header.get("settings") or {}, weights, state
+    return _global_batch(header.get("settings") or {}, state["world_size"]), weights, state
+
+
+def _global_batch(settings: dict[str, Any], world: int) -> dict[str, Any]:
+    """Settings written with the batch size per rank (before the global batch was recorded) in today's terms."""
+    if "batch_size" not in settings:
+        return settings
+    settings = dict(settings)
+    settings[GLOBAL_BATCH] = settings.pop("batch_size") * world
+    return settings
 
 
 class MetricsLog:
@@ -221,8 +231,9 @@ class RunCheckpoints:
         if state["world_size"] == self.ctx.world:
             _set_rng_state(state["rng"][self.ctx.rank])
         else:
-            log.warning("checkpoint %s was written by %d ranks, resuming on %d: data order and dropout differ "
-                        "from an uninterrupted run", directory, state["world_size"], self.ctx.world)
+            log.warning("checkpoint %s was written by %d ranks, resuming on %d: the batches are the same, but "
+                        "dropout and masked-LM masks are drawn per rank and differ from an uninterrupted run",
+                        directory, state["world_size"], self.ctx.world)
         if self.ctx.main:
             for skipped in unreadable:  # a later save at its step, or the pruning of older ones, would trip on it
                 _discard(skipped.directory)

@@ -3,21 +3,23 @@ and full (unsharded) state dicts for checkpoints.
 
 Under `torchrun` (WORLD_SIZE > 1 in the environment) `setup` joins the process group (NCCL on
 CUDA, gloo on CPU) unless the caller already did; each rank trains on its own GPU (LOCAL_RANK) or
-on the CPU. Gradients are averaged by DistributedDataParallel, or, with `fsdp`, the graph is sharded
-in place with FSDP2's `fully_shard` (one unit: a captured graph is a single flat forward, so every
-parameter is gathered for it; what is saved is the memory of parameters, gradients and optimizer
-state at rest). State dicts go through `torch.distributed.checkpoint.state_dict`, which gathers
-shards for FSDP and is a plain state dict otherwise.
+on the CPU. Gradients are averaged by DistributedDataParallel, or, with `shard`, the graph is sharded
+in place with FSDP2's `fully_shard`: outlined into one module per transformer block
+(`rewrite.graph.blocks`), each block is a unit gathered only while it runs forward or backward, and
+the root (embeddings, final norm, head) is one more; a graph that cannot be outlined is one unit,
+gathered whole for every step. State dicts go through `torch.distributed.checkpoint.state_dict`,
+which gathers shards for FSDP and is a plain state dict otherwise.
 """
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import fx, nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -25,11 +27,15 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from rewrite.errors import RewriteError
+from rewrite.graph.blocks import BlockLayout, outline_blocks
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -106,15 +112,42 @@ def setup(requested_device: str | None = None) -> Context:
     return Context(0, 1, device, owns)
 
 
-def wrap(module: nn.Module, ctx: Context, fsdp: bool = False) -> nn.Module:
-    """The model to train: `module` itself alone, else DDP around it, or `module` sharded in place (FSDP)."""
+def wrap(module: nn.Module, ctx: Context) -> nn.Module:
+    """The model to train: `module` itself alone, else DDP around it."""
     if ctx.world == 1:
-        return module
-    if fsdp:
-        fully_shard(module)
         return module
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     return DistributedDataParallel(module, device_ids=device_ids)
+
+
+def shard(gm: fx.GraphModule, ctx: Context) -> BlockLayout:
+    """Shards `gm` in place over all ranks with FSDP2: each transformer block a unit, then the root; one
+    unit when the graph cannot be outlined per block (logged with the reason). Modes, frozen parameters
+    and every other change to the graph must come before: a sharded graph cannot be recompiled."""
+    mesh = init_device_mesh(ctx.device.type, (ctx.world,))  # the default mesh would follow the accelerator
+    layout = outline_blocks(gm)
+    if layout.refused:
+        log.warning("FSDP shards the graph as one unit, gathered whole for every step: %s", layout.refused)
+    for path in layout.paths:
+        fully_shard(gm.get_submodule(path), mesh=mesh)
+    fully_shard(gm, mesh=mesh)
+    return layout
+
+
+def units(module: nn.Module) -> list[FSDPModule]:
+    """The FSDP units in `module`, the root first."""
+    return [m for m in module.modules() if isinstance(m, FSDPModule)]
+
+
+def unshard(module: nn.Module) -> None:
+    """Gathers every unit's parameters (FSDP's `unshard` gathers one unit's)."""
+    for unit in units(module):
+        unit.unshard()
+
+
+def reshard(module: nn.Module) -> None:
+    for unit in units(module):
+        unit.reshard()
 
 
 def sharded(module: nn.Module) -> bool:

@@ -1,0 +1,138 @@
+"""The transformer blocks of a captured graph, and the graph outlined into one module per block.
+
+A captured graph is one flat forward over a module tree that only holds tensors. Per-block work
+needs the blocks back: activation checkpointing outlines each block's stretch of nodes into a
+sub-graph (the checkpoint pass), and FSDP needs each block to be a module the graph calls, since its
+hooks gather a unit's parameters when that unit is called. A block is a numbered module path
+(`model.layers.3`, `transformer.h.0`); its nodes are the calls made inside it, which run as one
+contiguous stretch of the graph, with the root-level calls between them (shape arithmetic).
+
+`outline_blocks` replaces each block's module by a GraphModule running its stretch, at the same path
+and holding the same tensor objects, so every parameter keeps its name and has one owner, and LoRA's
+(or another adapter's) tensors under a block path go with it. It refuses, changing nothing, when a
+block's stretch is interleaved with another's, a block's tensor is read outside it, or a tensor is
+tied across a block boundary: the caller then treats the graph as one unit. The graph as it was
+stays in `BlockLayout.flat`, for an eval twin and for saving (the archive stores ATen graphs only).
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass, field
+
+from torch import fx
+
+from rewrite.graph.ir import RewriteGraph, info, wrap
+from rewrite.graph.outline import outline_module
+from rewrite.graph.query import block_of, module_path
+
+
+@dataclass
+class Block:
+    """One block's stretch: its calls and the unnumbered ones between them, in graph order, and the calls of
+    other blocks that interleave with it (a block with any cannot be outlined)."""
+
+    path: str
+    stretch: list[fx.Node]
+    interleaved: list[fx.Node]
+
+
+def _label(node: fx.Node) -> str | None:
+    return block_of(module_path(node) or "") if node.op == "call_function" else None
+
+
+def find_blocks(graph: fx.Graph) -> list[Block]:
+    """Every block with calls in `graph`, in the order its first call runs."""
+    nodes = list(graph.nodes)
+    spans: dict[str, list[int]] = {}
+    for position, node in enumerate(nodes):
+        path = _label(node)
+        if path is not None:
+            spans.setdefault(path, [position, position])[1] = position
+    found = []
+    for path, (first, last) in spans.items():
+        stretch = [n for n in nodes[first:last + 1] if n.op == "call_function"]
+        found.append(Block(path, stretch, [n for n in stretch if _label(n) not in (None, path)]))
+    return found
+
+
+class Refused(Exception):
+    """The graph cannot be outlined per block; the message says why."""
+
+
+def plan_blocks(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
+    """Each block's nodes to outline, in graph order: the get_attrs of tensors under its path, then its stretch.
+    Raises `Refused` when a block is interleaved, a block's tensor is read outside it, or a tensor is tied
+    across a block boundary."""
+    blocks = find_blocks(gm.graph)
+    if not blocks:
+        raise Refused("the graph has no numbered blocks (module paths like model.layers.0)")
+    for block in blocks:
+        if block.interleaved:
+            raise Refused(f"block {block.path} is interleaved with {_label(block.interleaved[0])} "
+                          f"(node {block.interleaved[0].name})")
+    _check_ties(gm)
+    stretches = {block.path: set(block.stretch) for block in blocks}
+    owned: dict[str, list[fx.Node]] = {block.path: [] for block in blocks}
+    for node in gm.graph.find_nodes(op="get_attr"):
+        path = block_of(node.target)
+        if path is None or not node.users:
+            continue
+        readers = {_reader(user, stretches) for user in node.users}
+        if readers - {path}:
+            raise Refused(f"tensor {node.target} is read outside its block {path} "
+                          f"(by {', '.join(sorted(r or 'the root' for r in readers - {path}))})")
+        owned[path].append(node)
+    return {block.path: owned[block.path] + block.stretch for block in blocks}
+
+
+def _reader(user: fx.Node, stretches: dict[str, set[fx.Node]]) -> str | None:
+    return next((path for path, nodes in stretches.items() if user in nodes), None)
+
+
+def _check_ties(gm: fx.GraphModule) -> None:
+    """Refuses a tensor registered under names in different blocks (or in a block and at the root)."""
+    places: dict[int, dict[str, str | None]] = {}
+    named = [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]
+    for name, tensor in named:
+        places.setdefault(id(tensor), {})[name] = block_of(name)
+    for names in places.values():
+        if len(set(names.values())) > 1:
+            raise Refused(f"tensors {', '.join(sorted(names))} are one tensor tied across a block boundary")
+
+
+@dataclass
+class BlockLayout:
+    """What `outline_blocks` did: the outlined block paths (none when refused, with the reason) and the
+    graph as it was, which still runs over the outlined module tree."""
+
+    flat: fx.Graph
+    paths: list[str] = field(default_factory=list)
+    refused: str | None = None
+
+    def flat_twin(self, gm: fx.GraphModule, training: bool) -> RewriteGraph:
+        """The flat graph over `gm`'s current tensors (build it after anything swaps them, e.g. FSDP's
+        `unshard`), in train or eval mode."""
+        return wrap(gm, _copy(self.flat), info(gm), training)
+
+
+def _copy(graph: fx.Graph) -> fx.Graph:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)  # pytree's LeafSpec deprecation on copy
+        return copy.deepcopy(graph)
+
+
+def outline_blocks(gm: fx.GraphModule) -> BlockLayout:
+    """Outlines `gm` in place, one GraphModule per block at the block's own path (the module docstring
+    says what is kept); when refused, `gm` is left as it was. Switch modes before, not after, sharding:
+    the block graphs follow `gm.train()` / `gm.eval()`."""
+    flat = _copy(gm.graph)
+    try:
+        plan = plan_blocks(gm)
+    except Refused as refusal:
+        return BlockLayout(flat, refused=str(refusal))
+    for path, nodes in plan.items():
+        outline_module(gm, path, nodes)
+    gm.graph.lint()
+    gm.recompile()
+    return BlockLayout(flat, list(plan))

@@ -1,0 +1,164 @@
+"""FSDP per transformer block (`rewrite.training.distributed.shard`), 2 processes on CPU with gloo: the losses and
+LoRA gradients of 20 steps equal one process training the flat graph on the whole batch; each block is an FSDP unit
+whose parameters are the only ones gathered while it runs; a graph that cannot be outlined is one unit."""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch.distributed.tensor import DTensor
+
+import rewrite
+from rewrite.graph.params import apply_trainable
+from rewrite.training import distributed
+
+from conftest import TASK_CLASSES, tiny_config
+from helpers import capture_tiny, randomize_lora
+
+WORLD = 2
+STEPS = 20
+BATCH, SEQ = 4, 12  # global; each rank takes BATCH // WORLD rows
+CASES = {"llama": "causal-lm", "gpt2": "causal-lm", "bert": "masked-lm", "llama-tied": "causal-lm"}
+BLOCKS = 2
+
+
+def dropout_free_graph(case: str):
+    """A tiny LoRA graph (q and v, random A and B) with every dropout probability 0, in train mode; `-tied` ties an
+    MLP weight of block 1 to block 0's, which per-block sharding refuses."""
+    arch = case.removesuffix("-tied")
+    config = tiny_config(arch)
+    for name, value in config.to_dict().items():
+        if ("dropout" in name or "pdrop" in name) and isinstance(value, float):
+            setattr(config, name, 0.0)
+    torch.manual_seed(0)
+    gm = capture_tiny(TASK_CLASSES[CASES[case]].from_config(config).eval())
+    if case.endswith("-tied"):
+        gm.get_submodule("model.layers.1.mlp.up_proj").weight = gm.get_parameter("model.layers.0.mlp.up_proj.weight")
+    rewrite.apply(gm, "lora", rank=4, alpha=8, roles=["q", "v"])
+    randomize_lora(gm)
+    apply_trainable(gm)
+    return gm.train()
+
+
+def batch(step: int, task: str, rows: slice) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1000 + step)
+    ids = torch.randint(1, 128, (BATCH, SEQ), generator=generator)
+    labels = torch.randint(0, 128, (BATCH, SEQ), generator=generator) if task == "masked-lm" else ids
+    return {"input_ids": ids[rows], "attention_mask": torch.ones_like(ids[rows]), "labels": labels[rows]}
+
+
+def mean_loss(gm, inputs: dict[str, torch.Tensor], task: str) -> torch.Tensor:
+    logits = gm(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits.float()
+    labels = inputs["labels"]
+    if task == "causal-lm":
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    return (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach().clone()
+
+
+def train(gm, task: str, rows: slice, world: int) -> dict:
+    """STEPS AdamW steps on `rows` of each global batch: the global mean loss and the full LoRA gradients per step,
+    and the trained LoRA weights. Equal shares, so FSDP's gradient average over ranks is the global mean's."""
+    named = [(name, gm.get_parameter(name)) for name in gm.info.trainable]
+    optimizer = torch.optim.AdamW([p for _, p in named], lr=1e-2)
+    losses, grads = [], []
+    for step in range(STEPS):
+        loss = mean_loss(gm, batch(step, task, rows), task)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for _, p in named], 1.0)
+        grads.append({name: full(p.grad) for name, p in named})
+        total = loss.detach().clone()
+        if world > 1:
+            torch.distributed.all_reduce(total)
+        losses.append(float(total) / world)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return {"losses": losses, "grads": grads, "weights": {name: full(p) for name, p in named}}
+
+
+def watch_gathering(gm, paths: list[str]) -> list[bool]:
+    """Per block call: whether its parameters were gathered and every other block's sharded."""
+    seen = []
+    blocks = {path: gm.get_submodule(path) for path in paths}
+
+    def check(path):
+        def hook(module, args):
+            gathered = not any(isinstance(p, DTensor) for p in module.parameters())
+            others = all(isinstance(p, DTensor) for other, block in blocks.items() if other != path
+                         for p in block.parameters())
+            seen.append(gathered and others)
+        return hook
+
+    for path, block in blocks.items():
+        block.register_forward_pre_hook(check(path))
+    return seen
+
+
+def rank_main(rank: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    warnings = []
+    handler = logging.Handler()
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    logging.getLogger(distributed.__name__).addHandler(handler)
+    ctx = distributed.setup("cpu")
+    results = {}
+    for case, task in CASES.items():
+        warnings.clear()
+        gm = dropout_free_graph(case)
+        layout = distributed.shard(gm, ctx)
+        seen = watch_gathering(gm, layout.paths)
+        share = BATCH // WORLD
+        results[case] = {**train(gm, task, slice(rank * share, (rank + 1) * share), WORLD), "paths": layout.paths,
+                         "units": len(distributed.units(gm)), "seen": seen, "warnings": list(warnings)}
+    if ctx.main:
+        torch.save(results, out)
+    ctx.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def sharded_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp") / "results.pt"
+    mp.spawn(rank_main, args=(free_port(), str(out)), nprocs=WORLD)
+    return torch.load(out, weights_only=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["llama", "gpt2", "bert"])
+def test_fsdp_per_block_trains_like_one_process(sharded_runs, case):
+    got = sharded_runs[case]
+    assert got["units"] == BLOCKS + 1 and len(got["paths"]) == BLOCKS and not got["warnings"]
+    assert len(got["seen"]) == STEPS * BLOCKS and all(got["seen"])  # gathered one block at a time
+    expected = train(dropout_free_graph(case), CASES[case], slice(0, BATCH), 1)
+    torch.testing.assert_close(got["losses"], expected["losses"], atol=1e-5, rtol=0)
+    for step, (grads, reference) in enumerate(zip(got["grads"], expected["grads"])):
+        assert grads.keys() == reference.keys()
+        for name in reference:
+            torch.testing.assert_close(grads[name], reference[name], atol=1e-5, rtol=0, msg=f"step {step} {name}")
+    for name, weight in expected["weights"].items():
+        torch.testing.assert_close(got["weights"][name], weight, atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_a_graph_that_cannot_be_outlined_is_one_unit_and_says_why(sharded_runs):
+    got = sharded_runs["llama-tied"]
+    assert got["units"] == 1 and got["paths"] == [] and got["seen"] == []
+    assert got["warnings"] == ["FSDP shards the graph as one unit, gathered whole for every step: tensors "
+                               "model.layers.0.mlp.up_proj.weight, model.layers.1.mlp.up_proj.weight are one tensor "
+                               "tied across a block boundary"]
+    expected = train(dropout_free_graph("llama-tied"), "causal-lm", slice(0, BATCH), 1)
+    torch.testing.assert_close(got["losses"], expected["losses"], atol=1e-5, rtol=0)
