@@ -3,7 +3,6 @@ no partial final file appears, and the next run in the same place leaves no temp
 from __future__ import annotations
 
 import hashlib
-import os
 import random
 import signal
 import subprocess
@@ -16,8 +15,6 @@ import pytest
 
 import rewrite
 from rewrite.training.checkpoint import completed
-from rewrite.training.losses import task_loss
-from rewrite.training.train import TrainConfig
 
 from helpers import run_cli, sentiment_rows
 
@@ -109,12 +106,8 @@ def _interrupt_when(process: subprocess.Popen, ready) -> str:
         assert time.monotonic() < deadline
         time.sleep(0.01)
     process.send_signal(signal.SIGINT)
-    try:
-        _, err = process.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        raise AssertionError(f"Ctrl-C did not stop it: {process.communicate()[1][-3000:]}") from None
-    assert process.returncode == 130, err
+    err = process.stderr.read()
+    assert process.wait() == 130, err
     return err
 
 
@@ -134,29 +127,6 @@ def test_ctrl_c_during_train_names_the_step_resume_continues_from(lora_archive, 
         assert saved == [] and err.splitlines()[-1] == ("interrupted before the first checkpoint was saved; run the "
                                                         "command again to start over")
     assert "Traceback" not in err and _leftovers(tmp_path) == []
-
-
-def test_a_ctrl_c_that_python_swallowed_still_stops_training_at_the_next_step(lora_archive):
-    """A KeyboardInterrupt raised inside a destructor or callback is printed as ignored and lost; here the loss
-    function loses it, as such a callback would."""
-    calls = []
-
-    def loss_swallowing_ctrl_c(out, batch):
-        calls.append(1)
-        if len(calls) == 2:
-            try:
-                os.kill(os.getpid(), signal.SIGINT)
-                time.sleep(1)
-            except KeyboardInterrupt:
-                pass
-        return task_loss(out, batch, "seq-cls")
-
-    rows = sentiment_rows(16, 0)
-    with pytest.raises(KeyboardInterrupt):
-        rewrite.train(rewrite.load(lora_archive), rows, config=TrainConfig(max_steps=50, batch_size=4, progress=False),
-                      loss_fn=loss_swallowing_ctrl_c)
-    assert len(calls) == 2
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_ctrl_c_during_export_leaves_nothing(lora_archive, tmp_path):

@@ -55,13 +55,11 @@ import hashlib
 import json
 import logging
 import math
-import signal
-import threading
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from rich.console import Console
@@ -481,38 +479,14 @@ def _due(every: int | None, step: int) -> bool:
     return bool(every) and step % every == 0
 
 
-@contextlib.contextmanager
-def _ctrl_c_noted() -> Iterator[Callable[[], bool]]:
-    """Whether Ctrl-C came. Its KeyboardInterrupt is raised wherever Python runs next; where that is a destructor
-    or a weakref callback, Python prints it as ignored and goes on, and the run would train to the end (seen on a
-    loaded machine). So the handler also notes it, for the loop to raise at the next step."""
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        yield lambda: False
-        return
-    noted: list[int] = []
-
-    def handler(signum, frame) -> None:
-        noted.append(signum)
-        signal.default_int_handler(signum, frame)
-
-    signal.signal(signal.SIGINT, handler)
-    try:
-        yield lambda: bool(noted)
-    finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-
 def _fit(run: _Run) -> None:
     """Steps until the total; evaluates every `eval_every` steps, per epoch and at the end; checkpoints
     every `save_every` steps and at the end."""
     config = run.config
-    with _progress(run) as progress, _ctrl_c_noted() as interrupted:
+    with _progress(run) as progress:
         bar = progress.add_task("train", total=run.total, completed=run.step, loss=math.nan, lr=config.lr, tps=0.0)
         drawn = time.perf_counter()
         while run.step < run.total:
-            if interrupted():
-                raise KeyboardInterrupt
             started = time.perf_counter()
             stats = run.optimizer_step(run.window())
             elapsed = time.perf_counter() - started
