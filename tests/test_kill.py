@@ -21,9 +21,16 @@ from helpers import run_cli, sentiment_rows
 LEFTOVERS = (".rewrite-tmp-", ".step-", ".trash-")
 
 
+def _ctrl_c_as_a_terminal_gives_it() -> None:
+    """A suite run in the background of a non-interactive shell inherits SIGINT ignored, and Python then installs no
+    Ctrl-C handler: the command is started with it restored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(*args, stderr=subprocess.DEVNULL) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", "from rewrite.cli.main import main; main()", *map(str, args)],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr, text=True,
+                            preexec_fn=_ctrl_c_as_a_terminal_gives_it)
 
 
 def _kill_at(process: subprocess.Popen, seconds: float) -> None:
@@ -106,8 +113,12 @@ def _interrupt_when(process: subprocess.Popen, ready) -> str:
         assert time.monotonic() < deadline
         time.sleep(0.01)
     process.send_signal(signal.SIGINT)
-    err = process.stderr.read()
-    assert process.wait() == 130, err
+    try:
+        _, err = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise AssertionError(f"Ctrl-C did not stop it: {process.communicate()[1][-3000:]}") from None
+    assert process.returncode == 130, err
     return err
 
 
