@@ -16,13 +16,11 @@ stays in `BlockLayout.flat`, for an eval twin and for saving (the archive stores
 """
 from __future__ import annotations
 
-import copy
-import warnings
 from dataclasses import dataclass, field
 
 from torch import fx
 
-from rewrite.graph.ir import RewriteGraph, info, wrap
+from rewrite.graph.ir import RewriteGraph, deep_copy, info, wrap
 from rewrite.graph.outline import outline_module
 from rewrite.graph.query import block_of, module_path
 
@@ -113,20 +111,14 @@ class BlockLayout:
     def flat_twin(self, gm: fx.GraphModule, training: bool) -> RewriteGraph:
         """The flat graph over `gm`'s current tensors (build it after anything swaps them, e.g. FSDP's
         `unshard`), in train or eval mode."""
-        return wrap(gm, _copy(self.flat), info(gm), training)
-
-
-def _copy(graph: fx.Graph) -> fx.Graph:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=FutureWarning)  # pytree's LeafSpec deprecation on copy
-        return copy.deepcopy(graph)
+        return wrap(gm, deep_copy(self.flat), info(gm), training)
 
 
 def outline_blocks(gm: fx.GraphModule) -> BlockLayout:
     """Outlines `gm` in place, one GraphModule per block at the block's own path (the module docstring
     says what is kept); when refused, `gm` is left as it was. Switch modes before, not after, sharding:
     the block graphs follow `gm.train()` / `gm.eval()`."""
-    flat = _copy(gm.graph)
+    flat = deep_copy(gm.graph)
     try:
         plan = plan_blocks(gm)
     except Refused as refusal:

@@ -6,7 +6,9 @@ into the graph (see `rewrite.graph.modes`), so a captured graph trains like any 
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,6 +16,14 @@ import torch
 from torch import fx, nn
 
 from rewrite.errors import RewriteError
+
+
+def deep_copy(value):
+    """`copy.deepcopy` of a graph or graph module, without pytree's LeafSpec deprecation warning that copying
+    an exported graph raises."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        return copy.deepcopy(value)
 
 META_KEY = "rewrite"
 

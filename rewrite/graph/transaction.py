@@ -10,13 +10,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import warnings
 from typing import Iterator
 
 import torch
 from torch import fx
 
-from rewrite.graph.ir import META_KEY, info
+from rewrite.graph.ir import META_KEY, deep_copy, info
 
 _JOURNALS: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
 
@@ -35,9 +34,7 @@ def _shallow(value):
 
 @contextlib.contextmanager
 def all_or_nothing(gm: fx.GraphModule) -> Iterator[None]:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=FutureWarning)  # pytree's LeafSpec deprecation on copy
-        graph = copy.deepcopy(gm.graph)
+    graph = deep_copy(gm.graph)
     modules = [(m, dict(m._modules), dict(m._parameters), dict(m._buffers))
                for _, m in gm.named_modules(remove_duplicate=False)]
     flags = [(p, p.requires_grad) for p in gm.parameters()]

@@ -33,11 +33,9 @@ text slots (PET's rule: one token at a time from the longer slot), never the pat
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 import random
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
@@ -52,7 +50,7 @@ from rewrite.graph.capture import load_pretrained
 from rewrite.text.examples import Example
 from rewrite.training.data import CLASSIFICATION, IGNORE_INDEX, Fields
 from rewrite.errors import RewriteError
-from rewrite.graph.ir import RewriteGraph, info
+from rewrite.graph.ir import RewriteGraph, deep_copy, info
 from rewrite.text.labels import PVP, Aggregation, check_label_words
 from rewrite.graph.nodes import drop_outputs
 from rewrite.graph.options import check_choices
@@ -160,9 +158,7 @@ def capture_masked_lm(model_dir: str | Path) -> RewriteGraph:
 def pattern_graph(base: RewriteGraph, pvp: PVP, config: PetConfig, *, lora: bool,
                   mlm_logits: bool = False) -> RewriteGraph:
     """A copy of `base` with LoRA (when training) and the PVP's verbalizer head."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=FutureWarning)  # pytree's LeafSpec deprecation on copy
-        gm = copy.deepcopy(base)
+    gm = deep_copy(base)
     if lora:
         apply(gm, "lora", **config.lora)
     apply(gm, "verbalizer", labels=pvp.labels, aggregation=config.aggregation, mlm_logits=mlm_logits, pattern=pvp.pattern)

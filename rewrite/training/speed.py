@@ -12,10 +12,8 @@ makes a second twin for those; `Graphs` picks one per batch.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
-import warnings
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -23,7 +21,7 @@ import networkx as nx
 import torch
 from torch import fx, nn
 
-from rewrite.graph.ir import info, wrap
+from rewrite.graph.ir import deep_copy, info, wrap
 from rewrite.errors import RewriteError
 from rewrite.graph.pipeline import Pipeline, Pass, available, pass_class
 
@@ -141,9 +139,7 @@ def resolve(names: Sequence[str] | None, *, dropout_parity: bool, custom_loss: b
 
 def twin(gm: fx.GraphModule, names: Sequence[str]) -> fx.GraphModule:
     """A train-mode copy of `gm` (same parameters, own metadata) rewritten by the passes `names`."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=FutureWarning)  # pytree's LeafSpec deprecation on copy
-        graph = copy.deepcopy(gm.graph)
+    graph = deep_copy(gm.graph)
     meta = dataclasses.replace(info(gm), history=list(info(gm).history))
     copied = wrap(gm, graph, meta, training=True)
     if names:

@@ -50,13 +50,11 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import json
 import logging
 import math
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -76,7 +74,7 @@ from rewrite.text.examples import Example, TokenizedExamples
 from rewrite.training.data import CLASSIFICATION, LM_TASKS, Fields
 from rewrite.errors import RewriteError
 from rewrite.atomic import check_directory
-from rewrite.graph.ir import info, require_tokenizer, wrap
+from rewrite.graph.ir import deep_copy, info, require_tokenizer, wrap
 from rewrite.training.losses import accuracy_counts, item_count, loss_sum, task_loss  # noqa: F401  (task_loss: to mix with)
 from rewrite.training.head_loss import Head, head_of
 from rewrite.graph.weight_shapes import check_weight_shapes
@@ -453,9 +451,7 @@ def _mark_trained(gm: fx.GraphModule) -> None:
 def _eval_twin(gm: fx.GraphModule) -> fx.GraphModule:
     """An eval-mode copy of the graph sharing `gm`'s parameters. Evaluating through it leaves the
     training graph's code untouched, so a `torch.compile`d training graph is never recompiled."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=FutureWarning)  # pytree's LeafSpec deprecation on copy
-        graph = copy.deepcopy(gm.graph)
+    graph = deep_copy(gm.graph)
     return wrap(gm, graph, info(gm), training=False)
 
 
