@@ -1,11 +1,19 @@
 """`.pt2` archives: round trips keep weights, history, mode, tokenizer; bad files are clear errors."""
 from __future__ import annotations
 
+import json
+import struct
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
 import pytest
 import torch
 
 import rewrite
 
+from conftest import TASK_CLASSES, tiny_config
 from helpers import capture_tiny, fresh_inputs, logits, randomize_lora
 
 
@@ -77,3 +85,113 @@ def test_a_training_speed_graph_says_why_it_cannot_be_saved(make_tiny, tmp_path)
                        r"training-speed passes in its history \(fast_dropout\)"):
         rewrite.save(gm, tmp_path / "g.pt2")
     assert list(tmp_path.iterdir()) == []
+
+
+def _wide_vocab(arch: str):
+    """A tiny model whose embeddings (and LM head) are 2 MiB each: big enough to be mapped from the archive."""
+    torch.manual_seed(0)
+    config = tiny_config(arch)
+    config.vocab_size = 8192
+    return TASK_CLASSES["causal-lm"].from_config(config).eval()
+
+
+def _mapped(path: Path) -> list[tuple[int, int]]:
+    """The address ranges this process maps from file `path`."""
+    ranges = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5] == str(path.resolve()):
+            start, end = (int(a, 16) for a in fields[0].split("-"))
+            ranges.append((start, end))
+    return ranges
+
+
+def _in(tensor: torch.Tensor, ranges: list[tuple[int, int]]) -> bool:
+    return any(start <= tensor.data_ptr() < end for start, end in ranges)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_large_parameters_are_mapped_from_the_archive_and_small_tensors_read(arch, tmp_path):
+    gm = capture_tiny(_wide_vocab(arch))
+    path = rewrite.save(gm, tmp_path / "g.pt2")
+    with zipfile.ZipFile(path) as archive:
+        assert archive.getinfo("weights.safetensors").compress_type == zipfile.ZIP_STORED
+    loaded = rewrite.load(path)
+    ranges = _mapped(path)
+    for name, param in loaded.named_parameters():
+        assert _in(param, ranges) == (param.nbytes >= 2**20), name
+    assert not any(_in(buffer, ranges) for buffer in loaded.buffers())
+    inputs = fresh_inputs(vocab=8192)
+    torch.testing.assert_close(logits(loaded, inputs), logits(gm, inputs), atol=0, rtol=0)
+
+
+def test_writing_a_mapped_weight_changes_the_model_not_the_archive_until_it_is_saved(tmp_path):
+    gm = capture_tiny(_wide_vocab("llama"))
+    path = rewrite.save(gm, tmp_path / "g.pt2")
+    loaded = rewrite.load(path)
+    embeddings = loaded.get_parameter("model.embed_tokens.weight")
+    assert _in(embeddings, _mapped(path))
+    with torch.no_grad():
+        embeddings.add_(1.0)
+    original = gm.get_parameter("model.embed_tokens.weight")
+    torch.testing.assert_close(rewrite.load(path).get_parameter("model.embed_tokens.weight"), original)
+    rewrite.save(loaded, path)  # over the file it was mapped from
+    torch.testing.assert_close(rewrite.load(path).get_parameter("model.embed_tokens.weight"), original + 1.0)
+    torch.testing.assert_close(embeddings, original + 1.0)
+
+
+def test_an_archive_whose_weights_are_not_aligned_loads_the_same(tmp_path):
+    """Archives written before the weights were aligned (or rewritten by another zip tool) are read, not mapped."""
+    gm = capture_tiny(_wide_vocab("llama"))
+    path = rewrite.save(gm, tmp_path / "g.pt2")
+    with zipfile.ZipFile(path) as archive:
+        parts = {name: archive.read(name) for name in archive.namelist()}
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("x", b"1")  # shifts every later member by an odd number of bytes
+        for name, data in parts.items():
+            archive.writestr(name, data)
+    inputs = fresh_inputs(vocab=8192)
+    torch.testing.assert_close(logits(rewrite.load(path), inputs), logits(gm, inputs), atol=0, rtol=0)
+
+
+def test_weights_whose_offsets_leave_the_data_are_a_clear_error(tmp_path):
+    gm = capture_tiny(_wide_vocab("llama"))
+    path = rewrite.save(gm, tmp_path / "g.pt2")
+    with zipfile.ZipFile(path) as archive:
+        parts = {name: archive.read(name) for name in archive.namelist()}
+    header = json.dumps({"model.embed_tokens.weight": {"dtype": "F32", "shape": [8192, 64],
+                                                       "data_offsets": [2**40, 2**40 + 8192 * 64 * 4]}}).encode()
+    parts["weights.safetensors"] = struct.pack("<Q", len(header)) + header
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in parts.items():
+            archive.writestr(name, data)
+    with pytest.raises(rewrite.RewriteError, match="is not a readable rewrite graph archive .*offsets"):
+        rewrite.load(path)
+
+
+LOAD_PEAK = """
+import sys, torch, rewrite
+from pathlib import Path
+def status(field):
+    return next(int(l.split()[1]) * 1024 for l in Path("/proc/self/status").read_text().splitlines()
+                if l.startswith(field + ":"))
+rewrite.load(sys.argv[1])  # once before the baseline: the modules loading imports on first use
+Path("/proc/self/clear_refs").write_text("5")
+base = status("VmRSS")
+gm = rewrite.load(sys.argv[1])
+loaded = status("VmHWM") - base
+total = sum(float(p.sum()) for p in gm.parameters())  # reads every weight
+print(loaded, status("VmHWM") - base, sum(p.nbytes for p in gm.parameters()))
+"""
+
+
+def test_loading_holds_the_weights_once_and_pages_them_in_as_they_are_read(tmp_path):
+    """Peak RSS of a fresh process: loading reads nothing; reading every weight brings them in once."""
+    torch.manual_seed(0)
+    config = tiny_config("llama")
+    config.update(dict(vocab_size=32000, hidden_size=256, intermediate_size=512))  # 8 + 8 + 6 MiB of weights
+    gm = capture_tiny(TASK_CLASSES["causal-lm"].from_config(config).eval())
+    path = rewrite.save(gm, tmp_path / "g.pt2")
+    done = subprocess.run([sys.executable, "-c", LOAD_PEAK, str(path)], capture_output=True, text=True, check=True)
+    loaded, read, weights = (int(v) for v in done.stdout.split())
+    assert loaded < 0.3 * weights and read < 1.3 * weights, (loaded / weights, read / weights)

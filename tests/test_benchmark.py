@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -88,3 +89,15 @@ def test_the_quantized_load_benchmark_measures_every_load_and_plans_7b(tmp_path)
     assert plan["modules"] == 224 and plan["quantized_bytes"] < plan["quantized_float_bytes"] / 5
     assert plan["predicted_peak_bytes"] == plan["model_quantized_bytes"] + plan["largest_float_bytes"]
     assert "| int4 | 224 |" in done.stdout
+
+
+@pytest.mark.slow
+def test_the_fsdp_memory_benchmark_measures_every_world_size(tmp_path):
+    script = BENCHMARK.parent / "fsdp_memory.py"
+    done = subprocess.run([sys.executable, str(script), "--model", "tiny-llama", "--worlds", "1,2", "--steps", "2",
+                           "--json", str(tmp_path / "out.json")], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| 1 |" in done.stdout and "| 2 |" in done.stdout
+    results = json.loads((tmp_path / "out.json").read_text())
+    assert [len(results[w]) for w in ("1", "2")] == [1, 2]
+    assert all(r["peak_bytes"] > 0 and r["tokens_per_s"] > 0 for ranks in results.values() for r in ranks)

@@ -19,9 +19,19 @@ from helpers import capture_tiny, fresh_inputs, randomize_lora
 
 CASES = {  # (architecture, task): the block paths
     ("llama", "causal-lm"): ["model.layers.0", "model.layers.1"],
-    ("gpt2", "causal-lm"): ["transformer.h.0", "transformer.h.1"],  # lm_head tied to wte, both at the root
-    ("bert", "masked-lm"): ["bert.encoder.layer.0", "bert.encoder.layer.1"],  # decoder tied to the embeddings
+    ("gpt2", "causal-lm"): ["transformer.h.0", "transformer.h.1"],
+    ("bert", "masked-lm"): ["bert.encoder.layer.0", "bert.encoder.layer.1"],
     ("bert", "seq-cls"): ["bert.encoder.layer.0", "bert.encoder.layer.1"],
+}
+EDGES = {  # the modules outside the blocks that become units of their own; tied tensors stay at the root
+    ("llama", "causal-lm"): ["model.embed_tokens", "model.norm", "lm_head"],
+    ("gpt2", "causal-lm"): ["transformer.wpe", "transformer.ln_f"],  # lm_head tied to wte, both at the root
+    ("bert", "masked-lm"): ["bert.embeddings.position_embeddings", "bert.embeddings.token_type_embeddings",
+                            "bert.embeddings.LayerNorm", "cls.predictions.transform.dense",
+                            "cls.predictions.transform.LayerNorm"],  # the decoder tied to the word embeddings
+    ("bert", "seq-cls"): ["bert.embeddings.word_embeddings", "bert.embeddings.position_embeddings",
+                          "bert.embeddings.token_type_embeddings", "bert.embeddings.LayerNorm", "bert.pooler.dense",
+                          "classifier"],
 }
 
 
@@ -56,18 +66,18 @@ def test_blocks_are_modules_at_their_own_paths_holding_the_same_tensors(arch, ta
     before = tensors(gm)
     layout = outline_blocks(gm)
 
-    assert layout.refused is None and layout.paths == CASES[arch, task]
+    assert layout.refused is None and layout.paths == CASES[arch, task] and layout.edges == EDGES[arch, task]
     assert tensors(gm) == before  # names, order and objects: one owner per tensor
     graphs = [name for name, m in gm.named_modules() if isinstance(m, fx.GraphModule) and m is not gm]
-    assert graphs == layout.paths
+    assert sorted(graphs) == sorted(layout.units)
     calls = [n.target for n in gm.graph.find_nodes(op="call_module")]
-    assert calls == layout.paths
+    assert sorted(calls) == sorted(layout.units)
     for path in layout.paths:
         inside = {f"{path}.{name}" for name, p in gm.get_submodule(path).named_parameters() if p.requires_grad}
         assert inside == {name for name in gm.info.trainable if name.startswith(path + ".")}
         assert any(".lora_A." in name for name in inside) and any(".lora_B." in name for name in inside)
-    assert not any(n.op == "get_attr" and n.target.startswith(tuple(p + "." for p in layout.paths))
-                   for n in gm.graph.nodes)  # the blocks read their tensors themselves
+    assert not any(n.op == "get_attr" and n.target.startswith(tuple(p + "." for p in layout.units))
+                   for n in gm.graph.nodes)  # the units read their tensors themselves
 
 
 @pytest.mark.parametrize("arch, task", list(CASES))

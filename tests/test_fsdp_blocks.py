@@ -84,7 +84,7 @@ def train(gm, task: str, rows: slice, world: int) -> dict:
 
 
 def watch_gathering(gm, paths: list[str]) -> list[bool]:
-    """Per block call: whether its parameters were gathered and every other block's sharded."""
+    """Per unit call: whether its parameters were gathered and every other unit's sharded."""
     seen = []
     blocks = {path: gm.get_submodule(path) for path in paths}
 
@@ -115,10 +115,10 @@ def rank_main(rank: int, port: int, out: str) -> None:
         warnings.clear()
         gm = dropout_free_graph(case)
         layout = distributed.shard(gm, ctx)
-        seen = watch_gathering(gm, layout.paths)
+        seen = watch_gathering(gm, layout.units)
         share = BATCH // WORLD
         results[case] = {**train(gm, task, slice(rank * share, (rank + 1) * share), WORLD), "paths": layout.paths,
-                         "units": len(distributed.units(gm)), "seen": seen, "warnings": list(warnings)}
+                         "edges": layout.edges, "units": len(distributed.units(gm)), "seen": seen, "warnings": list(warnings)}
     if ctx.main:
         torch.save(results, out)
     ctx.close()
@@ -141,8 +141,9 @@ def sharded_runs(tmp_path_factory):
 @pytest.mark.parametrize("case", ["llama", "gpt2", "bert"])
 def test_fsdp_per_block_trains_like_one_process(sharded_runs, case):
     got = sharded_runs[case]
-    assert got["units"] == BLOCKS + 1 and len(got["paths"]) == BLOCKS and not got["warnings"]
-    assert len(got["seen"]) == STEPS * BLOCKS and all(got["seen"])  # gathered one block at a time
+    units = BLOCKS + len(got["edges"])
+    assert got["units"] == units + 1 and len(got["paths"]) == BLOCKS and got["edges"] and not got["warnings"]
+    assert len(got["seen"]) == STEPS * units and all(got["seen"])  # gathered one unit at a time
     expected = train(dropout_free_graph(case), CASES[case], slice(0, BATCH), 1)
     torch.testing.assert_close(got["losses"], expected["losses"], atol=1e-5, rtol=0)
     for step, (grads, reference) in enumerate(zip(got["grads"], expected["grads"])):

@@ -4,10 +4,18 @@ Everything in an archive is data, so loading one from anyone is as safe as loadi
 the graph is JSON node records whose operators resolve against an allow-list (`rewrite.graph.codec`),
 weights are safetensors, the config is JSON read by its built-in class, and only the tokenizer's data
 files are read (never custom code). Format 1 archives held a pickle and are refused unread.
+
+The weights are stored uncompressed on a 64-byte boundary, so loading maps the parameters from the file
+instead of reading them: a loaded model holds its frozen weights once, as pages of the file, and an FSDP
+rank that keeps only its shards never has the whole model resident.
 """
 from __future__ import annotations
 
 import json
+import math
+import mmap
+import shutil
+import struct
 import tempfile
 import zipfile
 from pathlib import Path
@@ -18,7 +26,7 @@ import torch
 from torch import fx, nn
 
 from rewrite.errors import RewriteError
-from rewrite.atomic import atomic_path
+from rewrite.atomic import atomic_path, temp_prefix
 from rewrite.graph.codec import ATTRIBUTE_PATH, UnsafeGraphError, decode_graph, encode_graph
 from rewrite.graph.ir import GraphInfo, RewriteGraph, add_submodule, info, wrap
 from rewrite.graph.pipeline import available, pass_class
@@ -27,6 +35,16 @@ FORMAT = 2
 _KEPT_META = ("nn_module_stack", "rewrite", "rewrite_train_dropout_p")
 _INFO_OBJECTS = GraphInfo.OBJECTS
 _TOKENIZER_FILES = (".json", ".txt", ".model")  # vocabularies, merges, sentencepiece protobufs: data only
+_WEIGHTS = "weights.safetensors"
+_ALIGN = 64
+_MAPPED_BYTES = 2**20  # smaller tensors are read: a mapping each would cost more than it saves
+_PADDING_FIELD = 0xD935  # the zip extra field that aligns a member's data (Android's zipalign uses it too)
+_LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature ... file name length, extra field length
+# safetensors' dtype names (its format specification)
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+           "I16": torch.int16, "I8": torch.int8, "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16,
+           "U8": torch.uint8, "BOOL": torch.bool}
 
 
 def _tensors(gm: fx.GraphModule) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -75,8 +93,7 @@ def save(gm: fx.GraphModule, path: str | Path) -> Path:
             shapes = {n: [list(t.shape), str(t.dtype).removeprefix("torch.")] for n, t in tensors.items()}
             archive.writestr("shapes.json", json.dumps(shapes))
         else:
-            contiguous = {n: t.contiguous().cpu() for n, t in tensors.items()}
-            archive.writestr("weights.safetensors", safetensors.torch.save(contiguous))
+            _write_weights(archive, tensors, path.parent)
         for key in _INFO_OBJECTS:
             if getattr(meta, key) is not None:
                 with tempfile.TemporaryDirectory() as tmpdir:
@@ -86,11 +103,70 @@ def save(gm: fx.GraphModule, path: str | Path) -> Path:
     return path
 
 
-def _read_tensors(archive: zipfile.ZipFile, header: dict) -> dict[str, torch.Tensor]:
+def _write_weights(archive: zipfile.ZipFile, tensors: dict[str, torch.Tensor], directory: Path) -> None:
+    """The weights through a temporary file (safetensors writes it from the tensors' memory, with no copy of
+    the model in between), stored with padding that puts the data on an `_ALIGN`-byte boundary."""
+    contiguous = {n: t.contiguous().cpu() for n, t in tensors.items()}
+    with tempfile.NamedTemporaryFile(dir=directory, prefix=temp_prefix("weights-")) as tmp:
+        safetensors.torch.save_file(contiguous, tmp.name)
+        member = zipfile.ZipInfo(_WEIGHTS, date_time=(1980, 1, 1, 0, 0, 0))
+        member.file_size = Path(tmp.name).stat().st_size
+        # the local header: 30 bytes, the name, this padding field (4 + pad bytes), zip64 sizes (20 bytes)
+        unpadded = archive.fp.tell() + 30 + len(_WEIGHTS) + 4 + 20
+        member.extra = struct.pack("<HH", _PADDING_FIELD, -unpadded % _ALIGN) + bytes(-unpadded % _ALIGN)
+        with archive.open(member, "w", force_zip64=True) as out, open(tmp.name, "rb") as source:
+            shutil.copyfileobj(source, out, 2**24)
+
+
+def _read_tensors(archive: zipfile.ZipFile, header: dict, mapped: set[str]) -> dict[str, torch.Tensor]:
     if header.get("meta_device"):
         shapes = json.loads(archive.read("shapes.json"))
         return {n: torch.empty(s, dtype=getattr(torch, d), device="meta") for n, (s, d) in shapes.items()}
-    return safetensors.torch.load(archive.read("weights.safetensors"))
+    member = archive.getinfo(_WEIGHTS)
+    if member.compress_type != zipfile.ZIP_STORED:
+        return safetensors.torch.load(archive.read(member))
+    return _map_weights(archive, member, mapped)
+
+
+def _map_weights(archive: zipfile.ZipFile, member: zipfile.ZipInfo, mapped: set[str]) -> dict[str, torch.Tensor]:
+    """The stored safetensors member's tensors: the `mapped` ones (parameters of at least `_MAPPED_BYTES`) as
+    views of their own private, copy-on-write mapping of the file, which goes with the tensor (so an FSDP
+    rank that swaps a parameter for its shard also drops the pages it read), the others read into memory."""
+    file = archive.fp
+    file.seek(member.header_offset)
+    signature, name_length, extra_length = _LOCAL_HEADER.unpack(file.read(_LOCAL_HEADER.size))
+    if signature != b"PK\x03\x04":
+        raise ValueError(f"the local header of {_WEIGHTS} is damaged")
+    start = member.header_offset + _LOCAL_HEADER.size + name_length + extra_length
+    file.seek(start)
+    (length,) = struct.unpack("<Q", file.read(8))
+    if length > member.file_size - 8:
+        raise ValueError(f"the safetensors header of {_WEIGHTS} is longer than the member")
+    entries = json.loads(file.read(length))
+    entries.pop("__metadata__", None)
+    data, size = start + 8 + length, member.file_size - 8 - length
+    return {name: _tensor(file, data, size, entry, name in mapped) for name, entry in entries.items()}
+
+
+def _tensor(file, data: int, size: int, entry: dict, map_it: bool) -> torch.Tensor:
+    dtype, shape, (begin, end) = _DTYPES[entry["dtype"]], [int(d) for d in entry["shape"]], entry["data_offsets"]
+    count = math.prod(shape)
+    if not 0 <= begin <= end <= size or end - begin != count * dtype.itemsize or min(shape, default=0) < 0:
+        raise ValueError(f"a tensor's offsets {[begin, end]} do not fit its shape {shape} and the data")
+    offset = data + begin
+    if map_it and end - begin >= _MAPPED_BYTES and offset % dtype.itemsize == 0:
+        page = offset - offset % mmap.ALLOCATIONGRANULARITY
+        try:
+            view = mmap.mmap(file.fileno(), offset + end - begin - page, offset=page, access=mmap.ACCESS_COPY)
+        except OSError:  # out of file descriptors (a mapping holds one) or of mappings: read it instead
+            pass
+        else:
+            return torch.frombuffer(view, dtype=dtype, count=count, offset=offset - page).view(shape)
+    tensor = torch.empty(shape, dtype=dtype)
+    file.seek(offset)
+    if file.readinto(tensor.view(-1).view(torch.uint8).numpy()) != end - begin:
+        raise EOFError(f"{_WEIGHTS} ends inside a tensor")
+    return tensor
 
 
 def _owner(root: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -170,7 +246,7 @@ def _read(archive: zipfile.ZipFile) -> RewriteGraph:
     _check_names(manifest)
     graph = decode_graph(json.loads(archive.read("graph.json")),
                          {*manifest["parameters"], *manifest["buffers"], *manifest["aliases"]})
-    root = _build_root(_read_tensors(archive, header), manifest)
+    root = _build_root(_read_tensors(archive, header, set(manifest["parameters"])), manifest)
     training = bool(header.pop("training"))
     header.pop("format")
     if "config/config.json" in archive.namelist():

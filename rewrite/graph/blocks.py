@@ -13,6 +13,11 @@ and holding the same tensor objects, so every parameter keeps its name and has o
 block's stretch is interleaved with another's, a block's tensor is read outside it, or a tensor is
 tied across a block boundary: the caller then treats the graph as one unit. The graph as it was
 stays in `BlockLayout.flat`, for an eval twin and for saving (the archive stores ATen graphs only).
+
+The modules outside the blocks that own tensors only their own calls read, in one stretch (the input
+embeddings, the final norm, an untied LM head), are outlined the same way as edge units: FSDP then gathers
+a 32k-vocabulary embedding or head, bigger than a block, only while it runs, not for the whole step.
+A module that fails a test (a tensor tied to another module, calls interleaved) stays in the root.
 """
 from __future__ import annotations
 
@@ -59,8 +64,8 @@ class Refused(Exception):
 
 
 def plan_blocks(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
-    """Each block's nodes to outline, in graph order: the get_attrs of tensors under its path, then its stretch.
-    Raises `Refused` when a block is interleaved, a block's tensor is read outside it, or a tensor is tied
+    """Each block's nodes to outline, in graph order: the get_attrs of tensors under its path, then its stretch;
+    then each edge unit's the same way. Raises `Refused` when a block is interleaved, a block's tensor is read outside it, or a tensor is tied
     across a block boundary."""
     blocks = find_blocks(gm.graph)
     if not blocks:
@@ -81,7 +86,42 @@ def plan_blocks(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
             raise Refused(f"tensor {node.target} is read outside its block {path} "
                           f"(by {', '.join(sorted(r or 'the root' for r in readers - {path}))})")
         owned[path].append(node)
-    return {block.path: owned[block.path] + block.stretch for block in blocks}
+    plan = {block.path: owned[block.path] + block.stretch for block in blocks}
+    return plan | _edge_units(gm, {n for nodes in plan.values() for n in nodes})
+
+
+def _edge_units(gm: fx.GraphModule, taken: set[fx.Node]) -> dict[str, list[fx.Node]]:
+    """The modules outside the blocks that can be outlined as units of their own (the module docstring):
+    each tensor goes with the one module path all its readers share, when the tensor lies under it; a module
+    with parameters among them becomes a unit."""
+    owned: dict[str, list[fx.Node]] = {}
+    for node in gm.graph.find_nodes(op="get_attr"):
+        paths = {module_path(user) for user in node.users}
+        path = paths.pop() if len(paths) == 1 else None
+        if node not in taken and path and node.target.startswith(path + "."):
+            owned.setdefault(path, []).append(node)
+    calls = [n for n in gm.graph.nodes if n.op == "call_function"]
+    parameters = {name for name, _ in gm.named_parameters(remove_duplicate=False)}
+    units = {}
+    for path, attrs in owned.items():
+        if not parameters & {n.target for n in attrs}:
+            continue  # buffers only (rotary frequencies): nothing to shard
+        inside = [i for i, n in enumerate(calls) if (module_path(n) or "").startswith(path + ".")
+                  or module_path(n) == path]
+        stretch = calls[inside[0]:inside[-1] + 1]
+        if len(stretch) == len(inside) and not taken & set(stretch) and _owns_alone(gm, path, attrs):
+            units[path] = attrs + stretch
+    nested = {p for p in units for q in units if p != q and p.startswith(q + ".")}
+    return {path: nodes for path, nodes in units.items() if path not in nested}
+
+
+def _owns_alone(gm: fx.GraphModule, path: str, attrs: list[fx.Node]) -> bool:
+    """Every tensor under `path` is read there or nowhere, and none is also registered outside it."""
+    read_elsewhere = {n.target for n in gm.graph.find_nodes(op="get_attr") if n.users and n not in attrs}
+    named = [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]
+    under = {id(t) for name, t in named if name.startswith(path + ".")}
+    return not any(name in read_elsewhere or not name.startswith(path + ".")
+                   for name, t in named if id(t) in under)
 
 
 def _reader(user: fx.Node, stretches: dict[str, set[fx.Node]]) -> str | None:
@@ -101,12 +141,18 @@ def _check_ties(gm: fx.GraphModule) -> None:
 
 @dataclass
 class BlockLayout:
-    """What `outline_blocks` did: the outlined block paths (none when refused, with the reason) and the
-    graph as it was, which still runs over the outlined module tree."""
+    """What `outline_blocks` did: the outlined block paths and edge units (none when refused, with the
+    reason) and the graph as it was, which still runs over the outlined module tree."""
 
     flat: fx.Graph
     paths: list[str] = field(default_factory=list)
+    edges: list[str] = field(default_factory=list)
     refused: str | None = None
+
+    @property
+    def units(self) -> list[str]:
+        """Every outlined module, blocks first: FSDP's units below the root."""
+        return [*self.paths, *self.edges]
 
     def flat_twin(self, gm: fx.GraphModule, training: bool) -> RewriteGraph:
         """The flat graph over `gm`'s current tensors (build it after anything swaps them, e.g. FSDP's
@@ -127,4 +173,4 @@ def outline_blocks(gm: fx.GraphModule) -> BlockLayout:
         outline_module(gm, path, nodes)
     gm.graph.lint()
     gm.recompile()
-    return BlockLayout(flat, list(plan))
+    return BlockLayout(flat, [p for p in plan if block_of(p) is not None], [p for p in plan if block_of(p) is None])

@@ -1,13 +1,15 @@
 """Weights of another shape than the graph needs, named before an export or a training run meets them.
 
 Archives store no shapes and a weight's shape is only wrong for the ops that read it, so the graph is run
-once on small inputs, node by node; an op that cannot use a weight names it, with the shape the model's
-config gives it where the config knows the tensor.
+once on small inputs, node by node, on fake tensors (shapes without data: the check reads no weight, so a
+model mapped from its archive is not paged in by it); an op that cannot use a weight names it, with the
+shape the model's config gives it where the config knows the tensor.
 """
 from __future__ import annotations
 
 import torch
 from torch import fx
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from rewrite.graph.capture import config_shapes
 from rewrite.errors import RewriteError
@@ -64,5 +66,5 @@ def check_weight_shapes(gm: fx.GraphModule) -> None:
     if device.type == "meta":
         return  # shapes without values: nothing can disagree with what capture recorded
     names = [n.target for n in gm.graph.find_nodes(op="placeholder")]
-    with torch.no_grad():
+    with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True):
         _WeightCheck(gm).run(*(t.to(device) for t in example_inputs(names, vocab_size(gm)).values()))

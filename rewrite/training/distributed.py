@@ -121,14 +121,15 @@ def wrap(module: nn.Module, ctx: Context) -> nn.Module:
 
 
 def shard(gm: fx.GraphModule, ctx: Context) -> BlockLayout:
-    """Shards `gm` in place over all ranks with FSDP2: each transformer block a unit, then the root; one
+    """Shards `gm` in place over all ranks with FSDP2: each transformer block a unit, each edge unit (embeddings,
+    final norm, untied LM head: `rewrite.graph.blocks`), then the root; one
     unit when the graph cannot be outlined per block (logged with the reason). Modes, frozen parameters
     and every other change to the graph must come before: a sharded graph cannot be recompiled."""
     mesh = init_device_mesh(ctx.device.type, (ctx.world,))  # the default mesh would follow the accelerator
     layout = outline_blocks(gm)
     if layout.refused:
         log.warning("FSDP shards the graph as one unit, gathered whole for every step: %s", layout.refused)
-    for path in layout.paths:
+    for path in layout.units:
         fully_shard(gm.get_submodule(path), mesh=mesh)
     fully_shard(gm, mesh=mesh)
     return layout

@@ -318,7 +318,8 @@ class _Run:
 
     def __post_init__(self) -> None:
         config, ctx = self.config, self.ctx
-        self.gm.to(ctx.device)
+        if not config.fsdp:  # FSDP moves each unit to the device as it shards it: never the whole model at once
+            self.gm.to(ctx.device)
         _freeze_base(self.gm, master_fp32=self.objective.bf16)
         if config.fsdp:  # FSDP shards the graph itself in place: no speed twin
             self.layout = distributed.shard(self.gm, ctx)
