@@ -5,12 +5,14 @@ from __future__ import annotations
 import errno
 import io
 import os
+import re
 import sys
 import tempfile
 import zipfile
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 
 import rewrite
 from rewrite.training import checkpoint
@@ -44,11 +46,38 @@ def test_outputs_follow_the_umask(graph, tmp_path, umask, mask):
     umask(mask)
     rewrite.save(graph, tmp_path / "g.pt2")
     rewrite.save_adapter(graph, tmp_path / "adapter")
-    step = checkpoint.write(tmp_path / "checkpoints", 1, {"w": torch.zeros(2)}, {"world_size": 1}, keep=1)
+    step = checkpoint.write(tmp_path / "checkpoints", 1, _shards, {"world_size": 1}, keep=1)
     assert _mode(tmp_path / "g.pt2") == 0o666 & ~mask
     assert _mode(tmp_path / "adapter" / "adapter_model.safetensors") == 0o666 & ~mask
     assert _mode(step) == 0o777 & ~mask
-    assert _mode(step / checkpoint.WEIGHTS_NAME) == 0o666 & ~mask
+    assert {p.name: _mode(p) for p in step.iterdir()} == {
+        name: 0o666 & ~mask for name in (checkpoint.METADATA_NAME, "__0_0.distcp", checkpoint.STATE_NAME,
+                                          checkpoint.INFO_NAME)}
+
+
+def _shards(directory) -> None:
+    dcp.save({"model": {"w": torch.zeros(2)}}, checkpoint_id=directory)
+
+
+def test_a_checkpoint_is_visible_only_when_whole(tmp_path):
+    def cut_short(directory):
+        _shards(directory)
+        raise KeyboardInterrupt
+
+    root = tmp_path / "checkpoints"
+    checkpoint.write(root, 1, _shards, {"world_size": 1}, keep=2)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.write(root, 2, cut_short, {"world_size": 1}, keep=2)
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000001"]
+
+
+def test_a_checkpoint_without_its_index_is_unreadable(tmp_path):
+    step = checkpoint.write(tmp_path, 1, _shards, {"world_size": 1, "scheduler": {}, "rng": []}, keep=1)
+    assert checkpoint.read(step).shapes == {"w": (2,)}
+    (step / checkpoint.METADATA_NAME).unlink()
+    with pytest.raises(checkpoint.Unreadable, match=re.escape(
+            f"checkpoint {str(step)!r} is unreadable ({checkpoint.METADATA_NAME} is missing)")):
+        checkpoint.read(step)
 
 
 def _leftovers(directory) -> list[str]:

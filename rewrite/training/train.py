@@ -40,8 +40,9 @@
   hyperparameters than the checkpoint's are refused. The run holds an OS lock on `output_dir`, so a
   second run into it is refused.
 - Under `torchrun`, each rank trains on its share of every global batch (DistributedDataParallel,
-  gloo on CPU, NCCL on GPU); rank 0 writes files. With `fsdp=True` (refused in a single process) the
-  graph is sharded in place with FSDP2 instead, one unit per transformer block and one for the rest
+  gloo on CPU, NCCL on GPU); rank 0 writes files, and every rank its shards of each checkpoint. With
+  `fsdp=True` (refused in a single process) the graph is sharded in place with FSDP2 instead, one unit
+  per transformer block and one for the rest
   (`rewrite.training.distributed.shard`); it is gathered whole again at the end but stays outlined
   per block and an FSDP module in train mode (use it inside the process group, or load `model.pt2`).
 - `train` seeds torch's global RNG with `seed + rank` (dropout draws from it); the data order and
