@@ -1,24 +1,30 @@
 """Outputs are written as other tools write them: modes follow the umask, and a write the file system
-refuses (a read-only directory, a full disk) is one sentence naming the output, never a temporary."""
+refuses (a read-only directory, a full disk) is one sentence naming the output, never a temporary. A
+training checkpoint, which every rank writes a part of, is visible only when whole."""
 from __future__ import annotations
 
 import errno
 import io
 import os
 import re
+import socket
 import sys
 import tempfile
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+import torch.multiprocessing as mp
 
 import rewrite
-from rewrite.training import checkpoint
+from rewrite.training import checkpoint, distributed
 from rewrite.atomic import TMP_PREFIX
 from rewrite.cli.main import main
 from rewrite.errors import RewriteError
+
+from helpers import checkpoint_tensors
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +75,48 @@ def test_a_checkpoint_is_visible_only_when_whole(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         checkpoint.write(root, 2, cut_short, {"world_size": 1}, keep=2)
     assert sorted(p.name for p in root.iterdir()) == ["step-00000001"]
+
+
+def _refused(**kwargs):
+    raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))  # what a directory rank 0 may not write to does
+
+
+def _rank_writes(rank: int, port: int, root: str, refuse: bool) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    ctx = distributed.setup("cpu")
+    if refuse and ctx.main:
+        tempfile.mkdtemp = _refused
+    try:
+        checkpoint.write(Path(root), 1, lambda directory: dcp.save({f"rank{rank}": torch.full((2,), rank)},
+                                                                   checkpoint_id=directory),
+                         {"world_size": 2}, keep=1, ctx=ctx)
+        outcome = "written"
+    except OSError as error:
+        outcome = type(error).__name__
+    Path(root).with_name(f"rank{rank}").write_text(outcome)
+    ctx.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("refuse", [False, True])
+def test_two_ranks_write_one_checkpoint_or_both_fail(tmp_path, refuse):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = tmp_path / "checkpoints"
+    mp.spawn(_rank_writes, args=(port, str(root), refuse), nprocs=2)
+    outcomes = [(tmp_path / f"rank{rank}").read_text() for rank in range(2)]
+    if refuse:
+        assert outcomes == ["PermissionError"] * 2 and not any(root.iterdir())
+        return
+    assert outcomes == ["written"] * 2 and sorted(p.name for p in root.iterdir()) == ["step-00000001"]
+    step = root / "step-00000001"
+    assert {p.name for p in step.iterdir()} == {checkpoint.METADATA_NAME, "__0_0.distcp", "__1_0.distcp",
+                                                 checkpoint.STATE_NAME, checkpoint.INFO_NAME}
+    whole = checkpoint_tensors(step)
+    assert torch.equal(whole["rank0"], torch.zeros(2)) and torch.equal(whole["rank1"], torch.ones(2))
 
 
 def test_a_checkpoint_without_its_index_is_unreadable(tmp_path):

@@ -81,9 +81,7 @@ def write(root: Path, step: int, shards: Callable[[Path], None], state: dict[str
     it. Returns the checkpoint's directory on rank 0."""
     ctx = ctx or distributed.Context(0, 1, torch.device("cpu"), owns_group=False)
     final = root / f"step-{step:08d}"
-    if ctx.main:
-        root.mkdir(parents=True, exist_ok=True)
-    tmp = ctx.gather(Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root)) if ctx.main else None)[0]
+    tmp = _shared_temporary(root, final.name, ctx)
     try:
         shards(tmp)
         ctx.barrier()
@@ -102,6 +100,22 @@ def write(root: Path, step: int, shards: Callable[[Path], None], state: dict[str
     for _, old in completed(root)[:-keep]:
         _discard(old)
     return final
+
+
+def _shared_temporary(root: Path, name: str, ctx: distributed.Context) -> Path:
+    """The temporary directory rank 0 made for checkpoint `name`, on every rank; when rank 0 could not make
+    it, every rank raises its error (rather than the others waiting for it)."""
+    made: Path | OSError | None = None
+    if ctx.main:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            made = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
+        except OSError as error:
+            made = error
+    made = ctx.gather(made)[0]
+    if isinstance(made, OSError):
+        raise made
+    return made
 
 
 class Unreadable(RewriteError):
