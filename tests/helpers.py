@@ -99,10 +99,22 @@ def lora_graph(model_dir, roles=("q", "v")):
     return gm
 
 
+def checkpoint_tensors(directory) -> dict:
+    """A checkpoint's shards whole, however many ranks wrote them: {"model": {name: weight}, "optim": {...}}."""
+    import tempfile
+    from pathlib import Path
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(directory, Path(tmp) / "whole.pt")
+        return torch.load(Path(tmp) / "whole.pt", weights_only=True)
+
+
 def first_moments(output_dir, step: int) -> list[torch.Tensor]:
     """AdamW's first moment after step 1 is 0.1 x the gradient: the step's gradient, read from its checkpoint."""
-    state = torch.load(output_dir / "checkpoints" / f"step-{step:08d}" / "trainer_state.pt", weights_only=True)
-    return [s["exp_avg"] for _, s in sorted(state["optimizer"]["state"].items())]
+    state = checkpoint_tensors(output_dir / "checkpoints" / f"step-{step:08d}")["optim"]["state"]
+    return [s["exp_avg"] for _, s in sorted(state.items())]
 
 
 def run_cli(*args, cwd=None, env=None, timeout=300):

@@ -131,14 +131,17 @@ def test_causal_lm_labels_ignore_padding_and_masked_lm_masks_reproducibly(tokeni
     causal = collate(encoded, [0, 1], tokenizer, "causal-lm", names)
     assert torch.equal(causal["labels"], causal["input_ids"].masked_fill(causal["attention_mask"] == 0, -100))
 
-    masked = [collate(encoded, [0, 1] * 20, tokenizer, "masked-lm", names, torch.Generator().manual_seed(3))
-              for _ in range(2)]
+    masked = [collate(encoded, [0, 1] * 20, tokenizer, "masked-lm", names, range(3, 43)) for _ in range(2)]
     assert torch.equal(masked[0]["input_ids"], masked[1]["input_ids"])
     labels, original = masked[0]["labels"], causal["input_ids"].repeat(20, 1)
     targets = labels != -100
     assert torch.equal(labels[targets], original[targets])
     assert not targets[original == tokenizer.cls_token_id].any() and not targets[causal["attention_mask"].repeat(20, 1) == 0].any()
     assert (masked[0]["input_ids"][targets] == tokenizer.mask_token_id).float().mean() > 0.5
+    alone = collate(encoded, [1] * 20, tokenizer, "masked-lm", names, range(4, 43, 2))  # no neighbour, no padding
+    assert alone["input_ids"].shape == (20, 3) and (alone["labels"] != -100).any()
+    assert torch.equal(alone["input_ids"], masked[0]["input_ids"][1::2, :3])
+    assert torch.equal(alone["labels"], masked[0]["labels"][1::2, :3])
 
 
 def test_shards_split_each_global_batch_like_one_big_batch():

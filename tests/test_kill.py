@@ -98,7 +98,7 @@ def test_kill_during_train_then_resume(lora_archive, tmp_path, seed):
             "--epochs", "2"]
     _kill_at(_start(*args), random.Random(seed).uniform(2.0, 12.0))
     for step_dir in (run / "checkpoints").glob("step-*") if (run / "checkpoints").is_dir() else []:
-        assert {p.name for p in step_dir.iterdir()} == {"adapter_model.safetensors", "trainer_state.pt",
+        assert {p.name for p in step_dir.iterdir()} == {".metadata", "__0_0.distcp", "trainer_state.pt",
                                                          "checkpoint.json"}
     assert not (run / "model.pt2").exists() or rewrite.load(run / "model.pt2")
     _ok(run_cli(*args, "--resume"))

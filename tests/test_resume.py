@@ -94,7 +94,8 @@ def _truncate(path) -> None:
 
 
 DAMAGES = {  # what a full disk or an interrupted copy leaves: (damage, the part the message names)
-    "truncated-weights": (lambda step: _truncate(step / "adapter_model.safetensors"), "adapter_model.safetensors is damaged"),
+    "truncated-shards": (lambda step: _truncate(step / "__0_0.distcp"), "its shards (*.distcp) are damaged or missing"),
+    "missing-index": (lambda step: (step / ".metadata").unlink(), ".metadata is missing"),
     "bad-json": (lambda step: (step / "checkpoint.json").write_text('{"step": '), "checkpoint.json is damaged"),
     "missing-state": (lambda step: (step / "trainer_state.pt").unlink(), "trainer_state.pt is missing"),
 }

@@ -5,18 +5,16 @@ from __future__ import annotations
 import json
 
 import pytest
-import safetensors.torch
 import torch
 import transformers
 from click.testing import CliRunner
 
 import rewrite
-from rewrite.adapters.peft_files import PREFIX
 from rewrite.cli.main import cli
 from rewrite.errors import RewriteError
 from rewrite.training.train import TrainConfig, evaluate, task_loss, train
 
-from helpers import capture_tiny, first_moments, fresh_inputs, lora_graph, peft_twin, randomize_lora, sentiment_rows
+from helpers import capture_tiny, checkpoint_tensors, first_moments, fresh_inputs, lora_graph, peft_twin, randomize_lora, sentiment_rows
 
 def peft_name(name: str, saved: list[str]) -> str:
     """Our parameter name -> the PEFT model's (adapter name inserted, heads under modules_to_save)."""
@@ -111,10 +109,10 @@ def test_outputs_checkpoints_and_metrics_log(tiny_bert_dir, tmp_path):
 
     steps = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert steps == ["step-00000004", "step-00000005"]
-    weights = safetensors.torch.load_file(tmp_path / "checkpoints" / steps[-1] / "adapter_model.safetensors")
-    assert set(weights) == {PREFIX + name for name in gm.info.trainable}
+    weights = checkpoint_tensors(tmp_path / "checkpoints" / steps[-1])["model"]
+    assert set(weights) == set(gm.info.trainable)
     for name in gm.info.trainable:
-        torch.testing.assert_close(weights[PREFIX + name], gm.get_parameter(name).detach(), atol=0, rtol=0)
+        torch.testing.assert_close(weights[name], gm.get_parameter(name).detach(), atol=0, rtol=0)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["split"]) for r in records] == [
         (1, "train"), (2, "train"), (2, "eval"), (3, "train"), (4, "train"), (4, "eval"), (5, "train"), (5, "eval")]

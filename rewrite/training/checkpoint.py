@@ -1,13 +1,16 @@
 """Training checkpoints and the metrics log, both safe against a kill at any moment.
 
-A checkpoint is a directory `checkpoints/step-00000120/` holding the trainable weights under PEFT's
-key names (`adapter_model.safetensors`), the optimizer, scheduler and RNG states
-(`trainer_state.pt`) and `checkpoint.json`. It is written under a temporary name and renamed when
-complete, so every `step-*` directory is whole; leftovers of a killed write start with a dot and are
-swept on resume. The metrics log is cut back to the resumed step, so it reads like one unbroken run.
-`RunCheckpoints` is a training run's side of this: save, start fresh, resume (with every rank's RNG;
-from the newest checkpoint that reads whole, removing newer damaged ones), and an OS lock on the
-output directory that refuses a second run into it.
+A checkpoint is a directory `checkpoints/step-00000120/` holding every rank's shards of the trainable
+weights and of the optimizer state, written by `torch.distributed.checkpoint` (`__<rank>_0.distcp` files
+and `.metadata`, keyed by parameter name, so it loads on any number of ranks), the scheduler and every
+rank's RNG state (`trainer_state.pt`) and `checkpoint.json`. All ranks write into one temporary directory
+that rank 0 chose; rank 0 adds the small files and renames it when complete, so every `step-*` directory
+is whole (one without `.metadata` is unreadable); leftovers of a killed write start with a dot and are
+swept on resume. Checkpoints of earlier versions (the full weights in `adapter_model.safetensors`, the
+optimizer in `trainer_state.pt`) still resume. The metrics log is cut back to the resumed step, so it
+reads like one unbroken run. `RunCheckpoints` is a training run's side of this: save, start fresh,
+resume (with every rank's RNG; from the newest checkpoint that reads whole, removing newer damaged
+ones), and an OS lock on the output directory that refuses a second run into it.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ import safetensors.torch
 import torch
 from filelock import FileLock, Timeout
 from torch import fx
+from torch.distributed.checkpoint import CheckpointException, FileSystemReader
 
 from rewrite.training import distributed
 from rewrite.adapters.peft_files import PREFIX, WEIGHTS_NAME
@@ -40,6 +44,7 @@ log = logging.getLogger(__name__)
 METRICS_NAME = "metrics.jsonl"
 STATE_NAME = "trainer_state.pt"
 INFO_NAME = "checkpoint.json"
+METADATA_NAME = ".metadata"  # torch.distributed.checkpoint's index of the shards, written last
 LOCK_NAME = ".rewrite-train.lock"  # held (flock) while a run writes into its output directory
 GLOBAL_BATCH = "global_batch_size"  # the setting: examples per micro-batch over all ranks
 _STEP_DIR = re.compile(r"step-(\d+)")
@@ -68,15 +73,20 @@ def sweep(root: Path) -> None:
                 shutil.rmtree(path, ignore_errors=True)
 
 
-def write(root: Path, step: int, weights: dict[str, torch.Tensor], state: dict[str, Any], keep: int,
-          settings: dict[str, Any] | None = None) -> Path:
-    """Writes checkpoint `step` atomically and keeps only the newest `keep` checkpoints; `settings` are the
-    hyperparameters a resumed run must share."""
-    root.mkdir(parents=True, exist_ok=True)
+def write(root: Path, step: int, shards: Callable[[Path], None], state: dict[str, Any], keep: int,
+          settings: dict[str, Any] | None = None, ctx: distributed.Context | None = None) -> Path | None:
+    """Writes checkpoint `step` atomically and keeps only the newest `keep` checkpoints (a collective):
+    `shards(directory)` writes every rank's part into the temporary directory rank 0 chose, then rank 0
+    adds the trainer `state` and the `settings` (the hyperparameters a resumed run must share) and renames
+    it. Returns the checkpoint's directory on rank 0."""
+    ctx = ctx or distributed.Context(0, 1, torch.device("cpu"), owns_group=False)
     final = root / f"step-{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+    tmp = _shared_temporary(root, final.name, ctx)
     try:
-        safetensors.torch.save_file(weights, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+        shards(tmp)
+        ctx.barrier()
+        if not ctx.main:
+            return None
         torch.save(state, tmp / STATE_NAME)
         (tmp / INFO_NAME).write_text(json.dumps({"step": step, "world_size": state["world_size"],
                                                  "settings": settings or {}}))
@@ -85,10 +95,27 @@ def write(root: Path, step: int, weights: dict[str, torch.Tensor], state: dict[s
         share(tmp)
         os.replace(tmp, final)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if ctx.main:
+            shutil.rmtree(tmp, ignore_errors=True)
     for _, old in completed(root)[:-keep]:
         _discard(old)
     return final
+
+
+def _shared_temporary(root: Path, name: str, ctx: distributed.Context) -> Path:
+    """The temporary directory rank 0 made for checkpoint `name`, on every rank; when rank 0 could not make
+    it, every rank raises its error (rather than the others waiting for it)."""
+    made: Path | OSError | None = None
+    if ctx.main:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            made = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
+        except OSError as error:
+            made = error
+    made = ctx.gather(made)[0]
+    if isinstance(made, OSError):
+        raise made
+    return made
 
 
 class Unreadable(RewriteError):
@@ -100,7 +127,7 @@ class Unreadable(RewriteError):
         self.directory = directory
 
 
-_STATE_KEYS = ("world_size", "optimizer", "scheduler", "rng")
+_STATE_KEYS = ("world_size", "scheduler", "rng")
 _DAMAGED = (ValueError, RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile,
             safetensors.SafetensorError)  # what loading a truncated or overwritten part raises (not a refused read)
 
@@ -114,17 +141,50 @@ def _part(directory: Path, name: str, load: Callable[[Path], Any]) -> Any:
         raise Unreadable(directory, f"{name} is damaged") from error
 
 
-def read(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
-    """The settings (the hyperparameters of the run that wrote it; empty for older checkpoints), the
-    weights and the trainer state of one checkpoint directory."""
+@dataclass
+class Saved:
+    """One checkpoint as read: its settings (the hyperparameters of the run that wrote it; empty for older
+    checkpoints), trainer state, and the shapes of its trainable weights by parameter name; `weights` holds
+    the full weights of a checkpoint written before they were sharded (None otherwise)."""
+
+    directory: Path
+    settings: dict[str, Any]
+    state: dict[str, Any]
+    shapes: dict[str, tuple[int, ...]]
+    weights: dict[str, torch.Tensor] | None = None
+
+    def load(self, gm: fx.GraphModule, optimizer) -> None:
+        """Loads the trainable weights and the optimizer state into `gm` and `optimizer` (a collective)."""
+        names = info(gm).trainable
+        _check_same_graph(gm, self.shapes, self.directory)
+        if self.weights is not None:
+            distributed.load_trainable(gm, {name: self.weights[name] for name in names})
+            distributed.load_optimizer(gm, optimizer, self.state["optimizer"])
+            return
+        try:
+            distributed.load_shards(gm, optimizer, names, self.directory)
+        except CheckpointException as error:  # every rank raises it when any rank failed to read its part
+            raise Unreadable(self.directory, "its shards (*.distcp) are damaged or missing") from error
+
+
+def read(directory: Path) -> Saved:
+    """A checkpoint directory's small parts and index, checked to be whole (its shards are read by `Saved.load`)."""
     header = _part(directory, INFO_NAME, lambda path: json.loads(path.read_text(encoding="utf-8")))
-    weights = _part(directory, WEIGHTS_NAME, safetensors.torch.load_file)
     state = _part(directory, STATE_NAME, lambda path: torch.load(path, weights_only=True))
     if not isinstance(header, dict) or not isinstance(header.get("settings") or {}, dict):
         raise Unreadable(directory, f"{INFO_NAME} is damaged")
-    if not isinstance(state, dict) or any(key not in state for key in _STATE_KEYS):
+    earlier = (directory / WEIGHTS_NAME).is_file() and not (directory / METADATA_NAME).exists()
+    if not isinstance(state, dict) or any(key not in state for key in _STATE_KEYS + ("optimizer",) * earlier):
         raise Unreadable(directory, f"{STATE_NAME} is damaged")
-    return _global_batch(header.get("settings") or {}, state["world_size"]), weights, state
+    settings = _global_batch(header.get("settings") or {}, state["world_size"])
+    if earlier:
+        weights = _part(directory, WEIGHTS_NAME, safetensors.torch.load_file)
+        weights = {name[len(PREFIX):]: value for name, value in weights.items() if name.startswith(PREFIX)}
+        return Saved(directory, settings, state, {name: tuple(v.shape) for name, v in weights.items()}, weights)
+    index = _part(directory, METADATA_NAME, lambda path: FileSystemReader(path.parent).read_metadata())
+    shapes = {key[len("model."):]: tuple(meta.size) for key, meta in index.state_dict_metadata.items()
+              if key.startswith("model.")}
+    return Saved(directory, settings, state, shapes)
 
 
 def _global_batch(settings: dict[str, Any], world: int) -> dict[str, Any]:
@@ -191,16 +251,12 @@ class RunCheckpoints:
         return self.out / "checkpoints"
 
     def save(self, gm: fx.GraphModule, optimizer, scheduler, step: int) -> None:
-        """Gathers shards and every rank's RNG state; rank 0 writes checkpoint `step`."""
-        weights = distributed.trainable_state(gm)
-        optimizer_state = distributed.optimizer_state(gm, optimizer)
-        states = self.ctx.gather(_rng_state())
-        if not self.ctx.main:
-            return
-        state = {"step": step, "world_size": self.ctx.world, "optimizer": optimizer_state,
-                 "scheduler": scheduler.state_dict(), "rng": states}
-        weights = {PREFIX + name: weights[name].contiguous() for name in info(gm).trainable}
-        write(self.root, step, weights, state, self.keep, self.settings)
+        """Every rank writes its shards; rank 0 adds the scheduler and every rank's RNG state."""
+        state = {"step": step, "world_size": self.ctx.world, "scheduler": scheduler.state_dict(),
+                 "rng": self.ctx.gather(_rng_state())}
+        names = info(gm).trainable
+        write(self.root, step, lambda directory: distributed.save_shards(gm, optimizer, names, directory), state,
+              self.keep, self.settings, self.ctx)
 
     def start_fresh(self) -> None:
         """A new run must not mix with an old one's checkpoints (a later resume would pick them up)."""
@@ -223,16 +279,14 @@ class RunCheckpoints:
             if self.ctx.main:
                 cut_log(self.out / METRICS_NAME, 0)
             return None
-        step, directory, (saved, weights, state), unreadable = self._newest_readable(found)
-        _check_same_settings(saved, self.settings, directory)
-        distributed.load_trainable(gm, _trainable_weights(gm, weights, directory))
-        distributed.load_optimizer(gm, optimizer, state["optimizer"])
+        step, saved, unreadable = self._load_newest(found, gm, optimizer)
+        directory, state = saved.directory, saved.state
         scheduler.load_state_dict(state["scheduler"])
         if state["world_size"] == self.ctx.world:
             _set_rng_state(state["rng"][self.ctx.rank])
         else:
             log.warning("checkpoint %s was written by %d ranks, resuming on %d: the batches are the same, but "
-                        "dropout and masked-LM masks are drawn per rank and differ from an uninterrupted run",
+                        "dropout is drawn per rank and differs from an uninterrupted run",
                         directory, state["world_size"], self.ctx.world)
         if self.ctx.main:
             for skipped in unreadable:  # a later save at its step, or the pruning of older ones, would trip on it
@@ -245,13 +299,17 @@ class RunCheckpoints:
                 log.info("resuming from step %d (checkpoint %s)", step, directory)
         return step
 
-    def _newest_readable(self, found: list[tuple[int, Path]]) -> tuple[int, Path, tuple, list[Unreadable]]:
-        """The newest checkpoint that reads whole (step, directory, what `read` gives), and the
-        errors of the newer ones that do not."""
+    def _load_newest(self, found: list[tuple[int, Path]], gm: fx.GraphModule,
+                     optimizer) -> tuple[int, Saved, list[Unreadable]]:
+        """Loads the newest checkpoint that reads whole; its step, what `read` gave, and the errors of the
+        newer ones that do not. Other settings or another graph than a checkpoint's are refused."""
         unreadable: list[Unreadable] = []
         for step, directory in reversed(found):
             try:
-                return step, directory, read(directory), unreadable
+                saved = read(directory)
+                _check_same_settings(saved.settings, self.settings, directory, self.ctx.world)
+                saved.load(gm, optimizer)
+                return step, saved, unreadable
             except Unreadable as error:
                 unreadable.append(error)
         raise RewriteError(f"no checkpoint in {str(self.root)!r} can be read (the newest: {unreadable[0]}); "
@@ -285,13 +343,36 @@ def _lock(out: Path) -> FileLock | None:
     return lock
 
 
-def _check_same_settings(saved: dict[str, Any], current: dict[str, Any], directory: Path) -> None:
+def _check_same_settings(saved: dict[str, Any], current: dict[str, Any], directory: Path, world: int) -> None:
+    batch = saved.get(GLOBAL_BATCH)
+    if batch is not None and batch % world:
+        raise RewriteError(f"checkpoint {str(directory)!r} was written with a global batch of {batch} examples, "
+                           f"which {world} ranks cannot share evenly; resume on a number of ranks that divides "
+                           f"{batch}, with --batch-size {batch} divided by it")
     changed = [f"{name} {saved[name]!r} -> {current[name]!r}" for name in current
                if name in saved and saved[name] != current[name]]
     if changed:
+        per_rank = f" (--batch-size {batch // world} on {world} rank{'s' * (world > 1)})" if (
+            batch is not None and batch != current.get(GLOBAL_BATCH)) else ""
         raise RewriteError(f"--resume with other data or hyperparameters than checkpoint {str(directory)!r} was "
-                           f"written with ({'; '.join(changed)}); resume with the same ones, or train into a new "
-                           "--output-dir")
+                           f"written with ({'; '.join(changed)}); resume with the same ones{per_rank}, or train "
+                           "into a new --output-dir")
+
+
+def _check_same_graph(gm: fx.GraphModule, shapes: dict[str, tuple[int, ...]], source: Path) -> None:
+    """The checkpoint's trainable weights must be the graph's, by name and shape."""
+    wanted = {name: tuple(gm.get_parameter(name).shape) for name in info(gm).trainable}  # global shapes if sharded
+    for name in sorted(wanted.keys() | shapes.keys()):
+        if name not in shapes:
+            problem = f"has no weight {name}"
+        elif name not in wanted:
+            problem = f"has a weight {name} that the graph does not train"
+        elif shapes[name] != wanted[name]:
+            problem = f"has weight {name} of shape {list(shapes[name])} where the graph's is {list(wanted[name])}"
+        else:
+            continue
+        raise RewriteError(f"checkpoint {str(source)!r} {problem}; it was written for another graph (resume the "
+                           "graph it was trained from, or train into a new --output-dir)")
 
 
 def _rng_state() -> dict[str, Any]:
@@ -305,11 +386,3 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["cpu"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _trainable_weights(gm: fx.GraphModule, weights: dict[str, torch.Tensor], source: Path) -> dict[str, torch.Tensor]:
-    """A checkpoint's weights by parameter name; every trainable parameter must be there."""
-    missing = [PREFIX + name for name in info(gm).trainable if PREFIX + name not in weights]
-    if missing:
-        raise RewriteError(f"checkpoint {str(source)!r} has no weight {missing[0]}; it was written for another graph")
-    return {name: weights[PREFIX + name] for name in info(gm).trainable}

@@ -223,13 +223,26 @@ def mask_tokens(input_ids: torch.Tensor, special: torch.Tensor, tokenizer, gener
     return masked, labels
 
 
+def _mask_rows(input_ids: torch.Tensor, special: torch.Tensor, real: torch.Tensor, tokenizer,
+               seeds: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`mask_tokens` on each row's real tokens, drawn from a generator seeded by the row's seed: a row's mask
+    depends neither on its neighbours nor on the batch's padding."""
+    masked, labels = input_ids.clone(), torch.full_like(input_ids, IGNORE_INDEX)
+    for row, seed in enumerate(seeds):
+        keep = real[row]
+        masked[row, keep], labels[row, keep] = mask_tokens(input_ids[row, keep], special[row, keep], tokenizer,
+                                                           torch.Generator().manual_seed(seed))
+    return masked, labels
+
+
 def collate(encoded: TokenizedExamples, indices: Sequence[int], tokenizer, task: str, input_names: Sequence[str],
-            generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+            mask_seeds: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
     """One padded batch: the graph's inputs plus `labels` (class ids, soft rows, or token targets).
 
     Causal-LM labels are the input ids with padding (and `encoded.reserved` ids) set to -100 (the
-    loss shifts them); masked-LM labels are the masked positions' ids (needs `generator`, so masking
-    is reproducible), chosen among real tokens only: never special, padding or reserved positions.
+    loss shifts them); masked-LM labels are the masked positions' ids, chosen among real tokens only: never
+    special, padding or reserved positions. Each example is masked from its own seed (`mask_seeds`, one per
+    index), so its mask is reproducible and the same in any batch: on any number of ranks.
     """
     left = getattr(tokenizer, "padding_side", "right") == "left"
     features = [encoded.features[i] for i in indices]
@@ -249,7 +262,8 @@ def collate(encoded: TokenizedExamples, indices: Sequence[int], tokenizer, task:
         special = pad_rows([tokenizer.get_special_tokens_mask(f["input_ids"], already_has_special_tokens=True)
                             for f in features], 1, left)
         special = torch.from_numpy(special).bool() | no_target
-        batch["input_ids"], batch["labels"] = mask_tokens(batch["input_ids"], special, tokenizer, generator)
+        batch["input_ids"], batch["labels"] = _mask_rows(batch["input_ids"], special, batch["attention_mask"] == 1,
+                                                         tokenizer, mask_seeds)
     return batch
 
 

@@ -1,5 +1,5 @@
 """One process or many: the rank, the device, collectives that are no-ops alone, the model wrapper,
-and full (unsharded) state dicts for checkpoints.
+and the trainable state of checkpoints.
 
 Under `torchrun` (WORLD_SIZE > 1 in the environment) `setup` joins the process group (NCCL on
 CUDA, gloo on CPU) unless the caller already did; each rank trains on its own GPU (LOCAL_RANK) or
@@ -7,25 +7,30 @@ on the CPU. Gradients are averaged by DistributedDataParallel, or, with `shard`,
 in place with FSDP2's `fully_shard`: outlined into one module per transformer block
 (`rewrite.graph.blocks`), each block is a unit gathered only while it runs forward or backward, and
 the root (embeddings, final norm, head) is one more; a graph that cannot be outlined is one unit,
-gathered whole for every step. State dicts go through `torch.distributed.checkpoint.state_dict`,
-which gathers shards for FSDP and is a plain state dict otherwise.
+gathered whole for every step. Checkpoints hold each rank's shards of the trainable parameters and the
+optimizer state (`save_shards`, `load_shards`: `torch.distributed.checkpoint`, which a single process
+uses without a process group), and load on any number of ranks.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch import fx, nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
+    get_state_dict,
     set_model_state_dict,
     set_optimizer_state_dict,
+    set_state_dict,
 )
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
@@ -176,23 +181,46 @@ def scalar(value: torch.Tensor) -> float:
     return float(value.full_tensor() if isinstance(value, DTensor) else value)
 
 
-_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
-_TRAINABLE = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+_SHARDS = StateDictOptions(ignore_frozen_params=True)
+_SHARDS_LOAD = StateDictOptions(ignore_frozen_params=True, strict=False)  # the frozen base is not in a checkpoint
 
 
-def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    """Full CPU tensors of the parameters that require grad (and the buffers), by name; a collective
-    under FSDP: every rank calls it, rank 0 gets the tensors."""
-    return get_model_state_dict(module, options=_TRAINABLE)
+def _shards(module: nn.Module, optimizer: torch.optim.Optimizer, names: Sequence[str]) -> dict:
+    """This rank's shards of the parameters `names` and of the optimizer state, keyed by parameter name.
+    Frozen parameters are dropped by name: `ignore_frozen_params` keeps tied aliases (GPT-2's
+    `lm_head.weight`) and buffers. A fresh optimizer's state is created here (it must hold no gradients),
+    so a load has tensors to fill."""
+    model, optim = get_state_dict(module, optimizer, options=_SHARDS)
+    return {"model": {name: model[name] for name in names}, "optim": optim}
 
 
-def optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """The optimizer's full state keyed by parameter name (a collective under FSDP)."""
-    return get_optimizer_state_dict(module, optimizer, options=_FULL)
+@contextlib.contextmanager
+def _without_group_warning():
+    """A single process has no process group, which `torch.distributed.checkpoint` warns about each time."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def save_shards(module: nn.Module, optimizer: torch.optim.Optimizer, names: Sequence[str], directory: Path) -> None:
+    """Every rank writes its shards of the trainable parameters `names` and of the optimizer state into
+    `directory` (a collective: the same directory on every rank); `.metadata` is written last."""
+    with _without_group_warning():
+        dcp.save(_shards(module, optimizer, names), checkpoint_id=directory)
+
+
+def load_shards(module: nn.Module, optimizer: torch.optim.Optimizer, names: Sequence[str], directory: Path) -> None:
+    """Loads what `save_shards` wrote, on any number of ranks: each reads the parts of its own shards."""
+    state = _shards(module, optimizer, names)
+    with _without_group_warning():
+        dcp.load(state, checkpoint_id=directory)
+    set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=_SHARDS_LOAD)
 
 
 def load_trainable(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copies full tensors into the (possibly sharded) parameters they name; every rank passes them all."""
+    """Copies full tensors into the (possibly sharded) parameters they name; every rank passes them all
+    (checkpoints written before they were sharded)."""
     set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True, strict=False))
 
 

@@ -40,12 +40,14 @@
   hyperparameters than the checkpoint's are refused. The run holds an OS lock on `output_dir`, so a
   second run into it is refused.
 - Under `torchrun`, each rank trains on its share of every global batch (DistributedDataParallel,
-  gloo on CPU, NCCL on GPU); rank 0 writes files. With `fsdp=True` (refused in a single process) the
-  graph is sharded in place with FSDP2 instead, one unit per transformer block and one for the rest
+  gloo on CPU, NCCL on GPU); rank 0 writes files, and every rank its shards of each checkpoint. With
+  `fsdp=True` (refused in a single process) the graph is sharded in place with FSDP2 instead, one unit
+  per transformer block and one for the rest
   (`rewrite.training.distributed.shard`); it is gathered whole again at the end but stays outlined
   per block and an FSDP module in train mode (use it inside the process group, or load `model.pt2`).
 - `train` seeds torch's global RNG with `seed + rank` (dropout draws from it); the data order and
-  masked-LM masks come from generators seeded by `(seed, epoch)` and `(seed, step)`.
+  masked-LM masks come from generators seeded by `(seed, epoch)` and `(seed, step, example)`, the same on
+  any number of ranks.
 """
 from __future__ import annotations
 
@@ -175,10 +177,11 @@ class _Data:
     input_names: list[str]
     fingerprint: str  # of the examples: a resumed run must train on the same ones
 
-    def batch(self, indices: Sequence[int], mask_seed: int) -> dict[str, torch.Tensor]:
-        """A padded batch; `mask_seed` fixes the masked-LM masks, so a resumed run draws the same ones."""
-        generator = torch.Generator().manual_seed(mask_seed) if self.task == "masked-lm" else None
-        return data.collate(self.encoded, indices, self.tokenizer, self.task, self.input_names, generator)
+    def batch(self, indices: Sequence[int], *seed: int) -> dict[str, torch.Tensor]:
+        """A padded batch; example i's masked-LM mask is drawn from `(*seed, i)`, so a resumed run, or one on
+        another number of ranks, draws the same ones."""
+        return data.collate(self.encoded, indices, self.tokenizer, self.task, self.input_names,
+                            [_seed(*seed, i) for i in indices])
 
 
 def _label_names(gm: fx.GraphModule, config: TrainConfig, task: str) -> list[str]:
@@ -288,8 +291,7 @@ class _Objective:
             correct, examples = accuracy_counts(outputs, batch["labels"], self.task, self.prepended)
             return [float(self.loss(outputs, batch)), self.items(batch), correct, examples]
 
-        chunks = (dataset.batch(chunk, mask_seed=_seed(seed, -1, number))
-                  for number, chunk in enumerate(data.batches(indices, batch_size)))
+        chunks = (dataset.batch(chunk, seed, -1) for chunk in data.batches(indices, batch_size))
         sums = torch.zeros(4, dtype=torch.float64, device=self.device)
         for values in predict_batches(model, chunks, self.input_names, self.device, counts, self.autocast):
             sums += torch.tensor(values, dtype=torch.float64, device=self.device)
@@ -364,8 +366,7 @@ class _Run:
         config, ctx = self.config, self.ctx
         epoch, index = divmod(self.step, self.steps_per_epoch)
         micro = self.epoch_batches(epoch)[index * config.grad_accum:(index + 1) * config.grad_accum]
-        return [to_device(self.train.batch(m, _seed(config.seed, self.step, i, ctx.rank)), ctx.device)
-                for i, m in enumerate(micro)]
+        return [to_device(self.train.batch(m, config.seed, self.step), ctx.device) for m in micro]
 
     def optimizer_step(self, window: list[dict[str, torch.Tensor]]) -> dict[str, float]:
         """Accumulates the window's gradients, each micro-batch's loss sum divided by the item count
