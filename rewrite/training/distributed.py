@@ -5,9 +5,9 @@ Under `torchrun` (WORLD_SIZE > 1 in the environment) `setup` joins the process g
 CUDA, gloo on CPU) unless the caller already did; each rank trains on its own GPU (LOCAL_RANK) or
 on the CPU. Gradients are averaged by DistributedDataParallel, or, with `shard`, the graph is sharded
 in place with FSDP2's `fully_shard`: outlined into one module per transformer block
-(`rewrite.graph.blocks`), each block is a unit gathered only while it runs forward or backward, and
-the root (embeddings, final norm, head) is one more; a graph that cannot be outlined is one unit,
-gathered whole for every step. Checkpoints hold each rank's shards of the trainable parameters and the
+(`rewrite.graph.blocks`), each block is a unit gathered only while it runs forward or backward, so are
+the embeddings, final norm and an untied head, and the root (what is left: tied tensors) is one more;
+a graph that cannot be outlined is one unit, gathered whole for every step. Checkpoints hold each rank's shards of the trainable parameters and the
 optimizer state (`save_shards`, `load_shards`: `torch.distributed.checkpoint`, which a single process
 uses without a process group), and load on any number of ranks.
 """
