@@ -41,6 +41,7 @@ from rewrite.training.train import SCHEDULES, TRAINING_TASKS, TrainConfig
 @click.option("--dropout-parity", is_flag=True,
               help="Keep Hugging Face's dropout masks bit for bit (no rows or fast_dropout pass).")
 @click.option("--fsdp", is_flag=True, help="Under torchrun: shard the graph with FSDP2 instead of DDP.")
+@click.option("--fsdp-offload", is_flag=True, help="With --fsdp on GPUs: keep the shards in CPU memory between uses.")
 @click.option("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when available).")
 @click.option("--save-every", type=int, default=100, show_default=True, help="Checkpoint every N steps (and at the end).")
 @click.option("--keep-checkpoints", type=int, default=2, show_default=True, help="Newest checkpoints kept.")

@@ -15,6 +15,7 @@ from torch.distributed.tensor import DTensor
 import rewrite
 from rewrite.graph.params import apply_trainable
 from rewrite.training import distributed
+from rewrite.training.train import TrainConfig
 
 from conftest import TASK_CLASSES, tiny_config
 from helpers import capture_tiny, randomize_lora
@@ -22,14 +23,16 @@ from helpers import capture_tiny, randomize_lora
 WORLD = 2
 STEPS = 20
 BATCH, SEQ = 4, 12  # global; each rank takes BATCH // WORLD rows
-CASES = {"llama": "causal-lm", "gpt2": "causal-lm", "bert": "masked-lm", "llama-tied": "causal-lm"}
+CASES = {"llama": "causal-lm", "gpt2": "causal-lm", "bert": "masked-lm", "llama-tied": "causal-lm",
+         "llama-checkpoint": "causal-lm", "llama-bf16": "causal-lm"}
+SHARDING = {"llama-checkpoint": {"checkpoint": True}, "llama-bf16": {"bf16": True}}  # distributed.shard's options
 BLOCKS = 2
 
 
 def dropout_free_graph(case: str):
     """A tiny LoRA graph (q and v, random A and B) with every dropout probability 0, in train mode; `-tied` ties an
     MLP weight of block 1 to block 0's, which per-block sharding refuses."""
-    arch = case.removesuffix("-tied")
+    arch = case.split("-")[0]
     config = tiny_config(arch)
     for name, value in config.to_dict().items():
         if ("dropout" in name or "pdrop" in name) and isinstance(value, float):
@@ -63,14 +66,16 @@ def full(tensor: torch.Tensor) -> torch.Tensor:
     return (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach().clone()
 
 
-def train(gm, task: str, rows: slice, world: int) -> dict:
+def train(gm, task: str, rows: slice, world: int, bf16: bool = False) -> dict:
     """STEPS AdamW steps on `rows` of each global batch: the global mean loss and the full LoRA gradients per step,
-    and the trained LoRA weights. Equal shares, so FSDP's gradient average over ranks is the global mean's."""
+    and the trained LoRA weights. Equal shares, so FSDP's gradient average over ranks is the global mean's. `bf16`:
+    under autocast, as `rewrite.train` runs bf16."""
     named = [(name, gm.get_parameter(name)) for name in gm.info.trainable]
     optimizer = torch.optim.AdamW([p for _, p in named], lr=1e-2)
     losses, grads = [], []
     for step in range(STEPS):
-        loss = mean_loss(gm, batch(step, task, rows), task)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = mean_loss(gm, batch(step, task, rows), task)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for _, p in named], 1.0)
         grads.append({name: full(p.grad) for name, p in named})
@@ -101,6 +106,15 @@ def watch_gathering(gm, paths: list[str]) -> list[bool]:
     return seen
 
 
+def watch_dtypes(gm, paths: list[str]) -> set[torch.dtype]:
+    """The dtypes of the parameters the units run with."""
+    dtypes = set()
+    for path in paths:
+        gm.get_submodule(path).register_forward_pre_hook(
+            lambda module, args: dtypes.update(p.dtype for p in module.parameters()))
+    return dtypes
+
+
 def rank_main(rank: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
                       LOCAL_RANK=str(rank))
@@ -114,11 +128,13 @@ def rank_main(rank: int, port: int, out: str) -> None:
     for case, task in CASES.items():
         warnings.clear()
         gm = dropout_free_graph(case)
-        layout = distributed.shard(gm, ctx)
-        seen = watch_gathering(gm, layout.units)
+        layout = distributed.shard(gm, ctx, **SHARDING.get(case, {}))
+        seen, dtypes = watch_gathering(gm, layout.units), watch_dtypes(gm, layout.units)
         share = BATCH // WORLD
-        results[case] = {**train(gm, task, slice(rank * share, (rank + 1) * share), WORLD), "paths": layout.paths,
-                         "edges": layout.edges, "units": len(distributed.units(gm)), "seen": seen, "warnings": list(warnings)}
+        bf16 = SHARDING.get(case, {}).get("bf16", False)
+        results[case] = {**train(gm, task, slice(rank * share, (rank + 1) * share), WORLD, bf16), "paths": layout.paths,
+                         "edges": layout.edges, "units": len(distributed.units(gm)), "seen": seen,
+                         "dtypes": dtypes, "warnings": list(warnings)}
     if ctx.main:
         torch.save(results, out)
     ctx.close()
@@ -138,12 +154,15 @@ def sharded_runs(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["llama", "gpt2", "bert"])
+@pytest.mark.parametrize("case", ["llama", "gpt2", "bert", "llama-checkpoint"])
 def test_fsdp_per_block_trains_like_one_process(sharded_runs, case):
+    """Also with activation checkpointing per block: each block runs again in the backward, gathered again."""
     got = sharded_runs[case]
     units = BLOCKS + len(got["edges"])
     assert got["units"] == units + 1 and len(got["paths"]) == BLOCKS and got["edges"] and not got["warnings"]
-    assert len(got["seen"]) == STEPS * units and all(got["seen"])  # gathered one unit at a time
+    recomputed = BLOCKS if SHARDING.get(case, {}).get("checkpoint") else 0
+    assert len(got["seen"]) == STEPS * (units + recomputed) and all(got["seen"])  # gathered one unit at a time
+    assert got["dtypes"] == {torch.float32}
     expected = train(dropout_free_graph(case), CASES[case], slice(0, BATCH), 1)
     torch.testing.assert_close(got["losses"], expected["losses"], atol=1e-5, rtol=0)
     for step, (grads, reference) in enumerate(zip(got["grads"], expected["grads"])):
@@ -163,3 +182,23 @@ def test_a_graph_that_cannot_be_outlined_is_one_unit_and_says_why(sharded_runs):
                                "tied across a block boundary"]
     expected = train(dropout_free_graph("llama-tied"), "causal-lm", slice(0, BATCH), 1)
     torch.testing.assert_close(got["losses"], expected["losses"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_bf16_fsdp_gathers_and_computes_in_bf16_and_keeps_fp32_shards(sharded_runs):
+    got = sharded_runs["llama-bf16"]
+    assert got["dtypes"] == {torch.bfloat16} and all(got["seen"])
+    expected = train(dropout_free_graph("llama-bf16"), "causal-lm", slice(0, BATCH), 1)  # fp32
+    assert all(weight.dtype == torch.float32 for weight in got["weights"].values())
+    torch.testing.assert_close(got["losses"], expected["losses"], atol=2e-2, rtol=0)
+    for name, weight in expected["weights"].items():
+        torch.testing.assert_close(got["weights"][name], weight, atol=2e-2, rtol=0)
+
+
+def test_offloading_shards_is_refused_off_fsdp_and_off_gpus(tmp_path):
+    gm = dropout_free_graph("llama")
+    rows = [{"text": "a b c"}] * 4
+    for fsdp, where in ((False, "does not use --fsdp"), (True, "is on the CPU")):
+        config = TrainConfig(fsdp=fsdp, fsdp_offload=True, device="cpu", output_dir=tmp_path / str(fsdp))
+        with pytest.raises(rewrite.RewriteError, match=f"keeps FSDP's shards in CPU memory .* but this run {where}"):
+            rewrite.train(gm, rows, config=config)

@@ -21,6 +21,7 @@ from rewrite.errors import RewriteError
 from rewrite.atomic import atomic_dir_files
 from rewrite.graph.synthetic_inputs import DEFAULT_INPUT_NAMES, example_inputs
 from rewrite.graph.ir import copy_meta, info, tensor_at
+from rewrite.graph.nodes import drop_dtype_checks
 from rewrite.graph import nf4, quantized
 from rewrite.graph.quantized import is_quantized
 from rewrite.graph.params import non_finite
@@ -138,9 +139,8 @@ def _to_half(gm: fx.GraphModule) -> None:
         for name in scales:
             owner, _, attr = name.rpartition(".")
             gm.get_submodule(owner).register_buffer(attr, tensor_at(gm, name).half())
+    drop_dtype_checks(gm.graph, torch.float32)
     for node in list(gm.graph.nodes):
-        if node.target is torch.ops.aten._assert_tensor_metadata.default and node.kwargs.get("dtype") == torch.float32:
-            gm.graph.erase_node(node)  # it checked the capture's fp32
         for index in _FP16_INPUTS.get(node.target, ()):
             with gm.graph.inserting_before(node):
                 cast = gm.graph.call_function(torch.ops.aten.to.dtype, (node.args[index], torch.float16))

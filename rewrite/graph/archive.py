@@ -28,7 +28,7 @@ from torch import fx, nn
 from rewrite.errors import RewriteError
 from rewrite.atomic import atomic_path, temp_prefix
 from rewrite.graph.codec import ATTRIBUTE_PATH, UnsafeGraphError, decode_graph, encode_graph
-from rewrite.graph.ir import GraphInfo, RewriteGraph, add_submodule, info, wrap
+from rewrite.graph.ir import GraphInfo, RewriteGraph, info, owner_of, wrap
 from rewrite.graph.pipeline import available, pass_class
 
 FORMAT = 2
@@ -169,23 +169,11 @@ def _tensor(file, data: int, size: int, entry: dict, map_it: bool) -> torch.Tens
     return tensor
 
 
-def _owner(root: nn.Module, name: str) -> tuple[nn.Module, str]:
-    """The module that holds tensor `name` (created empty if missing) and the tensor's attribute name."""
-    parent_path, _, leaf = name.rpartition(".")
-    if parent_path:
-        try:
-            return root.get_submodule(parent_path), leaf
-        except AttributeError:
-            add_submodule(root, parent_path, nn.Module())
-            return root.get_submodule(parent_path), leaf
-    return root, leaf
-
-
 def _build_root(tensors: dict[str, torch.Tensor], manifest: dict) -> nn.Module:
     root = nn.Module()
 
     def owner(name: str) -> tuple[nn.Module, str]:
-        return _owner(root, name)
+        return owner_of(root, name)
 
     for name, requires_grad in manifest["parameters"].items():
         module, leaf = owner(name)
@@ -264,11 +252,11 @@ def _keep_unread(gm: fx.GraphModule, root: nn.Module) -> None:
     held |= {name for name, _ in gm.named_buffers(remove_duplicate=False)}
     for name, tensor in root.named_parameters(remove_duplicate=False):
         if name not in held:
-            module, leaf = _owner(gm, name)
+            module, leaf = owner_of(gm, name)
             module.register_parameter(leaf, tensor)
     for name, tensor in root.named_buffers(remove_duplicate=False):
         if name not in held:
-            module, leaf = _owner(gm, name)
+            module, leaf = owner_of(gm, name)
             module.register_buffer(leaf, tensor)
 
 

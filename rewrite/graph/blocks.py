@@ -23,9 +23,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from torch import fx
+import torch
+from torch import fx, nn
 
-from rewrite.graph.ir import RewriteGraph, deep_copy, info, wrap
+from rewrite.graph.ir import RewriteGraph, deep_copy, info, owner_of, wrap
 from rewrite.graph.outline import outline_module
 from rewrite.graph.query import block_of, module_path
 
@@ -154,23 +155,38 @@ class BlockLayout:
         """Every outlined module, blocks first: FSDP's units below the root."""
         return [*self.paths, *self.edges]
 
+    def gathered_twin(self, gm: fx.GraphModule, full: dict[str, torch.Tensor]) -> RewriteGraph:
+        """The flat graph in eval mode over the tensors `full` names (a sharded `gm`'s parameters, gathered whole
+        on one rank), with `gm`'s buffers, tied names and trainable flags: what is written after training."""
+        root, made = nn.Module(), {}
+        for name, tensor in gm.named_parameters(remove_duplicate=False):
+            if id(tensor) not in made:
+                made[id(tensor)] = nn.Parameter(full[name], requires_grad=tensor.requires_grad)
+            module, leaf = owner_of(root, name)
+            module.register_parameter(leaf, made[id(tensor)])
+        for name, tensor in gm.named_buffers(remove_duplicate=False):
+            module, leaf = owner_of(root, name)
+            module.register_buffer(leaf, tensor)
+        return wrap(root, deep_copy(self.flat), info(gm), training=False)
+
     def flat_twin(self, gm: fx.GraphModule, training: bool) -> RewriteGraph:
         """The flat graph over `gm`'s current tensors (build it after anything swaps them, e.g. FSDP's
         `unshard`), in train or eval mode."""
         return wrap(gm, deep_copy(self.flat), info(gm), training)
 
 
-def outline_blocks(gm: fx.GraphModule) -> BlockLayout:
+def outline_blocks(gm: fx.GraphModule, checkpointed: bool = False) -> BlockLayout:
     """Outlines `gm` in place, one GraphModule per block at the block's own path (the module docstring
-    says what is kept); when refused, `gm` is left as it was. Switch modes before, not after, sharding:
-    the block graphs follow `gm.train()` / `gm.eval()`."""
+    says what is kept); when refused, `gm` is left as it was. `checkpointed` blocks recompute their
+    activations in the backward (activation checkpointing per block). Switch modes before, not after,
+    sharding: the block graphs follow `gm.train()` / `gm.eval()`."""
     flat = deep_copy(gm.graph)
     try:
         plan = plan_blocks(gm)
     except Refused as refusal:
         return BlockLayout(flat, refused=str(refusal))
     for path, nodes in plan.items():
-        outline_module(gm, path, nodes)
+        outline_module(gm, path, nodes, checkpointed and block_of(path) is not None)
     gm.graph.lint()
     gm.recompile()
     return BlockLayout(flat, [p for p in plan if block_of(p) is not None], [p for p in plan if block_of(p) is None])

@@ -150,6 +150,19 @@ def add_submodule(gm: fx.GraphModule, path: str, module: nn.Module) -> None:
     parent.add_module(name, module)
 
 
+def owner_of(root: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """The module that holds tensor `name` under `root` (created empty if missing) and the tensor's attribute
+    name: where a tree rebuilt from tensors by name registers each."""
+    parent_path, _, leaf = name.rpartition(".")
+    if parent_path:
+        try:
+            return root.get_submodule(parent_path), leaf
+        except AttributeError:
+            add_submodule(root, parent_path, nn.Module())
+            return root.get_submodule(parent_path), leaf
+    return root, leaf
+
+
 def remove_submodule(gm: fx.GraphModule, path: str) -> None:
     parent_path, _, name = path.rpartition(".")
     parent = gm.get_submodule(parent_path) if parent_path else gm

@@ -88,3 +88,11 @@ def drop_outputs(gm: fx.GraphModule, *names: str) -> None:
     set_output(gm, spec.type, **{key: leaf for key, leaf in leaves.items() if key not in names})
     gm.graph.eliminate_dead_code()
     gm.recompile()
+
+
+def drop_dtype_checks(graph: fx.Graph, dtype: torch.dtype) -> None:
+    """Removes the capture's checks that tensors are `dtype` (torch.export records one per cast): for a graph
+    that is about to run in another precision. The caller recompiles."""
+    for node in graph.find_nodes(op="call_function", target=aten._assert_tensor_metadata.default):
+        if node.kwargs.get("dtype") == dtype:
+            graph.erase_node(node)

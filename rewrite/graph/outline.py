@@ -36,10 +36,12 @@ def outline(gm: fx.GraphModule, nodes: list[fx.Node], name: str, before: fx.Node
     _splice(gm, nodes, outputs, call, (block,))
 
 
-def outline_module(gm: fx.GraphModule, path: str, nodes: list[fx.Node]) -> None:
+def outline_module(gm: fx.GraphModule, path: str, nodes: list[fx.Node], checkpointed: bool = False) -> None:
     """Moves `nodes` (in graph order; their get_attrs read tensors under `path`) into a GraphModule that
     replaces the module at `path` and holds its submodules, parameters and buffers (the same objects, in
-    the same order), called where the last node was. Parameter names and owners stay as they were."""
+    the same order), called where the last node was (through `run_checkpointed` when `checkpointed`: the
+    module's own call, so its hooks still fire, and again in the backward). Parameter names and owners
+    stay as they were."""
     container = gm.get_submodule(path)
     sub, inputs, outputs = _extract(nodes, prefix=path + ".")
     block = fx.GraphModule(container, sub, class_name="Block")
@@ -50,8 +52,10 @@ def outline_module(gm: fx.GraphModule, path: str, nodes: list[fx.Node]) -> None:
     parent, _, name = path.rpartition(".")
     setattr(gm.get_submodule(parent), name, block)
     with gm.graph.inserting_before(nodes[-1].next):
-        call = gm.graph.call_module(path, tuple(inputs))
-    _splice(gm, nodes, outputs, call, ())
+        made = (gm.graph.get_attr(path),) if checkpointed else ()
+        call = (gm.graph.call_function(run_checkpointed, (*made, *inputs)) if checkpointed
+                else gm.graph.call_module(path, tuple(inputs)))
+    _splice(gm, nodes, outputs, call, made)
 
 
 def _extract(nodes: list[fx.Node], prefix: str = "") -> tuple[fx.Graph, list[fx.Node], list[fx.Node]]:

@@ -27,18 +27,20 @@ import torch.distributed.checkpoint as dcp
 from torch import fx, nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
+    get_model_state_dict,
     get_state_dict,
     set_model_state_dict,
     set_optimizer_state_dict,
     set_state_dict,
 )
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from rewrite.errors import RewriteError
 from rewrite.graph.blocks import BlockLayout, outline_blocks
+from rewrite.graph.nodes import drop_dtype_checks
 
 log = logging.getLogger(__name__)
 
@@ -125,18 +127,29 @@ def wrap(module: nn.Module, ctx: Context) -> nn.Module:
     return DistributedDataParallel(module, device_ids=device_ids)
 
 
-def shard(gm: fx.GraphModule, ctx: Context) -> BlockLayout:
-    """Shards `gm` in place over all ranks with FSDP2: each transformer block a unit, each edge unit (embeddings,
-    final norm, untied LM head: `rewrite.graph.blocks`), then the root; one
-    unit when the graph cannot be outlined per block (logged with the reason). Modes, frozen parameters
-    and every other change to the graph must come before: a sharded graph cannot be recompiled."""
+def shard(gm: fx.GraphModule, ctx: Context, *, checkpoint: bool = False, bf16: bool = False,
+          offload: bool = False) -> BlockLayout:
+    """Shards `gm` in place over all ranks with FSDP2: each transformer block a unit, each edge unit
+    (embeddings, final norm, untied LM head: `rewrite.graph.blocks`), then the root; one unit when the
+    graph cannot be outlined per block (logged with the reason). `checkpoint` recomputes each block's
+    activations in the backward; `bf16` gathers and computes in bf16 and reduces gradients in fp32 (the
+    sharded parameters stay as they are); `offload` keeps the shards in CPU memory between uses. Modes,
+    frozen parameters and every other change to the graph must come before: a sharded graph cannot be
+    recompiled."""
     mesh = init_device_mesh(ctx.device.type, (ctx.world,))  # the default mesh would follow the accelerator
-    layout = outline_blocks(gm)
+    if bf16:
+        drop_dtype_checks(gm.graph, torch.float32)  # the capture's fp32 checks would refuse the bf16 weights
+        gm.recompile()
+    layout = outline_blocks(gm, checkpointed=checkpoint)
     if layout.refused:
-        log.warning("FSDP shards the graph as one unit, gathered whole for every step: %s", layout.refused)
+        log.warning("FSDP shards the graph as one unit, gathered whole for every step%s: %s",
+                    " and without activation checkpointing" if checkpoint else "", layout.refused)
+    policies = {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)} if bf16 else {}
+    if offload:
+        policies["offload_policy"] = CPUOffloadPolicy()
     for path in layout.units:
-        fully_shard(gm.get_submodule(path), mesh=mesh)
-    fully_shard(gm, mesh=mesh)
+        fully_shard(gm.get_submodule(path), mesh=mesh, **policies)
+    fully_shard(gm, mesh=mesh, **policies)
     return layout
 
 
@@ -216,6 +229,12 @@ def load_shards(module: nn.Module, optimizer: torch.optim.Optimizer, names: Sequ
         dcp.load(state, checkpoint_id=directory)
     set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=_SHARDS_LOAD)
+
+
+def full_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of a sharded `module` gathered whole into rank 0's CPU memory, one tensor at a
+    time (a collective: the other ranks get nothing and never hold more than one whole tensor)."""
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def load_trainable(module: nn.Module, state: dict[str, torch.Tensor]) -> None:

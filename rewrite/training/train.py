@@ -42,9 +42,9 @@
 - Under `torchrun`, each rank trains on its share of every global batch (DistributedDataParallel,
   gloo on CPU, NCCL on GPU); rank 0 writes files, and every rank its shards of each checkpoint. With
   `fsdp=True` (refused in a single process) the graph is sharded in place with FSDP2 instead, one unit
-  per transformer block and one for the rest
-  (`rewrite.training.distributed.shard`); it is gathered whole again at the end but stays outlined
-  per block and an FSDP module in train mode (use it inside the process group, or load `model.pt2`).
+  per transformer block, embeddings and head, and one for the rest (`rewrite.training.distributed.shard`;
+  `checkpoint` recomputes each block, bf16 gathers in bf16); it stays sharded, outlined per block and an FSDP module in
+  train mode (use it inside the process group, or load `model.pt2`, which rank 0 writes whole).
 - `train` seeds torch's global RNG with `seed + rank` (dropout draws from it); the data order and
   masked-LM masks come from generators seeded by `(seed, epoch)` and `(seed, step, example)`, the same on
   any number of ranks.
@@ -112,6 +112,7 @@ class TrainConfig:
     bf16: bool | None = None  # autocast; None: on CUDA only
     compile: bool = False  # torch.compile the training graph
     fsdp: bool = False  # under torchrun: shard the graph with FSDP2 instead of replicating it (DDP)
+    fsdp_offload: bool = False  # with fsdp on GPUs: the shards wait in CPU memory between uses
     device: str | None = None  # default: CUDA (this rank's GPU) when available, else CPU
     fields: Fields = field(default_factory=Fields)  # which row fields hold text, pair and label
     label_names: list[str] | None = None  # class order; default: the model config's id2label
@@ -324,7 +325,8 @@ class _Run:
             self.gm.to(ctx.device)
         _freeze_base(self.gm, master_fp32=self.objective.bf16)
         if config.fsdp:  # FSDP shards the graph itself in place: no speed twin
-            self.layout = distributed.shard(self.gm, ctx)
+            self.layout = distributed.shard(self.gm, ctx, checkpoint=config.checkpoint, bf16=self.objective.bf16,
+                                            offload=config.fsdp_offload)
             self.head, wrapped = None, self.gm
         else:
             self.layout = None
@@ -420,8 +422,12 @@ class _Run:
 
     def write_outputs(self) -> None:
         """The trained graph and its PEFT adapter beside the checkpoints, written by rank 0. A sharded
-        graph is first gathered whole on every rank, and stays so; the flat graph is written."""
-        trained = self.gathered() if self.sharded else self.gm
+        graph's parameters are gathered whole to rank 0 only, one at a time, and the flat graph over them is
+        written; the graph itself stays sharded."""
+        trained = self.gm
+        if self.sharded:
+            full = distributed.full_state(self.gm)
+            trained = self.layout.gathered_twin(self.gm, full) if self.ctx.main else None
         if not (self.out and self.ctx.main):
             return
         save(trained, self.out / "model.pt2")
@@ -526,6 +532,10 @@ def _task(gm: fx.GraphModule, config: TrainConfig) -> str:
 
 
 def _check_world(config: TrainConfig, ctx: distributed.Context) -> None:
+    if config.fsdp_offload and not (config.fsdp and ctx.device.type == "cuda"):
+        raise RewriteError("fsdp_offload (--fsdp-offload) keeps FSDP's shards in CPU memory between their uses on a "
+                           f"GPU, but this run {'is on the CPU' if config.fsdp else 'does not use --fsdp'}; use it "
+                           "with --fsdp on GPUs, or drop it")
     if config.fsdp and ctx.world == 1:
         raise RewriteError("fsdp (--fsdp) shards the graph over torchrun's processes, but this run is a single "
                            "process; run it under torchrun --nproc_per_node N with N of at least 2, or drop --fsdp")
