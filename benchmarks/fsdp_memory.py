@@ -2,6 +2,7 @@
 
     python benchmarks/fsdp_memory.py [--model llama-1b] [--worlds 1,2,4] [--steps 3] [--json out.json]
     python benchmarks/fsdp_memory.py --model tiny-llama      # the benchmark's own smoke test
+    python benchmarks/fsdp_memory.py --device cuda --worlds 1,2 --global-batch 8 --seq 1024   # benchmarks/gpu.sh
 
 The model (random weights from its config; `llama-1b` is TinyLlama-1.1B's shape, 4.1 GiB of fp32 weights) is
 captured with LoRA on q and v (r=8) and saved as a `.pt2` once. Each world size then trains it from that
@@ -41,14 +42,14 @@ def make_archive(model: str, workdir: Path) -> Path:
     return archive
 
 
-def child(archive: Path, steps: int, batch: int, seq: int, fsdp: bool) -> None:
+def child(archive: Path, steps: int, batch: int, seq: int, fsdp: bool, device_type: str) -> None:
     """One rank: load the archive and train; writes its figures beside the archive."""
     import torch
 
     import rewrite
     from rewrite.training import train as training
 
-    device = torch.device("cpu")
+    device = torch.device(device_type, int(os.environ.get("LOCAL_RANK", "0")) if device_type == "cuda" else None)
     baseline = train_throughput.reset_peak(device)
     peak_at_end = {}
     write_outputs = training._Run.write_outputs
@@ -63,7 +64,7 @@ def child(archive: Path, steps: int, batch: int, seq: int, fsdp: bool) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     with tempfile.TemporaryDirectory() as out:
         config = training.TrainConfig(max_steps=steps, batch_size=batch, max_length=seq, lr=1e-4, fsdp=fsdp,
-                                      output_dir=out)
+                                      output_dir=out, device=device_type)
         result = rewrite.train(gm, train_throughput.rows(batch * world * steps, seq), config=config)
     seconds = [batch * seq / h["tokens_per_s"] for h in result.history if h["split"] == "train"][1:]
     rank = int(os.environ.get("RANK", "0"))
@@ -74,7 +75,7 @@ def child(archive: Path, steps: int, batch: int, seq: int, fsdp: bool) -> None:
 
 def run_world(archive: Path, world: int, args) -> list[dict]:
     script = [__file__, "--child", str(archive), "--steps", str(args.steps), "--seq", str(args.seq),
-              "--batch", str(args.global_batch // world)]
+              "--batch", str(args.global_batch // world), "--device", args.device]
     command = ([sys.executable, *script] if world == 1 else
                [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
                 *script, "--fsdp"])
@@ -102,20 +103,22 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--global-batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=32)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="cuda: one GPU per rank, bf16, peak allocated GPU memory instead of RSS")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--fsdp", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.steps, args.batch, args.seq, args.fsdp)
+        child(args.child, args.steps, args.batch, args.seq, args.fsdp, args.device)
         return
     worlds = [int(w) for w in args.worlds.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         archive = make_archive(args.model, Path(tmp))
         results = {world: run_world(archive, world, args) for world in worlds}
     print(f"{args.model}, LoRA q,v r={LORA['rank']}, global batch {args.global_batch} x {args.seq} tokens, "
-          f"{args.steps} steps, CPU (gloo)")
+          f"{args.steps} steps, {'CPU (gloo)' if args.device == 'cpu' else 'GPUs (NCCL, bf16)'}")
     print(table(results))
     if args.json:
         args.json.write_text(json.dumps({str(w): r for w, r in results.items()}, indent=2))
