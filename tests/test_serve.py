@@ -164,8 +164,9 @@ def test_a_cancelled_row_leaves_and_the_others_generate_as_alone(built):
 
 
 def test_masked_padding_weighs_exactly_nothing(built):
-    """Whatever a row's left padding holds, its logits are the same bit for bit (the mask's weights there are
-    exactly zero), and they equal the unpadded row's up to the order of the sums."""
+    """Whatever the padding after a row's past holds (a merged batch pads the shorter past on the right), its logits
+    are the same bit for bit (the mask's weights there are exactly zero, or a lowered attention reads only the row's
+    length), and they equal the unpadded row's up to the order of the sums."""
     from rewrite.runtime.cache import empty_past, positions
     model = built.solo_model(None)
     ids, mask = model.encode([PROMPTS[0]])
@@ -173,9 +174,9 @@ def test_masked_padding_weighs_exactly_nothing(built):
     token, position = logits.argmax(-1)[:, None], np.array([[ids.shape[1]]])
     step = lambda m, p: model.step(token, m, position, p, model.adapter_feeds(1))[0]  # noqa: E731
     ones = np.ones((1, ids.shape[1] + 1), dtype=np.int64)
-    padded_mask = np.concatenate([np.zeros((1, 5), dtype=np.int64), ones], 1)
+    padded_mask = np.concatenate([ones[:, :-1], np.zeros((1, 5), dtype=np.int64), ones[:, -1:]], 1)
     noise = np.random.default_rng(0)
-    padded = [[np.concatenate([fill(p), p], 2) for p in past]
+    padded = [[np.concatenate([p, fill(p)], 2) for p in past]
               for fill in (lambda p: np.zeros_like(p[:, :, :5]), lambda p: noise.normal(0, 100, p[:, :, :5].shape)
                            .astype(p.dtype))]
     np.testing.assert_array_equal(step(padded_mask, padded[0]), step(padded_mask, padded[1]))

@@ -1,19 +1,19 @@
 """Continuous batching across adapters: one thread runs every decoding step of every request as one ONNX
 Runtime call on the cached model.
 
-Each turn of the loop admits waiting requests (up to the batch limit), prefills them together (left-padded),
-merges their caches into the running batch (the shorter cache padded on the left of the past axis, its mask
+Each turn of the loop admits waiting requests (up to the batch limit), prefills them together (right-padded),
+merges their caches into the running batch (the shorter cache padded on the right of the past axis, its mask
 zero there, each row's positions continuing as `rewrite.runtime.cache.positions` counts them), decodes one
-token for every row, emits, and retires finished or cancelled rows (their rows sliced out, past columns that
-are padding in every remaining row trimmed). Masked positions weigh exactly zero (the exported mask's large
+token for every row, emits, and retires finished or cancelled rows (their rows sliced out, trailing past columns
+that are padding in every remaining row trimmed). Masked positions weigh exactly zero (the exported mask's large
 negative number underflows in the softmax), so each row continues as it would alone.
 
 On a model exported `--mixed-adapters` each row picks its adapter through `adapter_index`; row 0 of the stacked
 adapter inputs is the base (an adapter file that sets nothing, so every slot holds the model's own default).
 The stacked inputs are rebuilt only when the set of adapters changes; an unloaded adapter stays in the stack
 until its last running request leaves. A model with single-adapter slots (`--adapter-slots`) or no slots serves
-the base only. A model that takes no position ids (a prompt-tuned prefix) counts positions from its cache length,
-so padding would shift them: it serves one request at a time.
+the base only. A model that pads on the left (a prompt-tuned prefix, which counts positions from its cache length, so
+padding would shift them) serves one request at a time.
 """
 from __future__ import annotations
 
@@ -96,19 +96,20 @@ class Batch:
 
     def merge(self, other: "Batch") -> "Batch":
         width = max(self.mask.shape[1], other.mask.shape[1])
-        left = lambda a, axis: np.pad(a, [(width - a.shape[axis], 0) if i == axis else (0, 0)  # noqa: E731
-                                          for i in range(a.ndim)])
+        right = lambda a, axis: np.pad(a, [(0, width - a.shape[axis]) if i == axis else (0, 0)  # noqa: E731
+                                           for i in range(a.ndim)])
         return Batch(self.requests + other.requests, np.concatenate([self.last, other.last]),
-                     np.concatenate([left(self.mask, 1), left(other.mask, 1)]),
+                     np.concatenate([right(self.mask, 1), right(other.mask, 1)]),
                      np.concatenate([self.next_position, other.next_position]),
-                     [np.concatenate([left(a, 2), left(b, 2)]) for a, b in zip(self.past, other.past)])
+                     [np.concatenate([right(a, 2), right(b, 2)]) for a, b in zip(self.past, other.past)])
 
     def keep(self, rows: np.ndarray) -> "Batch":
-        """Only `rows` (a boolean per row), without the past columns that are padding in all of them."""
+        """Only `rows` (a boolean per row), without the trailing past columns that are padding in all of them
+        (a lowered model's rows hold their cache from the start, one entry per real token, so none is cut)."""
         mask = self.mask[rows]
-        start = int(np.argmax(mask.any(0))) if mask.size else mask.shape[1]
-        return Batch([r for r, k in zip(self.requests, rows) if k], self.last[rows], mask[:, start:],
-                     self.next_position[rows], [p[rows][:, :, start:] for p in self.past])
+        end = mask.shape[1] - int(np.argmax(mask.any(0)[::-1])) if mask.size else 0
+        return Batch([r for r, k in zip(self.requests, rows) if k], self.last[rows], mask[:, :end],
+                     self.next_position[rows], [p[rows][:, :, :end] for p in self.past])
 
 
 class AdapterStack:
@@ -158,7 +159,7 @@ class Engine:
 
     def __init__(self, model: CachedModel, max_batch: int = 32, max_queue: int = 256, metrics=None):
         self.model = model
-        self.max_batch = max_batch if model.layout.position_ids else 1
+        self.max_batch = max_batch if model.layout.padding == "right" else 1
         self.max_queue = max_queue
         self.metrics = metrics
         self.stack = AdapterStack(model)
@@ -263,13 +264,13 @@ class Engine:
         ids = np.full((len(requests), width), self.pad, dtype=np.int64)
         mask = np.zeros_like(ids)
         for row, request in enumerate(requests):
-            ids[row, width - len(request.ids):] = request.ids
-            mask[row, width - len(request.ids):] = 1
+            ids[row, :len(request.ids)] = request.ids
+            mask[row, :len(request.ids)] = 1
         position_ids = positions(mask)
         logits, past = self.model.step(ids, mask, position_ids, empty_past(self.model.layout, len(requests)),
                                        (self.stack.run_feeds(requests), None, None))
         self._record(len(requests))
-        batch = Batch(requests, np.zeros(len(requests), dtype=np.int64), mask, position_ids[:, -1] + 1, past)
+        batch = Batch(requests, np.zeros(len(requests), dtype=np.int64), mask, mask.sum(-1), past)
         self._take(batch, logits)
         return batch
 
