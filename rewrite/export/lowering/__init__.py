@@ -3,9 +3,9 @@
 `torch.onnx.export` writes a decoder layer as some 80 small ops (the norms' arithmetic, rotary, the cache
 Concats, repeated KV heads, a NaN guard); ONNX Runtime pays a kernel launch for each on every decoding step.
 `lower` rewrites the written file with ONNX rewrite rules, each a pattern, a check and a replacement: the norms
-(`norms`) and every attention layer it can (`attention`). A layer whose attention the rules cannot lower stays
-as exported and the report says why; its norms are still fused. onnxscript's intermediate fusions that no rule
-consumed are inlined back. The file is checked (`onnx.checker`) before, since it does not know ONNX Runtime's
+(`norms`) and the attention (`attention`). Attention is lowered in every layer or in none (onnxscript's
+intermediate attention op, which the rule consumes, cannot be turned back into ONNX ops): where the rule cannot
+lower a layer, the attention stays as exported, the norms are still fused, and the report says why. The file is checked (`onnx.checker`) before, since it does not know ONNX Runtime's
 ops, and the export verifies it against torch after, as it verifies any export.
 """
 from __future__ import annotations
@@ -32,6 +32,7 @@ from rewrite.runtime.schema import CACHE_KEY, POSITIONS_KEY
 ATTENTION = "GroupQueryAttention"
 UNMATCHED = "its attention does not have the form the rule lowers (a rotary decoder attention over the cache input)"
 PREFIXED = "its cache holds a constant prefix (virtual tokens), which GroupQueryAttention cannot hold at batch > 1"
+WITH_OTHERS = "attention is lowered in every layer or in none, and another layer's could not be"
 
 
 @dataclass
@@ -74,7 +75,8 @@ def _lowered(graph: ir.Graph) -> set[int]:
 
 
 def _lower_attention(model: ir.Model, config, layout: CacheLayout, positions: int | None) -> dict[int, str | None]:
-    """Every layer's attention the rule can lower; each layer's outcome."""
+    """Every layer's attention the rule can lower; each layer's outcome (the model is left with intermediate ops
+    unless every layer was lowered)."""
     graph = model.graph
     layers = _layers(graph)
     mask = next((v for v in graph.inputs if v.name == MASK), None)
@@ -107,6 +109,13 @@ def _save(model: ir.Model, path: Path, external: bool) -> None:
             os.replace(written, path.parent / written.name)
 
 
+def _with_norms(model: ir.Model) -> dict[str, int]:
+    """Optimizes `model` and fuses its norms; what was fused."""
+    common_passes.ShapeInferencePass()(model)
+    optimize(model)
+    return fuse_norms(model)
+
+
 def lower(path: str | Path, config, *, external: bool = False) -> LoweringReport:
     """Rewrites the cached export at `path` onto ONNX Runtime's fused ops (weights as external data when
     `external`), its cache layout's metadata updated; the report of what was lowered."""
@@ -116,10 +125,12 @@ def lower(path: str | Path, config, *, external: bool = False) -> LoweringReport
     layout = CacheLayout(**json.loads(props[CACHE_KEY]))
     positions = int(props[POSITIONS_KEY]) if props.get(POSITIONS_KEY) else getattr(config, "max_position_embeddings", None)
     before = _ops(model.graph)
-    common_passes.ShapeInferencePass()(model)
-    optimize(model)
-    fused = fuse_norms(model)
+    fused = _with_norms(model)
     layers = _lower_attention(model, config, layout, positions)
+    if any(layers.values()):
+        model = ir.load(path)
+        fused = _with_norms(model)
+        layers = {layer: reason or WITH_OTHERS for layer, reason in layers.items()}
     fused[ATTENTION] = sum(reason is None for reason in layers.values())
     common_passes.CommonSubexpressionEliminationPass()(model)
     optimize(model)  # inlines the intermediate fusions no rule consumed and removes the dead mask and rotary builders
