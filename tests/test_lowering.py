@@ -21,6 +21,7 @@ from rewrite.errors import RewriteError
 from rewrite.export import kv_cache
 from rewrite.export.lowering import PREFIXED, lower
 from rewrite.export.lowering.norms import fuse_norms
+from rewrite.runtime.cache import feed, positions
 from rewrite.runtime.schema import ModelSchema
 
 from test_kv_cache import GQA, assert_same_generation, byte_tokenizer, hf_generate, tiny_lm
@@ -71,6 +72,18 @@ def _max_diff(before, after) -> float:
     return float(np.abs(outs[0][keep] - outs[1][keep]).max())
 
 
+def _far_diff(before, after, past: int = 1900) -> float:
+    """Max logit difference of one decoding step after a random past of `past` positions (rotary angles far out)."""
+    layout = ModelSchema.read(before).require_cache()
+    rng = np.random.default_rng(2)
+    pasts = [rng.standard_normal((1, layout.kv_heads, past, layout.head_dim)).astype(np.float32)
+             for _ in layout.past_names()]
+    ids, mask = np.array([[5, 7]]), np.ones((1, past + 2), dtype=np.int64)
+    outs = [runtime.run(runtime.session(p), feed(ModelSchema.read(p).require_cache(), ids, mask,
+                                                 positions(mask)[:, -2:], pasts))["logits"] for p in (before, after)]
+    return float(np.abs(outs[0] - outs[1]).max())
+
+
 def _slot_inputs_used(path) -> bool:
     model = ir.load(path)
     slots = {s.name for s in ModelSchema.read(path).slots.slots}
@@ -109,7 +122,7 @@ def test_attention_rule_lowers_every_layer_keeps_the_slots_and_matches_the_unfus
     assert after["com.microsoft:GroupQueryAttention"] == 2 and "Concat" not in after and "Expand" not in after
     assert sum(after.values()) < sum(report.ops_before.values()) / 3
     assert _slot_inputs_used(fused)
-    assert _max_diff(slotted, fused) <= 1e-5
+    assert _max_diff(slotted, fused) <= 1e-5 and _far_diff(slotted, fused) <= 1e-5
     external = tmp_path / "external" / "model.onnx"
     external.parent.mkdir()
     shutil.copy(slotted, external)
