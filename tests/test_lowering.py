@@ -141,6 +141,7 @@ def test_fused_models_generate_as_hf_generate(arch, tmp_path):
     report = rewrite.export_onnx(rewrite.load_pretrained(directory), tmp_path / "model.onnx", cache=True)
     assert report.lowering.layers == {0: None, 1: None}, report.lowering.summary()
     assert "position_ids" not in report.input_names
+    assert ModelSchema.read(tmp_path / "model.onnx").require_cache().padding == "right"
     byte_tokenizer().save_pretrained(tmp_path)
     assert_same_generation(tmp_path / "model.onnx", hf_generate(model))
 

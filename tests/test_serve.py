@@ -26,7 +26,7 @@ from rewrite.runtime.adapters import Adapters
 from rewrite.runtime.generate import CachedModel, stream
 from rewrite.runtime.predict import predict
 from rewrite.serve.app import Config, create_app
-from rewrite.serve.engine import Engine, Request
+from rewrite.serve.engine import Batch, Engine, Request
 
 from helpers import lora_graph, randomize_trainable
 from no_torch import NO_TORCH
@@ -161,6 +161,25 @@ def test_a_cancelled_row_leaves_and_the_others_generate_as_alone(built):
     run_engine(built, submit)
     assert len(requests[0].tokens) < STEPS and not requests[0].done
     assert texts[1] == built.alone(PROMPTS[1], "a1") and texts[2] == built.alone(PROMPTS[2], None)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_a_merged_batch_pads_the_shorter_past_on_the_models_side_and_trims_it_when_its_rows_leave(side):
+    """Right for a lowered model (each row's cache from its start), left for an unlowered sliding-window one."""
+    def batch(lengths, width):
+        mask = np.zeros((len(lengths), width), dtype=np.int64)
+        for row, length in enumerate(lengths):
+            mask[row, slice(0, length) if side == "right" else slice(width - length, width)] = 1
+        past = [mask[:, None, :, None].astype(np.float32) * (1 + np.arange(len(lengths)))[:, None, None, None]]
+        return Batch([object()] * len(lengths), np.zeros(len(lengths), dtype=np.int64), mask, mask.sum(-1), past, side)
+
+    merged = batch([3], 3).merge(batch([5, 2], 5))
+    assert merged.mask.tolist() == ([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]] if side == "right" else
+                                    [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 1, 1]])
+    assert (merged.past[0][:, 0, :, 0] == merged.mask * [[1], [1], [2]]).all()
+    kept = merged.keep(np.array([True, False, True]))
+    assert kept.mask.tolist() == ([[1, 1, 1], [1, 1, 0]] if side == "right" else [[1, 1, 1], [0, 1, 1]])
+    assert kept.past[0].shape[2] == 3 and kept.next_position.tolist() == [3, 2]
 
 
 def test_masked_padding_weighs_exactly_nothing(built):

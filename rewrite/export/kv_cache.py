@@ -44,6 +44,7 @@ from rewrite.graph.capture import drop_guards
 from rewrite.errors import RewriteError
 from rewrite.graph.query import word_embedding
 from rewrite.graph.ir import RewriteGraph, info, wrap
+from rewrite.export.lowering.attention import window
 from rewrite.export.onnx_adapters import SlotExport
 from rewrite.graph.pipeline import Pipeline, capable, create
 from rewrite.graph.signature import Compare, Signature, vocab_size
@@ -125,6 +126,13 @@ def _cached_class(base: type, layers: int, cache_kwarg: str) -> type:
     return Cached
 
 
+def _padding(config, layers: int, position_ids: bool) -> str:
+    """Right where the model reads every position from the mask and position ids; left where it numbers positions
+    from its cache length (a prefix) or slides a window over cache slots (padding inside a row would fill it)."""
+    sliding = any(window(config, layer) > 0 for layer in range(layers))
+    return "right" if position_ids and not sliding else "left"
+
+
 def _probe_layout(model: nn.Module, position_ids: bool, prefix: int) -> CacheLayout:
     """Shapes of one layer's cache, read off a two-token run."""
     with torch.no_grad():
@@ -132,7 +140,7 @@ def _probe_layout(model: nn.Module, position_ids: bool, prefix: int) -> CacheLay
     layers = out.past_key_values.layers
     keys = layers[0].keys
     return CacheLayout(len(layers), keys.shape[1], keys.shape[3], str(keys.dtype).removeprefix("torch."),
-                       position_ids, prefix, "right" if position_ids else "left")
+                       position_ids, prefix, _padding(model.config, len(layers), position_ids))
 
 
 def example_inputs(layout: CacheLayout, vocab: int, batch: int, seq: int, past: int, seed: int = 0) -> dict:

@@ -3,8 +3,8 @@ step, an empty past for the prefill, and the positions of padded rows.
 
 Rows are padded on the right (ONNX Runtime GenAI's convention, the only one GroupQueryAttention reads: it takes
 each row's length from the mask), except on a model that numbers positions from its cache length (a prompt-tuned
-prefix), where padding inside the row would shift the positions after it: those pad on the left, as models
-exported before `padding` was recorded do."""
+prefix) or slides its attention window over cache slots (an unlowered sliding-window model), where padding inside
+the row would shift what follows it: those pad on the left, as models exported before `padding` was recorded do."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -136,7 +136,8 @@ def lower(path: str | Path, config, *, external: bool = False) -> LoweringReport
     optimize(model)  # inlines the intermediate fusions no rule consumed and removes the dead mask and rotary builders
     common_passes.RemoveUnusedFunctionsPass()(model)
     removed = _drop_unused_inputs(model.graph, ("position_ids",))
-    if removed:
-        props[CACHE_KEY] = json.dumps(dataclasses.asdict(dataclasses.replace(layout, position_ids=False)))
+    if fused[ATTENTION]:  # GroupQueryAttention reads each row's length from the mask: rows padded on the right
+        layout = dataclasses.replace(layout, position_ids=layout.position_ids and not removed, padding="right")
+        props[CACHE_KEY] = json.dumps(dataclasses.asdict(layout))
     _save(model, path, external)
     return LoweringReport(before, _ops(model.graph), fused, layers, removed)
