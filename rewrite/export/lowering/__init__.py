@@ -121,7 +121,7 @@ def lower(path: str | Path, config, *, external: bool = False) -> LoweringReport
     `external`), its cache layout's metadata updated; the report of what was lowered."""
     path = Path(path)
     model = ir.load(path)
-    props = model.metadata_props
+    props = dict(model.metadata_props)
     layout = CacheLayout(**json.loads(props[CACHE_KEY]))
     positions = int(props[POSITIONS_KEY]) if props.get(POSITIONS_KEY) else getattr(config, "max_position_embeddings", None)
     before = _ops(model.graph)
@@ -138,6 +138,6 @@ def lower(path: str | Path, config, *, external: bool = False) -> LoweringReport
     removed = _drop_unused_inputs(model.graph, ("position_ids",))
     if fused[ATTENTION]:  # GroupQueryAttention reads each row's length from the mask: rows padded on the right
         layout = dataclasses.replace(layout, position_ids=layout.position_ids and not removed, padding="right")
-        props[CACHE_KEY] = json.dumps(dataclasses.asdict(layout))
+        model.metadata_props[CACHE_KEY] = json.dumps(dataclasses.asdict(layout))
     _save(model, path, external)
     return LoweringReport(before, _ops(model.graph), fused, layers, removed)
