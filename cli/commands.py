@@ -118,6 +118,8 @@ def fold(source: str, output: str, requantize: bool, overwrite: bool) -> None:
 @click.option("--max-rank", type=int, default=DEFAULT_MAX_RANK, show_default=True,
               help="With --adapter-slots or --mixed-adapters: the largest LoRA rank the slots accept.")
 @click.option("--with-cache", is_flag=True, help="Causal LMs: past keys/values in, presents out, for `run --generate`.")
+@click.option("--fuse/--no-fuse", default=True, show_default=True,
+              help="With --with-cache: lower norms and attention onto ONNX Runtime's fused ops (--no-fuse: as exported).")
 @click.option("--accuracy-level", type=int, default=0, show_default=True,
               help="Quantized graphs: MatMulNBits' accuracy_level written into the model (0: fp32, as verified; "
                    "4: int8 activations, fastest on CPU).")
@@ -133,7 +135,7 @@ def fold(source: str, output: str, requantize: bool, overwrite: bool) -> None:
 @overwrite_option
 def export(source: str, onnx_path: str, verify: bool, opset: int | None, adapter_slots: bool, mixed_adapters: bool,
            max_rank: int, with_cache: bool, accuracy_level: int, quantize: str | None, block_size: int | None,
-           symmetric: bool, quantize_embeddings: bool, dtype: str, overwrite: bool) -> None:
+           symmetric: bool, quantize_embeddings: bool, dtype: str, fuse: bool, overwrite: bool) -> None:
     """Export a graph archive (fold it first for zero-overhead deployment) to ONNX.
 
     The tokenizer's files are written beside the model; files already there are not replaced
@@ -143,6 +145,8 @@ def export(source: str, onnx_path: str, verify: bool, opset: int | None, adapter
                            "(stacked per row); give one of them")
     if not (adapter_slots or mixed_adapters):
         refuse_idle_options({"max_rank": "--adapter-slots or --mixed-adapters"})
+    if not with_cache:
+        refuse_idle_options({"fuse": "--with-cache"})
     if quantize is None:
         refuse_idle_options({"block_size": "--quantize", "symmetric": "--quantize",
                              "quantize_embeddings": "--quantize"})
@@ -152,9 +156,11 @@ def export(source: str, onnx_path: str, verify: bool, opset: int | None, adapter
                                  mixed_adapters=mixed_adapters, max_rank=max_rank, cache=with_cache,
                                  overwrite=overwrite, accuracy_level=accuracy_level, quantize=quantize,
                                  block_size=block_size, symmetric=symmetric,
-                                 quantize_embeddings=quantize_embeddings, dtype=dtype)
+                                 quantize_embeddings=quantize_embeddings, dtype=dtype, fuse=fuse)
     inputs = [*report.input_names, *report.adapter_inputs]
     console.print(f"wrote {report.path}: inputs {', '.join(inputs)} -> {', '.join(report.output_names)}")
+    for line in report.lowering.summary() if report.lowering else []:
+        console.print(line)
     if report.max_abs_diff is not None:
         console.print(f"ONNX Runtime ({report.provider}) vs torch: max abs diff {report.max_abs_diff:.3g}")
 

@@ -185,7 +185,8 @@ def test_a_model_file_is_parsed_once_until_it_changes(classifier, tmp_path, monk
 @pytest.mark.slow
 def test_the_schema_reads_a_cached_mixed_export(llama):
     schema = ModelSchema.read(llama.model("mixed"))
-    assert schema.task == "causal-lm" and schema.cache.layers == 2 and schema.cache.position_ids
+    assert schema.task == "causal-lm" and schema.cache.layers == 2
+    assert not schema.cache.position_ids and schema.cache.padding == "right"  # lowered: GroupQueryAttention numbers them
     assert schema.special_ids["eos_token_id"] and schema.slots.mixed and schema.slots.max_rank == 64
     assert schema.slots.fingerprint == ModelSchema.read(llama.model("slots")).slots.fingerprint
     assert {s.group for s in schema.slots.slots} == {name.rsplit(".", 2)[0] for name in schema.slots.by_name()}

@@ -26,7 +26,7 @@ from rewrite.runtime.adapters import Adapters
 from rewrite.runtime.generate import CachedModel, stream
 from rewrite.runtime.predict import predict
 from rewrite.serve.app import Config, create_app
-from rewrite.serve.engine import Engine, Request
+from rewrite.serve.engine import Batch, Engine, Request
 
 from helpers import lora_graph, randomize_trainable
 from no_torch import NO_TORCH
@@ -163,9 +163,29 @@ def test_a_cancelled_row_leaves_and_the_others_generate_as_alone(built):
     assert texts[1] == built.alone(PROMPTS[1], "a1") and texts[2] == built.alone(PROMPTS[2], None)
 
 
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_a_merged_batch_pads_the_shorter_past_on_the_models_side_and_trims_it_when_its_rows_leave(side):
+    """Right for a lowered model (each row's cache from its start), left for an unlowered sliding-window one."""
+    def batch(lengths, width):
+        mask = np.zeros((len(lengths), width), dtype=np.int64)
+        for row, length in enumerate(lengths):
+            mask[row, slice(0, length) if side == "right" else slice(width - length, width)] = 1
+        past = [mask[:, None, :, None].astype(np.float32) * (1 + np.arange(len(lengths)))[:, None, None, None]]
+        return Batch([object()] * len(lengths), np.zeros(len(lengths), dtype=np.int64), mask, mask.sum(-1), past, side)
+
+    merged = batch([3], 3).merge(batch([5, 2], 5))
+    assert merged.mask.tolist() == ([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]] if side == "right" else
+                                    [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 1, 1]])
+    assert (merged.past[0][:, 0, :, 0] == merged.mask * [[1], [1], [2]]).all()
+    kept = merged.keep(np.array([True, False, True]))
+    assert kept.mask.tolist() == ([[1, 1, 1], [1, 1, 0]] if side == "right" else [[1, 1, 1], [0, 1, 1]])
+    assert kept.past[0].shape[2] == 3 and kept.next_position.tolist() == [3, 2]
+
+
 def test_masked_padding_weighs_exactly_nothing(built):
-    """Whatever a row's left padding holds, its logits are the same bit for bit (the mask's weights there are
-    exactly zero), and they equal the unpadded row's up to the order of the sums."""
+    """Whatever the padding after a row's past holds (a merged batch pads the shorter past on the right), its logits
+    are the same bit for bit (the mask's weights there are exactly zero, or a lowered attention reads only the row's
+    length), and they equal the unpadded row's up to the order of the sums."""
     from rewrite.runtime.cache import empty_past, positions
     model = built.solo_model(None)
     ids, mask = model.encode([PROMPTS[0]])
@@ -173,9 +193,9 @@ def test_masked_padding_weighs_exactly_nothing(built):
     token, position = logits.argmax(-1)[:, None], np.array([[ids.shape[1]]])
     step = lambda m, p: model.step(token, m, position, p, model.adapter_feeds(1))[0]  # noqa: E731
     ones = np.ones((1, ids.shape[1] + 1), dtype=np.int64)
-    padded_mask = np.concatenate([np.zeros((1, 5), dtype=np.int64), ones], 1)
+    padded_mask = np.concatenate([ones[:, :-1], np.zeros((1, 5), dtype=np.int64), ones[:, -1:]], 1)
     noise = np.random.default_rng(0)
-    padded = [[np.concatenate([fill(p), p], 2) for p in past]
+    padded = [[np.concatenate([p, fill(p)], 2) for p in past]
               for fill in (lambda p: np.zeros_like(p[:, :, :5]), lambda p: noise.normal(0, 100, p[:, :, :5].shape)
                            .astype(p.dtype))]
     np.testing.assert_array_equal(step(padded_mask, padded[0]), step(padded_mask, padded[1]))

@@ -44,11 +44,12 @@ from rewrite.graph.capture import drop_guards
 from rewrite.errors import RewriteError
 from rewrite.graph.query import word_embedding
 from rewrite.graph.ir import RewriteGraph, info, wrap
+from rewrite.export.lowering.attention import window
 from rewrite.export.onnx_adapters import SlotExport
 from rewrite.graph.pipeline import Pipeline, capable, create
 from rewrite.graph.signature import Compare, Signature, vocab_size
 from rewrite.runtime.cache import CacheLayout, empty_past, feed, positions
-from rewrite.runtime.schema import cache_metadata
+from rewrite.runtime.schema import ModelSchema, cache_metadata
 
 aten = torch.ops.aten
 
@@ -125,6 +126,13 @@ def _cached_class(base: type, layers: int, cache_kwarg: str) -> type:
     return Cached
 
 
+def _padding(config, layers: int, position_ids: bool) -> str:
+    """Right where the model reads every position from the mask and position ids; left where it numbers positions
+    from its cache length (a prefix) or slides a window over cache slots (padding inside a row would fill it)."""
+    sliding = any(window(config, layer) > 0 for layer in range(layers))
+    return "right" if position_ids and not sliding else "left"
+
+
 def _probe_layout(model: nn.Module, position_ids: bool, prefix: int) -> CacheLayout:
     """Shapes of one layer's cache, read off a two-token run."""
     with torch.no_grad():
@@ -132,7 +140,7 @@ def _probe_layout(model: nn.Module, position_ids: bool, prefix: int) -> CacheLay
     layers = out.past_key_values.layers
     keys = layers[0].keys
     return CacheLayout(len(layers), keys.shape[1], keys.shape[3], str(keys.dtype).removeprefix("torch."),
-                       position_ids, prefix)
+                       position_ids, prefix, _padding(model.config, len(layers), position_ids))
 
 
 def example_inputs(layout: CacheLayout, vocab: int, batch: int, seq: int, past: int, seed: int = 0) -> dict:
@@ -302,25 +310,27 @@ def _decode(sess, layout: CacheLayout, ids: np.ndarray, mask: np.ndarray, prompt
 
 
 def _reference(gm: fx.GraphModule, layout: CacheLayout, row: np.ndarray, keep: np.ndarray) -> torch.Tensor:
-    """`gm`'s logits at a left-padded row's real tokens, without a cache. Where the cached graph takes position
-    ids, generation numbers positions from the row's first real token, as the row alone does; elsewhere the
-    model numbers them itself, padding included (as `generate` runs it), so the padded row runs."""
-    ids, mask = (row[keep], keep[keep]) if layout.position_ids else (row, keep)
+    """`gm`'s logits at a padded row's real tokens, without a cache. A right-padded model numbers positions from
+    the mask, as the row alone does; a left-padded one numbers them itself, padding included (as `generate`
+    runs it), so the padded row runs."""
+    ids, mask = (row[keep], keep[keep]) if layout.padding == "right" else (row, keep)
     ids, mask = torch.from_numpy(ids)[None], torch.from_numpy(mask).long()[None]
     with torch.no_grad():
         logits = pytree.tree_leaves(gm(input_ids=ids, attention_mask=mask))[0][0, -ids.shape[1]:]
     return logits[mask[0].bool()]
 
 
-def _verify(gm: fx.GraphModule, layout: CacheLayout, path: Path, vocab: int, compare: Compare,
+def _verify(gm: fx.GraphModule, path: Path, vocab: int, compare: Compare,
             slots: SlotExport | None) -> tuple[float, float, str]:
-    """What generation runs, in ONNX Runtime, against `gm` on each row without a cache: a left-padded batch
-    of 2 and a batch of 1, each prefilled and then decoded token by token at batch sizes and past lengths
-    the capture never saw (a slotted model fed `gm`'s own adapter through its slots)."""
+    """What generation runs, in ONNX Runtime, against `gm` on each row without a cache: a batch of 2 padded on
+    the layout's side and a batch of 1, each prefilled and then decoded token by token at batch sizes and past lengths
+    the capture never saw (a slotted model fed `gm`'s own adapter through its slots). The layout is the file's,
+    as generation reads it (lowering may have dropped `position_ids`)."""
+    layout = ModelSchema.read(path).require_cache()
     prompt, steps, pad = 7, 3, 3
     ids = torch.randint(0, vocab, (2, prompt + steps), generator=torch.Generator().manual_seed(1)).numpy()
     mask = np.ones_like(ids)
-    mask[0, :pad] = 0
+    mask[0, slice(prompt - pad, prompt) if layout.padding == "right" else slice(0, pad)] = 0
     sess, worst, tolerance = runtime.session(path), 0.0, 0.0
     for rows in (slice(0, 2), slice(1, 2)):
         extra = slots.verify_feeds(rows.stop - rows.start) if slots else {}
@@ -358,5 +368,5 @@ def signature(gm: fx.GraphModule, slot_options: dict | None = None) -> Signature
         cached = slots.graph
         inputs, dynamic = inputs | slots.example_inputs(_PROBE["batch"]), dynamic | slots.dynamic_shapes()
     return Signature(cached, inputs, dynamic, input_names, ["logits", *layout.present_names()], metadata(gm, layout),
-                     lambda path, compare: _verify(gm, layout, path, vocab, compare, slots),
+                     lambda path, compare: _verify(gm, path, vocab, compare, slots),
                      input_names + (slots.input_names() if slots else []), slots)

@@ -14,6 +14,7 @@ from torch import fx
 from torch.utils import _pytree as pytree
 
 from rewrite.export import kv_cache
+from rewrite.export.lowering import LoweringReport, lower
 from rewrite.export.quantized import check_accuracy_level, set_accuracy_level, translations
 
 from rewrite import runtime
@@ -52,6 +53,7 @@ class ExportReport:
     tolerance: float | None
     provider: str | None
     adapter_inputs: list[str] = field(default_factory=list)  # the adapter slots' inputs (and `adapter_index`)
+    lowering: LoweringReport | None = None  # what a cached export's fused ops replaced (None: not lowered)
 
 
 def _output_names(outputs) -> list[str]:
@@ -260,7 +262,7 @@ def export_onnx(gm: fx.GraphModule, path: str | Path, *, verify: bool = True, op
                 adapter_slots: bool = False, mixed_adapters: bool = False, max_rank: int = DEFAULT_MAX_RANK,
                 cache: bool = False, overwrite: bool = True, accuracy_level: int = 0, quantize: str | None = None,
                 block_size: int | None = None, symmetric: bool = False, quantize_embeddings: bool = False,
-                dtype: str = "fp32") -> ExportReport:
+                dtype: str = "fp32", fuse: bool = True) -> ExportReport:
     """Exports `gm` (in eval mode) to ONNX, checks it, and verifies it against torch in ONNX Runtime.
 
     Inputs keep the graph's names (`input_ids`, `attention_mask`, ...), outputs are named from the
@@ -277,12 +279,17 @@ def export_onnx(gm: fx.GraphModule, path: str | Path, *, verify: bool = True, op
     execution providers) converts a copy as `_to_half` says, verified within 1e-2 of the output scale; the logits
     stay fp16, as ONNX Runtime GenAI's fp16 models give them. With the cache, the model is recaptured in fp16
     (Hugging Face's own fp16 code decides what stays fp32), so the past and present tensors are fp16 too.
+    With the cache and `fuse` (the default), the checked file is lowered onto ONNX Runtime's fused ops
+    (`rewrite.export.lowering`) before it is verified; `fuse=False` keeps the exporter's ops, for debugging.
     """
     path = Path(path)
     _check_opset(opset)
     check_accuracy_level(accuracy_level)
     quantizer = _quantizer(gm, quantize, block_size, symmetric, quantize_embeddings)
     _check_dtype(dtype)
+    if not fuse and not cache:
+        raise RewriteError("fuse=False (--no-fuse) keeps a KV-cache export's ops unfused and does nothing without "
+                           "the cache; export with cache=True (--with-cache), or leave it out")
     if accuracy_level and quantizer is None and not any(map(is_quantized, gm.graph.nodes)):
         raise RewriteError(f"accuracy level {accuracy_level} applies to MatMulNBits, and this graph has no quantized "
                            "projection; apply quantize first, export with quantize int4 or int8, or leave the accuracy level out")
@@ -318,6 +325,7 @@ def export_onnx(gm: fx.GraphModule, path: str | Path, *, verify: bool = True, op
             if signature.slots:
                 signature.slots.finish(staged)
             onnx.checker.check_model(str(staged))
+            lowering = lower(staged, info(gm).config, external=large) if cache and fuse else None
             tokenizer = info(gm).tokenizer
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
@@ -329,5 +337,6 @@ def export_onnx(gm: fx.GraphModule, path: str | Path, *, verify: bool = True, op
                 _set_level(staged, accuracy_level)
     finally:
         source.train(was_training)
-    return ExportReport(path, signature.input_names, signature.output_names, diff, tolerance, provider,
-                        signature.slots.onnx_input_names() if signature.slots else [])
+    removed = lowering.removed_inputs if lowering else []
+    return ExportReport(path, [n for n in signature.input_names if n not in removed], signature.output_names, diff,
+                        tolerance, provider, signature.slots.onnx_input_names() if signature.slots else [], lowering)

@@ -1,5 +1,10 @@
 """The KV cache as the exported model takes it: its layout (from the model's metadata), the feeds of one
-step, an empty past for the prefill, and the positions of left-padded rows."""
+step, an empty past for the prefill, and the positions of padded rows.
+
+Rows are padded on the right (ONNX Runtime GenAI's convention, the only one GroupQueryAttention reads: it takes
+each row's length from the mask), except on a model that numbers positions from its cache length (a prompt-tuned
+prefix) or slides its attention window over cache slots (an unlowered sliding-window model), where padding inside
+the row would shift what follows it: those pad on the left, as models exported before `padding` was recorded do."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -17,6 +22,7 @@ class CacheLayout:
     dtype: str
     position_ids: bool
     prefix: int
+    padding: str = "left"  # which side of a row its padding goes
 
     def past_names(self) -> list[str]:
         return [f"past_key_values.{i}.{kind}" for i in range(self.layers) for kind in ("key", "value")]
@@ -41,5 +47,10 @@ def empty_past(layout: CacheLayout, batch: int) -> list[np.ndarray]:
 
 
 def positions(mask: np.ndarray) -> np.ndarray:
-    """Position ids of left-padded rows as Hugging Face's `generate` counts them: `cumsum(mask) - 1`, 0 at padding."""
+    """Position ids of padded rows as Hugging Face's `generate` counts them: `cumsum(mask) - 1`, 0 at padding."""
     return np.where(mask == 0, 0, mask.cumsum(-1) - 1)
+
+
+def last_real(mask: np.ndarray) -> np.ndarray:
+    """Each row's last real position among the mask's last columns `[batch, sequence]` (padded on either side)."""
+    return mask.shape[1] - 1 - np.argmax(mask[:, ::-1] != 0, axis=1)

@@ -1,7 +1,8 @@
 """Text generation in ONNX Runtime over a model exported with a KV cache (`export_onnx(gm, path, cache=True)`).
 
-One session runs the prefill (past length 0) and every decoding step. Texts are batched with left
-padding and positions follow Hugging Face's `generate` (`cumsum(mask) - 1`, then one more per step);
+One session runs the prefill (past length 0) and every decoding step. Texts are batched with padding on the
+side the model's cache layout names (`rewrite.runtime.cache`: right, except for a prompt-tuned prefix) and
+positions follow Hugging Face's `generate` (`cumsum(mask) - 1`, then one more per step);
 rows that reached an end-of-sequence id are filled with the padding id until every row is done, as
 `generate` does. Everything the loop needs (cache layout, special ids, position limit, P-tuning
 template) is read from the model's metadata. A model exported with adapter slots generates with the adapter
@@ -19,7 +20,7 @@ import numpy as np
 from rewrite import runtime
 from rewrite.errors import RewriteError
 from rewrite.runtime.adapters import Adapters
-from rewrite.runtime.cache import empty_past, feed, positions
+from rewrite.runtime.cache import empty_past, feed, last_real, positions
 from rewrite.runtime.encoding import encode_texts
 from rewrite.runtime.predict import _check_texts, _tokenizer
 from rewrite.runtime.schema import ModelSchema
@@ -94,15 +95,15 @@ class CachedModel:
 
     @cached_property
     def tokenizer(self) -> Tokenizer:
-        """The tokenizer beside the model, padding on the left."""
+        """The tokenizer beside the model, padding on the side its cache layout names."""
         tokenizer = _tokenizer(self.path, self.tokenizer_dir)
-        tokenizer.padding_side = "left"
+        tokenizer.padding_side = self.layout.padding
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token_id = self.special["pad_token_id"]
         return tokenizer
 
     def encode(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Left-padded ids and mask (through the P-tuning template when the model has one)."""
+        """Padded ids and mask (through the P-tuning template when the model has one)."""
         encoded = encode_texts(self.schema, self.tokenizer, list(texts))
         return encoded["input_ids"].astype(np.int64), encoded["attention_mask"].astype(np.int64)
 
@@ -123,10 +124,12 @@ class CachedModel:
 
     def step(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: list[np.ndarray],
              adapter_feeds: tuple = ({}, None, None)):
-        """Last-position logits and the new cache (`adapter_feeds`: what `Adapters.run_inputs` gave)."""
+        """Each row's logits at its last real token and the new cache (`adapter_feeds`: what
+        `Adapters.run_inputs` gave)."""
         feeds, options, _loaded = adapter_feeds
         values = self.session.run(self.outputs, feed(self.layout, ids, mask, positions, past) | feeds, options)
-        return values[0][:, -1].astype(np.float32), values[1:]
+        last = last_real(mask[:, -ids.shape[1]:])
+        return values[0][np.arange(len(ids)), last].astype(np.float32), values[1:]
 
 
 def stream(model: CachedModel, texts: Sequence[str], **options) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -150,7 +153,7 @@ def _refuse_empty_prompts(model: CachedModel, mask: np.ndarray) -> None:
 
 def stream_ids(model: CachedModel, ids: np.ndarray, mask: np.ndarray, *, max_new_tokens: int = 20,
                sampling: Sampling = Sampling(), eos: int | Sequence[int] | None = None):
-    """`stream` from left-padded ids and mask. `eos` None: the model's end-of-sequence ids; an empty
+    """`stream` from padded ids and mask (padded on the side `model.layout.padding` names). `eos` None: the model's end-of-sequence ids; an empty
     list: never stop early."""
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise RewriteError(f"max_new_tokens {max_new_tokens!r} is not allowed; use a whole number of at least 1")
@@ -170,7 +173,7 @@ def stream_ids(model: CachedModel, ids: np.ndarray, mask: np.ndarray, *, max_new
         running &= ~np.isin(tokens, stops)
         if not running.any():
             return
-        ids, position_ids = tokens[:, None], position_ids[:, -1:] + 1
+        ids, position_ids = tokens[:, None], mask.sum(-1, keepdims=True)
         mask = np.concatenate([mask, np.ones_like(mask[:, :1])], 1)
 
 

@@ -1,19 +1,20 @@
 """Continuous batching across adapters: one thread runs every decoding step of every request as one ONNX
 Runtime call on the cached model.
 
-Each turn of the loop admits waiting requests (up to the batch limit), prefills them together (left-padded),
-merges their caches into the running batch (the shorter cache padded on the left of the past axis, its mask
-zero there, each row's positions continuing as `rewrite.runtime.cache.positions` counts them), decodes one
-token for every row, emits, and retires finished or cancelled rows (their rows sliced out, past columns that
-are padding in every remaining row trimmed). Masked positions weigh exactly zero (the exported mask's large
+Each turn of the loop admits waiting requests (up to the batch limit), prefills them together (padded on the side
+the model's cache layout names: right, or left for an unlowered sliding-window model), merges their caches into the
+running batch (the shorter cache padded on that side of the past axis, its mask zero there, each row's positions
+continuing as `rewrite.runtime.cache.positions` counts them), decodes one token for every row, emits, and retires
+finished or cancelled rows (their rows sliced out, past columns on that side that are padding in every remaining
+row trimmed). Masked positions weigh exactly zero (the exported mask's large
 negative number underflows in the softmax), so each row continues as it would alone.
 
 On a model exported `--mixed-adapters` each row picks its adapter through `adapter_index`; row 0 of the stacked
 adapter inputs is the base (an adapter file that sets nothing, so every slot holds the model's own default).
 The stacked inputs are rebuilt only when the set of adapters changes; an unloaded adapter stays in the stack
 until its last running request leaves. A model with single-adapter slots (`--adapter-slots`) or no slots serves
-the base only. A model that takes no position ids (a prompt-tuned prefix) counts positions from its cache length,
-so padding would shift them: it serves one request at a time.
+the base only. A model that takes no position ids and pads on the left (a prompt-tuned prefix, which counts positions from its
+cache length, so padding would shift them) serves one request at a time.
 """
 from __future__ import annotations
 
@@ -93,22 +94,29 @@ class Batch:
     mask: np.ndarray
     next_position: np.ndarray
     past: list[np.ndarray]
+    side: str  # where rows are padded: the model's `CacheLayout.padding`
 
     def merge(self, other: "Batch") -> "Batch":
         width = max(self.mask.shape[1], other.mask.shape[1])
-        left = lambda a, axis: np.pad(a, [(width - a.shape[axis], 0) if i == axis else (0, 0)  # noqa: E731
-                                          for i in range(a.ndim)])
+        pad = lambda a, axis: np.pad(a, [((0, width - a.shape[axis]) if self.side == "right"  # noqa: E731
+                                          else (width - a.shape[axis], 0)) if i == axis else (0, 0)
+                                         for i in range(a.ndim)])
         return Batch(self.requests + other.requests, np.concatenate([self.last, other.last]),
-                     np.concatenate([left(self.mask, 1), left(other.mask, 1)]),
+                     np.concatenate([pad(self.mask, 1), pad(other.mask, 1)]),
                      np.concatenate([self.next_position, other.next_position]),
-                     [np.concatenate([left(a, 2), left(b, 2)]) for a, b in zip(self.past, other.past)])
+                     [np.concatenate([pad(a, 2), pad(b, 2)]) for a, b in zip(self.past, other.past)], self.side)
 
     def keep(self, rows: np.ndarray) -> "Batch":
-        """Only `rows` (a boolean per row), without the past columns that are padding in all of them."""
+        """Only `rows` (a boolean per row), without the past columns on the padded side that are padding in all of
+        them (a lowered model's rows hold their cache from the start, one entry per real token, so none is cut)."""
         mask = self.mask[rows]
-        start = int(np.argmax(mask.any(0))) if mask.size else mask.shape[1]
-        return Batch([r for r, k in zip(self.requests, rows) if k], self.last[rows], mask[:, start:],
-                     self.next_position[rows], [p[rows][:, :, start:] for p in self.past])
+        used = np.flatnonzero(mask.any(0))
+        if self.side == "right":
+            columns = slice(0, used[-1] + 1 if used.size else 0)
+        else:
+            columns = slice(used[0] if used.size else mask.shape[1], mask.shape[1])
+        return Batch([r for r, k in zip(self.requests, rows) if k], self.last[rows], mask[:, columns],
+                     self.next_position[rows], [p[rows][:, :, columns] for p in self.past], self.side)
 
 
 class AdapterStack:
@@ -158,7 +166,7 @@ class Engine:
 
     def __init__(self, model: CachedModel, max_batch: int = 32, max_queue: int = 256, metrics=None):
         self.model = model
-        self.max_batch = max_batch if model.layout.position_ids else 1
+        self.max_batch = max_batch if model.layout.position_ids or model.layout.padding == "right" else 1
         self.max_queue = max_queue
         self.metrics = metrics
         self.stack = AdapterStack(model)
@@ -263,13 +271,15 @@ class Engine:
         ids = np.full((len(requests), width), self.pad, dtype=np.int64)
         mask = np.zeros_like(ids)
         for row, request in enumerate(requests):
-            ids[row, width - len(request.ids):] = request.ids
-            mask[row, width - len(request.ids):] = 1
+            start = 0 if self.model.layout.padding == "right" else width - len(request.ids)
+            ids[row, start:start + len(request.ids)] = request.ids
+            mask[row, start:start + len(request.ids)] = 1
         position_ids = positions(mask)
         logits, past = self.model.step(ids, mask, position_ids, empty_past(self.model.layout, len(requests)),
                                        (self.stack.run_feeds(requests), None, None))
         self._record(len(requests))
-        batch = Batch(requests, np.zeros(len(requests), dtype=np.int64), mask, position_ids[:, -1] + 1, past)
+        batch = Batch(requests, np.zeros(len(requests), dtype=np.int64), mask, mask.sum(-1), past,
+                      self.model.layout.padding)
         self._take(batch, logits)
         return batch
 

@@ -1,0 +1,206 @@
+"""Lowering a cached export onto ONNX Runtime's fused ops: each rule against the unfused model in ONNX Runtime
+(right-padded prefill and decoding steps, an adapter fed through the slots), and generation of fused models
+against Hugging Face's `generate` on several architectures, with the layers a rule cannot lower named."""
+from __future__ import annotations
+
+import re
+import shutil
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+import pytest
+import transformers
+from click.testing import CliRunner
+from onnxscript.optimizer import optimize
+
+import rewrite
+from rewrite import runtime
+from rewrite.cli.main import cli
+from rewrite.errors import RewriteError
+from rewrite.export import kv_cache
+from rewrite.export.lowering import PREFIXED, lower
+from rewrite.export.lowering.norms import fuse_norms
+from rewrite.runtime.cache import feed, positions
+from rewrite.runtime.schema import ModelSchema
+
+from test_kv_cache import GQA, assert_same_generation, byte_tokenizer, hf_generate, tiny_lm
+
+HEAD16 = dict(hidden_size=128, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8,
+              num_key_value_heads=2)  # head size 16, 4 heads per KV head
+CONFIGS = {
+    "llama": lambda: transformers.LlamaConfig(**GQA, initializer_range=0.2),
+    "mistral": lambda: transformers.MistralConfig(**GQA, sliding_window=4, initializer_range=0.2),
+    "qwen2": lambda: transformers.Qwen2Config(**HEAD16, initializer_range=0.2),  # q/k/v biases
+    "gemma": lambda: transformers.GemmaConfig(**GQA, head_dim=16, initializer_range=0.3),
+}
+
+
+def _graph(directory, options: dict):
+    """The model in `directory`, with a LoRA adapter when it is exported with slots."""
+    gm = rewrite.load_pretrained(directory)
+    if options.get("adapter_slots"):
+        rewrite.apply(gm, "lora", rank=4, alpha=8)
+    return gm
+
+
+def _unfused(directory, tmp_path, **options):
+    """The cached export of the model in `directory` without lowering."""
+    path = tmp_path / "unfused" / "model.onnx"
+    rewrite.export_onnx(_graph(directory, options), path, cache=True, fuse=False, **options)
+    return path
+
+
+def _adapter(path) -> dict[str, np.ndarray]:
+    """A random rank-4 adapter for every slot of the model (none without slots)."""
+    slots = ModelSchema.read(path).slots
+    rng = np.random.default_rng(3)
+    return {s.name: (rng.standard_normal([4 if d is None else d for d in s.shape]) * 0.1).astype(np.float32)
+            for s in (slots.slots if slots else [])}
+
+
+def _max_diff(before, after) -> float:
+    """Max logit difference of two files of one model over a right-padded batch, an adapter in its slots."""
+    prompt, steps = 6, 3
+    ids = np.random.default_rng(1).integers(0, 200, (2, prompt + steps))
+    mask = np.ones_like(ids)
+    mask[1, prompt - 2:prompt] = 0
+    extra = _adapter(before)
+    outs = [kv_cache._decode(runtime.session(p), ModelSchema.read(p).require_cache(), ids, mask, prompt, extra)
+            for p in (before, after)]
+    keep = mask.astype(bool)
+    return float(np.abs(outs[0][keep] - outs[1][keep]).max())
+
+
+def _far_diff(before, after, past: int = 1900) -> float:
+    """Max logit difference of one decoding step after a random past of `past` positions (rotary angles far out)."""
+    layout = ModelSchema.read(before).require_cache()
+    rng = np.random.default_rng(2)
+    pasts = [rng.standard_normal((1, layout.kv_heads, past, layout.head_dim)).astype(np.float32)
+             for _ in layout.past_names()]
+    ids, mask = np.array([[5, 7]]), np.ones((1, past + 2), dtype=np.int64)
+    outs = [runtime.run(runtime.session(p), feed(ModelSchema.read(p).require_cache(), ids, mask,
+                                                 positions(mask)[:, -2:], pasts))["logits"] for p in (before, after)]
+    return float(np.abs(outs[0] - outs[1]).max())
+
+
+def _slot_inputs_used(path) -> bool:
+    model = ir.load(path)
+    slots = {s.name for s in ModelSchema.read(path).slots.slots}
+    return slots <= {v.name for v in model.graph.inputs if v.uses()}
+
+
+@pytest.fixture(scope="module")
+def slotted(tmp_path_factory):
+    """The tiny LLaMA's cached export with adapter slots, unfused."""
+    tmp = tmp_path_factory.mktemp("slotted")
+    directory = tmp / "hf"
+    tiny_lm("llama", CONFIGS["llama"]()).save_pretrained(directory)
+    return _unfused(directory, tmp, adapter_slots=True)
+
+
+def test_norm_rules_fuse_every_norm_and_match_the_unfused_model(slotted, tmp_path):
+    model = ir.load(slotted)
+    common_passes.ShapeInferencePass()(model)
+    optimize(model)
+    assert fuse_norms(model) == {"SimplifiedLayerNormalization": 1, "SkipSimplifiedLayerNormalization": 4}
+    assert not any(n.op_type in ("Pow", "ReduceMean", "Sqrt", "Reciprocal") for n in model.graph)
+    fused = tmp_path / "model.onnx"
+    ir.save(model, fused)
+    assert _slot_inputs_used(fused)
+    assert _max_diff(slotted, fused) <= 1e-5
+
+
+def test_attention_rule_lowers_every_layer_keeps_the_slots_and_matches_the_unfused_model(slotted, tmp_path):
+    fused = tmp_path / "model.onnx"
+    shutil.copy(slotted, fused)
+    report = lower(fused, None)
+    assert report.layers == {0: None, 1: None} and report.fused["GroupQueryAttention"] == 2
+    assert report.removed_inputs == ["position_ids"]
+    assert not ModelSchema.read(fused).require_cache().position_ids
+    after = report.ops_after
+    assert after["com.microsoft:GroupQueryAttention"] == 2 and "Concat" not in after and "Expand" not in after
+    assert sum(after.values()) < sum(report.ops_before.values()) / 3
+    assert _slot_inputs_used(fused)
+    assert _max_diff(slotted, fused) <= 1e-5 and _far_diff(slotted, fused) <= 1e-5
+    external = tmp_path / "external" / "model.onnx"
+    external.parent.mkdir()
+    shutil.copy(slotted, external)
+    lower(external, None, external=True)
+    assert (external.parent / "model.onnx.data").stat().st_size > external.stat().st_size
+    assert _max_diff(slotted, external) <= 1e-5
+
+
+@pytest.mark.parametrize("arch", list(CONFIGS))
+def test_fused_models_generate_as_hf_generate(arch, tmp_path):
+    """Every layer lowered (Mistral's sliding window as the op's local window, Qwen2's biases in the projections,
+    Gemma's scaled embeddings and norms); greedy tokens and logits as `generate`'s with left padding."""
+    directory = tmp_path / "hf"
+    model = tiny_lm(arch, CONFIGS[arch]())
+    model.save_pretrained(directory)
+    report = rewrite.export_onnx(rewrite.load_pretrained(directory), tmp_path / "model.onnx", cache=True)
+    assert report.lowering.layers == {0: None, 1: None}, report.lowering.summary()
+    assert "position_ids" not in report.input_names
+    assert ModelSchema.read(tmp_path / "model.onnx").require_cache().padding == "right"
+    byte_tokenizer().save_pretrained(tmp_path)
+    assert_same_generation(tmp_path / "model.onnx", hf_generate(model))
+
+
+@pytest.mark.parametrize("options", [dict(quantize="int4"), dict(adapter_slots=True)])
+def test_fused_llama_quantized_or_slotted_generates_as_its_unfused_export(options, tmp_path):
+    directory = tmp_path / "hf"
+    tiny_lm("llama", CONFIGS["llama"]()).save_pretrained(directory)
+    unfused = _unfused(directory, tmp_path, **options)
+    report = rewrite.export_onnx(_graph(directory, options), tmp_path / "model.onnx", cache=True, **options)
+    assert report.lowering.layers == {0: None, 1: None}
+    ops = report.lowering.ops_after
+    assert ops.get("com.microsoft:MatMulNBits", 0) == (14 if "quantize" in options else 0)
+    assert _max_diff(unfused, tmp_path / "model.onnx") <= 1e-5
+
+
+def test_a_head_size_the_op_cannot_rotate_stays_unlowered_named_and_exact(tmp_path):
+    """Head size 8: GroupQueryAttention rotates only heads of a multiple of 16, so the attention stays as exported
+    (its norms fused) and the summary names each layer; generation still equals `generate`."""
+    config = transformers.LlamaConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=6, num_key_value_heads=3, initializer_range=0.2)
+    directory = tmp_path / "hf"
+    model = tiny_lm("llama", config)
+    model.save_pretrained(directory)
+    report = rewrite.export_onnx(rewrite.load_pretrained(directory), tmp_path / "model.onnx", cache=True)
+    lowering = report.lowering
+    assert set(lowering.layers) == {0, 1} and all("head size 8" in r for r in lowering.layers.values())
+    assert "layer 1 attention not lowered: head size 8" in "\n".join(lowering.summary())
+    assert lowering.fused["SkipSimplifiedLayerNormalization"] == 4 and "position_ids" in report.input_names
+    byte_tokenizer().save_pretrained(tmp_path)
+    assert_same_generation(tmp_path / "model.onnx", hf_generate(model))
+
+
+def test_a_cache_prefix_is_not_lowered_and_says_so(tmp_path):
+    directory = tmp_path / "hf"
+    tiny_lm("llama", CONFIGS["llama"]()).save_pretrained(directory)
+    gm = rewrite.load_pretrained(directory)
+    rewrite.apply(gm, "prompt", num_virtual_tokens=3)
+    report = rewrite.export_onnx(gm, tmp_path / "model.onnx", cache=True)
+    assert report.lowering.layers == {0: PREFIXED, 1: PREFIXED}
+    assert report.lowering.fused["SkipSimplifiedLayerNormalization"] == 4
+    assert ModelSchema.read(tmp_path / "model.onnx").require_cache().padding == "left"
+
+
+def test_cli_prints_the_op_counts_and_no_fuse_keeps_the_exported_ops(tmp_path):
+    directory = tmp_path / "hf"
+    tiny_lm("llama", CONFIGS["llama"]()).save_pretrained(directory)
+    runner = CliRunner()
+    result = runner.invoke(cli, ["capture", str(directory), "--task", "causal-lm", "-o", str(tmp_path / "base.pt2")])
+    assert result.exit_code == 0, result.output
+    outputs = {}
+    for name, flags in (("fused", []), ("unfused", ["--no-fuse"])):
+        result = runner.invoke(cli, ["export", str(tmp_path / "base.pt2"), "--onnx", str(tmp_path / name / "model.onnx"),
+                                     "--with-cache", *flags])
+        assert result.exit_code == 0, result.output
+        outputs[name] = result.output
+    assert re.search(r"fused ops: \d+ nodes -> \d+ \(1 SimplifiedLayerNormalization, 4 SkipSimplifiedLayerNormalization, "
+                     r"2 GroupQueryAttention\); attention lowered in 2 of 2 layers", outputs["fused"].replace("\n", " "))
+    assert "fused ops" not in outputs["unfused"] and "position_ids" in outputs["unfused"]
+    assert _max_diff(tmp_path / "unfused" / "model.onnx", tmp_path / "fused" / "model.onnx") <= 1e-5
+    result = runner.invoke(cli, ["export", str(tmp_path / "base.pt2"), "--onnx", str(tmp_path / "plain.onnx"), "--no-fuse"])
+    assert isinstance(result.exception, RewriteError) and "--fuse does nothing without --with-cache" in str(result.exception)
