@@ -101,3 +101,20 @@ def test_the_fsdp_memory_benchmark_measures_every_world_size(tmp_path):
     results = json.loads((tmp_path / "out.json").read_text())
     assert [len(results[w]) for w in ("1", "2")] == [1, 2]
     assert all(r["peak_bytes"] > 0 and r["tokens_per_s"] > 0 for ranks in results.values() for r in ranks)
+
+
+@pytest.mark.slow
+def test_the_genai_decode_benchmark_times_every_arm(tmp_path):
+    """Against GenAI's builder where onnxruntime-genai is installed in this Python, else our arms alone."""
+    script = BENCHMARK.parent / "genai_decode.py"
+    genai = importlib.util.find_spec("onnxruntime_genai") is not None
+    command = [sys.executable, str(script), "--model", "tiny", "--prompt", "8", "--new", "4", "--repeats", "1",
+               "--batches", "1,2", "--json", str(tmp_path / "out.json")]
+    done = subprocess.run(command + (["--genai-python", sys.executable] if genai else []), capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads((tmp_path / "out.json").read_text())
+    arms = {"ours fp32", "ours fp32 unfused", "ours int4"} | ({"GenAI fp32", "GenAI int4"} if genai else set())
+    assert set(results) == arms
+    assert results["ours fp32"]["nodes"] < results["ours fp32 unfused"]["nodes"]
+    assert all(results[arm][str(b)]["step_s"] > 0 for arm in arms for b in (1, 2))

@@ -1,0 +1,158 @@
+"""Decoding speed of our cached export against ONNX Runtime GenAI's model builder output of the same weights.
+
+    python benchmarks/genai_decode.py --genai-python VENV/bin/python [--threads 2] [--prompt 128] [--new 32]
+    python benchmarks/genai_decode.py --genai-python VENV/bin/python --model tiny   # the benchmark's own test
+
+The model is LLaMA-shaped, 124.7M parameters (hidden 768, 12 layers, 12 heads, 4 KV heads, vocabulary 32000;
+random weights from its config, MiniLM's tokenizer). Our arms are `export_onnx(cache=True)` lowered onto ONNX
+Runtime's fused ops (the default), the same with `fuse=False`, and int4 (`quantize` with the LM head, block 32,
+accuracy level 4, as GenAI's int4 CPU model). GenAI's arms are `onnxruntime_genai.models.builder -p fp32|int4 -e
+cpu`, run through `og.Generator`. GenAI pins its own onnxruntime, so it runs from another Python that has
+`onnxruntime-genai` (`--genai-python`; without it only our arms run). Every arm uses `--threads` intra-op threads,
+random prompts of `--prompt` tokens, greedy decoding of `--new` tokens without an early stop; a step is timed from
+the previous token to the next, the prefill (time to first token) separately; the median over `--repeats` runs.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import train_throughput
+
+MODELS = {
+    "llama-125m": dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                       num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=2048),
+    "tiny": dict(vocab_size=30522, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=256),
+}
+INT4 = {"bits": 4, "block_size": 32, "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                  "down_proj", "lm_head"]}
+GENAI_RUN = """
+import json, sys, time, numpy as np, onnxruntime_genai as og
+path, batch, prompt, new, repeats = sys.argv[1], *map(int, sys.argv[2:6])
+model = og.Model(path)
+runs = []
+for repeat in range(repeats):
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=prompt + new, min_length=prompt + new, do_sample=False, batch_size=batch)
+    generator = og.Generator(model, params)
+    ids = np.random.default_rng(batch).integers(1000, 30000, (batch, prompt)).astype(np.int32)
+    start = time.perf_counter()
+    generator.append_tokens(ids)
+    generator.generate_next_token()
+    stamps = [time.perf_counter()]
+    while not generator.is_done():
+        generator.generate_next_token()
+        stamps.append(time.perf_counter())
+    runs.append({"first_s": stamps[0] - start, "step_s": (stamps[-1] - stamps[0]) / (len(stamps) - 1)})
+print(json.dumps(runs))
+"""
+
+
+def model_dir(name: str, workdir: Path) -> Path:
+    train_throughput.MODELS.setdefault(name, {"config": MODELS[name]})
+    return train_throughput.model_dir(name, workdir)
+
+
+def our_exports(directory: Path, out: Path) -> dict[str, Path]:
+    import rewrite
+
+    base = rewrite.load_pretrained(directory)
+    paths = {"ours fp32": out / "fp32" / "model.onnx", "ours fp32 unfused": out / "unfused" / "model.onnx",
+             "ours int4": out / "int4" / "model.onnx"}
+    rewrite.export_onnx(base, paths["ours fp32"], cache=True)
+    rewrite.export_onnx(base, paths["ours fp32 unfused"], cache=True, fuse=False)
+    quantized = copy.deepcopy(base)
+    rewrite.apply(quantized, "quantize", **INT4)
+    rewrite.export_onnx(quantized, paths["ours int4"], cache=True, accuracy_level=4)
+    return paths
+
+
+def genai_exports(python: str, directory: Path, out: Path, threads: int) -> dict[str, Path]:
+    """GenAI's builder output for fp32 and int4, with `threads` intra-op threads in its config."""
+    paths = {}
+    for precision in ("fp32", "int4"):
+        target = out / f"genai-{precision}"
+        subprocess.run([python, "-m", "onnxruntime_genai.models.builder", "-i", str(directory), "-o", str(target),
+                        "-p", precision, "-e", "cpu", "-c", str(out / "cache")], check=True, capture_output=True)
+        config = json.loads((target / "genai_config.json").read_text())
+        config["model"]["decoder"]["session_options"]["intra_op_num_threads"] = threads
+        (target / "genai_config.json").write_text(json.dumps(config, indent=2))
+        paths[f"GenAI {precision}"] = target
+    return paths
+
+
+def run_ours(path: Path, batch: int, args) -> list[dict]:
+    import numpy as np
+
+    from rewrite.runtime.generate import CachedModel, stream_ids
+
+    model = CachedModel(path, threads=args.threads)
+    ids = np.random.default_rng(batch).integers(1000, 30000, (batch, args.prompt))
+    runs = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        stamps = [time.perf_counter() for _ in stream_ids(model, ids, np.ones_like(ids), max_new_tokens=args.new,
+                                                           eos=[])]
+        runs.append({"first_s": stamps[0] - start, "step_s": (stamps[-1] - stamps[0]) / (len(stamps) - 1)})
+    return runs
+
+
+def run_genai(python: str, path: Path, batch: int, args) -> list[dict]:
+    done = subprocess.run([python, "-c", GENAI_RUN, str(path), str(batch), str(args.prompt), str(args.new),
+                           str(args.repeats)], check=True, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def nodes(path: Path) -> int:
+    import onnx
+
+    model = path if path.suffix == ".onnx" else path / "model.onnx"
+    return len(onnx.load(model, load_external_data=False).graph.node)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="llama-125m", choices=sorted(MODELS))
+    parser.add_argument("--genai-python", help="a Python with onnxruntime-genai installed")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--new", type=int, default=32)
+    parser.add_argument("--batches", default="1,4")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = model_dir(args.model, Path(tmp))
+        arms = our_exports(directory, Path(tmp) / "onnx")
+        if args.genai_python:
+            arms |= genai_exports(args.genai_python, directory, Path(tmp) / "onnx", args.threads)
+        for batch in map(int, args.batches.split(",")):
+            for name, path in arms.items():
+                runs = (run_genai(args.genai_python, path, batch, args) if name.startswith("GenAI")
+                        else run_ours(path, batch, args))
+                results.setdefault(name, {"nodes": nodes(path)})[batch] = {
+                    key: statistics.median(run[key] for run in runs) for key in ("first_s", "step_s")}
+    print(f"{args.model}, prompt {args.prompt}, {args.new} new tokens, ONNX Runtime CPU, {args.threads} threads "
+          "(ratios to GenAI of the same precision, measured in one run)")
+    print("| arm | nodes | batch | ms/token | vs GenAI | time to first token (ms) |")
+    print("|---|---|---|---|---|---|")
+    for name, result in results.items():
+        reference = results.get(f"GenAI {'int4' if 'int4' in name else 'fp32'}")
+        for batch, timing in ((b, t) for b, t in result.items() if b != "nodes"):
+            ratio = f"{timing['step_s'] / reference[batch]['step_s']:.2f}x" if reference else "-"
+            print(f"| {name} | {result['nodes']} | {batch} | {timing['step_s'] * 1e3:.1f} | {ratio} | "
+                  f"{timing['first_s'] * 1e3:.0f} |")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
