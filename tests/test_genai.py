@@ -98,6 +98,16 @@ def test_prompt_tuned_export_keeps_separate_buffers(tmp_path):
     assert config["search"]["past_present_share_buffer"] is False and "position_ids" not in config["model"]["decoder"]["inputs"]
 
 
+def test_a_mixed_adapter_export_writes_no_genai_config(tmp_path, caplog):
+    """GenAI does not feed the per-row `adapter_index` (it fails on the missing input), so no config claims it runs."""
+    tiny_lm("llama", CONFIGS["llama"]()).save_pretrained(tmp_path / "hf")
+    gm = rewrite.load_pretrained(tmp_path / "hf")
+    rewrite.apply(gm, "lora", rank=4, alpha=8)
+    report = rewrite.export_onnx(gm, tmp_path / "model.onnx", cache=True, mixed_adapters=True)
+    assert report.genai_config is None and not (tmp_path / CONFIG).exists()
+    assert "adapter_index, which GenAI does not feed" in caplog.text
+
+
 def _until_eos(tokens) -> list[int]:
     tokens = [int(t) for t in tokens]
     return tokens[:tokens.index(EOS)] if EOS in tokens else tokens

@@ -14,7 +14,8 @@ lowered onto it (a cache prefix never is). No `sliding_window` entry is written:
 holds only the window (window plus slack positions per sliding layer, the attention op evicting), while our
 cache keeps every position and the model applies the window itself (GroupQueryAttention's `local_window_size`,
 or the exported mask). GenAI pads batched prompts on the right, as lowered models and every model without a
-prefix or an unlowered window do; a model that pads on the left generates in GenAI as here at batch 1.
+prefix or an unlowered window do; a model that pads on the left generates in GenAI as here at batch 1. A
+mixed-adapter export and a model whose length nothing bounds get no config (`refusal` says why).
 """
 from __future__ import annotations
 
@@ -84,6 +85,16 @@ def context_length(positions: int | None, tokenizer) -> int | None:
 
     limit = positions or getattr(tokenizer, "model_max_length", None)
     return int(limit) if limit and limit < VERY_LARGE_INTEGER else None
+
+
+def refusal(path: Path, context_length: int | None) -> str | None:
+    """Why GenAI could not run the export at `path`, or None."""
+    if context_length is None:
+        return "the model and its tokenizer set no longest sequence, by which GenAI sizes its buffers"
+    slots = ModelSchema.read(path).slots
+    if slots is not None and slots.mixed:
+        return "a mixed-adapter export takes a per-row adapter_index, which GenAI does not feed"
+    return None
 
 
 def genai_config(path: Path, config, context_length: int, vocab: int, lowered: bool) -> dict[str, Any]:

@@ -260,12 +260,13 @@ def _refuse_clashes(gm: fx.GraphModule, path: Path, cache: bool) -> None:
 
 
 def _write_genai(gm: fx.GraphModule, path: Path, lowering: LoweringReport | None) -> str | None:
-    """ONNX Runtime GenAI's config beside a cached export (`rewrite.export.genai`); its file name, or None for a
-    model whose sequence length nothing bounds (GenAI sizes its buffers by it)."""
+    """ONNX Runtime GenAI's config beside a cached export (`rewrite.export.genai`); its file name, or None (and a
+    warning that says why) where GenAI could not run the model."""
     graph_info = info(gm)
     length = genai.context_length(graph_info.position_limit, graph_info.tokenizer)
-    if length is None:
-        log.warning("no genai_config.json written: the model and its tokenizer set no longest sequence")
+    reason = genai.refusal(path, length)
+    if reason:
+        log.warning("no %s written: %s", genai.CONFIG, reason)
         return None
     lowered = lowering is not None and all(reason is None for reason in lowering.layers.values())
     return genai.write(path, graph_info.config, length, vocab_size(gm), lowered).name
