@@ -29,9 +29,9 @@ from rewrite.runtime.cache import CacheLayout
 from rewrite.runtime.schema import ModelSchema
 
 CONFIG = "genai_config.json"
-# GenAI's language-model types (its `src/models/model_type.h`) that it runs as a plain decoder with one key and
-# one value tensor per layer, as we export: "gpt2" selects a combined key-value cache and "lfm2" a hybrid one,
-# so those models, like any type GenAI does not list, are the generic "decoder".
+# GenAI's language-model types (its `src/models/model_type.h`, each in the 0.18 library) that it runs as a plain
+# decoder with one key and one value tensor per layer, as we export: "gpt2" selects a combined key-value cache and
+# "lfm2" a hybrid one, so those models, like any type GenAI does not list, are the generic "decoder".
 DECODER_TYPES = frozenset({
     "chatglm", "ernie4_5", "gemma", "gemma2", "gemma3_text", "gemma4_text", "gptoss", "granite", "granitemoehybrid",
     "hunyuandensev1", "internlm2", "llama", "mistral", "nemotron", "olmo", "phi", "phimoe", "phi3", "phi3small",
