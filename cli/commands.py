@@ -161,6 +161,8 @@ def export(source: str, onnx_path: str, verify: bool, opset: int | None, adapter
     console.print(f"wrote {report.path}: inputs {', '.join(inputs)} -> {', '.join(report.output_names)}")
     for line in report.lowering.summary() if report.lowering else []:
         console.print(line)
+    if report.genai_config:
+        console.print(f"wrote {report.genai_config} (ONNX Runtime GenAI reads the directory)")
     if report.max_abs_diff is not None:
         console.print(f"ONNX Runtime ({report.provider}) vs torch: max abs diff {report.max_abs_diff:.3g}")
 

@@ -13,7 +13,7 @@ import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
-from rewrite.export import kv_cache
+from rewrite.export import genai, kv_cache
 from rewrite.export.lowering import LoweringReport, lower
 from rewrite.export.quantized import check_accuracy_level, set_accuracy_level, translations
 
@@ -54,6 +54,7 @@ class ExportReport:
     provider: str | None
     adapter_inputs: list[str] = field(default_factory=list)  # the adapter slots' inputs (and `adapter_index`)
     lowering: LoweringReport | None = None  # what a cached export's fused ops replaced (None: not lowered)
+    genai_config: Path | None = None  # ONNX Runtime GenAI's config, written beside a cached export
 
 
 def _output_names(outputs) -> list[str]:
@@ -244,9 +245,10 @@ def _check_written_opset(path: Path, opset: int | None) -> None:
                            "leave --opset out or choose that one")
 
 
-def _refuse_clashes(gm: fx.GraphModule, path: Path) -> None:
-    """Before any work: the model and tokenizer files this export writes must not replace files already there."""
-    names = {path.name}
+def _refuse_clashes(gm: fx.GraphModule, path: Path, cache: bool) -> None:
+    """Before any work: the model, tokenizer and GenAI config files this export writes must not replace files
+    already there."""
+    names = {path.name} | ({genai.CONFIG} if cache else set())
     tokenizer = info(gm).tokenizer
     if tokenizer is not None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -255,6 +257,19 @@ def _refuse_clashes(gm: fx.GraphModule, path: Path) -> None:
     if clashes:
         raise RewriteError(f"{str(path.parent)!r} already holds {', '.join(clashes)}, which this export would replace; "
                            "pass --overwrite to replace them, or export elsewhere")
+
+
+def _write_genai(gm: fx.GraphModule, path: Path, lowering: LoweringReport | None) -> str | None:
+    """ONNX Runtime GenAI's config beside a cached export (`rewrite.export.genai`); its file name, or None (and a
+    warning that says why) where GenAI could not run the model."""
+    graph_info = info(gm)
+    length = genai.context_length(graph_info.position_limit, graph_info.tokenizer)
+    reason = genai.refusal(path, length)
+    if reason:
+        log.warning("no %s written: %s", genai.CONFIG, reason)
+        return None
+    lowered = lowering is not None and all(reason is None for reason in lowering.layers.values())
+    return genai.write(path, graph_info.config, length, vocab_size(gm), lowered).name
 
 
 @quiet
@@ -281,6 +296,7 @@ def export_onnx(gm: fx.GraphModule, path: str | Path, *, verify: bool = True, op
     (Hugging Face's own fp16 code decides what stays fp32), so the past and present tensors are fp16 too.
     With the cache and `fuse` (the default), the checked file is lowered onto ONNX Runtime's fused ops
     (`rewrite.export.lowering`) before it is verified; `fuse=False` keeps the exporter's ops, for debugging.
+    A cached export also writes ONNX Runtime GenAI's `genai_config.json` beside it (`rewrite.export.genai`).
     """
     path = Path(path)
     _check_opset(opset)
@@ -300,7 +316,7 @@ def export_onnx(gm: fx.GraphModule, path: str | Path, *, verify: bool = True, op
         raise RewriteError(f"weight {bad} holds NaN or infinite values, so the exported model would compute NaN; "
                            "export a graph with finite weights")
     if not overwrite:
-        _refuse_clashes(gm, path)
+        _refuse_clashes(gm, path, cache)
     was_training, source = gm.training, gm
     gm.eval()
     try:
@@ -329,6 +345,7 @@ def export_onnx(gm: fx.GraphModule, path: str | Path, *, verify: bool = True, op
             tokenizer = info(gm).tokenizer
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
+            written = _write_genai(gm, staged, lowering) if cache else None
             diff = tolerance = provider = None
             if verify:
                 diff, tolerance, provider = signature.verify(staged, compare_fp16 if dtype == "fp16" else compare)
@@ -339,4 +356,5 @@ def export_onnx(gm: fx.GraphModule, path: str | Path, *, verify: bool = True, op
         source.train(was_training)
     removed = lowering.removed_inputs if lowering else []
     return ExportReport(path, [n for n in signature.input_names if n not in removed], signature.output_names, diff,
-                        tolerance, provider, signature.slots.onnx_input_names() if signature.slots else [], lowering)
+                        tolerance, provider, signature.slots.onnx_input_names() if signature.slots else [], lowering,
+                        path.parent / written if written else None)
