@@ -135,6 +135,7 @@ def _ours(path, batch: list[int], adapters: Adapters | None = None) -> list[list
     return [_until_eos(tokens) for tokens in ours.token_ids]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch, adapter", [("llama", False), ("llama", True), ("gpt2", False), ("gpt2", True),
                                            ("mistral", False)])
 def test_genai_generates_the_tokens_rewrite_generates(arch, adapter, export):

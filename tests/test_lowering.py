@@ -131,6 +131,7 @@ def test_attention_rule_lowers_every_layer_keeps_the_slots_and_matches_the_unfus
     assert _max_diff(slotted, external) <= 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", list(CONFIGS))
 def test_fused_models_generate_as_hf_generate(arch, tmp_path):
     """Every layer lowered (Mistral's sliding window as the op's local window, Qwen2's biases in the projections,
@@ -146,6 +147,7 @@ def test_fused_models_generate_as_hf_generate(arch, tmp_path):
     assert_same_generation(tmp_path / "model.onnx", hf_generate(model))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("options", [dict(quantize="int4"), dict(adapter_slots=True)])
 def test_fused_llama_quantized_or_slotted_generates_as_its_unfused_export(options, tmp_path):
     directory = tmp_path / "hf"
