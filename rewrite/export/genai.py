@@ -23,8 +23,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import onnx
-
 from rewrite.runtime.cache import CacheLayout
 from rewrite.runtime.schema import ModelSchema
 
@@ -97,11 +95,12 @@ def refusal(path: Path, context_length: int | None) -> str | None:
     return None
 
 
-def genai_config(path: Path, config, context_length: int, vocab: int, lowered: bool) -> dict[str, Any]:
-    """The config for the exported model at `path` (`lowered`: every layer's attention is GroupQueryAttention)."""
+def genai_config(path: Path, config, context_length: int, vocab: int, lowered: bool,
+                 names: list[str]) -> dict[str, Any]:
+    """The config for the exported model at `path`, whose inputs are `names` (`lowered`: every layer's attention
+    is GroupQueryAttention)."""
     schema = ModelSchema.read(path)
     layout = schema.require_cache()
-    names = [value.name for value in onnx.load(str(path), load_external_data=False).graph.input]
     decoder = {"session_options": {"log_id": "onnxruntime-genai", "provider_options": []}, "filename": path.name,
                "head_size": layout.head_dim, "hidden_size": config.hidden_size,
                "inputs": _inputs(names),
@@ -114,8 +113,8 @@ def genai_config(path: Path, config, context_length: int, vocab: int, lowered: b
     return {"model": model, "search": search(config, context_length, share_buffer(layout, lowered))}
 
 
-def write(path: Path, config, context_length: int, vocab: int, lowered: bool) -> Path:
-    """Writes `genai_config.json` beside the model at `path`; its path."""
+def write(path: Path, config, context_length: int, vocab: int, lowered: bool, names: list[str]) -> Path:
+    """Writes `genai_config.json` beside the model at `path`, whose inputs are `names`; its path."""
     target = path.parent / CONFIG
-    target.write_text(json.dumps(genai_config(path, config, context_length, vocab, lowered), indent=2) + "\n")
+    target.write_text(json.dumps(genai_config(path, config, context_length, vocab, lowered, names), indent=2) + "\n")
     return target

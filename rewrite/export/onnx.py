@@ -259,9 +259,9 @@ def _refuse_clashes(gm: fx.GraphModule, path: Path, cache: bool) -> None:
                            "pass --overwrite to replace them, or export elsewhere")
 
 
-def _write_genai(gm: fx.GraphModule, path: Path, lowering: LoweringReport | None) -> str | None:
-    """ONNX Runtime GenAI's config beside a cached export (`rewrite.export.genai`); its file name, or None (and a
-    warning that says why) where GenAI could not run the model."""
+def _write_genai(gm: fx.GraphModule, path: Path, lowering: LoweringReport | None, inputs: list[str]) -> str | None:
+    """ONNX Runtime GenAI's config beside a cached export whose inputs are `inputs` (`rewrite.export.genai`); its
+    file name, or None (and a warning that says why) where GenAI could not run the model."""
     graph_info = info(gm)
     length = genai.context_length(graph_info.position_limit, graph_info.tokenizer)
     reason = genai.refusal(path, length)
@@ -269,7 +269,7 @@ def _write_genai(gm: fx.GraphModule, path: Path, lowering: LoweringReport | None
         log.warning("no %s written: %s", genai.CONFIG, reason)
         return None
     lowered = lowering is not None and all(reason is None for reason in lowering.layers.values())
-    return genai.write(path, graph_info.config, length, vocab_size(gm), lowered).name
+    return genai.write(path, graph_info.config, length, vocab_size(gm), lowered, inputs).name
 
 
 @quiet
@@ -345,7 +345,8 @@ def export_onnx(gm: fx.GraphModule, path: str | Path, *, verify: bool = True, op
             tokenizer = info(gm).tokenizer
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
-            written = _write_genai(gm, staged, lowering) if cache else None
+            inputs = [n for n in signature.input_names if n not in (lowering.removed_inputs if lowering else [])]
+            written = _write_genai(gm, staged, lowering, inputs) if cache else None
             diff = tolerance = provider = None
             if verify:
                 diff, tolerance, provider = signature.verify(staged, compare_fp16 if dtype == "fp16" else compare)
@@ -354,7 +355,6 @@ def export_onnx(gm: fx.GraphModule, path: str | Path, *, verify: bool = True, op
                 _set_level(staged, accuracy_level)
     finally:
         source.train(was_training)
-    removed = lowering.removed_inputs if lowering else []
-    return ExportReport(path, [n for n in signature.input_names if n not in removed], signature.output_names, diff,
+    return ExportReport(path, inputs, signature.output_names, diff,
                         tolerance, provider, signature.slots.onnx_input_names() if signature.slots else [], lowering,
                         path.parent / written if written else None)

@@ -95,34 +95,38 @@ def _edge_units(gm: fx.GraphModule, taken: set[fx.Node]) -> dict[str, list[fx.No
     """The modules outside the blocks that can be outlined as units of their own (the module docstring):
     each tensor goes with the one module path all its readers share, when the tensor lies under it; a module
     with parameters among them becomes a unit."""
+    attrs = list(gm.graph.find_nodes(op="get_attr"))
     owned: dict[str, list[fx.Node]] = {}
-    for node in gm.graph.find_nodes(op="get_attr"):
+    for node in attrs:
         paths = {module_path(user) for user in node.users}
         path = paths.pop() if len(paths) == 1 else None
         if node not in taken and path and node.target.startswith(path + "."):
             owned.setdefault(path, []).append(node)
     calls = [n for n in gm.graph.nodes if n.op == "call_function"]
+    call_paths = [module_path(n) or "" for n in calls]
+    named = [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]
     parameters = {name for name, _ in gm.named_parameters(remove_duplicate=False)}
     units = {}
-    for path, attrs in owned.items():
-        if not parameters & {n.target for n in attrs}:
+    for path, mine in owned.items():
+        if not parameters & {n.target for n in mine}:
             continue  # buffers only (rotary frequencies): nothing to shard
-        inside = [i for i, n in enumerate(calls) if (module_path(n) or "").startswith(path + ".")
-                  or module_path(n) == path]
+        inside = [i for i, called in enumerate(call_paths) if _under(called, path)]
         stretch = calls[inside[0]:inside[-1] + 1]
-        if len(stretch) == len(inside) and not taken & set(stretch) and _owns_alone(gm, path, attrs):
-            units[path] = attrs + stretch
+        read_elsewhere = {n.target for n in attrs if n.users and n not in mine}
+        if len(stretch) == len(inside) and not taken & set(stretch) and _owns_alone(named, path, read_elsewhere):
+            units[path] = mine + stretch
     nested = {p for p in units for q in units if p != q and p.startswith(q + ".")}
     return {path: nodes for path, nodes in units.items() if path not in nested}
 
 
-def _owns_alone(gm: fx.GraphModule, path: str, attrs: list[fx.Node]) -> bool:
+def _under(name: str, path: str) -> bool:
+    return name == path or name.startswith(path + ".")
+
+
+def _owns_alone(named: list[tuple[str, torch.Tensor]], path: str, read_elsewhere: set[str]) -> bool:
     """Every tensor under `path` is read there or nowhere, and none is also registered outside it."""
-    read_elsewhere = {n.target for n in gm.graph.find_nodes(op="get_attr") if n.users and n not in attrs}
-    named = [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]
     under = {id(t) for name, t in named if name.startswith(path + ".")}
-    return not any(name in read_elsewhere or not name.startswith(path + ".")
-                   for name, t in named if id(t) in under)
+    return not any(name in read_elsewhere or not name.startswith(path + ".") for name, t in named if id(t) in under)
 
 
 def _reader(user: fx.Node, stretches: dict[str, set[fx.Node]]) -> str | None:
