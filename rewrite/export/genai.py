@@ -9,8 +9,8 @@ sizes from its layout, the special ids and position limit from its metadata, and
 model's generation config.
 
 `past_present_share_buffer` makes GenAI allocate each layer's cache once at the maximum length and the model
-write new positions into it in place, which only GroupQueryAttention does: it is true only where every layer was
-lowered onto it (a cache prefix never is). No `sliding_window` entry is written: GenAI reads one as a cache that
+write new positions into it in place, which only GroupQueryAttention does: it is the layout's `in_place`, true
+only where every layer was lowered onto it (a cache prefix never is). No `sliding_window` entry is written: GenAI reads one as a cache that
 holds only the window (window plus slack positions per sliding layer, the attention op evicting), while our
 cache keeps every position and the model applies the window itself (GroupQueryAttention's `local_window_size`,
 or the exported mask). GenAI pads batched prompts on the right, as lowered models and every model without a
@@ -23,7 +23,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-from rewrite.runtime.cache import CacheLayout
 from rewrite.runtime.schema import ModelSchema
 
 CONFIG = "genai_config.json"
@@ -52,11 +51,6 @@ def _inputs(names: list[str]) -> dict[str, str]:
     input it names)."""
     inputs = {name: name for name in ("input_ids", "attention_mask", "position_ids") if name in names}
     return inputs | {"past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"}
-
-
-def share_buffer(layout: CacheLayout, lowered: bool) -> bool:
-    """Whether past and present may be one buffer: only GroupQueryAttention in every layer appends in place."""
-    return lowered and not layout.prefix
 
 
 def search(config, context_length: int, shared: bool) -> dict[str, Any]:
@@ -95,10 +89,8 @@ def refusal(path: Path, context_length: int | None) -> str | None:
     return None
 
 
-def genai_config(path: Path, config, context_length: int, vocab: int, lowered: bool,
-                 names: list[str]) -> dict[str, Any]:
-    """The config for the exported model at `path`, whose inputs are `names` (`lowered`: every layer's attention
-    is GroupQueryAttention)."""
+def genai_config(path: Path, config, context_length: int, vocab: int, names: list[str]) -> dict[str, Any]:
+    """The config for the exported model at `path`, whose inputs are `names`."""
     schema = ModelSchema.read(path)
     layout = schema.require_cache()
     decoder = {"session_options": {"log_id": "onnxruntime-genai", "provider_options": []}, "filename": path.name,
@@ -110,11 +102,11 @@ def genai_config(path: Path, config, context_length: int, vocab: int, lowered: b
                "num_key_value_heads": layout.kv_heads}
     model = {**_special_ids(schema.special_ids or {}), "context_length": context_length, "decoder": decoder,
              "type": model_type(config), "vocab_size": vocab}
-    return {"model": model, "search": search(config, context_length, share_buffer(layout, lowered))}
+    return {"model": model, "search": search(config, context_length, layout.in_place)}
 
 
-def write(path: Path, config, context_length: int, vocab: int, lowered: bool, names: list[str]) -> Path:
+def write(path: Path, config, context_length: int, vocab: int, names: list[str]) -> Path:
     """Writes `genai_config.json` beside the model at `path`, whose inputs are `names`; its path."""
     target = path.parent / CONFIG
-    target.write_text(json.dumps(genai_config(path, config, context_length, vocab, lowered, names), indent=2) + "\n")
+    target.write_text(json.dumps(genai_config(path, config, context_length, vocab, names), indent=2) + "\n")
     return target

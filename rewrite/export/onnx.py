@@ -259,7 +259,7 @@ def _refuse_clashes(gm: fx.GraphModule, path: Path, cache: bool) -> None:
                            "pass --overwrite to replace them, or export elsewhere")
 
 
-def _write_genai(gm: fx.GraphModule, path: Path, lowering: LoweringReport | None, inputs: list[str]) -> str | None:
+def _write_genai(gm: fx.GraphModule, path: Path, inputs: list[str]) -> str | None:
     """ONNX Runtime GenAI's config beside a cached export whose inputs are `inputs` (`rewrite.export.genai`); its
     file name, or None (and a warning that says why) where GenAI could not run the model."""
     graph_info = info(gm)
@@ -268,8 +268,7 @@ def _write_genai(gm: fx.GraphModule, path: Path, lowering: LoweringReport | None
     if reason:
         log.warning("no %s written: %s", genai.CONFIG, reason)
         return None
-    lowered = lowering is not None and all(reason is None for reason in lowering.layers.values())
-    return genai.write(path, graph_info.config, length, vocab_size(gm), lowered, inputs).name
+    return genai.write(path, graph_info.config, length, vocab_size(gm), inputs).name
 
 
 @quiet
@@ -346,7 +345,7 @@ def export_onnx(gm: fx.GraphModule, path: str | Path, *, verify: bool = True, op
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
             inputs = [n for n in signature.input_names if n not in (lowering.removed_inputs if lowering else [])]
-            written = _write_genai(gm, staged, lowering, inputs) if cache else None
+            written = _write_genai(gm, staged, inputs) if cache else None
             diff = tolerance = provider = None
             if verify:
                 diff, tolerance, provider = signature.verify(staged, compare_fp16 if dtype == "fp16" else compare)

@@ -20,7 +20,7 @@ import numpy as np
 from rewrite import runtime
 from rewrite.errors import RewriteError
 from rewrite.runtime.adapters import Adapters
-from rewrite.runtime.cache import empty_past, feed, last_real, positions
+from rewrite.runtime.cache import feed, keeps_last, last_only_feed, last_real, open_cache, positions
 from rewrite.runtime.encoding import encode_texts
 from rewrite.runtime.predict import _check_texts, _tokenizer
 from rewrite.runtime.schema import ModelSchema
@@ -91,6 +91,7 @@ class CachedModel:
         self.path, self.tokenizer_dir = path, tokenizer_dir
         self.session = runtime.session(path, threads)
         self.outputs = [o.name for o in self.session.get_outputs()]
+        self.keeps_last = keeps_last(self.session)
         self.adapters = adapters or Adapters()
 
     @cached_property
@@ -127,9 +128,16 @@ class CachedModel:
         """Each row's logits at its last real token and the new cache (`adapter_feeds`: what
         `Adapters.run_inputs` gave)."""
         feeds, options, _loaded = adapter_feeds
-        values = self.session.run(self.outputs, feed(self.layout, ids, mask, positions, past) | feeds, options)
-        last = last_real(mask[:, -ids.shape[1]:])
-        return values[0][np.arange(len(ids)), last].astype(np.float32), values[1:]
+        last = last_only_feed(ids.shape[1]) if self.keeps_last else {}
+        values = self.session.run(self.outputs, feed(self.layout, ids, mask, positions, past) | feeds | last, options)
+        return last_logits(values[0], mask), values[1:]
+
+
+def last_logits(logits: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Each row's logits at its last real token `[batch, vocab]`, from a step's logits over its tokens or, from a
+    model that computed only those (`LAST_ONLY`), over one position."""
+    last = last_real(mask[:, -logits.shape[1]:]) if logits.shape[1] > 1 else np.zeros(len(logits), dtype=int)
+    return logits[np.arange(len(logits)), last].astype(np.float32)
 
 
 def stream(model: CachedModel, texts: Sequence[str], **options) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -162,12 +170,12 @@ def stream_ids(model: CachedModel, ids: np.ndarray, mask: np.ndarray, *, max_new
     _refuse_empty_prompts(model, mask)
     model.check_length(ids.shape[1], max_new_tokens)
     position_ids = positions(mask)
-    past = empty_past(model.layout, ids.shape[0])
-    adapter_feeds = model.adapter_feeds(ids.shape[0])
+    feeds, options, _loaded = model.adapter_feeds(ids.shape[0])
+    cache = open_cache(model.session, model.layout, ids.shape[0], ids.shape[1] + max_new_tokens, feeds, options)
     rng = np.random.default_rng(sampling.seed)
     running = np.ones(ids.shape[0], dtype=bool)
     for _ in range(max_new_tokens):
-        logits, past = model.step(ids, mask, position_ids, past, adapter_feeds)
+        logits = last_logits(cache.run(ids, mask, position_ids), mask)
         tokens = np.where(running, sampling.pick(logits, rng), pad)
         yield tokens, logits
         running &= ~np.isin(tokens, stops)

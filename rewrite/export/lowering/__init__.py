@@ -3,7 +3,8 @@
 `torch.onnx.export` writes a decoder layer as some 80 small ops (the norms' arithmetic, rotary, the cache
 Concats, repeated KV heads, a NaN guard); ONNX Runtime pays a kernel launch for each on every decoding step.
 `lower` rewrites the written file with ONNX rewrite rules, each a pattern, a check and a replacement: the norms
-(`norms`) and the attention (`attention`). Attention is lowered in every layer or in none (onnxscript's
+(`norms`), the attention (`attention`) and its projections (`packing`); then the LM head learns to run on each row's last token only when asked
+(`logits`). Attention is lowered in every layer or in none (onnxscript's
 intermediate attention op, which the rule consumes, cannot be turned back into ONNX ops): where the rule cannot
 lower a layer, the attention stays as exported, the norms are still fused, and the report says why. The file is checked (`onnx.checker`) before, since it does not know ONNX Runtime's
 ops, and the export verifies it against torch after, as it verifies any export.
@@ -25,7 +26,9 @@ from onnxscript.rewriter.ort_fusions.rotary_embedding import fuse_rotary_embeddi
 from onnxscript.rewriter.ort_fusions.sdpa import fuse_sdpa
 
 from rewrite.export.lowering.attention import MASK, PAST, Attention, GroupQueryAttention
+from rewrite.export.lowering.logits import keep_last_only
 from rewrite.export.lowering.norms import fuse_norms
+from rewrite.export.lowering.packing import pack_qkv
 from rewrite.runtime.cache import CacheLayout
 from rewrite.runtime.schema import CACHE_KEY, POSITIONS_KEY
 
@@ -44,6 +47,7 @@ class LoweringReport:
     fused: dict[str, int]
     layers: dict[int, str | None]
     removed_inputs: list[str] = field(default_factory=list)
+    last_only: bool = False  # the head can run on each row's last token only (`LAST_ONLY`)
 
     def summary(self) -> list[str]:
         """Lines for the export summary."""
@@ -52,6 +56,8 @@ class LoweringReport:
         lines = [f"fused ops: {sum(self.ops_before.values())} nodes -> {sum(self.ops_after.values())} "
                  f"({made or 'no fusion'}); attention lowered in {lowered} of {len(self.layers)} layers"]
         lines += [f"layer {layer} attention not lowered: {reason}" for layer, reason in self.layers.items() if reason]
+        if not self.last_only:
+            lines.append("the LM head computes every position in a prefill: no head of the form the rule knows")
         return lines
 
 
@@ -132,12 +138,16 @@ def lower(path: str | Path, config, *, external: bool = False) -> LoweringReport
         fused = _with_norms(model)
         layers = {layer: reason or WITH_OTHERS for layer, reason in layers.items()}
     fused[ATTENTION] = sum(reason is None for reason in layers.values())
+    fused["packed QKV"] = pack_qkv(model)
     common_passes.CommonSubexpressionEliminationPass()(model)
     optimize(model)  # inlines the intermediate fusions no rule consumed and removes the dead mask and rotary builders
     common_passes.RemoveUnusedFunctionsPass()(model)
     removed = _drop_unused_inputs(model.graph, ("position_ids",))
-    if fused[ATTENTION]:  # GroupQueryAttention reads each row's length from the mask: rows padded on the right
-        layout = dataclasses.replace(layout, position_ids=layout.position_ids and not removed, padding="right")
+    last_only = keep_last_only(model)  # after the optimizer, which would take its default for a constant
+    if fused[ATTENTION]:  # GroupQueryAttention reads each row's length from the mask (rows padded on the right)
+        # and appends to a past that is its present in place
+        layout = dataclasses.replace(layout, position_ids=layout.position_ids and not removed, padding="right",
+                                     in_place=True)
         model.metadata_props[CACHE_KEY] = json.dumps(dataclasses.asdict(layout))
     _save(model, path, external)
-    return LoweringReport(before, _ops(model.graph), fused, layers, removed)
+    return LoweringReport(before, _ops(model.graph), fused, layers, removed, last_only)
