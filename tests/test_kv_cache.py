@@ -11,10 +11,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 import rewrite
 from rewrite.export import kv_cache
-from rewrite import runtime
 from rewrite.cli.main import cli, main
 from rewrite.errors import RewriteError
 from rewrite.export.onnx import compare
+from rewrite.runtime.cache import InPlaceCache
 from rewrite.runtime.generate import CachedModel, Sampling, generate
 from rewrite.training.templates import encode_batch
 
@@ -289,16 +289,18 @@ def test_a_text_the_tokenizer_finds_no_token_in_is_refused_in_one_sentence(expor
 
 
 def test_export_verification_runs_what_generation_runs(lm_dir, exported, monkeypatch):
-    """Left padding, batch 1 and 2, and decoding steps on pasts of other lengths than the capture's (4)."""
+    """Generation's own cache (held in place on the lowered LLaMA), padding, batch 1 and 2, and decoding steps on
+    pasts of other lengths than the capture's (4)."""
     gm = rewrite.load_pretrained(lm_dir("llama"))
     signature = kv_cache.signature(gm)
-    seen, run = [], runtime.run
-    monkeypatch.setattr(runtime, "run", lambda sess, inputs, *rest: seen.append(inputs) or run(sess, inputs, *rest))
+    seen, run = [], InPlaceCache.run
+    monkeypatch.setattr(InPlaceCache, "run",
+                        lambda self, ids, mask, *rest: seen.append((ids, mask)) or run(self, ids, mask, *rest))
     diff, tolerance, _ = signature.verify(exported("llama") / "onnx" / "model.onnx", compare)
     assert diff <= tolerance
-    assert {f["input_ids"].shape[0] for f in seen} == {1, 2}
-    assert any((f["attention_mask"] == 0).any() for f in seen)
-    pasts = {f["past_key_values.0.key"].shape[2] for f in seen}
+    assert {ids.shape[0] for ids, _ in seen} == {1, 2}
+    assert any((mask == 0).any() for _, mask in seen)
+    pasts = {mask.shape[1] - ids.shape[1] for ids, mask in seen}
     assert 0 in pasts and len(pasts - {0, 4}) >= 2
 
 

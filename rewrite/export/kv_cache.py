@@ -48,7 +48,7 @@ from rewrite.export.lowering.attention import window
 from rewrite.export.onnx_adapters import SlotExport
 from rewrite.graph.pipeline import Pipeline, capable, create
 from rewrite.graph.signature import Compare, Signature, vocab_size
-from rewrite.runtime.cache import CacheLayout, empty_past, feed, positions
+from rewrite.runtime.cache import CacheLayout, open_cache, positions
 from rewrite.runtime.schema import ModelSchema, cache_metadata
 
 aten = torch.ops.aten
@@ -299,14 +299,12 @@ def metadata(gm: fx.GraphModule, layout: CacheLayout) -> dict[str, str]:
 
 
 def _decode(sess, layout: CacheLayout, ids: np.ndarray, mask: np.ndarray, prompt: int, extra: dict) -> np.ndarray:
-    """Generation's steps over known tokens: a prefill of `prompt` tokens (past length 0), then one token per
-    step on the growing cache; the logits of every position, `[batch, sequence, vocab]`."""
-    past, logits, position_ids = empty_past(layout, ids.shape[0]), [], positions(mask)
-    for start, end in [(0, prompt), *((t, t + 1) for t in range(prompt, ids.shape[1]))]:
-        out = runtime.run(sess, feed(layout, ids[:, start:end], mask[:, :end], position_ids[:, start:end], past) | extra)
-        logits.append(out["logits"])
-        past = [out[name] for name in layout.present_names()]
-    return np.concatenate(logits, 1)
+    """Generation's steps over known tokens, through the cache generation opens (held in place on a lowered model):
+    a prefill of `prompt` tokens (past length 0), then one token per step; the logits of every position,
+    `[batch, sequence, vocab]`."""
+    cache, position_ids = open_cache(sess, layout, ids.shape[0], ids.shape[1], extra, last_only=False), positions(mask)
+    return np.concatenate([cache.run(ids[:, start:end], mask[:, :end], position_ids[:, start:end])
+                           for start, end in [(0, prompt), *((t, t + 1) for t in range(prompt, ids.shape[1]))]], 1)
 
 
 def _reference(gm: fx.GraphModule, layout: CacheLayout, row: np.ndarray, keep: np.ndarray) -> torch.Tensor:

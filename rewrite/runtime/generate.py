@@ -1,6 +1,7 @@
 """Text generation in ONNX Runtime over a model exported with a KV cache (`export_onnx(gm, path, cache=True)`).
 
-One session runs the prefill (past length 0) and every decoding step. Texts are batched with padding on the
+One session runs the prefill (past length 0, each row's last logits only where the model can) and every decoding
+step, over the cache `rewrite.runtime.cache.open_cache` gives (held in place on a lowered model). Texts are batched with padding on the
 side the model's cache layout names (`rewrite.runtime.cache`: right, except for a prompt-tuned prefix) and
 positions follow Hugging Face's `generate` (`cumsum(mask) - 1`, then one more per step);
 rows that reached an end-of-sequence id are filled with the padding id until every row is done, as
