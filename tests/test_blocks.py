@@ -98,13 +98,14 @@ def test_outlined_graph_gives_the_flat_graphs_outputs_and_lora_grads_bit_for_bit
 
 
 @pytest.mark.parametrize("arch, task", list(CASES))
-def test_the_flat_twin_shares_the_tensors_and_eval_mode_reaches_the_blocks(arch, task):
+def test_the_gathered_twin_shares_the_tensors_and_eval_mode_reaches_the_blocks(arch, task):
     flat = lora_gm(arch, task)
     gm = copy.deepcopy(flat)
     layout = outline_blocks(gm)
-    twin = layout.flat_twin(gm, training=False)
-    assert not any(n.op == "call_module" for n in twin.graph.nodes)
-    assert [(n, id(t)) for n, t in twin.named_parameters()] == [(n, id(t)) for n, t in gm.named_parameters()]
+    twin = layout.gathered_twin(gm, dict(gm.named_parameters(remove_duplicate=False)))
+    assert not any(n.op == "call_module" for n in twin.graph.nodes) and not twin.training
+    assert ([(n, t.untyped_storage().data_ptr(), t.requires_grad) for n, t in twin.named_parameters()]
+            == [(n, t.untyped_storage().data_ptr(), t.requires_grad) for n, t in gm.named_parameters()])
     gm.eval()
     flat.eval()
     inputs = fresh_inputs()

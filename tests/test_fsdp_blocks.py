@@ -1,6 +1,8 @@
-"""FSDP per transformer block (`rewrite.training.distributed.shard`), 2 processes on CPU with gloo: the losses and
-LoRA gradients of 20 steps equal one process training the flat graph on the whole batch; each block is an FSDP unit
-whose parameters are the only ones gathered while it runs; a graph that cannot be outlined is one unit."""
+"""FSDP per transformer block (`rewrite.training.distributed.shard`), 2 processes on CPU with gloo (4 for the
+vocabulary-parallel cases): the losses and LoRA gradients of 20 steps equal one process training the flat graph on the
+whole batch; each block is an FSDP unit whose parameters are the only ones gathered while it runs; a frozen untied
+word embedding and LM head keep only their rows on each rank, never gathered; a graph that cannot be outlined is one
+unit; the model gathered on rank 0 after training holds the base weights unchanged."""
 from __future__ import annotations
 
 import logging
@@ -17,23 +19,31 @@ from rewrite.graph.params import apply_trainable
 from rewrite.training import distributed
 from rewrite.training.train import TrainConfig
 
-from conftest import TASK_CLASSES, tiny_config
+from conftest import TASK_CLASSES, TINY_VOCAB, tiny_config
 from helpers import capture_tiny, randomize_lora
 
 WORLD = 2
 STEPS = 20
 BATCH, SEQ = 4, 12  # global; each rank takes BATCH // WORLD rows
 CASES = {"llama": "causal-lm", "gpt2": "causal-lm", "bert": "masked-lm", "llama-tied": "causal-lm",
-         "llama-checkpoint": "causal-lm", "llama-bf16": "causal-lm"}
+         "llama-checkpoint": "causal-lm", "llama-bf16": "causal-lm", "qwen2": "causal-lm",
+         "qwen2-uneven": "causal-lm"}
 SHARDING = {"llama-checkpoint": {"checkpoint": True}, "llama-bf16": {"bf16": True}}  # distributed.shard's options
 BLOCKS = 2
+UNEVEN_VOCAB = 129  # 65 + 64 rows on 2 ranks, 33 + 33 + 33 + 30 on 4
+VOCABULARY = {"llama": ["model.embed_tokens", "lm_head"], "qwen2": ["model.embed_tokens", "lm_head"],
+              "gpt2": [], "bert": []}  # GPT-2's and BERT's word embeddings are tied to their heads: FSDP gathers them
+FOUR = ["llama", "qwen2-uneven"]  # also trained on 4 ranks
 
 
 def dropout_free_graph(case: str):
     """A tiny LoRA graph (q and v, random A and B) with every dropout probability 0, in train mode; `-tied` ties an
-    MLP weight of block 1 to block 0's, which per-block sharding refuses."""
+    MLP weight of block 1 to block 0's, which per-block sharding refuses; `-uneven` has a vocabulary the ranks do
+    not divide."""
     arch = case.split("-")[0]
     config = tiny_config(arch)
+    if case.endswith("-uneven"):
+        config.vocab_size = UNEVEN_VOCAB
     for name, value in config.to_dict().items():
         if ("dropout" in name or "pdrop" in name) and isinstance(value, float):
             setattr(config, name, 0.0)
@@ -115,8 +125,28 @@ def watch_dtypes(gm, paths: list[str]) -> set[torch.dtype]:
     return dtypes
 
 
-def rank_main(rank: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
+def watch_rows(gm, paths: list[str]) -> list[list[tuple[int, ...]]]:
+    """Per vocabulary-parallel unit call: the local shapes of its parameters, each a row shard (never gathered)."""
+    seen = []
+    for path in paths:
+        gm.get_submodule(path).register_forward_pre_hook(lambda module, args: seen.append(
+            [tuple(p.to_local().shape) if isinstance(p, DTensor) else None for p in module.parameters()]))
+    return seen
+
+
+def unchanged_base(gm, case: str) -> bool:
+    """Whether every frozen tensor of `gm`, gathered whole on rank 0 (`full_state`, what is written after training),
+    equals the untrained graph's (a collective; True on the other ranks)."""
+    full = distributed.full_state(gm)
+    if not torch.distributed.get_rank() == 0:
+        return True
+    reference = dropout_free_graph(case).state_dict(keep_vars=True)
+    frozen = [name for name, tensor in reference.items() if not tensor.requires_grad]
+    return full.keys() == reference.keys() and all(torch.equal(full[name], reference[name]) for name in frozen)
+
+
+def rank_main(rank: int, port: int, out: str, world: int, cases: list[str]) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     warnings = []
@@ -125,16 +155,19 @@ def rank_main(rank: int, port: int, out: str) -> None:
     logging.getLogger(distributed.__name__).addHandler(handler)
     ctx = distributed.setup("cpu")
     results = {}
-    for case, task in CASES.items():
+    for case in cases:
         warnings.clear()
+        task = CASES[case]
         gm = dropout_free_graph(case)
         layout = distributed.shard(gm, ctx, **SHARDING.get(case, {}))
         seen, dtypes = watch_gathering(gm, layout.units), watch_dtypes(gm, layout.units)
-        share = BATCH // WORLD
+        rows = watch_rows(gm, layout.vocabulary)
+        share = BATCH // world
         bf16 = SHARDING.get(case, {}).get("bf16", False)
-        results[case] = {**train(gm, task, slice(rank * share, (rank + 1) * share), WORLD, bf16), "paths": layout.paths,
-                         "edges": layout.edges, "units": len(distributed.units(gm)), "seen": seen,
-                         "dtypes": dtypes, "warnings": list(warnings)}
+        results[case] = {**train(gm, task, slice(rank * share, (rank + 1) * share), world, bf16), "paths": layout.paths,
+                         "edges": layout.edges, "vocabulary": layout.vocabulary, "rows": ctx.gather(rows),
+                         "units": len(distributed.units(gm)), "seen": seen, "dtypes": dtypes,
+                         "warnings": list(warnings), "unchanged": unchanged_base(gm, case)}
     if ctx.main:
         torch.save(results, out)
     ctx.close()
@@ -146,23 +179,39 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def sharded_runs(tmp_path_factory):
+def spawn(tmp_path_factory, world: int, cases: list[str]) -> dict:
     out = tmp_path_factory.mktemp("fsdp") / "results.pt"
-    mp.spawn(rank_main, args=(free_port(), str(out)), nprocs=WORLD)
+    mp.spawn(rank_main, args=(free_port(), str(out), world, cases), nprocs=world)
     return torch.load(out, weights_only=False)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("case", ["llama", "gpt2", "bert", "llama-checkpoint"])
-def test_fsdp_per_block_trains_like_one_process(sharded_runs, case):
-    """Also with activation checkpointing per block: each block runs again in the backward, gathered again."""
-    got = sharded_runs[case]
-    units = BLOCKS + len(got["edges"])
+@pytest.fixture(scope="module")
+def sharded_runs(tmp_path_factory):
+    return spawn(tmp_path_factory, WORLD, list(CASES))
+
+
+@pytest.fixture(scope="module")
+def four_rank_runs(tmp_path_factory):
+    return spawn(tmp_path_factory, 4, FOUR)
+
+
+def row_shards(case: str, world: int) -> list[tuple[int, int]]:
+    """Each rank's (rows, hidden) of a vocabulary table: `torch.chunk`'s split."""
+    vocab = UNEVEN_VOCAB if case.endswith("-uneven") else TINY_VOCAB
+    share = -(-vocab // world)
+    return [(min(share, max(vocab - rank * share, 0)), tiny_config(case.split("-")[0]).hidden_size)
+            for rank in range(world)]
+
+
+def assert_trains_like_one_process(got: dict, case: str, world: int) -> None:
+    vocabulary = VOCABULARY[case.split("-")[0]]
+    assert got["vocabulary"] == vocabulary
+    units = BLOCKS + len(got["edges"]) - len(vocabulary)
     assert got["units"] == units + 1 and len(got["paths"]) == BLOCKS and got["edges"] and not got["warnings"]
     recomputed = BLOCKS if SHARDING.get(case, {}).get("checkpoint") else 0
     assert len(got["seen"]) == STEPS * (units + recomputed) and all(got["seen"])  # gathered one unit at a time
-    assert got["dtypes"] == {torch.float32}
+    assert got["rows"] == [[[shape]] * STEPS * len(vocabulary) for shape in row_shards(case, world)]  # never gathered
+    assert got["dtypes"] == {torch.float32} and got["unchanged"]
     expected = train(dropout_free_graph(case), CASES[case], slice(0, BATCH), 1)
     torch.testing.assert_close(got["losses"], expected["losses"], atol=1e-5, rtol=0)
     for step, (grads, reference) in enumerate(zip(got["grads"], expected["grads"])):
@@ -171,6 +220,20 @@ def test_fsdp_per_block_trains_like_one_process(sharded_runs, case):
             torch.testing.assert_close(grads[name], reference[name], atol=1e-5, rtol=0, msg=f"step {step} {name}")
     for name, weight in expected["weights"].items():
         torch.testing.assert_close(got["weights"][name], weight, atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["llama", "gpt2", "bert", "llama-checkpoint", "qwen2", "qwen2-uneven"])
+def test_fsdp_per_block_trains_like_one_process(sharded_runs, case):
+    """Also with activation checkpointing per block: each block runs again in the backward, gathered again. LLaMA's
+    and Qwen2's word embedding and head are vocabulary-parallel, also over a vocabulary 2 ranks do not divide."""
+    assert_trains_like_one_process(sharded_runs[case], case, WORLD)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", FOUR)
+def test_fsdp_on_four_ranks_trains_like_one_process(four_rank_runs, case):
+    assert_trains_like_one_process(four_rank_runs[case], case, 4)
 
 
 @pytest.mark.slow
@@ -187,7 +250,7 @@ def test_a_graph_that_cannot_be_outlined_is_one_unit_and_says_why(sharded_runs):
 @pytest.mark.slow
 def test_bf16_fsdp_gathers_and_computes_in_bf16_and_keeps_fp32_shards(sharded_runs):
     got = sharded_runs["llama-bf16"]
-    assert got["dtypes"] == {torch.bfloat16} and all(got["seen"])
+    assert got["dtypes"] == {torch.bfloat16} and all(got["seen"]) and got["vocabulary"] == VOCABULARY["llama"]
     expected = train(dropout_free_graph("llama-bf16"), "causal-lm", slice(0, BATCH), 1)  # fp32
     assert all(weight.dtype == torch.float32 for weight in got["weights"].values())
     torch.testing.assert_close(got["losses"], expected["losses"], atol=2e-2, rtol=0)

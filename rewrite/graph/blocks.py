@@ -153,15 +153,17 @@ class BlockLayout:
     paths: list[str] = field(default_factory=list)
     edges: list[str] = field(default_factory=list)
     refused: str | None = None
+    vocabulary: list[str] = field(default_factory=list)  # edge units whose rows FSDP leaves to each rank
 
     @property
     def units(self) -> list[str]:
-        """Every outlined module, blocks first: FSDP's units below the root."""
-        return [*self.paths, *self.edges]
+        """Every outlined module but the vocabulary-parallel ones, blocks first: FSDP's units below the root."""
+        return [*self.paths, *(path for path in self.edges if path not in self.vocabulary)]
 
     def gathered_twin(self, gm: fx.GraphModule, full: dict[str, torch.Tensor]) -> RewriteGraph:
-        """The flat graph in eval mode over the tensors `full` names (a sharded `gm`'s parameters, gathered whole
-        on one rank), with `gm`'s buffers, tied names and trainable flags: what is written after training."""
+        """The flat graph in eval mode over the tensors `full` names (a sharded `gm`'s parameters gathered whole:
+        on rank 0, what is written after training; on every rank, what evaluates), sharing their storage, with
+        `gm`'s buffers, tied names and trainable flags."""
         root, made = nn.Module(), {}
         for name, tensor in gm.named_parameters(remove_duplicate=False):
             if id(tensor) not in made:
@@ -172,11 +174,6 @@ class BlockLayout:
             module, leaf = owner_of(root, name)
             module.register_buffer(leaf, tensor)
         return wrap(root, deep_copy(self.flat), info(gm), training=False)
-
-    def flat_twin(self, gm: fx.GraphModule, training: bool) -> RewriteGraph:
-        """The flat graph over `gm`'s current tensors (build it after anything swaps them, e.g. FSDP's
-        `unshard`), in train or eval mode."""
-        return wrap(gm, deep_copy(self.flat), info(gm), training)
 
 
 def outline_blocks(gm: fx.GraphModule, checkpointed: bool = False) -> BlockLayout:

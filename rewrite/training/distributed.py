@@ -7,7 +7,8 @@ on the CPU. Gradients are averaged by DistributedDataParallel, or, with `shard`,
 in place with FSDP2's `fully_shard`: outlined into one module per transformer block
 (`rewrite.graph.blocks`), each block is a unit gathered only while it runs forward or backward, so are
 the embeddings, final norm and an untied head, and the root (what is left: tied tensors) is one more;
-a graph that cannot be outlined is one unit, gathered whole for every step. Checkpoints hold each rank's shards of the trainable parameters and the
+a frozen, untied word embedding and LM head are never gathered: each rank keeps its rows of the table
+(`rewrite.training.vocab_parallel`); a graph that cannot be outlined is one unit, gathered whole for every step. Checkpoints hold each rank's shards of the trainable parameters and the
 optimizer state (`save_shards`, `load_shards`: `torch.distributed.checkpoint`, which a single process
 uses without a process group), and load on any number of ranks.
 """
@@ -41,6 +42,7 @@ from torch.nn.parallel import DistributedDataParallel
 from rewrite.errors import RewriteError
 from rewrite.graph.blocks import BlockLayout, outline_blocks
 from rewrite.graph.nodes import drop_dtype_checks
+from rewrite.training import vocab_parallel
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +133,8 @@ def shard(gm: fx.GraphModule, ctx: Context, *, checkpoint: bool = False, bf16: b
           offload: bool = False) -> BlockLayout:
     """Shards `gm` in place over all ranks with FSDP2: each transformer block a unit, each edge unit
     (embeddings, final norm, untied LM head: `rewrite.graph.blocks`), then the root; one unit when the
-    graph cannot be outlined per block (logged with the reason). `checkpoint` recomputes each block's
+    graph cannot be outlined per block (logged with the reason). A frozen word embedding or LM head edge
+    unit keeps its rows on each rank instead (`layout.vocabulary`), FSDP leaving them alone. `checkpoint` recomputes each block's
     activations in the backward; `bf16` gathers and computes in bf16 and reduces gradients in fp32 (the
     sharded parameters stay as they are); `offload` keeps the shards in CPU memory between uses. Modes,
     frozen parameters and every other change to the graph must come before: a sharded graph cannot be
@@ -140,17 +143,34 @@ def shard(gm: fx.GraphModule, ctx: Context, *, checkpoint: bool = False, bf16: b
     if bf16:
         drop_dtype_checks(gm.graph, torch.float32)  # the capture's fp32 checks would refuse the bf16 weights
         gm.recompile()
+    tables = vocab_parallel.vocabulary_tables(gm)
     layout = outline_blocks(gm, checkpointed=checkpoint)
     if layout.refused:
         log.warning("FSDP shards the graph as one unit, gathered whole for every step%s: %s",
                     " and without activation checkpointing" if checkpoint else "", layout.refused)
+    rows = _shard_vocabulary(gm, layout, tables, mesh, ctx.device, torch.bfloat16 if bf16 else None)
     policies = {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)} if bf16 else {}
     if offload:
         policies["offload_policy"] = CPUOffloadPolicy()
     for path in layout.units:
         fully_shard(gm.get_submodule(path), mesh=mesh, **policies)
-    fully_shard(gm, mesh=mesh, **policies)
+    fully_shard(gm, mesh=mesh, ignored_params=rows, **policies)
     return layout
+
+
+def _shard_vocabulary(gm: fx.GraphModule, layout: BlockLayout, tables: set[str], mesh, device: torch.device,
+                      dtype: torch.dtype | None) -> set[nn.Parameter]:
+    """Turns each edge unit that is a frozen, untied word embedding or LM head into its vocabulary-parallel twin
+    (`rewrite.training.vocab_parallel`), recorded in `layout.vocabulary`; returns their row shards, which FSDP
+    must leave alone."""
+    rows = set()
+    for path in layout.edges:
+        unit = gm.get_submodule(path)
+        node = vocab_parallel.shardable(unit, path, tables)
+        if node is not None:
+            rows.add(vocab_parallel.shard_rows(unit, node, mesh, device, dtype))
+            layout.vocabulary.append(path)
+    return rows
 
 
 def units(module: nn.Module) -> list[FSDPModule]:
@@ -162,6 +182,13 @@ def unshard(module: nn.Module) -> None:
     """Gathers every unit's parameters (FSDP's `unshard` gathers one unit's)."""
     for unit in units(module):
         unit.unshard()
+
+
+def whole(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter of `module` whole on this rank, once `unshard` gathered the FSDP units: the vocabulary
+    rows FSDP does not manage are gathered here (a collective)."""
+    return {name: p.full_tensor() if isinstance(p, DTensor) else p
+            for name, p in module.named_parameters(remove_duplicate=False)}
 
 
 def reshard(module: nn.Module) -> None:
