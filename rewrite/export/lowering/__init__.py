@@ -24,6 +24,7 @@ from onnxscript.optimizer import optimize
 from onnxscript.rewriter.ort_fusions.rotary_embedding import fuse_rotary_embedding
 from onnxscript.rewriter.ort_fusions.sdpa import fuse_sdpa
 
+from rewrite.export.lowering.activations import fuse_activations
 from rewrite.export.lowering.attention import MASK, PAST, Attention, GroupQueryAttention
 from rewrite.export.lowering.norms import fuse_norms
 from rewrite.runtime.cache import CacheLayout
@@ -110,10 +111,10 @@ def _save(model: ir.Model, path: Path, external: bool) -> None:
 
 
 def _with_norms(model: ir.Model) -> dict[str, int]:
-    """Optimizes `model` and fuses its norms; what was fused."""
+    """Optimizes `model` and fuses its norms and activations; what was fused."""
     common_passes.ShapeInferencePass()(model)
     optimize(model)
-    return fuse_norms(model)
+    return fuse_norms(model) | fuse_activations(model)
 
 
 def lower(path: str | Path, config, *, external: bool = False) -> LoweringReport:
