@@ -35,6 +35,7 @@ CONFIGS = {
     "mistral": lambda: transformers.MistralConfig(**GQA, sliding_window=4, initializer_range=0.2),
     "qwen2": lambda: transformers.Qwen2Config(**HEAD16, initializer_range=0.2),  # q/k/v biases
     "gemma": lambda: transformers.GemmaConfig(**GQA, head_dim=16, initializer_range=0.3),
+    "phi3": lambda: transformers.Phi3Config(**GQA, pad_token_id=0, initializer_range=0.2),  # packed qkv_proj
 }
 LAYER_NORMED = {  # biases and norm parameters drawn at random (Hugging Face starts them at 0 and 1)
     "gpt2": lambda: transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=64, initializer_range=0.2),
@@ -182,6 +183,32 @@ def test_attention_rule_lowers_every_layer_keeps_the_slots_and_matches_the_unfus
     assert _max_diff(slotted, external) <= 1e-5
 
 
+@pytest.mark.parametrize("arch, rotary, kv_heads, packed", [
+    ("gpt2", 0, 4, True), pytest.param("opt", 0, 4, False, marks=pytest.mark.slow),
+    pytest.param("phi3", 1, 2, True, marks=pytest.mark.slow)])
+def test_attention_rule_lowers_packed_or_unrotated_attention_and_matches_the_unfused_model(arch, rotary, kv_heads,
+                                                                                          packed, tmp_path):
+    """q/k/v cut in order from one projection (GPT-2's c_attn, Phi-3's qkv_proj) go in packed, the slot staying
+    on that projection; GPT-2 merges the heads straight into [tokens, hidden]. Without rotary (GPT-2, OPT, which
+    scales q before the product) the op has do_rotary=0, and `position_ids`, which their embeddings still read,
+    stays an input; rows are right-padded."""
+    model, directory = _saved(arch, tmp_path)
+    unfused = _unfused(directory, tmp_path, adapter_slots=True)
+    fused = tmp_path / "model.onnx"
+    shutil.copy(unfused, fused)
+    report = lower(fused, model.config)
+    assert report.layers == {0: None, 1: None} and report.removed_inputs == ([] if not rotary else ["position_ids"])
+    attention = [n for n in ir.load(fused).graph if n.op_type == "GroupQueryAttention"]
+    assert [(n.attributes["do_rotary"].value, n.attributes["kv_num_heads"].value) for n in attention] == [
+        (rotary, kv_heads)] * 2
+    assert all((n.inputs[1] is None) == packed for n in attention)  # packed: key and value omitted
+    assert not {"Softmax", "Expand"} & set(report.ops_after)
+    layout = ModelSchema.read(fused).require_cache()
+    assert layout.position_ids != bool(rotary) and layout.padding == "right"
+    assert _slot_inputs_used(fused)
+    assert _max_diff(unfused, fused) <= 1e-5
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", list(CONFIGS))
 def test_fused_models_generate_as_hf_generate(arch, tmp_path):
@@ -194,6 +221,27 @@ def test_fused_models_generate_as_hf_generate(arch, tmp_path):
     assert report.lowering.layers == {0: None, 1: None}, report.lowering.summary()
     assert "position_ids" not in report.input_names
     assert ModelSchema.read(tmp_path / "model.onnx").require_cache().padding == "right"
+    byte_tokenizer().save_pretrained(tmp_path)
+    assert_same_generation(tmp_path / "model.onnx", hf_generate(model))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("slots", [False, True])
+@pytest.mark.parametrize("arch, lowered", [("gpt2", True), ("opt", True), ("bloom", False)])
+def test_layer_normed_models_generate_as_hf_generate(arch, lowered, slots, tmp_path):
+    """GPT-2, OPT and BLOOM with random biases and norms, with and without adapter slots (a LoRA as exported: its
+    B is zero, so the base's tokens): attention lowered where the model has no ALiBi, the norms and GPT-2's and
+    BLOOM's GELU fused."""
+    model, directory = _saved(arch, tmp_path)
+    options = dict(adapter_slots=True) if slots else {}
+    report = rewrite.export_onnx(_graph(directory, options), tmp_path / "model.onnx", cache=True, **options)
+    lowering = report.lowering
+    if lowered:
+        assert lowering.layers == {0: None, 1: None}, lowering.summary()
+    else:
+        assert all("ALiBi" in reason for reason in lowering.layers.values())
+    assert lowering.fused["SkipLayerNormalization"] >= 1
+    assert ("position_ids" in report.input_names) == (arch != "bloom")  # learned positions; BLOOM's ALiBi has none
     byte_tokenizer().save_pretrained(tmp_path)
     assert_same_generation(tmp_path / "model.onnx", hf_generate(model))
 
