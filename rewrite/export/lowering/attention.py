@@ -188,7 +188,7 @@ class GroupQueryAttention(pattern.RewriteRuleClassBase):
         if not all(isinstance(n, int) for n in [*heads, head]):
             return "its head counts are not static"
         if mask.shape is None or len(mask.shape) != 4 or mask.shape[1] != 1:
-            return "its attention bias differs per head (ALiBi), which GroupQueryAttention does not add"
+            return "its attention mask is not one [batch, 1, query, key] mask for all heads (per-head bias: ALiBi)"
         sources = _sources(mask)
         if MASK not in sources or any(s not in MASK_INPUTS and not PAST.fullmatch(s) for s in sources):
             return "its attention mask is not built from the attention_mask input alone"
