@@ -1,7 +1,8 @@
 """ONNX Runtime GenAI runs our cached exports from the directory the export writes: `genai_config.json`'s fields
-on a lowered LLaMA, an unlowered GPT-2 and a prompt-tuned export; where `onnxruntime_genai` imports, GenAI's
-greedy tokens equal `rewrite.generate`'s (batch 1 and a right-padded batch 2, with and without an adapter file
-through `og.Adapters`), and `og.Tokenizer`'s ids equal Hugging Face's on a byte-level and a SentencePiece-style BPE."""
+on a lowered LLaMA, a lowered GPT-2 (which keeps `position_ids`) and a prompt-tuned export; where
+`onnxruntime_genai` imports, GenAI's greedy tokens equal `rewrite.generate`'s (batch 1 and a right-padded batch 2,
+with and without an adapter file through `og.Adapters`), and `og.Tokenizer`'s ids equal Hugging Face's on a
+byte-level and a SentencePiece-style BPE."""
 from __future__ import annotations
 
 import json
@@ -77,7 +78,7 @@ def test_lowered_llama_config_shares_the_buffer_and_takes_no_position_ids(export
     assert {"tokenizer.json", "tokenizer_config.json"} <= {p.name for p in path.parent.iterdir()}
 
 
-def test_unlowered_gpt2_config_takes_position_ids_and_separate_buffers(export):
+def test_lowered_gpt2_config_takes_position_ids_and_shares_the_buffer(export):
     config = _config(export("gpt2"))
     model, decoder = config["model"], config["model"]["decoder"]
     assert model["type"] == "decoder"  # GenAI's "gpt2" type reads one combined key-value tensor per layer
@@ -85,7 +86,7 @@ def test_unlowered_gpt2_config_takes_position_ids_and_separate_buffers(export):
     assert decoder["inputs"]["position_ids"] == "position_ids"
     assert (decoder["head_size"], decoder["hidden_size"], decoder["num_attention_heads"], decoder["num_hidden_layers"],
             decoder["num_key_value_heads"]) == (16, 64, 4, 2, 4)
-    assert config["search"]["past_present_share_buffer"] is False
+    assert config["search"]["past_present_share_buffer"] is True
 
 
 def test_prompt_tuned_export_keeps_separate_buffers(tmp_path):
@@ -139,8 +140,8 @@ def _ours(path, batch: list[int], adapters: Adapters | None = None) -> list[list
 @pytest.mark.parametrize("arch, adapter", [("llama", False), ("llama", True), ("gpt2", False), ("gpt2", True),
                                            ("mistral", False)])
 def test_genai_generates_the_tokens_rewrite_generates(arch, adapter, export):
-    """LLaMA and Mistral lowered (a shared buffer; Mistral's window of 4 inside the op, none in the config),
-    GPT-2 not; the adapter file active in both runtimes, and changing the tokens."""
+    """LLaMA, Mistral and GPT-2 lowered (a shared buffer; Mistral's window of 4 inside the op, none in the config;
+    GPT-2's positions fed as `position_ids`); the adapter file active in both runtimes, and changing the tokens."""
     og = pytest.importorskip("onnxruntime_genai")
     path = export(arch, slotted=adapter)
     rows = [byte_tokenizer()(text).input_ids for text in TEXTS]

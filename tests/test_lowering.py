@@ -10,6 +10,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 import pytest
+import torch
 import transformers
 from click.testing import CliRunner
 from onnxscript.optimizer import optimize
@@ -20,6 +21,7 @@ from rewrite.cli.main import cli
 from rewrite.errors import RewriteError
 from rewrite.export import kv_cache
 from rewrite.export.lowering import PREFIXED, lower
+from rewrite.export.lowering.activations import fuse_activations
 from rewrite.export.lowering.norms import fuse_norms
 from rewrite.runtime.cache import feed, positions
 from rewrite.runtime.schema import ModelSchema
@@ -33,7 +35,35 @@ CONFIGS = {
     "mistral": lambda: transformers.MistralConfig(**GQA, sliding_window=4, initializer_range=0.2),
     "qwen2": lambda: transformers.Qwen2Config(**HEAD16, initializer_range=0.2),  # q/k/v biases
     "gemma": lambda: transformers.GemmaConfig(**GQA, head_dim=16, initializer_range=0.3),
+    "phi3": lambda: transformers.Phi3Config(**GQA, pad_token_id=0, initializer_range=0.2),  # packed qkv_proj
 }
+LAYER_NORMED = {  # biases and norm parameters drawn at random (Hugging Face starts them at 0 and 1)
+    "gpt2": lambda: transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=64, initializer_range=0.2),
+    "opt": lambda: transformers.OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                                          max_position_embeddings=64, word_embed_proj_dim=64, init_std=0.2),
+    "bloom": lambda: transformers.BloomConfig(hidden_size=64, n_layer=2, n_head=4, initializer_range=0.3),
+}
+
+
+def _with_random_vectors(model):
+    """`model` with every bias and norm parameter moved off its initial value, so the rules meet real ones."""
+    generator = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() == 1:
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    return model
+
+
+def _saved(arch: str, tmp_path):
+    """The tiny model of `arch` and the directory it is saved in."""
+    directory = tmp_path / "hf"
+    if arch in LAYER_NORMED:
+        model = _with_random_vectors(tiny_lm(arch, LAYER_NORMED[arch]()))
+    else:
+        model = tiny_lm(arch, CONFIGS[arch]())
+    model.save_pretrained(directory)
+    return model, directory
 
 
 def _graph(directory, options: dict):
@@ -103,12 +133,34 @@ def test_norm_rules_fuse_every_norm_and_match_the_unfused_model(slotted, tmp_pat
     model = ir.load(slotted)
     common_passes.ShapeInferencePass()(model)
     optimize(model)
-    assert fuse_norms(model) == {"SimplifiedLayerNormalization": 1, "SkipSimplifiedLayerNormalization": 4}
+    assert fuse_norms(model) == {"SimplifiedLayerNormalization": 1, "SkipSimplifiedLayerNormalization": 4,
+                                 "SkipLayerNormalization": 0}
     assert not any(n.op_type in ("Pow", "ReduceMean", "Sqrt", "Reciprocal") for n in model.graph)
     fused = tmp_path / "model.onnx"
     ir.save(model, fused)
     assert _slot_inputs_used(fused)
     assert _max_diff(slotted, fused) <= 1e-5
+
+
+@pytest.mark.parametrize("arch, skip, plain", [("gpt2", 5, 0), ("bloom", 4, 2)])
+def test_layer_norm_and_gelu_rules_fuse_with_the_biases_and_match_the_unfused_model(arch, skip, plain, tmp_path):
+    """Residual Add (+ the projection's bias) + LayerNorm -> SkipLayerNormalization (GPT-2's first also adds the
+    position embeddings; BLOOM's embedding norm and first input norm have no residual); each family's tanh GELU ->
+    FastGelu, BLOOM's bias folded in; adapter slots on every projection."""
+    _, directory = _saved(arch, tmp_path)
+    unfused = _unfused(directory, tmp_path, adapter_slots=True)
+    model = ir.load(unfused)
+    common_passes.ShapeInferencePass()(model)
+    optimize(model)
+    assert fuse_norms(model)["SkipLayerNormalization"] == skip
+    assert fuse_activations(model) == {"Gelu": 0, "BiasGelu": 0, "FastGelu": 2}
+    ops = [n.op_type for n in model.graph]
+    assert ops.count("LayerNormalization") == plain and "Tanh" not in ops and "Pow" not in ops
+    assert [len(n.inputs) for n in model.graph if n.op_type == "FastGelu"] == [2 if arch == "bloom" else 1] * 2
+    fused = tmp_path / "model.onnx"
+    ir.save(model, fused)
+    assert _slot_inputs_used(fused)
+    assert _max_diff(unfused, fused) <= 1e-5
 
 
 def test_attention_rule_lowers_every_layer_keeps_the_slots_and_matches_the_unfused_model(slotted, tmp_path):
@@ -131,6 +183,32 @@ def test_attention_rule_lowers_every_layer_keeps_the_slots_and_matches_the_unfus
     assert _max_diff(slotted, external) <= 1e-5
 
 
+@pytest.mark.parametrize("arch, rotary, kv_heads, packed", [
+    ("gpt2", 0, 4, True), pytest.param("opt", 0, 4, False, marks=pytest.mark.slow),
+    pytest.param("phi3", 1, 2, True, marks=pytest.mark.slow)])
+def test_attention_rule_lowers_packed_or_unrotated_attention_and_matches_the_unfused_model(arch, rotary, kv_heads,
+                                                                                          packed, tmp_path):
+    """q/k/v cut in order from one projection (GPT-2's c_attn, Phi-3's qkv_proj) go in packed, the slot staying
+    on that projection; GPT-2 merges the heads straight into [tokens, hidden]. Without rotary (GPT-2, OPT, which
+    scales q before the product) the op has do_rotary=0, and `position_ids`, which their embeddings still read,
+    stays an input; rows are right-padded."""
+    model, directory = _saved(arch, tmp_path)
+    unfused = _unfused(directory, tmp_path, adapter_slots=True)
+    fused = tmp_path / "model.onnx"
+    shutil.copy(unfused, fused)
+    report = lower(fused, model.config)
+    assert report.layers == {0: None, 1: None} and report.removed_inputs == ([] if not rotary else ["position_ids"])
+    attention = [n for n in ir.load(fused).graph if n.op_type == "GroupQueryAttention"]
+    assert [(n.attributes["do_rotary"].value, n.attributes["kv_num_heads"].value) for n in attention] == [
+        (rotary, kv_heads)] * 2
+    assert all((n.inputs[1] is None) == packed for n in attention)  # packed: key and value omitted
+    assert not {"Softmax", "Expand"} & set(report.ops_after)
+    layout = ModelSchema.read(fused).require_cache()
+    assert layout.position_ids != bool(rotary) and layout.padding == "right"
+    assert _slot_inputs_used(fused)
+    assert _max_diff(unfused, fused) <= 1e-5
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", list(CONFIGS))
 def test_fused_models_generate_as_hf_generate(arch, tmp_path):
@@ -143,6 +221,27 @@ def test_fused_models_generate_as_hf_generate(arch, tmp_path):
     assert report.lowering.layers == {0: None, 1: None}, report.lowering.summary()
     assert "position_ids" not in report.input_names
     assert ModelSchema.read(tmp_path / "model.onnx").require_cache().padding == "right"
+    byte_tokenizer().save_pretrained(tmp_path)
+    assert_same_generation(tmp_path / "model.onnx", hf_generate(model))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("slots", [False, True])
+@pytest.mark.parametrize("arch, lowered", [("gpt2", True), ("opt", True), ("bloom", False)])
+def test_layer_normed_models_generate_as_hf_generate(arch, lowered, slots, tmp_path):
+    """GPT-2, OPT and BLOOM with random biases and norms, with and without adapter slots (a LoRA as exported: its
+    B is zero, so the base's tokens): attention lowered where the model has no ALiBi, the norms and GPT-2's and
+    BLOOM's GELU fused."""
+    model, directory = _saved(arch, tmp_path)
+    options = dict(adapter_slots=True) if slots else {}
+    report = rewrite.export_onnx(_graph(directory, options), tmp_path / "model.onnx", cache=True, **options)
+    lowering = report.lowering
+    if lowered:
+        assert lowering.layers == {0: None, 1: None}, lowering.summary()
+    else:
+        assert all("ALiBi" in reason for reason in lowering.layers.values())
+    assert lowering.fused["SkipLayerNormalization"] >= 1
+    assert ("position_ids" in report.input_names) == (arch != "bloom")  # learned positions; BLOOM's ALiBi has none
     byte_tokenizer().save_pretrained(tmp_path)
     assert_same_generation(tmp_path / "model.onnx", hf_generate(model))
 

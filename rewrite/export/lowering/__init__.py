@@ -3,8 +3,9 @@
 `torch.onnx.export` writes a decoder layer as some 80 small ops (the norms' arithmetic, rotary, the cache
 Concats, repeated KV heads, a NaN guard); ONNX Runtime pays a kernel launch for each on every decoding step.
 `lower` rewrites the written file with ONNX rewrite rules, each a pattern, a check and a replacement: the norms
-(`norms`), the attention (`attention`) and its projections (`packing`); then the LM head learns to run on each row's last token only when asked
-(`logits`). Attention is lowered in every layer or in none (onnxscript's
+(`norms`), GELU (`activations`), the attention (`attention`) and its projections (`packing`); then the LM head
+learns to run on each row's last token only when asked (`logits`). Attention is lowered in every layer or in none
+(onnxscript's
 intermediate attention op, which the rule consumes, cannot be turned back into ONNX ops): where the rule cannot
 lower a layer, the attention stays as exported, the norms are still fused, and the report says why. The file is checked (`onnx.checker`) before, since it does not know ONNX Runtime's
 ops, and the export verifies it against torch after, as it verifies any export.
@@ -25,7 +26,8 @@ from onnxscript.optimizer import optimize
 from onnxscript.rewriter.ort_fusions.rotary_embedding import fuse_rotary_embedding
 from onnxscript.rewriter.ort_fusions.sdpa import fuse_sdpa
 
-from rewrite.export.lowering.attention import MASK, PAST, Attention, GroupQueryAttention
+from rewrite.export.lowering.activations import fuse_activations
+from rewrite.export.lowering.attention import MASK, PAST, Attention, attention_rules, sort_sum_dims
 from rewrite.export.lowering.logits import keep_last_only
 from rewrite.export.lowering.norms import fuse_norms
 from rewrite.export.lowering.packing import pack_qkv
@@ -33,7 +35,8 @@ from rewrite.runtime.cache import CacheLayout
 from rewrite.runtime.schema import CACHE_KEY, POSITIONS_KEY
 
 ATTENTION = "GroupQueryAttention"
-UNMATCHED = "its attention does not have the form the rule lowers (a rotary decoder attention over the cache input)"
+UNMATCHED = ("its attention does not have the form the rule lowers (a decoder attention over the cache input with one "
+             "mask for every head: a per-head position bias such as ALiBi is not)")
 PREFIXED = "its cache holds a constant prefix (virtual tokens), which GroupQueryAttention cannot hold at batch > 1"
 WITH_OTHERS = "attention is lowered in every layer or in none, and another layer's could not be"
 
@@ -86,13 +89,14 @@ def _lower_attention(model: ir.Model, config, layout: CacheLayout, positions: in
     graph = model.graph
     layers = _layers(graph)
     mask = next((v for v in graph.inputs if v.name == MASK), None)
-    if layout.prefix or mask is None or positions is None:
-        reason = PREFIXED if layout.prefix else "the model has no attention_mask input or no position limit"
+    if layout.prefix or mask is None:
+        reason = PREFIXED if layout.prefix else "the model has no attention_mask input"
         return dict.fromkeys(layers, reason)
+    sort_sum_dims(graph)
     fuse_rotary_embedding(model)
     fuse_sdpa(model, apply_shape_inference=True)
     context = Attention(config, positions, mask, graph)
-    GroupQueryAttention.rule(context).apply_to_model(model)
+    attention_rules(context).apply_to_model(model)
     lowered = _lowered(graph)
     return {layer: None if layer in lowered else context.refused.get(layer, UNMATCHED) for layer in layers}
 
@@ -116,10 +120,10 @@ def _save(model: ir.Model, path: Path, external: bool) -> None:
 
 
 def _with_norms(model: ir.Model) -> dict[str, int]:
-    """Optimizes `model` and fuses its norms; what was fused."""
+    """Optimizes `model` and fuses its norms and activations; what was fused."""
     common_passes.ShapeInferencePass()(model)
     optimize(model)
-    return fuse_norms(model)
+    return fuse_norms(model) | fuse_activations(model)
 
 
 def lower(path: str | Path, config, *, external: bool = False) -> LoweringReport:
