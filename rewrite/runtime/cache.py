@@ -108,8 +108,7 @@ class InPlaceCache(CopiedCache):
         super().__init__(session, layout, rows, extra, options, last_only)
         shape = (rows, layout.kv_heads, capacity, layout.head_dim)
         self.arrays = [np.zeros(shape, dtype=layout.dtype) for _ in layout.past_names()]
-        self.binding, self.bound = session.io_binding(), {}
-        self.binding.bind_output("logits")  # first, so it is the first bound output
+        self.binding, self.bound, self.logits = session.io_binding(), {}, None
         for past, present, array in zip(layout.past_names(), layout.present_names(), self.arrays):
             buffer = ort.OrtValue.ortvalue_from_numpy(array)  # over the array's memory
             self.binding.bind_ortvalue_input(past, buffer)
@@ -128,12 +127,20 @@ class InPlaceCache(CopiedCache):
             logits = super().run(ids, mask, position_ids)
             for array, present in zip(self.arrays, self.past):
                 array[:, :, :present.shape[2]] = present
-            self.past = None
+            self.past, self.vocab, self.dtype = None, logits.shape[2], logits.dtype
             return logits
         self._bind(feed(self.layout, ids, mask, position_ids, []))
-        self.binding.bind_output("logits")  # a new allocation of this step's shape
+        logits = self._logits(ids.shape)
         self.session.run_with_iobinding(self.binding, self.options)
-        return self.binding.get_outputs()[0].numpy()
+        return logits.copy()
+
+    def _logits(self, shape: tuple[int, int]) -> np.ndarray:
+        """The array a step of `shape` ids writes its logits into, bound once per shape (asking ONNX Runtime for
+        its outputs would wrap every bound buffer anew on every step)."""
+        if self.logits is None or self.logits.shape[:2] != shape:
+            self.logits = np.empty((*shape, self.vocab), dtype=self.dtype)
+            self.binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self.logits))
+        return self.logits
 
 
 def open_cache(session: ort.InferenceSession, layout: CacheLayout, rows: int, capacity: int,

@@ -137,8 +137,9 @@ class CachedModel:
 def last_logits(logits: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Each row's logits at its last real token `[batch, vocab]`, from a step's logits over its tokens or, from a
     model that computed only those (`LAST_ONLY`), over one position."""
-    last = last_real(mask[:, -logits.shape[1]:]) if logits.shape[1] > 1 else np.zeros(len(logits), dtype=int)
-    return logits[np.arange(len(logits)), last].astype(np.float32)
+    if logits.shape[1] == 1:
+        return logits[:, 0].astype(np.float32, copy=False)
+    return logits[np.arange(len(logits)), last_real(mask[:, -logits.shape[1]:])].astype(np.float32, copy=False)
 
 
 def stream(model: CachedModel, texts: Sequence[str], **options) -> Iterator[tuple[np.ndarray, np.ndarray]]:
