@@ -1,5 +1,5 @@
 """The cache of a generation run (`rewrite.runtime.cache.open_cache`): held in place on a model lowered onto
-GroupQueryAttention, copied on any other, the two giving the same logits on every step (right-padded batches, a
+GroupQueryAttention, copied on any other (BLOOM: ALiBi), the two giving the same logits on every step (right-padded batches, a
 sliding window run past its width, an adapter active through ONNX Runtime's run options); and the prefill asking a
 lowered export for each row's last logits only, which equal the full logits there, rows padded on either side."""
 from __future__ import annotations
@@ -40,9 +40,9 @@ def llama(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def gpt2(tmp_path_factory):
-    """A GPT-2, its attention not lowered."""
-    return _export(tmp_path_factory.mktemp("gpt2"), "gpt2")
+def bloom(tmp_path_factory):
+    """A BLOOM, its attention (ALiBi) not lowered, its rows padded on the left."""
+    return _export(tmp_path_factory.mktemp("bloom"), "bloom")
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +104,7 @@ def test_a_sliding_window_decodes_in_place_past_its_width_as_hf_generate(tmp_pat
     assert_same_generation(path, hf_generate(model))
 
 
-def test_adapters_and_unlowered_models_keep_a_copied_cache(llama, gpt2, tmp_path):
+def test_adapters_and_unlowered_models_keep_a_copied_cache(llama, bloom, tmp_path):
     """ONNX Runtime binds no adapter input and applies no active adapter file to a bound run."""
     path, _ = llama
     session, layout = runtime.session(path), ModelSchema.read(path).require_cache()
@@ -116,13 +116,13 @@ def test_adapters_and_unlowered_models_keep_a_copied_cache(llama, gpt2, tmp_path
     ids, mask = _batch("right")
     adapted = _steps(open_cache(session, layout, 3, 18, options=options), ids, mask)[-1]
     assert np.abs(adapted - _steps(open_cache(session, layout, 3, 18), ids, mask)[-1]).max() > 1e-3
-    path, _ = gpt2
+    path, _ = bloom
     layout = ModelSchema.read(path).require_cache()
     assert not layout.in_place
     assert type(open_cache(runtime.session(path), layout, 1, 8)) is CopiedCache
 
 
-@pytest.mark.parametrize("name, padding", [("llama", "right"), ("gpt2", "right"),
+@pytest.mark.parametrize("name, padding", [("llama", "right"), ("bloom", "left"),
                                            pytest.param("prompted", "left", marks=pytest.mark.slow)])
 def test_a_prefill_computes_each_rows_last_logits_only_when_asked(name, padding, request):
     path, _ = request.getfixturevalue(name)
@@ -139,7 +139,7 @@ def test_a_prefill_computes_each_rows_last_logits_only_when_asked(name, padding,
     assert np.array_equal(default, full)
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2"])
+@pytest.mark.parametrize("name", ["llama", "bloom"])
 def test_generation_through_either_cache_equals_hf_generate(name, request):
     path, model = request.getfixturevalue(name)
     # the slotted LLaMA without an adapter fed is its base model
