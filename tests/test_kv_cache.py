@@ -115,9 +115,10 @@ def hf_generate(model, texts=TEXTS, **options):
     return out.sequences[:, encoded["input_ids"].shape[1]:].numpy(), torch.stack(out.logits, 1).numpy()
 
 
-def assert_same_generation(onnx_path, reference, texts=TEXTS):
+def assert_same_generation(onnx_path, reference, texts=TEXTS, **options):
+    """`generate` (with `options`, e.g. adapters) gives the reference's tokens and logits."""
     tokens, logits = reference
-    ours = generate(onnx_path, texts, max_new_tokens=NEW_TOKENS, eos=[], keep_logits=True)
+    ours = generate(onnx_path, texts, max_new_tokens=NEW_TOKENS, eos=[], keep_logits=True, **options)
     np.testing.assert_array_equal(ours.token_ids, tokens)
     assert np.abs(np.stack(ours.logits, 1) - logits).max() <= 1e-4
     assert len(set(tokens[0].tolist())) > 3  # the text is not one repeated token

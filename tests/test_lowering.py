@@ -23,9 +23,12 @@ from rewrite.export import kv_cache
 from rewrite.export.lowering import PREFIXED, lower
 from rewrite.export.lowering.activations import fuse_activations
 from rewrite.export.lowering.norms import fuse_norms
+from rewrite.export.onnx_adapters import export_adapter
+from rewrite.runtime.adapters import Adapters
 from rewrite.runtime.cache import feed, positions
 from rewrite.runtime.schema import ModelSchema
 
+from helpers import peft_twin, randomize_lora
 from test_kv_cache import GQA, assert_same_generation, byte_tokenizer, hf_generate, tiny_lm
 
 HEAD16 = dict(hidden_size=128, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8,
@@ -244,6 +247,30 @@ def test_layer_normed_models_generate_as_hf_generate(arch, lowered, slots, tmp_p
     assert ("position_ids" in report.input_names) == (arch != "bloom")  # learned positions; BLOOM's ALiBi has none
     byte_tokenizer().save_pretrained(tmp_path)
     assert_same_generation(tmp_path / "model.onnx", hf_generate(model))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", [*CONFIGS, "gpt2", "opt"])
+def test_fused_models_with_a_lora_in_their_slots_generate_as_peft(arch, tmp_path):
+    """A random LoRA on every default target, exported with adapter slots and fed as an adapter file: every layer
+    lowered, the slots on the projections, and greedy tokens and logits as PEFT's model with the same LoRA."""
+    directory = tmp_path / "hf"
+    tiny_lm(arch, (CONFIGS | LAYER_NORMED)[arch]()).save_pretrained(directory)
+    gm = rewrite.load_pretrained(directory)
+    rewrite.apply(gm, "lora", rank=4, alpha=8)
+    randomize_lora(gm)
+    targets = sorted({name.split(".lora_")[0].rpartition(".")[2] for name, _ in gm.named_parameters() if ".lora_" in name})
+    base = transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
+    reference = peft_twin(base, gm, "causal-lm", r=4, lora_alpha=8, target_modules=targets,
+                          fan_in_fan_out=arch == "gpt2")
+    path = tmp_path / "model.onnx"
+    report = rewrite.export_onnx(gm, path, cache=True, adapter_slots=True)
+    assert report.lowering.layers == {0: None, 1: None}, report.lowering.summary()
+    assert _slot_inputs_used(path)
+    rewrite.save(gm, tmp_path / "lora.pt2")
+    adapter = export_adapter(tmp_path / "lora.pt2", tmp_path / "lora.onnx_adapter", path)
+    byte_tokenizer().save_pretrained(tmp_path)
+    assert_same_generation(path, hf_generate(reference), adapters=Adapters(active=str(adapter)))
 
 
 @pytest.mark.slow
