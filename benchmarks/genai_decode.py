@@ -11,6 +11,8 @@ cpu`, run through `og.Generator`. GenAI pins its own onnxruntime, so it runs fro
 `onnxruntime-genai` (`--genai-python`; without it only our arms run). Every arm uses `--threads` intra-op threads,
 random prompts of `--prompt` tokens, greedy decoding of `--new` tokens without an early stop; a step is timed from
 the previous token to the next, the prefill (time to first token) separately; the median over `--repeats` runs.
+Each arm runs in a fresh process (ours with only the torch-free runtime imported), not in this one, which built the
+exports with torch.
 """
 from __future__ import annotations
 
@@ -19,8 +21,8 @@ import copy
 import json
 import statistics
 import subprocess
+import sys
 import tempfile
-import time
 from pathlib import Path
 
 import train_throughput
@@ -50,6 +52,21 @@ for repeat in range(repeats):
     while not generator.is_done():
         generator.generate_next_token()
         stamps.append(time.perf_counter())
+    runs.append({"first_s": stamps[0] - start, "step_s": (stamps[-1] - stamps[0]) / (len(stamps) - 1)})
+print(json.dumps(runs))
+"""
+
+
+OURS_RUN = """
+import json, sys, time, numpy as np
+from rewrite.runtime.generate import CachedModel, stream_ids
+path, batch, prompt, new, repeats, threads = sys.argv[1], *map(int, sys.argv[2:7])
+model = CachedModel(path, threads=threads)
+ids = np.random.default_rng(batch).integers(1000, 30000, (batch, prompt))
+runs = []
+for repeat in range(repeats):
+    start = time.perf_counter()
+    stamps = [time.perf_counter() for _ in stream_ids(model, ids, np.ones_like(ids), max_new_tokens=new, eos=[])]
     runs.append({"first_s": stamps[0] - start, "step_s": (stamps[-1] - stamps[0]) / (len(stamps) - 1)})
 print(json.dumps(runs))
 """
@@ -89,19 +106,10 @@ def genai_exports(python: str, directory: Path, out: Path, threads: int) -> dict
 
 
 def run_ours(path: Path, batch: int, args) -> list[dict]:
-    import numpy as np
-
-    from rewrite.runtime.generate import CachedModel, stream_ids
-
-    model = CachedModel(path, threads=args.threads)
-    ids = np.random.default_rng(batch).integers(1000, 30000, (batch, args.prompt))
-    runs = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        stamps = [time.perf_counter() for _ in stream_ids(model, ids, np.ones_like(ids), max_new_tokens=args.new,
-                                                           eos=[])]
-        runs.append({"first_s": stamps[0] - start, "step_s": (stamps[-1] - stamps[0]) / (len(stamps) - 1)})
-    return runs
+    """Our arm in a fresh process with only the runtime imported, as deployed and as GenAI's arm runs."""
+    done = subprocess.run([sys.executable, "-c", OURS_RUN, str(path), str(batch), str(args.prompt), str(args.new),
+                           str(args.repeats), str(args.threads)], check=True, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def run_genai(python: str, path: Path, batch: int, args) -> list[dict]:
