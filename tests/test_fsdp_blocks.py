@@ -1,8 +1,9 @@
 """FSDP per transformer block (`rewrite.training.distributed.shard`), 2 processes on CPU with gloo (4 for the
 vocabulary-parallel cases): the losses and LoRA gradients of 20 steps equal one process training the flat graph on the
 whole batch; each block is an FSDP unit whose parameters are the only ones gathered while it runs; a frozen untied
-word embedding and LM head keep only their rows on each rank, never gathered; a graph that cannot be outlined is one
-unit; the model gathered on rank 0 after training holds the base weights unchanged."""
+word embedding and LM head keep only their rows on each rank, never gathered; a quantized base's packed weights (NF4,
+int4) are sharded with their block; a graph that cannot be outlined is one unit; the model gathered on rank 0 after
+training holds the base weights unchanged."""
 from __future__ import annotations
 
 import logging
@@ -27,7 +28,7 @@ STEPS = 20
 BATCH, SEQ = 4, 12  # global; each rank takes BATCH // WORLD rows
 CASES = {"llama": "causal-lm", "gpt2": "causal-lm", "bert": "masked-lm", "llama-tied": "causal-lm",
          "llama-checkpoint": "causal-lm", "llama-bf16": "causal-lm", "qwen2": "causal-lm",
-         "qwen2-uneven": "causal-lm"}
+         "qwen2-uneven": "causal-lm", "llama-nf4": "causal-lm", "gpt2-int4": "causal-lm"}
 SHARDING = {"llama-checkpoint": {"checkpoint": True}, "llama-bf16": {"bf16": True}}  # distributed.shard's options
 BLOCKS = 2
 UNEVEN_VOCAB = 129  # 65 + 64 rows on 2 ranks, 33 + 33 + 33 + 30 on 4
@@ -39,7 +40,7 @@ FOUR = ["llama", "qwen2-uneven"]  # also trained on 4 ranks
 def dropout_free_graph(case: str):
     """A tiny LoRA graph (q and v, random A and B) with every dropout probability 0, in train mode; `-tied` ties an
     MLP weight of block 1 to block 0's, which per-block sharding refuses; `-uneven` has a vocabulary the ranks do
-    not divide."""
+    not divide; `-nf4` and `-int4` train over a quantized base (QLoRA)."""
     arch = case.split("-")[0]
     config = tiny_config(arch)
     if case.endswith("-uneven"):
@@ -51,6 +52,8 @@ def dropout_free_graph(case: str):
     gm = capture_tiny(TASK_CLASSES[CASES[case]].from_config(config).eval())
     if case.endswith("-tied"):
         gm.get_submodule("model.layers.1.mlp.up_proj").weight = gm.get_parameter("model.layers.0.mlp.up_proj.weight")
+    if case.endswith(("-nf4", "-int4")):
+        rewrite.apply(gm, "quantize", dtype=case.rpartition("-")[2])
     rewrite.apply(gm, "lora", rank=4, alpha=8, roles=["q", "v"])
     randomize_lora(gm)
     apply_trainable(gm)
@@ -134,15 +137,19 @@ def watch_rows(gm, paths: list[str]) -> list[list[tuple[int, ...]]]:
     return seen
 
 
-def unchanged_base(gm, case: str) -> bool:
+def unchanged_base(gm, layout, case: str) -> bool:
     """Whether every frozen tensor of `gm`, gathered whole on rank 0 (`full_state`, what is written after training),
-    equals the untrained graph's (a collective; True on the other ranks)."""
+    equals the untrained graph's, and the graph written from them holds the packed weights FSDP sharded as
+    parameters as buffers again (a collective; True on the other ranks)."""
     full = distributed.full_state(gm)
     if not torch.distributed.get_rank() == 0:
         return True
-    reference = dropout_free_graph(case).state_dict(keep_vars=True)
+    untrained = dropout_free_graph(case)
+    reference = untrained.state_dict(keep_vars=True)
     frozen = [name for name, tensor in reference.items() if not tensor.requires_grad]
-    return full.keys() == reference.keys() and all(torch.equal(full[name], reference[name]) for name in frozen)
+    buffers = {name for name, _ in layout.gathered_twin(gm, full).named_buffers()}
+    return (full.keys() == reference.keys() and all(torch.equal(full[name], reference[name]) for name in frozen)
+            and set(layout.packed) <= buffers)
 
 
 def rank_main(rank: int, port: int, out: str, world: int, cases: list[str]) -> None:
@@ -167,7 +174,9 @@ def rank_main(rank: int, port: int, out: str, world: int, cases: list[str]) -> N
         results[case] = {**train(gm, task, slice(rank * share, (rank + 1) * share), world, bf16), "paths": layout.paths,
                          "edges": layout.edges, "vocabulary": layout.vocabulary, "rows": ctx.gather(rows),
                          "units": len(distributed.units(gm)), "seen": seen, "dtypes": dtypes,
-                         "warnings": list(warnings), "unchanged": unchanged_base(gm, case)}
+                         "packed": ctx.gather({name: (tuple(gm.get_parameter(name).to_local().shape),
+                                                      tuple(gm.get_parameter(name).shape)) for name in layout.packed}),
+                         "warnings": list(warnings), "unchanged": unchanged_base(gm, layout, case)}
     if ctx.main:
         torch.save(results, out)
     ctx.close()
@@ -211,7 +220,12 @@ def assert_trains_like_one_process(got: dict, case: str, world: int) -> None:
     recomputed = BLOCKS if SHARDING.get(case, {}).get("checkpoint") else 0
     assert len(got["seen"]) == STEPS * (units + recomputed) and all(got["seen"])  # gathered one unit at a time
     assert got["rows"] == [[[shape]] * STEPS * len(vocabulary) for shape in row_shards(case, world)]  # never gathered
-    assert got["dtypes"] == {torch.float32} and got["unchanged"]
+    quantized = case.endswith(("-nf4", "-int4"))
+    assert got["dtypes"] == ({torch.float32, torch.uint8} if quantized else {torch.float32}) and got["unchanged"]
+    assert bool(got["packed"][0]) == quantized  # a quantized base's packed weights: each rank holds its rows
+    for shards in zip(*(ranks.values() for ranks in got["packed"])):
+        rows, share = shards[0][1][0], -(-shards[0][1][0] // world)
+        assert [local[0] for local, _ in shards] == [min(share, max(rows - r * share, 0)) for r in range(world)]
     expected = train(dropout_free_graph(case), CASES[case], slice(0, BATCH), 1)
     torch.testing.assert_close(got["losses"], expected["losses"], atol=1e-5, rtol=0)
     for step, (grads, reference) in enumerate(zip(got["grads"], expected["grads"])):
@@ -223,10 +237,12 @@ def assert_trains_like_one_process(got: dict, case: str, world: int) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["llama", "gpt2", "bert", "llama-checkpoint", "qwen2", "qwen2-uneven"])
+@pytest.mark.parametrize("case", ["llama", "gpt2", "bert", "llama-checkpoint", "qwen2", "qwen2-uneven", "llama-nf4",
+                                  "gpt2-int4"])
 def test_fsdp_per_block_trains_like_one_process(sharded_runs, case):
     """Also with activation checkpointing per block: each block runs again in the backward, gathered again. LLaMA's
-    and Qwen2's word embedding and head are vocabulary-parallel, also over a vocabulary 2 ranks do not divide."""
+    and Qwen2's word embedding and head are vocabulary-parallel, also over a vocabulary 2 ranks do not divide. Over
+    a quantized base (NF4, int4), each rank holds its rows of the packed weights, gathered with their block."""
     assert_trains_like_one_process(sharded_runs[case], case, WORLD)
 
 

@@ -154,6 +154,7 @@ class BlockLayout:
     edges: list[str] = field(default_factory=list)
     refused: str | None = None
     vocabulary: list[str] = field(default_factory=list)  # edge units whose rows FSDP leaves to each rank
+    packed: list[str] = field(default_factory=list)  # packed weights (buffers) FSDP shards as frozen parameters
 
     @property
     def units(self) -> list[str]:
@@ -163,12 +164,15 @@ class BlockLayout:
     def gathered_twin(self, gm: fx.GraphModule, full: dict[str, torch.Tensor]) -> RewriteGraph:
         """The flat graph in eval mode over the tensors `full` names (a sharded `gm`'s parameters gathered whole:
         on rank 0, what is written after training; on every rank, what evaluates), sharing their storage, with
-        `gm`'s buffers, tied names and trainable flags."""
+        `gm`'s buffers (the packed weights buffers again), tied names and trainable flags."""
         root, made = nn.Module(), {}
         for name, tensor in gm.named_parameters(remove_duplicate=False):
+            module, leaf = owner_of(root, name)
+            if name in self.packed:
+                module.register_buffer(leaf, full[name])
+                continue
             if id(tensor) not in made:
                 made[id(tensor)] = nn.Parameter(full[name], requires_grad=tensor.requires_grad)
-            module, leaf = owner_of(root, name)
             module.register_parameter(leaf, made[id(tensor)])
         for name, tensor in gm.named_buffers(remove_duplicate=False):
             module, leaf = owner_of(root, name)

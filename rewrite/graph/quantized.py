@@ -350,6 +350,13 @@ def reads_a_table(gm: fx.GraphModule, node: fx.Node) -> bool:
                if read.target == node.args[1].target for user in read.users)
 
 
+def packed_buffers(module: torch.nn.Module) -> list[str]:
+    """The names of the packed weights under `module` (every format's buffers, the scalar ones aside): what a
+    sharded model splits across ranks as frozen parameters, since FSDP shards parameters and copies buffers."""
+    names = set(TENSORS) | set(nf4.TENSORS)
+    return [name for name, tensor in module.named_buffers() if name.rpartition(".")[2] in names and tensor.dim()]
+
+
 def is_quantized_module(gm: fx.GraphModule, path: str) -> bool:
     """Whether the module at `path` holds packed weights (`pack` registered them)."""
     try:

@@ -40,7 +40,9 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from rewrite.errors import RewriteError
+from rewrite.graph import quantized
 from rewrite.graph.blocks import BlockLayout, outline_blocks
+from rewrite.graph.ir import owner_of
 from rewrite.graph.nodes import drop_dtype_checks
 from rewrite.training import vocab_parallel
 
@@ -149,6 +151,7 @@ def shard(gm: fx.GraphModule, ctx: Context, *, checkpoint: bool = False, bf16: b
         log.warning("FSDP shards the graph as one unit, gathered whole for every step%s: %s",
                     " and without activation checkpointing" if checkpoint else "", layout.refused)
     rows = _shard_vocabulary(gm, layout, tables, mesh, ctx.device, torch.bfloat16 if bf16 else None)
+    layout.packed = _packed_as_parameters(gm)
     policies = {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)} if bf16 else {}
     if offload:
         policies["offload_policy"] = CPUOffloadPolicy()
@@ -171,6 +174,18 @@ def _shard_vocabulary(gm: fx.GraphModule, layout: BlockLayout, tables: set[str],
             rows.add(vocab_parallel.shard_rows(unit, node, mesh, device, dtype))
             layout.vocabulary.append(path)
     return rows
+
+
+def _packed_as_parameters(gm: fx.GraphModule) -> list[str]:
+    """Re-registers every packed weight (a quantized base's buffers) as a frozen parameter of its module, so FSDP
+    shards it like any weight instead of copying it to every rank; their names."""
+    names = quantized.packed_buffers(gm)
+    for name in names:
+        module, leaf = owner_of(gm, name)
+        tensor = getattr(module, leaf)
+        delattr(module, leaf)
+        module.register_parameter(leaf, nn.Parameter(tensor, requires_grad=False))
+    return names
 
 
 def units(module: nn.Module) -> list[FSDPModule]:
