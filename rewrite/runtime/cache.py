@@ -5,7 +5,8 @@ A run's cache is copied (`CopiedCache`: the past fed whole and replaced by the p
 cached export runs) or held in place (`InPlaceCache`, a model lowered onto GroupQueryAttention in every layer: one
 buffer per key and value at the run's full length, bound as both past and present, the op appending each step's
 keys and values into it as ONNX Runtime GenAI's `past_present_share_buffer` does), so no step copies the past.
-A run with adapter inputs or an active adapter file is copied: ONNX Runtime's bound runs take neither.
+A run with adapter inputs or an active adapter file is copied: ONNX Runtime's bound runs take neither; so is a run
+on a GPU provider, whose in-place buffers would have to live in device memory.
 
 Rows are padded on the right (ONNX Runtime GenAI's convention, the only one GroupQueryAttention reads: it takes
 each row's length from the mask), except on a model that numbers positions from its cache length (a prompt-tuned
@@ -48,9 +49,6 @@ def feed(layout: CacheLayout, input_ids, attention_mask, position_ids, past) -> 
     return inputs
 
 
-LAST_ONLY = "last_logits_only"  # a lowered model's optional input: logits of each row's last real token only
-
-
 def empty_past(layout: CacheLayout, batch: int) -> list[np.ndarray]:
     """Past length 0: the prefill step of the merged model."""
     shape = (batch, layout.kv_heads, 0, layout.head_dim)
@@ -65,6 +63,9 @@ def positions(mask: np.ndarray) -> np.ndarray:
 def last_real(mask: np.ndarray) -> np.ndarray:
     """Each row's last real position among the mask's last columns `[batch, sequence]` (padded on either side)."""
     return mask.shape[1] - 1 - np.argmax(mask[:, ::-1] != 0, axis=1)
+
+
+LAST_ONLY = "last_logits_only"  # a lowered model's optional input: logits of each row's last real token only
 
 
 def keeps_last(session: ort.InferenceSession) -> bool:
@@ -150,7 +151,9 @@ def open_cache(session: ort.InferenceSession, layout: CacheLayout, rows: int, ca
     adapter inputs; `last_only`: let the prefill compute each row's last logits only, where the model can), held
     in place where the model allows it."""
     inputs = {i.name for i in session.get_inputs()}
-    # ONNX Runtime binds no initializer-backed input (adapter slots) and applies no active adapter to a bound run
-    if layout.in_place and options is None and set(extra or {}) <= inputs:
+    # ONNX Runtime binds no initializer-backed input (adapter slots) and applies no active adapter to a bound run;
+    # the buffers are host memory, which only the CPU provider writes in place
+    on_cpu = session.get_providers()[0] == "CPUExecutionProvider"
+    if layout.in_place and on_cpu and options is None and set(extra or {}) <= inputs:
         return InPlaceCache(session, layout, rows, capacity, extra, options, last_only)
     return CopiedCache(session, layout, rows, extra, options, last_only)
