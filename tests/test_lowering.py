@@ -171,6 +171,7 @@ def test_attention_rule_lowers_every_layer_keeps_the_slots_and_matches_the_unfus
     shutil.copy(slotted, fused)
     report = lower(fused, None)
     assert report.layers == {0: None, 1: None} and report.fused["GroupQueryAttention"] == 2
+    assert report.fused["packed QKV"] == 0  # LoRA slots on q and v: those projections are Adds, kept apart
     assert report.removed_inputs == ["position_ids"]
     assert not ModelSchema.read(fused).require_cache().position_ids
     after = report.ops_after

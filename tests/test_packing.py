@@ -1,6 +1,6 @@
 """Packed q/k/v projections under the lowered attention: one MatMul (or MatMulNBits) per layer where the three
-projections allow, the same logits as the unfused export in ONNX Runtime; projections carrying adapter slots stay
-apart."""
+projections allow, the same logits as the unfused export in ONNX Runtime (projections carrying adapter slots stay
+apart: `test_lowering`'s slotted model)."""
 from __future__ import annotations
 
 import collections
@@ -12,7 +12,7 @@ import transformers
 import rewrite
 
 from test_kv_cache import GQA, tiny_lm
-from test_lowering import HEAD16, _graph, _max_diff, _slot_inputs_used, _unfused
+from test_lowering import HEAD16, _graph, _max_diff, _unfused
 
 CASES = {
     "llama": (lambda: transformers.LlamaConfig(**GQA, initializer_range=0.2), {}),
@@ -38,14 +38,3 @@ def test_every_layer_packs_its_projections_and_matches_the_unfused_model(case, t
     assert ops["MatMul"] + ops["MatMulNBits"] == 2 * 5 + 1  # per layer: packed q/k/v, o, gate, up, down; the head
     assert ops["MatMulNBits"] == (10 if options else 0)
     assert _max_diff(unfused, fused) <= 1e-5
-
-
-def test_projections_with_adapter_slots_stay_apart_and_keep_their_slots(tmp_path):
-    """LoRA on q and v: their projections are `Add`s of two computed values, so no layer is packed."""
-    directory = tmp_path / "hf"
-    tiny_lm("llama", CASES["llama"][0]()).save_pretrained(directory)
-    slotted = _unfused(directory, tmp_path, adapter_slots=True)
-    fused = tmp_path / "model.onnx"
-    report = rewrite.export_onnx(_graph(directory, dict(adapter_slots=True)), fused, cache=True, adapter_slots=True)
-    assert report.lowering.fused["packed QKV"] == 0 and report.lowering.fused["GroupQueryAttention"] == 2
-    assert _slot_inputs_used(fused) and _max_diff(slotted, fused) <= 1e-5
