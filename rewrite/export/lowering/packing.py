@@ -40,12 +40,12 @@ def _constant(value: ir.Value | None) -> bool:
 
 
 def _bias_split(value: ir.Value) -> tuple[ir.Value, ir.Value | None]:
-    """`Add(x, b)` with a constant `b` read only here -> (x, b); anything else -> (value, None)."""
+    """`Add(x, b)` with a constant one-dimensional `b` -> (x, b); anything else -> (value, None)."""
     node = value.producer()
     if node is None or node.op_type != "Add" or len(value.uses()) != 1:
         return value, None
     constant = [x for x in node.inputs if _constant(x)]
-    if len(constant) != 1:
+    if len(constant) != 1 or constant[0].const_value.numpy().ndim != 1:
         return value, None
     return next(x for x in node.inputs if x is not constant[0]), constant[0]
 
