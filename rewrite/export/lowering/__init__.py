@@ -27,14 +27,13 @@ from onnxscript.rewriter.ort_fusions.rotary_embedding import fuse_rotary_embeddi
 from onnxscript.rewriter.ort_fusions.sdpa import fuse_sdpa
 
 from rewrite.export.lowering.activations import fuse_activations
-from rewrite.export.lowering.attention import MASK, PAST, Attention, attention_rules, sort_sum_dims
+from rewrite.export.lowering.attention import ATTENTION, MASK, PAST, Attention, attention_rules, sort_sum_dims
 from rewrite.export.lowering.logits import keep_last_only
 from rewrite.export.lowering.norms import fuse_norms
 from rewrite.export.lowering.packing import pack_qkv
 from rewrite.runtime.cache import CacheLayout
 from rewrite.runtime.schema import CACHE_KEY, POSITIONS_KEY
 
-ATTENTION = "GroupQueryAttention"
 UNMATCHED = ("its attention does not have the form the rule lowers (a decoder attention over the cache input with one "
              "mask for every head: a per-head position bias such as ALiBi is not)")
 PREFIXED = "its cache holds a constant prefix (virtual tokens), which GroupQueryAttention cannot hold at batch > 1"

@@ -19,6 +19,7 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import _ir_utils, pattern
 
+ATTENTION = "GroupQueryAttention"  # the op every lowered layer becomes (com.microsoft)
 FUSION = "ai.onnxruntime._fusion"  # onnxscript's domain for intermediate fused ops
 MASK = "attention_mask"
 PAST = re.compile(r"past_key_values\.(\d+)\.(key|value)")

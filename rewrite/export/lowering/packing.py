@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-ATTENTION = "GroupQueryAttention"
+from rewrite.export.lowering.attention import ATTENTION
+
 KINDS = {("MatMul", ""): 2, ("MatMulNBits", "com.microsoft"): 4}  # the inputs a packed op may have (no g_idx, bias)
 
 
