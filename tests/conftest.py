@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,14 @@ import torch
 import transformers
 
 TINY_VOCAB = 128
+
+
+def pytest_configure(config):
+    """Under `pytest -n N` each worker takes its share of the cores: torch's default of a thread per core in every
+    worker would oversubscribe the machine N times."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
 def tiny_config(arch: str):
@@ -81,17 +90,6 @@ def tiny_bert_dir(tmp_path_factory, minilm_dir) -> Path:
                                      architectures=["BertForSequenceClassification"])
     transformers.BertForSequenceClassification(config).save_pretrained(directory)
     transformers.AutoTokenizer.from_pretrained(minilm_dir).save_pretrained(directory)
-    return directory
-
-
-@pytest.fixture(scope="session")
-def readme_run(tmp_path_factory, prompt_lm_dir) -> Path:
-    """The README's shell examples, run once as a new user runs them (`test_readme`); the directory they ran in,
-    which holds `rewrite demo`'s output for `test_demo`."""
-    from test_readme import run_readme
-
-    directory = tmp_path_factory.mktemp("readme")
-    run_readme(directory, llama=prompt_lm_dir, timeout=3600)
     return directory
 
 

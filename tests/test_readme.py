@@ -1,7 +1,8 @@
 """The README's shell examples run as a new user runs them: every ```bash block, top to bottom, as one
 script in one fresh directory, each command as written, on the real MiniLM. Only what is the user's own
 is supplied: the data files the examples name and a causal LM for `llama-dir`. Installing and the test
-suite itself are not repeated here."""
+suite itself are not repeated here. The README's first command, `rewrite demo`, runs end to end on the real
+MiniLM checkpoint and the shipped SST-2 data (minutes on 2 cores), so its report is checked from this one run."""
 from __future__ import annotations
 
 import json
@@ -12,6 +13,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
+from rewrite.recipes.demo import REPORT_NAME
 
 from helpers import sentiment_rows
 
@@ -76,6 +79,27 @@ def test_script_keeps_every_example_and_substitutes_only_user_inputs():
     assert "rewrite demo" in full and "torchrun" in full and "llama-dir" not in full and "pip install" not in full
 
 
+@pytest.fixture(scope="module")
+def readme_run(tmp_path_factory, prompt_lm_dir) -> Path:
+    """The README's shell examples, run once as a new user runs them; the directory they ran in."""
+    directory = tmp_path_factory.mktemp("readme")
+    run_readme(directory, llama=prompt_lm_dir, timeout=3600)
+    return directory
+
+
 @pytest.mark.slow
 def test_readme_examples_run_as_written(readme_run):
     assert (readme_run / "rewrite-demo" / "model.onnx").is_file()
+
+
+@pytest.mark.slow
+def test_demo_reaches_080_and_onnx_runtime_reproduces_torch(readme_run):
+    directory = readme_run / "rewrite-demo"
+    report = json.loads((directory / REPORT_NAME).read_text())
+
+    assert report["accuracy_before"] < 0.6
+    assert report["accuracy_after"] >= 0.80
+    assert report["onnx_agreement"] == 1.0
+    assert report["accuracy_onnx"] == report["accuracy_after"]
+    assert {p.name for p in directory.iterdir()} >= {"model.onnx", "model.pt2", "adapter", "checkpoints",
+                                                     "metrics.jsonl", REPORT_NAME}
