@@ -109,7 +109,7 @@ class InPlaceCache(CopiedCache):
         super().__init__(session, layout, rows, extra, options, last_only)
         shape = (rows, layout.kv_heads, capacity, layout.head_dim)
         self.arrays = [np.zeros(shape, dtype=layout.dtype) for _ in layout.past_names()]
-        self.binding, self.bound, self.logits = session.io_binding(), {}, None
+        self.binding, self.bound = session.io_binding(), {}
         for past, present, array in zip(layout.past_names(), layout.present_names(), self.arrays):
             buffer = ort.OrtValue.ortvalue_from_numpy(array)  # over the array's memory
             self.binding.bind_ortvalue_input(past, buffer)
@@ -131,17 +131,12 @@ class InPlaceCache(CopiedCache):
             self.past, self.vocab, self.dtype = None, logits.shape[2], logits.dtype
             return logits
         self._bind(feed(self.layout, ids, mask, position_ids, []))
-        logits = self._logits(ids.shape)
+        # a new array each step, bound as the output: the caller may keep it, and asking ONNX Runtime for its
+        # outputs instead would wrap every bound buffer anew (the allocator reuses the last step's freed memory)
+        logits = np.empty((*ids.shape, self.vocab), dtype=self.dtype)
+        self.binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
         self.session.run_with_iobinding(self.binding, self.options)
-        return logits.copy()
-
-    def _logits(self, shape: tuple[int, int]) -> np.ndarray:
-        """The array a step of `shape` ids writes its logits into, bound once per shape (asking ONNX Runtime for
-        its outputs would wrap every bound buffer anew on every step)."""
-        if self.logits is None or self.logits.shape[:2] != shape:
-            self.logits = np.empty((*shape, self.vocab), dtype=self.dtype)
-            self.binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self.logits))
-        return self.logits
+        return logits
 
 
 def open_cache(session: ort.InferenceSession, layout: CacheLayout, rows: int, capacity: int,
