@@ -20,6 +20,12 @@ def pytest_configure(config):
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
+def pytest_collection_modifyitems(items):
+    """The README's run (minutes, in one file) goes first, so that no worker is left running it alone at the end
+    (the other files follow in their order: `--no-loadscope-reorder`)."""
+    items.sort(key=lambda item: item.path.name != "test_readme.py")
+
+
 def tiny_config(arch: str):
     """A 2-layer, 64-wide config of each architecture family the tests cover."""
     common = dict(vocab_size=TINY_VOCAB)
