@@ -255,8 +255,7 @@ def test_layer_normed_models_generate_as_hf_generate(arch, lowered, slots, tmp_p
 def test_fused_models_with_a_lora_in_their_slots_generate_as_peft(arch, tmp_path):
     """A random LoRA on every default target, exported with adapter slots and fed as an adapter file: every layer
     lowered, the slots on the projections, and greedy tokens and logits as PEFT's model with the same LoRA."""
-    directory = tmp_path / "hf"
-    tiny_lm(arch, (CONFIGS | LAYER_NORMED)[arch]()).save_pretrained(directory)
+    _, directory = _saved(arch, tmp_path)  # GPT-2's and OPT's biases and norms random, as above
     gm = rewrite.load_pretrained(directory)
     rewrite.apply(gm, "lora", rank=4, alpha=8)
     randomize_lora(gm)
