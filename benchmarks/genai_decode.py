@@ -10,9 +10,11 @@ accuracy level 4, as GenAI's int4 CPU model). GenAI's arms are `onnxruntime_gena
 cpu`, run through `og.Generator`. GenAI pins its own onnxruntime, so it runs from another Python that has
 `onnxruntime-genai` (`--genai-python`; without it only our arms run). Every arm uses `--threads` intra-op threads,
 random prompts of `--prompt` tokens, greedy decoding of `--new` tokens without an early stop; a step is timed from
-the previous token to the next, the prefill (time to first token) separately; the median over `--repeats` runs.
-Each arm runs in a fresh process (ours with only the torch-free runtime imported), not in this one, which built the
-exports with torch.
+the previous token to the next, the prefill (time to first token) separately, as the median of `--repeats` runs in
+one fresh process (ours with only the torch-free runtime imported, not this one, which built the exports with torch).
+A shared machine drifts by more than the arms differ (about 20% between minutes here), so the arms take turns:
+`--rounds` rounds run every arm once, in alternating order; a figure is the median over the rounds, and a ratio the
+median of the rounds' ratios, each taken between runs minutes apart at most.
 """
 from __future__ import annotations
 
@@ -118,6 +120,31 @@ def run_genai(python: str, path: Path, batch: int, args) -> list[dict]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def timed_round(arms: dict[str, Path], args, reverse: bool) -> dict[tuple[str, int], dict]:
+    """Every arm at every batch once, each the median of its process's repeats."""
+    timings = {}
+    for batch in map(int, args.batches.split(",")):
+        for name, path in (reversed if reverse else iter)(list(arms.items())):
+            runs = (run_genai(args.genai_python, path, batch, args) if name.startswith("GenAI")
+                    else run_ours(path, batch, args))
+            timings[name, batch] = {key: statistics.median(run[key] for run in runs) for key in ("first_s", "step_s")}
+    return timings
+
+
+def summary(arms: dict[str, Path], rounds: list[dict]) -> dict[str, dict]:
+    """Per arm and batch: median times over the rounds and, beside GenAI, median ratios of the same rounds."""
+    results = {}
+    for (name, batch) in rounds[0]:
+        reference = f"GenAI {'int4' if 'int4' in name else 'fp32'}"
+        timing = {key: statistics.median(r[name, batch][key] for r in rounds) for key in ("first_s", "step_s")}
+        if reference in arms and not name.startswith("GenAI"):
+            for key in ("first", "step"):
+                timing[f"{key}_ratio"] = statistics.median(
+                    r[name, batch][f"{key}_s"] / r[reference, batch][f"{key}_s"] for r in rounds)
+        results.setdefault(name, {"nodes": nodes(arms[name])})[batch] = timing
+    return results
+
+
 def nodes(path: Path) -> int:
     import onnx
 
@@ -134,30 +161,25 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=32)
     parser.add_argument("--batches", default="1,4")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    results = {}
     with tempfile.TemporaryDirectory() as tmp:
         directory = model_dir(args.model, Path(tmp))
         arms = our_exports(directory, Path(tmp) / "onnx")
         if args.genai_python:
             arms |= genai_exports(args.genai_python, directory, Path(tmp) / "onnx", args.threads)
-        for batch in map(int, args.batches.split(",")):
-            for name, path in arms.items():
-                runs = (run_genai(args.genai_python, path, batch, args) if name.startswith("GenAI")
-                        else run_ours(path, batch, args))
-                results.setdefault(name, {"nodes": nodes(path)})[batch] = {
-                    key: statistics.median(run[key] for run in runs) for key in ("first_s", "step_s")}
-    print(f"{args.model}, prompt {args.prompt}, {args.new} new tokens, ONNX Runtime CPU, {args.threads} threads "
-          "(ratios to GenAI of the same precision, measured in one run)")
-    print("| arm | nodes | batch | ms/token | vs GenAI | time to first token (ms) |")
-    print("|---|---|---|---|---|---|")
+        rounds = [timed_round(arms, args, reverse=number % 2 == 1) for number in range(args.rounds)]
+        results = summary(arms, rounds)
+    print(f"{args.model}, prompt {args.prompt}, {args.new} new tokens, ONNX Runtime CPU, {args.threads} threads, "
+          f"medians of {args.rounds} rounds (ratios to GenAI of the same precision, paired by round)")
+    print("| arm | nodes | batch | ms/token | vs GenAI | time to first token (ms) | vs GenAI |")
+    print("|---|---|---|---|---|---|---|")
     for name, result in results.items():
-        reference = results.get(f"GenAI {'int4' if 'int4' in name else 'fp32'}")
         for batch, timing in ((b, t) for b, t in result.items() if b != "nodes"):
-            ratio = f"{timing['step_s'] / reference[batch]['step_s']:.2f}x" if reference else "-"
-            print(f"| {name} | {result['nodes']} | {batch} | {timing['step_s'] * 1e3:.1f} | {ratio} | "
-                  f"{timing['first_s'] * 1e3:.0f} |")
+            ratios = [f"{timing[key]:.2f}x" if key in timing else "-" for key in ("step_ratio", "first_ratio")]
+            print(f"| {name} | {result['nodes']} | {batch} | {timing['step_s'] * 1e3:.1f} | {ratios[0]} | "
+                  f"{timing['first_s'] * 1e3:.0f} | {ratios[1]} |")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

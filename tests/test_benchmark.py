@@ -109,7 +109,7 @@ def test_the_genai_decode_benchmark_times_every_arm(tmp_path):
     script = BENCHMARK.parent / "genai_decode.py"
     genai = importlib.util.find_spec("onnxruntime_genai") is not None
     command = [sys.executable, str(script), "--model", "tiny", "--prompt", "8", "--new", "4", "--repeats", "1",
-               "--batches", "1,2", "--json", str(tmp_path / "out.json")]
+               "--rounds", "2", "--batches", "1,2", "--json", str(tmp_path / "out.json")]
     done = subprocess.run(command + (["--genai-python", sys.executable] if genai else []), capture_output=True,
                           text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -118,3 +118,5 @@ def test_the_genai_decode_benchmark_times_every_arm(tmp_path):
     assert set(results) == arms
     assert results["ours fp32"]["nodes"] < results["ours fp32 unfused"]["nodes"]
     assert all(results[arm][str(b)]["step_s"] > 0 for arm in arms for b in (1, 2))
+    if genai:
+        assert all(results[arm][str(b)]["step_ratio"] > 0 for arm in arms - {"GenAI fp32", "GenAI int4"} for b in (1, 2))

@@ -40,13 +40,17 @@ class CacheLayout:
         return [f"present.{i}.{kind}" for i in range(self.layers) for kind in ("key", "value")]
 
 
-def feed(layout: CacheLayout, input_ids, attention_mask, position_ids, past) -> dict:
-    """ONNX Runtime's inputs for one step: the cache's tensors under their input names."""
+def step_feed(layout: CacheLayout, input_ids, attention_mask, position_ids) -> dict:
+    """ONNX Runtime's inputs for one step, the cache's tensors aside."""
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
     if layout.position_ids:
         inputs["position_ids"] = position_ids
-    inputs.update(zip(layout.past_names(), past))
     return inputs
+
+
+def feed(layout: CacheLayout, input_ids, attention_mask, position_ids, past) -> dict:
+    """ONNX Runtime's inputs for one step: the cache's tensors under their input names."""
+    return step_feed(layout, input_ids, attention_mask, position_ids) | dict(zip(layout.past_names(), past))
 
 
 def empty_past(layout: CacheLayout, batch: int) -> list[np.ndarray]:
@@ -130,7 +134,7 @@ class InPlaceCache(CopiedCache):
                 array[:, :, :present.shape[2]] = present
             self.past, self.vocab, self.dtype = None, logits.shape[2], logits.dtype
             return logits
-        self._bind(feed(self.layout, ids, mask, position_ids, []))
+        self._bind(step_feed(self.layout, ids, mask, position_ids))
         # a new array each step, bound as the output: the caller may keep it, and asking ONNX Runtime for its
         # outputs instead would wrap every bound buffer anew (the allocator reuses the last step's freed memory)
         logits = np.empty((*ids.shape, self.vocab), dtype=self.dtype)

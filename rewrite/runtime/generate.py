@@ -176,15 +176,18 @@ def stream_ids(model: CachedModel, ids: np.ndarray, mask: np.ndarray, *, max_new
     cache = open_cache(model.session, model.layout, ids.shape[0], ids.shape[1] + max_new_tokens, feeds, options)
     rng = np.random.default_rng(sampling.seed)
     running = np.ones(ids.shape[0], dtype=bool)
-    for _ in range(max_new_tokens):
+    # the mask of every step is a view of one buffer (rows that are done still take a position, as in `generate`)
+    grown = np.ones((ids.shape[0], ids.shape[1] + max_new_tokens - 1), dtype=mask.dtype)
+    grown[:, :ids.shape[1]] = mask
+    lengths = mask.sum(-1, keepdims=True)
+    for step in range(max_new_tokens):
         logits = last_logits(cache.run(ids, mask, position_ids), mask)
         tokens = np.where(running, sampling.pick(logits, rng), pad)
         yield tokens, logits
         running &= ~np.isin(tokens, stops)
         if not running.any():
             return
-        ids, position_ids = tokens[:, None], mask.sum(-1, keepdims=True)
-        mask = np.concatenate([mask, np.ones_like(mask[:, :1])], 1)
+        ids, position_ids, mask = tokens[:, None], lengths + step, grown[:, :mask.shape[1] + 1]
 
 
 def generate(model_path: str | Path, texts: Sequence[str], *, max_new_tokens: int = 20, do_sample: bool = False,
