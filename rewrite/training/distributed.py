@@ -158,6 +158,11 @@ def shard(gm: fx.GraphModule, ctx: Context, *, checkpoint: bool = False, bf16: b
     for path in layout.units:
         fully_shard(gm.get_submodule(path), mesh=mesh, **policies)
     fully_shard(gm, mesh=mesh, ignored_params=rows, **policies)
+    if ctx.device.type == "cpu":
+        # FSDP keeps each unit's all-gather buffer in the forward until the next unit's copy-out, for a CUDA copy
+        # stream to overlap; a CPU has none, and the buffer is a second copy of the unit (per-rank peak against
+        # one process: 2 ranks 0.69x -> 0.68x, 4 ranks 0.42x -> 0.38x)
+        gm._set_unshard_async_op(True)
     return layout
 
 
