@@ -78,3 +78,25 @@ def test_a_run_checkpointed_on_two_ranks_resumes_on_one_with_the_same_global_bat
     assert weights[0].keys() == weights[1].keys()
     for key in weights[0]:
         torch.testing.assert_close(weights[1][key], weights[0][key], atol=1e-6, rtol=0)
+
+
+@pytest.mark.slow
+def test_fsdp_evaluates_in_eval_mode_one_unit_at_a_time_as_one_process_does(tiny_bert_dir, tmp_path):
+    """With dropout on, 5 evaluation examples at batch 2 per rank (3 and 2: 2 batches on rank 0, 1 on rank 1, which
+    runs one more the metrics do not count, so both gather each unit together): the metrics of one process at
+    batch 4. The learning rate is too small to move the weights, so both evaluate the same model."""
+    rewrite.save(lora_graph(tiny_bert_dir), tmp_path / "in.pt2")
+    data, dev = tmp_path / "train.jsonl", tmp_path / "dev.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in sentiment_rows(8, seed=0)))
+    dev.write_text("".join(json.dumps(r) + "\n" for r in sentiment_rows(5, seed=1)))
+
+    def evaluated(command: list[str], out, batch_size: int, *sharding: str) -> dict:
+        run([*command, "train", str(tmp_path / "in.pt2"), "--data", str(data), "--eval", str(dev), "--output-dir",
+             str(out), "--max-steps", "1", "--batch-size", str(batch_size), "--lr", "1e-12", "--eval-every", "1", *sharding])
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return next(r for r in records if r["split"] == "eval")
+
+    one = evaluated(CLI, tmp_path / "one", 4)
+    two = evaluated([*TORCHRUN, *CLI], tmp_path / "two", 2, "--fsdp")
+    assert two["accuracy"] == one["accuracy"]
+    assert two["loss"] == pytest.approx(one["loss"], abs=1e-6)

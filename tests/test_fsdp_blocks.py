@@ -17,6 +17,7 @@ from torch.distributed.tensor import DTensor
 
 import rewrite
 from rewrite.graph.params import apply_trainable
+from rewrite.training.batches import eval_mode
 from rewrite.training import distributed
 from rewrite.training.train import TrainConfig
 
@@ -101,6 +102,13 @@ def train(gm, task: str, rows: slice, world: int, bf16: bool = False) -> dict:
     return {"losses": losses, "grads": grads, "weights": {name: full(p) for name, p in named}}
 
 
+def evaluated(gm, task: str, rows: slice, bf16: bool = False) -> torch.Tensor:
+    """The logits of `rows` of the first batch in eval mode (the graph switched in place, sharded or not)."""
+    inputs = batch(0, task, rows)
+    with eval_mode(gm), torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        return gm(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+
+
 def watch_gathering(gm, paths: list[str]) -> list[bool]:
     """Per unit call: whether its parameters were gathered and every other unit's sharded."""
     seen = []
@@ -173,10 +181,12 @@ def rank_main(rank: int, port: int, out: str, world: int, cases: list[str]) -> N
         bf16 = SHARDING.get(case, {}).get("bf16", False)
         results[case] = {**train(gm, task, slice(rank * share, (rank + 1) * share), world, bf16), "paths": layout.paths,
                          "edges": layout.edges, "vocabulary": layout.vocabulary, "rows": ctx.gather(rows),
-                         "units": len(distributed.units(gm)), "seen": seen, "dtypes": dtypes,
+                         "units": len(distributed.units(gm)), "seen": list(seen), "dtypes": dtypes,
                          "packed": ctx.gather({name: (tuple(gm.get_parameter(name).to_local().shape),
                                                       tuple(gm.get_parameter(name).shape)) for name in layout.packed}),
                          "warnings": list(warnings), "unchanged": unchanged_base(gm, layout, case)}
+        results[case]["eval_logits"] = evaluated(gm, task, slice(rank * share, (rank + 1) * share), bf16)
+        results[case]["eval_seen"] = seen[len(results[case]["seen"]):]
     if ctx.main:
         torch.save(results, out)
     ctx.close()
@@ -234,6 +244,13 @@ def assert_trains_like_one_process(got: dict, case: str, world: int) -> None:
             torch.testing.assert_close(grads[name], reference[name], atol=1e-5, rtol=0, msg=f"step {step} {name}")
     for name, weight in expected["weights"].items():
         torch.testing.assert_close(got["weights"][name], weight, atol=1e-5, rtol=0)
+    assert len(got["eval_seen"]) == units and all(got["eval_seen"])  # evaluation gathers one unit at a time too
+    trained = dropout_free_graph(case)
+    with torch.no_grad():
+        for name, weight in got["weights"].items():
+            trained.get_parameter(name).copy_(weight)
+    torch.testing.assert_close(got["eval_logits"], evaluated(trained, CASES[case], slice(0, BATCH // world)),
+                               atol=1e-5, rtol=0)
 
 
 @pytest.mark.slow

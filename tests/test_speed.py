@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import rewrite
 from rewrite.training import head_loss, speed
+from rewrite.training.batches import eval_mode
 from rewrite.graph.synthetic_inputs import example_inputs
 from rewrite.training.head_loss import head_loss_sum, head_of
 from rewrite.training.losses import loss_sum
@@ -254,6 +255,25 @@ def test_compiled_training_graphs_do_not_break_or_recompile(monkeypatch):
         loss_sum(outputs, _labels(inputs, "causal-lm"), "causal-lm", head=head_of(graphs.general)).backward()
     assert not counters["graph_break"]
     assert counters["stats"]["unique_graphs"] == 2  # the unpadded and the general graph, once each
+
+
+def test_evaluating_a_compiled_graph_in_place_compiles_nothing_again():
+    """An evaluation switches the graph to eval mode and back (`eval_mode`, as training's evaluation does, sharded
+    or not): the graph then runs the very code it ran, so dynamo's compiled code still serves it."""
+    gm = _adapted("bert", "seq-cls", dropout=0.1).train()
+    compiled = torch.compile(gm, backend="eager", dynamic=False)
+    inputs = example_inputs(["input_ids", "attention_mask"], 128, batch=2, seq=9, seed=0)
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    compiled(**inputs)
+    forward = type(gm).forward
+    with eval_mode(gm):
+        assert type(gm).forward is not forward  # eval mode's own code: no dropout
+        torch.testing.assert_close(gm(**inputs).logits, gm(**inputs).logits, atol=0, rtol=0)
+    assert type(gm).forward is forward and gm.training
+    compiled(**inputs)
+    assert counters["stats"]["unique_graphs"] == 1
 
 
 @pytest.mark.parametrize("kind,approximate", [("silu", "none"), ("gelu", "none"), ("gelu", "tanh"), ("relu", "none")])

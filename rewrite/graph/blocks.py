@@ -162,8 +162,8 @@ class BlockLayout:
         return [*self.paths, *(path for path in self.edges if path not in self.vocabulary)]
 
     def gathered_twin(self, gm: fx.GraphModule, full: dict[str, torch.Tensor]) -> RewriteGraph:
-        """The flat graph in eval mode over the tensors `full` names (a sharded `gm`'s parameters gathered whole:
-        on rank 0, what is written after training; on every rank, what evaluates), sharing their storage, with
+        """The flat graph in eval mode over the tensors `full` names (a sharded `gm`'s parameters gathered whole
+        on rank 0: what is written after training), sharing their storage, with
         `gm`'s buffers (the packed weights buffers again), tied names and trainable flags."""
         root, made = nn.Module(), {}
         for name, tensor in gm.named_parameters(remove_duplicate=False):

@@ -80,16 +80,55 @@ def _set_training(gm: fx.GraphModule, mode: bool) -> None:
                 _set_arg(node, _SDPA_DROPOUT_ARG, "dropout_p", wanted)
                 changed = True
     if changed:
-        gm.recompile()
+        _recompile(gm)
 
+
+def _code_owner(gm: fx.GraphModule) -> type:
+    """The class that holds `gm`'s generated code: its own, or, once FSDP has sharded it, the class beneath the
+    subclass FSDP puts over it (recompiling through that subclass would wrap its call twice: endless recursion)."""
+    return next((c for c in type(gm).__mro__ if "_wrapped_call" in vars(c)), type(gm))
+
+
+def _recompile(gm: fx.GraphModule) -> None:
+    """`gm.recompile()` into `_code_owner`'s class, for `gm` and the graphs it recompiles with it."""
+    graphs = {m: type(m) for m in gm.modules() if isinstance(m, fx.GraphModule)}
+    for m in graphs:
+        m.__class__ = _code_owner(m)
+    try:
+        gm.recompile()
+    finally:
+        for m, cls in graphs.items():
+            m.__class__ = cls
+
+
+_CODE = ("_code", "_lineno_map", "_prologue_start")
+
+
+def _generated(module: nn.Module) -> dict[fx.GraphModule, tuple]:
+    """Each graph's generated code: the source and the functions made from it."""
+    return {m: (tuple(getattr(m, name, None) for name in _CODE), vars(_code_owner(m)).get("forward"),
+                vars(_code_owner(m)).get("__call__")) for m in module.modules() if isinstance(m, fx.GraphModule)}
+
+
+def _restore(generated: dict[fx.GraphModule, tuple]) -> None:
+    """Puts back the functions of each graph whose source is again what it was."""
+    for m, (state, forward, call) in generated.items():
+        if m._code == state[0] and forward is not None and call is not None:
+            for name, value in zip(_CODE, state):
+                setattr(m, name, value)
+            owner = _code_owner(m)
+            owner.forward, owner.__call__ = forward, call
 
 
 @contextlib.contextmanager
 def in_mode(module: nn.Module, training: bool):
-    """`module` in train (or eval) mode for the block, then back in the mode it was in (yielded)."""
-    was_training = module.training
+    """`module` in train (or eval) mode for the block, then back in the mode it was in (yielded), running the very
+    functions it ran before: a `torch.compile`d caller keeps its compiled code (new code objects would be compiled
+    again after every switch, and past dynamo's limit on them not at all)."""
+    was_training, generated = module.training, _generated(module)
     module.train(training)
     try:
         yield was_training
     finally:
         module.train(was_training)
+        _restore(generated)

@@ -138,9 +138,9 @@ def shard(gm: fx.GraphModule, ctx: Context, *, checkpoint: bool = False, bf16: b
     graph cannot be outlined per block (logged with the reason). A frozen word embedding or LM head edge
     unit keeps its rows on each rank instead (`layout.vocabulary`), FSDP leaving them alone. `checkpoint` recomputes each block's
     activations in the backward; `bf16` gathers and computes in bf16 and reduces gradients in fp32 (the
-    sharded parameters stay as they are); `offload` keeps the shards in CPU memory between uses. Modes,
-    frozen parameters and every other change to the graph must come before: a sharded graph cannot be
-    recompiled."""
+    sharded parameters stay as they are); `offload` keeps the shards in CPU memory between uses. Frozen
+    parameters and every other change to the graph must come before: a sharded graph is recompiled by a mode
+    switch only (`rewrite.graph.modes`)."""
     mesh = init_device_mesh(ctx.device.type, (ctx.world,))  # the default mesh would follow the accelerator
     if bf16:
         drop_dtype_checks(gm.graph, torch.float32)  # the capture's fp32 checks would refuse the bf16 weights
@@ -196,24 +196,6 @@ def _packed_as_parameters(gm: fx.GraphModule) -> list[str]:
 def units(module: nn.Module) -> list[FSDPModule]:
     """The FSDP units in `module`, the root first."""
     return [m for m in module.modules() if isinstance(m, FSDPModule)]
-
-
-def unshard(module: nn.Module) -> None:
-    """Gathers every unit's parameters (FSDP's `unshard` gathers one unit's)."""
-    for unit in units(module):
-        unit.unshard()
-
-
-def whole(module: nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter of `module` whole on this rank, once `unshard` gathered the FSDP units: the vocabulary
-    rows FSDP does not manage are gathered here (a collective)."""
-    return {name: p.full_tensor() if isinstance(p, DTensor) else p
-            for name, p in module.named_parameters(remove_duplicate=False)}
-
-
-def reshard(module: nn.Module) -> None:
-    for unit in units(module):
-        unit.reshard()
 
 
 def sharded(module: nn.Module) -> bool:
