@@ -1,6 +1,9 @@
 """Capture and train/eval switching."""
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 import transformers
@@ -8,6 +11,7 @@ import transformers
 import rewrite
 from rewrite.graph.synthetic_inputs import example_inputs
 
+from conftest import TASK_CLASSES, tiny_config
 from helpers import capture_tiny, fresh_inputs, logits
 
 
@@ -122,3 +126,35 @@ def test_non_finite_weights_are_refused_at_capture_naming_the_tensor(make_tiny, 
     bert.save_pretrained(tmp_path / "nan")
     with pytest.raises(rewrite.RewriteError, match=f"^weight classifier.bias in '{tmp_path / 'nan'}' holds NaN"):
         rewrite.load_pretrained(tmp_path / "nan")
+
+
+DIRECTORY_PAGES = """
+import gc, sys, rewrite
+from pathlib import Path
+def status(field):
+    return next(int(l.split()[1]) * 1024 for l in Path("/proc/self/status").read_text().splitlines()
+                if l.startswith(field + ":"))
+gm = rewrite.load_pretrained(sys.argv[1])  # once before the baseline: the modules loading imports on first use
+del gm
+gc.collect()
+base = status("RssFile")
+gm = rewrite.load_pretrained(sys.argv[1])
+print(status("RssFile") - base, sum(p.nbytes for p in gm.parameters()))
+"""
+
+
+def test_a_model_directory_is_checked_and_mapped_without_its_weights_staying_resident(tmp_path):
+    """Loading checks every weight and maps it, each on its own: none of the file's pages stays in the process (an FSDP
+    rank then holds only the rows it keeps), and the graph computes what Hugging Face's model does."""
+    torch.manual_seed(0)
+    config = tiny_config("llama")
+    config.update(dict(vocab_size=32000, hidden_size=256, intermediate_size=512))  # 8 + 8 + 6 MiB of weights
+    model = TASK_CLASSES["causal-lm"].from_config(config).eval()
+    model.save_pretrained(tmp_path)
+    done = subprocess.run([sys.executable, "-c", DIRECTORY_PAGES, str(tmp_path)], capture_output=True, text=True,
+                          check=True)
+    resident, weights = (int(v) for v in done.stdout.split())
+    assert resident < 0.1 * weights, resident / weights
+    gm = rewrite.load_pretrained(tmp_path)
+    inputs = example_inputs(["input_ids", "attention_mask"], 32000)
+    torch.testing.assert_close(gm(**inputs).logits, model(**inputs).logits, atol=0, rtol=0)

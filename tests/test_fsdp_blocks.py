@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -298,3 +299,47 @@ def test_offloading_shards_is_refused_off_fsdp_and_off_gpus(tmp_path):
         config = TrainConfig(fsdp=fsdp, fsdp_offload=True, device="cpu", output_dir=tmp_path / str(fsdp))
         with pytest.raises(rewrite.RewriteError, match=f"keeps FSDP's shards in CPU memory .* but this run {where}"):
             rewrite.train(gm, rows, config=config)
+
+
+def file_mapped(path) -> bool:
+    """Whether this process maps any part of the file at `path`."""
+    target = str(path.resolve())
+    return any(line.split(maxsplit=5)[5:] == [target] for line in open("/proc/self/maps").read().splitlines())
+
+
+def directory_rank_main(rank: int, port: int, directory: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    ctx = distributed.setup("cpu")
+    weights = Path(directory) / "model.safetensors"
+    gm = rewrite.load_pretrained(directory)
+    rewrite.apply(gm, "lora", rank=4, alpha=8, roles=["q", "v"])
+    apply_trainable(gm)
+    mapped = file_mapped(weights)
+    layout = distributed.shard(gm.train(), ctx)
+    shapes = {name: tuple(gm.get_parameter(name).to_local().shape) for name in ("model.embed_tokens.weight",
+                                                                            "model.layers.0.mlp.up_proj.weight")}
+    results = ctx.gather({"mapped before": mapped, "mapped after": file_mapped(weights), "shapes": shapes,
+                          "vocabulary": layout.vocabulary})
+    if ctx.main:
+        torch.save(results, out)
+    ctx.close()
+
+
+@pytest.mark.slow
+def test_a_model_directory_sharded_keeps_only_each_ranks_rows(tmp_path):
+    """Trained from a Hugging Face directory, each rank maps the weights file until FSDP replaces each weight by its
+    rows: then nothing of the file stays mapped, so no rank keeps pages of the rows it does not hold."""
+    torch.manual_seed(0)
+    config = tiny_config("llama")
+    config.update(dict(vocab_size=8192, intermediate_size=4096))  # 2 MiB tables, 1 MiB MLP weights: mapped, not read
+    TASK_CLASSES["causal-lm"].from_config(config).save_pretrained(tmp_path / "model")
+    out = tmp_path / "results.pt"
+    mp.spawn(directory_rank_main, args=(free_port(), str(tmp_path / "model"), str(out)), nprocs=WORLD)
+    ranks = torch.load(out, weights_only=False)
+    assert [r["mapped before"] for r in ranks] == [True, True] and [r["mapped after"] for r in ranks] == [False, False]
+    hidden = config.hidden_size
+    assert all(r["shapes"] == {"model.embed_tokens.weight": (4096, hidden), "model.layers.0.mlp.up_proj.weight":
+                               (2048, hidden)} for r in ranks)
+    assert ranks[0]["vocabulary"] == VOCABULARY["llama"]

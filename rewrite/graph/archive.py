@@ -41,7 +41,7 @@ _MAPPED_BYTES = 2**20  # smaller tensors are read: a mapping each would cost mor
 _PADDING_FIELD = 0xD935  # the zip extra field that aligns a member's data (Android's zipalign uses it too)
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature ... file name length, extra field length
 # safetensors' dtype names (its format specification)
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
            "I16": torch.int16, "I8": torch.int8, "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16,
            "U8": torch.uint8, "BOOL": torch.bool}
@@ -145,11 +145,14 @@ def _map_weights(archive: zipfile.ZipFile, member: zipfile.ZipInfo, mapped: set[
     entries = json.loads(file.read(length))
     entries.pop("__metadata__", None)
     data, size = start + 8 + length, member.file_size - 8 - length
-    return {name: _tensor(file, data, size, entry, name in mapped) for name, entry in entries.items()}
+    return {name: stored_tensor(file, data, size, entry, name in mapped) for name, entry in entries.items()}
 
 
-def _tensor(file, data: int, size: int, entry: dict, map_it: bool) -> torch.Tensor:
-    dtype, shape, (begin, end) = _DTYPES[entry["dtype"]], [int(d) for d in entry["shape"]], entry["data_offsets"]
+def stored_tensor(file, data: int, size: int, entry: dict, map_it: bool) -> torch.Tensor:
+    """The tensor a safetensors header `entry` describes, in the open `file` whose data starts at `data` and holds
+    `size` bytes: with `map_it`, one of `_MAPPED_BYTES` or more is a view of its own copy-on-write mapping of the file
+    (its pages come in as they are read and go with the tensor), else it is read into memory."""
+    dtype, shape, (begin, end) = SAFETENSORS_DTYPES[entry["dtype"]], [int(d) for d in entry["shape"]], entry["data_offsets"]
     count = math.prod(shape)
     if not 0 <= begin <= end <= size or end - begin != count * dtype.itemsize or min(shape, default=0) < 0:
         raise ValueError(f"a tensor's offsets {[begin, end]} do not fit its shape {shape} and the data")

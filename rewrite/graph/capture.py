@@ -17,7 +17,7 @@ from rewrite.errors import RewriteError
 from rewrite.graph.synthetic_inputs import DEFAULT_INPUT_NAMES, example_inputs
 from rewrite.graph import quantized
 from rewrite.graph.ir import RewriteGraph, wrap
-from rewrite.graph.materialize import Checkpoint, Loader, empty_model, on_cpu
+from rewrite.graph.materialize import Checkpoint, Loader, empty_model, on_cpu, own_mappings
 from rewrite.graph.modes import in_mode
 from rewrite.graph.params import non_finite
 from rewrite.graph.pipeline import Pass, Pipeline
@@ -84,8 +84,14 @@ def capture(
     The result keeps the model's mode (`eval()` unless the model was training) and switches with
     `gm.train()` / `gm.eval()` like the module did.
     """
+    return _capture(model, example_inputs, dynamic, info, checked=set())
+
+
+def _capture(model: nn.Module, example_inputs: dict[str, Any], dynamic: bool, info: dict[str, Any] | None,
+             checked: set[str]) -> RewriteGraph:
+    """`capture`, the parameters named in `checked` already known finite."""
     config = getattr(model, "config", None)
-    _refuse_non_finite(model, (info or {}).get("source"))
+    _refuse_non_finite(model, (info or {}).get("source"), checked)
     _no_cache(model)
     dynamic_shapes = _dynamic_shapes(example_inputs) if dynamic else None
     with in_mode(model, True) as was_training:  # so dropout probabilities are recorded (rewrite.modes)
@@ -99,13 +105,17 @@ def capture(
     return wrap(unlifted, unlifted.graph, base_info, was_training)
 
 
-def _refuse_non_finite(model: nn.Module, source: str | None) -> None:
+def _refuse_non_finite(model: nn.Module, source: str | None, checked: set[str]) -> None:
     """A graph captured from NaN or infinite weights computes NaN wherever they reach: refused, named."""
-    bad = non_finite(model.named_parameters())
+    bad = non_finite((name, p) for name, p in model.named_parameters() if name not in checked)
     if bad:
-        origin = f"in {source!r}" if source else f"of {type(model).__name__}"
-        raise RewriteError(f"weight {bad} {origin} holds NaN or infinite values; the checkpoint is corrupt, "
-                           "and a graph of it would compute NaN")
+        raise _non_finite_error(model, source, bad)
+
+
+def _non_finite_error(model: nn.Module, source: str | None, name: str) -> RewriteError:
+    origin = f"in {source!r}" if source else f"of {type(model).__name__}"
+    return RewriteError(f"weight {name} {origin} holds NaN or infinite values; the checkpoint is corrupt, "
+                        "and a graph of it would compute NaN")
 
 
 def _drop_full_slices(graph: fx.Graph) -> None:
@@ -281,11 +291,13 @@ def load_pretrained(
         except (OSError, ValueError, RuntimeError, safetensors.SafetensorError) as error:
             raise RewriteError(f"weights in {str(path)!r} could not be loaded: {error}") from error
     model.eval()
+    checked = set() if meta or quantize is not None else own_mappings(
+        model, path, model.base_model_prefix, lambda name: _non_finite_error(model, str(path), name))
     on_meta = meta or quantize is not None
     inputs = example_inputs(input_names(model, tokenizer), config.vocab_size, device="meta" if on_meta else "cpu")
     info = {"source": str(path), "task": task, "config": config, "tokenizer": tokenizer, "meta_device": meta,
             "untrained": [] if on_meta else _fresh_modules(loading)}
-    gm = capture(model, inputs, info=info)
+    gm = _capture(model, inputs, True, info, checked)
     if quantize is not None:
         _quantize_while_loading(gm, path, quantize, built, model.base_model_prefix)
     return gm

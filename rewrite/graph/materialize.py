@@ -16,8 +16,9 @@ import contextlib
 import ctypes
 import ctypes.util
 import json
+import struct
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import safetensors
 import torch
@@ -25,6 +26,7 @@ from torch import fx, nn
 
 from rewrite.errors import RewriteError
 from rewrite.graph import quantized
+from rewrite.graph.archive import SAFETENSORS_DTYPES, stored_tensor
 from rewrite.graph.ir import tensor_at
 from rewrite.graph.params import non_finite
 from rewrite.graph.query import Projection, module_path
@@ -107,6 +109,46 @@ class Checkpoint:
                 return handle.get_tensor(key)
         except (OSError, safetensors.SafetensorError) as error:
             raise RewriteError(f"tensor {key!r} in {str(self.files[key])!r} could not be read: {error}") from error
+
+
+def own_mappings(model: nn.Module, path: Path, prefix: str, refuse: Callable[[str], Exception]) -> set[str]:
+    """Gives each parameter Hugging Face loaded from `path`'s safetensors files a mapping of the file of its own,
+    once its values are checked finite (`refuse(name)` is raised otherwise) through another mapping, dropped at once;
+    the names of the parameters it checked. Hugging Face maps every file whole: a check through those tensors would
+    keep every page of the model resident, and a rank that keeps only its rows of each weight (FSDP) would hold every
+    page it read until the whole file is released. A parameter whose dtype or shape is not the file's (converted
+    while loading), or that the files do not hold, stays as loaded and unchecked."""
+    if not (path / INDEX_FILE).is_file() and not any(path.glob("*.safetensors")):
+        return set()
+    checkpoint, headers, checked = Checkpoint(path), {}, set()
+    groups: dict[int, tuple[nn.Parameter, list[str]]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), (param, []))[1].append(name)
+    for param, names in groups.values():
+        key = checkpoint.key_for(names, prefix)
+        if key is None:
+            continue
+        file = checkpoint.files[key]
+        if file not in headers:
+            headers[file] = _safetensors_header(file)
+        data, size, entries = headers[file]
+        entry = entries[key]
+        if SAFETENSORS_DTYPES.get(entry["dtype"]) != param.dtype or list(entry["shape"]) != list(param.shape):
+            continue
+        with open(file, "rb") as handle:
+            if param.is_floating_point() and not torch.isfinite(stored_tensor(handle, data, size, entry, True)).all():
+                raise refuse(names[0])
+            param.data = stored_tensor(handle, data, size, entry, True)
+        checked.update(names)
+    return checked
+
+
+def _safetensors_header(file: Path) -> tuple[int, int, dict]:
+    """Where a safetensors file's data starts, its size, and the header's entries by key."""
+    with open(file, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        entries = json.loads(handle.read(length))
+    return 8 + length, file.stat().st_size - 8 - length, entries
 
 
 def tied_names(gm: fx.GraphModule) -> dict[str, list[str]]:

@@ -15,6 +15,7 @@ uses without a process group), and load on any number of ranks.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import warnings
@@ -142,6 +143,9 @@ def shard(gm: fx.GraphModule, ctx: Context, *, checkpoint: bool = False, bf16: b
     parameters and every other change to the graph must come before: a sharded graph is recompiled by a mode
     switch only (`rewrite.graph.modes`)."""
     mesh = init_device_mesh(ctx.device.type, (ctx.world,))  # the default mesh would follow the accelerator
+    # what loading left in reference cycles (a Hugging Face model's modules) may still hold the full weights: freed
+    # first, so each weight's mapping, and the pages this rank read of it, go as FSDP replaces it by its shard
+    gc.collect()
     if bf16:
         drop_dtype_checks(gm.graph, torch.float32)  # the capture's fp32 checks would refuse the bf16 weights
         gm.recompile()
