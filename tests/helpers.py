@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import random
+from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -124,3 +125,14 @@ def run_cli(*args, cwd=None, env=None, timeout=300):
 
     return subprocess.run([sys.executable, "-c", "from rewrite.cli.main import main; main()", *map(str, args)],
                           capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=timeout, cwd=cwd, env=env)
+
+
+def mapped_ranges(path: Path) -> list[tuple[int, int]]:
+    """The address ranges this process maps from file `path`."""
+    ranges = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5] == str(path.resolve()):
+            start, end = (int(a, 16) for a in fields[0].split("-"))
+            ranges.append((start, end))
+    return ranges

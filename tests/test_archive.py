@@ -6,7 +6,6 @@ import struct
 import subprocess
 import sys
 import zipfile
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ import torch
 import rewrite
 
 from conftest import TASK_CLASSES, tiny_config
-from helpers import capture_tiny, fresh_inputs, logits, randomize_lora
+from helpers import capture_tiny, fresh_inputs, logits, mapped_ranges, randomize_lora
 
 
 def test_round_trip_keeps_outputs_history_and_trainable_flags(make_tiny, tmp_path):
@@ -95,17 +94,6 @@ def _wide_vocab(arch: str):
     return TASK_CLASSES["causal-lm"].from_config(config).eval()
 
 
-def _mapped(path: Path) -> list[tuple[int, int]]:
-    """The address ranges this process maps from file `path`."""
-    ranges = []
-    for line in Path("/proc/self/maps").read_text().splitlines():
-        fields = line.split(maxsplit=5)
-        if len(fields) == 6 and fields[5] == str(path.resolve()):
-            start, end = (int(a, 16) for a in fields[0].split("-"))
-            ranges.append((start, end))
-    return ranges
-
-
 def _in(tensor: torch.Tensor, ranges: list[tuple[int, int]]) -> bool:
     return any(start <= tensor.data_ptr() < end for start, end in ranges)
 
@@ -117,7 +105,7 @@ def test_large_parameters_are_mapped_from_the_archive_and_small_tensors_read(arc
     with zipfile.ZipFile(path) as archive:
         assert archive.getinfo("weights.safetensors").compress_type == zipfile.ZIP_STORED
     loaded = rewrite.load(path)
-    ranges = _mapped(path)
+    ranges = mapped_ranges(path)
     for name, param in loaded.named_parameters():
         assert _in(param, ranges) == (param.nbytes >= 2**20), name
     assert not any(_in(buffer, ranges) for buffer in loaded.buffers())
@@ -130,7 +118,7 @@ def test_writing_a_mapped_weight_changes_the_model_not_the_archive_until_it_is_s
     path = rewrite.save(gm, tmp_path / "g.pt2")
     loaded = rewrite.load(path)
     embeddings = loaded.get_parameter("model.embed_tokens.weight")
-    assert _in(embeddings, _mapped(path))
+    assert _in(embeddings, mapped_ranges(path))
     with torch.no_grad():
         embeddings.add_(1.0)
     original = gm.get_parameter("model.embed_tokens.weight")

@@ -23,7 +23,7 @@ from rewrite.training import distributed
 from rewrite.training.train import TrainConfig
 
 from conftest import TASK_CLASSES, TINY_VOCAB, tiny_config
-from helpers import capture_tiny, randomize_lora
+from helpers import capture_tiny, mapped_ranges, randomize_lora
 
 WORLD = 2
 STEPS = 20
@@ -301,12 +301,6 @@ def test_offloading_shards_is_refused_off_fsdp_and_off_gpus(tmp_path):
             rewrite.train(gm, rows, config=config)
 
 
-def file_mapped(path) -> bool:
-    """Whether this process maps any part of the file at `path`."""
-    target = str(path.resolve())
-    return any(line.split(maxsplit=5)[5:] == [target] for line in open("/proc/self/maps").read().splitlines())
-
-
 def directory_rank_main(rank: int, port: int, directory: str, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
                       LOCAL_RANK=str(rank))
@@ -316,11 +310,11 @@ def directory_rank_main(rank: int, port: int, directory: str, out: str) -> None:
     gm = rewrite.load_pretrained(directory)
     rewrite.apply(gm, "lora", rank=4, alpha=8, roles=["q", "v"])
     apply_trainable(gm)
-    mapped = file_mapped(weights)
+    mapped = bool(mapped_ranges(weights))
     layout = distributed.shard(gm.train(), ctx)
     shapes = {name: tuple(gm.get_parameter(name).to_local().shape) for name in ("model.embed_tokens.weight",
                                                                             "model.layers.0.mlp.up_proj.weight")}
-    results = ctx.gather({"mapped before": mapped, "mapped after": file_mapped(weights), "shapes": shapes,
+    results = ctx.gather({"mapped before": mapped, "mapped after": bool(mapped_ranges(weights)), "shapes": shapes,
                           "vocabulary": layout.vocabulary})
     if ctx.main:
         torch.save(results, out)

@@ -41,10 +41,12 @@ _MAPPED_BYTES = 2**20  # smaller tensors are read: a mapping each would cost mor
 _PADDING_FIELD = 0xD935  # the zip extra field that aligns a member's data (Android's zipalign uses it too)
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature ... file name length, extra field length
 # safetensors' dtype names (its format specification)
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
-           "I16": torch.int16, "I8": torch.int8, "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16,
-           "U8": torch.uint8, "BOOL": torch.bool}
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+    "I16": torch.int16, "I8": torch.int8, "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
 
 
 def _tensors(gm: fx.GraphModule) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -138,21 +140,28 @@ def _map_weights(archive: zipfile.ZipFile, member: zipfile.ZipInfo, mapped: set[
     if signature != b"PK\x03\x04":
         raise ValueError(f"the local header of {_WEIGHTS} is damaged")
     start = member.header_offset + _LOCAL_HEADER.size + name_length + extra_length
+    data, size, entries = safetensors_header(file, start, member.file_size)
+    return {name: stored_tensor(file, data, size, entry, name in mapped) for name, entry in entries.items()}
+
+
+def safetensors_header(file, start: int, stored: int) -> tuple[int, int, dict]:
+    """The safetensors data at `start` of the open `file`, `stored` bytes long: where its tensors' data starts, its
+    size, and the header's entries by tensor name."""
     file.seek(start)
     (length,) = struct.unpack("<Q", file.read(8))
-    if length > member.file_size - 8:
-        raise ValueError(f"the safetensors header of {_WEIGHTS} is longer than the member")
+    if length > stored - 8:
+        raise ValueError(f"the safetensors header of {getattr(file, 'name', _WEIGHTS)} is longer than its data")
     entries = json.loads(file.read(length))
     entries.pop("__metadata__", None)
-    data, size = start + 8 + length, member.file_size - 8 - length
-    return {name: stored_tensor(file, data, size, entry, name in mapped) for name, entry in entries.items()}
+    return start + 8 + length, stored - 8 - length, entries
 
 
 def stored_tensor(file, data: int, size: int, entry: dict, map_it: bool) -> torch.Tensor:
     """The tensor a safetensors header `entry` describes, in the open `file` whose data starts at `data` and holds
     `size` bytes: with `map_it`, one of `_MAPPED_BYTES` or more is a view of its own copy-on-write mapping of the file
     (its pages come in as they are read and go with the tensor), else it is read into memory."""
-    dtype, shape, (begin, end) = SAFETENSORS_DTYPES[entry["dtype"]], [int(d) for d in entry["shape"]], entry["data_offsets"]
+    dtype, (begin, end) = SAFETENSORS_DTYPES[entry["dtype"]], entry["data_offsets"]
+    shape = [int(d) for d in entry["shape"]]
     count = math.prod(shape)
     if not 0 <= begin <= end <= size or end - begin != count * dtype.itemsize or min(shape, default=0) < 0:
         raise ValueError(f"a tensor's offsets {[begin, end]} do not fit its shape {shape} and the data")

@@ -16,7 +16,6 @@ import contextlib
 import ctypes
 import ctypes.util
 import json
-import struct
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -26,7 +25,7 @@ from torch import fx, nn
 
 from rewrite.errors import RewriteError
 from rewrite.graph import quantized
-from rewrite.graph.archive import SAFETENSORS_DTYPES, stored_tensor
+from rewrite.graph.archive import SAFETENSORS_DTYPES, safetensors_header, stored_tensor
 from rewrite.graph.ir import tensor_at
 from rewrite.graph.params import non_finite
 from rewrite.graph.query import Projection, module_path
@@ -130,7 +129,8 @@ def own_mappings(model: nn.Module, path: Path, prefix: str, refuse: Callable[[st
             continue
         file = checkpoint.files[key]
         if file not in headers:
-            headers[file] = _safetensors_header(file)
+            with open(file, "rb") as handle:
+                headers[file] = safetensors_header(handle, 0, file.stat().st_size)
         data, size, entries = headers[file]
         entry = entries[key]
         if SAFETENSORS_DTYPES.get(entry["dtype"]) != param.dtype or list(entry["shape"]) != list(param.shape):
@@ -141,14 +141,6 @@ def own_mappings(model: nn.Module, path: Path, prefix: str, refuse: Callable[[st
             param.data = stored_tensor(handle, data, size, entry, True)
         checked.update(names)
     return checked
-
-
-def _safetensors_header(file: Path) -> tuple[int, int, dict]:
-    """Where a safetensors file's data starts, its size, and the header's entries by key."""
-    with open(file, "rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        entries = json.loads(handle.read(length))
-    return 8 + length, file.stat().st_size - 8 - length, entries
 
 
 def tied_names(gm: fx.GraphModule) -> dict[str, list[str]]:
