@@ -172,6 +172,9 @@ def test_attention_rule_lowers_every_layer_keeps_the_slots_and_matches_the_unfus
     report = lower(fused, None)
     assert report.layers == {0: None, 1: None} and report.fused["GroupQueryAttention"] == 2
     assert report.fused["packed QKV"] == 0  # LoRA slots on q and v: those projections are Adds, kept apart
+    # their base MatMuls packed with k's, and gate with up, each layer: the slots read the same input, unpacked
+    assert report.fused["packed projections"] == 4
+    assert sorted(len(n.outputs) for n in ir.load(fused).graph if n.op_type == "Split") == [2, 2, 3, 3]
     assert report.removed_inputs == ["position_ids"]
     assert not ModelSchema.read(fused).require_cache().position_ids
     after = report.ops_after
@@ -282,7 +285,9 @@ def test_fused_llama_quantized_or_slotted_generates_as_its_unfused_export(option
     report = rewrite.export_onnx(_graph(directory, options), tmp_path / "model.onnx", cache=True, **options)
     assert report.lowering.layers == {0: None, 1: None}
     ops = report.lowering.ops_after
-    assert ops.get("com.microsoft:MatMulNBits", 0) == (10 if "quantize" in options else 0)  # q/k/v packed
+    # q/k/v packed (the slotted ones into a MatMul and a Split, their slots beside), and gate with up
+    assert ops.get("com.microsoft:MatMulNBits", 0) == (8 if "quantize" in options else 0)
+    assert ops["Split"] == (2 if "quantize" in options else 4)
     assert _max_diff(unfused, tmp_path / "model.onnx") <= 1e-5
 
 
@@ -311,6 +316,7 @@ def test_a_cache_prefix_is_not_lowered_and_says_so(tmp_path):
     report = rewrite.export_onnx(gm, tmp_path / "model.onnx", cache=True)
     assert report.lowering.layers == {0: PREFIXED, 1: PREFIXED}
     assert report.lowering.fused["SkipSimplifiedLayerNormalization"] == 4
+    assert report.lowering.fused["packed projections"] == 4  # the unlowered q, k and v, and gate with up, each layer
     assert ModelSchema.read(tmp_path / "model.onnx").require_cache().padding == "left"
 
 
@@ -327,7 +333,7 @@ def test_cli_prints_the_op_counts_and_no_fuse_keeps_the_exported_ops(tmp_path):
         assert result.exit_code == 0, result.output
         outputs[name] = result.output
     assert re.search(r"fused ops: \d+ nodes -> \d+ \(1 SimplifiedLayerNormalization, 4 SkipSimplifiedLayerNormalization, "
-                     r"2 GroupQueryAttention, 2 packed QKV\); attention lowered in 2 of 2 layers", outputs["fused"].replace("\n", " "))
+                     r"2 GroupQueryAttention, 2 packed QKV, 2 packed projections\); attention lowered in 2 of 2 layers", outputs["fused"].replace("\n", " "))
     assert "fused ops" not in outputs["unfused"] and "position_ids" in outputs["unfused"]
     assert _max_diff(tmp_path / "unfused" / "model.onnx", tmp_path / "fused" / "model.onnx") <= 1e-5
     result = runner.invoke(cli, ["export", str(tmp_path / "base.pt2"), "--onnx", str(tmp_path / "plain.onnx"), "--no-fuse"])

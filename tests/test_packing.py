@@ -33,8 +33,8 @@ def test_every_layer_packs_its_projections_and_matches_the_unfused_model(case, t
     unfused = _unfused(directory, tmp_path, **options)
     fused = tmp_path / "model.onnx"
     report = rewrite.export_onnx(_graph(directory, options), fused, cache=True, **options)
-    assert report.lowering.fused["packed QKV"] == 2
+    assert report.lowering.fused["packed QKV"] == 2 and report.lowering.fused["packed projections"] == 2
     ops = _ops(fused)
-    assert ops["MatMul"] + ops["MatMulNBits"] == 2 * 5 + 1  # per layer: packed q/k/v, o, gate, up, down; the head
-    assert ops["MatMulNBits"] == (10 if options else 0)
+    assert ops["MatMul"] + ops["MatMulNBits"] == 2 * 4 + 1  # per layer: packed q/k/v, o, packed gate/up, down; the head
+    assert ops["MatMulNBits"] == (8 if options else 0) and ops["Split"] == 2
     assert _max_diff(unfused, fused) <= 1e-5

@@ -113,7 +113,7 @@ class InPlaceCache(CopiedCache):
         super().__init__(session, layout, rows, extra, options, last_only)
         shape = (rows, layout.kv_heads, capacity, layout.head_dim)
         self.arrays = [np.zeros(shape, dtype=layout.dtype) for _ in layout.past_names()]
-        self.binding, self.bound = session.io_binding(), {}
+        self.binding = session.io_binding()
         for past, present, array in zip(layout.past_names(), layout.present_names(), self.arrays):
             buffer = ort.OrtValue.ortvalue_from_numpy(array)  # over the array's memory
             self.binding.bind_ortvalue_input(past, buffer)
@@ -121,10 +121,9 @@ class InPlaceCache(CopiedCache):
         self._bind(self.extra)
 
     def _bind(self, arrays: dict[str, np.ndarray]) -> None:
-        """Binds inputs, keeping each array alive while it is bound."""
+        """Binds inputs (the binding keeps each array alive while it is bound)."""
         for name, array in arrays.items():
-            self.bound[name] = np.ascontiguousarray(array)
-            self.binding.bind_cpu_input(name, self.bound[name])
+            self.binding.bind_cpu_input(name, np.ascontiguousarray(array))
 
     def run(self, ids: np.ndarray, mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
         """As `CopiedCache.run`; the buffers then hold the step's keys and values."""

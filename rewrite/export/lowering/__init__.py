@@ -3,12 +3,12 @@
 `torch.onnx.export` writes a decoder layer as some 80 small ops (the norms' arithmetic, rotary, the cache
 Concats, repeated KV heads, a NaN guard); ONNX Runtime pays a kernel launch for each on every decoding step.
 `lower` rewrites the written file with ONNX rewrite rules, each a pattern, a check and a replacement: the norms
-(`norms`), GELU (`activations`), the attention (`attention`) and its projections (`packing`); then the LM head
-learns to run on each row's last token only when asked (`logits`). Attention is lowered in every layer or in none
-(onnxscript's
-intermediate attention op, which the rule consumes, cannot be turned back into ONNX ops): where the rule cannot
-lower a layer, the attention stays as exported, the norms are still fused, and the report says why. The file is checked (`onnx.checker`) before, since it does not know ONNX Runtime's
-ops, and the export verifies it against torch after, as it verifies any export.
+(`norms`), GELU (`activations`), the attention (`attention`) and the projections that read one input (`packing`);
+then the LM head learns to run on each row's last token only when asked (`logits`). Attention is lowered in every
+layer or in none (onnxscript's intermediate attention op, which the rule consumes, cannot be turned back into ONNX
+ops): where the rule cannot lower a layer, the attention stays as exported, the norms are still fused, and the
+report says why. The file is checked (`onnx.checker`) before, since it does not know ONNX Runtime's ops, and the
+export verifies it against torch after, as it verifies any export.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from rewrite.export.lowering.activations import fuse_activations
 from rewrite.export.lowering.attention import ATTENTION, MASK, PAST, Attention, attention_rules, sort_sum_dims
 from rewrite.export.lowering.logits import keep_last_only
 from rewrite.export.lowering.norms import fuse_norms
-from rewrite.export.lowering.packing import pack_qkv
+from rewrite.export.lowering.packing import pack_qkv, pack_siblings
 from rewrite.runtime.cache import CacheLayout
 from rewrite.runtime.schema import CACHE_KEY, POSITIONS_KEY
 
@@ -142,6 +142,8 @@ def lower(path: str | Path, config, *, external: bool = False) -> LoweringReport
         layers = {layer: reason or WITH_OTHERS for layer, reason in layers.items()}
     fused[ATTENTION] = sum(reason is None for reason in layers.values())
     fused["packed QKV"] = pack_qkv(model)
+    common_passes.RemoveUnusedNodesPass()(model)  # the projections packed QKV replaced, which are no siblings
+    fused["packed projections"] = pack_siblings(model)
     common_passes.CommonSubexpressionEliminationPass()(model)
     optimize(model)  # inlines the intermediate fusions no rule consumed and removes the dead mask and rotary builders
     common_passes.RemoveUnusedFunctionsPass()(model)

@@ -1,11 +1,17 @@
-"""The q, k and v projections of a lowered attention as one packed projection: GroupQueryAttention takes packed
-QKV as its query (key and value omitted), and one MatMul over the concatenated weights reads the layer's input once
-and costs one kernel launch instead of three on every decoding step, as ONNX Runtime GenAI's models do.
+"""Projections that read one input as one packed projection: one MatMul over the concatenated weights reads the
+input once and costs one kernel launch instead of several on every decoding step.
+
+The q, k and v projections of a lowered attention (`pack_qkv`): GroupQueryAttention takes packed QKV as its query
+(key and value omitted), as ONNX Runtime GenAI's models do.
 
 A layer is packed where its three projections are the same kind of op over the same input with constant weights
 (MatMul, or MatMulNBits of the same width, block size and accuracy), each with a constant bias or none, and read only
 by the attention. A projection with an adapter slot on it is an Add of two computed values, so its layer stays
 unpacked and the slot stays where an adapter file expects it.
+
+Any other projections over one input (`pack_siblings`: a gated MLP's gate and up, an unlowered attention's q, k and
+v) are packed as one op and a Split, each projection's readers reading its part: at int4, the gate and up
+projections of the 124.7M LLaMA shape packed take 5% off a decoding step (ONNX Runtime GenAI keeps them apart).
 """
 from __future__ import annotations
 
@@ -63,17 +69,20 @@ def _projection(value: ir.Value) -> Projection | None:
     return Projection(node, bias)
 
 
-def _concat(graph: ir.Graph, values: list[ir.Value], name: str, axis: int = 0) -> ir.Value:
-    """The constant tensors `values` concatenated on their output axis, as a new initializer."""
-    array = np.concatenate([v.const_value.numpy() for v in values], axis=axis)
-    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(values[0].dtype),
+def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
                      const_value=ir.tensor(array, name=name))
     graph.register_initializer(value)
     return value
 
 
+def _concat(graph: ir.Graph, values: list[ir.Value], name: str, axis: int = 0) -> ir.Value:
+    """The constant tensors `values` concatenated on their output axis, as a new initializer."""
+    return _initializer(graph, name, np.concatenate([v.const_value.numpy() for v in values], axis=axis))
+
+
 def _packed(graph: ir.Graph, projections: list[Projection], name: str, before: ir.Node) -> ir.Value:
-    """One op computing the three projections side by side, inserted before the attention."""
+    """One op computing the projections side by side, inserted before `before`."""
     first = projections[0].matmul
     axis = -1 if first.op_type == "MatMul" else 0  # MatMul's weight is [in, out]; MatMulNBits' tensors [out, ...]
     weights = [_concat(graph, [p.matmul.inputs[i] for p in projections], f"{name}_{i}", axis)
@@ -104,5 +113,42 @@ def pack_qkv(model: ir.Model) -> int:
             continue
         for index, value in enumerate([_packed(graph, projections, f"rewrite_qkv_{packed}", node), None, None]):
             node.replace_input_with(index, value)  # the three projections are left unread, for the optimizer
+        packed += 1
+    return packed
+
+
+def _width(node: ir.Node) -> int:
+    """A projection's output width."""
+    return node.attributes["N"].value if "N" in node.attributes else node.inputs[1].const_value.shape[-1]
+
+
+def _sibling(node: ir.Node) -> bool:
+    """A MatMul over a two-dimensional constant weight, or a MatMulNBits, not a graph output."""
+    if (node.op_type, node.domain) not in KINDS or len(node.inputs) > KINDS[node.op_type, node.domain]:
+        return False
+    weights = node.inputs[1:]
+    return (not _constant(node.inputs[0]) and all(_constant(x) for x in weights) and not node.outputs[0].is_graph_output()
+            and (node.op_type != "MatMul" or len(weights[0].const_value.shape) == 2))
+
+
+def pack_siblings(model: ir.Model) -> int:
+    """Packs the projections that read one input into one op and a Split (see the module docstring); how many
+    groups were packed."""
+    graph, groups = model.graph, {}
+    for node in graph:
+        if _sibling(node):
+            projection = Projection(node, None)
+            groups.setdefault((id(projection.source), projection.signature()), []).append(projection)
+    packed = 0
+    for projections in (group for group in groups.values() if len(group) > 1):
+        name = f"rewrite_packed_{packed}"
+        matmuls = [p.matmul for p in projections]
+        widths = _initializer(graph, f"{name}_widths", np.array([_width(m) for m in matmuls], dtype=np.int64))
+        split = ir.Node("", "Split", [_packed(graph, projections, name, matmuls[0]), widths],
+                        attributes={"axis": ir.AttrInt64("axis", -1)}, num_outputs=len(matmuls))
+        graph.insert_before(matmuls[0], split)
+        for matmul, part in zip(matmuls, split.outputs):
+            matmul.outputs[0].replace_all_uses_with(part)
+            graph.remove(matmul, safe=True)
         packed += 1
     return packed
