@@ -77,8 +77,16 @@ def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
 
 
 def _concat(graph: ir.Graph, values: list[ir.Value], name: str, axis: int = 0) -> ir.Value:
-    """The constant tensors `values` concatenated on their output axis, as a new initializer."""
-    return _initializer(graph, name, np.concatenate([v.const_value.numpy() for v in values], axis=axis))
+    """The constant tensors `values` concatenated on their output axis, as a new initializer computed when it is
+    written: a 7B model's packed projections would otherwise all be held in memory, beside the file's."""
+    tensors = [v.const_value for v in values]
+    shape = list(tensors[0].shape)
+    shape[axis] = sum(t.shape[axis] for t in tensors)
+    packed = ir.LazyTensor(lambda: ir.tensor(np.concatenate([t.numpy() for t in tensors], axis=axis)),
+                           dtype=tensors[0].dtype, shape=ir.Shape(shape), name=name)
+    value = ir.Value(name=name, shape=packed.shape, type=ir.TensorType(packed.dtype), const_value=packed)
+    graph.register_initializer(value)
+    return value
 
 
 def _packed(graph: ir.Graph, projections: list[Projection], name: str, before: ir.Node) -> ir.Value:
