@@ -333,7 +333,8 @@ def test_cli_prints_the_op_counts_and_no_fuse_keeps_the_exported_ops(tmp_path):
         assert result.exit_code == 0, result.output
         outputs[name] = result.output
     assert re.search(r"fused ops: \d+ nodes -> \d+ \(1 SimplifiedLayerNormalization, 4 SkipSimplifiedLayerNormalization, "
-                     r"2 GroupQueryAttention, 2 packed QKV, 2 packed projections\); attention lowered in 2 of 2 layers", outputs["fused"].replace("\n", " "))
+                     r"2 GroupQueryAttention, 2 packed QKV, 2 packed projections\); attention lowered in 2 of 2 layers",
+                     outputs["fused"].replace("\n", " "))
     assert "fused ops" not in outputs["unfused"] and "position_ids" in outputs["unfused"]
     assert _max_diff(tmp_path / "unfused" / "model.onnx", tmp_path / "fused" / "model.onnx") <= 1e-5
     result = runner.invoke(cli, ["export", str(tmp_path / "base.pt2"), "--onnx", str(tmp_path / "plain.onnx"), "--no-fuse"])

@@ -135,7 +135,8 @@ def _sibling(node: ir.Node) -> bool:
     if (node.op_type, node.domain) not in KINDS or len(node.inputs) > KINDS[node.op_type, node.domain]:
         return False
     weights = node.inputs[1:]
-    return (not _constant(node.inputs[0]) and all(_constant(x) for x in weights) and not node.outputs[0].is_graph_output()
+    return (not _constant(node.inputs[0]) and all(_constant(x) for x in weights)
+            and not node.outputs[0].is_graph_output()
             and (node.op_type != "MatMul" or len(weights[0].const_value.shape) == 2))
 
 
