@@ -123,23 +123,23 @@ def own_mappings(model: nn.Module, path: Path, prefix: str, refuse: Callable[[st
     groups: dict[int, tuple[nn.Parameter, list[str]]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         groups.setdefault(id(param), (param, []))[1].append(name)
-    for param, names in groups.values():
-        key = checkpoint.key_for(names, prefix)
-        if key is None:
-            continue
-        file = checkpoint.files[key]
-        if file not in headers:
-            with open(file, "rb") as handle:
-                headers[file] = safetensors_header(handle, 0, file.stat().st_size)
-        data, size, entries = headers[file]
-        entry = entries[key]
-        if SAFETENSORS_DTYPES.get(entry["dtype"]) != param.dtype or list(entry["shape"]) != list(param.shape):
-            continue
-        with open(file, "rb") as handle:
-            if param.is_floating_point() and not torch.isfinite(stored_tensor(handle, data, size, entry, True)).all():
+    with contextlib.ExitStack() as files:
+        for param, names in groups.values():
+            key = checkpoint.key_for(names, prefix)
+            if key is None:
+                continue
+            file = checkpoint.files[key]
+            if file not in headers:  # each file opened once; a mapping outlives its handle
+                handle = files.enter_context(open(file, "rb"))
+                headers[file] = (handle, *safetensors_header(handle, 0, file.stat().st_size))
+            handle, data, size, entries = headers[file]
+            entry = entries[key]
+            if SAFETENSORS_DTYPES.get(entry["dtype"]) != param.dtype or list(entry["shape"]) != list(param.shape):
+                continue
+            if non_finite([(names[0], stored_tensor(handle, data, size, entry, True))]):
                 raise refuse(names[0])
             param.data = stored_tensor(handle, data, size, entry, True)
-        checked.update(names)
+            checked.update(names)
     return checked
 
 
