@@ -33,6 +33,14 @@ EDGES = {  # the modules outside the blocks that become units of their own; tied
                           "bert.embeddings.token_type_embeddings", "bert.embeddings.LayerNorm", "bert.pooler.dense",
                           "classifier"],
 }
+LORA_ON = {"llama": ("q_proj", "v_proj"), "gpt2": ("c_attn",), "bert": ("query", "value")}
+PARTS = {  # the projections outlined inside each block, by architecture
+    "llama": ["mlp.down_proj", "mlp.gate_proj", "mlp.up_proj", "self_attn.k_proj", "self_attn.o_proj",
+              "self_attn.q_proj", "self_attn.v_proj"],
+    "gpt2": ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"],
+    "bert": ["attention.output.dense", "attention.self.key", "attention.self.query", "attention.self.value",
+             "intermediate.dense", "output.dense"],
+}
 
 
 def lora_gm(arch: str, task: str):
@@ -67,15 +75,23 @@ def test_blocks_are_modules_at_their_own_paths_holding_the_same_tensors(arch, ta
     layout = outline_blocks(gm)
 
     assert layout.refused is None and layout.paths == CASES[arch, task] and layout.edges == EDGES[arch, task]
+    assert layout.parts == [f"{path}.{part}" for path in layout.paths for part in PARTS[arch]]
     assert tensors(gm) == before  # names, order and objects: one owner per tensor
     graphs = [name for name, m in gm.named_modules() if isinstance(m, fx.GraphModule) and m is not gm]
     assert sorted(graphs) == sorted(layout.units)
     calls = [n.target for n in gm.graph.find_nodes(op="call_module")]
-    assert sorted(calls) == sorted(layout.units)
+    assert sorted(calls) == sorted(layout.paths + layout.edges)
     for path in layout.paths:
-        inside = {f"{path}.{name}" for name, p in gm.get_submodule(path).named_parameters() if p.requires_grad}
+        block = gm.get_submodule(path)
+        inside = {f"{path}.{name}" for name, p in block.named_parameters() if p.requires_grad}
         assert inside == {name for name in gm.info.trainable if name.startswith(path + ".")}
         assert any(".lora_A." in name for name in inside) and any(".lora_B." in name for name in inside)
+        assert sorted(n.target for n in block.graph.find_nodes(op="call_module")) == PARTS[arch]
+        assert not any(n.target.startswith(tuple(p + "." for p in PARTS[arch]))
+                       for n in block.graph.find_nodes(op="get_attr"))  # each part reads its tensors itself
+    for part in layout.parts:  # LoRA's tensors inside the projection they adapt
+        names = {name for name, _ in gm.get_submodule(part).named_parameters()}
+        assert {"lora_A.weight", "lora_B.weight"} <= names if part.endswith(LORA_ON[arch]) else names <= {"weight", "bias"}
     assert not any(n.op == "get_attr" and n.target.startswith(tuple(p + "." for p in layout.units))
                    for n in gm.graph.nodes)  # the units read their tensors themselves
 
@@ -162,3 +178,21 @@ def test_a_graph_that_cannot_be_split_is_refused_with_the_reason_and_left_as_it_
     assert layout.paths == [] and reason in layout.refused
     assert gm.code == code and tensors(gm) == before
     assert not any(isinstance(m, fx.GraphModule) for m in gm.modules() if m is not gm)
+
+
+def test_a_projection_interleaved_with_another_stays_in_its_block():
+    """A call inside q_proj's LoRA branch claiming to be k_proj's: neither is a part of block 0, which runs them
+    itself; block 1 keeps all its parts, and the outputs are the flat graph's."""
+    flat = lora_gm("llama", "causal-lm")
+    gm = copy.deepcopy(flat)
+    lora_call = next(n for n in gm.graph.nodes if module_path(n) == "model.layers.0.self_attn.q_proj"
+                     and any(a.op == "get_attr" and ".lora_A." in a.target for a in n.all_input_nodes))
+    lora_call.meta["nn_module_stack"] = {**lora_call.meta["nn_module_stack"],
+                                         "moved": ("model.layers.0.self_attn.k_proj", torch.nn.Module)}
+    layout = outline_blocks(gm)
+    kept = [p for p in PARTS["llama"] if not p.endswith(("q_proj", "k_proj"))]
+    assert layout.parts == [f"model.layers.0.{p}" for p in kept] + [f"model.layers.1.{p}" for p in PARTS["llama"]]
+    inputs = fresh_inputs()
+    expected, got = outputs(flat, inputs), outputs(gm, inputs)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], atol=0, rtol=0)

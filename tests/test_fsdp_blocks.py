@@ -18,6 +18,7 @@ from torch.distributed.tensor import DTensor
 
 import rewrite
 from rewrite.graph.params import apply_trainable
+from rewrite.graph.query import block_of
 from rewrite.training.batches import eval_mode
 from rewrite.training import distributed
 from rewrite.training.train import TrainConfig
@@ -37,6 +38,7 @@ UNEVEN_VOCAB = 129  # 65 + 64 rows on 2 ranks, 33 + 33 + 33 + 30 on 4
 VOCABULARY = {"llama": ["model.embed_tokens", "lm_head"], "qwen2": ["model.embed_tokens", "lm_head"],
               "gpt2": [], "bert": []}  # GPT-2's and BERT's word embeddings are tied to their heads: FSDP gathers them
 FOUR = ["llama", "qwen2-uneven"]  # also trained on 4 ranks
+PARTS = {"llama": 7, "qwen2": 7, "gpt2": 4, "bert": 6}  # the projections of a block, each a unit of its own
 
 
 def dropout_free_graph(case: str):
@@ -110,30 +112,49 @@ def evaluated(gm, task: str, rows: slice, bf16: bool = False) -> torch.Tensor:
         return gm(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
 
 
-def watch_gathering(gm, paths: list[str]) -> list[bool]:
-    """Per unit call: whether its parameters were gathered and every other unit's sharded."""
+def own_parameters(gm, paths: list[str]) -> dict[str, list[str]]:
+    """Each unit's parameter names, those of the units nested in it (a block's projections) aside."""
+    owned = {path: [] for path in paths}
+    for name, _ in gm.named_parameters():
+        owner = max((path for path in paths if name.startswith(path + ".")), key=len, default=None)
+        if owner is not None:
+            owned[owner].append(name)
+    return owned
+
+
+def watch_gathering(gm, paths: list[str]) -> list[tuple[str, bool, list[str]]]:
+    """Per unit call: the unit, whether its parameters were gathered, and the other units gathered then, but those it lies in
+    (a block's norms while one of its projections runs)."""
     seen = []
-    blocks = {path: gm.get_submodule(path) for path in paths}
+    owned = own_parameters(gm, paths)
 
     def check(path):
         def hook(module, args):
-            gathered = not any(isinstance(p, DTensor) for p in module.parameters())
-            others = all(isinstance(p, DTensor) for other, block in blocks.items() if other != path
-                         for p in block.parameters())
-            seen.append(gathered and others)
+            gathered = {other for other in paths if not any(isinstance(gm.get_parameter(name), DTensor)
+                                                             for name in owned[other])}
+            around = {other for other in paths if path.startswith(other + ".")}
+            seen.append((path, path in gathered, sorted(gathered - around - {path})))
         return hook
 
-    for path, block in blocks.items():
-        block.register_forward_pre_hook(check(path))
+    for path in paths:
+        gm.get_submodule(path).register_forward_pre_hook(check(path))
     return seen
+
+
+def gathered_alone(seen: list[tuple[str, bool, list[str]]], checkpointed: bool = False) -> bool:
+    """Whether each unit call ran gathered with every other unit sharded. FSDP does not reshard a unit after a
+    forward recomputed in the backward (it does after the unit's backward), so a checkpointed block's projections
+    stay gathered together while it recomputes: there, other units of the same block may be gathered."""
+    return all(gathered and (not others or checkpointed and all(block_of(other) == block_of(path) for other in others))
+               for path, gathered, others in seen)
 
 
 def watch_dtypes(gm, paths: list[str]) -> set[torch.dtype]:
     """The dtypes of the parameters the units run with."""
     dtypes = set()
-    for path in paths:
+    for path, names in own_parameters(gm, paths).items():
         gm.get_submodule(path).register_forward_pre_hook(
-            lambda module, args: dtypes.update(p.dtype for p in module.parameters()))
+            lambda module, args, names=names: dtypes.update(gm.get_parameter(name).dtype for name in names))
     return dtypes
 
 
@@ -181,7 +202,7 @@ def rank_main(rank: int, port: int, out: str, world: int, cases: list[str]) -> N
         share = BATCH // world
         bf16 = SHARDING.get(case, {}).get("bf16", False)
         results[case] = {**train(gm, task, slice(rank * share, (rank + 1) * share), world, bf16), "paths": layout.paths,
-                         "edges": layout.edges, "vocabulary": layout.vocabulary, "rows": ctx.gather(rows),
+                         "parts": layout.parts, "edges": layout.edges, "vocabulary": layout.vocabulary, "rows": ctx.gather(rows),
                          "units": len(distributed.units(gm)), "seen": list(seen), "dtypes": dtypes,
                          "packed": ctx.gather({name: (tuple(gm.get_parameter(name).to_local().shape),
                                                       tuple(gm.get_parameter(name).shape)) for name in layout.packed}),
@@ -226,10 +247,12 @@ def row_shards(case: str, world: int) -> list[tuple[int, int]]:
 def assert_trains_like_one_process(got: dict, case: str, world: int) -> None:
     vocabulary = VOCABULARY[case.split("-")[0]]
     assert got["vocabulary"] == vocabulary
-    units = BLOCKS + len(got["edges"]) - len(vocabulary)
+    units = BLOCKS + len(got["parts"]) + len(got["edges"]) - len(vocabulary)
     assert got["units"] == units + 1 and len(got["paths"]) == BLOCKS and got["edges"] and not got["warnings"]
-    recomputed = BLOCKS if SHARDING.get(case, {}).get("checkpoint") else 0
-    assert len(got["seen"]) == STEPS * (units + recomputed) and all(got["seen"])  # gathered one unit at a time
+    assert len(got["parts"]) == BLOCKS * PARTS[case.split("-")[0]]  # each projection a unit inside its block's
+    checkpointed = SHARDING.get(case, {}).get("checkpoint", False)
+    recomputed = BLOCKS + len(got["parts"]) if checkpointed else 0
+    assert len(got["seen"]) == STEPS * (units + recomputed) and gathered_alone(got["seen"], checkpointed)
     assert got["rows"] == [[[shape]] * STEPS * len(vocabulary) for shape in row_shards(case, world)]  # never gathered
     quantized = case.endswith(("-nf4", "-int4"))
     assert got["dtypes"] == ({torch.float32, torch.uint8} if quantized else {torch.float32}) and got["unchanged"]
@@ -245,7 +268,7 @@ def assert_trains_like_one_process(got: dict, case: str, world: int) -> None:
             torch.testing.assert_close(grads[name], reference[name], atol=1e-5, rtol=0, msg=f"step {step} {name}")
     for name, weight in expected["weights"].items():
         torch.testing.assert_close(got["weights"][name], weight, atol=1e-5, rtol=0)
-    assert len(got["eval_seen"]) == units and all(got["eval_seen"])  # evaluation gathers one unit at a time too
+    assert len(got["eval_seen"]) == units and gathered_alone(got["eval_seen"])  # one unit at a time in eval too
     trained = dropout_free_graph(case)
     with torch.no_grad():
         for name, weight in got["weights"].items():
@@ -284,7 +307,7 @@ def test_a_graph_that_cannot_be_outlined_is_one_unit_and_says_why(sharded_runs):
 @pytest.mark.slow
 def test_bf16_fsdp_gathers_and_computes_in_bf16_and_keeps_fp32_shards(sharded_runs):
     got = sharded_runs["llama-bf16"]
-    assert got["dtypes"] == {torch.bfloat16} and all(got["seen"]) and got["vocabulary"] == VOCABULARY["llama"]
+    assert got["dtypes"] == {torch.bfloat16} and gathered_alone(got["seen"]) and got["vocabulary"] == VOCABULARY["llama"]
     expected = train(dropout_free_graph("llama-bf16"), "causal-lm", slice(0, BATCH), 1)  # fp32
     assert all(weight.dtype == torch.float32 for weight in got["weights"].values())
     torch.testing.assert_close(got["losses"], expected["losses"], atol=2e-2, rtol=0)

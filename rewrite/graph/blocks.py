@@ -18,6 +18,12 @@ The modules outside the blocks that own tensors only their own calls read, in on
 embeddings, the final norm, an untied LM head), are outlined the same way as edge units: FSDP then gathers
 a 32k-vocabulary embedding or head, bigger than a block, only while it runs, not for the whole step.
 A module that fails a test (a tensor tied to another module, calls interleaved) stays in the root.
+
+Inside each block, each projection (its weight and the adapter tensors under it: LoRA's A and B) is outlined the
+same way into a part of the block, for FSDP a unit nested in the block's: FSDP gathers a unit into a buffer and then
+copies it out, so a unit costs twice its size while it is gathered; a block's largest projection is a third of it
+(LLaMA's MLP) or less. A projection whose calls interleave with another's, or whose tensors are read elsewhere in
+the block, stays in the block.
 """
 from __future__ import annotations
 
@@ -28,7 +34,7 @@ from torch import fx, nn
 
 from rewrite.graph.ir import RewriteGraph, deep_copy, info, owner_of, wrap
 from rewrite.graph.outline import outline_module
-from rewrite.graph.query import block_of, module_path
+from rewrite.graph.query import GraphQuery, block_of, module_path
 
 
 @dataclass
@@ -152,14 +158,16 @@ class BlockLayout:
     flat: fx.Graph
     paths: list[str] = field(default_factory=list)
     edges: list[str] = field(default_factory=list)
+    parts: list[str] = field(default_factory=list)  # the projections outlined inside the blocks
     refused: str | None = None
     vocabulary: list[str] = field(default_factory=list)  # edge units whose rows FSDP leaves to each rank
     packed: list[str] = field(default_factory=list)  # packed weights (buffers) FSDP shards as frozen parameters
 
     @property
     def units(self) -> list[str]:
-        """Every outlined module but the vocabulary-parallel ones, blocks first: FSDP's units below the root."""
-        return [*self.paths, *(path for path in self.edges if path not in self.vocabulary)]
+        """Every outlined module but the vocabulary-parallel ones, the parts of blocks before the blocks (FSDP shards
+        an inner unit before the unit around it), then the edge units: FSDP's units below the root."""
+        return [*self.parts, *self.paths, *(path for path in self.edges if path not in self.vocabulary)]
 
     def gathered_twin(self, gm: fx.GraphModule, full: dict[str, torch.Tensor]) -> RewriteGraph:
         """The flat graph in eval mode over the tensors `full` names (a sharded `gm`'s parameters gathered whole
@@ -194,4 +202,39 @@ def outline_blocks(gm: fx.GraphModule, checkpointed: bool = False) -> BlockLayou
         outline_module(gm, path, nodes, checkpointed and block_of(path) is not None)
     gm.graph.lint()
     gm.recompile()
-    return BlockLayout(flat, [p for p in plan if block_of(p) is not None], [p for p in plan if block_of(p) is None])
+    paths = [p for p in plan if block_of(p) is not None]
+    parts = [f"{path}.{part}" for path in paths for part in outline_parts(gm.get_submodule(path), path)]
+    return BlockLayout(flat, paths, [p for p in plan if block_of(p) is None], parts)
+
+
+def outline_parts(block: fx.GraphModule, path: str) -> list[str]:
+    """Outlines each projection of block `path` that can be (the module docstring) into a part of the block, in
+    place; their paths inside the block."""
+    plan = _plan_parts(block, path)
+    for part, nodes in plan.items():
+        outline_module(block, part, nodes)
+    block.graph.lint()
+    block.recompile()
+    return list(plan)
+
+
+def _plan_parts(block: fx.GraphModule, path: str) -> dict[str, list[fx.Node]]:
+    """Each outlinable projection module's nodes (its get_attrs, then its stretch of calls), by its path inside
+    the block: the modules holding a projection's weight, not inside another one (LoRA's A and B are inside theirs)."""
+    holders = {p.weight.rpartition(".")[0] for p in GraphQuery(block).projections}
+    holders = sorted(h for h in holders if h and not any(h.startswith(o + ".") for o in holders))
+    calls = [n for n in block.graph.nodes if n.op == "call_function"]
+    owner = [next((h for h in holders if _under(module_path(n) or "", f"{path}.{h}")), None) for n in calls]
+    attrs = list(block.graph.find_nodes(op="get_attr"))
+    named = [*block.named_parameters(remove_duplicate=False), *block.named_buffers(remove_duplicate=False)]
+    plan = {}
+    for holder in holders:
+        inside = [i for i, o in enumerate(owner) if o == holder]
+        if not inside or set(owner[inside[0]:inside[-1] + 1]) - {holder, None}:
+            continue  # no calls, or another projection's interleaved
+        stretch = calls[inside[0]:inside[-1] + 1]
+        mine = [n for n in attrs if n.target.startswith(holder + ".")]
+        read_elsewhere = {n.target for n in attrs if n.users and n not in mine}
+        if all(u in set(stretch) for n in mine for u in n.users) and _owns_alone(named, holder, read_elsewhere):
+            plan[holder] = mine + stretch
+    return plan

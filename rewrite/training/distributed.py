@@ -5,10 +5,12 @@ Under `torchrun` (WORLD_SIZE > 1 in the environment) `setup` joins the process g
 CUDA, gloo on CPU) unless the caller already did; each rank trains on its own GPU (LOCAL_RANK) or
 on the CPU. Gradients are averaged by DistributedDataParallel, or, with `shard`, the graph is sharded
 in place with FSDP2's `fully_shard`: outlined into one module per transformer block
-(`rewrite.graph.blocks`), each block is a unit gathered only while it runs forward or backward, so are
-the embeddings, final norm and an untied head, and the root (what is left: tied tensors) is one more;
-a frozen, untied word embedding and LM head are never gathered: each rank keeps its rows of the table
-(`rewrite.training.vocab_parallel`); a graph that cannot be outlined is one unit, gathered whole for every step. Checkpoints hold each rank's shards of the trainable parameters and the
+(`rewrite.graph.blocks`), each block is a unit gathered only while it runs forward or backward, and each of its
+projections (with its adapter tensors) a unit nested in it, so a rank holds one projection gathered at a time, not
+a whole block; so are the embeddings, final norm and an untied head, and the root (what is left: tied tensors) is
+one more. A frozen, untied word embedding and LM head are never gathered: each rank keeps its rows of the table
+(`rewrite.training.vocab_parallel`). A graph that cannot be outlined is one unit, gathered whole for every step.
+Checkpoints hold each rank's shards of the trainable parameters and the
 optimizer state (`save_shards`, `load_shards`: `torch.distributed.checkpoint`, which a single process
 uses without a process group), and load on any number of ranks.
 """
@@ -134,8 +136,9 @@ def wrap(module: nn.Module, ctx: Context) -> nn.Module:
 
 def shard(gm: fx.GraphModule, ctx: Context, *, checkpoint: bool = False, bf16: bool = False,
           offload: bool = False) -> BlockLayout:
-    """Shards `gm` in place over all ranks with FSDP2: each transformer block a unit, each edge unit
-    (embeddings, final norm, untied LM head: `rewrite.graph.blocks`), then the root; one unit when the
+    """Shards `gm` in place over all ranks with FSDP2: each projection of a transformer block a unit, each block
+    a unit around them (its norms), each edge unit (embeddings, final norm, untied LM head: `rewrite.graph.blocks`),
+    then the root; one unit when the
     graph cannot be outlined per block (logged with the reason). A frozen word embedding or LM head edge
     unit keeps its rows on each rank instead (`layout.vocabulary`), FSDP leaving them alone. `checkpoint` recomputes each block's
     activations in the backward; `bf16` gathers and computes in bf16 and reduces gradients in fp32 (the
@@ -156,11 +159,13 @@ def shard(gm: fx.GraphModule, ctx: Context, *, checkpoint: bool = False, bf16: b
                     " and without activation checkpointing" if checkpoint else "", layout.refused)
     rows = _shard_vocabulary(gm, layout, tables, mesh, ctx.device, torch.bfloat16 if bf16 else None)
     layout.packed = _packed_as_parameters(gm)
-    policies = {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)} if bf16 else {}
+    policies = {"mp_policy": _bf16(cast_inputs=True)} if bf16 else {}
     if offload:
         policies["offload_policy"] = CPUOffloadPolicy()
     for path in layout.units:
-        fully_shard(gm.get_submodule(path), mesh=mesh, **policies)
+        # a block's projections take their inputs as the block computed them, as they did unsharded
+        part = {"mp_policy": _bf16(cast_inputs=False)} if bf16 and path in layout.parts else {}
+        fully_shard(gm.get_submodule(path), mesh=mesh, **policies | part)
     fully_shard(gm, mesh=mesh, ignored_params=rows, **policies)
     if ctx.device.type == "cpu":
         # FSDP keeps each unit's all-gather buffer in the forward until the next unit's copy-out, for a CUDA copy
@@ -168,6 +173,11 @@ def shard(gm: fx.GraphModule, ctx: Context, *, checkpoint: bool = False, bf16: b
         # one process: 2 ranks 0.69x -> 0.68x, 4 ranks 0.42x -> 0.38x)
         gm._set_unshard_async_op(True)
     return layout
+
+
+def _bf16(cast_inputs: bool) -> MixedPrecisionPolicy:
+    """Gathered and run in bf16, gradients reduced in fp32; `cast_inputs`: the unit's floating inputs cast to bf16."""
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=cast_inputs)
 
 
 def _shard_vocabulary(gm: fx.GraphModule, layout: BlockLayout, tables: set[str], mesh, device: torch.device,
