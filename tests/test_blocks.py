@@ -91,7 +91,8 @@ def test_blocks_are_modules_at_their_own_paths_holding_the_same_tensors(arch, ta
                        for n in block.graph.find_nodes(op="get_attr"))  # each part reads its tensors itself
     for part in layout.parts:  # LoRA's tensors inside the projection they adapt
         names = {name for name, _ in gm.get_submodule(part).named_parameters()}
-        assert {"lora_A.weight", "lora_B.weight"} <= names if part.endswith(LORA_ON[arch]) else names <= {"weight", "bias"}
+        adapted = part.endswith(LORA_ON[arch])
+        assert {"lora_A.weight", "lora_B.weight"} <= names if adapted else names <= {"weight", "bias"}
     assert not any(n.op == "get_attr" and n.target.startswith(tuple(p + "." for p in layout.units))
                    for n in gm.graph.nodes)  # the units read their tensors themselves
 

@@ -123,8 +123,8 @@ def own_parameters(gm, paths: list[str]) -> dict[str, list[str]]:
 
 
 def watch_gathering(gm, paths: list[str]) -> list[tuple[str, bool, list[str]]]:
-    """Per unit call: the unit, whether its parameters were gathered, and the other units gathered then, but those it lies in
-    (a block's norms while one of its projections runs)."""
+    """Per unit call: the unit, whether its parameters were gathered, and the other units gathered then, but those it
+    lies in (a block's norms while one of its projections runs)."""
     seen = []
     owned = own_parameters(gm, paths)
 
@@ -202,7 +202,8 @@ def rank_main(rank: int, port: int, out: str, world: int, cases: list[str]) -> N
         share = BATCH // world
         bf16 = SHARDING.get(case, {}).get("bf16", False)
         results[case] = {**train(gm, task, slice(rank * share, (rank + 1) * share), world, bf16), "paths": layout.paths,
-                         "parts": layout.parts, "edges": layout.edges, "vocabulary": layout.vocabulary, "rows": ctx.gather(rows),
+                         "parts": layout.parts, "edges": layout.edges, "vocabulary": layout.vocabulary,
+                         "rows": ctx.gather(rows),
                          "units": len(distributed.units(gm)), "seen": list(seen), "dtypes": dtypes,
                          "packed": ctx.gather({name: (tuple(gm.get_parameter(name).to_local().shape),
                                                       tuple(gm.get_parameter(name).shape)) for name in layout.packed}),
@@ -307,7 +308,8 @@ def test_a_graph_that_cannot_be_outlined_is_one_unit_and_says_why(sharded_runs):
 @pytest.mark.slow
 def test_bf16_fsdp_gathers_and_computes_in_bf16_and_keeps_fp32_shards(sharded_runs):
     got = sharded_runs["llama-bf16"]
-    assert got["dtypes"] == {torch.bfloat16} and gathered_alone(got["seen"]) and got["vocabulary"] == VOCABULARY["llama"]
+    assert got["dtypes"] == {torch.bfloat16} and gathered_alone(got["seen"])
+    assert got["vocabulary"] == VOCABULARY["llama"]
     expected = train(dropout_free_graph("llama-bf16"), "causal-lm", slice(0, BATCH), 1)  # fp32
     assert all(weight.dtype == torch.float32 for weight in got["weights"].values())
     torch.testing.assert_close(got["losses"], expected["losses"], atol=2e-2, rtol=0)

@@ -42,9 +42,9 @@
 - Under `torchrun`, each rank trains on its share of every global batch (DistributedDataParallel,
   gloo on CPU, NCCL on GPU); rank 0 writes files, and every rank its shards of each checkpoint. With
   `fsdp=True` (refused in a single process) the graph is sharded in place with FSDP2 instead, one unit
-  per transformer block, embeddings and head (a frozen untied word embedding and head: rows per rank,
-  never gathered), and one for the rest (`rewrite.training.distributed.shard`;
-  `checkpoint` recomputes each block, bf16 gathers in bf16); it stays sharded, outlined per block and an FSDP module in
+  per transformer block (one per projection inside it), embeddings and head (a frozen untied word embedding and
+  head: rows per rank, never gathered), and one for the rest (`rewrite.training.distributed.shard`; `checkpoint`
+  recomputes each block, bf16 gathers in bf16); it stays sharded, outlined per block and an FSDP module in
   train mode (use it inside the process group, or load `model.pt2`, which rank 0 writes whole).
 - `train` seeds torch's global RNG with `seed + rank` (dropout draws from it); the data order and
   masked-LM masks come from generators seeded by `(seed, epoch)` and `(seed, step, example)`, the same on
