@@ -40,7 +40,7 @@ def _blocks(graph: fx.Graph) -> dict[str, list[fx.Node]]:
 @dataclass
 class CheckpointPass(Pass):
     name = "checkpoint"
-    speed = SpeedPass(default=False, last=True)  # it outlines whole blocks as the others left them
+    speed = SpeedPass(default=False, last=True, outlines=True)  # it outlines whole blocks as the others left them
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         gm = graph_module

@@ -108,7 +108,7 @@ def _outline_recipe(gm: fx.GraphModule, recipe: list[fx.Node], projections: list
 @dataclass
 class RecomputeInputPass(Pass):
     name = "recompute_input"
-    speed = SpeedPass(after=("fused_lora",))  # it recomputes fused A projections too
+    speed = SpeedPass(after=("fused_lora",), outlines=True)  # it recomputes fused A projections too
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         gm = graph_module

@@ -20,7 +20,7 @@ import rewrite
 from rewrite.graph.params import apply_trainable
 from rewrite.graph.query import block_of
 from rewrite.training.batches import eval_mode
-from rewrite.training import distributed
+from rewrite.training import distributed, speed
 from rewrite.training.train import TrainConfig
 
 from conftest import TASK_CLASSES, TINY_VOCAB, tiny_config
@@ -31,8 +31,10 @@ STEPS = 20
 BATCH, SEQ = 4, 12  # global; each rank takes BATCH // WORLD rows
 CASES = {"llama": "causal-lm", "gpt2": "causal-lm", "bert": "masked-lm", "llama-tied": "causal-lm",
          "llama-checkpoint": "causal-lm", "llama-bf16": "causal-lm", "qwen2": "causal-lm",
-         "qwen2-uneven": "causal-lm", "llama-nf4": "causal-lm", "gpt2-int4": "causal-lm"}
+         "qwen2-uneven": "causal-lm", "llama-nf4": "causal-lm", "gpt2-int4": "causal-lm", "llama-speed": "causal-lm",
+         "bert-speed": "masked-lm"}
 SHARDING = {"llama-checkpoint": {"checkpoint": True}, "llama-bf16": {"bf16": True}}  # distributed.shard's options
+SPEED = speed.resolve(None, dropout_parity=False, custom_loss=False, sharded=True)  # what `-speed` cases run
 BLOCKS = 2
 UNEVEN_VOCAB = 129  # 65 + 64 rows on 2 ranks, 33 + 33 + 33 + 30 on 4
 VOCABULARY = {"llama": ["model.embed_tokens", "lm_head"], "qwen2": ["model.embed_tokens", "lm_head"],
@@ -196,7 +198,10 @@ def rank_main(rank: int, port: int, out: str, world: int, cases: list[str]) -> N
         warnings.clear()
         task = CASES[case]
         gm = dropout_free_graph(case)
-        layout = distributed.shard(gm, ctx, **SHARDING.get(case, {}))
+        before = gm.code
+        flat = speed.rewrite_in_place(gm, SPEED if case.endswith("-speed") else [])
+        rewritten = gm.code != before
+        layout = distributed.shard(gm, ctx, **SHARDING.get(case, {}), flat=flat)
         seen, dtypes = watch_gathering(gm, layout.units), watch_dtypes(gm, layout.units)
         rows = watch_rows(gm, layout.vocabulary)
         share = BATCH // world
@@ -207,7 +212,8 @@ def rank_main(rank: int, port: int, out: str, world: int, cases: list[str]) -> N
                          "units": len(distributed.units(gm)), "seen": list(seen), "dtypes": dtypes,
                          "packed": ctx.gather({name: (tuple(gm.get_parameter(name).to_local().shape),
                                                       tuple(gm.get_parameter(name).shape)) for name in layout.packed}),
-                         "warnings": list(warnings), "unchanged": unchanged_base(gm, layout, case)}
+                         "warnings": list(warnings), "unchanged": unchanged_base(gm, layout, case),
+                         "rewritten": rewritten}
         results[case]["eval_logits"] = evaluated(gm, task, slice(rank * share, (rank + 1) * share), bf16)
         results[case]["eval_seen"] = seen[len(results[case]["seen"]):]
     if ctx.main:
@@ -250,7 +256,11 @@ def assert_trains_like_one_process(got: dict, case: str, world: int) -> None:
     assert got["vocabulary"] == vocabulary
     units = BLOCKS + len(got["parts"]) + len(got["edges"]) - len(vocabulary)
     assert got["units"] == units + 1 and len(got["paths"]) == BLOCKS and got["edges"] and not got["warnings"]
-    assert len(got["parts"]) == BLOCKS * PARTS[case.split("-")[0]]  # each projection a unit inside its block's
+    # each projection a unit inside its block's; with the speed passes, fused_lora computes q's and v's LoRA A in one
+    # product, read in q's part: v stays in its block
+    fused = 1 if case.endswith("-speed") else 0
+    assert len(got["parts"]) == BLOCKS * (PARTS[case.split("-")[0]] - fused)
+    assert got["rewritten"] == case.endswith("-speed")
     checkpointed = SHARDING.get(case, {}).get("checkpoint", False)
     recomputed = BLOCKS + len(got["parts"]) if checkpointed else 0
     assert len(got["seen"]) == STEPS * (units + recomputed) and gathered_alone(got["seen"], checkpointed)
@@ -280,11 +290,13 @@ def assert_trains_like_one_process(got: dict, case: str, world: int) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["llama", "gpt2", "bert", "llama-checkpoint", "qwen2", "qwen2-uneven", "llama-nf4",
-                                  "gpt2-int4"])
+                                  "gpt2-int4", "llama-speed", "bert-speed"])
 def test_fsdp_per_block_trains_like_one_process(sharded_runs, case):
     """Also with activation checkpointing per block: each block runs again in the backward, gathered again. LLaMA's
     and Qwen2's word embedding and head are vocabulary-parallel, also over a vocabulary 2 ranks do not divide. Over
-    a quantized base (NF4, int4), each rank holds its rows of the packed weights, gathered with their block."""
+    a quantized base (NF4, int4), each rank holds its rows of the packed weights, gathered with their block. With the
+    training-speed passes a sharded run takes, rewriting the graph before it is sharded, against one process
+    without them."""
     assert_trains_like_one_process(sharded_runs[case], case, WORLD)
 
 

@@ -199,6 +199,20 @@ def test_a_custom_loss_gets_logits_and_dropout_parity_drops_rows():
         speed.resolve(["lora"], dropout_parity=False, custom_loss=False)
 
 
+def test_a_sharded_run_takes_the_passes_that_rewrite_one_graph_within_its_blocks():
+    """FSDP shards the graph the passes rewrote, and evaluates it too: no second graph for unpadded batches, no loss
+    instead of logits, no sub-graphs outlined across blocks; named, those are refused in one sentence."""
+    assert speed.resolve(None, dropout_parity=False, custom_loss=False, checkpoint=True, sharded=True) == [
+        "rows", "fast_dropout", "gated_activation", "fused_lora"]
+    assert speed.resolve(None, dropout_parity=True, custom_loss=False, sharded=True) == [
+        "gated_activation", "fused_lora"]
+    with pytest.raises(rewrite.RewriteError, match=r"^training-speed passes chunked_loss, recompute_input cannot run "
+                                                   r"on a graph FSDP shards \(--fsdp\); use some of rows, fast_dropout, "
+                                                   r"gated_activation, fused_lora, or drop --fsdp$"):
+        speed.resolve(["fused_lora", "chunked_loss", "recompute_input"], dropout_parity=False, custom_loss=False,
+                      sharded=True)
+
+
 def test_the_speed_pipeline_is_the_passes_declarations():
     """A chosen pass brings what it needs, and every declared order holds, whatever order the run names them in."""
     assert speed.resolve(["grouped_attention"], dropout_parity=False, custom_loss=False) == [

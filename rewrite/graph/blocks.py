@@ -188,12 +188,13 @@ class BlockLayout:
         return wrap(root, deep_copy(self.flat), info(gm), training=False)
 
 
-def outline_blocks(gm: fx.GraphModule, checkpointed: bool = False) -> BlockLayout:
+def outline_blocks(gm: fx.GraphModule, checkpointed: bool = False, flat: fx.Graph | None = None) -> BlockLayout:
     """Outlines `gm` in place, one GraphModule per block at the block's own path (the module docstring
     says what is kept); when refused, `gm` is left as it was. `checkpointed` blocks recompute their
     activations in the backward (activation checkpointing per block). Switch modes before, not after,
-    sharding: the block graphs follow `gm.train()` / `gm.eval()`."""
-    flat = deep_copy(gm.graph)
+    sharding: the block graphs follow `gm.train()` / `gm.eval()`. `flat`: the graph the layout keeps as `gm`'s
+    flat form (default: `gm`'s own, copied), e.g. the graph before training-speed passes rewrote it."""
+    flat = deep_copy(gm.graph) if flat is None else flat
     try:
         plan = plan_blocks(gm)
     except Refused as refusal:

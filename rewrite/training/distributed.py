@@ -135,14 +135,15 @@ def wrap(module: nn.Module, ctx: Context) -> nn.Module:
 
 
 def shard(gm: fx.GraphModule, ctx: Context, *, checkpoint: bool = False, bf16: bool = False,
-          offload: bool = False) -> BlockLayout:
+          offload: bool = False, flat: fx.Graph | None = None) -> BlockLayout:
     """Shards `gm` in place over all ranks with FSDP2: each projection of a transformer block a unit, each block
     a unit around them (its norms), each edge unit (embeddings, final norm, untied LM head: `rewrite.graph.blocks`),
     then the root; one unit when the
     graph cannot be outlined per block (logged with the reason). A frozen word embedding or LM head edge
     unit keeps its rows on each rank instead (`layout.vocabulary`), FSDP leaving them alone. `checkpoint` recomputes each block's
     activations in the backward; `bf16` gathers and computes in bf16 and reduces gradients in fp32 (the
-    sharded parameters stay as they are); `offload` keeps the shards in CPU memory between uses. Frozen
+    sharded parameters stay as they are); `offload` keeps the shards in CPU memory between uses; `flat`: the graph
+    `gm` was before training-speed passes rewrote it (`BlockLayout.flat`, what is written). Frozen
     parameters and every other change to the graph must come before: a sharded graph is recompiled by a mode
     switch only (`rewrite.graph.modes`)."""
     mesh = init_device_mesh(ctx.device.type, (ctx.world,))  # the default mesh would follow the accelerator
@@ -153,7 +154,7 @@ def shard(gm: fx.GraphModule, ctx: Context, *, checkpoint: bool = False, bf16: b
         drop_dtype_checks(gm.graph, torch.float32)  # the capture's fp32 checks would refuse the bf16 weights
         gm.recompile()
     tables = vocab_parallel.vocabulary_tables(gm)
-    layout = outline_blocks(gm, checkpointed=checkpoint)
+    layout = outline_blocks(gm, checkpointed=checkpoint, flat=flat)
     if layout.refused:
         log.warning("FSDP shards the graph as one unit, gathered whole for every step%s: %s",
                     " and without activation checkpointing" if checkpoint else "", layout.refused)

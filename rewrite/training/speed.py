@@ -1,7 +1,9 @@
 """The graph `rewrite.training.train` steps through: a copy of the user's graph rewritten for training speed.
 
 The speed passes run on a twin of the graph that shares its parameters, so the user's graph (its
-evaluation, saved archive, fold and export) is untouched. A pass is a training-speed pass by declaring
+evaluation, saved archive, fold and export) is untouched; except under FSDP, which shards the user's graph
+itself: the passes a sharded graph can take (`shardable`) rewrite it in place first, and the graph as it was is
+kept for what the run writes. A pass is a training-speed pass by declaring
 `speed = SpeedPass(...)` on its class: whether it applies by default (the exact ones: the loss without
 full logits, LoRA A projections fused, `[CLS]`-row classifiers and cheaper CPU dropout masks, both not
 when the run keeps Hugging Face's dropout masks bit for bit) or on request (per-block activation
@@ -21,7 +23,7 @@ import networkx as nx
 import torch
 from torch import fx, nn
 
-from rewrite.graph.ir import deep_copy, info, wrap
+from rewrite.graph.ir import META_KEY, deep_copy, info, wrap
 from rewrite.errors import RewriteError
 from rewrite.graph.pipeline import Pipeline, Pass, available, pass_class
 
@@ -36,7 +38,7 @@ class SpeedPass:
     passes that run first when both run; `last`: after every other; `default`: applied unless the run says
     otherwise. Flags: it changes train-mode dropout draws (not bit-exact with Hugging Face's masks), its graph
     returns what the loss must finish (not logits, so a custom loss cannot read it), it is exact only for
-    batches without padding."""
+    batches without padding, it outlines sub-graphs recomputed in the backward (which may cut across blocks)."""
 
     default: bool = True
     needs: tuple[str, ...] = ()
@@ -45,6 +47,7 @@ class SpeedPass:
     changes_dropout: bool = False
     replaces_logits: bool = False
     unpadded_only: bool = False
+    outlines: bool = False
 
 
 def speed_of(cls: type[Pass]) -> SpeedPass | None:
@@ -120,13 +123,15 @@ def _with_needs(names: Sequence[str]) -> list[str]:
 
 
 def resolve(names: Sequence[str] | None, *, dropout_parity: bool, custom_loss: bool,
-            checkpoint: bool = False) -> list[str]:
+            checkpoint: bool = False, sharded: bool = False) -> list[str]:
     """The speed passes a run applies, in order: `names`, or by default every exact one (and the opt-in
     ones with `checkpoint`), less those that would change Hugging Face's dropout masks when
     `dropout_parity` is asked for, and those that leave the head to the built-in loss when the caller
-    brings a loss."""
+    brings a loss. A `sharded` run (FSDP) takes those that `shardable` allows: by default the others are left
+    out, asked for by name they are refused."""
     chosen = list(speed_passes() if names is None else names)
-    chosen += [name for name in speed_passes(default=False) if checkpoint and name not in chosen]
+    if not sharded:
+        chosen += [name for name in speed_passes(default=False) if checkpoint and name not in chosen]
     for name in chosen:
         if speed_of(pass_class(name)) is None:
             raise RewriteError(f"pass {name!r} is not a training-speed pass; use some of "
@@ -134,7 +139,24 @@ def resolve(names: Sequence[str] | None, *, dropout_parity: bool, custom_loss: b
     chosen = [name for name in _with_needs(chosen)
               if not (dropout_parity and speed_of(pass_class(name)).changes_dropout)
               and not (custom_loss and speed_of(pass_class(name)).replaces_logits)]
+    if sharded:
+        refused = [name for name in chosen if not shardable(name)]
+        if refused and names is not None:
+            allowed = [name for name in speed_passes() if shardable(name)]
+            raise RewriteError(f"training-speed pass{'es' if len(refused) > 1 else ''} {', '.join(refused)} cannot "
+                               f"run on a graph FSDP shards (--fsdp); use some of {', '.join(allowed)}, or drop --fsdp")
+        chosen = [name for name in chosen if shardable(name)]
     return ordered(chosen)
+
+
+def shardable(name: str) -> bool:
+    """Whether the speed pass `name` can rewrite a graph that FSDP then shards in place: FSDP shards one graph, which
+    evaluation runs too, so not a pass that needs a second graph (`unpadded_only`) or that leaves the logits to the
+    loss; and not one that outlines sub-graphs, which per-block sharding must leave inside the blocks (a norm of one
+    block recomputed in the next; activation checkpointing is FSDP's `checkpoint`, per block)."""
+    declared = speed_of(pass_class(name))
+    return (not declared.replaces_logits and not declared.outlines
+            and not any(speed_of(pass_class(n)).unpadded_only for n in (name, *declared.needs)))
 
 
 def twin(gm: fx.GraphModule, names: Sequence[str]) -> fx.GraphModule:
@@ -146,6 +168,18 @@ def twin(gm: fx.GraphModule, names: Sequence[str]) -> fx.GraphModule:
         with _quiet():
             copied = Pipeline(list(names)).run(copied)
     return copied
+
+
+def rewrite_in_place(gm: fx.GraphModule, names: Sequence[str]) -> fx.Graph:
+    """Rewrites `gm` itself by the speed passes `names` (a sharded run: FSDP shards `gm` in place, so no twin shares
+    its parameters); returns its graph as it was, what the run writes, and keeps its metadata as it was."""
+    flat, meta = deep_copy(gm.graph), dataclasses.replace(info(gm), history=list(info(gm).history))
+    if names:
+        with _quiet():
+            rewritten = Pipeline(list(names)).run(gm)
+        assert rewritten is gm, "a training-speed pass replaced the graph module instead of rewriting it"
+        gm.meta[META_KEY] = meta
+    return flat
 
 
 def graphs(gm: fx.GraphModule, names: Sequence[str], compile: bool = False) -> Graphs:

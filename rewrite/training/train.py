@@ -44,7 +44,8 @@
   `fsdp=True` (refused in a single process) the graph is sharded in place with FSDP2 instead, one unit
   per transformer block (one per projection inside it), embeddings and head (a frozen untied word embedding and
   head: rows per rank, never gathered), and one for the rest (`rewrite.training.distributed.shard`; `checkpoint`
-  recomputes each block, bf16 gathers in bf16); it stays sharded, outlined per block and an FSDP module in
+  recomputes each block, bf16 gathers in bf16), rewritten first by the training-speed passes a sharded graph
+  can take (`rewrite.training.speed.shardable`); it stays so, sharded, outlined per block and an FSDP module in
   train mode (use it inside the process group, or load `model.pt2`, which rank 0 writes whole).
 - `train` seeds torch's global RNG with `seed + rank` (dropout draws from it); the data order and
   masked-LM masks come from generators seeded by `(seed, epoch)` and `(seed, step, example)`, the same on
@@ -328,15 +329,17 @@ class _Run:
         if not config.fsdp:  # FSDP moves each unit to the device as it shards it: never the whole model at once
             self.gm.to(ctx.device)
         _freeze_base(self.gm, master_fp32=self.objective.bf16)
-        if config.fsdp:  # FSDP shards the graph itself in place: no speed twin
+        passes = speed.resolve(config.speed_passes, dropout_parity=config.dropout_parity,
+                               custom_loss=self.objective.loss_fn is not None, checkpoint=config.checkpoint,
+                               sharded=config.fsdp)
+        if config.fsdp:  # FSDP shards the graph itself in place: the speed passes rewrite it, no twin
+            flat = speed.rewrite_in_place(self.gm, passes)
             self.layout = distributed.shard(self.gm, ctx, checkpoint=config.checkpoint, bf16=self.objective.bf16,
-                                            offload=config.fsdp_offload)
+                                            offload=config.fsdp_offload, flat=flat)
             self.head, wrapped = None, self.gm
         else:
             self.layout = None
-            graphs = speed.graphs(self.gm, speed.resolve(
-                config.speed_passes, dropout_parity=config.dropout_parity,
-                custom_loss=self.objective.loss_fn is not None, checkpoint=config.checkpoint), compile=config.compile)
+            graphs = speed.graphs(self.gm, passes, compile=config.compile)
             self.head, wrapped = head_of(graphs.general), distributed.wrap(graphs, ctx)
         self.sharded = distributed.sharded(self.gm)
         self.named = [(name, self.gm.get_parameter(name)) for name in info(self.gm).trainable]
