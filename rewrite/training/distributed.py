@@ -10,9 +10,9 @@ projections (with its adapter tensors) a unit nested in it, so a rank holds one 
 a whole block; so are the embeddings, final norm and an untied head, and the root (what is left: tied tensors) is
 one more. A frozen, untied word embedding and LM head are never gathered: each rank keeps its rows of the table
 (`rewrite.training.vocab_parallel`). A graph that cannot be outlined is one unit, gathered whole for every step.
-Checkpoints hold each rank's shards of the trainable parameters and the
-optimizer state (`save_shards`, `load_shards`: `torch.distributed.checkpoint`, which a single process
-uses without a process group), and load on any number of ranks.
+Checkpoints hold each rank's shards of the trainable parameters and the optimizer state (`save_shards`,
+`load_shards`: `torch.distributed.checkpoint`, which a single process uses without a process group), and load on
+any number of ranks.
 """
 from __future__ import annotations
 
@@ -136,16 +136,15 @@ def wrap(module: nn.Module, ctx: Context) -> nn.Module:
 
 def shard(gm: fx.GraphModule, ctx: Context, *, checkpoint: bool = False, bf16: bool = False,
           offload: bool = False, flat: fx.Graph | None = None) -> BlockLayout:
-    """Shards `gm` in place over all ranks with FSDP2: each projection of a transformer block a unit, each block
-    a unit around them (its norms), each edge unit (embeddings, final norm, untied LM head: `rewrite.graph.blocks`),
-    then the root; one unit when the
-    graph cannot be outlined per block (logged with the reason). A frozen word embedding or LM head edge
-    unit keeps its rows on each rank instead (`layout.vocabulary`), FSDP leaving them alone. `checkpoint` recomputes each block's
-    activations in the backward; `bf16` gathers and computes in bf16 and reduces gradients in fp32 (the
-    sharded parameters stay as they are); `offload` keeps the shards in CPU memory between uses; `flat`: the graph
-    `gm` was before training-speed passes rewrote it (`BlockLayout.flat`, what is written). Frozen
-    parameters and every other change to the graph must come before: a sharded graph is recompiled by a mode
-    switch only (`rewrite.graph.modes`)."""
+    """Shards `gm` in place over all ranks with FSDP2: each projection of a transformer block a unit, each block a unit
+    around them (its norms), each edge unit (embeddings, final norm, untied LM head: `rewrite.graph.blocks`), then
+    the root; one unit when the graph cannot be outlined per block (logged with the reason). A frozen word embedding
+    or LM head edge unit keeps its rows on each rank instead (`layout.vocabulary`), FSDP leaving them alone.
+    `checkpoint` recomputes each block's activations in the backward; `bf16` gathers and computes in bf16 and
+    reduces gradients in fp32 (the sharded parameters stay as they are); `offload` keeps the shards in CPU memory
+    between uses; `flat`: the graph `gm` was before training-speed passes rewrote it (`BlockLayout.flat`, what is
+    written). Frozen parameters and every other change to the graph must come before: a sharded graph is recompiled
+    by a mode switch only (`rewrite.graph.modes`)."""
     mesh = init_device_mesh(ctx.device.type, (ctx.world,))  # the default mesh would follow the accelerator
     # what loading left in reference cycles (a Hugging Face model's modules) may still hold the full weights: freed
     # first, so each weight's mapping, and the pages this rank read of it, go as FSDP replaces it by its shard

@@ -161,19 +161,22 @@ def shardable(name: str) -> bool:
 
 def twin(gm: fx.GraphModule, names: Sequence[str]) -> fx.GraphModule:
     """A train-mode copy of `gm` (same parameters, own metadata) rewritten by the passes `names`."""
-    graph = deep_copy(gm.graph)
-    meta = dataclasses.replace(info(gm), history=list(info(gm).history))
-    copied = wrap(gm, graph, meta, training=True)
+    copied = wrap(gm, deep_copy(gm.graph), _own_meta(gm), training=True)
     if names:
         with _quiet():
             copied = Pipeline(list(names)).run(copied)
     return copied
 
 
+def _own_meta(gm: fx.GraphModule):
+    """A copy of `gm`'s metadata with its own pass history, which the speed passes append to."""
+    return dataclasses.replace(info(gm), history=list(info(gm).history))
+
+
 def rewrite_in_place(gm: fx.GraphModule, names: Sequence[str]) -> fx.Graph:
     """Rewrites `gm` itself by the speed passes `names` (a sharded run: FSDP shards `gm` in place, so no twin shares
     its parameters); returns its graph as it was, what the run writes, and keeps its metadata as it was."""
-    flat, meta = deep_copy(gm.graph), dataclasses.replace(info(gm), history=list(info(gm).history))
+    flat, meta = deep_copy(gm.graph), _own_meta(gm)
     if names:
         with _quiet():
             rewritten = Pipeline(list(names)).run(gm)
