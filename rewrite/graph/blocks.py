@@ -236,6 +236,6 @@ def _plan_parts(block: fx.GraphModule, path: str) -> dict[str, list[fx.Node]]:
         stretch = calls[inside[0]:inside[-1] + 1]
         mine = [n for n in attrs if n.target.startswith(holder + ".")]
         read_elsewhere = {n.target for n in attrs if n.users and n not in mine}
-        if all(u in set(stretch) for n in mine for u in n.users) and _owns_alone(named, holder, read_elsewhere):
+        if set().union(*(n.users for n in mine)) <= set(stretch) and _owns_alone(named, holder, read_elsewhere):
             plan[holder] = mine + stretch
     return plan

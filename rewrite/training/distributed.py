@@ -159,14 +159,12 @@ def shard(gm: fx.GraphModule, ctx: Context, *, checkpoint: bool = False, bf16: b
                     " and without activation checkpointing" if checkpoint else "", layout.refused)
     rows = _shard_vocabulary(gm, layout, tables, mesh, ctx.device, torch.bfloat16 if bf16 else None)
     layout.packed = _packed_as_parameters(gm)
-    policies = {"mp_policy": _bf16(cast_inputs=True)} if bf16 else {}
-    if offload:
-        policies["offload_policy"] = CPUOffloadPolicy()
+    offloaded = {"offload_policy": CPUOffloadPolicy()} if offload else {}
+    parts = set(layout.parts)
     for path in layout.units:
         # a block's projections take their inputs as the block computed them, as they did unsharded
-        part = {"mp_policy": _bf16(cast_inputs=False)} if bf16 and path in layout.parts else {}
-        fully_shard(gm.get_submodule(path), mesh=mesh, **policies | part)
-    fully_shard(gm, mesh=mesh, ignored_params=rows, **policies)
+        fully_shard(gm.get_submodule(path), mesh=mesh, **_precision(bf16, cast_inputs=path not in parts), **offloaded)
+    fully_shard(gm, mesh=mesh, ignored_params=rows, **_precision(bf16, cast_inputs=True), **offloaded)
     if ctx.device.type == "cpu":
         # FSDP keeps each unit's all-gather buffer in the forward until the next unit's copy-out, for a CUDA copy
         # stream to overlap; a CPU has none, and the buffer is a second copy of the unit (per-rank peak against
@@ -175,9 +173,13 @@ def shard(gm: fx.GraphModule, ctx: Context, *, checkpoint: bool = False, bf16: b
     return layout
 
 
-def _bf16(cast_inputs: bool) -> MixedPrecisionPolicy:
-    """Gathered and run in bf16, gradients reduced in fp32; `cast_inputs`: the unit's floating inputs cast to bf16."""
-    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=cast_inputs)
+def _precision(bf16: bool, cast_inputs: bool) -> dict[str, MixedPrecisionPolicy]:
+    """`fully_shard`'s mixed precision argument: with `bf16`, gathered and run in bf16, gradients reduced in fp32,
+    the unit's floating inputs cast to bf16 when `cast_inputs`; none without."""
+    if not bf16:
+        return {}
+    return {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                              cast_forward_inputs=cast_inputs)}
 
 
 def _shard_vocabulary(gm: fx.GraphModule, layout: BlockLayout, tables: set[str], mesh, device: torch.device,

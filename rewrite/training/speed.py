@@ -163,7 +163,7 @@ def twin(gm: fx.GraphModule, names: Sequence[str]) -> fx.GraphModule:
     """A train-mode copy of `gm` (same parameters, own metadata) rewritten by the passes `names`."""
     copied = wrap(gm, deep_copy(gm.graph), _own_meta(gm), training=True)
     if names:
-        with _quiet():
+        with _quiet(names):
             copied = Pipeline(list(names)).run(copied)
     return copied
 
@@ -178,7 +178,7 @@ def rewrite_in_place(gm: fx.GraphModule, names: Sequence[str]) -> fx.Graph:
     its parameters); returns its graph as it was, what the run writes, and keeps its metadata as it was."""
     flat, meta = deep_copy(gm.graph), _own_meta(gm)
     if names:
-        with _quiet():
+        with _quiet(names):
             rewritten = Pipeline(list(names)).run(gm)
         assert rewritten is gm, "a training-speed pass replaced the graph module instead of rewriting it"
         gm.meta[META_KEY] = meta
@@ -211,15 +211,18 @@ def _needs(name: str) -> tuple[str, ...]:
 
 
 class _quiet:
-    """Speed passes are applied wherever they might help: neither their warnings nor their summaries are news."""
+    """Speed passes are applied wherever they might help: neither their warnings nor their summaries are news. Quiets
+    the loggers of the modules that define the passes `names`, and the pipeline's."""
 
-    NAMES = ("rewrite.passes", "rewrite.graph.pipeline")
+    def __init__(self, names: Sequence[str]):
+        self.loggers = [logging.getLogger(module)
+                        for module in {Pipeline.__module__, *(pass_class(name).__module__ for name in names)}]
 
     def __enter__(self):
-        self.levels = {name: logging.getLogger(name).level for name in self.NAMES}
-        for name in self.NAMES:
-            logging.getLogger(name).setLevel(logging.ERROR)
+        self.levels = [logger.level for logger in self.loggers]
+        for logger in self.loggers:
+            logger.setLevel(logging.ERROR)
 
     def __exit__(self, *exc):
-        for name, level in self.levels.items():
-            logging.getLogger(name).setLevel(level)
+        for logger, level in zip(self.loggers, self.levels):
+            logger.setLevel(level)
