@@ -6,25 +6,29 @@
 The model is LLaMA-shaped, 124.7M parameters (hidden 768, 12 layers, 12 heads, 4 KV heads, vocabulary 32000;
 random weights from its config, MiniLM's tokenizer). Our arms are `export_onnx(cache=True)` lowered onto ONNX
 Runtime's fused ops (the default), the same with `fuse=False`, and int4 (`quantize` with the LM head, block 32,
-accuracy level 4, as GenAI's int4 CPU model). GenAI's arms are `onnxruntime_genai.models.builder -p fp32|int4 -e
-cpu`, run through `og.Generator`. GenAI pins its own onnxruntime, so it runs from another Python that has
+symmetric, accuracy level 4: GenAI's int4 CPU model's format), the int4 once more with its weights in 4 KiB pages
+(`CachedModel(huge_pages=False)`; see `rewrite.runtime.huge_pages`). GenAI's arms are
+`onnxruntime_genai.models.builder -p fp32|int4 -e cpu`, run through `og.Generator` as installed, and its int4 once
+more with its weights in huge pages too (glibc's `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`). GenAI pins its own onnxruntime, so it runs from another Python that has
 `onnxruntime-genai` (`--genai-python`; without it only our arms run). Every arm uses `--threads` intra-op threads,
 random prompts of `--prompt` tokens, greedy decoding of `--new` tokens without an early stop; a step is timed from
 the previous token to the next, the prefill (time to first token) separately, as the median of `--repeats` runs in
 one fresh process (ours with only the torch-free runtime imported, not this one, which built the exports with torch).
 A shared machine drifts by more than the arms differ (about 20% between minutes here), so the arms take turns:
-`--rounds` rounds run every arm once, in alternating order; a figure is the median over the rounds, and a ratio the
-median of the rounds' ratios, each taken between runs minutes apart at most.
+`--rounds` rounds run every arm once, in alternating order, each of ours beside GenAI's of its precision; a figure is
+the median over the rounds, and a ratio the median of the rounds' ratios.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import json
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import train_throughput
@@ -35,8 +39,8 @@ MODELS = {
     "tiny": dict(vocab_size=30522, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=256),
 }
-INT4 = {"bits": 4, "block_size": 32, "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                                  "down_proj", "lm_head"]}
+INT4 = {"bits": 4, "block_size": 32, "symmetric": True,
+        "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]}
 GENAI_RUN = """
 import json, sys, time, numpy as np, onnxruntime_genai as og
 path, batch, prompt, new, repeats = sys.argv[1], *map(int, sys.argv[2:6])
@@ -62,8 +66,8 @@ print(json.dumps(runs))
 OURS_RUN = """
 import json, sys, time, numpy as np
 from rewrite.runtime.generate import CachedModel, stream_ids
-path, batch, prompt, new, repeats, threads = sys.argv[1], *map(int, sys.argv[2:7])
-model = CachedModel(path, threads=threads)
+path, batch, prompt, new, repeats, threads, huge_pages = sys.argv[1], *map(int, sys.argv[2:8])
+model = CachedModel(path, threads=threads, huge_pages=bool(huge_pages))
 ids = np.random.default_rng(batch).integers(1000, 30000, (batch, prompt))
 runs = []
 for repeat in range(repeats):
@@ -74,28 +78,44 @@ print(json.dumps(runs))
 """
 
 
+@dataclass(frozen=True)
+class Arm:
+    """One model as one runtime runs it, ours (`CachedModel`) or GenAI's, its weights in huge pages or not."""
+
+    path: Path
+    precision: str  # fp32 or int4: GenAI's arm of the same precision as installed is the reference
+    genai: bool = False
+    huge_pages: bool = True
+
+    @property
+    def reference(self) -> bool:
+        return self.genai and not self.huge_pages
+
+
 def model_dir(name: str, workdir: Path) -> Path:
     train_throughput.MODELS.setdefault(name, {"config": MODELS[name]})
     return train_throughput.model_dir(name, workdir)
 
 
-def our_exports(directory: Path, out: Path) -> dict[str, Path]:
+def our_exports(directory: Path, out: Path) -> dict[str, Arm]:
     import rewrite
 
     base = rewrite.load_pretrained(directory)
-    paths = {"ours fp32": out / "fp32" / "model.onnx", "ours fp32 unfused": out / "unfused" / "model.onnx",
-             "ours int4": out / "int4" / "model.onnx"}
-    rewrite.export_onnx(base, paths["ours fp32"], cache=True)
-    rewrite.export_onnx(base, paths["ours fp32 unfused"], cache=True, fuse=False)
+    arms = {"ours fp32": Arm(out / "fp32" / "model.onnx", "fp32"),
+            "ours fp32 unfused": Arm(out / "unfused" / "model.onnx", "fp32"),
+            "ours int4": Arm(out / "int4" / "model.onnx", "int4"),
+            "ours int4, 4 KiB pages": Arm(out / "int4" / "model.onnx", "int4", huge_pages=False)}
+    rewrite.export_onnx(base, arms["ours fp32"].path, cache=True)
+    rewrite.export_onnx(base, arms["ours fp32 unfused"].path, cache=True, fuse=False)
     quantized = copy.deepcopy(base)
     rewrite.apply(quantized, "quantize", **INT4)
-    rewrite.export_onnx(quantized, paths["ours int4"], cache=True, accuracy_level=4)
-    return paths
+    rewrite.export_onnx(quantized, arms["ours int4"].path, cache=True, accuracy_level=4)
+    return arms
 
 
-def genai_exports(python: str, directory: Path, out: Path, threads: int) -> dict[str, Path]:
+def genai_exports(python: str, directory: Path, out: Path, threads: int) -> dict[str, Arm]:
     """GenAI's builder output for fp32 and int4, with `threads` intra-op threads in its config."""
-    paths = {}
+    arms = {}
     for precision in ("fp32", "int4"):
         target = out / f"genai-{precision}"
         subprocess.run([python, "-m", "onnxruntime_genai.models.builder", "-i", str(directory), "-o", str(target),
@@ -103,45 +123,48 @@ def genai_exports(python: str, directory: Path, out: Path, threads: int) -> dict
         config = json.loads((target / "genai_config.json").read_text())
         config["model"]["decoder"]["session_options"]["intra_op_num_threads"] = threads
         (target / "genai_config.json").write_text(json.dumps(config, indent=2))
-        paths[f"GenAI {precision}"] = target
-    return paths
+        arms[f"GenAI {precision}"] = Arm(target, precision, genai=True, huge_pages=False)
+    arms["GenAI int4, huge pages"] = Arm(arms["GenAI int4"].path, "int4", genai=True)
+    return arms
 
 
-def run_ours(path: Path, batch: int, args) -> list[dict]:
+def run_ours(arm: Arm, batch: int, args) -> list[dict]:
     """Our arm in a fresh process with only the runtime imported, as deployed and as GenAI's arm runs."""
-    done = subprocess.run([sys.executable, "-c", OURS_RUN, str(path), str(batch), str(args.prompt), str(args.new),
-                           str(args.repeats), str(args.threads)], check=True, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", OURS_RUN, str(arm.path), str(batch), str(args.prompt), str(args.new),
+                           str(args.repeats), str(args.threads), str(int(arm.huge_pages))],
+                          check=True, capture_output=True, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def run_genai(python: str, path: Path, batch: int, args) -> list[dict]:
-    done = subprocess.run([python, "-c", GENAI_RUN, str(path), str(batch), str(args.prompt), str(args.new),
-                           str(args.repeats)], check=True, capture_output=True, text=True)
+def run_genai(python: str, arm: Arm, batch: int, args) -> list[dict]:
+    """GenAI's arm in its own Python; glibc backs its heap with huge pages where the arm asks for them."""
+    environment = os.environ | ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"} if arm.huge_pages else {})
+    done = subprocess.run([python, "-c", GENAI_RUN, str(arm.path), str(batch), str(args.prompt), str(args.new),
+                           str(args.repeats)], check=True, capture_output=True, text=True, env=environment)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def timed_round(arms: dict[str, Path], args, reverse: bool) -> dict[tuple[str, int], dict]:
-    """Every arm at every batch once, each the median of its process's repeats."""
-    timings = {}
+def timed_round(arms: dict[str, Arm], args, reverse: bool) -> dict[tuple[str, int], dict]:
+    """Every arm at every batch once, each the median of its process's repeats; the arms of a precision in a row."""
+    timings, order = {}, sorted(arms.items(), key=lambda item: item[1].precision)
     for batch in map(int, args.batches.split(",")):
-        for name, path in (reversed if reverse else iter)(list(arms.items())):
-            runs = (run_genai(args.genai_python, path, batch, args) if name.startswith("GenAI")
-                    else run_ours(path, batch, args))
+        for name, arm in (reversed if reverse else iter)(order):
+            runs = run_genai(args.genai_python, arm, batch, args) if arm.genai else run_ours(arm, batch, args)
             timings[name, batch] = {key: statistics.median(run[key] for run in runs) for key in ("first_s", "step_s")}
     return timings
 
 
-def summary(arms: dict[str, Path], rounds: list[dict]) -> dict[str, dict]:
+def summary(arms: dict[str, Arm], rounds: list[dict]) -> dict[str, dict]:
     """Per arm and batch: median times over the rounds and, beside GenAI, median ratios of the same rounds."""
     results = {}
     for (name, batch) in rounds[0]:
-        reference = f"GenAI {'int4' if 'int4' in name else 'fp32'}"
+        reference = f"GenAI {arms[name].precision}"
         timing = {key: statistics.median(r[name, batch][key] for r in rounds) for key in ("first_s", "step_s")}
-        if reference in arms and not name.startswith("GenAI"):
+        if reference in arms and not arms[name].reference:
             for key in ("first", "step"):
                 timing[f"{key}_ratio"] = statistics.median(
                     r[name, batch][f"{key}_s"] / r[reference, batch][f"{key}_s"] for r in rounds)
-        results.setdefault(name, {"nodes": nodes(arms[name])})[batch] = timing
+        results.setdefault(name, {"nodes": nodes(arms[name].path)})[batch] = timing
     return results
 
 

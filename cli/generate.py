@@ -12,7 +12,7 @@ def print_generation(model_path: str, texts: list[str], tokenizer_dir: str | Non
                      sampling: Sampling, adapters: Adapters) -> None:
     """Each text's continuation (as `rewrite.runtime.generate` returns it: without the prompt), one line per text
     in the order given; a single text's is streamed token by token as it comes."""
-    model = CachedModel(model_path, tokenizer_dir, adapters=adapters)
+    model = CachedModel(model_path, tokenizer_dir, adapters=adapters, huge_pages=False)  # one run: a cheaper load
     steps = []
     shown = ""
     for tokens, _ in stream(model, texts, max_new_tokens=max_new_tokens, sampling=sampling):

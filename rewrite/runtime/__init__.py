@@ -4,11 +4,14 @@ transformers): ONNX Runtime sessions (here; the CUDA provider when it can load, 
 from __future__ import annotations
 
 import ctypes.util
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+
+from rewrite.runtime.huge_pages import backed_by_huge_pages
 
 
 def providers() -> list[str]:
@@ -19,12 +22,16 @@ def providers() -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def session(path: str | Path, threads: int | None = None) -> ort.InferenceSession:
+def session(path: str | Path, threads: int | None = None, huge_pages: bool = False) -> ort.InferenceSession:
+    """`huge_pages`: the weights the CPU provider loads go in huge pages (`rewrite.runtime.huge_pages`), for a session
+    that runs step after step over them (generation), at a cost when it loads."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), sess_options=options, providers=providers())
+    on_cpu = providers()[0] == "CPUExecutionProvider"
+    with backed_by_huge_pages() if huge_pages and on_cpu else nullcontext():
+        return ort.InferenceSession(str(path), sess_options=options, providers=providers())
 
 
 def run(sess: ort.InferenceSession, inputs: dict[str, Any],

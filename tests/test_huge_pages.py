@@ -1,0 +1,110 @@
+"""Huge pages for the memory a generation session loads its weights into (`rewrite.runtime.huge_pages`): what a load
+allocates goes in 2 MiB pages where the system waits to be asked (`madvise` mode), memory from before is left alone,
+the resident size stays, the administrator's `never` is respected, a one-run `generate` keeps its cheaper load, and
+generation is unchanged."""
+from __future__ import annotations
+
+import mmap
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import transformers
+
+import rewrite
+from rewrite.runtime import huge_pages
+from rewrite.runtime.generate import CachedModel, generate, stream
+
+from test_kv_cache import byte_tokenizer, tiny_lm
+
+MiB = 1 << 20
+
+
+def _allocate(size: int) -> mmap.mmap:
+    """Private anonymous memory, written so it is resident: as ONNX Runtime allocates (numpy would advise its own)."""
+    memory = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    memory.write(b"\1" * size)
+    return memory
+
+
+def _collapses_here() -> bool:
+    """Linux in `madvise` mode whose kernel collapses on request (`MADV_COLLAPSE`, 6.1+)."""
+    if not sys.platform.startswith("linux") or huge_pages.thp_mode() != "madvise":
+        return False
+    probe = _allocate(8 * MiB)
+    start = np.frombuffer(probe, np.uint8).ctypes.data
+    return huge_pages.collapse(start, start + 8 * MiB) > 0
+
+
+needs_collapse = pytest.mark.skipif(not _collapses_here(), reason="needs Linux with transparent huge pages in "
+                                                                   "madvise mode and MADV_COLLAPSE (6.1+)")
+
+
+def _memory(field: str) -> int:
+    """A total of this process's `/proc/self/smaps_rollup`, in bytes."""
+    line = next(line for line in Path("/proc/self/smaps_rollup").read_text().splitlines() if line.startswith(field))
+    return int(line.split()[1]) * 1024
+
+
+def test_new_parts_are_what_no_earlier_region_covered():
+    assert huge_pages.new_parts((0, 100), []) == [(0, 100)]
+    assert huge_pages.new_parts((0, 100), [(0, 40)]) == [(40, 100)]  # a heap that grew
+    assert huge_pages.new_parts((0, 100), [(20, 30), (60, 70), (200, 300)]) == [(0, 20), (30, 60), (70, 100)]
+    assert huge_pages.new_parts((0, 100), [(0, 100)]) == []
+
+
+@needs_collapse
+def test_memory_allocated_in_the_block_goes_in_huge_pages_and_earlier_memory_stays():
+    earlier = _allocate(48 * MiB)
+    huge, resident = _memory("AnonHugePages"), _memory("Anonymous")
+    with huge_pages.backed_by_huge_pages():
+        loaded = _allocate(16 * MiB)
+    gained = _memory("AnonHugePages") - huge
+    assert 14 * MiB <= gained <= 16 * MiB  # the new block's whole 2 MiB pages, not the 48 MiB from before
+    assert 16 * MiB <= _memory("Anonymous") - resident < 18 * MiB  # collapsing moved pages, it added none
+    assert earlier[:] == b"\1" * (48 * MiB) and loaded[:] == b"\1" * (16 * MiB)
+
+
+@needs_collapse
+def test_a_system_set_to_never_is_left_alone(tmp_path, monkeypatch):
+    mode = tmp_path / "enabled"
+    mode.write_text("always madvise [never]\n")
+    monkeypatch.setattr(huge_pages, "THP_MODE", mode)
+    huge = _memory("AnonHugePages")
+    with huge_pages.backed_by_huge_pages():
+        loaded = _allocate(16 * MiB)
+    assert _memory("AnonHugePages") == huge
+    assert loaded[:] == b"\1" * (16 * MiB)
+
+
+@pytest.fixture(scope="module")
+def wide_llama(tmp_path_factory):
+    """A LLaMA with 8 MiB of weights, exported with the cache (lowered)."""
+    tmp = tmp_path_factory.mktemp("wide")
+    tiny_lm("llama", transformers.LlamaConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=2,
+                                              num_attention_heads=4, num_key_value_heads=2,
+                                              initializer_range=0.2)).save_pretrained(tmp / "hf")
+    path = tmp / "onnx" / "model.onnx"
+    rewrite.export_onnx(rewrite.load_pretrained(tmp / "hf"), path, cache=True)
+    byte_tokenizer().save_pretrained(path.parent)
+    return path
+
+
+@needs_collapse
+def test_a_kept_model_loads_its_weights_in_huge_pages_and_a_single_generate_does_not(wide_llama):
+    huge = _memory("AnonHugePages")
+    generate(wide_llama, ["one run"], max_new_tokens=2)
+    small = CachedModel(wide_llama, huge_pages=False)
+    assert _memory("AnonHugePages") == huge
+    large = CachedModel(wide_llama)
+    assert _memory("AnonHugePages") - huge >= 4 * MiB
+    assert small.session.get_outputs()[0].name == large.session.get_outputs()[0].name == "logits"
+
+
+def test_generation_is_the_same_in_either_pages(wide_llama):
+    texts = ["a wide model", "in huge pages"]
+    runs = [list(stream(CachedModel(wide_llama, huge_pages=pages), texts, max_new_tokens=6)) for pages in (True, False)]
+    for (tokens, logits), (other_tokens, other_logits) in zip(*runs, strict=True):
+        np.testing.assert_array_equal(tokens, other_tokens)
+        np.testing.assert_array_equal(logits, other_logits)
