@@ -9,14 +9,14 @@ Runtime's fused ops (the default), the same with `fuse=False`, and int4 (`quanti
 symmetric, accuracy level 4: GenAI's int4 CPU model's format), the int4 once more with its weights in 4 KiB pages
 (`CachedModel(huge_pages=False)`; see `rewrite.runtime.huge_pages`). GenAI's arms are
 `onnxruntime_genai.models.builder -p fp32|int4 -e cpu`, run through `og.Generator` as installed, and its int4 once
-more with its weights in huge pages too (glibc's `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`). GenAI pins its own onnxruntime, so it runs from another Python that has
-`onnxruntime-genai` (`--genai-python`; without it only our arms run). Every arm uses `--threads` intra-op threads,
-random prompts of `--prompt` tokens, greedy decoding of `--new` tokens without an early stop; a step is timed from
-the previous token to the next, the prefill (time to first token) separately, as the median of `--repeats` runs in
-one fresh process (ours with only the torch-free runtime imported, not this one, which built the exports with torch).
-A shared machine drifts by more than the arms differ (about 20% between minutes here), so the arms take turns:
-`--rounds` rounds run every arm once, in alternating order, each of ours beside GenAI's of its precision; a figure is
-the median over the rounds, and a ratio the median of the rounds' ratios.
+more with its weights in huge pages too (glibc's `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`). GenAI pins its own
+onnxruntime, so it runs from another Python that has `onnxruntime-genai` (`--genai-python`; without it only our arms
+run). Every arm uses `--threads` intra-op threads, random prompts of `--prompt` tokens, greedy decoding of `--new`
+tokens without an early stop; a step is timed from the previous token to the next, the prefill (time to first token)
+separately, as the median of `--repeats` runs in one fresh process (ours with only the torch-free runtime imported,
+not this one, which built the exports with torch). A shared machine drifts by more than the arms differ (about 20%
+between minutes here), so the arms take turns: `--rounds` rounds run every arm once, in alternating order, the arms
+of one precision in a row; a figure is the median over the rounds, and a ratio the median of the rounds' ratios.
 """
 from __future__ import annotations
 

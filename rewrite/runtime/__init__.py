@@ -29,9 +29,9 @@ def session(path: str | Path, threads: int | None = None, huge_pages: bool = Fal
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
-    on_cpu = providers()[0] == "CPUExecutionProvider"
-    with backed_by_huge_pages() if huge_pages and on_cpu else nullcontext():
-        return ort.InferenceSession(str(path), sess_options=options, providers=providers())
+    chosen = providers()
+    with backed_by_huge_pages() if huge_pages and chosen[0] == "CPUExecutionProvider" else nullcontext():
+        return ort.InferenceSession(str(path), sess_options=options, providers=chosen)
 
 
 def run(sess: ort.InferenceSession, inputs: dict[str, Any],

@@ -5,8 +5,9 @@ percent of an int4 step on the 124.7M LLaMA shape (`benchmarks/genai_decode.py`)
 2 MiB pages only where a program asks, when its transparent huge pages are in `madvise` mode (Ubuntu's default), and
 ONNX Runtime does not ask. So around a session's load (`backed_by_huge_pages`), the anonymous mappings the load
 created or grew, where ONNX Runtime put the weights it read and prepacked, are advised (`MADV_HUGEPAGE`) and
-collapsed into huge pages at once (`MADV_COLLAPSE`, Linux 6.1+): memory that existed before is left alone, and the
-resident size does not change. Best effort: on other systems, in `always` mode (huge already) or `never` mode (the
+collapsed into huge pages at once (`MADV_COLLAPSE`, Linux 6.1+): memory that existed before is left alone (so
+weights a load puts where the process had freed memory keep their pages; a fresh process, as `rewrite serve` is, has
+none), and the resident size does not change. Best effort: on other systems, in `always` mode (huge already) or `never` mode (the
 administrator's choice), or where the kernel refuses, nothing changes.
 """
 from __future__ import annotations
