@@ -119,6 +119,7 @@ def test_the_genai_decode_benchmark_times_every_arm(tmp_path):
             | references | ({"GenAI int4, huge pages"} if genai else set()))
     assert set(results) == arms
     assert results["ours fp32"]["nodes"] < results["ours fp32 unfused"]["nodes"]
+    assert all(0 < results[arm]["kernels"] <= results[arm]["nodes"] for arm in arms)
     assert all(results[arm][str(b)]["step_s"] > 0 for arm in arms for b in (1, 2))
     if genai:
         assert all(results[arm][str(b)]["step_ratio"] > 0 for arm in arms - references for b in (1, 2))
