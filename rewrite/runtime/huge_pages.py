@@ -7,8 +7,9 @@ ONNX Runtime does not ask. So around a session's load (`backed_by_huge_pages`), 
 created or grew, where ONNX Runtime put the weights it read and prepacked, are advised (`MADV_HUGEPAGE`) and
 collapsed into huge pages at once (`MADV_COLLAPSE`, Linux 6.1+): memory that existed before is left alone (so
 weights a load puts where the process had freed memory keep their pages; a fresh process, as `rewrite serve` is, has
-none), and the resident size does not change. Best effort: on other systems, in `always` mode (huge already) or `never` mode (the
-administrator's choice), or where the kernel refuses, nothing changes.
+none), and the resident size grows at most by the rest of a 2 MiB page that the load wrote only part of. Best
+effort: on other systems, in `always` mode (huge already) or `never` mode (the administrator's choice), or where
+the kernel refuses, nothing changes.
 """
 from __future__ import annotations
 
