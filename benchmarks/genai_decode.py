@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 import train_throughput
@@ -164,12 +165,11 @@ def summary(arms: dict[str, Arm], rounds: list[dict]) -> dict[str, dict]:
             for key in ("first", "step"):
                 timing[f"{key}_ratio"] = statistics.median(
                     r[name, batch][f"{key}_s"] / r[reference, batch][f"{key}_s"] for r in rounds)
-        if name not in results:
-            results[name] = graph_size(arms[name].path)
-        results[name][batch] = timing
+        results.setdefault(name, dict(graph_size(arms[name].path)))[batch] = timing
     return results
 
 
+@cache
 def graph_size(path: Path) -> dict[str, int]:
     """The arm's graph nodes, and the kernels ONNX Runtime runs per step: the nodes of the graph it keeps after its
     own fusions (its optimized model)."""

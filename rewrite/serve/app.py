@@ -37,7 +37,8 @@ MAX_STOPS = 4  # OpenAI's
 # fields OpenAI defines that this server takes only at their default value
 DEFAULT_ONLY = {"n": 1, "best_of": 1, "echo": False, "logprobs": None, "presence_penalty": 0,
                 "frequency_penalty": 0, "logit_bias": None, "suffix": None}
-KNOWN = {"model", "prompt", "max_tokens", "temperature", "top_p", "seed", "stop", "stream", "stream_options",
+PROMPT = "prompt"  # the request field holding the texts to continue (OpenAI's name)
+KNOWN = {"model", PROMPT, "max_tokens", "temperature", "top_p", "seed", "stop", "stream", "stream_options",
          "user", "ignore_eos", *DEFAULT_ONLY}  # ignore_eos: vLLM's extension (a fixed number of tokens)
 
 
@@ -213,15 +214,15 @@ def _prompt_ids(model: CachedModel, prompts: list[str], max_tokens: int) -> list
         try:
             ids, mask = model.encode([prompt])
         except RewriteError as error:
-            raise ApiError(400, str(error), "prompt") from None
+            raise ApiError(400, str(error), PROMPT) from None
         row = ids[0][mask[0] == 1]
         if not len(row):
             raise ApiError(400, f"prompt {number + 1} encodes to no tokens; give text in the tokenizer's vocabulary",
-                           "prompt")
+                           PROMPT)
         try:
             model.check_length(len(row), 1)
         except RewriteError as error:
-            raise ApiError(400, str(error), "prompt", "context_length_exceeded") from None
+            raise ApiError(400, str(error), PROMPT, "context_length_exceeded") from None
         try:
             model.check_length(len(row), max_tokens)
         except RewriteError as error:
@@ -302,7 +303,7 @@ async def completions(request: HttpRequest) -> Response:
     body = await read_json(request, service.config.max_body)
     _refuse_unsupported(body)
     adapter = service.adapter(body)
-    prompts = _strings(body, "prompt", required=True)
+    prompts = _strings(body, PROMPT, required=True)
     max_tokens = _whole(body, "max_tokens", DEFAULT_MAX_TOKENS, 1)
     sampling = _sampling(body)
     stops = tuple(_strings(body, "stop", required=False, most=MAX_STOPS))
